@@ -1,0 +1,20 @@
+"""vtr: visual token reduction for vision transformers and vision-language models.
+
+    import timm, vtr
+    model = vtr.patch(timm.create_model("vit_base_patch16_224"), "pitome", flops=0.5)
+"""
+from . import adapters, reducers
+from .adapters import UnsupportedModelError
+from .api import expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
+from .config import Reduction, Report
+from .reducers import Reducer, Signals
+from .schedule import Schedule
+from .state import TokenState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch", "unpatch", "methods", "report", "is_patched", "make_reducer", "expected_tokens",
+    "expected_flops", "TokenState", "Reducer", "Signals", "Schedule", "Reduction", "Report",
+    "UnsupportedModelError", "adapters", "reducers",
+]

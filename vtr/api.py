@@ -1,0 +1,113 @@
+"""The one-line API: ``vtr.patch(model, method, amount)`` and ``vtr.unpatch(model)``."""
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Sequence, Union
+
+from torch import nn
+
+from .adapters import find_adapter
+from .config import Reduction, Report
+from .reducers import REDUCERS, Reducer
+from .schedule import RSpec, make_schedule
+
+METRICS = ("x", "keys")
+
+
+def methods() -> dict[str, str]:
+    """Method names with one-line descriptions, for ``vtr.patch(model, name, ...)``."""
+    return {name: cls.description for name, cls in sorted(REDUCERS.items())}
+
+
+def make_reducer(method: str, **options) -> Reducer:
+    """Build a registered reducer; unknown names and options are errors that list what exists."""
+    if method not in REDUCERS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(REDUCERS))}")
+    cls = REDUCERS[method]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"method {method!r} takes no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(accepted) or 'none'}")
+    return cls(**options)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "_vtr", None), Reduction)
+
+
+def patch(
+    model: nn.Module,
+    method: str = "tome",
+    *,
+    r: Optional[RSpec] = None,
+    keep: Optional[Union[float, Sequence[float]]] = None,
+    flops: Optional[float] = None,
+    layers: Optional[Sequence[int]] = None,
+    metric: str = "x",
+    prop_attn: bool = True,
+    **options,
+) -> nn.Module:
+    """Make ``model`` reduce its tokens with ``method``; returns the same model, patched in place.
+
+    Give one amount: ``r`` tokens removed per layer (int, per-layer list, or ``(r, inflect)``),
+    ``keep`` fraction of unprotected tokens kept per layer, or ``flops`` the target fraction of the
+    unreduced model's FLOPs (vtr solves a per-layer schedule for it). ``layers`` restricts where
+    reduction happens. ``metric`` is what merging compares: ``"x"`` hidden states (default; kept
+    outputs closer to the unreduced ones in our measurements) or ``"keys"`` (attention keys, as in
+    ToMe). ``prop_attn`` adds log(size) to attention logits. Other keywords go to the method.
+    Weights, ``state_dict`` keys and hooks are untouched; ``vtr.unpatch`` undoes it.
+    """
+    if is_patched(model):
+        raise ValueError(
+            f"model is already patched with {model._vtr.describe()}; call vtr.unpatch(model) before "
+            "patching it again"
+        )
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    adapter = find_adapter(model)
+    adapter.check(model)
+    reducer = make_reducer(method, **options)
+    schedule = make_schedule(reducer, adapter.cost(model, metric), r=r, keep=keep, flops=flops, layers=layers)
+    given = {"r": r, "keep": keep, "flops": flops, "layers": layers}
+    arguments = {k: v for k, v in given.items() if v is not None} | options
+    adapter.patch(model, Reduction(method=method, reducer=reducer, schedule=schedule, metric=metric,
+                                   prop_attn=prop_attn, arguments=arguments))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: original class, no hooks, outputs identical to before patching."""
+    if not is_patched(model):
+        raise ValueError("model is not patched by vtr")
+    find_adapter(model).unpatch(model)
+    return model
+
+
+def report(model: nn.Module) -> Report:
+    """Tokens per layer and provenance from the patched model's last forward pass."""
+    if not is_patched(model):
+        raise ValueError("model is not patched by vtr")
+    if model._vtr.report is None:
+        raise ValueError("no forward pass yet: run the patched model once, then read vtr.report(model)")
+    return model._vtr.report
+
+
+def expected_tokens(model: nn.Module) -> list[int]:
+    """Tokens entering each block (and after the last) at the model's default input size."""
+    if not is_patched(model):
+        raise ValueError("model is not patched by vtr")
+    reduction: Reduction = model._vtr
+    cost = find_adapter(model).cost(model, reduction.metric)
+    return reduction.schedule.token_counts(reduction.reducer, cost.num_tokens, cost.num_protected)
+
+
+def expected_flops(model: nn.Module) -> tuple[float, float]:
+    """Analytic (reduced, unreduced) MACs per image at the model's default input size."""
+    adapter = find_adapter(model)
+    if not is_patched(model):
+        cost = adapter.cost(model)
+        return cost.unreduced(), cost.unreduced()
+    reduction: Reduction = model._vtr
+    cost = adapter.cost(model, reduction.metric)
+    return cost.total(expected_tokens(model), reduction.reducer), cost.unreduced()

@@ -1,0 +1,47 @@
+"""Analytic multiply-accumulate (MAC) count of a ViT-style encoder that follows the token count.
+
+Papers' "GFLOPs" for ViTs are GMACs (ViT-B/16 at 224 = 17.58); vtr reports MACs and says so.
+The count is exact for the matrix products (linear layers, attention scores and values, the
+reducers' similarity matrices); norms, activations and softmax are left out, as every counter does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class EncoderCost:
+    """MACs per image of a stack of pre-norm transformer blocks, as a function of token counts.
+
+    Per block ``i`` with ``n`` tokens in and ``m`` after the block's reduction step (which sits
+    between attention and MLP): ``attn_linear * n + 2 * attn_dim * n**2 + mlp_linear * m``.
+    """
+
+    num_tokens: int          # tokens entering the first block
+    num_protected: int
+    num_layers: int
+    attn_linear: float       # MACs per token of the attention's linear layers (qkv, proj)
+    attn_dim: int            # width of q/k/v (heads x head_dim)
+    mlp_linear: float        # MACs per token of the MLP
+    fixed: float             # MACs outside the blocks that do not depend on the token count
+    per_final_token: float = 0.0   # MACs per token after the last block (e.g. attention pooling)
+    metric_dim: int = 0      # width of the similarity metric the reducer compares
+
+    def block(self, tokens_in: int, tokens_out: int) -> float:
+        return (self.attn_linear * tokens_in + 2 * self.attn_dim * tokens_in**2
+                + self.mlp_linear * tokens_out)
+
+    def total(self, tokens: Sequence[int], reducer=None) -> float:
+        """MACs for ``tokens`` = counts entering each block plus the final count (L + 1 values)."""
+        if len(tokens) != self.num_layers + 1:
+            raise ValueError(f"tokens must list {self.num_layers + 1} counts, got {len(tokens)}")
+        macs = self.fixed + self.per_final_token * tokens[-1]
+        for n_in, n_out in zip(tokens[:-1], tokens[1:]):
+            macs += self.block(n_in, n_out)
+            if reducer is not None and n_out < n_in:
+                macs += reducer.extra_macs(n_in, self.metric_dim, self.num_protected)
+        return macs
+
+    def unreduced(self) -> float:
+        return self.total([self.num_tokens] * (self.num_layers + 1))

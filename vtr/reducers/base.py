@@ -1,0 +1,105 @@
+"""What every reducer shares: the signals it may read, the base class and the registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..state import TokenState
+
+
+@dataclass
+class Signals:
+    """What the model offers a reducer at one layer. Adapters fill what they can.
+
+    metric: ``[B, N, D]`` features whose cosine similarity says which tokens are alike (the
+        block's hidden states or its attention keys averaged over heads).
+    layer, num_layers: where in the model the step happens (PiToMe's margin decays with depth).
+    cls_attention: ``[B, N]`` attention the first (CLS) token pays to each token, head mean;
+        None when the model has no CLS token.
+    query: ``[B, D]`` or ``[B, Q, D]`` query embedding(s) for query-conditioned pruning.
+    partition: ``[B, N]`` int partition (crop) id per token for budget-allocating reducers.
+    """
+
+    metric: Optional[Tensor] = None
+    layer: int = 0
+    num_layers: int = 1
+    cls_attention: Optional[Tensor] = None
+    query: Optional[Tensor] = None
+    partition: Optional[Tensor] = None
+
+
+class Reducer(nn.Module):
+    """Takes a token state and a token budget, returns a smaller state.
+
+    Subclasses set ``name``/``description``, the signals they need, and ``max_step``: the largest
+    fraction of unprotected tokens one step may remove (0.5 for bipartite matching).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs: ClassVar[frozenset] = frozenset()
+    max_step: ClassVar[float] = 1.0
+
+    def max_removable(self, num_tokens: int, num_protected: int) -> int:
+        """Most tokens one step may remove; at least one unprotected token always stays."""
+        unprotected = num_tokens - num_protected
+        return max(0, min(int(unprotected * self.max_step), unprotected - 1))
+
+    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
+        """Multiply-accumulates the decision itself costs per image (similarity matrices)."""
+        return 0.0
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        raise NotImplementedError
+
+
+REDUCERS: dict[str, type[Reducer]] = {}
+
+
+def register(cls: type[Reducer]) -> type[Reducer]:
+    REDUCERS[cls.name] = cls
+    return cls
+
+
+def check_budget(reducer: Reducer, state: TokenState, num_kept: int) -> None:
+    """A budget outside what the reducer can reach is a bug in the caller, never clipped silently."""
+    low = state.num_tokens - reducer.max_removable(state.num_tokens, state.num_protected)
+    if not low <= num_kept <= state.num_tokens:
+        raise ValueError(
+            f"{reducer.name}: num_kept must be in [{low}, {state.num_tokens}] for {state.num_tokens} tokens "
+            f"with {state.num_protected} protected, got {num_kept}"
+        )
+
+
+def dest_from_choice(
+    state: TokenState,
+    kept: Tensor,
+    merged_from: Optional[Tensor] = None,
+    merged_into: Optional[Tensor] = None,
+) -> Tensor:
+    """Destination map from a choice over the unprotected tokens.
+
+    Indices are relative to the first unprotected token. ``kept`` ``[B, K]`` lists the tokens that
+    survive, in output order (sorted indices keep spatial order). Token ``merged_from[b, i]`` is
+    merged into the kept token ``merged_into[b, i]``; every other token is dropped.
+    Protected tokens keep their places.
+    """
+    batch = state.x.shape[0]
+    protected, unprotected = state.num_protected, state.num_tokens - state.num_protected
+    device = kept.device
+    rel = torch.full((batch, unprotected), -1, dtype=torch.long, device=device)
+    positions = torch.arange(kept.shape[1], device=device).expand(batch, -1)
+    rel.scatter_(1, kept, protected + positions)
+    if merged_from is not None:
+        rel.scatter_(1, merged_from, rel.gather(1, merged_into))
+    head = torch.arange(protected, device=device).expand(batch, protected)
+    return torch.cat([head, rel], dim=1)
+
+
+def unit(metric: Tensor) -> Tensor:
+    """Rows scaled to unit length, in float32 (cosine similarity under autocast stays finite)."""
+    metric = metric.float()
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)

@@ -1,0 +1,46 @@
+"""Baselines every comparison needs: change nothing, or drop a seeded random subset."""
+from __future__ import annotations
+
+import torch
+
+from ..state import TokenState
+from .base import Reducer, Signals, check_budget, dest_from_choice, register
+
+
+@register
+class NoReduction(Reducer):
+    """Keeps every token: the patched model computes exactly what the original computes."""
+
+    name = "none"
+    description = "no reduction (reference: identical output to the unpatched model)"
+    max_step = 0.0
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        return state
+
+
+@register
+class RandomDrop(Reducer):
+    """Drops a random subset of unprotected tokens; padding goes first.
+
+    The choice depends only on (seed, layer), so the same input gives the same output on every
+    call, and different rows of a batch get different subsets.
+    """
+
+    name = "random"
+    description = "drop a seeded random subset of tokens (baseline)"
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = int(seed)
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        check_budget(self, state, num_kept)
+        if num_kept == state.num_tokens:
+            return state
+        batch, unprotected = state.x.shape[0], state.num_tokens - state.num_protected
+        generator = torch.Generator().manual_seed(self.seed * 10007 + signals.layer)
+        score = torch.rand(batch, unprotected, generator=generator).to(state.x.device)
+        score = score.masked_fill(state.size[:, state.num_protected:] == 0, -1.0)
+        kept = score.topk(num_kept - state.num_protected, dim=1).indices.sort(dim=1).values
+        return state.reduce(dest_from_choice(state, kept), num_kept)

@@ -1,0 +1,111 @@
+"""Merging reducers: bipartite soft matching (ToMe) and energy-based merging (PiToMe)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..state import TokenState
+from .base import Reducer, Signals, check_budget, dest_from_choice, register, unit
+
+
+def _require_metric(reducer: Reducer, signals: Signals, state: TokenState) -> torch.Tensor:
+    metric = signals.metric
+    if metric is None:
+        raise ValueError(f"{reducer.name} needs signals.metric ([B, N, D] features to compare tokens by)")
+    if metric.shape[:2] != state.x.shape[:2]:
+        raise ValueError(
+            f"{reducer.name}: signals.metric must be [B, N, D] with B, N = {tuple(state.x.shape[:2])}, "
+            f"got {tuple(metric.shape)}"
+        )
+    return metric
+
+
+@register
+class ToMe(Reducer):
+    """Bipartite soft matching (Bolya et al., "Token Merging: Your ViT but Faster").
+
+    Unprotected tokens alternate into sets A and B by position; each A token finds its most similar
+    B token (cosine of the metric); the r most similar pairs merge by size-weighted average. At most
+    half of the unprotected tokens go per step. Padding (size 0) is merged away first.
+    """
+
+    name = "tome"
+    description = "bipartite soft matching: merge the r most similar A->B pairs (ToMe)"
+    needs = frozenset({"metric"})
+    max_step = 0.5
+
+    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
+        unprotected = num_tokens - num_protected
+        return float((unprotected + 1) // 2 * (unprotected // 2) * metric_dim)
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        check_budget(self, state, num_kept)
+        r = state.num_tokens - num_kept
+        if r == 0:
+            return state
+        metric = unit(_require_metric(self, signals, state)[:, state.num_protected:])
+        padding = state.size[:, state.num_protected:] == 0
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+        scores = scores.masked_fill(padding[:, None, 1::2], float("-inf"))
+        scores = scores.masked_fill(padding[:, ::2, None], float("inf"))
+
+        best_score, best_b = scores.max(dim=-1)
+        order = best_score.argsort(dim=-1, descending=True, stable=True)
+        merged_a, kept_a = order[:, :r], order[:, r:]
+        num_b = scores.shape[2]
+        all_b = torch.arange(num_b, device=order.device).expand(order.shape[0], num_b)
+        kept = torch.cat([2 * kept_a, 2 * all_b + 1], dim=1).sort(dim=1).values
+        dest = dest_from_choice(state, kept, 2 * merged_a, 2 * best_b.gather(1, merged_a) + 1)
+        return state.reduce(dest, num_kept)
+
+
+@register
+class PiToMe(Reducer):
+    """Energy-based merging after PiToMe (Tran et al., "Accelerating Transformers with
+    Spectrum-Preserving Token Merging").
+
+    Energy of a token = mean over tokens of ELU(cos - margin): high for members of large clusters
+    of similar tokens (redundant), low for isolated ones (informative). The 2r highest-energy tokens
+    are split alternately by energy rank into A and B, every A token merges into its most similar B
+    token, and all other tokens pass through. The margin decays linearly with depth,
+    ``margin * (1 - layer / num_layers)``, so later layers merge more selectively.
+    """
+
+    name = "pitome"
+    description = "energy-based merging: protect isolated tokens, merge within large clusters (PiToMe)"
+    needs = frozenset({"metric"})
+    max_step = 0.5
+
+    def __init__(self, margin: float = 0.9, alpha: float = 1.0):
+        super().__init__()
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"pitome: margin must be in [0, 1), got {margin}")
+        if alpha <= 0:
+            raise ValueError(f"pitome: alpha must be > 0, got {alpha}")
+        self.margin, self.alpha = margin, alpha
+
+    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
+        unprotected = num_tokens - num_protected
+        return float(unprotected * unprotected * metric_dim)
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        check_budget(self, state, num_kept)
+        r = state.num_tokens - num_kept
+        if r == 0:
+            return state
+        metric = unit(_require_metric(self, signals, state)[:, state.num_protected:])
+        valid = (state.size[:, state.num_protected:] > 0).float()
+        sim = metric @ metric.transpose(1, 2)
+        margin = self.margin * (1.0 - signals.layer / max(signals.num_layers, 1))
+        energy = (F.elu(sim - margin, alpha=self.alpha) * valid[:, None, :]).sum(-1) / valid.sum(-1, keepdim=True)
+        energy = energy.masked_fill(valid == 0, float("inf"))  # padding merges away first
+
+        order = energy.argsort(dim=-1, descending=True, stable=True)
+        a_idx, b_idx = order[:, 0 : 2 * r : 2], order[:, 1 : 2 * r : 2]
+        sim_ab = sim.gather(1, a_idx[:, :, None].expand(-1, -1, sim.shape[2]))
+        sim_ab = sim_ab.gather(2, b_idx[:, None, :].expand(-1, r, -1))
+        sim_ab = sim_ab.masked_fill(valid.gather(1, b_idx)[:, None, :] == 0, float("-inf"))
+        into = b_idx.gather(1, sim_ab.argmax(dim=-1))
+        kept = torch.cat([order[:, 2 * r :], b_idx], dim=1).sort(dim=1).values
+        dest = dest_from_choice(state, kept, a_idx, into)
+        return state.reduce(dest, num_kept)

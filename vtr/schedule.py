@@ -1,0 +1,161 @@
+"""How much each layer reduces: `r=`, `keep=` or a `flops=` target solved analytically."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, Union
+
+from .cost import EncoderCost
+from .reducers import Reducer
+
+RSpec = Union[int, Sequence[int], tuple]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-layer amounts: ``r`` tokens removed, or a ``keep`` fraction of unprotected tokens kept.
+
+    Token counts are computed at run time from the tokens that actually arrive, so one schedule
+    serves any input size; no layer removes more than its reducer allows in one step.
+    """
+
+    kind: Literal["r", "keep"]
+    amounts: tuple  # one per layer; r=0 / keep=1.0 means the layer does not reduce
+
+    def num_kept(self, layer: int, num_tokens: int, num_protected: int, max_removable: int) -> int:
+        amount = self.amounts[layer]
+        if self.kind == "r":
+            remove = int(amount)
+        else:
+            remove = num_tokens - num_protected - int(amount * (num_tokens - num_protected) + 0.5)
+        return num_tokens - min(max(remove, 0), max_removable)
+
+    def token_counts(self, reducer: Reducer, num_tokens: int, num_protected: int) -> list[int]:
+        """Counts entering each layer plus the final count, as the model will see them."""
+        counts = [num_tokens]
+        for layer in range(len(self.amounts)):
+            n = counts[-1]
+            counts.append(self.num_kept(layer, n, num_protected, reducer.max_removable(n, num_protected)))
+        return counts
+
+
+def _layers(layers: Optional[Sequence[int]], num_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(num_layers))
+    chosen = [int(i) for i in layers]
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad or not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(
+            f"layers must be distinct block indices in [0, {num_layers - 1}], got {list(layers)}"
+        )
+    return chosen
+
+
+def _per_layer(values: Sequence, num_layers: int, chosen: list[int], name: str, off) -> tuple:
+    if len(values) != num_layers:
+        raise ValueError(f"{name} as a list needs one value per layer ({num_layers}), got {len(values)}")
+    return tuple(v if i in chosen else off for i, v in enumerate(values))
+
+
+def _r_amounts(r: RSpec, num_layers: int, chosen: list[int]) -> tuple:
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(f"r as a tuple means (r, inflect), got {r}; pass a list for per-layer values")
+        base, inflect = r
+        if not -1.0 <= float(inflect) <= 1.0:
+            raise ValueError(f"inflect in r=(r, inflect) must be in [-1, 1], got {inflect}")
+        # Linear from r(1 - inflect) at the first reducing layer to r(1 + inflect) at the last:
+        # inflect=-1 removes 2r early and nothing late (ToMe's decreasing schedule).
+        start, stop = base * (1 - inflect), base * (1 + inflect)
+        steps = max(len(chosen) - 1, 1)
+        per = {layer: int(start + (stop - start) * k / steps) for k, layer in enumerate(chosen)}
+        values = tuple(per.get(i, 0) for i in range(num_layers))
+    elif isinstance(r, int):
+        values = tuple(r if i in chosen else 0 for i in range(num_layers))
+    else:
+        values = _per_layer(list(r), num_layers, chosen, "r", 0)
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"r must be a non-negative int (tokens removed per layer), got {v!r}")
+    return values
+
+
+def _check_keep(values: tuple, reducer: Reducer) -> None:
+    low = 1.0 - reducer.max_step
+    for v in values:
+        if not (isinstance(v, (int, float)) and low <= v <= 1.0 and v > 0):
+            raise ValueError(
+                f"keep must be a fraction in [{max(low, 0.0):g}, 1] for {reducer.name!r} "
+                f"(at most {reducer.max_step:g} of the tokens can go in one step), got {v!r}"
+            )
+
+
+def solve_flops(target: float, reducer: Reducer, cost: EncoderCost, chosen: list[int]) -> Schedule:
+    """Geometric schedule (the same keep ratio at every reducing layer) whose MACs hit the target.
+
+    Measured on trained models here, a constant keep ratio beats a constant r at equal FLOPs
+    (constant r squeezes the last layers to a handful of tokens), so that is what a target buys.
+    Bisection over the ratio on the analytic count; counts are integers, so it lands within a
+    token's worth of MACs of the target.
+    """
+    base = cost.unreduced()
+
+    def schedule(ratio: float) -> Schedule:
+        return Schedule("keep", tuple(ratio if i in chosen else 1.0 for i in range(cost.num_layers)))
+
+    def fraction(ratio: float) -> float:
+        counts = schedule(ratio).token_counts(reducer, cost.num_tokens, cost.num_protected)
+        return cost.total(counts, reducer) / base
+
+    low, high = max(1.0 - reducer.max_step, 1e-4), 1.0
+    reachable = fraction(low)
+    if target < reachable - 1e-9:
+        raise ValueError(
+            f"flops={target:g} is out of reach for {reducer.name!r} on this model: the allowed range is "
+            f"[{reachable:.3f}, 1] (at most {reducer.max_step:g} of the tokens go per layer"
+            f"{'' if len(chosen) == cost.num_layers else f' and only layers {chosen} reduce'})"
+        )
+    for _ in range(60):
+        mid = (low + high) / 2
+        if fraction(mid) > target:
+            high = mid
+        else:
+            low = mid
+    # Of the two bracketing ratios, take the one whose FLOPs land closer to the target.
+    best = min((low, high), key=lambda k: abs(fraction(k) - target))
+    return schedule(best)
+
+
+def make_schedule(
+    reducer: Reducer,
+    cost: EncoderCost,
+    *,
+    r: Optional[RSpec] = None,
+    keep: Optional[Union[float, Sequence[float]]] = None,
+    flops: Optional[float] = None,
+    layers: Optional[Sequence[int]] = None,
+) -> Schedule:
+    """Turn exactly one of ``r=``, ``keep=``, ``flops=`` into a per-layer schedule."""
+    given = [name for name, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one amount, r=, keep= or flops=; got {' and '.join(given)}")
+    num_layers = cost.num_layers
+    chosen = _layers(layers, num_layers)
+    if reducer.max_step == 0.0:  # the 'none' method
+        if given and not (r == 0 or keep == 1.0 or flops == 1.0):
+            raise ValueError(f"method {reducer.name!r} does not reduce; leave out {given[0]}= (or set r=0)")
+        return Schedule("r", (0,) * num_layers)
+    if not given:
+        raise ValueError(f"method {reducer.name!r} needs an amount: r= (tokens per layer), keep= "
+                         "(fraction kept per layer) or flops= (target fraction of the model's FLOPs)")
+    if r is not None:
+        return Schedule("r", _r_amounts(r, num_layers, chosen))
+    if keep is not None:
+        if isinstance(keep, (int, float)):
+            values = tuple(float(keep) if i in chosen else 1.0 for i in range(num_layers))
+        else:
+            values = _per_layer([float(v) for v in keep], num_layers, chosen, "keep", 1.0)
+        _check_keep(values, reducer)
+        return Schedule("keep", values)
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops <= 1.0:
+        raise ValueError(f"flops must be a fraction in (0, 1] of the unreduced model's FLOPs, got {flops!r}")
+    return solve_flops(float(flops), reducer, cost, chosen)

@@ -1,0 +1,129 @@
+"""The token state: the one object that flows through every reducer.
+
+A reducer never edits tokens in place. It decides, for each current token, where that token goes
+in the smaller sequence (its *destination*, or -1 to drop it), and :meth:`TokenState.reduce`
+applies that decision to the features, the sizes and the provenance at once. The decision is made
+once; applying it is one size-weighted scatter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenState:
+    """Tokens of a batch plus what each one stands for.
+
+    Attributes:
+        x: ``[B, N, C]`` token features.
+        size: ``[B, N]`` float32, how many original tokens each token stands for. Padding tokens
+            have size 0, so they weigh nothing in merges and get ``-inf`` attention bias.
+        assignment: ``[B, N0]`` int64 provenance. For each original token, the index of the
+            current token that carries it, or -1 if it was dropped. Composes step to step in
+            O(N0) memory.
+        num_protected: leading tokens (CLS, distillation, registers) that are never merged away or
+            dropped and keep their positions.
+    """
+
+    x: Tensor
+    size: Tensor
+    assignment: Tensor
+    num_protected: int
+
+    @classmethod
+    def start(cls, x: Tensor, num_protected: int = 0, padding_mask: Optional[Tensor] = None) -> "TokenState":
+        """State of an unreduced sequence. ``padding_mask`` is ``[B, N]``, True for real tokens."""
+        if x.dim() != 3:
+            raise ValueError(f"x must be [batch, tokens, channels], got a tensor of shape {tuple(x.shape)}")
+        batch, num_tokens, _ = x.shape
+        if not 0 <= num_protected < num_tokens:
+            raise ValueError(
+                f"num_protected must be in [0, {num_tokens - 1}] for {num_tokens} tokens, got {num_protected}"
+            )
+        if padding_mask is None:
+            size = torch.ones(batch, num_tokens, dtype=torch.float32, device=x.device)
+        else:
+            if padding_mask.shape != (batch, num_tokens):
+                raise ValueError(
+                    f"padding_mask must be [batch, tokens] = {(batch, num_tokens)}, got {tuple(padding_mask.shape)}"
+                )
+            size = padding_mask.to(device=x.device, dtype=torch.float32)
+        assignment = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
+        return cls(x=x, size=size, assignment=assignment, num_protected=num_protected)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def num_original(self) -> int:
+        return self.assignment.shape[1]
+
+    @property
+    def is_reduced(self) -> bool:
+        """True once any step has removed tokens (the point where sizes start to matter)."""
+        return self.num_tokens < self.num_original
+
+    def with_x(self, x: Tensor) -> "TokenState":
+        return replace(self, x=x)
+
+    def attention_bias(self, proportional: bool) -> Optional[Tensor]:
+        """Additive key bias ``[B, 1, 1, N]`` for scaled_dot_product_attention, or None.
+
+        Proportional attention (ToMe) adds ``log(size)``: a token that stands for s tokens gets
+        the attention s copies would get. Size-0 padding gets ``-inf`` either way. Before any
+        reduction (and without padding) this returns None so the model runs its exact kernel.
+        """
+        has_padding = bool((self.size == 0).any())
+        if not has_padding and not (proportional and self.is_reduced):
+            return None
+        if proportional:
+            bias = self.size.log()
+        else:
+            bias = torch.zeros_like(self.size).masked_fill(self.size == 0, float("-inf"))
+        return bias.to(self.x.dtype)[:, None, None, :]
+
+    def reduce(self, dest: Tensor, num_kept: int, weight: Optional[Tensor] = None) -> "TokenState":
+        """Apply a reduction decision.
+
+        Args:
+            dest: ``[B, N]`` int64, index in ``[0, num_kept)`` of the token each current token
+                goes to, or -1 to drop it. Tokens sharing a destination are merged.
+            num_kept: number of tokens after the step.
+            weight: ``[B, N]`` merge weights for the features; defaults to ``size``, which makes
+                merging conserve the size-weighted sum of features exactly.
+
+        Sizes always add up, so a pure merge conserves total size; dropped tokens take their
+        size with them.
+        """
+        batch, num_tokens, channels = self.x.shape
+        if dest.shape != (batch, num_tokens):
+            raise ValueError(f"dest must be [batch, tokens] = {(batch, num_tokens)}, got {tuple(dest.shape)}")
+        weight = self.size if weight is None else weight
+        # Flatten the batch and send dropped tokens to one trash row past the end: a single
+        # index_add over all tokens does every merge of every row (deterministic on CPU).
+        rows = torch.arange(batch, device=dest.device)[:, None] * num_kept
+        trash = batch * num_kept
+        flat_dest = torch.where(dest >= 0, dest + rows, trash).flatten()
+
+        # Accumulate in at least float32: under autocast x may be bf16, sizes never are.
+        compute = torch.promote_types(self.x.dtype, torch.float32)
+        weight = weight.to(compute)
+        size = self.size.new_zeros(trash + 1).index_add_(0, flat_dest, self.size.flatten())
+        total_weight = weight.new_zeros(trash + 1).index_add_(0, flat_dest, weight.flatten())
+        weighted = (self.x.to(compute) * weight[..., None]).reshape(-1, channels)
+        summed = weighted.new_zeros(trash + 1, channels).index_add_(0, flat_dest, weighted)
+        x = summed[:trash] / total_weight[:trash, None].clamp_min(torch.finfo(compute).tiny)
+
+        assignment = dest.gather(1, self.assignment.clamp_min(0))
+        assignment = torch.where(self.assignment >= 0, assignment, -1)
+        return TokenState(
+            x=x.view(batch, num_kept, channels).to(self.x.dtype),
+            size=size[:trash].view(batch, num_kept),
+            assignment=assignment,
+            num_protected=self.num_protected,
+        )
