@@ -98,8 +98,8 @@ def _key_padding(attn_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return mask if mask.dtype == torch.bool else mask > float("-inf")
 
 
-def _block_forward(block: Block, state: TokenState, reduction: Reduction, layer: int,
-                   num_layers: int, capture: Optional[QKCapture]) -> TokenState:
+def _block_forward(block: Block, state: TokenState, reduction: Reduction, layer: int, num_layers: int,
+                   capture: Optional[QKCapture], grid: Optional[tuple[int, int]]) -> TokenState:
     """``Block.forward`` with the reduction step between the attention and MLP residuals."""
     x = state.x
     bias = state.attention_bias(reduction.prop_attn)
@@ -107,7 +107,9 @@ def _block_forward(block: Block, state: TokenState, reduction: Reduction, layer:
     n, protected = state.num_tokens, state.num_protected
     num_kept = reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
     if num_kept < n:
-        state = reduction.reducer(state.with_x(x), num_kept, _signals(reduction, x, bias, capture, layer, num_layers))
+        signals = _signals(reduction, x, bias, capture, layer, num_layers)
+        signals.grid = None if state.is_reduced else grid
+        state = reduction.reducer(state.with_x(x), num_kept, signals)
         x = state.x
     if capture is not None:
         capture.clear()
@@ -122,7 +124,8 @@ def _signals(reduction: Reduction, x: Tensor, bias: Optional[Tensor], capture: O
     attention = None
     if "cls_attention" in reduction.reducer.needs and reduction.has_cls:
         attention = cls_attention(capture.q, capture.k, bias)
-    return Signals(metric=metric, layer=layer, num_layers=num_layers, cls_attention=attention)
+    return Signals(metric=metric, layer=layer, num_layers=num_layers, cls_attention=attention,
+                   query=reduction.query)
 
 
 def _grid(model: VisionTransformer, num_original: int) -> Optional[tuple[int, int]]:
@@ -145,9 +148,11 @@ class ReducingViT:
         x = self.norm_pre(x)
         state = TokenState.start(x, self.num_prefix_tokens, padding_mask=_key_padding(attn_mask, x))
         captures = reduction.captures
+        grid = _grid(self, state.num_original)
         tokens = [state.num_tokens]
         for layer, block in enumerate(self.blocks):
-            args = (block, state, reduction, layer, len(self.blocks), captures[layer] if captures else None)
+            capture = captures[layer] if captures else None
+            args = (block, state, reduction, layer, len(self.blocks), capture, grid)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 state = torch.utils.checkpoint.checkpoint(_block_forward, *args, use_reentrant=False)
             else:
@@ -159,7 +164,7 @@ class ReducingViT:
             assignment=state.assignment.detach(),
             size=state.size.detach(),
             num_protected=state.num_protected,
-            grid=_grid(self, state.num_original),
+            grid=grid,
         )
         return self.norm(state.x)
 

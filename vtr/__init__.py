@@ -5,7 +5,7 @@
 """
 from . import adapters, reducers
 from .adapters import UnsupportedModelError
-from .api import expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
+from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
 from .config import Reduction, Report
 from .reducers import Reducer, Signals
 from .schedule import Schedule
@@ -14,7 +14,7 @@ from .state import TokenState
 __version__ = "0.1.0"
 
 __all__ = [
-    "patch", "unpatch", "methods", "report", "is_patched", "make_reducer", "expected_tokens",
+    "patch", "unpatch", "conditioned", "methods", "report", "is_patched", "make_reducer", "expected_tokens",
     "expected_flops", "TokenState", "Reducer", "Signals", "Schedule", "Reduction", "Report",
     "UnsupportedModelError", "adapters", "reducers",
 ]

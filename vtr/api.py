@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from .adapters import find_adapter
 from .config import Reduction, Report
@@ -111,3 +112,26 @@ def expected_flops(model: nn.Module) -> tuple[float, float]:
     reduction: Reduction = model._vtr
     cost = adapter.cost(model, reduction.metric)
     return cost.total(expected_tokens(model), reduction.reducer), cost.unreduced()
+
+
+@contextmanager
+def conditioned(model: nn.Module, query: Tensor) -> Iterator[nn.Module]:
+    """Give query-conditioned reducers their query for the forward passes inside the block.
+
+    ``query`` is ``[B, D]`` (one embedding per image) or ``[B, Q, D]`` (several, e.g. class
+    prompts or text tokens), one row per image of the batch:
+
+        with vtr.conditioned(model, text_embeddings):
+            features = model(images)
+    """
+    if not is_patched(model):
+        raise ValueError("model is not patched by vtr")
+    if not isinstance(query, Tensor) or query.dim() not in (2, 3):
+        shape = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
+        raise ValueError(f"query must be a tensor [B, D] or [B, Q, D], got {shape}")
+    reduction: Reduction = model._vtr
+    previous, reduction.query = reduction.query, query
+    try:
+        yield model
+    finally:
+        reduction.query = previous

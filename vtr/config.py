@@ -41,6 +41,7 @@ class Reduction:
     final_state: Optional[TokenState] = None  # read by the pooling head of the same forward pass
     hooks: list = field(default_factory=list)      # handles to remove on unpatch
     captures: Optional[list] = None                 # per-block q/k captures (vtr.signals.QKCapture)
+    query: Optional[Tensor] = None                  # set by vtr.conditioned(model, query)
     has_cls: bool = True                            # first token is a CLS token (cls_attention exists)
     original_class: Any = None
 

@@ -21,6 +21,8 @@ class Signals:
         None when the model has no CLS token.
     query: ``[B, D]`` or ``[B, Q, D]`` query embedding(s) for query-conditioned pruning.
     partition: ``[B, N]`` int partition (crop) id per token for budget-allocating reducers.
+    grid: ``(rows, cols)`` of the patch tokens while they are still in their original spatial
+        order (no earlier step has reduced), else None.
     """
 
     metric: Optional[Tensor] = None
@@ -29,6 +31,7 @@ class Signals:
     cls_attention: Optional[Tensor] = None
     query: Optional[Tensor] = None
     partition: Optional[Tensor] = None
+    grid: Optional[tuple] = None
 
 
 class Reducer(nn.Module):
