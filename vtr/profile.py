@@ -47,11 +47,21 @@ class MacCount:
         return self.total / self.batch
 
 
-@torch.no_grad()
 def count_macs(model: nn.Module, *inputs: torch.Tensor, **kwargs) -> MacCount:
-    """Run ``model(*inputs)`` once under FlopCounterMode and return its MACs."""
-    with flop_counter.FlopCounterMode(display=False) as counter:
-        model(*inputs, **kwargs)
+    """Run ``model(*inputs)`` once under FlopCounterMode and return its MACs.
+
+    Runs with gradients off by freezing the parameters rather than under ``torch.no_grad``: the
+    counter's module tracker fails on timm's attention pooling under no_grad (torch 2.14).
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            model(*inputs, **kwargs)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     by_module = {name: sum(ops.values()) / 2 for name, ops in counter.get_flop_counts().items()}
     batch = inputs[0].shape[0] if inputs else 1
     return MacCount(total=counter.get_total_flops() / 2, batch=batch, by_module=by_module)

@@ -69,10 +69,10 @@ def _r_amounts(r: RSpec, num_layers: int, chosen: list[int]) -> tuple:
         steps = max(len(chosen) - 1, 1)
         per = {layer: int(start + (stop - start) * k / steps) for k, layer in enumerate(chosen)}
         values = tuple(per.get(i, 0) for i in range(num_layers))
-    elif isinstance(r, int):
-        values = tuple(r if i in chosen else 0 for i in range(num_layers))
-    else:
+    elif isinstance(r, (list, range)):
         values = _per_layer(list(r), num_layers, chosen, "r", 0)
+    else:
+        values = tuple(r if i in chosen else 0 for i in range(num_layers))
     for v in values:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"r must be a non-negative int (tokens removed per layer), got {v!r}")

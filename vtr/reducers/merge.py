@@ -26,7 +26,8 @@ class ToMe(Reducer):
 
     Unprotected tokens alternate into sets A and B by position; each A token finds its most similar
     B token (cosine of the metric); the r most similar pairs merge by size-weighted average. At most
-    half of the unprotected tokens go per step. Padding (size 0) is merged away first.
+    half of the unprotected tokens go per step. Padding (size 0) in A merges away first and is never
+    a merge target while a real B token exists; it weighs nothing either way.
     """
 
     name = "tome"

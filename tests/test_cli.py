@@ -1,0 +1,29 @@
+"""`vtr bench` end to end on a tiny model (a smoke test of the command, not a timing)."""
+import json
+
+import vtr
+from vtr.cli import main
+
+
+def test_bench_prints_a_row_per_method(capsys):
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--batch", "1", "--reps", "1",
+                 "--methods", "tome,pitome", "--flops", "0.5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["none", "tome", "pitome"]
+    for row in rows[1:]:
+        assert abs(row["flops_fraction"] - 0.5) < 0.01 and row["tokens_out"] < 197
+        assert 0 < row["reducer_share"] < 1
+    assert rows[0]["flops_fraction"] == 1.0 and rows[0]["tokens_out"] == 197
+
+
+def test_bench_table_and_unknown_method(capsys):
+    assert main(["--model", "vit_tiny_patch16_224", "--batch", "1", "--reps", "1", "--methods", "tome"]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "tome" in out
+    try:
+        main(["bench", "--methods", "nope"])
+    except SystemExit as e:
+        assert "unknown method 'nope'" in str(e)
+    else:
+        raise AssertionError("an unknown method must stop the command")
+    assert "tome" in vtr.methods()

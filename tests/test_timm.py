@@ -1,0 +1,221 @@
+"""The timm adapter: exact when nothing is reduced, honest when something is."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import vtr
+from vtr.profile import count_macs
+
+from _timm_models import FEATURE_MODELS, build, images
+
+
+@pytest.mark.parametrize("kind", ["vit_b16"] + FEATURE_MODELS)
+def test_zero_reduction_is_bit_exact(kind):
+    model = build(kind)
+    x = images(model)
+    with torch.inference_mode():
+        expected = model(x)
+        for method, amount in [("none", {}), ("tome", {"r": 0}), ("pitome", {"keep": 1.0})]:
+            vtr.patch(model, method, **amount)
+            assert torch.equal(model(x), expected), method
+            vtr.unpatch(model)
+
+
+@pytest.mark.parametrize("kind", FEATURE_MODELS)
+def test_unpatch_restores_class_outputs_and_state_dict(kind):
+    model = build(kind)
+    x = images(model)
+    cls, keys = type(model), list(model.state_dict())
+    with torch.inference_mode():
+        expected = model(x)
+        vtr.patch(model, "tome", r=8, metric="keys")
+        assert list(model.state_dict()) == keys
+        reduced = model(x)
+        assert not torch.allclose(reduced, expected)
+        vtr.unpatch(model)
+        assert type(model) is cls and not hasattr(model, "_vtr")
+        assert all(not m._forward_hooks for m in model.modules())
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("kind", FEATURE_MODELS)
+@pytest.mark.parametrize("method", ["tome", "pitome", "random"])
+def test_protected_tokens_survive_and_report_is_true(kind, method):
+    model = vtr.patch(build(kind), method, keep=0.6)
+    with torch.inference_mode():
+        model(images(model))
+    report = vtr.report(model)
+    p = model.num_prefix_tokens
+    assert report.tokens == vtr.expected_tokens(model)
+    assert report.tokens[-1] < report.tokens[0]
+    assert torch.equal(report.assignment[:, :p], torch.arange(p).expand(2, p))
+    assert torch.equal(report.size[:, :p], torch.ones(2, p))
+    if method != "random":
+        assert torch.equal(report.size.sum(1), torch.full((2,), float(report.tokens[0])))
+    assert report.grid == tuple(model.patch_embed.grid_size)
+
+
+def _paired_image(model):
+    """An image whose horizontally adjacent patch pairs are identical, with positions zeroed,
+    so patch tokens come in exact duplicate pairs (A token 2i, B token 2i+1)."""
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    x = images(model, batch=2)
+    patch = model.patch_embed.patch_size[1]
+    cols = x.shape[-1] // patch
+    for c in range(0, cols, 2):
+        x[..., c * patch + patch : (c + 2) * patch] = x[..., c * patch : (c + 1) * patch]
+    return x
+
+
+@pytest.mark.parametrize("kind, pool", [("tiny", "token"), ("tiny", "avg"), ("tiny", "avgmax"),
+                                        ("map_head", None), ("registers_avg", None)])
+def test_merged_duplicates_with_proportional_attention_change_nothing(kind, pool):
+    """Merging a token with its exact duplicate and weighting it by size 2 must reproduce the
+    unreduced model (attention, pooling heads); without proportional attention it must not."""
+    model = build(kind)
+    if pool:
+        model.reset_classifier(model.num_classes, global_pool=pool)
+    x = _paired_image(model)
+    # Merge half of the pairs: a uniformly duplicated sequence would hide a missing log(size).
+    r = model.patch_embed.num_patches // 4
+    with torch.inference_mode():
+        expected = model(x)
+        vtr.patch(model, "tome", r=r, layers=[0])
+        merged = model(x)
+        assert vtr.report(model).tokens[1] == model.num_prefix_tokens + model.patch_embed.num_patches - r
+        assert int((vtr.report(model).size == 2).sum()) == 2 * r
+        vtr.unpatch(model)
+        vtr.patch(model, "tome", r=r, layers=[0], prop_attn=False)
+        unweighted = model(x)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(unweighted, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_and_eager_attention_agree_under_reduction():
+    fused = vtr.patch(build("qk_norm"), "pitome", flops=0.5)
+    eager = vtr.patch(build("qk_norm"), "pitome", flops=0.5)
+    for block in eager.blocks:
+        block.attn.fused_attn = False
+    x = images(fused)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def _check_flops(model, method, targets):
+    x = images(model, batch=1)
+    unreduced = count_macs(model, x).total
+    for target in targets:
+        vtr.patch(model, method, flops=target)
+        counted = count_macs(model, x).total
+        assert counted / unreduced == pytest.approx(target, rel=0.02), (target, counted / unreduced)
+        assert vtr.expected_flops(model)[0] == pytest.approx(counted, rel=1e-3)
+        vtr.unpatch(model)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "registers_avg", "map_head"])
+@pytest.mark.parametrize("method", ["tome", "pitome", "random"])
+def test_flops_target_lands_within_2_percent_of_an_independent_count(kind, method):
+    _check_flops(build(kind, depth=12), method, (0.7, 0.5, 0.35))
+
+
+def test_flops_target_on_vit_b16():
+    _check_flops(build("vit_b16"), "pitome", (0.5,))
+
+
+def test_metric_keys_and_x_both_work_and_differ():
+    model = build("tiny")
+    x = images(model)
+    with torch.inference_mode():
+        by_x = vtr.patch(copy.deepcopy(model), "tome", r=20)(x)
+        by_keys = vtr.patch(copy.deepcopy(model), "tome", r=20, metric="keys")(x)
+    assert by_x.shape == by_keys.shape and not torch.allclose(by_x, by_keys)
+
+
+def test_inference_mode_autocast_and_no_nan():
+    model = vtr.patch(build("layerscale"), "pitome", flops=0.5)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images(model))
+    assert torch.isfinite(out.float()).all()
+    assert vtr.report(model).size.dtype == torch.float32
+
+
+def test_gradients_flow_in_training_and_checkpointing_agrees():
+    model = build("layerscale").train()
+    for module in model.modules():  # dropout-free so both runs compute the same thing
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    vtr.patch(model, "tome", r=16)
+    x = images(model)
+    model(x).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert model.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0 and model.patch_embed.proj.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().mean().backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_key_padding_attn_mask_hides_padded_patches():
+    model = build("tiny")
+    x = images(model)
+    mask = torch.ones(2, 197, dtype=torch.bool)
+    mask[0, 150:] = False
+    garbage = x.clone()
+    garbage[0, :, 160:, :] = 100.0  # pixels of the last 4 patch rows (patches 140+), padded from 150 on
+    with torch.inference_mode():
+        vtr.patch(model, "tome", r=10)
+        padded = model(x, attn_mask=mask)
+        # Only patches 149+ are hidden, and rows 160+ of pixels are patches 140+: hide all of them.
+        mask[0, 141:] = False
+        a, b = model(x, attn_mask=mask), model(garbage, attn_mask=mask)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(padded[0], model(x)[0])
+    with pytest.raises(ValueError, match=r"attn_mask: with token reduction vtr accepts key-padding masks"):
+        model(x, attn_mask=torch.ones(2, 197, 197, dtype=torch.bool))
+
+
+def test_torch_compile_fixed_schedule():
+    """Dynamo captures the reduced forward (aot_eager keeps the test fast; inductor works too)."""
+    model = vtr.patch(timm.create_model("vit_tiny_patch16_224", depth=2, img_size=64).eval(), "tome", r=4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("vit_base_patch16_rpn_224", {"depth": 2}, r"blocks\[0\] is ResPostBlock"),
+    ("vit_small_patch16_18x2_224", {"depth": 2}, r"blocks\[0\] is ParallelThingsBlock"),
+    ("vit_relpos_small_patch16_224", {"depth": 2}, r"cannot patch .*VisionTransformerRelPos; supported: timm"),
+    ("resnet18", {}, "cannot patch .*ResNet"),
+])
+def test_unsupported_models_are_refused_by_name(name, kwargs, message):
+    model = timm.create_model(name, **kwargs)
+    with pytest.raises(vtr.UnsupportedModelError, match=message):
+        vtr.patch(model, "tome", r=4)
+    assert not vtr.is_patched(model)
+
+
+def test_bad_patch_arguments():
+    model = build("tiny")
+    with pytest.raises(ValueError, match="unknown method 'tme'; choose one of: .*tome"):
+        vtr.patch(model, "tme", r=4)
+    with pytest.raises(ValueError, match="method 'tome' takes no option margin"):
+        vtr.patch(model, "tome", r=4, margin=0.5)
+    with pytest.raises(ValueError, match=r"metric must be one of \('x', 'keys'\)"):
+        vtr.patch(model, "tome", r=4, metric="values")
+    vtr.patch(model, "tome", r=4)
+    with pytest.raises(ValueError, match=r"already patched with 'tome' \(r=4\); call vtr.unpatch"):
+        vtr.patch(model, "pitome", r=4)
+    with pytest.raises(NotImplementedError, match="forward_intermediates"):
+        model.forward_intermediates(images(model))
+    vtr.unpatch(model)
+    with pytest.raises(ValueError, match="not patched"):
+        vtr.unpatch(model)
+    with pytest.raises(ValueError, match="not patched"):
+        vtr.report(model)

@@ -1,0 +1,59 @@
+"""The `vtr` command. `vtr bench` (the default) compares methods on a timm ViT with random weights."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+import timm
+import torch
+
+from . import bench
+from .api import methods
+
+DEFAULT_MODEL = "vit_base_patch16_224"
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="speed-up vs FLOPs of each method on a timm ViT (random weights)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    p.add_argument("--methods", default="tome,pitome",
+                   help=f"comma-separated methods (available: {', '.join(methods())}; 'all' for every one)")
+    p.add_argument("--flops", default="0.5", help="comma-separated FLOPs fractions to compare at (default 0.5)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions per variant")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    names = [m for m in methods() if m != "none"] if args.methods == "all" else args.methods.split(",")
+    for name in names:
+        if name not in methods():
+            raise SystemExit(f"vtr bench: unknown method {name!r}; available: {', '.join(methods())}")
+    variants = [(name, {"flops": float(f)}) for f in args.flops.split(",") for name in names]
+    model = timm.create_model(args.model, pretrained=False)
+    say = (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)) if not args.json else None
+    if say:
+        say(f"{args.model}, batch {args.batch}, {args.threads} threads, {args.reps} interleaved reps "
+            f"of {len(variants) + 1} variants")
+    rows = bench.run(model, variants, batch=args.batch, reps=args.reps, threads=args.threads, progress=say)
+    print(json.dumps([r.as_dict() for r in rows], indent=1) if args.json else bench.format_table(rows))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="vtr", description="visual token reduction")
+    sub = parser.add_subparsers(dest="command")
+    _bench_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["bench", *argv]
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
