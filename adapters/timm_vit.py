@@ -173,8 +173,7 @@ class ReducingViT:
         if state is None or x.shape[:2] != state.x.shape[:2]:
             raise RuntimeError("a vtr-patched model pools the tokens of its own last forward_features call; "
                                "call forward_features first (model(x) does)")
-        padded = bool((state.size == 0).any())
-        if not state.is_reduced and not padded:
+        if not state.is_reduced and not state.padded:
             return super().pool(x, pool_type)
         size, start = state.size, 0 if self.pool_include_prefix else self.num_prefix_tokens
         if self.attn_pool is not None:

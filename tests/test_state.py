@@ -85,7 +85,8 @@ def test_each_row_gets_its_own_choice(state, method, r):
     """Reducing a batch gives each row what reducing that row alone gives."""
     out, r = step(method, state, r)
     for b in range(state.x.shape[0]):
-        alone = TokenState(state.x[b : b + 1], state.size[b : b + 1], state.assignment[b : b + 1], state.num_protected)
+        alone = TokenState(state.x[b : b + 1], state.size[b : b + 1], state.assignment[b : b + 1],
+                           state.num_protected, state.padded)
         if method == "random":  # the random draw is per batch; the rule (padding first) is per row
             continue
         out_b, _ = step(method, alone, r)

@@ -27,12 +27,15 @@ class TokenState:
             O(N0) memory.
         num_protected: leading tokens (CLS, distillation, registers) that are never merged away or
             dropped and keep their positions.
+        padded: the sequence may hold padding. Set once at the start so no step has to ask the
+            device (a host sync per block on CUDA); padding only ever leaves.
     """
 
     x: Tensor
     size: Tensor
     assignment: Tensor
     num_protected: int
+    padded: bool = False
 
     @classmethod
     def start(cls, x: Tensor, num_protected: int = 0, padding_mask: Optional[Tensor] = None) -> "TokenState":
@@ -53,7 +56,8 @@ class TokenState:
                 )
             size = padding_mask.to(device=x.device, dtype=torch.float32)
         assignment = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
-        return cls(x=x, size=size, assignment=assignment, num_protected=num_protected)
+        padded = padding_mask is not None and not bool(padding_mask.all())
+        return cls(x=x, size=size, assignment=assignment, num_protected=num_protected, padded=padded)
 
     @property
     def num_tokens(self) -> int:
@@ -78,8 +82,7 @@ class TokenState:
         the attention s copies would get. Size-0 padding gets ``-inf`` either way. Before any
         reduction (and without padding) this returns None so the model runs its exact kernel.
         """
-        has_padding = bool((self.size == 0).any())
-        if not has_padding and not (proportional and self.is_reduced):
+        if not self.padded and not (proportional and self.is_reduced):
             return None
         if proportional:
             bias = self.size.log()
@@ -126,4 +129,5 @@ class TokenState:
             size=size[:trash].view(batch, num_kept),
             assignment=assignment,
             num_protected=self.num_protected,
+            padded=self.padded,
         )
