@@ -1,6 +1,9 @@
 """Shared builders for the reducer tests (imported by test_drop/test_atf/test_query/test_pool)."""
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
+
 import timm
 import torch
 
@@ -18,8 +21,14 @@ def make_state(batch=2, tokens=17, channels=8, protected=1, padding=0, seed=0, r
 
 
 def tiny_vit(**overrides):
-    """A 4-block ViT on 96x96 inputs (6x6 patch grid + CLS), random weights."""
-    kwargs = dict(depth=4, img_size=96, pretrained=False) | overrides
+    """A 4-block ViT on 96x96 inputs (6x6 patch grid + CLS), random weights; a fresh copy each call."""
+    return copy.deepcopy(_tiny_vit(tuple(sorted(overrides.items()))))
+
+
+@lru_cache(maxsize=None)
+def _tiny_vit(overrides: tuple):
+    torch.manual_seed(0)
+    kwargs = dict(depth=4, img_size=96, pretrained=False) | dict(overrides)
     return timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
 
 
