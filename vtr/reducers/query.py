@@ -85,27 +85,36 @@ class QueryPrune(Reducer):
         if query.shape[0] not in (1, tokens.shape[0]):
             raise ValueError(f"query: signals.query has {query.shape[0]} rows for a batch of {tokens.shape[0]}; "
                              "give one query per image (or one for all)")
-        cosine = unit(tokens) @ unit(query.to(tokens.device)).transpose(1, 2)  # [B, U, Q]
-        return (1.0 + cosine.amax(dim=-1)) / 2
+        # Dividing the [B, U, Q] products by the token norms spares a pass over the [B, U, C] tokens.
+        tokens = tokens.float()
+        cosine = (tokens @ unit(query.to(tokens.device)).transpose(1, 2)).amax(dim=-1)
+        return (1.0 + cosine / tokens.norm(dim=-1).clamp_min(1e-6)) / 2
 
     def _greedy(self, state: TokenState, signals: Signals, valid: Tensor, k: int,
                 relevance: Optional[Tensor], weight: float) -> Tensor:
         if signals.metric is None:
             raise ValueError("query needs signals.metric (token features) for its redundancy graph")
-        metric = unit(check_signal(self, "metric", signals.metric, state)[:, state.num_protected:])
-        metric = metric * valid[..., None]
-        distance = (1.0 - metric @ metric.transpose(1, 2)) / 2  # the similarity graph, as distances
-        mean = unit((metric * state.size[:, state.num_protected:, None]).sum(dim=1, keepdim=True))
-        novelty = (1.0 - (metric * mean).sum(dim=-1)) / 2
+        metric = check_signal(self, "metric", signals.metric, state)[:, state.num_protected:].float()
+        # Cosines from one Gram matrix and the norms (no normalized copy of the [B, U, D] metric).
+        norm = metric.norm(dim=-1).clamp_min(1e-6)
+        cosine = (metric @ metric.transpose(1, 2)) / (norm[:, :, None] * norm[:, None, :])
+        mean = (state.size[:, state.num_protected:] / norm)[:, None, :] @ metric  # size-weighted, of unit tokens
+        to_mean = (metric @ mean.transpose(1, 2))[..., 0] / (norm * mean.norm(dim=-1).clamp_min(1e-6))
+        novelty = (1.0 - to_mean) / 2
         base = 0.0 if relevance is None else weight * relevance
-        taken = torch.zeros_like(valid)
+        # score[b, i, j]: token j's score once token i is kept. A token's score only falls as tokens
+        # are kept (its novelty is a min over kept ones), so one running minimum over the rows of the
+        # kept tokens does the whole greedy update: three small ops per kept token. Padding columns
+        # score -1 (they fill leftover slots only); the diagonal -2 takes a kept token out for good.
+        distance = (1.0 - cosine) / 2  # the similarity graph, as distances
+        base_row = base[:, None, :] if relevance is not None else base
+        score = (base_row + (1.0 - weight) * distance).masked_fill(~valid[:, None, :], -1.0)
+        score.diagonal(dim1=1, dim2=2).fill_(-2.0)
+        current = (base + (1.0 - weight) * novelty).masked_fill(~valid, -1.0)
+        rows = torch.arange(current.shape[0], device=current.device)
         picks = []
         for _ in range(k):
-            # Real tokens score in [0, 1]; padding -1 fills leftover slots; taken tokens never return.
-            score = (base + (1.0 - weight) * novelty).masked_fill(~valid, -1.0).masked_fill(taken, -2.0)
-            pick = score.argmax(dim=1, keepdim=True)
+            pick = current.argmax(dim=1)
             picks.append(pick)
-            taken = taken.scatter(1, pick, True)
-            row = distance.gather(1, pick[..., None].expand(-1, 1, distance.shape[2]))[:, 0]
-            novelty = torch.minimum(novelty, row)
-        return torch.cat(picks, dim=1).sort(dim=1).values
+            current = torch.minimum(current, score[rows, pick])
+        return torch.stack(picks, dim=1).sort(dim=1).values
