@@ -104,6 +104,8 @@ def test_projection_maps_tokens_to_the_query_space_and_widths_are_checked():
         QueryPrune(projection=matrix.T)(state, 7, Signals(metric=state.x, query=query))
     with pytest.raises(ValueError, match="3 rows for a batch of 2"):
         QueryPrune()(state, 7, Signals(metric=state.x, query=torch.randn(3, 32)))
+    with pytest.raises(ValueError, match="with Q >= 1"):
+        QueryPrune()(state, 7, Signals(metric=state.x, query=torch.randn(2, 0, 32)))
     with pytest.raises(ValueError, match=r"relevance_weight must be in \[0, 1\]"):
         QueryPrune(relevance_weight=1.5)
 

@@ -76,8 +76,8 @@ class QueryPrune(Reducer):
         elif self.projection is not None:
             tokens = self.projection(tokens)
         query = query[:, None] if query.dim() == 2 else query
-        if query.dim() != 3:
-            raise ValueError(f"query: signals.query must be [B, D] or [B, Q, D], got {tuple(query.shape)}")
+        if query.dim() != 3 or query.shape[1] == 0:
+            raise ValueError(f"query: signals.query must be [B, D] or [B, Q, D] with Q >= 1, got {tuple(query.shape)}")
         if query.shape[-1] != tokens.shape[-1]:
             where = "projected tokens" if self.projection is not None else "tokens (give projection= to map them)"
             raise ValueError(f"query: the query has width {query.shape[-1]} but the {where} have width "
