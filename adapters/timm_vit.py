@@ -78,6 +78,7 @@ def cost(model: VisionTransformer, metric: str = "x") -> EncoderCost:
         fixed=fixed,
         per_final_token=per_final_token,
         metric_dim=block.attn.head_dim if metric == "keys" else model.embed_dim,
+        grid=tuple(model.patch_embed.grid_size),
     )
 
 
@@ -100,16 +101,16 @@ def _key_padding(attn_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
 
 def _block_forward(block: Block, state: TokenState, reduction: Reduction, layer: int, num_layers: int,
                    capture: Optional[QKCapture], grid: Optional[tuple[int, int]]) -> TokenState:
-    """``Block.forward`` with the reduction step between the attention and MLP residuals."""
+    """``Block.forward`` with the reduction step between the attention and MLP residuals (or, for
+    reducers that filter a block's input, before the attention)."""
+    before = reduction.reducer.acts_before_blocks
+    if before:
+        state = _reduce(state, reduction, layer, num_layers, None, None, grid)
     x = state.x
     bias = state.attention_bias(reduction.prop_attn)
     x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
-    n, protected = state.num_tokens, state.num_protected
-    num_kept = reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
-    if num_kept < n:
-        signals = _signals(reduction, x, bias, capture, layer, num_layers)
-        signals.grid = None if state.is_reduced else grid
-        state = reduction.reducer(state.with_x(x), num_kept, signals)
+    if not before:
+        state = _reduce(state.with_x(x), reduction, layer, num_layers, bias, capture, grid)
         x = state.x
     if capture is not None:
         capture.clear()
@@ -117,12 +118,25 @@ def _block_forward(block: Block, state: TokenState, reduction: Reduction, layer:
     return state.with_x(x)
 
 
+def _reduce(state: TokenState, reduction: Reduction, layer: int, num_layers: int, bias: Optional[Tensor],
+            capture: Optional[QKCapture], grid: Optional[tuple[int, int]]) -> TokenState:
+    """The layer's reduction step, if its schedule removes anything here."""
+    n, protected = state.num_tokens, state.num_protected
+    num_kept = reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
+    if num_kept == n:
+        return state
+    signals = _signals(reduction, state.x, bias, capture, layer, num_layers)
+    signals.grid = None if state.is_reduced else grid
+    return reduction.reducer(state, num_kept, signals)
+
+
 def _signals(reduction: Reduction, x: Tensor, bias: Optional[Tensor], capture: Optional[QKCapture],
              layer: int, num_layers: int) -> Signals:
-    """What this block offers its reducer: the metric, and the CLS attention row when asked for."""
-    metric = capture.k.mean(dim=1) if reduction.metric == "keys" else x
+    """What this block offers its reducer: the metric, and the CLS attention row when asked for.
+    Without a capture (a step before the block's attention) the metric is the hidden states."""
+    metric = capture.k.mean(dim=1) if reduction.metric == "keys" and capture is not None else x
     attention = None
-    if "cls_attention" in reduction.reducer.needs and reduction.has_cls:
+    if "cls_attention" in reduction.reducer.needs and reduction.has_cls and capture is not None:
         attention = cls_attention(capture.q, capture.k, bias)
     return Signals(metric=metric, layer=layer, num_layers=num_layers, cls_attention=attention,
                    query=reduction.query)

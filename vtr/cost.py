@@ -7,7 +7,7 @@ reducers' similarity matrices); norms, activations and softmax are left out, as 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class EncoderCost:
     fixed: float             # MACs outside the blocks that do not depend on the token count
     per_final_token: float = 0.0   # MACs per token after the last block (e.g. attention pooling)
     metric_dim: int = 0      # width of the similarity metric the reducer compares
+    grid: Optional[tuple] = None   # patch grid (rows, cols) at the default input size, if known
 
     def block(self, tokens_in: int, tokens_out: int) -> float:
         return (self.attn_linear * tokens_in + 2 * self.attn_dim * tokens_in**2
@@ -37,8 +38,9 @@ class EncoderCost:
         if len(tokens) != self.num_layers + 1:
             raise ValueError(f"tokens must list {self.num_layers + 1} counts, got {len(tokens)}")
         macs = self.fixed + self.per_final_token * tokens[-1]
+        before = getattr(reducer, "acts_before_blocks", False)  # the step filters the block's input
         for n_in, n_out in zip(tokens[:-1], tokens[1:]):
-            macs += self.block(n_in, n_out)
+            macs += self.block(n_out, n_out) if before else self.block(n_in, n_out)
             if reducer is not None and n_out < n_in:
                 macs += reducer.extra_macs(n_in, self.metric_dim, self.num_protected)
         return macs

@@ -144,6 +144,12 @@ def make_schedule(
         if given and not (r == 0 or keep == 1.0 or flops == 1.0):
             raise ValueError(f"method {reducer.name!r} does not reduce; leave out {given[0]}= (or set r=0)")
         return Schedule("r", (0,) * num_layers)
+    fixed = reducer.fixed_amounts(cost, None if layers is None else chosen, flops)
+    if fixed is not None:
+        if r is not None or keep is not None:
+            raise ValueError(f"method {reducer.name!r} sets its own token count from its options; "
+                             f"leave out {'r' if r is not None else 'keep'}=")
+        return Schedule("r", tuple(fixed))
     if not given:
         raise ValueError(f"method {reducer.name!r} needs an amount: r= (tokens per layer), keep= "
                          "(fraction kept per layer) or flops= (target fraction of the model's FLOPs)")

@@ -1,8 +1,12 @@
 """Reducers: model-agnostic modules that turn a token state into a smaller one."""
 from .base import REDUCERS, Reducer, Signals, check_budget, dest_from_choice
-from . import baselines, merge  # noqa: F401  (registers the methods)
+from . import atf, baselines, drop, merge, pool, query  # noqa: F401  (registers the methods)
+from .atf import ATF
 from .baselines import NoReduction, RandomDrop
+from .drop import EViT, HiRED
 from .merge import PiToMe, ToMe
+from .pool import GridPool
+from .query import QueryPrune
 
 __all__ = ["REDUCERS", "Reducer", "Signals", "check_budget", "dest_from_choice",
-           "NoReduction", "RandomDrop", "PiToMe", "ToMe"]
+           "NoReduction", "RandomDrop", "PiToMe", "ToMe", "EViT", "HiRED", "ATF", "QueryPrune", "GridPool"]

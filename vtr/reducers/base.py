@@ -45,6 +45,11 @@ class Reducer(nn.Module):
     description: ClassVar[str] = ""
     needs: ClassVar[frozenset] = frozenset()
     max_step: ClassVar[float] = 1.0
+    # True for filters that act on a block's *input* (ATF filters the embedded tokens before block 0):
+    # the adapter then runs layer i's step before block i's attention instead of between its
+    # attention and MLP. Schedules still list the count before each step; block i runs on the count
+    # after it. Such a step sees ``signals.metric`` = the hidden states and no cls_attention.
+    acts_before_blocks: ClassVar[bool] = False
 
     def max_removable(self, num_tokens: int, num_protected: int) -> int:
         """Most tokens one step may remove; at least one unprotected token always stays."""
@@ -54,6 +59,11 @@ class Reducer(nn.Module):
     def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
         """Multiply-accumulates the decision itself costs per image (similarity matrices)."""
         return 0.0
+
+    def fixed_amounts(self, cost, layers: Optional[list], flops: Optional[float]) -> Optional[tuple]:
+        """Per-layer tokens removed when the reducer's own options fix them (``pool``'s factor), else
+        None. ``cost`` is the adapter's EncoderCost, ``layers`` the user's validated layer list or None."""
+        return None
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         raise NotImplementedError

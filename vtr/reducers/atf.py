@@ -1,0 +1,147 @@
+"""Attention-aware token filtering before the encoder (ATF, Naruko et al., "Speed-up of Vision
+Transformer Models by Attention-aware Token Filtering").
+
+A static prior (which patch positions the encoder attends to on typical images, estimated once by
+:func:`calibrate`) is combined with a dynamic per-image score, and the filter keeps the best
+tokens before the first block, so every block runs on the filtered sequence.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..state import TokenState
+from .base import Reducer, Signals, check_budget, dest_from_choice, register, unit
+from .select import attention_scores, check_signal, real_tokens, top_scores
+
+
+def _standardize(score: Tensor, valid: Tensor) -> Tensor:
+    """Zero mean, unit deviation over each row's real tokens, so two scores can be mixed."""
+    count = valid.sum(dim=1, keepdim=True).clamp_min(1)
+    mean = (score * valid).sum(dim=1, keepdim=True) / count
+    spread = (((score - mean) * valid) ** 2).sum(dim=1, keepdim=True) / count
+    return (score - mean) / spread.sqrt().clamp_min(1e-6)
+
+
+@register
+class ATF(Reducer):
+    """Keep tokens by ``prior_weight * static prior + (1 - prior_weight) * dynamic score``, both
+    standardized per image.
+
+    ``prior``: ``[P]`` (or ``[rows, cols]``) importance of each patch position at the model's input
+    size, from :func:`calibrate`; each current token's prior is the sum over the original positions
+    it carries, so later steps work too. Without a prior the filter uses the dynamic score alone.
+    The dynamic score is how far a token's features lie from the image's size-weighted mean token
+    (1 - cosine): the filter runs before any attention, and tokens that look like the average patch
+    (background, flat regions) are the ones it can spare.
+
+    It acts on a block's input (``acts_before_blocks``): ``vtr.patch(model, "atf", keep=0.5,
+    layers=[0], prior=prior)`` filters the embedded tokens once, before block 0.
+    """
+
+    name = "atf"
+    description = "filter tokens before the encoder by a calibrated attention prior and a per-image score (ATF)"
+    needs = frozenset({"metric"})
+    max_step = 1.0
+    acts_before_blocks = True
+
+    def __init__(self, prior: Optional[Tensor] = None, prior_weight: float = 0.5):
+        super().__init__()
+        if not 0.0 <= prior_weight <= 1.0:
+            raise ValueError(f"atf: prior_weight must be in [0, 1], got {prior_weight}")
+        if prior is not None:
+            prior = torch.as_tensor(prior, dtype=torch.float32).flatten()
+            if not bool(torch.isfinite(prior).all()):
+                raise ValueError("atf: prior must be finite")
+        self.prior, self.prior_weight = prior, float(prior_weight)
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        check_budget(self, state, num_kept)
+        if num_kept == state.num_tokens:
+            return state
+        protected, valid = state.num_protected, real_tokens(state)
+        if signals.metric is None:
+            raise ValueError("atf needs signals.metric (the tokens' features) for its per-image score")
+        metric = unit(check_signal(self, "metric", signals.metric, state)[:, protected:])
+        weight = state.size[:, protected:, None]
+        mean = unit((metric * weight).sum(dim=1, keepdim=True))
+        score = _standardize(1.0 - (metric * mean).sum(dim=-1), valid)
+        if self.prior is not None and self.prior_weight > 0:
+            prior = _standardize(self._current_prior(state), valid)
+            score = self.prior_weight * prior + (1.0 - self.prior_weight) * score
+        kept = top_scores(score, valid, num_kept - protected)
+        return state.reduce(dest_from_choice(state, kept), num_kept)
+
+    def _current_prior(self, state: TokenState) -> Tensor:
+        """``[B, U]`` prior of the current tokens: the sum over the original positions each carries."""
+        protected, positions = state.num_protected, state.num_original - state.num_protected
+        if self.prior.numel() != positions:
+            raise ValueError(f"atf: prior has {self.prior.numel()} positions but the input has {positions} "
+                             "patch tokens; calibrate the prior at this input size")
+        carrier = state.assignment[:, protected:]
+        prior = self.prior.to(state.x.device).expand(carrier.shape[0], -1) * (carrier >= 0)
+        current = prior.new_zeros(state.size.shape).scatter_add_(1, carrier.clamp_min(0), prior)
+        return current[:, protected:]
+
+
+class _AttentionRecorder(Reducer):
+    """Calibration only: records the score a dropping reducer would see, removes nothing."""
+
+    name = "atf-calibration"
+    needs = frozenset({"cls_attention"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total: Optional[Tensor] = None
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        score = attention_scores(self, state, signals).sum(dim=0).detach()
+        self.total = score if self.total is None else self.total + score
+        return state
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, images: Tensor, layers: Optional[Sequence[int]] = None,
+              batch_size: int = 32) -> Tensor:
+    """Static prior for :class:`ATF`: the CLS attention each patch position receives, averaged over
+    ``images`` ``[M, 3, H, W]`` and ``layers`` (default: all blocks), normalized to sum to 1.
+
+    The model must be unpatched or patched with ``"none"`` (the prior describes the unreduced
+    model; a 'none' patch is restored afterwards). Models without a CLS token use the same fallback
+    score as the dropping reducers. Returns ``[P]``, one value per patch position in token order.
+    """
+    from ..api import is_patched, patch, unpatch
+    from ..adapters import find_adapter
+    from ..config import Reduction
+    from ..schedule import Schedule, _layers
+
+    was_none = is_patched(model) and model._vtr.method == "none"
+    if is_patched(model) and not was_none:
+        raise ValueError(f"atf.calibrate needs an unpatched model (or one patched with 'none'); this one is "
+                         f"patched with {model._vtr.describe()}: call vtr.unpatch(model) first")
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty tensor [M, 3, H, W], got "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if was_none:
+        unpatch(model)
+    adapter = find_adapter(model)
+    adapter.check(model)
+    num_layers = adapter.cost(model).num_layers
+    chosen = _layers(layers, num_layers)
+    recorder = _AttentionRecorder()
+    # r=1 at the chosen layers makes the adapter call the recorder there; it removes nothing.
+    schedule = Schedule("r", tuple(int(i in chosen) for i in range(num_layers)))
+    adapter.patch(model, Reduction(method=recorder.name, reducer=recorder, schedule=schedule))
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            model(images[start:start + batch_size])
+    finally:
+        unpatch(model)
+        if was_none:
+            patch(model, "none")
+    prior = recorder.total.float()
+    return prior / prior.sum().clamp_min(torch.finfo(torch.float32).tiny)

@@ -1,0 +1,155 @@
+"""Attention-guided dropping: keep the tokens the CLS token attends to (EViT, HiRED).
+
+Both read ``signals.cls_attention``: the adapter computes only the CLS row of the block's attention
+from its own q/k (``vtr.signals.cls_attention``, O(N d)), so the block keeps its fused kernel.
+Models without a CLS token get the fallback score of :func:`~vtr.reducers.select.attention_scores`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..state import TokenState
+from .base import Reducer, Signals, check_budget, dest_from_choice, register
+from .select import attention_scores, check_signal, keep_first, real_tokens, top_scores
+
+FUSE_WEIGHTS = ("attention", "size")
+
+
+@register
+class EViT(Reducer):
+    """Keep the top tokens by CLS attention; fuse all the others into one extra token (EViT,
+    Liang et al., "Not All Patches are What You Need").
+
+    The fused token is the last of the ``num_kept`` tokens (it counts inside the budget); its size is
+    the sum of the fused sizes, so total size is conserved. Its feature is a weighted mean of the
+    fused features. ``fuse="attention"`` (default, as EViT) weights each by attention x size, which
+    conserves the attention-weighted feature mass ``sum(a * s * x)`` of the fused tokens;
+    ``fuse="size"`` weights by size alone, which conserves ``sum(s * x)`` over the whole sequence
+    exactly (size-weighted mean pooling is unchanged by the step). Padding is dropped, never fused;
+    if no real token is left to fuse, the fused token is padding (size 0).
+    """
+
+    name = "evit"
+    description = "keep the tokens the CLS token attends to most, fuse the rest into one token (EViT)"
+    needs = frozenset({"cls_attention"})
+    max_step = 1.0
+
+    def __init__(self, fuse: str = "attention"):
+        super().__init__()
+        if fuse not in FUSE_WEIGHTS:
+            raise ValueError(f"evit: fuse must be one of {FUSE_WEIGHTS}, got {fuse!r}")
+        self.fuse = fuse
+
+    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
+        return float(num_tokens * metric_dim)  # the CLS row q_cls . K^T
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        check_budget(self, state, num_kept)
+        if num_kept == state.num_tokens:
+            return state
+        score = attention_scores(self, state, signals)
+        kept = top_scores(score, real_tokens(state), num_kept - state.num_protected - 1)
+        dest = dest_from_choice(state, kept)
+        fused = (dest < 0) & (state.size > 0)
+        dest = dest.masked_fill(fused, num_kept - 1)
+        weight = None
+        if self.fuse == "attention":
+            # Kept tokens keep weight = size (a zero weight would zero their feature); 1e-20 keeps a
+            # fused group whose attention underflowed from dividing by zero.
+            attention = torch.cat([score.new_ones(score.shape[0], state.num_protected), score], dim=1)
+            weight = torch.where(fused, state.size * attention.clamp_min(1e-20), state.size)
+        return state.reduce(dest, num_kept, weight)
+
+
+def allocate(weight: Tensor, capacity: Tensor, total: Tensor) -> Tensor:
+    """Split ``total`` ``[B]`` tokens across partitions ``[B, P]`` in proportion to ``weight``,
+    never giving a partition more than its ``capacity``; integer budgets that sum to ``total``.
+
+    Excess over a capacity is handed on to the other partitions by weight (water filling), then
+    budgets are rounded by largest remainder (ties: lower partition id). ``total`` must not exceed
+    the summed capacity. A row whose weights are all zero splits in proportion to capacity.
+    """
+    weight, capacity, total = weight.double(), capacity.double(), total.double()
+    if bool((total > capacity.sum(dim=1)).any()):
+        raise ValueError("allocate: total must not exceed the summed capacity of the partitions")
+    # A tiny share by capacity: partitions with zero weight still absorb what the others cannot.
+    weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1e-300) + 1e-9 * capacity
+    ideal = torch.zeros_like(weight)
+    free = capacity > 0
+    for _ in range(weight.shape[1]):
+        remaining = total - (ideal * ~free).sum(dim=1)
+        share = weight * free
+        share = remaining[:, None] * share / share.sum(dim=1, keepdim=True).clamp_min(1e-300)
+        capped = free & (share >= capacity)
+        ideal = torch.where(free, torch.minimum(share, capacity), ideal)
+        if not bool(capped.any()):
+            break
+        free = free & ~capped
+    budget = ideal.floor().clamp(max=capacity)
+    deficit = (total - budget.sum(dim=1)).round()
+    remainder = (ideal - budget).masked_fill(budget >= capacity, -1.0)
+    rank = remainder.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    budget = budget + (rank < deficit[:, None]).double()
+    return budget.long()
+
+
+@register
+class HiRED(Reducer):
+    """Token budget split across partitions (crops) by their attention mass, then each partition
+    keeps its best tokens (HiRED, Arif et al., "High-Resolution Early Dropping").
+
+    ``signals.partition`` is ``[B, N]`` int64: the partition id (0, 1, ...) of every current token;
+    entries of protected tokens are ignored. None means one partition (a plain ViT). The budget of
+    ``num_kept`` minus the protected tokens is split by :func:`allocate` in proportion to each
+    partition's share of the score (CLS attention, or the fallback score without a CLS token),
+    capped by how many real tokens it has; inside a partition the highest-scoring tokens are kept.
+    Ids with no tokens get a budget of 0. If the budget exceeds the real tokens, every real token is
+    kept and padding fills the rest. HiRED scores partitions early and chooses tokens late; placing
+    this step at one layer uses that layer's score for both.
+    """
+
+    name = "hired"
+    description = "split the token budget across partitions by attention mass, keep each one's top tokens (HiRED)"
+    needs = frozenset({"cls_attention", "partition"})
+    max_step = 1.0
+
+    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
+        return float(num_tokens * metric_dim)  # the CLS row q_cls . K^T
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        check_budget(self, state, num_kept)
+        if num_kept == state.num_tokens:
+            return state
+        budget_total = num_kept - state.num_protected
+        score, valid = attention_scores(self, state, signals), real_tokens(state)
+        partition = self._partition(state, signals)
+        num_partitions = int(partition.max()) + 1
+        capacity = score.new_zeros(score.shape[0], num_partitions).scatter_add_(1, partition, valid.float())
+        mass = score.new_zeros(capacity.shape).scatter_add_(1, partition, score)
+        total = valid.sum(dim=1).clamp(max=budget_total)
+        budget = allocate(mass, capacity, total)
+
+        # Group tokens by partition, best score first inside a group, padding last.
+        by_score = score.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        order = by_score.gather(1, partition.gather(1, by_score).argsort(dim=1, stable=True))
+        group = partition.gather(1, order)
+        group_size = torch.zeros_like(budget).scatter_add_(1, partition, torch.ones_like(partition))
+        start = group_size.cumsum(dim=1) - group_size
+        rank = torch.arange(order.shape[1], device=order.device) - start.gather(1, group)
+        chosen = torch.zeros_like(valid).scatter_(1, order, rank < budget.gather(1, group))
+        kept = keep_first(chosen.float() * 2 + valid.float(), budget_total)
+        return state.reduce(dest_from_choice(state, kept), num_kept)
+
+    def _partition(self, state: TokenState, signals: Signals) -> Tensor:
+        batch, unprotected = state.x.shape[0], state.num_tokens - state.num_protected
+        if signals.partition is None:
+            return torch.zeros(batch, unprotected, dtype=torch.long, device=state.x.device)
+        partition = check_signal(self, "partition", signals.partition, state)
+        if partition.dim() != 2 or partition.dtype.is_floating_point or partition.dtype == torch.bool:
+            raise ValueError(f"hired: signals.partition must be an integer tensor [B, N], got "
+                             f"{partition.dtype} of shape {tuple(partition.shape)}")
+        partition = partition[:, state.num_protected:].long()
+        if bool((partition < 0).any()):
+            raise ValueError(f"hired: partition ids must be >= 0, got {int(partition.min())}")
+        return partition

@@ -1,0 +1,86 @@
+"""2-D average pooling of the patch grid: the compression most VLM projectors use, as a baseline."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..state import TokenState
+from .base import Reducer, Signals, register
+
+
+@register
+class GridPool(Reducer):
+    """Average ``factor x factor`` windows of the patch grid into one token each.
+
+    Windows are size-weighted (padding weighs nothing), so total size and the size-weighted feature
+    sum are conserved; a grid that ``factor`` does not divide gets smaller windows at its bottom and
+    right edges. Protected tokens keep their places. The pooled tokens stay in row-major order.
+
+    Its token count is set by ``factor`` and the grid (``signals.grid``, known only while the tokens
+    are still in spatial order), not by a budget, so it pools once and takes no ``r=``/``keep=``:
+
+    - ``vtr.patch(model, "pool", factor=2)`` pools before the MLP of block 0;
+      ``layers=[i]`` pools at block ``i`` instead (one layer only).
+    - ``flops=f`` picks, among ``layers`` (default: all), the block to pool at whose analytic MACs
+      are closest to ``f``: a nearest achievable value, not an exact one (check
+      ``vtr.expected_flops(model)``).
+
+    At an input size other than the model's default, the pooled count follows the real grid.
+    """
+
+    name = "pool"
+    description = "average-pool the patch grid by an integer factor (baseline; count set by factor)"
+    max_step = 1.0
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+            raise ValueError(f"pool: factor must be an integer >= 2, got {factor!r}")
+        self.factor = factor
+
+    def pooled_grid(self, grid: tuple) -> tuple[int, int]:
+        return math.ceil(grid[0] / self.factor), math.ceil(grid[1] / self.factor)
+
+    def fixed_amounts(self, cost, layers: Optional[list], flops: Optional[float]) -> tuple:
+        if cost.grid is None:
+            raise ValueError("pool needs the patch grid, and this model's adapter does not report one")
+        rows, cols = self.pooled_grid(cost.grid)
+        remove = cost.num_tokens - cost.num_protected - rows * cols
+
+        def amounts(layer: int) -> tuple:
+            return tuple(remove if i == layer else 0 for i in range(cost.num_layers))
+
+        if flops is None:
+            if layers is not None and len(layers) != 1:
+                raise ValueError(f"pool pools once (the grid is gone afterwards): give one layer, got layers={layers}")
+            return amounts(layers[0] if layers else 0)
+        if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops <= 1.0:
+            raise ValueError(f"flops must be a fraction in (0, 1] of the unreduced model's FLOPs, got {flops!r}")
+        base = cost.unreduced()
+
+        def fraction(layer: int) -> float:
+            counts = [cost.num_tokens] * (layer + 1) + [cost.num_tokens - remove] * (cost.num_layers - layer)
+            return cost.total(counts, self) / base
+
+        candidates = layers if layers is not None else range(cost.num_layers)
+        return amounts(min(candidates, key=lambda layer: (abs(fraction(layer) - flops), layer)))
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        if signals.grid is None:
+            raise ValueError("pool needs signals.grid, the patch grid of tokens still in spatial order; "
+                             "it must be the first reduction step of the model")
+        grid_rows, grid_cols = signals.grid
+        protected = state.num_protected
+        if grid_rows * grid_cols != state.num_tokens - protected:
+            raise ValueError(f"pool: grid {grid_rows}x{grid_cols} does not match the "
+                             f"{state.num_tokens - protected} unprotected tokens")
+        rows, cols = self.pooled_grid(signals.grid)
+        device = state.x.device
+        window_row = torch.arange(grid_rows, device=device) // self.factor
+        window_col = torch.arange(grid_cols, device=device) // self.factor
+        window = (window_row[:, None] * cols + window_col[None, :]).flatten() + protected
+        head = torch.arange(protected, device=device)
+        dest = torch.cat([head, window]).expand(state.x.shape[0], -1)
+        return state.reduce(dest, protected + rows * cols)

@@ -1,0 +1,120 @@
+"""Query-conditioned pruning: keep tokens that are relevant to a query *and* not redundant with each
+other (after Script, "Graph-Structured and Query-Conditioned Semantic Token Pruning", and DivPrune).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..state import TokenState
+from .base import Reducer, Signals, check_budget, dest_from_choice, register, unit
+from .select import check_signal, real_tokens, top_scores
+
+
+@register
+class QueryPrune(Reducer):
+    """Greedy selection by ``relevance * relevance_weight + novelty * (1 - relevance_weight)``.
+
+    relevance: cosine between each token's features (``state.x``, through ``projection`` if given:
+        an ``nn.Module``/callable ``[B, N, C] -> [B, N, D]`` or a ``[C, D]`` matrix) and the query
+        ``signals.query`` (``[B, D]``, or ``[B, Q, D]`` with the best of the Q queries), mapped to [0, 1].
+        Set it with ``with vtr.conditioned(model, query): model(x)``; a batch of one query is shared.
+    novelty: the graph criterion. Tokens are nodes of a cosine-similarity graph over
+        ``signals.metric``; a token's novelty is its cosine distance (halved, in [0, 1]) to the
+        nearest token already kept, so a near-duplicate of a kept token scores ~0 and is pruned.
+        Before anything is kept it is the distance to the image's mean token.
+
+    Each step keeps the best token and updates the novelties (max-min diversity). With
+    ``relevance_weight=1`` this is top-k by relevance (no graph is built); with 0, or when no query
+    is given, it is a pure diversity pruner (DivPrune-like). Dropped tokens are removed, padding last.
+    """
+
+    name = "query"
+    description = "keep tokens relevant to a query and diverse among themselves (Script/DivPrune-style)"
+    needs = frozenset({"metric", "query"})
+    max_step = 1.0
+
+    def __init__(self, relevance_weight: float = 0.5,
+                 projection: Optional[Union[Tensor, nn.Module, Callable[[Tensor], Tensor]]] = None):
+        super().__init__()
+        if not 0.0 <= relevance_weight <= 1.0:
+            raise ValueError(f"query: relevance_weight must be in [0, 1], got {relevance_weight}")
+        if projection is not None and not (isinstance(projection, Tensor) or callable(projection)):
+            raise ValueError(f"query: projection must be a [C, D] tensor or a callable, got {type(projection).__name__}")
+        if isinstance(projection, Tensor) and projection.dim() != 2:
+            raise ValueError(f"query: a projection matrix must be [C, D], got {tuple(projection.shape)}")
+        self.relevance_weight, self.projection = float(relevance_weight), projection
+
+    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
+        if self.relevance_weight == 1.0:
+            return 0.0
+        return float((num_tokens - num_protected) ** 2 * metric_dim)  # the similarity graph
+
+    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        check_budget(self, state, num_kept)
+        if num_kept == state.num_tokens:
+            return state
+        k, valid = num_kept - state.num_protected, real_tokens(state)
+        relevance = None if signals.query is None else self.relevance(state, signals.query)
+        if relevance is not None and self.relevance_weight == 1.0:
+            kept = top_scores(relevance, valid, k)
+        else:
+            weight = 0.0 if relevance is None else self.relevance_weight
+            kept = self._greedy(state, signals, valid, k, relevance, weight)
+        return state.reduce(dest_from_choice(state, kept), num_kept)
+
+    def relevance(self, state: TokenState, query: Tensor) -> Tensor:
+        """``[B, U]`` in [0, 1]: (1 + best cosine over the queries) / 2."""
+        tokens = state.x[:, state.num_protected:]
+        if isinstance(self.projection, Tensor):
+            if self.projection.shape[0] != tokens.shape[-1]:
+                raise ValueError(f"query: projection is [{self.projection.shape[0]}, {self.projection.shape[1]}] "
+                                 f"but the tokens have width {tokens.shape[-1]}")
+            tokens = tokens @ self.projection.to(tokens)
+        elif self.projection is not None:
+            tokens = self.projection(tokens)
+        query = query[:, None] if query.dim() == 2 else query
+        if query.dim() != 3 or query.shape[1] == 0:
+            raise ValueError(f"query: signals.query must be [B, D] or [B, Q, D] with Q >= 1, got {tuple(query.shape)}")
+        if query.shape[-1] != tokens.shape[-1]:
+            where = "projected tokens" if self.projection is not None else "tokens (give projection= to map them)"
+            raise ValueError(f"query: the query has width {query.shape[-1]} but the {where} have width "
+                             f"{tokens.shape[-1]}")
+        if query.shape[0] not in (1, tokens.shape[0]):
+            raise ValueError(f"query: signals.query has {query.shape[0]} rows for a batch of {tokens.shape[0]}; "
+                             "give one query per image (or one for all)")
+        # Dividing the [B, U, Q] products by the token norms spares a pass over the [B, U, C] tokens.
+        tokens = tokens.float()
+        cosine = (tokens @ unit(query.to(tokens.device)).transpose(1, 2)).amax(dim=-1)
+        return (1.0 + cosine / tokens.norm(dim=-1).clamp_min(1e-6)) / 2
+
+    def _greedy(self, state: TokenState, signals: Signals, valid: Tensor, k: int,
+                relevance: Optional[Tensor], weight: float) -> Tensor:
+        if signals.metric is None:
+            raise ValueError("query needs signals.metric (token features) for its redundancy graph")
+        metric = check_signal(self, "metric", signals.metric, state)[:, state.num_protected:].float()
+        # Cosines from one Gram matrix and the norms (no normalized copy of the [B, U, D] metric).
+        norm = metric.norm(dim=-1).clamp_min(1e-6)
+        cosine = (metric @ metric.transpose(1, 2)) / (norm[:, :, None] * norm[:, None, :])
+        mean = (state.size[:, state.num_protected:] / norm)[:, None, :] @ metric  # size-weighted, of unit tokens
+        to_mean = (metric @ mean.transpose(1, 2))[..., 0] / (norm * mean.norm(dim=-1).clamp_min(1e-6))
+        novelty = (1.0 - to_mean) / 2
+        base = 0.0 if relevance is None else weight * relevance
+        # score[b, i, j]: token j's score once token i is kept. A token's score only falls as tokens
+        # are kept (its novelty is a min over kept ones), so one running minimum over the rows of the
+        # kept tokens does the whole greedy update: three small ops per kept token. Padding columns
+        # score -1 (they fill leftover slots only); the diagonal -2 takes a kept token out for good.
+        distance = (1.0 - cosine) / 2  # the similarity graph, as distances
+        base_row = base[:, None, :] if relevance is not None else base
+        score = (base_row + (1.0 - weight) * distance).masked_fill(~valid[:, None, :], -1.0)
+        score.diagonal(dim1=1, dim2=2).fill_(-2.0)
+        current = (base + (1.0 - weight) * novelty).masked_fill(~valid, -1.0)
+        rows = torch.arange(current.shape[0], device=current.device)
+        picks = []
+        for _ in range(k):
+            pick = current.argmax(dim=1)
+            picks.append(pick)
+            current = torch.minimum(current, score[rows, pick])
+        return torch.stack(picks, dim=1).sort(dim=1).values
