@@ -68,6 +68,8 @@ class GridPool(Reducer):
         return amounts(min(candidates, key=lambda layer: (abs(fraction(layer) - flops), layer)))
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        if num_kept == state.num_tokens:  # as every reducer: a step that keeps everything is a no-op
+            return state
         if signals.grid is None:
             raise ValueError("pool needs signals.grid, the patch grid of tokens still in spatial order; "
                              "it must be the first reduction step of the model")
