@@ -133,3 +133,20 @@ def test_bad_arguments():
         profile_model(tiny_vit(), counter="fvcore", device="meta")
     with pytest.raises(ValueError, match="blocks="):
         find_blocks(torch.nn.Linear(2, 2))
+
+
+def test_cli_profile(capsys):
+    import argparse
+    import json
+
+    from vtr import cli_profile
+
+    parser = argparse.ArgumentParser()
+    cli_profile.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["profile", "--model", "vit_base_patch16_224", "--method", "tome", "--r", "16"])
+    assert args.func(args) == 0
+    assert "blocks.11" in capsys.readouterr().out
+    args = parser.parse_args(["profile", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--json"])
+    args.func(args)
+    data = json.loads(capsys.readouterr().out)
+    assert data["unit"].startswith("MACs") and len([r for r in data["rows"] if r["tokens_in"]]) == 12
