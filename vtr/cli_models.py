@@ -35,7 +35,7 @@ def _options(pairs: list) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--option takes KEY=VALUE, got {pair!r}")
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
