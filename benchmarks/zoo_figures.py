@@ -25,7 +25,7 @@ def measure(entry: zoo.Entry) -> dict:
     vtr.patch(model, preset=entry.name)
     reduced = profile_model(model)
     tokens = [int(row.tokens_in) for row in reduced.blocks] + [int(reduced.blocks[-1].tokens_out)]
-    return {"gmacs_unreduced": round(base / 1e9, 4), "gmacs": round(reduced.macs / 1e9, 4),
+    return {"gmacs_unreduced": float(f"{base / 1e9:.6g}"), "gmacs": float(f"{reduced.macs / 1e9:.6g}"),
             "flops_fraction": round(reduced.macs / base, 4), "tokens": tokens}
 
 

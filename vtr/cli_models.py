@@ -43,12 +43,14 @@ def _options(pairs: list) -> dict:
     return options
 
 
-def build_model(args: argparse.Namespace) -> nn.Module:
-    """The model the options describe, patched when a method or preset is given."""
+def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
+    """The model the options describe, patched when a method or preset is given. ``device="meta"``
+    builds it without weights (for counting only; ignored with --checkpoint)."""
     import timm
 
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
-    model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
+    with torch.device("cpu" if args.checkpoint else device):
+        model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)

@@ -26,8 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from .profile import default_input
 
-    model = build_model(args)
     real = args.real or args.counter == "fvcore" or args.batch != 1
+    model = build_model(args, device="cpu" if real else "meta")
     inputs = default_input(model, batch=args.batch) if real else None
     result = profile_model(model, inputs, counter=args.counter)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())

@@ -243,7 +243,8 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
     labels = torch.cat([y for _, y in data])
     reference = _outputs(model, data)
     base = profile_model(model, default_input(model)).macs
-    results = [Result("none", 1.0, flops=1.0, top1=_top1(reference, labels), agreement=1.0, cosine=1.0)]
+    results = [Result("none", 1.0, flops=1.0, top1=_top1(reference, labels), agreement=1.0, cosine=1.0,
+                      tokens=_unreduced_tokens(model))]
     methods = [m for m in (methods or api.methods()) if m != "none"]
     for method in methods:
         for target in targets:
@@ -273,6 +274,12 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
             log(f"{method:>10} @ {target:.0%}: top-1 {result.top1:.3f}, agreement {result.agreement:.3f}, "
                 f"cosine {result.cosine:.4f}, FLOPs {result.flops:.3f}")
     return results
+
+
+def _unreduced_tokens(model: nn.Module) -> list:
+    from .adapters import find_adapter
+    cost = find_adapter(model).cost(model)
+    return [cost.num_tokens] * (cost.num_layers + 1)
 
 
 def _top1(outputs: Tensor, labels: Tensor) -> float:
