@@ -1,6 +1,8 @@
 """vtr.profile: counters against known values, per-layer rows, the drop at the reducing layers."""
 import open_clip
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import timm
 import torch
 from open_clip.transformer import VisionTransformer as OpenClipViT
@@ -150,3 +152,56 @@ def test_cli_profile(capsys):
     args.func(args)
     data = json.loads(capsys.readouterr().out)
     assert data["unit"].startswith("MACs") and len([r for r in data["rows"] if r["tokens_in"]]) == 12
+
+
+class _NormThreshold(vtr.Reducer):
+    """A data-dependent reducer (test only): keeps the tokens whose norm exceeds a threshold, so
+    the token count depends on the images."""
+
+    name = "_test_norm_threshold"
+    max_step = 0.95
+
+    def forward(self, state, num_kept, signals):
+        norm = state.x[:, state.num_protected:].norm(dim=-1)
+        count = int((norm > 6.0).sum(1).max().clamp_min(1))  # reads data: no meta device
+        kept = norm.topk(count, dim=1).indices.sort(dim=1).values
+        return state.reduce(vtr.reducers.dest_from_choice(state, kept), state.num_protected + count)
+
+
+@pytest.fixture
+def threshold_method():
+    from vtr.reducers import REDUCERS
+    REDUCERS[_NormThreshold.name] = _NormThreshold
+    try:
+        yield _NormThreshold.name
+    finally:
+        del REDUCERS[_NormThreshold.name]
+
+
+def test_data_dependent_reducer_is_averaged_over_inputs(threshold_method):
+    torch.manual_seed(0)
+    model = vtr.patch(tiny_vit(), threshold_method, keep=0.5, layers=[1])
+    with pytest.raises(ValueError, match="real inputs"):
+        profile_model(model)  # meta device: the count cannot be known
+    small, large = torch.randn(2, 3, 32, 32) * 0.2, torch.randn(3, 3, 32, 32) * 5
+    a, b = profile_model(model, small), profile_model(model, large)
+    assert a.blocks[1].tokens_out != b.blocks[1].tokens_out  # the images decide
+    both = profile_model(model, [small, large])
+    assert both.images == 5
+    assert both.macs == pytest.approx((2 * a.macs + 3 * b.macs) / 5)
+    assert both.blocks[1].tokens_out == pytest.approx((a.blocks[1].tokens_out + b.blocks[1].tokens_out) / 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(keep=st.floats(0.5, 1.0), depth=st.integers(2, 4), method=st.sampled_from(["tome", "random", "pitome"]),
+       batch=st.integers(1, 3))
+def test_rows_sum_and_follow_tokens_property(keep, depth, method, batch):
+    model = vtr.patch(tiny_vit(depth=depth), method, keep=keep)
+    prof = profile_model(model, torch.randn(batch, 3, 32, 32))
+    assert sum(row.macs for row in prof.rows) == pytest.approx(prof.macs, rel=1e-9)
+    tokens = vtr.report(model).tokens
+    assert [(r.tokens_in, r.tokens_out) for r in prof.blocks] == list(zip(tokens[:-1], tokens[1:]))
+    # Each block costs what the analytic model says for its token counts (norms are not counted).
+    cost = vtr.adapters.find_adapter(model).cost(model)
+    for row, n_in, n_out in zip(prof.blocks, tokens[:-1], tokens[1:]):
+        assert row.macs - row.reduce_macs == pytest.approx(cost.block(n_in, n_out), rel=1e-9)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
@@ -376,7 +376,7 @@ def profile_model(
     total, images, counts, reduce, tokens = 0.0, 0, {}, {}, []
     for batch in batches:
         seen: list = []
-        guard = _MetaPredicates() if device == "meta" else _nullcontext()
+        guard = _MetaPredicates() if device == "meta" else nullcontext()
         try:
             with guard, _block_tokens(stack, seen):
                 macs, batch_counts, batch_reduce = count(model, batch, blocks_name)
@@ -403,14 +403,6 @@ def profile_model(
         notes.append("(other): ops outside any submodule" + (", reduction decisions included (fvcore cannot "
                                                               "place them per layer)" if counter == "fvcore" else ""))
     return Profile(rows=rows, macs=total * scale, counter=counter, images=images, notes=notes)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
