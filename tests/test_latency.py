@@ -22,6 +22,11 @@ def test_threads_are_set_and_restored():
     assert set(seen) == {1} and torch.get_num_threads() == before
 
 
+def test_slow_calls_still_give_min_runs():
+    timing = measure(lambda: time.sleep(0.03), threads=1, min_run_time=0.01, warmup=0, min_runs=4)
+    assert timing.runs >= 4 and timing.median >= 0.03
+
+
 def test_warmup_calls_are_made():
     calls = []
     measure(lambda: calls.append(1), threads=1, min_run_time=0.01, warmup=5)
@@ -39,7 +44,7 @@ def test_batch_sweep():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(threads=0), "threads"), (dict(threads=1, min_run_time=0), "min_run_time"),
-    (dict(threads=1, warmup=-1), "warmup"),
+    (dict(threads=1, warmup=-1), "warmup"), (dict(threads=1, min_runs=0), "min_runs"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -11,13 +11,14 @@ import ast
 import torch
 from torch import nn
 
-from . import api
+from . import api, zoo
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and reduction")
-    group.add_argument("--model", default="vit_base_patch16_224",
-                       help="timm model name, built with random weights (default: %(default)s)")
+    group.add_argument("--model", default=None,
+                       help="timm model name, built with random weights (default: the preset's model, "
+                            "else vit_base_patch16_224)")
     group.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     group.add_argument("--checkpoint", default=None, help="state dict (.pt/.pth) to load into the model")
     group.add_argument("--preset", default=None, help="a model-zoo entry (see `vtr zoo`); sets method and amount")
@@ -50,7 +51,10 @@ def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
 
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
     with torch.device("cpu" if args.checkpoint else device):
-        model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
+        if args.model is None and args.preset:
+            model = zoo.get(args.preset).build(**kwargs)
+        else:
+            model = timm.create_model(args.model or "vit_base_patch16_224", pretrained=False, **kwargs).eval()
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils import benchmark
@@ -37,9 +38,13 @@ def _check(threads: int, min_run_time: float, warmup: int) -> None:
         raise ValueError(f"warmup must be >= 0 calls, got {warmup!r}")
 
 
-def measure(fn: Callable[[], object], *, threads: int, min_run_time: float = 1.0, warmup: int = 3) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then blocks of calls for at least ``min_run_time`` s."""
+def measure(fn: Callable[[], object], *, threads: int, min_run_time: float = 1.0, warmup: int = 3,
+            min_runs: int = 5) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then blocks of calls for at least ``min_run_time`` s
+    and at least ``min_runs`` timed blocks (a slow call would otherwise give one sample, no IQR)."""
     _check(threads, min_run_time, warmup)
+    if min_runs < 1:
+        raise ValueError(f"min_runs must be >= 1, got {min_runs!r}")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -48,8 +53,11 @@ def measure(fn: Callable[[], object], *, threads: int, min_run_time: float = 1.0
     finally:
         torch.set_num_threads(previous)
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    result = timer.blocked_autorange(min_run_time=min_run_time)
-    return Timing(median=result.median, iqr=result.iqr, runs=len(result.times), threads=threads)
+    times = list(timer.blocked_autorange(min_run_time=min_run_time).times)  # seconds per call, per block
+    while len(times) < min_runs:
+        times += timer.timeit(number=1).times
+    low, median, high = np.percentile(times, [25, 50, 75])
+    return Timing(median=float(median), iqr=float(high - low), runs=len(times), threads=threads)
 
 
 @dataclass(frozen=True)

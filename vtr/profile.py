@@ -316,12 +316,12 @@ def _fvcore_handles() -> dict:
 def _count_fvcore(model: nn.Module, batch: tuple, blocks_name: str):
     from fvcore.nn import FlopCountAnalysis  # fvcore counts one MAC as one "flop"
 
-    analysis = FlopCountAnalysis(model, batch).set_op_handle(**_fvcore_handles())
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    analysis.tracer_warnings("none")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # jit tracing deprecation and tracer warnings
+        analysis = FlopCountAnalysis(model, batch).set_op_handle(**_fvcore_handles())
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
         total = float(analysis.total())
     counts = {name: float(v) for name, v in analysis.by_module().items()}
     return total, counts, {}
