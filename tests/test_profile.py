@@ -143,6 +143,8 @@ def test_bad_arguments():
         profile_model(tiny_vit(), counter="thop")
     with pytest.raises(ValueError, match="fvcore"):
         profile_model(tiny_vit(), counter="fvcore", device="meta")
+    with pytest.raises(ValueError, match="fvcore"):
+        profile_model(meta_model("vit_tiny_patch16_224"), counter="fvcore")
     with pytest.raises(ValueError, match="blocks="):
         find_blocks(torch.nn.Linear(2, 2))
 

@@ -32,6 +32,7 @@ from .adapters import UnsupportedModelError
 from .profile import default_input, profile_model
 
 TARGETS = (0.7, 0.5, 0.35)
+MEAN, STD = 0.5, 0.25  # the task's pixel normalisation
 
 
 # --- the procedural task ---------------------------------------------------------------------
@@ -94,7 +95,7 @@ def make_images(task: Task, count: int, seed: int) -> tuple[Tensor, Tensor]:
         if rng.random() < 0.5:
             mask = mask[:, ::-1]  # mirror: the triangle comes in two orientations
         images[i, y:y + 8, x:x + 8][mask] = rng.uniform(0.5, 1.0, 3)
-    images = (images.clip(0, 1) - 0.5) / 0.25
+    images = (images.clip(0, 1) - MEAN) / STD
     return torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32)), torch.from_numpy(labels)
 
 
@@ -121,11 +122,14 @@ class Training:
 def build_model(task: Task, training: Training) -> nn.Module:
     import timm
 
-    return timm.create_model(
+    model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=task.image_size, patch_size=task.patch_size,
         embed_dim=training.embed_dim, depth=training.depth, num_heads=training.num_heads,
         num_classes=task.num_classes, global_pool="token",
     )
+    # The task's normalisation, so tools that read it (vtr.visualize) feed the model right.
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (MEAN,) * 3, "std": (STD,) * 3}
+    return model
 
 
 def train(task: Task, training: Training, log=print, threads: int = 1) -> nn.Module:

@@ -349,8 +349,10 @@ def profile_model(
         raise ValueError(f"counter must be one of {COUNTERS}, got {counter!r}")
     if device is None:
         device = "meta" if counter == "torch" and inputs is None else None
-    if device == "meta" and counter != "torch":
-        raise ValueError("the fvcore counter traces real tensors; use counter='torch' with device='meta'")
+    on_meta = any(p.is_meta for p in model.parameters())
+    if counter != "torch" and (device == "meta" or (device is None and on_meta)):
+        raise ValueError("the fvcore counter traces real tensors (a model with weights); use counter='torch' "
+                         "on the meta device")
     blocks_name = blocks or find_blocks(model)
     batches = _as_batches(inputs) if inputs is not None else None
     notes = []
