@@ -314,10 +314,10 @@ def _fvcore_handles() -> dict:
 
 
 def _count_fvcore(model: nn.Module, batch: tuple, blocks_name: str):
-    from fvcore.nn import FlopCountAnalysis  # fvcore counts one MAC as one "flop"
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # jit tracing deprecation and tracer warnings
+        warnings.simplefilter("ignore")  # torch.jit deprecation (at fvcore's import) and tracer warnings
+        from fvcore.nn import FlopCountAnalysis  # fvcore counts one MAC as one "flop"
+
         analysis = FlopCountAnalysis(model, batch).set_op_handle(**_fvcore_handles())
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
