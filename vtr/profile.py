@@ -138,15 +138,16 @@ class Profile:
                 return ""
             return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
-        header = f"{'layer':<24}{'tokens in':>10}{'tokens out':>11}{'GMACs':>10}{'reduce':>9}{'share':>8}"
+        unit, scale = ("GMACs", 1e9) if self.macs >= 1e9 else ("MMACs", 1e6)
+        header = f"{'layer':<24}{'tokens in':>10}{'tokens out':>11}{unit:>10}{'reduce':>9}{'share':>8}"
         lines = [header, "-" * len(header)]
         for row in self.rows:
             share = row.macs / self.macs if self.macs else 0.0
-            reduce = f"{row.reduce_macs / 1e9:.4f}" if row.reduce_macs else ""
+            reduce = f"{row.reduce_macs / scale:.4f}" if row.reduce_macs else ""
             lines.append(f"{row.name:<24}{tokens(row.tokens_in):>10}{tokens(row.tokens_out):>11}"
-                         f"{row.macs / 1e9:>10.4f}{reduce:>9}{share:>8.1%}")
+                         f"{row.macs / scale:>10.4f}{reduce:>9}{share:>8.1%}")
         lines.append("-" * len(header))
-        lines.append(f"total: {self.macs / 1e9:.4f} GMACs = {self.flops / 1e9:.4f} GFLOPs per image "
+        lines.append(f"total: {self.macs / scale:.4f} {unit} = {self.flops / scale:.4f} {unit[0]}FLOPs per image "
                      f"({self.counter} counter, {self.images} image{'s' if self.images != 1 else ''})")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
