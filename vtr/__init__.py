@@ -7,6 +7,8 @@ from . import adapters, reducers
 from .adapters import UnsupportedModelError
 from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
 from .config import Reduction, Report
+from .profile import profile_model
+from .visualization import visualize
 from .reducers import Reducer, Signals
 from .schedule import Schedule
 from .state import TokenState
@@ -16,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "patch", "unpatch", "conditioned", "methods", "report", "is_patched", "make_reducer", "expected_tokens",
     "expected_flops", "TokenState", "Reducer", "Signals", "Schedule", "Reduction", "Report",
-    "UnsupportedModelError", "adapters", "reducers",
+    "UnsupportedModelError", "adapters", "reducers", "profile_model", "visualize",
 ]

@@ -39,7 +39,7 @@ def is_patched(model: nn.Module) -> bool:
 
 def patch(
     model: nn.Module,
-    method: str = "tome",
+    method: Optional[str] = None,
     *,
     r: Optional[RSpec] = None,
     keep: Optional[Union[float, Sequence[float]]] = None,
@@ -47,6 +47,7 @@ def patch(
     layers: Optional[Sequence[int]] = None,
     metric: str = "x",
     prop_attn: bool = True,
+    preset: Optional[str] = None,
     **options,
 ) -> nn.Module:
     """Make ``model`` reduce its tokens with ``method``; returns the same model, patched in place.
@@ -58,7 +59,16 @@ def patch(
     outputs closer to the unreduced ones in our measurements) or ``"keys"`` (attention keys, as in
     ToMe). ``prop_attn`` adds log(size) to attention logits. Other keywords go to the method.
     Weights, ``state_dict`` keys and hooks are untouched; ``vtr.unpatch`` undoes it.
+    ``preset`` names a model-zoo entry (``vtr.zoo.entries()``) whose method and settings apply;
+    arguments given here override it (an amount replaces the preset's amount).
     """
+    if preset is not None:
+        from .zoo import preset_arguments
+        given = {"method": method, "r": r, "keep": keep, "flops": flops, "layers": layers,
+                 "metric": None if metric == "x" else metric, "prop_attn": None if prop_attn else False,
+                 "options": options}
+        return patch(model, **preset_arguments(preset, model, given))
+    method = "tome" if method is None else method
     if is_patched(model):
         raise ValueError(
             f"model is already patched with {model._vtr.describe()}; call vtr.unpatch(model) before "

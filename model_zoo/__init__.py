@@ -1,0 +1,1 @@
+"""Model zoo entries (TOML, one per supported configuration); read them with ``vtr.zoo``."""

@@ -1,0 +1,94 @@
+"""Fidelity harness: the task, the cached training, and the table, end to end on a tiny setting."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import vtr
+from vtr import cli_fidelity, fidelity
+
+TASK = cli_fidelity.QUICK_TASK
+TRAINING = cli_fidelity.QUICK_TRAINING
+
+
+def test_images_are_deterministic_and_labelled():
+    x, y = fidelity.make_images(TASK, 12, seed=3)
+    x2, y2 = fidelity.make_images(TASK, 12, seed=3)
+    assert x.shape == (12, 3, 16, 16) and torch.equal(x, x2) and torch.equal(y, y2)
+    assert y.min() >= 0 and y.max() < TASK.num_classes
+    assert not torch.equal(x, fidelity.make_images(TASK, 12, seed=4)[0])
+
+
+def test_glyphs_are_distinct():
+    glyphs = fidelity._glyphs().reshape(8, -1)
+    assert len({g.tobytes() for g in glyphs}) == 8 and glyphs.sum(1).min() > 10
+
+
+def test_bad_task():
+    with pytest.raises(ValueError, match="image_size"):
+        fidelity.Task(image_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="num_classes"):
+        fidelity.Task(num_classes=9)
+
+
+def test_training_is_cached(tmp_path):
+    logs = []
+    model = fidelity.trained_model(TASK, TRAINING, root=tmp_path, log=logs.append)
+    path = fidelity.checkpoint_path(TASK, TRAINING, tmp_path)
+    assert path.is_file() and any("training" in line for line in logs)
+    logs.clear()
+    again = fidelity.trained_model(TASK, TRAINING, root=tmp_path, log=logs.append)
+    assert not logs  # loaded, not trained
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    other = fidelity.checkpoint_path(TASK, fidelity.Training(epochs=2), tmp_path)
+    assert other != path  # the recipe is part of the cache key
+
+
+def test_evaluate_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    model = fidelity.build_model(TASK, TRAINING).eval()
+    images, labels = fidelity.make_images(TASK, 32, seed=1)
+    results = fidelity.evaluate(model, fidelity.batches(images, labels, 16), targets=(0.7, 0.35),
+                                log=lambda *_: None)
+    assert not vtr.is_patched(model)
+    rows = {(r.method, r.target): r for r in results}
+    assert rows[("none", 1.0)].agreement == 1.0
+    assert {m for m, _ in rows} == set(vtr.methods())  # every registered method has rows
+    for r in results:
+        if r.status == "ok":
+            assert 0 <= r.top1 <= 1 and 0 <= r.agreement <= 1 and -1 <= r.cosine <= 1.0 + 1e-6
+            assert r.flops == pytest.approx(r.target, abs=0.06)
+        else:
+            assert r.status.startswith(("cannot reach", "n/a"))
+    assert rows[("tome", 0.35)].status.startswith("cannot reach")  # 2 bipartite steps stop at ~60%
+    table = fidelity.format_table(results)
+    assert table.count("\n") == len(results) + 1 and "| tome | 70% |" in table
+
+
+def test_cli_quick_and_own_checkpoint(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli_fidelity.main(["--quick", "--cache", str(tmp_path), "--methods", "tome", "--targets", "0.7",
+                              "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["results"]] == ["none", "tome"]
+    # A user's own checkpoint and ImageFolder go through the same harness.
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2, num_classes=2)
+    torch.save(model.state_dict(), tmp_path / "own.pt")
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
+    md = tmp_path / "t.md"
+    assert cli_fidelity.main(["--checkpoint", str(tmp_path / "own.pt"), "--model", "vit_tiny_patch16_224",
+                              "--num-classes", "2", "--img-size", "32", "--model-arg", "patch_size=8",
+                              "--model-arg", "embed_dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2",
+                              "--data", str(tmp_path / "data"),
+                              "--methods", "tome,random", "--targets", "0.7", "--markdown", str(md)]) == 0
+    assert "| random | 70% |" in md.read_text()
+    with pytest.raises(ValueError, match="--targets"):
+        cli_fidelity.main(["--quick", "--targets", "1.5"])

@@ -1,0 +1,34 @@
+"""`vtr profile`: MACs per layer (with tokens per layer) of a model, reduced or not."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from .cli_models import add_model_arguments, build_model
+from .profile import COUNTERS, profile_model
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "profile", help="MACs/FLOPs per layer and tokens per layer",
+        description="Count MACs per image layer by layer (FLOPs = 2 x MACs). Without --real the torch "
+                    "counter runs on the meta device: no weights, seconds even for large models.")
+    add_model_arguments(parser)
+    parser.add_argument("--counter", choices=COUNTERS, default="torch",
+                        help="torch (matmuls + convs) or fvcore (also norms, as papers count)")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--real", action="store_true", help="count on real random inputs, not on meta")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from .profile import default_input
+
+    real = args.real or args.counter == "fvcore" or args.batch != 1
+    model = build_model(args, device="cpu" if real else "meta")
+    inputs = default_input(model, batch=args.batch) if real else None
+    result = profile_model(model, inputs, counter=args.counter)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0

@@ -1,0 +1,26 @@
+"""`vtr zoo`: list the model zoo's presets, or show one entry with its measured figures."""
+from __future__ import annotations
+
+import argparse
+
+from . import zoo
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("zoo", help="list model-zoo presets (vtr.patch(model, preset=...))")
+    parser.add_argument("name", nargs="?", help="show one entry in full")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.name:
+        entry = zoo.get(args.name)
+        print(f"{entry.name}: {entry.description}\nmodel: {entry.builder} {entry.model_name} {entry.model_kwargs or ''}")
+        print("reduction: " + ", ".join(f"{k}={v}" for k, v in entry.reduction.items()))
+        for key, value in entry.measured.items():
+            print(f"  {key}: {value}")
+        return 0
+    for entry in zoo.entries().values():
+        print(zoo.describe(entry))
+    return 0
