@@ -78,7 +78,13 @@ def test_flops_picks_the_layer_closest_to_the_target():
     model = tiny_vit()
     base = count_macs(model, images(1)).per_image
     for target in (0.3, 0.5, 0.8):
-        vtr.patch(model, "pool", flops=target)
+        try:
+            vtr.patch(model, "pool", flops=target)
+        except ValueError as error:  # no layer lands within the tolerance: say so, with what is reachable
+            assert "is out of reach for 'pool' with factor=2" in str(error)
+            reachable = [float(v) for v in str(error).split("[")[1].split("]")[0].split(", ")]
+            assert min(abs(v - target) for v in reachable) > 0.05
+            continue
         reduced, unreduced = vtr.expected_flops(model)
         tokens = vtr.expected_tokens(model)
         layer = tokens.index(10) - 1

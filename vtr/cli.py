@@ -1,4 +1,5 @@
-"""The `vtr` command. `vtr bench` (the default) compares methods on a timm ViT with random weights."""
+"""The `vtr` command. `vtr bench` (the default) compares methods on a timm ViT with random weights;
+`vtr profile`, `vtr visualize`, `vtr zoo` and `vtr fidelity` live in the cli_* modules."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ from typing import Optional, Sequence
 import timm
 import torch
 
-from . import bench
+from . import bench, cli_fidelity, cli_profile, cli_visualize, cli_zoo
 from .api import methods
 
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -25,7 +26,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions per variant")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
-    p.set_defaults(handler=_bench)
+    p.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -48,11 +49,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vtr", description="visual token reduction")
     sub = parser.add_subparsers(dest="command")
     _bench_parser(sub)
+    for module in (cli_profile, cli_visualize, cli_zoo, cli_fidelity):
+        module.add_parser(sub)  # registers `profile`, `visualize`, `zoo`, `fidelity`
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["bench", *argv]
     args = parser.parse_args(argv)
-    return args.handler(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

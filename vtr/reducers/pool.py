@@ -10,6 +10,11 @@ from ..state import TokenState
 from .base import Reducer, Signals, register
 
 
+# pool's count is fixed by its factor, so a flops= target can only pick the layer; further than this
+# from the target, a silent "nearest" would be a wrong answer.
+FLOPS_TOLERANCE = 0.05
+
+
 @register
 class GridPool(Reducer):
     """Average ``factor x factor`` windows of the patch grid into one token each.
@@ -65,7 +70,14 @@ class GridPool(Reducer):
             return cost.total(counts, self) / base
 
         candidates = layers if layers is not None else range(cost.num_layers)
-        return amounts(min(candidates, key=lambda layer: (abs(fraction(layer) - flops), layer)))
+        best = min(candidates, key=lambda layer: (abs(fraction(layer) - flops), layer))
+        if abs(fraction(best) - flops) > FLOPS_TOLERANCE:
+            reachable = ", ".join(f"{fraction(layer):.3f}" for layer in candidates)
+            raise ValueError(
+                f"flops={flops:g} is out of reach for 'pool' with factor={self.factor}: pooling once gives "
+                f"one of [{reachable}] (by layer); the allowed range is within {FLOPS_TOLERANCE} of those "
+                "(pass layers=[i] to pool at a chosen layer)")
+        return amounts(best)
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         if num_kept == state.num_tokens:  # as every reducer: a step that keeps everything is a no-op
