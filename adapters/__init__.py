@@ -10,10 +10,10 @@ from types import ModuleType
 
 from torch import nn
 
-from . import timm_vit
+from . import hf_vision, open_clip_vit, timm_vit
 from .errors import UnsupportedModelError
 
-ADAPTERS: list[ModuleType] = [timm_vit]
+ADAPTERS: list[ModuleType] = [timm_vit, open_clip_vit, hf_vision]
 
 
 def find_adapter(model: nn.Module) -> ModuleType:
