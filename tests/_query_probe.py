@@ -6,6 +6,8 @@ it saw. Register it with the ``probe`` context manager; it is removed afterwards
 """
 from contextlib import contextmanager
 
+import torch
+
 from vtr.reducers import REDUCERS, Reducer, check_budget, dest_from_choice
 from vtr.reducers.base import unit
 
@@ -38,3 +40,29 @@ def probe():
     finally:
         del REDUCERS[QueryProbe.name]
         QueryProbe.seen = []
+
+
+class SignalProbe(Reducer):
+    """Test-only: asks for CLS attention, logs the signals, keeps the first ``num_kept`` tokens."""
+
+    name = "signal_probe"
+    description = "test-only: log signals, keep the leading tokens"
+    needs = frozenset({"cls_attention", "metric"})
+    seen: list = []
+
+    def forward(self, state, num_kept, signals):
+        check_budget(self, state, num_kept)
+        SignalProbe.seen.append(signals)
+        kept = torch.arange(num_kept - state.num_protected, device=state.x.device).expand(state.x.shape[0], -1)
+        return state.reduce(dest_from_choice(state, kept), num_kept)
+
+
+@contextmanager
+def signal_probe():
+    REDUCERS[SignalProbe.name] = SignalProbe
+    SignalProbe.seen = []
+    try:
+        yield SignalProbe
+    finally:
+        del REDUCERS[SignalProbe.name]
+        SignalProbe.seen = []

@@ -15,7 +15,7 @@ import vtr
 from vtr.adapters import hf_vision
 from vtr.profile import count_macs
 
-from _query_probe import probe
+from _query_probe import probe, signal_probe
 
 hf_logging.set_verbosity_error()
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -275,3 +275,24 @@ def test_bad_inputs_have_clear_errors():
     vtr.patch(vit, "tome", r=2)
     with pytest.raises(ValueError, match="attention_mask"):
         vit(pixel_values=images(), attention_mask=torch.arange(65).expand(2, 65) < 60)
+
+
+@pytest.mark.parametrize("name", ["CLIPVisionModel", "ViTModel", "SiglipVisionModel"])
+def test_cls_attention_is_row_zero_of_the_full_attention(name):
+    """Under sdpa the reducer gets the CLS row the eager attention would return (SigLIP: no CLS)."""
+    model = build(name, "eager")
+    x = images()
+    with torch.no_grad():
+        full = hf_vision.tower(model)(pixel_values=x, output_attentions=True).attentions[1]   # layer 1, eager
+        model.set_attn_implementation("sdpa")
+        with signal_probe() as reducer:
+            vtr.patch(model, "signal_probe", r=4, layers=[1])
+            model(pixel_values=x)
+            vtr.unpatch(model)
+            seen = reducer.seen[0]
+    assert model.config._attn_implementation == "sdpa"
+    if name == "SiglipVisionModel":
+        assert seen.cls_attention is None
+    else:
+        assert torch.allclose(seen.cls_attention, full.mean(1)[:, 0], atol=1e-6)
+    assert seen.layer == 1 and seen.grid == (8, 8)

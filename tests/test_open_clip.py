@@ -11,7 +11,7 @@ import vtr
 from vtr.adapters import open_clip_vit
 from vtr.profile import count_macs
 
-from _query_probe import probe
+from _query_probe import probe, signal_probe
 
 TINY = dict(image_size=32, patch_size=4, width=32, layers=4, heads=4, mlp_ratio=2.0, output_dim=16)
 TOWERS = {
@@ -33,9 +33,10 @@ def tiny_tower(**overrides) -> VisionTransformer:
     return VisionTransformer(**(TINY | overrides)).eval()
 
 
-def tiny_clip() -> open_clip.CLIP:
+def tiny_clip(**vision_overrides) -> open_clip.CLIP:
+    """A whole CLIP model from configs (CLIPVisionCfg fields; qk_norm=True builds the custom block)."""
     torch.manual_seed(0)
-    vision = dict(image_size=32, patch_size=4, width=32, head_width=8, layers=3, mlp_ratio=2.0)
+    vision = dict(image_size=32, patch_size=4, width=32, head_width=8, layers=3, mlp_ratio=2.0) | vision_overrides
     text = dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2)
     return open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
 
@@ -203,8 +204,9 @@ def test_size_weighted_pooling():
         assert torch.allclose(pooled, unmerged, atol=1e-6)
 
 
-def test_image_text_similarity_with_reduced_tower():
-    model = tiny_clip()
+@pytest.mark.parametrize("vision", [{}, {"qk_norm": True, "ls_init_value": 0.1}], ids=["default", "custom"])
+def test_image_text_similarity_with_reduced_tower(vision):
+    model = tiny_clip(**vision)
     x, text = images(3), torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         text_before = model.encode_text(text)
@@ -296,3 +298,28 @@ def test_bad_inputs_have_clear_errors():
             with vtr.conditioned(attn_pool, torch.randn(2, 16)):
                 attn_pool(images())
         vtr.unpatch(attn_pool)
+
+
+@pytest.mark.parametrize("kind", ["default", "qk_norm"])
+def test_cls_attention_is_row_zero_of_the_full_attention(kind):
+    """The CLS row handed to reducers equals the eager attention's row 0 (head mean), and the block
+    computes it without eager attention."""
+    tower = tiny_tower(**TOWERS[kind])
+    x = images()
+    block = tower.transformer.resblocks[0]
+    with torch.no_grad():
+        h = block.ln_1(tower._embeds(x))
+        if kind == "default":
+            full = block.attn(h, h, h, need_weights=True)[1]                       # [B, N, N], head mean
+        else:
+            attn = block.attn
+            q, k, _ = torch.nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            q, k = (attn.ln_q(t.view(2, 65, 4, 8).transpose(1, 2)) for t in (q, k))
+            full = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(1)
+        with signal_probe() as reducer:
+            vtr.patch(tower, "signal_probe", r=4, layers=[0])
+            tower(x)
+            vtr.unpatch(tower)
+            seen = reducer.seen[0]
+    assert torch.allclose(seen.cls_attention, full[:, 0], atol=1e-6)
+    assert seen.grid == (8, 8) and seen.layer == 0 and seen.num_layers == 4
