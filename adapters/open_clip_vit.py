@@ -62,9 +62,12 @@ def check(model: nn.Module) -> None:
         raise UnsupportedModelError(f"{where} is open_clip's text tower; vtr reduces image tokens: pass the CLIP "
                                     "model or its .visual")
     if not isinstance(visual, VisionTransformer):
+        hint = ""
+        if isinstance(getattr(visual, "trunk", None), nn.Module):
+            hint = f"; its timm trunk can be patched on its own: vtr.patch({where.split('.')[0].lower()}.visual.trunk, ...)"
         raise UnsupportedModelError(
             f"{where} is {type(visual).__module__}.{type(visual).__name__}; vtr's open_clip adapter supports ViT "
-            "image towers (open_clip.transformer.VisionTransformer) only")
+            f"image towers (open_clip.transformer.VisionTransformer) only{hint}")
     if getattr(visual, "_vtr", None) is not None:
         raise UnsupportedModelError(f"{where} is already patched by vtr; call vtr.unpatch on it first")
     if not visual.transformer.batch_first:

@@ -5,7 +5,7 @@
 """
 from . import adapters, reducers
 from .adapters import UnsupportedModelError
-from . import clip  # noqa: E402  (text-conditioned CLIP helpers: vtr.clip.text_query, zero_shot)
+from . import clip  # text-conditioned CLIP helpers: vtr.clip.text_query, vtr.clip.zero_shot
 from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
 from .config import Reduction, Report
 from .reducers import Reducer, Signals
