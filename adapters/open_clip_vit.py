@@ -64,7 +64,7 @@ def check(model: nn.Module) -> None:
     if not isinstance(visual, VisionTransformer):
         hint = ""
         if isinstance(getattr(visual, "trunk", None), nn.Module):
-            hint = f"; its timm trunk can be patched on its own: vtr.patch({where.split('.')[0].lower()}.visual.trunk, ...)"
+            hint = "; it wraps a timm model in .trunk, which the timm adapter patches: vtr.patch(tower.trunk, ...)"
         raise UnsupportedModelError(
             f"{where} is {type(visual).__module__}.{type(visual).__name__}; vtr's open_clip adapter supports ViT "
             f"image towers (open_clip.transformer.VisionTransformer) only{hint}")
