@@ -5,6 +5,7 @@
 """
 from . import adapters, reducers
 from .adapters import UnsupportedModelError
+from . import clip  # text-conditioned CLIP helpers: vtr.clip.text_query, vtr.clip.zero_shot
 from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
 from .config import Reduction, Report
 from .profile import profile_model
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "patch", "unpatch", "conditioned", "methods", "report", "is_patched", "make_reducer", "expected_tokens",
     "expected_flops", "TokenState", "Reducer", "Signals", "Schedule", "Reduction", "Report",
-    "UnsupportedModelError", "adapters", "reducers", "profile_model", "visualize",
+    "UnsupportedModelError", "adapters", "reducers", "clip", "profile_model", "visualize",
 ]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,10 @@ class Signals:
     partition: ``[B, N]`` int partition (crop) id per token for budget-allocating reducers.
     grid: ``(rows, cols)`` of the patch tokens while they are still in their original spatial
         order (no earlier step has reduced), else None.
+    query_projection: maps token features ``[B, N, C]`` into the query's space ``[B, N, D]`` when
+        the two differ (CLIP: each token as the image embedding it would give if it were the pooled
+        token, i.e. the tower's final norm and projection); None when tokens and query share a space.
+        A callable, so it costs nothing unless a reducer uses it.
     """
 
     metric: Optional[Tensor] = None
@@ -32,6 +36,7 @@ class Signals:
     query: Optional[Tensor] = None
     partition: Optional[Tensor] = None
     grid: Optional[tuple] = None
+    query_projection: Optional[Callable[[Tensor], Tensor]] = None
 
 
 class Reducer(nn.Module):
