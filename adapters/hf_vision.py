@@ -153,6 +153,8 @@ def cost(model: nn.Module, metric: str = "x") -> EncoderCost:
         fixed=fixed,
         per_final_token=per_final_token,
         metric_dim=attention.q_proj.out_features // heads if metric == "keys" else width,
+        grid=(grid, grid),
+        has_cls=_num_prefix(visual) == 1,
     )
 
 
@@ -232,15 +234,16 @@ class ReducingLayer:
         state = run.start(hidden_states) if layer == 0 else run.state
         if state is None or state.x.shape != hidden_states.shape:
             raise RuntimeError("a vtr-patched tower runs its layers in order, from layer 0, on its own hidden states")
+        projection = dict(grid=run.grid, query=run.query, query_projection=run.project if run.query is not None else None)
+        state = steps.reduce(reduction, state, hidden_states, layer, run.num_layers, before_attention=True,
+                             **projection)
         bias = state.attention_bias(reduction.prop_attn)
         attention = _attention(self)
-        x = self._attention_residual(hidden_states, bias, **kwargs)
+        x = self._attention_residual(state.x, bias, **kwargs)
         capture: Optional[QKCapture] = getattr(attention, "_vtr_capture", None)
         q, k = (capture.q, capture.k) if capture is not None else (None, None)
         state = steps.reduce(reduction, state, x, layer, run.num_layers, q=q, k=k, bias=bias,
-                             scale=getattr(attention, "scale", getattr(attention, "scaling", None)),
-                             grid=run.grid, query=run.query,
-                             query_projection=run.project if run.query is not None else None)
+                             scale=getattr(attention, "scale", getattr(attention, "scaling", None)), **projection)
         if capture is not None:
             capture.clear()
         x = self._mlp_residual(state.x)
@@ -307,7 +310,6 @@ def _swap(module: nn.Module, mixin: type) -> None:
 def patch(model: nn.Module, reduction: Reduction) -> None:
     visual = tower(model)
     run = _Run(model, reduction)
-    reduction.has_cls = run.num_prefix == 1
     reduction.original_class = type(model)
     if steps.needs_qk(reduction):
         reduction.captures = []

@@ -130,6 +130,7 @@ def cost(model: nn.Module, metric: str = "x") -> EncoderCost:
         fixed=fixed,
         per_final_token=per_final_token,
         metric_dim=width // attn.num_heads if metric == "keys" else width,
+        grid=tuple(int(g) for g in visual.grid_size),
     )
 
 
@@ -148,6 +149,9 @@ def _mha_attention(attn: nn.MultiheadAttention, h: Tensor, bias: Optional[Tensor
 def _block_forward(block: nn.Module, state: TokenState, reduction: Reduction, layer: int, num_layers: int,
                    capture: Optional[QKCapture], grid, query, query_projection) -> TokenState:
     """The block's forward with the reduction step between its attention and MLP residuals."""
+    projection = dict(query=query, query_projection=query_projection)
+    state = steps.reduce(reduction, state, state.x, layer, num_layers, before_attention=True, grid=grid,
+                         **projection)
     x = state.x
     bias = state.attention_bias(reduction.prop_attn)
     q = k = None
@@ -166,7 +170,7 @@ def _block_forward(block: nn.Module, state: TokenState, reduction: Reduction, la
         x = x + block.ls_1(attended)
         scale = None
     state = steps.reduce(reduction, state, x, layer, num_layers, q=q, k=k, bias=bias, scale=scale, grid=grid,
-                         query=query, query_projection=query_projection)
+                         **projection)
     x = state.x
     return state.with_x(x + block.ls_2(block.mlp(block.ln_2(x))))
 
@@ -260,7 +264,6 @@ def patch(model: nn.Module, reduction: Reduction) -> None:
     if cls not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[cls] = type(f"Vtr{cls.__name__}", (ReducingVisionTransformer, cls), {})
     reduction.original_class = cls
-    reduction.has_cls = True
     blocks = visual.transformer.resblocks
     if steps.needs_qk(reduction) and any(isinstance(b, CustomResidualAttentionBlock) for b in blocks):
         reduction.captures = [QKCapture() if isinstance(b, CustomResidualAttentionBlock) else None for b in blocks]

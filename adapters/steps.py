@@ -1,8 +1,7 @@
-"""What the CLIP-family adapters share: one reduction step, the query check and the report.
+"""What every adapter shares: the reduction step, the query check, the report, MAC helpers.
 
-The timm adapter keeps its own copy of the step for now; these helpers take q/k as arguments so
-each adapter can get them the cheapest way its attention allows (its own projections, a
-``QKCapture`` on q/k norms, or the attention-interface registry).
+The step takes q/k as arguments so each adapter can get them the cheapest way its attention
+allows (its own projections, a ``QKCapture`` on q/k norms, or the attention-interface registry).
 """
 from __future__ import annotations
 
@@ -29,20 +28,27 @@ def num_kept(reduction: Reduction, state: TokenState, layer: int) -> int:
 
 
 def reduce(reduction: Reduction, state: TokenState, x: Tensor, layer: int, num_layers: int, *,
+           before_attention: bool = False,
            q: Optional[Tensor] = None, k: Optional[Tensor] = None, bias: Optional[Tensor] = None,
            scale: Optional[float] = None, grid: Optional[tuple] = None, query: Optional[Tensor] = None,
            query_projection: Optional[Callable[[Tensor], Tensor]] = None) -> TokenState:
-    """The block's reduction step on ``x`` (tokens after the attention residual).
+    """The block's reduction step on ``x``.
 
+    Adapters call it twice per block: with ``before_attention=True`` on the block's input, and after
+    the attention residual; the reducer acts in the one its ``acts_before_blocks`` names (ATF filters
+    a block's input, everything else sits between attention and MLP).
     ``q``/``k`` ``[B, H, N, D]`` are the attention's query and key after any norm (needed only when
-    :func:`needs_qk`); ``bias`` the key bias the attention used, ``scale`` its logit scale.
+    :func:`needs_qk`); ``bias`` the key bias the attention used, ``scale`` its logit scale. Before the
+    attention there are none: the metric is then the hidden states and there is no CLS attention.
     """
+    if before_attention != reduction.reducer.acts_before_blocks:
+        return state.with_x(x)
     kept = num_kept(reduction, state, layer)
     if kept == state.num_tokens:
         return state.with_x(x)
-    metric = k.mean(dim=1) if reduction.metric == "keys" else x  # keys: head mean [B, N, D]
+    metric = k.mean(dim=1) if reduction.metric == "keys" and k is not None else x  # keys: head mean [B, N, D]
     attention = None
-    if "cls_attention" in reduction.reducer.needs and reduction.has_cls:
+    if "cls_attention" in reduction.reducer.needs and reduction.has_cls and q is not None:
         attention = cls_attention(q, k, bias, scale)
     signals = Signals(metric=metric, layer=layer, num_layers=num_layers, cls_attention=attention,
                       query=query, grid=None if state.is_reduced else grid,

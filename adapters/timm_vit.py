@@ -14,12 +14,12 @@ from torch import Tensor, nn
 from timm.layers import Attention, AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc
 
-from vtr.config import Reduction, Report
+from vtr.config import Reduction
 from vtr.cost import EncoderCost
-from vtr.reducers import Signals
-from vtr.signals import QKCapture, cls_attention
+from vtr.signals import QKCapture
 from vtr.state import TokenState
 
+from . import steps
 from .errors import UnsupportedModelError
 
 name = "timm"
@@ -52,32 +52,29 @@ def check(model: VisionTransformer) -> None:
         raise UnsupportedModelError(f"{kind} global_pool={model.global_pool!r} is not supported")
 
 
-def _linear_macs(module: nn.Module) -> float:
-    return float(sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)))
-
-
 def cost(model: VisionTransformer, metric: str = "x") -> EncoderCost:
     block = model.blocks[0]
     num_patches = model.patch_embed.num_patches
     conv = model.patch_embed.proj
     fixed = float(num_patches * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])
-    fixed += _linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", nn.Identity()))
+    fixed += steps.linear_macs(model.head) + steps.linear_macs(getattr(model, "head_dist", nn.Identity()))
     per_final_token = 0.0
     pool = model.attn_pool
     if pool is not None:
         latent = pool.latent_len
-        fixed += latent * (_linear_macs(pool.q) + _linear_macs(pool.proj) + _linear_macs(pool.mlp or nn.Identity()))
-        per_final_token = _linear_macs(pool.kv) + 2 * latent * pool.q.out_features
+        fixed += latent * (steps.linear_macs(pool.q) + steps.linear_macs(pool.proj) + steps.linear_macs(pool.mlp or nn.Identity()))
+        per_final_token = steps.linear_macs(pool.kv) + 2 * latent * pool.q.out_features
     return EncoderCost(
         num_tokens=num_patches + model.num_prefix_tokens,
         num_protected=model.num_prefix_tokens,
         num_layers=len(model.blocks),
-        attn_linear=_linear_macs(block.attn),
+        attn_linear=steps.linear_macs(block.attn),
         attn_dim=block.attn.attn_dim,
-        mlp_linear=_linear_macs(block.mlp),
+        mlp_linear=steps.linear_macs(block.mlp),
         fixed=fixed,
         per_final_token=per_final_token,
         metric_dim=block.attn.head_dim if metric == "keys" else model.embed_dim,
+        has_cls=bool(model.has_class_token),
         grid=tuple(model.patch_embed.grid_size),
     )
 
@@ -103,48 +100,18 @@ def _block_forward(block: Block, state: TokenState, reduction: Reduction, layer:
                    capture: Optional[QKCapture], grid: Optional[tuple[int, int]]) -> TokenState:
     """``Block.forward`` with the reduction step between the attention and MLP residuals (or, for
     reducers that filter a block's input, before the attention)."""
-    before = reduction.reducer.acts_before_blocks
-    if before:
-        state = _reduce(state, reduction, layer, num_layers, None, None, grid)
+    common = dict(grid=grid, query=reduction.query)
+    state = steps.reduce(reduction, state, state.x, layer, num_layers, before_attention=True, **common)
     x = state.x
     bias = state.attention_bias(reduction.prop_attn)
     x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
-    if not before:
-        state = _reduce(state.with_x(x), reduction, layer, num_layers, bias, capture, grid)
-        x = state.x
+    q, k = (capture.q, capture.k) if capture is not None else (None, None)
+    state = steps.reduce(reduction, state, x, layer, num_layers, q=q, k=k, bias=bias, **common)
     if capture is not None:
         capture.clear()
+    x = state.x
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return state.with_x(x)
-
-
-def _reduce(state: TokenState, reduction: Reduction, layer: int, num_layers: int, bias: Optional[Tensor],
-            capture: Optional[QKCapture], grid: Optional[tuple[int, int]]) -> TokenState:
-    """The layer's reduction step, if its schedule removes anything here."""
-    n, protected = state.num_tokens, state.num_protected
-    num_kept = reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
-    if num_kept == n:
-        return state
-    signals = _signals(reduction, state.x, bias, capture, layer, num_layers)
-    signals.grid = None if state.is_reduced else grid
-    return reduction.reducer(state, num_kept, signals)
-
-
-def _signals(reduction: Reduction, x: Tensor, bias: Optional[Tensor], capture: Optional[QKCapture],
-             layer: int, num_layers: int) -> Signals:
-    """What this block offers its reducer: the metric, and the CLS attention row when asked for.
-    Without a capture (a step before the block's attention) the metric is the hidden states."""
-    metric = capture.k.mean(dim=1) if reduction.metric == "keys" and capture is not None else x
-    attention = None
-    if "cls_attention" in reduction.reducer.needs and reduction.has_cls and capture is not None:
-        attention = cls_attention(capture.q, capture.k, bias)
-    return Signals(metric=metric, layer=layer, num_layers=num_layers, cls_attention=attention,
-                   query=reduction.query)
-
-
-def _grid(model: VisionTransformer, num_original: int) -> Optional[tuple[int, int]]:
-    rows, cols = model.patch_embed.grid_size
-    return (rows, cols) if rows * cols + model.num_prefix_tokens == num_original else None
 
 
 class ReducingViT:
@@ -161,25 +128,14 @@ class ReducingViT:
         x = self.patch_drop(x)
         x = self.norm_pre(x)
         state = TokenState.start(x, self.num_prefix_tokens, padding_mask=_key_padding(attn_mask, x))
-        captures = reduction.captures
-        grid = _grid(self, state.num_original)
+        grid = steps.grid_of(self.patch_embed.grid_size, self.num_prefix_tokens, state.num_original)
         tokens = [state.num_tokens]
         for layer, block in enumerate(self.blocks):
-            capture = captures[layer] if captures else None
-            args = (block, state, reduction, layer, len(self.blocks), capture, grid)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                state = torch.utils.checkpoint.checkpoint(_block_forward, *args, use_reentrant=False)
-            else:
-                state = _block_forward(*args)
+            capture = reduction.captures[layer] if reduction.captures else None
+            state = steps.checkpointed(_block_forward, block, state, reduction, layer, len(self.blocks), capture,
+                                       grid, enabled=self.grad_checkpointing)
             tokens.append(state.num_tokens)
-        reduction.final_state = state
-        reduction.report = Report(
-            tokens=tokens,
-            assignment=state.assignment.detach(),
-            size=state.size.detach(),
-            num_protected=state.num_protected,
-            grid=grid,
-        )
+        steps.record(reduction, state, tokens, grid)
         return self.norm(state.x)
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
@@ -218,8 +174,7 @@ def patch(model: VisionTransformer, reduction: Reduction) -> None:
     if cls not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[cls] = type(f"Vtr{cls.__name__}", (ReducingViT, cls), {})
     reduction.original_class = cls
-    reduction.has_cls = bool(model.has_class_token)
-    if reduction.metric == "keys" or "cls_attention" in reduction.reducer.needs:
+    if steps.needs_qk(reduction):
         reduction.captures = [QKCapture() for _ in model.blocks]
         for block, capture in zip(model.blocks, reduction.captures):
             reduction.hooks += capture.attach(block.attn.q_norm, block.attn.k_norm)

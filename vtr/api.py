@@ -79,11 +79,12 @@ def patch(
     adapter = find_adapter(model)
     adapter.check(model)
     reducer = make_reducer(method, **options)
-    schedule = make_schedule(reducer, adapter.cost(model, metric), r=r, keep=keep, flops=flops, layers=layers)
+    cost = adapter.cost(model, metric)
+    schedule = make_schedule(reducer, cost, r=r, keep=keep, flops=flops, layers=layers)
     given = {"r": r, "keep": keep, "flops": flops, "layers": layers}
     arguments = {k: v for k, v in given.items() if v is not None} | options
     adapter.patch(model, Reduction(method=method, reducer=reducer, schedule=schedule, metric=metric,
-                                   prop_attn=prop_attn, arguments=arguments))
+                                   prop_attn=prop_attn, arguments=arguments, has_cls=cost.has_cls))
     return model
 
 

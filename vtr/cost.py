@@ -28,6 +28,7 @@ class EncoderCost:
     per_final_token: float = 0.0   # MACs per token after the last block (e.g. attention pooling)
     metric_dim: int = 0      # width of the similarity metric the reducer compares
     grid: Optional[tuple] = None   # patch grid (rows, cols) at the default input size, if known
+    has_cls: bool = True           # the first token is a CLS token (CLS-attention signals exist)
 
     def block(self, tokens_in: int, tokens_out: int) -> float:
         return (self.attn_linear * tokens_in + 2 * self.attn_dim * tokens_in**2
@@ -42,7 +43,7 @@ class EncoderCost:
         for n_in, n_out in zip(tokens[:-1], tokens[1:]):
             macs += self.block(n_out, n_out) if before else self.block(n_in, n_out)
             if reducer is not None and n_out < n_in:
-                macs += reducer.extra_macs(n_in, self.metric_dim, self.num_protected)
+                macs += reducer.extra_macs(n_in, self)
         return macs
 
     def unreduced(self) -> float:

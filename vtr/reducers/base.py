@@ -61,8 +61,10 @@ class Reducer(nn.Module):
         unprotected = num_tokens - num_protected
         return max(0, min(int(unprotected * self.max_step), unprotected - 1))
 
-    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
-        """Multiply-accumulates the decision itself costs per image (similarity matrices)."""
+    def extra_macs(self, num_tokens: int, cost) -> float:
+        """Multiply-accumulates the decision itself costs per image at a step of ``num_tokens`` tokens
+        (similarity matrices); ``cost`` is the model's :class:`~vtr.cost.EncoderCost` (metric width,
+        protected tokens, attention width, whether a CLS token exists)."""
         return 0.0
 
     def fixed_amounts(self, cost, layers: Optional[list], flops: Optional[float]) -> Optional[tuple]:

@@ -41,8 +41,9 @@ class EViT(Reducer):
             raise ValueError(f"evit: fuse must be one of {FUSE_WEIGHTS}, got {fuse!r}")
         self.fuse = fuse
 
-    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
-        return float(num_tokens * metric_dim)  # the CLS row q_cls . K^T
+    def extra_macs(self, num_tokens: int, cost) -> float:
+        # The CLS row q_cls . K^T over every head; without a CLS token the fallback score is a norm.
+        return float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         check_budget(self, state, num_kept)
@@ -114,8 +115,9 @@ class HiRED(Reducer):
     needs = frozenset({"cls_attention", "partition"})
     max_step = 1.0
 
-    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
-        return float(num_tokens * metric_dim)  # the CLS row q_cls . K^T
+    def extra_macs(self, num_tokens: int, cost) -> float:
+        # The CLS row q_cls . K^T over every head; without a CLS token the fallback score is a norm.
+        return float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         check_budget(self, state, num_kept)

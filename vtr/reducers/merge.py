@@ -35,9 +35,9 @@ class ToMe(Reducer):
     needs = frozenset({"metric"})
     max_step = 0.5
 
-    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
-        unprotected = num_tokens - num_protected
-        return float((unprotected + 1) // 2 * (unprotected // 2) * metric_dim)
+    def extra_macs(self, num_tokens: int, cost) -> float:
+        unprotected = num_tokens - cost.num_protected
+        return float((unprotected + 1) // 2 * (unprotected // 2) * cost.metric_dim)
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         check_budget(self, state, num_kept)
@@ -85,9 +85,9 @@ class PiToMe(Reducer):
             raise ValueError(f"pitome: alpha must be > 0, got {alpha}")
         self.margin, self.alpha = margin, alpha
 
-    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
-        unprotected = num_tokens - num_protected
-        return float(unprotected * unprotected * metric_dim)
+    def extra_macs(self, num_tokens: int, cost) -> float:
+        unprotected = num_tokens - cost.num_protected
+        return float(unprotected * unprotected * cost.metric_dim)
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         check_budget(self, state, num_kept)

@@ -47,10 +47,13 @@ class QueryPrune(Reducer):
             raise ValueError(f"query: a projection matrix must be [C, D], got {tuple(projection.shape)}")
         self.relevance_weight, self.projection = float(relevance_weight), projection
 
-    def extra_macs(self, num_tokens: int, metric_dim: int, num_protected: int) -> float:
+    def extra_macs(self, num_tokens: int, cost) -> float:
+        """The similarity graph (U^2 d) and the distances to the mean token (2 U d). The relevance
+        products (U d Q, plus a projection if given) depend on the query and are not counted."""
         if self.relevance_weight == 1.0:
             return 0.0
-        return float((num_tokens - num_protected) ** 2 * metric_dim)  # the similarity graph
+        unprotected = num_tokens - cost.num_protected
+        return float((unprotected * unprotected + 2 * unprotected) * cost.metric_dim)
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         check_budget(self, state, num_kept)
