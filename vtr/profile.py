@@ -201,13 +201,11 @@ def _is_patched(model: nn.Module) -> bool:
 
 
 class _MetaPredicates(TorchDispatchMode):
-    """On the meta device, answer boolean reads of tensor values (vtr's "is there padding?" checks,
-    which only skip work) with False; any other read of data cannot be known without data."""
+    """On the meta device any read of tensor values (``.item()``, ``bool(t)``) cannot be answered
+    without data: say so, and how to profile instead, rather than guess."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
-            if args[0].dtype == torch.bool:
-                return False
             raise ValueError("this model reads tensor values to decide shapes (a data-dependent reducer); "
                              "profile it on real inputs: vtr.profile_model(model, inputs=[images, ...])")
         return func(*args, **(kwargs or {}))
