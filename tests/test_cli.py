@@ -27,3 +27,16 @@ def test_bench_table_and_unknown_method(capsys):
     else:
         raise AssertionError("an unknown method must stop the command")
     assert "tome" in vtr.methods()
+
+
+def test_bench_builds_clip_towers_by_name(capsys):
+    assert main(["bench", "--model", "hf:siglip-vit-b16", "--batch", "1", "--reps", "1", "--methods", "evit",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["tokens_out"] == 196 and abs(rows[1]["flops_fraction"] - 0.5) < 0.01  # SigLIP: no CLS
+    try:
+        main(["bench", "--model", "hf:nope"])
+    except ValueError as e:
+        assert "hf:<name> with a name in" in str(e)
+    else:
+        raise AssertionError("an unknown model name must be an error")

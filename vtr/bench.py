@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters import find_adapter
 from .api import expected_flops, is_patched, patch, report
+from .profile import default_input
 
 
 @dataclass
@@ -71,8 +72,8 @@ def run(
     if threads is not None:
         torch.set_num_threads(threads)
     model = model.eval()
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224)) if hasattr(model, "pretrained_cfg") else (3, 224, 224)
-    images = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    images = default_input(model, batch=batch)
     base_macs = expected_flops(model)[0]
     models = {("none", "-"): model}
     for method, kwargs in variants:

@@ -7,18 +7,19 @@ import json
 import sys
 from typing import Optional, Sequence
 
-import timm
 import torch
 
 from . import bench, cli_fidelity, cli_profile, cli_visualize, cli_zoo
 from .api import methods
+from .cli_models import create_model
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed-up vs FLOPs of each method on a timm ViT (random weights)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"timm name, open_clip:<name> (image tower) or hf:<name> (default {DEFAULT_MODEL})")
     p.add_argument("--methods", default="tome,pitome",
                    help=f"comma-separated methods (available: {', '.join(methods())}; 'all' for every one)")
     p.add_argument("--flops", default="0.5", help="comma-separated FLOPs fractions to compare at (default 0.5)")
@@ -35,7 +36,7 @@ def _bench(args: argparse.Namespace) -> int:
         if name not in methods():
             raise SystemExit(f"vtr bench: unknown method {name!r}; available: {', '.join(methods())}")
     variants = [(name, {"flops": float(f)}) for f in args.flops.split(",") for name in names]
-    model = timm.create_model(args.model, pretrained=False)
+    model = create_model(args.model)
     say = (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)) if not args.json else None
     if say:
         say(f"{args.model}, batch {args.batch}, {args.threads} threads, {args.reps} interleaved reps "

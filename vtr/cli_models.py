@@ -17,8 +17,8 @@ from . import api, zoo
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and reduction")
     group.add_argument("--model", default=None,
-                       help="timm model name, built with random weights (default: the preset's model, "
-                            "else vit_base_patch16_224)")
+                       help="timm name, open_clip:<name> or hf:<name>, built with random weights (default: "
+                            "the preset's model, else vit_base_patch16_224)")
     group.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     group.add_argument("--checkpoint", default=None, help="state dict (.pt/.pth) to load into the model")
     group.add_argument("--preset", default=None, help="a model-zoo entry (see `vtr zoo`); sets method and amount")
@@ -44,17 +44,42 @@ def _options(pairs: list) -> dict:
     return options
 
 
+# transformers vision towers by name, from configs with random weights (ViT-B/16 shapes).
+HF_VISION = {
+    "clip-vit-b16": ("CLIPVisionModel", "CLIPVisionConfig", dict(patch_size=16)),
+    "siglip-vit-b16": ("SiglipVisionModel", "SiglipVisionConfig", dict(patch_size=16)),
+    "vit-b16": ("ViTModel", "ViTConfig", dict(patch_size=16)),
+}
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """A model with random weights from its name: a timm name, ``open_clip:<name>`` (the image
+    tower of an open_clip model) or ``hf:<name>`` with a name from ``HF_VISION``. No download."""
+    family, sep, rest = name.partition(":")
+    if not sep:
+        import timm
+        return timm.create_model(name, pretrained=False, **kwargs).eval()
+    if family == "open_clip":
+        import open_clip
+        return open_clip.create_model(rest, pretrained=None, **kwargs).visual.eval()
+    if family == "hf" and rest in HF_VISION:
+        import transformers
+        model_cls, config_cls, config = HF_VISION[rest]
+        config = getattr(transformers, config_cls)(**config, **kwargs)
+        return getattr(transformers, model_cls)(config).eval()
+    raise ValueError(f"model {name!r}: give a timm name, open_clip:<name> or hf:<name> with a name in "
+                     f"{sorted(HF_VISION)}")
+
+
 def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
     """The model the options describe, patched when a method or preset is given. ``device="meta"``
     builds it without weights (for counting only; ignored with --checkpoint)."""
-    import timm
-
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
     with torch.device("cpu" if args.checkpoint else device):
         if args.model is None and args.preset:
             model = zoo.get(args.preset).build(**kwargs)
         else:
-            model = timm.create_model(args.model or "vit_base_patch16_224", pretrained=False, **kwargs).eval()
+            model = create_model(args.model or "vit_base_patch16_224", **kwargs)
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
