@@ -13,5 +13,6 @@ def test_readme_has_examples():
 
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))
-def test_readme_example_runs(index):
+def test_readme_example_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples may write files (groups.png)
     exec(compile(EXAMPLES[index], f"README.md example {index + 1}", "exec"), {})
