@@ -16,7 +16,7 @@ from reducer_cases import images, make_state, tiny_vit
 
 def test_matches_avg_pool2d_on_a_divisible_grid_and_keeps_protected():
     state = make_state(2, 2 + 36, 5, protected=2)
-    out = GridPool(factor=2)(state, 0, Signals(grid=(6, 6)))
+    out = GridPool(factor=2)(state, state.num_tokens - 1, Signals(grid=(6, 6)))  # count set by factor
     patches = state.x[:, 2:].reshape(2, 6, 6, 5).permute(0, 3, 1, 2)
     expected = F.avg_pool2d(patches, 2).flatten(2).transpose(1, 2)
     torch.testing.assert_close(out.x[:, 2:], expected)
@@ -31,8 +31,9 @@ def test_any_grid_conserves_size_and_mass(rows, cols, factor, protected, padding
     tokens = protected + rows * cols
     padding = min(padding, rows * cols - 1)
     state = make_state(2, tokens, 3, protected, padding, seed)
-    out = GridPool(factor)(state, 0, Signals(grid=(rows, cols)))
-    assert out.x.shape[1] == protected + math.ceil(rows / factor) * math.ceil(cols / factor)
+    pooled = protected + math.ceil(rows / factor) * math.ceil(cols / factor)
+    out = GridPool(factor)(state, pooled, Signals(grid=(rows, cols)))  # a 1x1 grid keeps everything: no-op
+    assert out.x.shape[1] == pooled
     torch.testing.assert_close(out.size.sum(1), state.size.sum(1))
     torch.testing.assert_close((out.x * out.size[..., None]).sum(1), (state.x * state.size[..., None]).sum(1),
                                rtol=1e-4, atol=1e-4)
@@ -46,9 +47,9 @@ def test_any_grid_conserves_size_and_mass(rows, cols, factor, protected, padding
 def test_bad_inputs():
     state = make_state(1, 17, 3, 1)
     with pytest.raises(ValueError, match="needs signals.grid"):
-        GridPool()(state, 0, Signals())
+        GridPool()(state, state.num_tokens - 1, Signals())
     with pytest.raises(ValueError, match="grid 3x3 does not match the 16"):
-        GridPool()(state, 0, Signals(grid=(3, 3)))
+        GridPool()(state, state.num_tokens - 1, Signals(grid=(3, 3)))
     for factor in (1, 0, 2.0, True):
         with pytest.raises(ValueError, match="factor must be an integer >= 2"):
             GridPool(factor)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..state import TokenState
-from .base import Reducer, Signals, check_budget, dest_from_choice, register, unit
+from .base import Reducer, Signals, dest_from_choice, register, unit
 from .select import attention_scores, check_signal, real_tokens, top_scores
 
 
@@ -57,10 +57,7 @@ class ATF(Reducer):
                 raise ValueError("atf: prior must be finite")
         self.prior, self.prior_weight = prior, float(prior_weight)
 
-    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        check_budget(self, state, num_kept)
-        if num_kept == state.num_tokens:
-            return state
+    def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         protected, valid = state.num_protected, real_tokens(state)
         if signals.metric is None:
             raise ValueError("atf needs signals.metric (the tokens' features) for its per-image score")

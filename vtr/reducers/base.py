@@ -73,6 +73,14 @@ class Reducer(nn.Module):
         return None
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        """Check the budget, then let the method decide; a step that keeps everything is a no-op."""
+        check_budget(self, state, num_kept)
+        if num_kept == state.num_tokens:
+            return state
+        return self.step(state, num_kept, signals)
+
+    def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
+        """The method itself, called with ``num_kept < state.num_tokens`` and within its budget."""
         raise NotImplementedError
 
 

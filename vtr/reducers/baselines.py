@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..state import TokenState
-from .base import Reducer, Signals, check_budget, dest_from_choice, register
+from .base import Reducer, Signals, dest_from_choice, register
 
 
 @register
@@ -16,7 +16,7 @@ class NoReduction(Reducer):
     max_step = 0.0
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        return state
+        return state  # its max_step is 0: nothing to check, nothing to do
 
 
 @register
@@ -34,10 +34,7 @@ class RandomDrop(Reducer):
         super().__init__()
         self.seed = int(seed)
 
-    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        check_budget(self, state, num_kept)
-        if num_kept == state.num_tokens:
-            return state
+    def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         batch, unprotected = state.x.shape[0], state.num_tokens - state.num_protected
         generator = torch.Generator().manual_seed(self.seed * 10007 + signals.layer)
         score = torch.rand(batch, unprotected, generator=generator).to(state.x.device)

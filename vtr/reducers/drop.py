@@ -10,14 +10,22 @@ import torch
 from torch import Tensor
 
 from ..state import TokenState
-from .base import Reducer, Signals, check_budget, dest_from_choice, register
+from .base import Reducer, Signals, dest_from_choice, register
 from .select import attention_scores, check_signal, keep_first, real_tokens, top_scores
 
 FUSE_WEIGHTS = ("attention", "size")
 
 
+class AttentionScored(Reducer):
+    """Reducers that rank tokens by the CLS attention row (or its no-CLS fallback)."""
+
+    def extra_macs(self, num_tokens: int, cost) -> float:
+        # The CLS row q_cls . K^T over every head; without a CLS token the fallback score is a norm.
+        return float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
+
+
 @register
-class EViT(Reducer):
+class EViT(AttentionScored):
     """Keep the top tokens by CLS attention; fuse all the others into one extra token (EViT,
     Liang et al., "Not All Patches are What You Need").
 
@@ -41,14 +49,7 @@ class EViT(Reducer):
             raise ValueError(f"evit: fuse must be one of {FUSE_WEIGHTS}, got {fuse!r}")
         self.fuse = fuse
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
-        # The CLS row q_cls . K^T over every head; without a CLS token the fallback score is a norm.
-        return float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
-
-    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        check_budget(self, state, num_kept)
-        if num_kept == state.num_tokens:
-            return state
+    def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         score = attention_scores(self, state, signals)
         kept = top_scores(score, real_tokens(state), num_kept - state.num_protected - 1)
         dest = dest_from_choice(state, kept)
@@ -96,7 +97,7 @@ def allocate(weight: Tensor, capacity: Tensor, total: Tensor) -> Tensor:
 
 
 @register
-class HiRED(Reducer):
+class HiRED(AttentionScored):
     """Token budget split across partitions (crops) by their attention mass, then each partition
     keeps its best tokens (HiRED, Arif et al., "High-Resolution Early Dropping").
 
@@ -115,14 +116,7 @@ class HiRED(Reducer):
     needs = frozenset({"cls_attention", "partition"})
     max_step = 1.0
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
-        # The CLS row q_cls . K^T over every head; without a CLS token the fallback score is a norm.
-        return float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
-
-    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        check_budget(self, state, num_kept)
-        if num_kept == state.num_tokens:
-            return state
+    def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         budget_total = num_kept - state.num_protected
         score, valid = attention_scores(self, state, signals), real_tokens(state)
         partition = self._partition(state, signals)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..state import TokenState
-from .base import Reducer, Signals, check_budget, dest_from_choice, register, unit
+from .base import Reducer, Signals, dest_from_choice, register, unit
 
 
 def _require_metric(reducer: Reducer, signals: Signals, state: TokenState) -> torch.Tensor:
@@ -39,11 +39,8 @@ class ToMe(Reducer):
         unprotected = num_tokens - cost.num_protected
         return float((unprotected + 1) // 2 * (unprotected // 2) * cost.metric_dim)
 
-    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        check_budget(self, state, num_kept)
+    def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         r = state.num_tokens - num_kept
-        if r == 0:
-            return state
         metric = unit(_require_metric(self, signals, state)[:, state.num_protected:])
         padding = state.size[:, state.num_protected:] == 0
         scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
@@ -89,11 +86,8 @@ class PiToMe(Reducer):
         unprotected = num_tokens - cost.num_protected
         return float(unprotected * unprotected * cost.metric_dim)
 
-    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        check_budget(self, state, num_kept)
+    def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         r = state.num_tokens - num_kept
-        if r == 0:
-            return state
         metric = unit(_require_metric(self, signals, state)[:, state.num_protected:])
         valid = (state.size[:, state.num_protected:] > 0).float()
         sim = metric @ metric.transpose(1, 2)

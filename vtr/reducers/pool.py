@@ -29,8 +29,11 @@ class GridPool(Reducer):
     - ``vtr.patch(model, "pool", factor=2)`` pools before the MLP of block 0;
       ``layers=[i]`` pools at block ``i`` instead (one layer only).
     - ``flops=f`` picks, among ``layers`` (default: all), the block to pool at whose analytic MACs
-      are closest to ``f``: a nearest achievable value, not an exact one (check
-      ``vtr.expected_flops(model)``).
+      are closest to ``f``, and refuses when none lands within ``FLOPS_TOLERANCE`` of it (check
+      ``vtr.expected_flops(model)`` for the value it landed on).
+
+    The ``num_kept`` it is called with only gates whether this layer pools (any value below the
+    token count); the count itself always follows the real grid, also at other input sizes.
 
     At an input size other than the model's default, the pooled count follows the real grid.
     """
@@ -79,9 +82,7 @@ class GridPool(Reducer):
                 "(pass layers=[i] to pool at a chosen layer)")
         return amounts(best)
 
-    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        if num_kept == state.num_tokens:  # as every reducer: a step that keeps everything is a no-op
-            return state
+    def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         if signals.grid is None:
             raise ValueError("pool needs signals.grid, the patch grid of tokens still in spatial order; "
                              "it must be the first reduction step of the model")

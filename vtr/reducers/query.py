@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..state import TokenState
-from .base import Reducer, Signals, check_budget, dest_from_choice, register, unit
+from .base import Reducer, Signals, dest_from_choice, register, unit
 from .select import check_signal, real_tokens, top_scores
 
 
@@ -55,10 +55,7 @@ class QueryPrune(Reducer):
         unprotected = num_tokens - cost.num_protected
         return float((unprotected * unprotected + 2 * unprotected) * cost.metric_dim)
 
-    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        check_budget(self, state, num_kept)
-        if num_kept == state.num_tokens:
-            return state
+    def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         k, valid = num_kept - state.num_protected, real_tokens(state)
         relevance = None if signals.query is None else self.relevance(state, signals.query)
         if relevance is not None and self.relevance_weight == 1.0:
