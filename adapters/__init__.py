@@ -10,10 +10,10 @@ from types import ModuleType
 
 from torch import nn
 
-from . import timm_vit
+from . import llava, timm_vit
 from .errors import UnsupportedModelError
 
-ADAPTERS: list[ModuleType] = [timm_vit]
+ADAPTERS: list[ModuleType] = [timm_vit, llava]
 
 
 def find_adapter(model: nn.Module) -> ModuleType:

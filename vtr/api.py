@@ -68,9 +68,15 @@ def patch(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     adapter = find_adapter(model)
     adapter.check(model)
+    # An adapter may take amounts of its own (LLaVA: budget=, visual tokens kept per image) and
+    # then turns all amounts into a schedule itself.
+    own = {k: options.pop(k) for k in getattr(adapter, "AMOUNTS", ()) if k in options}
     reducer = make_reducer(method, **options)
-    schedule = make_schedule(reducer, adapter.cost(model, metric), r=r, keep=keep, flops=flops, layers=layers)
-    given = {"r": r, "keep": keep, "flops": flops, "layers": layers}
+    if hasattr(adapter, "make_schedule"):
+        schedule = adapter.make_schedule(model, reducer, r=r, keep=keep, flops=flops, layers=layers, **own)
+    else:
+        schedule = make_schedule(reducer, adapter.cost(model, metric), r=r, keep=keep, flops=flops, layers=layers)
+    given = {"r": r, "keep": keep, "flops": flops, "layers": layers} | own
     arguments = {k: v for k, v in given.items() if v is not None} | options
     adapter.patch(model, Reduction(method=method, reducer=reducer, schedule=schedule, metric=metric,
                                    prop_attn=prop_attn, arguments=arguments))
