@@ -217,8 +217,10 @@ def compact_prompt(input_ids: Tensor, attention_mask: Tensor, image_token_id: in
     ``attention_mask`` and ``kept_positions`` (source column, -1 padding) of the compacted prompt.
     """
     placeholder = input_ids == image_token_id
-    image, rank = _image_of_placeholder(placeholder, counts)
-    keep = torch.where(placeholder, rank < kept[image], attention_mask.bool())
+    keep = attention_mask.bool()
+    if counts.numel():
+        image, rank = _image_of_placeholder(placeholder, counts)
+        keep = torch.where(placeholder, rank < kept[image], keep)
     lengths = keep.sum(1)
     width = int(lengths.max()) if lengths.numel() else 0
     batch = input_ids.shape[0]
