@@ -154,6 +154,21 @@ def prefill_macs(model: nn.Module, num_tokens: Tensor) -> Tensor:
     return per_layer * c.num_layers + _linear_macs(model.lm_head)
 
 
+def expected_flops(model: nn.Module) -> tuple[float, float]:
+    """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
+    the reducer's own decisions included; the vision tower is the same either way."""
+    num_tokens, protected = image_tokens(model)
+    reduction = getattr(model, "_vtr", None)
+    if not isinstance(reduction, Reduction):
+        unreduced = float(prefill_macs(model, torch.tensor([num_tokens])))
+        return unreduced, unreduced
+    tokens = reduction.schedule.token_counts(reduction.reducer, num_tokens, protected)
+    dim = model.config.text_config.hidden_size
+    decisions = sum(reduction.reducer.extra_macs(n, dim, protected) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
+    reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], num_tokens])).tolist()
+    return reduced + decisions, unreduced
+
+
 @dataclass
 class LlavaReport(Report):
     """What the last call really kept (a :class:`vtr.Report` whose batch dimension is the images).

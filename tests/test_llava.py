@@ -75,6 +75,8 @@ def test_budget_reduces_and_generate_returns_the_callers_prompt():
     assert report.prefill_macs[2] == report.prefill_macs_unreduced[2]      # the text-only row
     assert 0 < report.prefill_flops_saved < 1
     assert vtr.expected_tokens(model) == [16, 8, 5]
+    reduced, unreduced = vtr.expected_flops(model)
+    assert reduced < unreduced == vtr.expected_flops(tiny_llava())[0]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -112,6 +112,8 @@ def expected_tokens(model: nn.Module) -> list[int]:
 def expected_flops(model: nn.Module) -> tuple[float, float]:
     """Analytic (reduced, unreduced) MACs per image at the model's default input size."""
     adapter = find_adapter(model)
+    if hasattr(adapter, "expected_flops"):  # adapters whose cost is not a ViT stack (LLaVA)
+        return adapter.expected_flops(model)
     if not is_patched(model):
         cost = adapter.cost(model)
         return cost.unreduced(), cost.unreduced()
