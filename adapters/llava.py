@@ -99,12 +99,23 @@ def reduction_steps(num_tokens: int, budget: int, reducer: Reducer, num_protecte
 
 def make_schedule(model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
                   budget: Optional[int] = None) -> Schedule:
-    """``budget=`` (visual tokens kept per image) as a schedule of reduction steps on the projector output."""
-    others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops), ("layers", layers)) if v is not None]
+    """``budget=`` (visual tokens kept per image) as a schedule of reduction steps.
+
+    ``layers=None`` reduces on the projector output, before the language model; ``layers=[K]``
+    prunes inside the language model at decoder layer K (FastV-style; see ``llava_prune``).
+    """
+    others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
     if others:
         raise ValueError(
             f"the LLaVA adapter takes budget= (visual tokens kept per image), not {', '.join(o + '=' for o in others)}"
         )
+    if layers is not None:
+        num_layers = len(model.model.language_model.layers)
+        chosen = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        if len(chosen) != 1 or isinstance(chosen[0], bool) or not isinstance(chosen[0], int) \
+                or not 0 <= chosen[0] < num_layers:
+            raise ValueError(f"layers must be one language-model layer [K] with K in [0, {num_layers - 1}] "
+                             f"(where in-LLM pruning happens), got {layers!r}")
     num_tokens, protected = image_tokens(model)
     if reducer.max_step == 0.0:  # the 'none' method
         if budget not in (None, num_tokens):
@@ -141,17 +152,23 @@ def cost(model: nn.Module, metric: str = "x") -> EncoderCost:
     )
 
 
-def prefill_macs(model: nn.Module, num_tokens: Tensor) -> Tensor:
+def prefill_macs(model: nn.Module, num_tokens: Tensor, kept_tokens: Optional[Tensor] = None,
+                 from_layer: int = 0) -> Tensor:
     """Analytic language-model prefill MACs for prompts of ``num_tokens`` real tokens (per row).
 
     Linear layers per token, causal attention scores and values over ``T(T+1)/2`` query-key
     pairs, and the head on the last position (what ``generate()`` computes). Norms, activations
-    and softmax are left out, as every counter does.
+    and softmax are left out, as every counter does. With ``kept_tokens``, layers from
+    ``from_layer`` on run on that many tokens (in-LLM pruning).
     """
     c = cost(model)
-    t = num_tokens.double()
-    per_layer = (c.attn_linear + c.mlp_linear) * t + c.attn_dim * t * (t + 1)
-    return per_layer * c.num_layers + _linear_macs(model.lm_head)
+
+    def layer(t: Tensor) -> Tensor:
+        t = t.double()
+        return (c.attn_linear + c.mlp_linear) * t + c.attn_dim * t * (t + 1)
+
+    kept_tokens = num_tokens if kept_tokens is None else kept_tokens
+    return layer(num_tokens) * from_layer + layer(kept_tokens) * (c.num_layers - from_layer) + _linear_macs(model.lm_head)
 
 
 def expected_flops(model: nn.Module) -> tuple[float, float]:
@@ -236,17 +253,22 @@ def compact_prompt(input_ids: Tensor, attention_mask: Tensor, image_token_id: in
     if counts.numel():
         image, rank = _image_of_placeholder(placeholder, counts)
         keep = torch.where(placeholder, rank < kept[image], keep)
-    lengths = keep.sum(1)
-    width = int(lengths.max()) if lengths.numel() else 0
-    batch = input_ids.shape[0]
-    column = keep.long().cumsum(1) - 1 + ((width - lengths)[:, None] if left else 0)
-    rows = torch.arange(batch, device=input_ids.device)[:, None].expand_as(column)
-    source = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(column)
-    kept_positions = torch.full((batch, width), -1, dtype=torch.long, device=input_ids.device)
-    kept_positions[rows[keep], column[keep]] = source[keep]
+    kept_positions = kept_columns(keep, left)
     real = kept_positions >= 0
     ids = torch.where(real, input_ids.gather(1, kept_positions.clamp_min(0)), pad_id)
     return ids, real.to(attention_mask.dtype), kept_positions
+
+
+def kept_columns(keep: Tensor, left: bool = True) -> Tensor:
+    """``[B, L']`` source column of each slot of the rows' kept tokens (in order), -1 for padding."""
+    lengths = keep.sum(1)
+    width = int(lengths.max()) if lengths.numel() else 0
+    column = keep.long().cumsum(1) - 1 + ((width - lengths)[:, None] if left else 0)
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(column)
+    source = torch.arange(keep.shape[1], device=keep.device).expand_as(column)
+    kept = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
+    kept[rows[keep], column[keep]] = source[keep]
+    return kept
 
 
 class ReducingLlava:
@@ -255,6 +277,8 @@ class ReducingLlava:
     _vtr: Reduction
 
     def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
+        if _pruner(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
+            return super().generate(inputs, *args, **kwargs)
         pixel_values = kwargs.pop("pixel_values", None)
         input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
         if pixel_values is None:
@@ -302,7 +326,10 @@ class ReducingLlava:
         counts = torch.full((features.shape[0],), features.shape[1], device=input_ids.device)
         image_rows = _image_rows(placeholder, counts)
         query = _query(self, input_ids, attention_mask, placeholder, image_rows) if "query" in reduction.reducer.needs else None
-        state, tokens, reducer_macs = _reduce(self, reduction, features, attention.value, query)
+        cls_row = attention.value
+        if cls_row is not None and image_tokens(self)[1] == 0:
+            cls_row = cls_row[:, 1:]      # the CLS token is not among the 'default' features
+        state, tokens, reducer_macs = _reduce(self, reduction, features, cls_row, query)
 
         kept = torch.full_like(counts, state.num_tokens)
         pad_id = _pad_id(self, image_token_id)
@@ -319,6 +346,10 @@ def _vtr_forward(self, original_forward, *args, **kwargs):
     arguments = dict(bound.arguments)
     arguments.pop("self")
     arguments |= arguments.pop("kwargs", {})
+    pruner = _pruner(self)
+    if pruner is not None:
+        pruner.observe(arguments.get("input_ids"), arguments.get("attention_mask"))
+        return original_forward(self, **arguments)
     if arguments.get("pixel_values") is None:
         return original_forward(self, **arguments)
     if arguments.get("position_ids") is not None:
@@ -335,6 +366,10 @@ def _vtr_forward(self, original_forward, *args, **kwargs):
     arguments.update(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
                      mm_encoder_outputs={"image": prepared.image_outputs})
     return original_forward(self, **arguments)
+
+
+def _pruner(model):
+    return getattr(model._vtr, "pruner", None)
 
 
 def _with_callers_prompt(output, input_ids: Tensor, compact_length: int):
@@ -427,8 +462,6 @@ def _reduce(model, reduction: Reduction, features: Tensor, attention: Optional[T
             query: Optional[list]) -> tuple[TokenState, list[int], float]:
     """Run the reducer's steps on every image; query-conditioned reducers run image by image."""
     num_tokens, protected = features.shape[1], image_tokens(model)[1]
-    if attention is not None and protected == 0:
-        attention = attention[:, 1:]      # the CLS token is not among the 'default' features
     budget = num_tokens - sum(reduction.schedule.amounts)
     if num_tokens != image_tokens(model)[0]:
         budget = min(reduction.arguments.get("budget", num_tokens), num_tokens)
@@ -509,12 +542,18 @@ def patch(model: nn.Module, reduction: Reduction) -> None:
     if "cls_attention" in reduction.reducer.needs:
         _feature_attention(model)   # fail at patch time, not at the first call
     reduction.original_class = type(model)
+    if reduction.arguments.get("layers") is not None:
+        from .llava_prune import LanguageModelPruning
+        layer = reduction.arguments["layers"]
+        reduction.pruner = LanguageModelPruning(model, reduction, layer[0] if isinstance(layer, (list, tuple)) else layer)
     model._vtr = reduction
     model.__class__ = _patched_class(type(model))
 
 
 def unpatch(model: nn.Module) -> None:
     reduction: Reduction = model._vtr
+    if _pruner(model) is not None:
+        reduction.pruner.remove()
     model.__class__ = reduction.original_class
     del model._vtr
 
