@@ -285,6 +285,8 @@ class ReducingLlava:
             if kwargs.get("mm_encoder_outputs") is not None:
                 raise ValueError("precomputed mm_encoder_outputs would bypass vtr's reduction on a patched LLaVA; "
                                  "pass pixel_values (or vtr.unpatch(model) first)")
+            if input_ids is not None:
+                self._vtr.report = text_only_report(self, input_ids, kwargs.get("attention_mask"))
             return super().generate(input_ids, *args, **kwargs)
         vision = {k: kwargs.pop(k) for k in _VISION_KEYS if k in kwargs}
         prepared = self._vtr_prepare(input_ids, kwargs.pop("attention_mask", None), pixel_values, left=True,
@@ -325,7 +327,9 @@ class ReducingLlava:
             )
         counts = torch.full((features.shape[0],), features.shape[1], device=input_ids.device)
         image_rows = _image_rows(placeholder, counts)
-        query = _query(self, input_ids, attention_mask, placeholder, image_rows) if "query" in reduction.reducer.needs else None
+        query = None
+        if "query" in reduction.reducer.needs:
+            query = _query(self, input_ids, attention_mask, placeholder, image_rows, reduction.query)
         cls_row = attention.value
         if cls_row is not None and image_tokens(self)[1] == 0:
             cls_row = cls_row[:, 1:]      # the CLS token is not among the 'default' features
@@ -399,8 +403,15 @@ def _image_rows(placeholder: Tensor, counts: Tensor) -> Tensor:
     return flat_rows[starts]
 
 
-def _query(model, input_ids: Tensor, attention_mask: Tensor, placeholder: Tensor, image_rows: Tensor) -> list[Tensor]:
-    """Per image ``[1, Q, D]``: the language model's input embeddings of its row's text tokens."""
+def _query(model, input_ids: Tensor, attention_mask: Tensor, placeholder: Tensor, image_rows: Tensor,
+           given: Optional[Tensor]) -> list[Tensor]:
+    """Per image ``[1, Q, D]``: the language model's input embeddings of its row's text tokens, or the
+    row's query from ``vtr.conditioned(model, query)`` (``[B, D]`` / ``[B, Q, D]``, one row per prompt)."""
+    if given is not None:
+        if given.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"vtr.conditioned: query must have one row per prompt ({input_ids.shape[0]}), "
+                             f"got {tuple(given.shape)}")
+        return [given[row][None].to(model.dtype) for row in image_rows.tolist()]
     text = attention_mask.bool() & ~placeholder
     embed = model.get_input_embeddings()
     queries = []
@@ -518,6 +529,20 @@ def _record(model, reduction: Reduction, state: TokenState, tokens: list[int], r
         prefill_macs=prefill_macs(model, compact_mask.sum(1)),
         prefill_macs_unreduced=prefill_macs(model, mask.sum(1)),
         reducer_macs=reducer_macs,
+    )
+
+
+def text_only_report(model, input_ids: Tensor, attention_mask: Optional[Tensor], where: str = WHERE) -> LlavaReport:
+    """Report of a call without images: nothing to reduce, every row passes through untouched."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    zeros = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    real = mask.sum(1)
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return LlavaReport(
+        tokens=[], assignment=torch.zeros(0, 0, dtype=torch.long), size=torch.zeros(0, 0), num_protected=0,
+        where=where, image_rows=zeros[:0], visual_tokens_before=zeros, visual_tokens_after=zeros,
+        kept_positions=columns.masked_fill(mask == 0, -1), prefill_macs=prefill_macs(model, real),
+        prefill_macs_unreduced=prefill_macs(model, real),
     )
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from vtr.config import Reduction
 from vtr.signals import cls_attention
 
-from .llava import LlavaReport, _image_of_placeholder, _reduce, image_tokens, kept_columns, prefill_macs
+from .llava import LlavaReport, _reduce, image_tokens, kept_columns, prefill_macs, text_only_report
 
 
 class LanguageModelPruning:
@@ -55,6 +55,9 @@ class LanguageModelPruning:
         self.placeholder = placeholder if bool(placeholder.any()) else None
         self.mask2d = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         self.columns = None
+        if self.placeholder is None:
+            where = f"in the language model at layer {self.layer}"
+            self.reduction.report = text_only_report(self.model, input_ids, attention_mask, where)
         if self.placeholder is not None and not bool(self.mask2d[:, -1].all()):
             raise ValueError("in-LLM pruning needs the last column of the prompt to be a real token in every row "
                              "(pad on the left, as generate() expects)")

@@ -220,6 +220,18 @@ def test_query_is_each_rows_text_embeddings(recording):
         torch.testing.assert_close(query[0], embed(text))
 
 
+def test_conditioned_query_replaces_the_prompt(recording):
+    cls = recording("_rec_given_query", {"query"})
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "_rec_given_query", budget=4)
+    given = torch.randn(3, 2, 64)
+    with vtr.conditioned(model, given):
+        generate(model, ids, mask, pixel_values=pixels)
+    for image, row in enumerate([0, 0, 1]):
+        assert torch.equal(cls.seen[image].query[0], given[row])
+
+
 def test_cls_attention_equals_the_eager_attention_row(recording):
     cls = recording("_rec_attention", {"cls_attention"})
     model = tiny_llava("eager")
@@ -280,8 +292,23 @@ def test_text_only_batch_passes_through():
     ids, mask = left_padded([[1, 5, 6], [1, 7, 8, 9, 10]])
     expected = generate(model, ids, mask)
     vtr.patch(model, "tome", budget=4)
+    generate(model, *mixed_batch()[:2], pixel_values=mixed_batch()[2])      # a report to replace
     out = generate(model, ids, mask)
     assert torch.equal(out.sequences, expected.sequences) and torch.equal(logits(out), logits(expected))
+    report = vtr.report(model)
+    assert report.visual_tokens_before.tolist() == report.visual_tokens_after.tolist() == [0, 0]
+    assert report.prefill_flops_saved == 0.0
+
+
+def test_beam_search_and_several_sequences_per_prompt():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "tome", budget=5)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                             num_beams=2, num_return_sequences=2, do_sample=False)
+    assert out.shape == (6, ids.shape[1] + 3)
+    assert torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(2, dim=0))
 
 
 def test_prefill_macs_match_the_flop_counter_on_the_linear_layers():
