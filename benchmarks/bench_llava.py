@@ -37,50 +37,57 @@ def llava_15_shaped(vision_layers: int, lm_layers: int) -> LlavaForConditionalGe
     return LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up."""
+def timed(fn) -> float:
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time.perf_counter() - start
 
 
 @torch.inference_mode()
-def measure(model, ids, pixels, repeats: int, decode_tokens: int) -> dict:
+def measure(model, ids, pixels, decode_tokens: int) -> dict:
+    """One timing of each part for the model as it is now (patched or not)."""
     mask = torch.ones_like(ids)
     reduction = getattr(model, "_vtr", None)
     in_llm = reduction is not None and getattr(reduction, "pruner", None) is not None
     if reduction is None or in_llm:
-        features = model.model.get_image_features(pixel_values=pixels, return_dict=True)
-        vision = timed(lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True), repeats)
-        prompt, prompt_mask, image = ids, mask, features
+        vision = timed(lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True))
+        image = model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        prompt, prompt_mask = ids, mask
     else:  # vision tower + reducer + compaction: what the patched model does before its language model
-        vision = timed(lambda: model._vtr_prepare(ids, mask, pixels, left=True), repeats)
+        vision = timed(lambda: model._vtr_prepare(ids, mask, pixels, left=True))
         prepared = model._vtr_prepare(ids, mask, pixels, left=True)
         prompt, prompt_mask, image = prepared.input_ids, prepared.attention_mask, prepared.image_outputs
-    prefill = timed(lambda: model(input_ids=prompt, attention_mask=prompt_mask, mm_encoder_outputs={"image": image},
-                                  logits_to_keep=1, use_cache=True), repeats)
-    def decode() -> float:
-        """Prefill once, then time single-token steps on the cache the prefill left."""
-        inputs = dict(input_ids=prompt, attention_mask=prompt_mask, mm_encoder_outputs={"image": image})
-        out = model(**inputs, logits_to_keep=1, use_cache=True)
-        cache, token, length = out.cache, out.logits[:, -1].argmax(-1, keepdim=True), prompt.shape[1]
-        start = time.perf_counter()
-        for step in range(decode_tokens):
-            out = model(input_ids=token, cache=cache, attention_mask=torch.ones(1, length + step + 1, dtype=torch.long),
-                        position_ids=torch.tensor([[length + step]]), use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return (time.perf_counter() - start) / decode_tokens
+    inputs = dict(input_ids=prompt, attention_mask=prompt_mask, mm_encoder_outputs={"image": image},
+                  logits_to_keep=1, use_cache=True)
+    prefill = timed(lambda: model(**inputs))
 
-    result = {"vision": vision, "prefill": prefill, "decode_ms": 1000 * statistics.median(decode() for _ in range(repeats))}
+    # Decode: prefill once, then single-token steps on the cache that prefill left.
+    out = model(**inputs)
+    cache, token, length = out.cache, out.logits[:, -1].argmax(-1, keepdim=True), prompt.shape[1]
+    start = time.perf_counter()
+    for step in range(decode_tokens):
+        out = model(input_ids=token, cache=cache, attention_mask=torch.ones(1, length + step + 1, dtype=torch.long),
+                    position_ids=torch.tensor([[length + step]]), use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    result = {"vision": vision, "prefill": prefill, "decode_ms": 1000 * (time.perf_counter() - start) / decode_tokens}
     if reduction is not None:
         report = vtr.report(model)
         result.update(macs=float(report.prefill_macs[0]), macs_unreduced=float(report.prefill_macs_unreduced[0]),
-                      kept=int(report.visual_tokens_after[0]), where=report.where)
+                      kept=int(report.visual_tokens_after[0]))
     return result
+
+
+def paired(model, ids, pixels, method: str, budget: int, layers, rounds: int, decode_tokens: int):
+    """Unreduced and reduced runs alternate, so both see the same machine load; medians of each."""
+    base, reduced = [], []
+    for _ in range(rounds):
+        base.append(measure(model, ids, pixels, decode_tokens))
+        vtr.patch(model, method, budget=budget, **({"layers": layers} if layers else {}))
+        reduced.append(measure(model, ids, pixels, decode_tokens))
+        vtr.unpatch(model)
+    median = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return ({k: median(base, k) for k in ("vision", "prefill", "decode_ms")},
+            {k: median(reduced, k) for k in reduced[0]})
 
 
 def main() -> None:
@@ -91,7 +98,7 @@ def main() -> None:
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--lm-layers", type=int, default=2)
     parser.add_argument("--text", type=int, default=40, help="text tokens around the image")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -103,23 +110,21 @@ def main() -> None:
     ids = torch.tensor([[1] + list(range(2, 2 + half)) + [IMAGE_TOKEN] * 576 + list(range(100, 100 + args.text - half))])
     pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
 
-    base = measure(model, ids, pixels, args.repeats, args.decode_tokens)
+    measure(model, ids, pixels, 1)  # warm-up
     print(f"LLaVA-1.5-shaped, vision {args.vision_layers} / LM {args.lm_layers} layers, {ids.shape[1]} prompt tokens "
-          f"(576 visual), CPU threads {torch.get_num_threads()}, median of {args.repeats}")
-    print("| method | where | visual kept | LM prefill MACs | prefill s | prefill speed-up | vision+reduce s "
-          "| decode ms/token |")
+          f"(576 visual), CPU threads {torch.get_num_threads()}, median of {args.repeats} interleaved rounds")
+    print("| method | where | visual kept | LM prefill MACs | prefill s (unreduced) | prefill speed-up "
+          "| vision+reduce s (unreduced) | decode ms/token (unreduced) |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| unreduced | - | 576 | 1.00 | {base['prefill']:.3f} | 1.00x | {base['vision']:.3f} | {base['decode_ms']:.1f} |")
     runs = [(m, b, None) for b in map(int, args.budgets.split(",")) for m in args.methods.split(",")]
     if args.in_llm_layer is not None:
         runs += [("fastv", b, [args.in_llm_layer]) for b in map(int, args.budgets.split(","))]
     for method, budget, layers in runs:
-        vtr.patch(model, method, budget=budget, **({"layers": layers} if layers else {}))
-        r = measure(model, ids, pixels, args.repeats, args.decode_tokens)
-        vtr.unpatch(model)
-        print(f"| {method} | {'layer ' + str(layers[0]) if layers else 'before LM'} | {r['kept']} | "
-              f"{r['macs'] / r['macs_unreduced']:.3f} | {r['prefill']:.3f} | {base['prefill'] / r['prefill']:.2f}x | "
-              f"{r['vision']:.3f} | {r['decode_ms']:.1f} |", flush=True)
+        base, r = paired(model, ids, pixels, method, budget, layers, args.repeats, args.decode_tokens)
+        print(f"| {method} | {'LM layer ' + str(layers[0]) if layers else 'before LM'} | {int(r['kept'])} | "
+              f"{r['macs'] / r['macs_unreduced']:.3f} | {r['prefill']:.3f} ({base['prefill']:.3f}) | "
+              f"{base['prefill'] / r['prefill']:.2f}x | {r['vision']:.3f} ({base['vision']:.3f}) | "
+              f"{r['decode_ms']:.1f} ({base['decode_ms']:.1f}) |", flush=True)
 
 
 if __name__ == "__main__":
