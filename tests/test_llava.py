@@ -273,6 +273,11 @@ def test_unsupported_families_are_clear_errors():
         vtr.patch(model.model, "tome", budget=4)
     with pytest.raises(vtr.UnsupportedModelError, match="supported: timm, llava"):
         vtr.patch(nn.Linear(2, 2), "tome", budget=4)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    config = LlavaNextConfig(vision_config=model.config.vision_config, text_config=model.config.text_config,
+                             image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[56, 56]])
+    with pytest.raises(vtr.UnsupportedModelError, match="LLaVA-NeXT .* not supported yet"):
+        vtr.patch(LlavaNextForConditionalGeneration(config), "tome", budget=4)
 
 
 def test_bad_calls_are_clear_errors():
