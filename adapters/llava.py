@@ -168,7 +168,8 @@ def prefill_macs(model: nn.Module, num_tokens: Tensor, kept_tokens: Optional[Ten
         return (c.attn_linear + c.mlp_linear) * t + c.attn_dim * t * (t + 1)
 
     kept_tokens = num_tokens if kept_tokens is None else kept_tokens
-    return layer(num_tokens) * from_layer + layer(kept_tokens) * (c.num_layers - from_layer) + _linear_macs(model.lm_head)
+    head = _linear_macs(model.lm_head)
+    return layer(num_tokens) * from_layer + layer(kept_tokens) * (c.num_layers - from_layer) + head
 
 
 def expected_flops(model: nn.Module) -> tuple[float, float]:
@@ -337,7 +338,8 @@ class ReducingLlava:
 
         kept = torch.full_like(counts, state.num_tokens)
         pad_id = _pad_id(self, image_token_id)
-        ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, counts, kept, pad_id, left)
+        ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, counts, kept, pad_id,
+                                                   left)
         image_outputs.pooler_output = list(state.x)
         _record(self, reduction, state, tokens, reducer_macs, image_rows, placeholder, ids == image_token_id,
                 attention_mask, mask, kept_positions)
@@ -570,7 +572,8 @@ def patch(model: nn.Module, reduction: Reduction) -> None:
     if reduction.arguments.get("layers") is not None:
         from .llava_prune import LanguageModelPruning
         layer = reduction.arguments["layers"]
-        reduction.pruner = LanguageModelPruning(model, reduction, layer[0] if isinstance(layer, (list, tuple)) else layer)
+        layer = layer[0] if isinstance(layer, (list, tuple)) else layer
+        reduction.pruner = LanguageModelPruning(model, reduction, layer)
     model._vtr = reduction
     model.__class__ = _patched_class(type(model))
 

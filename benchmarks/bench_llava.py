@@ -107,7 +107,8 @@ def main() -> None:
 
     model = llava_15_shaped(args.vision_layers, args.lm_layers)
     half = args.text // 2
-    ids = torch.tensor([[1] + list(range(2, 2 + half)) + [IMAGE_TOKEN] * 576 + list(range(100, 100 + args.text - half))])
+    text_after = list(range(100, 100 + args.text - half))
+    ids = torch.tensor([[1] + list(range(2, 2 + half)) + [IMAGE_TOKEN] * 576 + text_after])
     pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
 
     measure(model, ids, pixels, 1)  # warm-up
