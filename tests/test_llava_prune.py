@@ -129,3 +129,14 @@ def test_bad_layers_and_right_padding_are_clear_errors():
     ids, mask = left_padded([prompt_row([1], 1, [7]), prompt_row([1, 2, 3], 1, [7])])
     with pytest.raises(ValueError, match="pad on the left"):
         model(input_ids=ids.flip(1), attention_mask=mask.flip(1), pixel_values=torch.randn(2, 3, 56, 56))
+
+
+def test_fastv_reducer_keeps_the_most_attended_tokens_in_order():
+    state = vtr.TokenState.start(torch.randn(2, 6, 3), num_protected=1)
+    attention = torch.tensor([[0.5, 0.1, 0.3, 0.05, 0.4, 0.2], [0.5, 0.4, 0.1, 0.3, 0.2, 0.0]])
+    reducer = vtr.make_reducer("fastv")
+    out = reducer(state, 3, vtr.Signals(cls_attention=attention))
+    assert out.assignment.tolist() == [[0, -1, 1, -1, 2, -1], [0, 1, -1, 2, -1, -1]]
+    assert torch.equal(out.x[0], state.x[0, [0, 2, 4]]) and torch.equal(out.size, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="fastv needs signals.cls_attention"):
+        reducer(state, 3, vtr.Signals())
