@@ -12,6 +12,13 @@ the compacted mask as it always does (kept tokens get consecutive positions), th
 short from the first step, every attention implementation works, and each row of a batch
 computes what it would compute alone, whatever each row kept. ``generate()`` returns the caller's
 own prompt followed by the new tokens, as the unpatched model does.
+
+``layers=[K]`` prunes inside the language model instead (``adapters/llava_prune.py``).
+
+Limits: ``prop_attn`` has no effect here (the language model's attention is not changed; a merged
+token counts once); ``forward()`` with ``pixel_values`` returns logits over the compacted prompt
+(``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts must
+come as ``input_ids``; LLaVA-NeXT (AnyRes) is refused with UnsupportedModelError.
 """
 from __future__ import annotations
 
