@@ -41,6 +41,7 @@ class LazyAdapter:
 ADAPTERS: list[Union[ModuleType, LazyAdapter]] = [
     timm_vit,
     LazyAdapter("open_clip_vit", "open_clip", "open_clip"),
+    LazyAdapter("llava", "transformers LLaVA", "transformers"),
     LazyAdapter("hf_vision", "transformers (CLIP, SigLIP, ViT)", "transformers"),
 ]
 

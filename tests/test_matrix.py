@@ -22,7 +22,7 @@ FAMILIES = {
     "hf_siglip": lambda: SiglipVisionModel(SiglipVisionConfig(**HF)),  # no CLS token
 }
 SIZE = {"timm": 96}
-ENCODER_METHODS = [m for m in vtr.methods() if m not in ("none", "fastv")]
+ENCODER_METHODS = [m for m in vtr.methods() if m != "none"]
 
 
 def build(family):

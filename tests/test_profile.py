@@ -107,7 +107,7 @@ def test_patched_profile_drops_at_reducing_layers():
 DATA_DEPENDENT = {"hired"}  # its budget split reads score values on the host
 
 
-@pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none", "fastv"}))
+@pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none"}))
 def test_meta_profile_equals_real_profile(method):
     """For every registered encoder method, a count on the meta device (no data) equals the count on
     real images, or the meta count refuses clearly; it never guesses."""

@@ -78,10 +78,16 @@ def patch(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     adapter = find_adapter(model)
     adapter.check(model)
+    # An adapter may take amounts of its own (LLaVA: budget=, visual tokens kept per image) and
+    # then turns all amounts into a schedule itself.
+    own = {k: options.pop(k) for k in getattr(adapter, "AMOUNTS", ()) if k in options}
     reducer = make_reducer(method, **options)
     cost = adapter.cost(model, metric)
-    schedule = make_schedule(reducer, cost, r=r, keep=keep, flops=flops, layers=layers)
-    given = {"r": r, "keep": keep, "flops": flops, "layers": layers}
+    if hasattr(adapter, "make_schedule"):
+        schedule = adapter.make_schedule(model, reducer, r=r, keep=keep, flops=flops, layers=layers, **own)
+    else:
+        schedule = make_schedule(reducer, cost, r=r, keep=keep, flops=flops, layers=layers)
+    given = {"r": r, "keep": keep, "flops": flops, "layers": layers} | own
     arguments = {k: v for k, v in given.items() if v is not None} | options
     adapter.patch(model, Reduction(method=method, reducer=reducer, schedule=schedule, metric=metric,
                                    prop_attn=prop_attn, arguments=arguments, has_cls=cost.has_cls))
@@ -117,6 +123,8 @@ def expected_tokens(model: nn.Module) -> list[int]:
 def expected_flops(model: nn.Module) -> tuple[float, float]:
     """Analytic (reduced, unreduced) MACs per image at the model's default input size."""
     adapter = find_adapter(model)
+    if hasattr(adapter, "expected_flops"):  # adapters whose cost is not a ViT stack (LLaVA)
+        return adapter.expected_flops(model)
     if not is_patched(model):
         cost = adapter.cost(model)
         return cost.unreduced(), cost.unreduced()

@@ -1,0 +1,593 @@
+"""Hugging Face LLaVA adapter: fewer visual tokens reach the language model; ``generate()`` unchanged.
+
+Where: once per image, on the projector output (the very tokens the language model would read),
+with any vtr reducer, down to ``budget`` tokens per image. A reducer whose ``max_step`` is below 1
+(bipartite merging removes at most half per step) runs as many steps as the budget needs.
+
+How the language model sees it: the prompt is *compacted*. Each image keeps as many ``<image>``
+placeholders (found from ``config.image_token_id``, never a hard-coded span) as it kept tokens,
+padding is rebuilt on the left, and the reduced features go in through ``mm_encoder_outputs``.
+The language model then runs an ordinary, shorter prompt: ``generate()`` numbers positions from
+the compacted mask as it always does (kept tokens get consecutive positions), the KV cache is
+short from the first step, every attention implementation works, and each row of a batch
+computes what it would compute alone, whatever each row kept. ``generate()`` returns the caller's
+own prompt followed by the new tokens, as the unpatched model does.
+
+``layers=[K]`` prunes inside the language model instead (``adapters/llava_prune.py``).
+
+Limits: ``prop_attn`` has no effect here (the language model's attention is not changed; a merged
+token counts once); ``forward()`` with ``pixel_values`` returns logits over the compacted prompt
+(``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts must
+come as ``input_ids``; LLaVA-NeXT (AnyRes) is refused with UnsupportedModelError.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vtr.config import Reduction, Report
+from vtr.cost import EncoderCost
+from vtr.reducers import Reducer, Signals
+from vtr.schedule import Schedule
+from vtr.signals import cls_attention
+from vtr.state import TokenState
+
+from .errors import UnsupportedModelError
+from .steps import linear_macs
+
+name = "llava"
+AMOUNTS = ("budget",)          # vtr.patch(model, method, budget=64): visual tokens kept per image
+WHERE = "before the language model (projector output, per image)"
+_VISION_KEYS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+
+
+def _llava_classes() -> tuple:
+    try:
+        from transformers import LlavaForConditionalGeneration, LlavaModel
+    except ImportError:  # transformers is optional for vtr
+        return ()
+    return LlavaForConditionalGeneration, LlavaModel
+
+
+def matches(model: nn.Module) -> bool:
+    """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""
+    return type(model).__module__.startswith("transformers.models.llava") or isinstance(model, _llava_classes())
+
+
+def check(model: nn.Module) -> None:
+    kind = type(model).__name__
+    classes = _llava_classes()
+    if not classes or not isinstance(model, classes[0]):
+        raise UnsupportedModelError(
+            f"vtr's LLaVA adapter supports transformers' LlavaForConditionalGeneration (LLaVA-1.5 style: one "
+            f"fixed-size feature map per image); got {kind}. LLaVA-NeXT (AnyRes crops) is not supported yet; "
+            "for a bare LlavaModel, patch the LlavaForConditionalGeneration that holds it"
+        )
+    config = model.config
+    if getattr(config, "image_token_id", None) is None:
+        raise UnsupportedModelError(f"{kind}.config.image_token_id is not set: vtr finds the image span from it")
+    if config.vision_feature_select_strategy not in ("default", "full"):
+        raise UnsupportedModelError(
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}; supported: 'default', 'full'"
+        )
+
+
+def image_tokens(model: nn.Module) -> tuple[int, int]:
+    """(visual tokens per image, protected leading tokens) at the model's own image size.
+
+    With the 'full' strategy the first feature is the vision tower's CLS token: it is protected.
+    """
+    config = model.config
+    vision = config.vision_config
+    protected = 1 if config.vision_feature_select_strategy == "full" else 0
+    if hasattr(vision, "image_size") and hasattr(vision, "patch_size"):
+        return (vision.image_size // vision.patch_size) ** 2 + protected, protected
+    return int(config.image_seq_length), protected
+
+
+def reduction_steps(num_tokens: int, budget: int, reducer: Reducer, num_protected: int) -> list[int]:
+    """Tokens each step removes to go from ``num_tokens`` to ``budget`` within the reducer's ``max_step``."""
+    steps, n = [], num_tokens
+    while n > budget:
+        removable = reducer.max_removable(n, num_protected)
+        if removable == 0:
+            raise ValueError(
+                f"method {reducer.name!r} cannot remove tokens, so it cannot keep budget={budget} of {num_tokens}"
+            )
+        kept = max(budget, n - removable)
+        steps.append(n - kept)
+        n = kept
+    return steps
+
+
+def make_schedule(model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
+                  budget: Optional[int] = None) -> Schedule:
+    """``budget=`` (visual tokens kept per image) as a schedule of reduction steps.
+
+    ``layers=None`` reduces on the projector output, before the language model; ``layers=[K]``
+    prunes inside the language model at decoder layer K (FastV-style; see ``llava_prune``).
+    """
+    others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
+    if others:
+        raise ValueError(
+            f"the LLaVA adapter takes budget= (visual tokens kept per image), not {', '.join(o + '=' for o in others)}"
+        )
+    if layers is not None:
+        num_layers = len(model.model.language_model.layers)
+        chosen = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        if len(chosen) != 1 or isinstance(chosen[0], bool) or not isinstance(chosen[0], int) \
+                or not 0 <= chosen[0] < num_layers:
+            raise ValueError(f"layers must be one language-model layer [K] with K in [0, {num_layers - 1}] "
+                             f"(where in-LLM pruning happens), got {layers!r}")
+    num_tokens, protected = image_tokens(model)
+    if reducer.max_step == 0.0:  # the 'none' method
+        if budget not in (None, num_tokens):
+            raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget= (or set budget={num_tokens})")
+        return Schedule("r", (0,))
+    if budget is None:
+        raise ValueError(f"method {reducer.name!r} needs budget= (visual tokens kept per image, 1..{num_tokens})")
+    if isinstance(budget, bool) or not isinstance(budget, int) or not protected + 1 <= budget <= num_tokens:
+        raise ValueError(
+            f"budget must be an int in [{protected + 1}, {num_tokens}] (visual tokens kept per image; this model "
+            f"gives {num_tokens} per image), got {budget!r}"
+        )
+    return Schedule("r", tuple(reduction_steps(num_tokens, budget, reducer, protected)) or (0,))
+
+
+def cost(model: nn.Module, metric: str = "x") -> EncoderCost:
+    """Language-model MACs of one image's visual tokens (what the reduction saves), per layer."""
+    language = model.model.language_model
+    layer = language.layers[0]
+    num_tokens, protected = image_tokens(model)
+    return EncoderCost(
+        num_tokens=num_tokens,
+        num_protected=protected,
+        num_layers=len(language.layers),
+        attn_linear=linear_macs(layer.self_attn),
+        attn_dim=layer.self_attn.q_proj.out_features,
+        mlp_linear=linear_macs(layer.mlp),
+        fixed=0.0,
+        metric_dim=model.config.text_config.hidden_size,
+    )
+
+
+def prefill_macs(model: nn.Module, num_tokens: Tensor, kept_tokens: Optional[Tensor] = None,
+                 from_layer: int = 0) -> Tensor:
+    """Analytic language-model prefill MACs for prompts of ``num_tokens`` real tokens (per row).
+
+    Linear layers per token, causal attention scores and values over ``T(T+1)/2`` query-key
+    pairs, and the head on the last position (what ``generate()`` computes). Norms, activations
+    and softmax are left out, as every counter does. With ``kept_tokens``, layers from
+    ``from_layer`` on run on that many tokens (in-LLM pruning).
+    """
+    c = cost(model)
+
+    def layer(t: Tensor) -> Tensor:
+        t = t.double()
+        return (c.attn_linear + c.mlp_linear) * t + c.attn_dim * t * (t + 1)
+
+    kept_tokens = num_tokens if kept_tokens is None else kept_tokens
+    head = linear_macs(model.lm_head)
+    return layer(num_tokens) * from_layer + layer(kept_tokens) * (c.num_layers - from_layer) + head
+
+
+def expected_flops(model: nn.Module) -> tuple[float, float]:
+    """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
+    the reducer's own decisions included; the vision tower is the same either way."""
+    num_tokens, protected = image_tokens(model)
+    reduction = getattr(model, "_vtr", None)
+    if not isinstance(reduction, Reduction):
+        unreduced = float(prefill_macs(model, torch.tensor([num_tokens])))
+        return unreduced, unreduced
+    tokens = reduction.schedule.token_counts(reduction.reducer, num_tokens, protected)
+    image_cost = cost(model, reduction.metric)
+    decisions = sum(reduction.reducer.extra_macs(n, image_cost) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
+    reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], num_tokens])).tolist()
+    return reduced + decisions, unreduced
+
+
+@dataclass
+class LlavaReport(Report):
+    """What the last call really kept (a :class:`vtr.Report` whose batch dimension is the images).
+
+    tokens: visual tokens per image entering each reduction step, then the count kept.
+    assignment / size: per image, as in :class:`vtr.Report` (merged tokens have size > 1).
+    image_rows: ``[I]`` prompt row of each image.
+    visual_tokens_before / visual_tokens_after: ``[B]`` placeholders per row in the caller's prompt
+        and in the compacted prompt the language model saw (text-only rows: 0 and 0).
+    kept_positions: ``[B, L']`` index in the caller's prompt of each column of the compacted prompt,
+        -1 for padding; ``forward()`` logits follow these columns.
+    prefill_macs / prefill_macs_unreduced: ``[B]`` analytic language-model prefill MACs per row,
+        with and without the reduction (real tokens only; the vision tower is unchanged).
+    reducer_macs: MACs of the reducer's own decisions for the whole batch.
+    """
+
+    where: str = WHERE
+    image_rows: Optional[Tensor] = None
+    visual_tokens_before: Optional[Tensor] = None
+    visual_tokens_after: Optional[Tensor] = None
+    kept_positions: Optional[Tensor] = None
+    prefill_macs: Optional[Tensor] = None
+    prefill_macs_unreduced: Optional[Tensor] = None
+    reducer_macs: float = 0.0
+
+    @property
+    def prefill_flops_saved(self) -> float:
+        """Fraction of the batch's analytic language-model prefill MACs the reduction removed."""
+        unreduced = float(self.prefill_macs_unreduced.sum())
+        return 1.0 - (float(self.prefill_macs.sum()) + self.reducer_macs) / unreduced
+
+
+@dataclass
+class Prepared:
+    """Compacted inputs for the language model and what to restore for the caller."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    image_outputs: object          # the vision tower's output with reduced ``pooler_output``
+    kept_positions: Tensor         # [B, L'] source column in the caller's prompt, -1 padding
+
+
+def _image_of_placeholder(placeholder: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """For each position: index of the image its placeholder belongs to, and its rank in that image.
+
+    transformers fills placeholders with the images' features in row-major order, image after
+    image, so the k-th placeholder of the batch belongs to the image whose cumulative count covers k.
+    """
+    order = placeholder.flatten().long().cumsum(0).view_as(placeholder) - 1
+    ends = counts.cumsum(0)
+    image = torch.searchsorted(ends, order.clamp_min(0), right=True).clamp_max(len(counts) - 1)
+    rank = order - (ends - counts)[image]
+    return image, rank
+
+
+def compact_prompt(input_ids: Tensor, attention_mask: Tensor, image_token_id: int, counts: Tensor,
+                   kept: Tensor, pad_id: int, left: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop each image's placeholders past its kept count and the old padding; pad again.
+
+    ``counts`` / ``kept`` ``[I]``: placeholders per image before / after. Returns ``input_ids``,
+    ``attention_mask`` and ``kept_positions`` (source column, -1 padding) of the compacted prompt.
+    """
+    placeholder = input_ids == image_token_id
+    keep = attention_mask.bool()
+    if counts.numel():
+        image, rank = _image_of_placeholder(placeholder, counts)
+        keep = torch.where(placeholder, rank < kept[image], keep)
+    kept_positions = kept_columns(keep, left)
+    real = kept_positions >= 0
+    ids = torch.where(real, input_ids.gather(1, kept_positions.clamp_min(0)), pad_id)
+    return ids, real.to(attention_mask.dtype), kept_positions
+
+
+def kept_columns(keep: Tensor, left: bool = True) -> Tensor:
+    """``[B, L']`` source column of each slot of the rows' kept tokens (in order), -1 for padding."""
+    lengths = keep.sum(1)
+    width = int(lengths.max()) if lengths.numel() else 0
+    column = keep.long().cumsum(1) - 1 + ((width - lengths)[:, None] if left else 0)
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(column)
+    source = torch.arange(keep.shape[1], device=keep.device).expand_as(column)
+    kept = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
+    kept[rows[keep], column[keep]] = source[keep]
+    return kept
+
+
+class ReducingLlava:
+    """Mixed in before the model's own class; see the module docstring."""
+
+    _vtr: Reduction
+
+    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
+        if _pruner(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
+            return super().generate(inputs, *args, **kwargs)
+        pixel_values = kwargs.pop("pixel_values", None)
+        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        if pixel_values is None:
+            if kwargs.get("mm_encoder_outputs") is not None:
+                raise ValueError("precomputed mm_encoder_outputs would bypass vtr's reduction on a patched LLaVA; "
+                                 "pass pixel_values (or vtr.unpatch(model) first)")
+            if input_ids is not None:
+                self._vtr.report = text_only_report(self, input_ids, kwargs.get("attention_mask"))
+            return super().generate(input_ids, *args, **kwargs)
+        vision = {k: kwargs.pop(k) for k in _VISION_KEYS if k in kwargs}
+        prepared = self._vtr_prepare(input_ids, kwargs.pop("attention_mask", None), pixel_values, left=True,
+                                     **vision)
+        output = super().generate(prepared.input_ids, *args, attention_mask=prepared.attention_mask,
+                                  mm_encoder_outputs={"image": prepared.image_outputs}, **kwargs)
+        return _with_callers_prompt(output, input_ids, prepared.input_ids.shape[1])
+
+    def save_pretrained(self, *args, **kwargs):
+        """Saved as the original class: the checkpoint is the unpatched model's, weights untouched."""
+        patched = type(self)
+        self.__class__ = self._vtr.original_class
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched
+
+    def _vtr_prepare(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], pixel_values: Tensor,
+                     left: bool, **vision) -> Prepared:
+        """Encode the images, reduce each one, compact the prompt, record the report."""
+        if input_ids is None:
+            raise ValueError("a vtr-patched LLaVA needs input_ids with pixel_values: the image span is found from "
+                             "config.image_token_id in input_ids (inputs_embeds are not supported)")
+        if vision.get("image_sizes") is not None:
+            raise UnsupportedModelError("image_sizes (per-image resolutions) are not supported by vtr's LLaVA adapter")
+        reduction = self._vtr
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with _ClsAttention(self, reduction) as attention:
+            image_outputs = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision)
+        features = torch.stack(list(image_outputs.pooler_output))      # [I, N, D]
+        image_token_id = self.config.image_token_id
+        placeholder = input_ids == image_token_id
+        if int(placeholder.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"the prompt has {int(placeholder.sum())} image tokens (id {image_token_id}) but the "
+                f"{features.shape[0]} images give {features.shape[0] * features.shape[1]} features"
+            )
+        counts = torch.full((features.shape[0],), features.shape[1], device=input_ids.device)
+        image_rows = _image_rows(placeholder, counts)
+        query = None
+        if "query" in reduction.reducer.needs:
+            query = _query(self, input_ids, attention_mask, placeholder, image_rows, reduction.query)
+        cls_row = attention.value
+        if cls_row is not None and image_tokens(self)[1] == 0:
+            cls_row = cls_row[:, 1:]      # the CLS token is not among the 'default' features
+        state, tokens, reducer_macs = _reduce(self, reduction, features, cls_row, query)
+
+        kept = torch.full_like(counts, state.num_tokens)
+        pad_id = _pad_id(self, image_token_id)
+        ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, counts, kept, pad_id,
+                                                   left)
+        image_outputs.pooler_output = list(state.x)
+        _record(self, reduction, state, tokens, reducer_macs, image_rows, placeholder, ids == image_token_id,
+                attention_mask, mask, kept_positions)
+        return Prepared(ids, mask, image_outputs, kept_positions)
+
+
+def _vtr_forward(self, original_forward, *args, **kwargs):
+    """The model's forward; with ``pixel_values`` it runs on the compacted prompt (see LlavaReport)."""
+    bound = inspect.signature(original_forward).bind(self, *args, **kwargs)
+    arguments = dict(bound.arguments)
+    arguments.pop("self")
+    arguments |= arguments.pop("kwargs", {})
+    pruner = _pruner(self)
+    if pruner is not None:
+        pruner.observe(arguments.get("input_ids"), arguments.get("attention_mask"))
+        return original_forward(self, **arguments)
+    if arguments.get("pixel_values") is None:
+        return original_forward(self, **arguments)
+    if arguments.get("position_ids") is not None:
+        raise ValueError("position_ids cannot be combined with pixel_values on a vtr-patched LLaVA: the prompt is "
+                         "compacted, so positions follow the compacted attention_mask")
+    mask = arguments.get("attention_mask")
+    right_padded = mask is not None and bool((mask[:, -1] == 0).any())
+    vision = {k: arguments.pop(k) for k in _VISION_KEYS if arguments.get(k) is not None}
+    prepared = self._vtr_prepare(arguments.get("input_ids"), mask, arguments.pop("pixel_values"),
+                                 left=not right_padded, **vision)
+    if arguments.get("labels") is not None:
+        labels = arguments["labels"].gather(1, prepared.kept_positions.clamp_min(0))
+        arguments["labels"] = labels.masked_fill(prepared.kept_positions < 0, -100)
+    arguments.update(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
+                     mm_encoder_outputs={"image": prepared.image_outputs})
+    return original_forward(self, **arguments)
+
+
+def _pruner(model):
+    return getattr(model._vtr, "pruner", None)
+
+
+def _with_callers_prompt(output, input_ids: Tensor, compact_length: int):
+    """generate() output with the caller's prompt in front of the new tokens (not the compacted one)."""
+    sequences = output if isinstance(output, Tensor) else output.sequences
+    repeat = sequences.shape[0] // input_ids.shape[0]   # num_return_sequences / beams
+    prompt = input_ids.repeat_interleave(repeat, dim=0).to(sequences.device)
+    restored = torch.cat([prompt, sequences[:, compact_length:]], dim=1)
+    if isinstance(output, Tensor):
+        return restored
+    output.sequences = restored
+    return output
+
+
+def _pad_id(model, image_token_id: int) -> int:
+    for pad in (getattr(model.generation_config, "pad_token_id", None),
+                getattr(model.config.text_config, "pad_token_id", None), 0):
+        if isinstance(pad, int) and pad != image_token_id:
+            return pad
+    return 0 if image_token_id != 0 else 1
+
+
+def _image_rows(placeholder: Tensor, counts: Tensor) -> Tensor:
+    """Row of each image: the row holding its first placeholder."""
+    starts = torch.cumsum(counts, 0) - counts
+    flat_rows = placeholder.nonzero()[:, 0]
+    return flat_rows[starts]
+
+
+def _query(model, input_ids: Tensor, attention_mask: Tensor, placeholder: Tensor, image_rows: Tensor,
+           given: Optional[Tensor]) -> list[Tensor]:
+    """Per image ``[1, Q, D]``: the language model's input embeddings of its row's text tokens, or the
+    row's query from ``vtr.conditioned(model, query)`` (``[B, D]`` / ``[B, Q, D]``, one row per prompt)."""
+    if given is not None:
+        if given.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"vtr.conditioned: query must have one row per prompt ({input_ids.shape[0]}), "
+                             f"got {tuple(given.shape)}")
+        return [given[row][None].to(model.dtype) for row in image_rows.tolist()]
+    text = attention_mask.bool() & ~placeholder
+    embed = model.get_input_embeddings()
+    queries = []
+    for row in image_rows.tolist():
+        tokens = input_ids[row][text[row]]
+        if tokens.numel() == 0:
+            raise ValueError(f"query-conditioned reduction needs text in the prompt; row {row} has only image tokens")
+        queries.append(embed(tokens)[None])
+    return queries
+
+
+class _ClsAttention:
+    """Captures q/k of the vision layer whose output LLaVA uses, to give reducers the CLS attention row.
+
+    Hooks live only while the vision tower runs; the layer keeps its fused attention.
+    """
+
+    def __init__(self, model, reduction: Reduction):
+        self.attn = _feature_attention(model) if "cls_attention" in reduction.reducer.needs else None
+        self.captured: dict = {}
+        self.handles: list = []
+
+    def __enter__(self) -> "_ClsAttention":
+        if self.attn is not None:
+            for key in ("q", "k"):
+                module = getattr(self.attn, f"{key}_proj")
+                self.handles.append(module.register_forward_hook(
+                    lambda m, args, out, key=key: self.captured.__setitem__(key, out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    @property
+    def value(self) -> Optional[Tensor]:
+        """``[I, N]`` head-mean attention of the CLS token to each token LLaVA keeps as a feature."""
+        if self.attn is None:
+            return None
+        q, k = self.captured["q"], self.captured["k"]
+        heads = self.attn.num_heads
+        split = lambda t: t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        return cls_attention(split(q), split(k), scale=self.attn.scale)
+
+
+def _feature_attention(model) -> nn.Module:
+    """The attention module of the vision layer that produces ``hidden_states[vision_feature_layer]``."""
+    layer_index = model.config.vision_feature_layer
+    layers = getattr(getattr(model.model.vision_tower, "encoder", None), "layers", None)
+    if not isinstance(layer_index, int) or layers is None:
+        raise UnsupportedModelError("cls_attention needs a CLIP-style vision tower and an int vision_feature_layer")
+    hidden_index = layer_index % (len(layers) + 1)
+    if hidden_index == 0:
+        raise UnsupportedModelError("vision_feature_layer selects the embeddings: there is no attention to read")
+    return layers[hidden_index - 1].self_attn
+
+
+def _reduce(model, reduction: Reduction, features: Tensor, attention: Optional[Tensor],
+            query: Optional[list]) -> tuple[TokenState, list[int], float]:
+    """Run the reducer's steps on every image; query-conditioned reducers run image by image."""
+    num_tokens, protected = features.shape[1], image_tokens(model)[1]
+    budget = num_tokens - sum(reduction.schedule.amounts)
+    if num_tokens != image_tokens(model)[0]:
+        budget = min(reduction.arguments.get("budget", num_tokens), num_tokens)
+    steps = reduction_steps(num_tokens, budget, reduction.reducer, protected) if reduction.reduces else []
+    side = int(round((num_tokens - protected) ** 0.5))
+    grid = (side, side) if side * side == num_tokens - protected else None
+    groups = [slice(i, i + 1) for i in range(features.shape[0])] if query is not None else [slice(None)]
+    states = []
+    for i, group in enumerate(groups):
+        state = TokenState.start(features[group], protected)
+        for step, remove in enumerate(steps):
+            signals = Signals(
+                metric=state.x, layer=step, num_layers=len(steps),
+                cls_attention=None if attention is None else _carried(attention[group], state),
+                query=None if query is None else query[i], grid=None if state.is_reduced else grid,
+            )
+            state = reduction.reducer(state, state.num_tokens - remove, signals)
+        states.append(state)
+    state = states[0] if len(states) == 1 else TokenState(
+        x=torch.cat([s.x for s in states]), size=torch.cat([s.size for s in states]),
+        assignment=torch.cat([s.assignment for s in states]), num_protected=protected)
+    tokens = [num_tokens]
+    for remove in steps:
+        tokens.append(tokens[-1] - remove)
+    image_cost = cost(model, reduction.metric)
+    reducer_macs = features.shape[0] * sum(reduction.reducer.extra_macs(n, image_cost)
+                                           for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
+    return state, tokens, float(reducer_macs)
+
+
+def _carried(attention: Tensor, state: TokenState) -> Tensor:
+    """Attention to each current token: the sum over the original tokens it carries."""
+    if not state.is_reduced:
+        return attention
+    index = state.assignment.clamp_min(0)
+    weights = attention.float() * (state.assignment >= 0)
+    return weights.new_zeros(state.size.shape).scatter_add_(1, index, weights)
+
+
+def _record(model, reduction: Reduction, state: TokenState, tokens: list[int], reducer_macs: float,
+            image_rows: Tensor, placeholder: Tensor, kept_placeholder: Tensor, mask: Tensor, compact_mask: Tensor,
+            kept_positions: Tensor) -> None:
+    side = int(round((state.num_original - state.num_protected) ** 0.5))
+    reduction.report = LlavaReport(
+        tokens=tokens,
+        assignment=state.assignment.detach(),
+        size=state.size.detach(),
+        num_protected=state.num_protected,
+        grid=(side, side) if side * side == state.num_original - state.num_protected else None,
+        image_rows=image_rows,
+        visual_tokens_before=placeholder.sum(1),
+        visual_tokens_after=kept_placeholder.sum(1),
+        kept_positions=kept_positions,
+        prefill_macs=prefill_macs(model, compact_mask.sum(1)),
+        prefill_macs_unreduced=prefill_macs(model, mask.sum(1)),
+        reducer_macs=reducer_macs,
+    )
+
+
+def text_only_report(model, input_ids: Tensor, attention_mask: Optional[Tensor], where: str = WHERE) -> LlavaReport:
+    """Report of a call without images: nothing to reduce, every row passes through untouched."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    zeros = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    real = mask.sum(1)
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return LlavaReport(
+        tokens=[], assignment=torch.zeros(0, 0, dtype=torch.long), size=torch.zeros(0, 0), num_protected=0,
+        where=where, image_rows=zeros[:0], visual_tokens_before=zeros, visual_tokens_after=zeros,
+        kept_positions=columns.masked_fill(mask == 0, -1), prefill_macs=prefill_macs(model, real),
+        prefill_macs_unreduced=prefill_macs(model, real),
+    )
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        original_forward = cls.forward
+
+        @functools.wraps(original_forward)  # generate() reads forward's signature (mm_encoder_outputs, ...)
+        def forward(self, *args, **kwargs):
+            return _vtr_forward(self, original_forward, *args, **kwargs)
+
+        _PATCHED_CLASSES[cls] = type(f"Vtr{cls.__name__}", (ReducingLlava, cls), {"forward": forward})
+    return _PATCHED_CLASSES[cls]
+
+
+def patch(model: nn.Module, reduction: Reduction) -> None:
+    if reduction.metric != "x":
+        raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
+    if "cls_attention" in reduction.reducer.needs:
+        _feature_attention(model)   # fail at patch time, not at the first call
+    reduction.original_class = type(model)
+    if reduction.arguments.get("layers") is not None:
+        from .llava_prune import LanguageModelPruning
+        layer = reduction.arguments["layers"]
+        layer = layer[0] if isinstance(layer, (list, tuple)) else layer
+        reduction.pruner = LanguageModelPruning(model, reduction, layer)
+    model._vtr = reduction
+    model.__class__ = _patched_class(type(model))
+
+
+def unpatch(model: nn.Module) -> None:
+    reduction: Reduction = model._vtr
+    if _pruner(model) is not None:
+        reduction.pruner.remove()
+    model.__class__ = reduction.original_class
+    del model._vtr
+
+
+__all__: Sequence[str] = ["LlavaReport", "compact_prompt", "prefill_macs", "reduction_steps"]

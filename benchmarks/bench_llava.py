@@ -1,0 +1,132 @@
+"""LLaVA-1.5-shaped model (random weights), CPU: vision, prefill and decode time per method and budget.
+
+Widths are LLaVA-1.5-7B's (CLIP ViT-L/14 at 336 px: 576 visual tokens; Llama-7B: hidden 4096,
+32 heads, MLP 11008), depth is scaled down to fit this machine (``--vision-layers``, ``--lm-layers``).
+Reported separately, per batch of one prompt (one image + ``--text`` text tokens):
+
+- vision: vision tower + projector + the reducer (before-LLM methods), seconds;
+- prefill: the language model on the prompt it really sees, seconds, and its speed-up;
+- MACs: analytic language-model prefill MACs (vtr.report), and the ratio to the unreduced prompt;
+- decode: milliseconds per generated token (the KV cache is as short as the kept prompt).
+
+    python benchmarks/bench_llava.py                       # budgets 192,128,64; tome, pitome, random, fastv
+    python benchmarks/bench_llava.py --budgets 64 --methods fastv --in-llm-layer 1 --lm-layers 2
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import vtr
+
+IMAGE_TOKEN = 32000
+
+
+def llava_15_shaped(vision_layers: int, lm_layers: int) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers,
+                       num_attention_heads=32, num_key_value_heads=32, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                         image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def measure(model, ids, pixels, decode_tokens: int) -> dict:
+    """One timing of each part for the model as it is now (patched or not)."""
+    mask = torch.ones_like(ids)
+    reduction = getattr(model, "_vtr", None)
+    in_llm = reduction is not None and getattr(reduction, "pruner", None) is not None
+    if reduction is None or in_llm:
+        vision = timed(lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True))
+        image = model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        prompt, prompt_mask = ids, mask
+    else:  # vision tower + reducer + compaction: what the patched model does before its language model
+        vision = timed(lambda: model._vtr_prepare(ids, mask, pixels, left=True))
+        prepared = model._vtr_prepare(ids, mask, pixels, left=True)
+        prompt, prompt_mask, image = prepared.input_ids, prepared.attention_mask, prepared.image_outputs
+    inputs = dict(input_ids=prompt, attention_mask=prompt_mask, mm_encoder_outputs={"image": image},
+                  logits_to_keep=1, use_cache=True)
+    prefill = timed(lambda: model(**inputs))
+
+    # Decode: prefill once, then single-token steps on the cache that prefill left.
+    out = model(**inputs)
+    cache, token, length = out.cache, out.logits[:, -1].argmax(-1, keepdim=True), prompt.shape[1]
+    start = time.perf_counter()
+    for step in range(decode_tokens):
+        out = model(input_ids=token, cache=cache, attention_mask=torch.ones(1, length + step + 1, dtype=torch.long),
+                    position_ids=torch.tensor([[length + step]]), use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    result = {"vision": vision, "prefill": prefill, "decode_ms": 1000 * (time.perf_counter() - start) / decode_tokens}
+    if reduction is not None:
+        report = vtr.report(model)
+        result.update(macs=float(report.prefill_macs[0]), macs_unreduced=float(report.prefill_macs_unreduced[0]),
+                      kept=int(report.visual_tokens_after[0]))
+    return result
+
+
+def paired(model, ids, pixels, method: str, budget: int, layers, rounds: int, decode_tokens: int):
+    """Unreduced and reduced runs alternate, so both see the same machine load; medians of each."""
+    base, reduced = [], []
+    for _ in range(rounds):
+        base.append(measure(model, ids, pixels, decode_tokens))
+        vtr.patch(model, method, budget=budget, **({"layers": layers} if layers else {}))
+        reduced.append(measure(model, ids, pixels, decode_tokens))
+        vtr.unpatch(model)
+    median = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return ({k: median(base, k) for k in ("vision", "prefill", "decode_ms")},
+            {k: median(reduced, k) for k in reduced[0]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="192,128,64")
+    parser.add_argument("--methods", default="tome,pitome,random,fastv")
+    parser.add_argument("--in-llm-layer", type=int, default=None, help="also run fastv inside the LM at this layer")
+    parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--lm-layers", type=int, default=2)
+    parser.add_argument("--text", type=int, default=40, help="text tokens around the image")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = llava_15_shaped(args.vision_layers, args.lm_layers)
+    half = args.text // 2
+    text_after = list(range(100, 100 + args.text - half))
+    ids = torch.tensor([[1] + list(range(2, 2 + half)) + [IMAGE_TOKEN] * 576 + text_after])
+    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+
+    measure(model, ids, pixels, 1)  # warm-up
+    print(f"LLaVA-1.5-shaped, vision {args.vision_layers} / LM {args.lm_layers} layers, {ids.shape[1]} prompt tokens "
+          f"(576 visual), CPU threads {torch.get_num_threads()}, median of {args.repeats} interleaved rounds")
+    print("| method | where | visual kept | LM prefill MACs | prefill s (unreduced) | prefill speed-up "
+          "| vision+reduce s (unreduced) | decode ms/token (unreduced) |")
+    print("|---|---|---|---|---|---|---|---|")
+    runs = [(m, b, None) for b in map(int, args.budgets.split(",")) for m in args.methods.split(",")]
+    if args.in_llm_layer is not None:
+        runs += [("fastv", b, [args.in_llm_layer]) for b in map(int, args.budgets.split(","))]
+    for method, budget, layers in runs:
+        base, r = paired(model, ids, pixels, method, budget, layers, args.repeats, args.decode_tokens)
+        print(f"| {method} | {'LM layer ' + str(layers[0]) if layers else 'before LM'} | {int(r['kept'])} | "
+              f"{r['macs'] / r['macs_unreduced']:.3f} | {r['prefill']:.3f} ({base['prefill']:.3f}) | "
+              f"{base['prefill'] / r['prefill']:.2f}x | {r['vision']:.3f} ({base['vision']:.3f}) | "
+              f"{r['decode_ms']:.1f} ({base['decode_ms']:.1f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""The LLaVA adapter: generate() unchanged, exact when nothing is reduced, per-row exact when rows differ."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import vtr
+from adapters.llava import compact_prompt, prefill_macs
+from vtr.reducers import REDUCERS, Reducer, check_budget, dest_from_choice
+
+from _llava_models import IMAGE_TOKEN, IMAGE_TOKENS, PAD, left_padded, mixed_batch, prompt_row, tiny_llava
+
+GENERATE = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
+def generate(model, ids, mask, **kwargs):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, **GENERATE, **kwargs)
+
+
+def logits(out) -> torch.Tensor:
+    return torch.stack(out.logits, dim=1)   # [B, steps, vocab]; step 0 is the prefill's last position
+
+
+class FeatureCapture:
+    """Records the image features the language model really receives (mm_encoder_outputs)."""
+
+    def __init__(self, model):
+        self.features = None
+        self.handle = model.model.register_forward_pre_hook(self.keep, with_kwargs=True)
+
+    def keep(self, module, args, kwargs):
+        outputs = kwargs.get("mm_encoder_outputs") or {}
+        if outputs.get("image") is not None and self.features is None:
+            self.features = [f.clone() for f in outputs["image"].pooler_output]
+
+    def remove(self):
+        self.handle.remove()
+
+
+def test_zero_reduction_matches_unpatched_tokens_and_logits():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    expected = generate(model, ids, mask, pixel_values=pixels)
+    for method, amount in [("none", {}), ("tome", {"budget": IMAGE_TOKENS}), ("random", {"budget": IMAGE_TOKENS})]:
+        vtr.patch(model, method, **amount)
+        out = generate(model, ids, mask, pixel_values=pixels)
+        assert torch.equal(out.sequences, expected.sequences), method
+        assert torch.equal(logits(out), logits(expected)), method
+        report = vtr.report(model)
+        assert report.visual_tokens_after.tolist() == report.visual_tokens_before.tolist() == [32, 16, 0]
+        assert report.prefill_flops_saved == pytest.approx(0.0)
+        vtr.unpatch(model)
+
+
+def test_budget_reduces_and_generate_returns_the_callers_prompt():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "tome", budget=5)
+    out = generate(model, ids, mask, pixel_values=pixels)
+    assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
+    assert out.sequences.shape[1] == ids.shape[1] + GENERATE["max_new_tokens"]
+    report = vtr.report(model)
+    assert report.tokens == [16, 8, 5]                      # two bipartite steps: 16 -> 8 -> 5
+    assert report.visual_tokens_before.tolist() == [32, 16, 0]
+    assert report.visual_tokens_after.tolist() == [10, 5, 0]
+    assert report.image_rows.tolist() == [0, 0, 1]
+    assert report.where.startswith("before the language model")
+    # Merged tokens are counted as what they are: sizes add up to the 16 patches of each image.
+    assert report.size.shape == (3, 5) and torch.equal(report.size.sum(1), torch.full((3,), 16.0))
+    assert ((report.assignment >= 0) & (report.assignment < 5)).all()
+    assert (report.prefill_macs < report.prefill_macs_unreduced)[:2].all()
+    assert report.prefill_macs[2] == report.prefill_macs_unreduced[2]      # the text-only row
+    assert 0 < report.prefill_flops_saved < 1
+    assert vtr.expected_tokens(model) == [16, 8, 5]
+    reduced, unreduced = vtr.expected_flops(model)
+    assert reduced < unreduced == vtr.expected_flops(tiny_llava())[0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["tome", "random"])
+def test_batch_with_left_padding_equals_each_row_alone(attn, method):
+    """Rows keep 10, 5 and 0 visual tokens; each row's prefill and decode logits equal the row run
+    alone by the *unpatched* model on its compacted prompt with the same kept features."""
+    model = tiny_llava(attn)
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, method, budget=5)
+    capture = FeatureCapture(model)
+    batched = generate(model, ids, mask, pixel_values=pixels)
+    capture.remove()
+    report = vtr.report(model)
+    vtr.unpatch(model)
+
+    for row in range(ids.shape[0]):
+        columns = report.kept_positions[row]
+        row_ids = ids[row, columns[columns >= 0]][None]
+        images = [f for f, r in zip(capture.features, report.image_rows.tolist()) if r == row]
+        alone_inputs = {}
+        if images:
+            alone_inputs["mm_encoder_outputs"] = {"image": _pooled(images)}
+        alone = generate(model, row_ids, torch.ones_like(row_ids), **alone_inputs)
+        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
+        assert torch.equal(batched.sequences[row, ids.shape[1]:], alone.sequences[0, row_ids.shape[1]:])
+
+
+def test_patched_row_alone_equals_its_row_in_the_batch():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "pitome", budget=6)
+    batched = generate(model, ids, mask, pixel_values=pixels)
+    first_image = 0
+    for row, count in enumerate([2, 1, 0]):
+        real = mask[row].bool()
+        kwargs = {"pixel_values": pixels[first_image:first_image + count]} if count else {}
+        alone = generate(model, ids[row, real][None], mask[row, real][None], **kwargs)
+        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
+        first_image += count
+
+
+def _pooled(features):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    return BaseModelOutputWithPooling(pooler_output=list(features))
+
+
+def test_forward_runs_on_the_compacted_prompt_with_labels():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    vtr.patch(model, "tome", budget=4)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    report = vtr.report(model)
+    assert out.logits.shape[:2] == report.kept_positions.shape
+    assert torch.isfinite(out.loss)
+    vtr.unpatch(model)
+    with torch.inference_mode():
+        unpatched = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert unpatched.logits.shape[1] == ids.shape[1]
+
+
+def test_save_pretrained_round_trip_and_unpatch(tmp_path):
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    cls, state = type(model), {k: v.clone() for k, v in model.state_dict().items()}
+    expected = generate(model, ids, mask, pixel_values=pixels)
+
+    vtr.patch(model, "tome", budget=5)
+    reduced = generate(model, ids, mask, pixel_values=pixels)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [cls.__name__]
+    assert vtr.is_patched(model) and type(model) is not cls          # saving left the patch on
+    loaded = cls.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(generate(loaded, ids, mask, pixel_values=pixels).sequences, expected.sequences)
+    vtr.patch(loaded, "tome", budget=5)
+    torch.testing.assert_close(logits(generate(loaded, ids, mask, pixel_values=pixels)), logits(reduced))
+
+    vtr.unpatch(model)
+    assert type(model) is cls and not hasattr(model, "_vtr")
+    out = generate(model, ids, mask, pixel_values=pixels)
+    assert torch.equal(out.sequences, expected.sequences) and torch.equal(logits(out), logits(expected))
+
+
+def test_full_strategy_protects_the_cls_feature():
+    model = tiny_llava(strategy="full")
+    ids, mask = left_padded([prompt_row([1, 5], 1, [7], per_image=IMAGE_TOKENS + 1)])
+    pixels = torch.randn(1, 3, 56, 56)
+    vtr.patch(model, "random", budget=3)
+    capture = FeatureCapture(model)
+    generate(model, ids, mask, pixel_values=pixels)
+    capture.remove()
+    report = vtr.report(model)
+    assert report.num_protected == 1 and report.assignment[0, 0] == 0
+    assert report.visual_tokens_after.tolist() == [3]
+    vtr.unpatch(model)
+    with torch.inference_mode():
+        cls_feature = model.model.get_image_features(pixel_values=pixels).pooler_output[0][0]
+    torch.testing.assert_close(capture.features[0][0], cls_feature)
+
+
+class _RecordingReducer(Reducer):
+    """Test-only: keeps the first tokens and records the signals it was given."""
+
+    needs = frozenset()
+    seen: list = []
+
+    def forward(self, state, num_kept, signals):
+        check_budget(self, state, num_kept)
+        type(self).seen.append(signals)
+        batch = state.x.shape[0]
+        kept = torch.arange(num_kept - state.num_protected).expand(batch, -1)
+        return state.reduce(dest_from_choice(state, kept), num_kept)
+
+
+@pytest.fixture
+def recording():
+    def register(name, needs):
+        cls = type(name, (_RecordingReducer,), {"name": name, "needs": frozenset(needs), "seen": []})
+        REDUCERS[name] = cls
+        return cls
+    yield register
+    for name in [n for n in REDUCERS if n.startswith("_rec")]:
+        REDUCERS.pop(name)
+
+
+def test_query_is_each_rows_text_embeddings(recording):
+    cls = recording("_rec_query", {"query"})
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "_rec_query", budget=4)
+    generate(model, ids, mask, pixel_values=pixels)
+    embed = model.get_input_embeddings()
+    for image, row in enumerate([0, 0, 1]):
+        text = ids[row][(mask[row] == 1) & (ids[row] != IMAGE_TOKEN)]
+        query = cls.seen[image].query
+        assert query.shape == (1, len(text), 64)
+        torch.testing.assert_close(query[0], embed(text))
+
+
+def test_conditioned_query_replaces_the_prompt(recording):
+    cls = recording("_rec_given_query", {"query"})
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "_rec_given_query", budget=4)
+    given = torch.randn(3, 2, 64)
+    with vtr.conditioned(model, given):
+        generate(model, ids, mask, pixel_values=pixels)
+    for image, row in enumerate([0, 0, 1]):
+        assert torch.equal(cls.seen[image].query[0], given[row])
+
+
+def test_cls_attention_equals_the_eager_attention_row(recording):
+    cls = recording("_rec_attention", {"cls_attention"})
+    model = tiny_llava("eager")
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "_rec_attention", budget=4)
+    generate(model, ids, mask, pixel_values=pixels)
+    with torch.inference_mode():
+        attentions = model.model.vision_tower(pixels, output_attentions=True).attentions
+    # vision_feature_layer=-2 of 2 layers reads hidden_states[1], the output of layer 0.
+    expected = attentions[0][:, :, 0, 1:].mean(dim=1)
+    torch.testing.assert_close(cls.seen[0].cls_attention, expected, atol=1e-6, rtol=1e-5)
+    assert cls.seen[0].grid == (4, 4)
+
+
+@pytest.mark.parametrize("budget", [0, -1, IMAGE_TOKENS + 1, 2.5, True, "64"])
+def test_bad_budget_names_the_allowed_range(budget):
+    model = tiny_llava()
+    with pytest.raises(ValueError, match=rf"budget must be an int in \[1, {IMAGE_TOKENS}\]"):
+        vtr.patch(model, "tome", budget=budget)
+    assert not vtr.is_patched(model)
+
+
+def test_other_amounts_and_missing_budget_are_errors():
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="takes budget="):
+        vtr.patch(model, "tome", r=4)
+    with pytest.raises(ValueError, match="needs budget="):
+        vtr.patch(model, "tome")
+    with pytest.raises(ValueError, match="does not reduce"):
+        vtr.patch(model, "none", budget=4)
+    with pytest.raises(ValueError, match="metric='x'"):
+        vtr.patch(model, "tome", budget=4, metric="keys")
+    assert not vtr.is_patched(model)
+
+
+def test_unsupported_families_are_clear_errors():
+    model = tiny_llava()
+    with pytest.raises(vtr.UnsupportedModelError, match="LlavaForConditionalGeneration"):
+        vtr.patch(model.model, "tome", budget=4)
+    with pytest.raises(vtr.UnsupportedModelError, match="supported: timm, open_clip, transformers LLaVA"):
+        vtr.patch(nn.Linear(2, 2), "tome", budget=4)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    config = LlavaNextConfig(vision_config=model.config.vision_config, text_config=model.config.text_config,
+                             image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[56, 56]])
+    with pytest.raises(vtr.UnsupportedModelError, match="LLaVA-NeXT .* not supported yet"):
+        vtr.patch(LlavaNextForConditionalGeneration(config), "tome", budget=4)
+
+
+def test_bad_calls_are_clear_errors():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "tome", budget=4)
+    with pytest.raises(ValueError, match="image tokens"):
+        generate(model, ids, mask, pixel_values=pixels[:2])
+    with pytest.raises(ValueError, match="position_ids"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=mask.cumsum(1))
+    with pytest.raises(ValueError, match="mm_encoder_outputs"):
+        generate(model, ids, mask, mm_encoder_outputs={"image": _pooled(torch.zeros(3, 16, 64))})
+
+
+def test_text_only_batch_passes_through():
+    model = tiny_llava()
+    ids, mask = left_padded([[1, 5, 6], [1, 7, 8, 9, 10]])
+    expected = generate(model, ids, mask)
+    vtr.patch(model, "tome", budget=4)
+    generate(model, *mixed_batch()[:2], pixel_values=mixed_batch()[2])      # a report to replace
+    out = generate(model, ids, mask)
+    assert torch.equal(out.sequences, expected.sequences) and torch.equal(logits(out), logits(expected))
+    report = vtr.report(model)
+    assert report.visual_tokens_before.tolist() == report.visual_tokens_after.tolist() == [0, 0]
+    assert report.prefill_flops_saved == 0.0
+
+
+def test_beam_search_and_several_sequences_per_prompt():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "tome", budget=5)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                             num_beams=2, num_return_sequences=2, do_sample=False)
+    assert out.shape == (6, ids.shape[1] + 3)
+    assert torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(2, dim=0))
+
+
+def test_prefill_macs_match_the_flop_counter_on_the_linear_layers():
+    from vtr.profile import count_macs
+    model = tiny_llava()
+    language, tokens = model.model.language_model, 11
+    counted = count_macs(language, inputs_embeds=torch.randn(1, tokens, 64)).total
+    counted += count_macs(model.lm_head, torch.randn(1, 1, 64)).total
+    analytic = float(prefill_macs(model, torch.tensor([tokens])))
+    # The counter sees the full (non-causal) T x T attention matrices; vtr counts the causal half.
+    layer = language.layers[0].self_attn
+    full_attention = 2 * layer.q_proj.out_features * tokens * tokens * len(language.layers)
+    causal_attention = layer.q_proj.out_features * tokens * (tokens + 1) * len(language.layers)
+    assert analytic - causal_attention == pytest.approx(counted - full_attention)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_compact_prompt_keeps_order_and_counts(data):
+    num_rows = data.draw(st.integers(1, 4))
+    rows, counts = [], []
+    for _ in range(num_rows):
+        row = []
+        for _ in range(data.draw(st.integers(0, 2))):
+            n = data.draw(st.integers(1, 5))
+            counts.append(n)
+            row += [data.draw(st.integers(1, 9))] + [IMAGE_TOKEN] * n
+        row += [data.draw(st.integers(1, 9)) for _ in range(data.draw(st.integers(1, 3)))]
+        rows.append(row)
+    ids, mask = left_padded(rows)
+    counts = torch.tensor(counts, dtype=torch.long)
+    kept = torch.tensor([data.draw(st.integers(1, int(n))) for n in counts], dtype=torch.long)
+    out_ids, out_mask, positions = compact_prompt(ids, mask, IMAGE_TOKEN, counts, kept, PAD)
+
+    assert (out_ids == IMAGE_TOKEN).sum() == kept.sum()
+    starts = 0
+    for r, row in enumerate(rows):
+        real = positions[r][positions[r] >= 0]
+        assert (real.diff() > 0).all()                              # order is kept
+        assert torch.equal(out_ids[r][positions[r] >= 0], ids[r, real])
+        assert torch.equal(out_mask[r], (positions[r] >= 0).long())
+        assert not out_mask[r, out_mask[r].argmax():].eq(0).any()   # padding only on the left
+        text = [t for t in row if t != IMAGE_TOKEN]
+        assert [t for t in out_ids[r][out_mask[r] == 1].tolist() if t != IMAGE_TOKEN] == text
+        images = sum(1 for i, t in enumerate(row) if t == IMAGE_TOKEN and (i == 0 or row[i - 1] != IMAGE_TOKEN))
+        assert (out_ids[r] == IMAGE_TOKEN).sum() == kept[starts:starts + images].sum()
+        starts += images
+
+
+@pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none", "pool"}))
+def test_every_method_reduces_llava_images_to_the_budget(method):
+    """Each registered method, fed the signals the LLaVA adapter has, lands on the budget per image."""
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, method, budget=5)
+    out = generate(model, ids, mask, pixel_values=pixels)
+    assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
+    assert vtr.report(model).visual_tokens_after.tolist() == [10, 5, 0]
+
+
+def test_pool_on_llava_follows_its_factor():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "pool", budget=4, factor=2)  # 4x4 patch grid pooled 2x2: 4 tokens per image
+    generate(model, ids, mask, pixel_values=pixels)
+    assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
