@@ -11,7 +11,7 @@ import torch
 
 from . import bench, cli_fidelity, cli_profile, cli_visualize, cli_zoo
 from .api import methods
-from .cli_models import create_model
+from .models import create_model
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 

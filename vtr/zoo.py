@@ -58,7 +58,19 @@ def _build_fidelity(name: str, kwargs: dict) -> nn.Module:
     return build_model(Task(), Training(**kwargs))
 
 
-BUILDERS: dict[str, Callable[[str, dict], nn.Module]] = {"timm": _build_timm, "vtr-fidelity": _build_fidelity}
+def _build_named(family: str) -> Callable[[str, dict], nn.Module]:
+    def build(name: str, kwargs: dict) -> nn.Module:
+        from .models import create_model
+        return create_model(f"{family}:{name}", **kwargs)
+    return build
+
+
+BUILDERS: dict[str, Callable[[str, dict], nn.Module]] = {
+    "timm": _build_timm,
+    "open_clip": _build_named("open_clip"),   # the image tower of open_clip.create_model(name)
+    "hf": _build_named("hf"),                 # a transformers vision tower from vtr.models.HF_VISION
+    "vtr-fidelity": _build_fidelity,
+}
 
 
 def _parse(text: str, source: str) -> Entry:
