@@ -16,10 +16,13 @@ def test_bench_prints_a_row_per_method(capsys):
     assert rows[0]["flops_fraction"] == 1.0 and rows[0]["tokens_out"] == 197
 
 
-def test_bench_table_and_unknown_method(capsys):
-    assert main(["--model", "vit_tiny_patch16_224", "--batch", "1", "--reps", "1", "--methods", "tome"]) == 0
+def test_bench_table_plot_and_unknown_method(capsys, tmp_path):
+    png = tmp_path / "frontier.png"
+    assert main(["--model", "vit_tiny_patch16_224", "--batch", "1", "--reps", "2", "--methods", "tome,random",
+                 "--flops", "0.5,0.7", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "speed-up" in out and "tome" in out
+    assert "speed-up" in out and "tome" in out and out.count("random") == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     try:
         main(["bench", "--methods", "nope"])
     except SystemExit as e:

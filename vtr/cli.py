@@ -8,6 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from . import bench, cli_fidelity, cli_profile, cli_visualize, cli_zoo
 from .api import methods
@@ -27,6 +28,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions per variant")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
+    p.add_argument("--plot", metavar="PNG", help="also draw throughput against FLOPs per method into PNG")
     p.set_defaults(func=_bench)
 
 
@@ -37,12 +39,15 @@ def _bench(args: argparse.Namespace) -> int:
             raise SystemExit(f"vtr bench: unknown method {name!r}; available: {', '.join(methods())}")
     variants = [(name, {"flops": float(f)}) for f in args.flops.split(",") for name in names]
     model = create_model(args.model)
-    say = (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)) if not args.json else None
-    if say:
-        say(f"{args.model}, batch {args.batch}, {args.threads} threads, {args.reps} interleaved reps "
-            f"of {len(variants) + 1} variants")
-    rows = bench.run(model, variants, batch=args.batch, reps=args.reps, threads=args.threads, progress=say)
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, {args.reps} interleaved repetitions of "
+          f"{len(variants) + 1} variants", file=sys.stderr)
+    with tqdm(total=args.reps, desc="timing", unit="rep", file=sys.stderr, disable=args.json) as bar:
+        rows = bench.run(model, variants, batch=args.batch, reps=args.reps, threads=args.threads,
+                         progress=lambda _: bar.update(1))
     print(json.dumps([r.as_dict() for r in rows], indent=1) if args.json else bench.format_table(rows))
+    if args.plot:
+        bench.plot(rows, args.plot, args.batch)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
