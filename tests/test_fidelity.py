@@ -66,12 +66,15 @@ def test_evaluate_end_to_end(tmp_path):
     assert rows[("tome", 0.35)].status.startswith("cannot reach")  # 2 bipartite steps stop at ~60%
     table = fidelity.format_table(results)
     assert table.count("\n") == len(results) + 1 and "| tome | 70% |" in table
+    series = fidelity.accuracy_series(results)
+    assert series["tome"][0] == (1.0, rows[("none", 1.0)].top1) and len(series["tome"]) == 2  # 35%: out of reach
 
 
 def test_cli_quick_and_own_checkpoint(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert cli_fidelity.main(["--quick", "--cache", str(tmp_path), "--methods", "tome", "--targets", "0.7",
-                              "--json", str(out)]) == 0
+                              "--json", str(out), "--plot", str(tmp_path / "accuracy.png")]) == 0
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["results"]] == ["none", "tome"]
     # A user's own checkpoint and ImageFolder go through the same harness.

@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters import find_adapter
 from .api import expected_flops, is_patched, patch, report
+from .plotting import frontier
 from .profile import default_input
 
 
@@ -110,27 +111,13 @@ def run(
 def plot(rows: Sequence[Row], path: str, batch: int) -> None:
     """Throughput against FLOPs fraction, one line per method from the unreduced point: the
     frontier each method offers on this machine."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ValueError("plotting needs matplotlib: pip install 'vtr[plot]'") from error
     def throughput(row: Row) -> float:
         return batch * 1e3 / row.latency_ms
 
-    base = rows[0]
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for method in sorted({row.method for row in rows[1:]}):
-        points = sorted([(r.flops_fraction, throughput(r)) for r in rows[1:] if r.method == method]
-                        + [(1.0, throughput(base))])
-        axes.plot(*zip(*points), marker="o", label=method)
-    axes.set_xlabel("FLOPs (fraction of the unreduced model)")
-    axes.set_ylabel("throughput (images/s)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    series: dict = {}
+    for row in rows[1:]:
+        series.setdefault(row.method, [(1.0, throughput(rows[0]))]).append((row.flops_fraction, throughput(row)))
+    frontier(series, path, "throughput (images/s)")
 
 
 def format_table(rows: Sequence[Row]) -> str:

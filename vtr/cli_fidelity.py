@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import fidelity
+from .plotting import frontier
 from .cli_models import _options
 
 QUICK_TASK = fidelity.Task(image_size=16, patch_size=4, clutter=4, num_classes=4)
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     real.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")
     parser.add_argument("--markdown", default=None, help="write the table as markdown to this file")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="draw top-1 against measured FLOPs per method")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -88,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.markdown).write_text(table + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"setting": setting, "results": [asdict(r) for r in results]}, indent=2))
+    if args.plot:
+        frontier(fidelity.accuracy_series(results), args.plot, "top-1 accuracy")
     return 0
 
 

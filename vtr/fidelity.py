@@ -297,6 +297,16 @@ def _reason(error: Exception) -> str:
     return f"n/a: {text[:120]}"
 
 
+def accuracy_series(results: Sequence[Result]) -> dict:
+    """``{method: [(measured FLOPs, top-1), ...]}`` of the measured rows, each from the unreduced point."""
+    unreduced = next(r for r in results if r.method == "none")
+    series: dict = {}
+    for r in results:
+        if r.method != "none" and r.status == "ok":
+            series.setdefault(r.method, [(1.0, unreduced.top1)]).append((r.flops, r.top1))
+    return series
+
+
 def format_table(results: Sequence[Result]) -> str:
     """A markdown table, one row per method and target."""
     lines = ["| method | target FLOPs | measured FLOPs | top-1 | agreement | output cosine | final tokens |",
