@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vtr import kernels
+
 
 @dataclass
 class TokenState:
@@ -113,16 +115,11 @@ class TokenState:
         trash = batch * num_kept
         flat_dest = torch.where(dest >= 0, dest + rows, trash).flatten()
 
-        # Accumulate in at least float32: under autocast x may be bf16, sizes never are.
-        compute = torch.promote_types(self.x.dtype, torch.float32)
-        weight = weight.to(compute)
         size = self.size.new_zeros(trash + 1).index_add_(0, flat_dest, self.size.flatten())
-        total_weight = weight.new_zeros(trash + 1).index_add_(0, flat_dest, weight.flatten())
-        weighted = (self.x.to(compute) * weight[..., None]).reshape(-1, channels)
-        # scatter_add_ with the index broadcast over channels: twice as fast as index_add_ on CPU.
-        summed = weighted.new_zeros(trash + 1, channels).scatter_add_(0, flat_dest[:, None].expand(-1, channels),
-                                                                      weighted)
-        x = summed[:trash] / total_weight[:trash, None].clamp_min(torch.finfo(compute).tiny)
+        if kernels.use_for(self.x, weight):   # one deterministic CuPy pass (vtr.kernels)
+            x, _ = kernels.merge(self.x.reshape(-1, channels), weight.flatten(), flat_dest, trash)
+        else:
+            x = _merge(self.x.reshape(-1, channels), weight.flatten(), flat_dest, trash)
 
         assignment = dest.gather(1, self.assignment.clamp_min(0))
         assignment = torch.where(self.assignment >= 0, assignment, -1)
@@ -133,3 +130,17 @@ class TokenState:
             num_protected=self.num_protected,
             padded=self.padded,
         )
+
+
+def _merge(x: Tensor, weight: Tensor, flat_dest: Tensor, num_out: int) -> Tensor:
+    """Size-weighted mean of the rows of ``x`` sent to each of ``num_out`` outputs (``flat_dest``;
+    ``num_out`` = dropped), in plain torch: the reference the CuPy kernel is tested against."""
+    # Accumulate in at least float32: under autocast x may be bf16, sizes never are.
+    compute = torch.promote_types(x.dtype, torch.float32)
+    weight = weight.to(compute)
+    total_weight = weight.new_zeros(num_out + 1).index_add_(0, flat_dest, weight)
+    weighted = x.to(compute) * weight[:, None]
+    # scatter_add_ with the index broadcast over channels: twice as fast as index_add_ on CPU.
+    summed = weighted.new_zeros(num_out + 1, x.shape[1]).scatter_add_(0, flat_dest[:, None].expand_as(weighted),
+                                                                      weighted)
+    return summed[:num_out] / total_weight[:num_out, None].clamp_min(torch.finfo(compute).tiny)
