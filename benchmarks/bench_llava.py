@@ -14,6 +14,7 @@ Reported separately, per batch of ``--batch`` prompts (each one image + ``--text
     python benchmarks/bench_llava.py                       # budgets 192,128,64; tome, pitome, random, fastv
     python benchmarks/bench_llava.py --budgets 64 --methods fastv --in-llm-layer 1 --lm-layers 2
     python benchmarks/bench_llava.py --budgets 64 --methods tome --text 20 --batch 4
+    python benchmarks/bench_llava.py --next --budgets 640,320 --methods tome   # LLaVA-NeXT: 2928 visual tokens
 """
 from __future__ import annotations
 
@@ -22,21 +23,28 @@ import statistics
 import time
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration)
 
 import vtr
 
 IMAGE_TOKEN = 32000
 
 
-def llava_15_shaped(vision_layers: int, lm_layers: int) -> LlavaForConditionalGeneration:
+def llava_shaped(vision_layers: int, lm_layers: int, next_: bool = False):
+    """LLaVA-1.5-7B widths (or LLaVA-NeXT-7B's: the same towers plus AnyRes crops of 336 px)."""
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
                               num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
     text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers,
                        num_attention_heads=32, num_key_value_heads=32, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                         image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    common = dict(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+                  vision_feature_select_strategy="default")
     torch.manual_seed(0)
+    if next_:
+        pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        config = LlavaNextConfig(image_grid_pinpoints=pinpoints, image_seq_length=576, **common)
+        return LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    config = LlavaConfig(image_seq_length=576, **common)
     return LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
 
 
@@ -47,18 +55,18 @@ def timed(fn) -> float:
 
 
 @torch.inference_mode()
-def measure(model, ids, pixels, decode_tokens: int) -> dict:
+def measure(model, ids, pixels, decode_tokens: int, vision_kwargs: dict) -> dict:
     """One timing of each part for the model as it is now (patched or not)."""
     mask, batch = torch.ones_like(ids), ids.shape[0]
     reduction = getattr(model, "_vtr", None)
     in_llm = reduction is not None and getattr(reduction, "pruner", None) is not None
     if reduction is None or in_llm:
-        vision = timed(lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True))
-        image = model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        vision = timed(lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True, **vision_kwargs))
+        image = model.model.get_image_features(pixel_values=pixels, return_dict=True, **vision_kwargs)
         prompt, prompt_mask = ids, mask
     else:  # vision tower + reducer + compaction: what the patched model does before its language model
-        vision = timed(lambda: model._vtr_prepare(ids, mask, pixels, left=True))
-        prepared = model._vtr_prepare(ids, mask, pixels, left=True)
+        vision = timed(lambda: model._vtr_prepare(ids, mask, pixels, left=True, **vision_kwargs))
+        prepared = model._vtr_prepare(ids, mask, pixels, left=True, **vision_kwargs)
         prompt, prompt_mask, image = prepared.input_ids, prepared.attention_mask, prepared.image_outputs
     inputs = dict(input_ids=prompt, attention_mask=prompt_mask, mm_encoder_outputs={"image": image},
                   logits_to_keep=1, use_cache=True)
@@ -80,13 +88,13 @@ def measure(model, ids, pixels, decode_tokens: int) -> dict:
     return result
 
 
-def paired(model, ids, pixels, method: str, budget: int, layers, rounds: int, decode_tokens: int):
+def paired(model, ids, pixels, method: str, budget: int, layers, rounds: int, decode_tokens: int, vision_kwargs: dict):
     """Unreduced and reduced runs alternate, so both see the same machine load; medians of each."""
     base, reduced = [], []
     for _ in range(rounds):
-        base.append(measure(model, ids, pixels, decode_tokens))
+        base.append(measure(model, ids, pixels, decode_tokens, vision_kwargs))
         vtr.patch(model, method, budget=budget, **({"layers": layers} if layers else {}))
-        reduced.append(measure(model, ids, pixels, decode_tokens))
+        reduced.append(measure(model, ids, pixels, decode_tokens, vision_kwargs))
         vtr.unpatch(model)
     median = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
     return ({k: median(base, k) for k in ("vision", "prefill", "decode_ms")},
@@ -104,20 +112,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="prompts per batch (same prompt, different images)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--next", action="store_true", help="LLaVA-NeXT-shaped: AnyRes 2x2 crops of a 672x672 image")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = llava_15_shaped(args.vision_layers, args.lm_layers)
+    model = llava_shaped(args.vision_layers, args.lm_layers, args.next)
+    generator = torch.Generator().manual_seed(0)
+    if args.next:   # the base image plus 4 crops; the model says how many tokens that packs into
+        pixels = torch.randn(args.batch, 5, 3, 336, 336, generator=generator)
+        vision_kwargs = {"image_sizes": torch.tensor([[672, 672]] * args.batch)}
+        with torch.inference_mode():
+            visual = len(model.model.get_image_features(pixels[:1], vision_kwargs["image_sizes"][:1]).pooler_output[0])
+    else:
+        pixels, vision_kwargs, visual = torch.randn(args.batch, 3, 336, 336, generator=generator), {}, 576
     half = args.text // 2
     text_after = list(range(100, 100 + args.text - half))
-    ids = torch.tensor([[1] + list(range(2, 2 + half)) + [IMAGE_TOKEN] * 576 + text_after] * args.batch)
-    pixels = torch.randn(args.batch, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1] + list(range(2, 2 + half)) + [IMAGE_TOKEN] * visual + text_after] * args.batch)
 
-    measure(model, ids, pixels, 1)  # warm-up
-    print(f"LLaVA-1.5-shaped, vision {args.vision_layers} / LM {args.lm_layers} layers, {ids.shape[1]} prompt tokens "
-          f"(576 visual) x batch {args.batch}, CPU threads {torch.get_num_threads()}, median of {args.repeats} interleaved rounds")
+    measure(model, ids, pixels, 1, vision_kwargs)  # warm-up
+    print(f"LLaVA-{'NeXT' if args.next else '1.5'}-shaped, vision {args.vision_layers} / LM {args.lm_layers} layers, "
+          f"{ids.shape[1]} prompt tokens ({visual} visual) x batch {args.batch}, CPU threads {torch.get_num_threads()}, median of {args.repeats} interleaved rounds")
     print("| method | where | visual kept | LM prefill MACs | prefill s (unreduced) | prefill speed-up "
           "| vision+reduce s (unreduced) | decode ms/token (unreduced) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -125,7 +141,7 @@ def main() -> None:
     if args.in_llm_layer is not None:
         runs += [("fastv", b, [args.in_llm_layer]) for b in map(int, args.budgets.split(","))]
     for method, budget, layers in runs:
-        base, r = paired(model, ids, pixels, method, budget, layers, args.repeats, args.decode_tokens)
+        base, r = paired(model, ids, pixels, method, budget, layers, args.repeats, args.decode_tokens, vision_kwargs)
         print(f"| {method} | {'LM layer ' + str(layers[0]) if layers else 'before LM'} | {int(r['kept'])} | "
               f"{r['macs'] / r['macs_unreduced']:.3f} | {r['prefill']:.3f} ({base['prefill']:.3f}) | "
               f"{base['prefill'] / r['prefill']:.2f}x | {r['vision']:.3f} ({base['vision']:.3f}) | "
