@@ -143,9 +143,9 @@ class LanguageModelPruning:
             return                                   # a decode step of the current prompt
         placeholder = input_ids == self.model.config.image_token_id
         self.placeholder = placeholder if bool(placeholder.any()) else None
-        mask2d = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask2d = _padding_mask(input_ids, attention_mask)
         if self.placeholder is None:
-            self.reduction.report = text_only_report(self.model, input_ids, attention_mask, self.where)
+            self.reduction.report = text_only_report(self.model, input_ids, mask2d, self.where)
             return
         if not bool(mask2d[:, -1].all()):
             raise ValueError("in-LLM pruning needs the last column of the prompt to be a real token in every row "
@@ -266,6 +266,17 @@ class LanguageModelPruning:
             prefill_macs_unreduced=prefill_macs(self.model, before),
             reducer_macs=self.reducer_macs + scoring,
         )
+
+
+def _padding_mask(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """``[B, L]`` real tokens of a prompt sent on an empty cache. generate() with a static cache
+    passes a ready 4-D mask ``[B, 1, L, W]``: a real token is one that may attend to itself."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.dim() == 4:
+        diagonal = attention_mask[:, 0, :, :input_ids.shape[1]].diagonal(dim1=-2, dim2=-1)
+        return (diagonal if diagonal.dtype == torch.bool else diagonal == 0).long()
+    return attention_mask
 
 
 def _first_columns(state: TokenState, image_columns: Tensor, length: int) -> Tensor:
