@@ -126,7 +126,7 @@ class LanguageModelPruning:
         for option, what in _MULTI_TOKEN_OPTIONS.items():
             if kwargs.get(option, getattr(config, option, None)) not in (None, False):
                 raise ValueError(f"{what} ({option}=) is not supported with in-LLM pruning (layers=): {_WHY}. "
-                                 "Leave it out, or prune before the language model (no layers=)")
+                                 "Leave it out, or reduce before the language model (no layers=), which supports it")
 
     def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], cache) -> None:
         """Called by the patched forward: a prompt with image tokens starts a new pruning."""
