@@ -135,13 +135,13 @@ class LanguageModelPruning:
         self.shared = {}
         prefilled = self.placeholder is not None and self.stages[-1].columns is not None
         past = int(cache.get_seq_length()) if cache is not None else 0
-        if past and input_ids.shape[1] > 1 and (prefilled or bool((input_ids == self.model.config.image_token_id).any())):
+        placeholder = input_ids == self.model.config.image_token_id
+        if past and input_ids.shape[1] > 1 and (prefilled or bool(placeholder.any())):
             raise ValueError(f"a forward of {input_ids.shape[1]} tokens on a cache that already holds {past} "
                              f"(chunked prefill, assisted generation) is not supported with in-LLM pruning "
                              f"(layers=): {_WHY}")
         if input_ids.shape[1] == 1 and prefilled and past:
             return                                   # a decode step of the current prompt
-        placeholder = input_ids == self.model.config.image_token_id
         self.placeholder = placeholder if bool(placeholder.any()) else None
         mask2d = _padding_mask(input_ids, attention_mask)
         if self.placeholder is None:
@@ -182,16 +182,10 @@ class LanguageModelPruning:
 
     def _prune(self, stage: Stage, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
         """Reduce each image's tokens at this stage and return the stage's sequence (shared kwargs set)."""
-        batch, length = self.placeholder.shape
+        length = self.placeholder.shape[1]
         cos, sin = kwargs["position_embeddings"]
-        valid = self.columns >= 0
-        scores = last_token_attention(layer, hidden, cos, sin, valid)            # [B, L_prev]
-
-        # Slot (in the current sequence) of every prompt column still present, -1 elsewhere.
-        slot = torch.full((batch, length), -1, dtype=torch.long, device=hidden.device)
-        slots = torch.arange(self.columns.shape[1], device=hidden.device).expand_as(self.columns)
-        rows = torch.arange(batch, device=hidden.device)[:, None].expand_as(self.columns)
-        slot[rows[valid], self.columns[valid]] = slots[valid]
+        scores = last_token_attention(layer, hidden, cos, sin, self.columns >= 0)    # [B, L_prev]
+        slot = _slot_of_column(self.columns, length)
 
         # Each image's tokens as one row of a token state (transformers' row-major placeholder order).
         per_image, protected = image_tokens(self.model)
@@ -200,8 +194,9 @@ class LanguageModelPruning:
         if self.state is None:
             self.state = TokenState.start(hidden[image_rows, image_cols], protected)
             self.steps = [per_image]
-        current = slot[image_rows, _first_columns(self.state, image_cols, length)]   # [I, n] slots of its tokens
-        state = self._reduce(self.state.with_x(hidden[image_rows, current]), scores[image_rows, current], stage.budget)
+        current = slot[image_rows, _first_columns(self.state, image_cols, length)]   # [I, n] slot of each token
+        state = self._reduce(self.state.with_x(hidden[image_rows, current]), scores[image_rows, current],
+                             stage.budget)
 
         # Each output token sits at the first prompt column it carries; text stays, padding goes.
         first = _first_columns(state, image_cols, length)
@@ -211,36 +206,30 @@ class LanguageModelPruning:
         keep = (slot >= 0) & ~self.placeholder
         keep[out_rows, first] = True
         stage.columns = kept_columns(keep, left=True)
-        index = slot.gather(1, stage.columns.clamp_min(0)).clamp_min(0)          # [B, L_i] slot in the current sequence
-
-        def gather(t: Tensor) -> Tensor:
-            t = t.expand(batch, *t.shape[1:])
-            return t.gather(1, index.view(*index.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
-
+        index = slot.gather(1, stage.columns.clamp_min(0)).clamp_min(0)   # [B, L_i] source slot of each new slot
         self.columns, self.state = stage.columns, state
         self.real_counts.append(keep.sum(1))
         self.shared = {
-            "position_ids": gather(kwargs["position_ids"]),
-            "position_embeddings": (gather(cos), gather(sin)),
+            "position_ids": _gather(kwargs["position_ids"], index),
+            "position_embeddings": (_gather(cos, index), _gather(sin, index)),
             "attention_mask": _segment_mask(stage.columns >= 0, kwargs.get("cache"), stage.layer,
                                             stage.columns.shape[1], hidden.dtype),
         }
         if stage is self.stages[-1]:
             self._record(image_rows[:, 0], keep)
-        return gather(hidden)
+        return _gather(hidden, index)
 
     def _reduce(self, state: TokenState, scores: Tensor, budget: int) -> TokenState:
         """The reducer's steps from the state's tokens down to ``budget`` (scores: attention to each token)."""
-        reducer = self.reduction.reducer
-        start = TokenState(x=state.x, size=state.size, num_protected=state.num_protected,
-                           assignment=torch.arange(state.num_tokens, device=state.x.device).expand_as(state.size))
-        steps = reduction_steps(state.num_tokens, budget, reducer, state.num_protected) if self.reduction.reduces \
-            else []
-        side = int(round((state.num_tokens - state.num_protected) ** 0.5))
-        grid = (side, side) if side * side == state.num_tokens - state.num_protected and not state.is_reduced \
-            else None
+        reducer, protected = self.reduction.reducer, state.num_protected
+        steps = reduction_steps(state.num_tokens, budget, reducer, protected) if self.reduction.reduces else []
+        side = int(round((state.num_tokens - protected) ** 0.5))
+        # Spatial grid only while the tokens are the image's untouched patches (the first stage).
+        grid = (side, side) if side * side == state.num_tokens - protected and not state.is_reduced else None
         image_cost = cost(self.model, self.reduction.metric)
-        reduced = start
+        # Steps run on the stage's tokens as if they were original (sizes kept), then compose.
+        reduced = TokenState(x=state.x, size=state.size, num_protected=protected,
+                             assignment=torch.arange(state.num_tokens, device=state.x.device).expand_as(state.size))
         for step, remove in enumerate(steps):
             signals = Signals(metric=reduced.x, layer=step, num_layers=len(steps),
                               cls_attention=_carried(scores, reduced), grid=None if reduced.is_reduced else grid)
@@ -266,6 +255,23 @@ class LanguageModelPruning:
             prefill_macs_unreduced=prefill_macs(self.model, before),
             reducer_macs=self.reducer_macs + scoring,
         )
+
+
+def _slot_of_column(columns: Tensor, length: int) -> Tensor:
+    """``[B, length]`` slot of each prompt column in a sequence whose slots hold ``columns``
+    (``[B, L']``, -1 padding); -1 for columns the sequence no longer holds."""
+    valid = columns >= 0
+    slot = torch.full((columns.shape[0], length), -1, dtype=torch.long, device=columns.device)
+    slots = torch.arange(columns.shape[1], device=columns.device).expand_as(columns)
+    rows = torch.arange(columns.shape[0], device=columns.device)[:, None].expand_as(columns)
+    slot[rows[valid], columns[valid]] = slots[valid]
+    return slot
+
+
+def _gather(values: Tensor, index: Tensor) -> Tensor:
+    """``values`` ``[B or 1, L, ...]`` at ``index`` ``[B, L']`` along dim 1."""
+    values = values.expand(index.shape[0], *values.shape[1:])
+    return values.gather(1, index.view(*index.shape, *[1] * (values.dim() - 2)).expand(-1, -1, *values.shape[2:]))
 
 
 def _padding_mask(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
