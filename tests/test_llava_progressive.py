@@ -125,6 +125,17 @@ def test_budgets_that_keep_everything_match_the_unpatched_model(layers, budget):
     assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
 
 
+def test_text_only_prompts_pass_through_progressive_pruning():
+    model = tiny_llava()
+    ids, mask = left_padded([[1, 20, 21, 22, 23], [1, 5, 6]])
+    expected = generate(model, ids, mask)
+    vtr.patch(model, "fastv", budget=4, layers=[1, 2])
+    out = generate(model, ids, mask)
+    assert torch.equal(logits(out), logits(expected))
+    report = vtr.report(model)
+    assert report.where == "in the language model at layers 1, 2" and report.visual_tokens_after.tolist() == [0, 0]
+
+
 def test_stage_budgets_decay_geometrically_example():
     assert stage_budgets(2, 16, 0, 3) == [8, 4, 2]
     assert stage_budgets(64, 576, 0, 1) == [64] and stage_budgets(64, 576, 0, 2) == [192, 64]
@@ -222,10 +233,11 @@ def test_prefill_macs_stage_lists_reduce_to_the_single_call():
 
 # --- cache modes -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("layers, budget", [([1], 5), ([0, 2], [8, 3])])
-def test_static_cache_equals_the_dynamic_cache(layers, budget):
+def test_static_cache_equals_the_dynamic_cache(attn, layers, budget):
     """Layers >= K1 hold fewer entries in their static cache: masks span the cache's whole width."""
-    model = tiny_llava()
+    model = tiny_llava(attn)
     ids, mask, pixels = mixed_batch()
     vtr.patch(model, "fastv", budget=budget, layers=layers)
     dynamic = generate(model, ids, mask, pixel_values=pixels)
