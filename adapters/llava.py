@@ -125,8 +125,9 @@ def make_schedule(model: nn.Module, reducer: Reducer, *, r=None, keep=None, flop
         num_stages = len(stage_layers(layers, len(model.model.language_model.layers)))
         if reducer.max_step != 0.0 and budget is not None:
             budgets = stage_budgets(budget, num_tokens, protected, num_stages)
-            steps = [s for n, b in zip([num_tokens] + budgets, budgets) for s in reduction_steps(n, b, reducer,
-                                                                                                 protected)]
+            steps = []
+            for entering, kept in zip([num_tokens] + budgets, budgets):
+                steps += reduction_steps(entering, kept, reducer, protected)
             return Schedule("r", tuple(steps) or (0,))
     if reducer.max_step == 0.0:  # the 'none' method
         if budget not in (None, num_tokens):
@@ -175,10 +176,10 @@ def prefill_macs(model: nn.Module, num_tokens: Tensor, kept_tokens: Optional[Uni
         t = t.double()
         return (c.attn_linear + c.mlp_linear) * t + c.attn_dim * t * (t + 1)
 
-    kept = [num_tokens if kept_tokens is None else kept_tokens] if not isinstance(kept_tokens, (list, tuple)) \
-        else list(kept_tokens)
-    bounds = [0] + (list(from_layer) if isinstance(from_layer, (list, tuple)) else [from_layer]) + [c.num_layers]
-    segments = sum(layer(t) * (end - start) for t, start, end in zip([num_tokens] + kept, bounds[:-1], bounds[1:]))
+    kept_tokens = num_tokens if kept_tokens is None else kept_tokens
+    counts = [num_tokens, *(kept_tokens if isinstance(kept_tokens, (list, tuple)) else [kept_tokens])]
+    bounds = [0, *(from_layer if isinstance(from_layer, (list, tuple)) else [from_layer]), c.num_layers]
+    segments = sum(layer(t) * (end - start) for t, start, end in zip(counts, bounds[:-1], bounds[1:]))
     return segments + linear_macs(model.lm_head)
 
 
