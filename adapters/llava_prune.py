@@ -67,16 +67,19 @@ def stage_budgets(budget: Union[int, Sequence[int]], num_tokens: int, num_protec
     (p-MoD): after stage i, ``round(N * (B / N) ** (i / m))``. A list gives every stage's count.
     """
     low = num_protected + 1
+
+    def is_count(b) -> bool:
+        return isinstance(b, int) and not isinstance(b, bool) and low <= b <= num_tokens
+
     if isinstance(budget, (list, tuple)):
         counts = list(budget)
-        if len(counts) != num_stages or not all(isinstance(b, int) and not isinstance(b, bool) and
-                                                low <= b <= num_tokens for b in counts) \
-                or any(b > a for a, b in zip(counts[:-1], counts[1:])):
+        increasing = any(b > a for a, b in zip(counts[:-1], counts[1:]))
+        if len(counts) != num_stages or not all(map(is_count, counts)) or increasing:
             raise ValueError(
                 f"budget as a list must give one count per layer in layers= ({num_stages}), non-increasing, each an "
                 f"int in [{low}, {num_tokens}] (visual tokens kept per image after that layer), got {budget!r}")
         return counts
-    if isinstance(budget, bool) or not isinstance(budget, int) or not low <= budget <= num_tokens:
+    if not is_count(budget):
         raise ValueError(f"budget must be an int in [{low}, {num_tokens}] (visual tokens kept per image after the "
                          f"last layer; this model gives {num_tokens} per image), or a list of {num_stages}, "
                          f"got {budget!r}")
