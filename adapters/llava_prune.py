@@ -73,8 +73,8 @@ def stage_budgets(budget: Union[int, Sequence[int]], num_tokens: int, num_protec
 
     if isinstance(budget, (list, tuple)):
         counts = list(budget)
-        increasing = any(b > a for a, b in zip(counts[:-1], counts[1:]))
-        if len(counts) != num_stages or not all(map(is_count, counts)) or increasing:
+        if not (len(counts) == num_stages and all(map(is_count, counts))
+                and all(b <= a for a, b in zip(counts[:-1], counts[1:]))):
             raise ValueError(
                 f"budget as a list must give one count per layer in layers= ({num_stages}), non-increasing, each an "
                 f"int in [{low}, {num_tokens}] (visual tokens kept per image after that layer), got {budget!r}")

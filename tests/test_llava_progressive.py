@@ -161,6 +161,7 @@ def test_stage_budgets_are_non_increasing_and_end_at_the_budget(num_tokens, data
     ([1, 2], [4, 8], r"budget as a list .*non-increasing, each an int in \[1, 16\]"),
     ([1, 2], [17, 8], r"budget as a list .*in \[1, 16\]"),
     ([1, 2], [8, 0], r"budget as a list .*in \[1, 16\]"),
+    ([1, 2], ["8", 4], r"budget as a list .*in \[1, 16\]"),
     ([1, 2], 0, r"budget must be an int in \[1, 16\] .* or a list of 2"),
     ([1, 2], 2.5, r"budget must be an int in \[1, 16\]"),
     (None, [8, 4], r"budget must be an int in \[1, 16\]"),
