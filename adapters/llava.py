@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -106,25 +106,29 @@ def reduction_steps(num_tokens: int, budget: int, reducer: Reducer, num_protecte
 
 
 def make_schedule(model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
-                  budget: Optional[int] = None) -> Schedule:
+                  budget: Optional[Union[int, Sequence[int]]] = None) -> Schedule:
     """``budget=`` (visual tokens kept per image) as a schedule of reduction steps.
 
     ``layers=None`` reduces on the projector output, before the language model; ``layers=[K]``
-    prunes inside the language model at decoder layer K (FastV-style; see ``llava_prune``).
+    prunes inside the language model at decoder layer K (FastV-style), ``layers=[K1, K2, ...]``
+    progressively at each of them (``budget=`` the final count, or one count per layer; see
+    ``llava_prune``).
     """
     others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
     if others:
         raise ValueError(
             f"the LLaVA adapter takes budget= (visual tokens kept per image), not {', '.join(o + '=' for o in others)}"
         )
-    if layers is not None:
-        num_layers = len(model.model.language_model.layers)
-        chosen = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-        if len(chosen) != 1 or isinstance(chosen[0], bool) or not isinstance(chosen[0], int) \
-                or not 0 <= chosen[0] < num_layers:
-            raise ValueError(f"layers must be one language-model layer [K] with K in [0, {num_layers - 1}] "
-                             f"(where in-LLM pruning happens), got {layers!r}")
     num_tokens, protected = image_tokens(model)
+    if layers is not None:
+        from .llava_prune import stage_budgets, stage_layers
+        num_stages = len(stage_layers(layers, len(model.model.language_model.layers)))
+        if reducer.max_step != 0.0 and budget is not None:
+            budgets = stage_budgets(budget, num_tokens, protected, num_stages)
+            steps = []
+            for entering, kept in zip([num_tokens] + budgets, budgets):
+                steps += reduction_steps(entering, kept, reducer, protected)
+            return Schedule("r", tuple(steps) or (0,))
     if reducer.max_step == 0.0:  # the 'none' method
         if budget not in (None, num_tokens):
             raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget= (or set budget={num_tokens})")
@@ -156,14 +160,15 @@ def cost(model: nn.Module, metric: str = "x") -> EncoderCost:
     )
 
 
-def prefill_macs(model: nn.Module, num_tokens: Tensor, kept_tokens: Optional[Tensor] = None,
-                 from_layer: int = 0) -> Tensor:
+def prefill_macs(model: nn.Module, num_tokens: Tensor, kept_tokens: Optional[Union[Tensor, Sequence[Tensor]]] = None,
+                 from_layer: Union[int, Sequence[int]] = 0) -> Tensor:
     """Analytic language-model prefill MACs for prompts of ``num_tokens`` real tokens (per row).
 
     Linear layers per token, causal attention scores and values over ``T(T+1)/2`` query-key
     pairs, and the head on the last position (what ``generate()`` computes). Norms, activations
     and softmax are left out, as every counter does. With ``kept_tokens``, layers from
-    ``from_layer`` on run on that many tokens (in-LLM pruning).
+    ``from_layer`` on run on that many tokens (in-LLM pruning); with lists (progressive pruning),
+    layers from ``from_layer[i]`` on run on ``kept_tokens[i]`` tokens.
     """
     c = cost(model)
 
@@ -172,8 +177,10 @@ def prefill_macs(model: nn.Module, num_tokens: Tensor, kept_tokens: Optional[Ten
         return (c.attn_linear + c.mlp_linear) * t + c.attn_dim * t * (t + 1)
 
     kept_tokens = num_tokens if kept_tokens is None else kept_tokens
-    head = linear_macs(model.lm_head)
-    return layer(num_tokens) * from_layer + layer(kept_tokens) * (c.num_layers - from_layer) + head
+    counts = [num_tokens, *(kept_tokens if isinstance(kept_tokens, (list, tuple)) else [kept_tokens])]
+    bounds = [0, *(from_layer if isinstance(from_layer, (list, tuple)) else [from_layer]), c.num_layers]
+    segments = sum(layer(t) * (end - start) for t, start, end in zip(counts, bounds[:-1], bounds[1:]))
+    return segments + linear_macs(model.lm_head)
 
 
 def expected_flops(model: nn.Module) -> tuple[float, float]:
@@ -196,6 +203,9 @@ class LlavaReport(Report):
     """What the last call really kept (a :class:`vtr.Report` whose batch dimension is the images).
 
     tokens: visual tokens per image entering each reduction step, then the count kept.
+    stage_layers / stage_tokens: in-LLM pruning only: the decoder layer of each stage, and the visual
+        tokens per image entering the first stage, then kept after each stage (``tokens`` lists
+        every reducer step; a stage takes several when the reducer's ``max_step`` is below 1).
     assignment / size: per image, as in :class:`vtr.Report` (merged tokens have size > 1).
     image_rows: ``[I]`` prompt row of each image.
     visual_tokens_before / visual_tokens_after: ``[B]`` placeholders per row in the caller's prompt
@@ -215,6 +225,8 @@ class LlavaReport(Report):
     prefill_macs: Optional[Tensor] = None
     prefill_macs_unreduced: Optional[Tensor] = None
     reducer_macs: float = 0.0
+    stage_layers: Optional[list] = None
+    stage_tokens: Optional[list] = None
 
     @property
     def prefill_flops_saved(self) -> float:
@@ -283,6 +295,7 @@ class ReducingLlava:
 
     def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
         if _pruner(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
+            _pruner(self).check_generate(kwargs)
             return super().generate(inputs, *args, **kwargs)
         pixel_values = kwargs.pop("pixel_values", None)
         input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
@@ -358,7 +371,8 @@ def _vtr_forward(self, original_forward, *args, **kwargs):
     arguments |= arguments.pop("kwargs", {})
     pruner = _pruner(self)
     if pruner is not None:
-        pruner.observe(arguments.get("input_ids"), arguments.get("attention_mask"))
+        pruner.observe(arguments.get("input_ids"), arguments.get("attention_mask"),
+                       arguments.get("cache", arguments.get("past_key_values")))
         return original_forward(self, **arguments)
     if arguments.get("pixel_values") is None:
         return original_forward(self, **arguments)
@@ -574,10 +588,11 @@ def patch(model: nn.Module, reduction: Reduction) -> None:
         _feature_attention(model)   # fail at patch time, not at the first call
     reduction.original_class = type(model)
     if reduction.arguments.get("layers") is not None:
-        from .llava_prune import LanguageModelPruning
-        layer = reduction.arguments["layers"]
-        layer = layer[0] if isinstance(layer, (list, tuple)) else layer
-        reduction.pruner = LanguageModelPruning(model, reduction, layer)
+        from .llava_prune import LanguageModelPruning, stage_budgets, stage_layers
+        layers = stage_layers(reduction.arguments["layers"], len(model.model.language_model.layers))
+        num_tokens, protected = image_tokens(model)
+        budgets = stage_budgets(reduction.arguments.get("budget", num_tokens), num_tokens, protected, len(layers))
+        reduction.pruner = LanguageModelPruning(model, reduction, layers, budgets)
     model._vtr = reduction
     model.__class__ = _patched_class(type(model))
 

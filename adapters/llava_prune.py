@@ -1,147 +1,298 @@
-"""In-LLM visual token pruning for LLaVA (FastV-style): layers >= K run on the kept tokens only.
+"""In-LLM visual token pruning for LLaVA: FastV-style at one layer, or progressive over several.
 
-At decoder layer K of the prefill, the attention the last prompt token pays to every token is
-recomputed from the layer's own ``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding
-(one query row: O(L d), and it works whatever kernel the layer uses: SDPA, eager, ...). It is
-given to the reducer as the ``cls_attention`` signal of each image's tokens (the hidden states are
-the metric), and the reducer decides per image what stays. Layers >= K then see the kept
-sequence: hidden states, rotary embeddings and position ids gathered (original positions kept,
-a merged token takes the position of the first token it carries) and a causal mask rebuilt for
-it. Their KV cache is therefore short; at each decode step those layers get a mask aligned with
-their own cache (rows of a batch may have kept different numbers of tokens), while layers < K use
-the model's own mask and full cache.
+``layers=[K1, ..., Km]`` makes m *stages*. At decoder layer Ki of the prefill, the attention the
+last prompt token pays to every token still present is recomputed from the layer's own
+``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding (one query row: O(L d), and it
+works whatever kernel the layer uses: SDPA, eager, ...). It is given to the reducer as the
+``cls_attention`` signal of each image's tokens (the hidden states are the metric), and the
+reducer decides per image which of them stay (stage i keeps ``budgets[i]`` per image; one state
+per image carries sizes and provenance through all stages). Layers in ``[Ki, Ki+1)`` (a
+*segment*) then see stage i's sequence: hidden states, rotary embeddings and position ids gathered
+(original positions kept, a merged token takes the position of the first token it carries) and a
+causal mask rebuilt for it. Every segment therefore has its own, shorter KV cache; at each decode
+step the first layer of a segment builds a mask aligned with that cache (rows of a batch may have
+kept different numbers of tokens) and the segment's layers share it, while layers < K1 use the
+model's own mask and full cache. Static caches work too: masks span the cache's whole width.
 
 Forward pre-hooks on the decoder layers do all of it; the model's forward and ``generate()`` run
-unchanged. Needs the last column of the prompt to be a real token (left padding, as generate wants).
+unchanged. Needs the whole prompt in one forward on an empty cache, then one token per forward
+(no chunked prefill, no assisted generation), and the last column of the prompt to be a real
+token (left padding, as generate wants).
 """
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from vtr.config import Reduction
+from vtr.reducers import Signals
 from vtr.signals import cls_attention
+from vtr.state import TokenState
 
-from .llava import LlavaReport, _reduce, image_tokens, kept_columns, prefill_macs, text_only_report
+from .llava import (LlavaReport, _carried, cost, image_tokens, kept_columns, prefill_macs, reduction_steps,
+                    text_only_report)
+
+# generate() options that send the prompt in pieces or verify several candidate tokens per forward.
+_MULTI_TOKEN_OPTIONS = {
+    "assistant_model": "assisted generation",
+    "prompt_lookup_num_tokens": "prompt lookup decoding (assisted generation)",
+    "assistant_early_exit": "self-speculative decoding (assisted generation)",
+    "use_mtp": "multi-token prediction (assisted generation)",
+    "prefill_chunk_size": "chunked prefill",
+}
+_WHY = ("in-LLM pruning decides which visual tokens stay from the last prompt token in one forward of the whole "
+        "prompt on an empty cache, then needs one new token per forward")
+
+
+def stage_layers(layers, num_layers: int) -> list[int]:
+    """``layers=`` as a list of strictly increasing decoder layers in ``[0, num_layers)``."""
+    chosen = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    valid = bool(chosen) and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < num_layers
+                                 for k in chosen)
+    if not valid or any(b <= a for a, b in zip(chosen[:-1], chosen[1:])):
+        raise ValueError(f"layers must be language-model layers [K] or strictly increasing [K1, K2, ...] with each "
+                         f"K in [0, {num_layers - 1}] (where in-LLM pruning happens), got {layers!r}")
+    return chosen
+
+
+def stage_budgets(budget: Union[int, Sequence[int]], num_tokens: int, num_protected: int,
+                  num_stages: int) -> list[int]:
+    """Visual tokens kept per image after each stage.
+
+    An int is the count after the last stage; the stages before decay geometrically towards it
+    (p-MoD): after stage i, ``round(N * (B / N) ** (i / m))``. A list gives every stage's count.
+    """
+    low = num_protected + 1
+
+    def is_count(b) -> bool:
+        return isinstance(b, int) and not isinstance(b, bool) and low <= b <= num_tokens
+
+    if isinstance(budget, (list, tuple)):
+        counts = list(budget)
+        if not (len(counts) == num_stages and all(map(is_count, counts))
+                and all(b <= a for a, b in zip(counts[:-1], counts[1:]))):
+            raise ValueError(
+                f"budget as a list must give one count per layer in layers= ({num_stages}), non-increasing, each an "
+                f"int in [{low}, {num_tokens}] (visual tokens kept per image after that layer), got {budget!r}")
+        return counts
+    if not is_count(budget):
+        raise ValueError(f"budget must be an int in [{low}, {num_tokens}] (visual tokens kept per image after the "
+                         f"last layer; this model gives {num_tokens} per image), or a list of {num_stages}, "
+                         f"got {budget!r}")
+    return [max(budget, round(num_tokens * (budget / num_tokens) ** (i / num_stages)))
+            for i in range(1, num_stages + 1)]
+
+
+@dataclass
+class Stage:
+    """One pruning stage: at decoder layer ``layer`` each image keeps ``budget`` visual tokens."""
+
+    layer: int
+    budget: int
+    columns: Optional[Tensor] = None   # [B, L_i] prompt column of each slot its segment sees, -1 padding
 
 
 class LanguageModelPruning:
-    """The hooks on decoder layers K.. and what they share within one generate() call."""
+    """The hooks on decoder layers K1.. and what they share within one generate() call."""
 
-    def __init__(self, model: nn.Module, reduction: Reduction, layer: int):
-        self.model, self.reduction, self.layer = model, reduction, layer
+    def __init__(self, model: nn.Module, reduction: Reduction, layers: Sequence[int], budgets: Sequence[int]):
+        self.model, self.reduction = model, reduction
+        self.stages = [Stage(layer, budget) for layer, budget in zip(layers, budgets)]
         self.placeholder: Optional[Tensor] = None   # [B, L] image tokens of the prompt being prefilled
-        self.mask2d: Optional[Tensor] = None
-        self.columns: Optional[Tensor] = None       # [B, L'] prompt column of each kept slot, -1 padding
-        self.shared: dict = {}                      # what layers > K reuse in the current forward
-        layers = model.model.language_model.layers
-        self.handles = [layers[i].register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                        for i in range(layer, len(layers))]
+        self.columns: Optional[Tensor] = None       # [B, L'] prompt column of each slot the current layer sees
+        self.state: Optional[TokenState] = None     # the images' tokens after the latest stage
+        self.shared: dict = {}                      # what the current segment's layers get in this forward
+        self.steps: list[int] = []                  # visual tokens per image entering each reducer step
+        self.real_counts: list[Tensor] = []         # [B] real tokens per row entering each stage, then kept
+        self.reducer_macs = 0.0
+        starts = {stage.layer: stage for stage in self.stages}
+        decoder = model.model.language_model.layers
+        self.handles = [decoder[i].register_forward_pre_hook(self._hook(starts.get(i)), with_kwargs=True)
+                        for i in range(self.stages[0].layer, len(decoder))]
+
+    @property
+    def where(self) -> str:
+        layers = [stage.layer for stage in self.stages]
+        return f"in the language model at layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
-    def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor]) -> None:
+    def check_generate(self, kwargs: dict) -> None:
+        """Refuse generate() modes that feed the prompt in pieces or several tokens per forward, before they run."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        for option, what in _MULTI_TOKEN_OPTIONS.items():
+            if kwargs.get(option, getattr(config, option, None)) not in (None, False):
+                raise ValueError(f"{what} ({option}=) is not supported with in-LLM pruning (layers=): {_WHY}. "
+                                 "Leave it out, or reduce before the language model (no layers=), which supports it")
+
+    def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], cache) -> None:
         """Called by the patched forward: a prompt with image tokens starts a new pruning."""
         if input_ids is None:
             raise ValueError("in-LLM pruning on a vtr-patched LLaVA needs input_ids (to find the image tokens)")
-        if input_ids.shape[1] == 1 and self.columns is not None:
-            return                                   # a decode step of the current prompt
+        self.shared = {}
+        prefilled = self.placeholder is not None and self.stages[-1].columns is not None
+        past = int(cache.get_seq_length()) if cache is not None else 0
         placeholder = input_ids == self.model.config.image_token_id
+        if past and input_ids.shape[1] > 1 and (prefilled or bool(placeholder.any())):
+            raise ValueError(f"a forward of {input_ids.shape[1]} tokens on a cache that already holds {past} "
+                             f"(chunked prefill, assisted generation) is not supported with in-LLM pruning "
+                             f"(layers=): {_WHY}")
+        if input_ids.shape[1] == 1 and prefilled and past:
+            return                                   # a decode step of the current prompt
         self.placeholder = placeholder if bool(placeholder.any()) else None
-        self.mask2d = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        self.columns = None
+        mask2d = _padding_mask(input_ids, attention_mask)
         if self.placeholder is None:
-            where = f"in the language model at layer {self.layer}"
-            self.reduction.report = text_only_report(self.model, input_ids, attention_mask, where)
-        if self.placeholder is not None and not bool(self.mask2d[:, -1].all()):
+            self.reduction.report = text_only_report(self.model, input_ids, mask2d, self.where)
+            return
+        if not bool(mask2d[:, -1].all()):
             raise ValueError("in-LLM pruning needs the last column of the prompt to be a real token in every row "
                              "(pad on the left, as generate() expects)")
+        real = mask2d.bool()
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        self.columns = columns.masked_fill(~real, -1)
+        self.state, self.steps, self.reducer_macs = None, [], 0.0
+        self.real_counts = [real.sum(1)]
+        for stage in self.stages:
+            stage.columns = None
 
-    def _hook(self, index: int):
+    def _hook(self, stage: Optional[Stage]):
         def hook(module, args, kwargs):
             if self.placeholder is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            if index == self.layer:
-                if hidden.shape[1] > 1:
-                    if self.columns is not None:
-                        raise NotImplementedError("in-LLM pruning supports one prefill then one token per step")
-                    hidden = self._prune(module, hidden, kwargs)
+            kwargs.update(self.shared)                 # the previous stage's sequence (if any)
+            if stage is not None:
+                if stage.columns is None:
+                    hidden = self._prune(stage, module, hidden, kwargs)
+                elif hidden.shape[1] > 1:
+                    raise ValueError(f"in-LLM pruning supports one prefill then one token per forward: {_WHY}")
                 else:
-                    self._decode_mask(kwargs, hidden)
-            kwargs.update(self.shared)
-            args = (hidden,) + tuple(args[1:]) if args else args
-            if not args:
-                kwargs["hidden_states"] = hidden
+                    valid = stage.columns >= 0
+                    self.shared = {"attention_mask": _segment_mask(valid, kwargs.get("cache"), stage.layer, 1,
+                                                                   hidden.dtype)}
+                kwargs.update(self.shared)
+            if args:
+                return (hidden,) + tuple(args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
             return args, kwargs
         return hook
 
-    def _prune(self, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
-        batch, length, _ = hidden.shape
+    def _prune(self, stage: Stage, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+        """Reduce each image's tokens at this stage and return the stage's sequence (shared kwargs set)."""
+        length = self.placeholder.shape[1]
         cos, sin = kwargs["position_embeddings"]
-        real = self.mask2d.bool()
-        scores = last_token_attention(layer, hidden, cos, sin, real)           # [B, L]
+        scores = last_token_attention(layer, hidden, cos, sin, self.columns >= 0)    # [B, L_prev]
+        slot = _slot_of_column(self.columns, length)
 
         # Each image's tokens as one row of a token state (transformers' row-major placeholder order).
         per_image, protected = image_tokens(self.model)
-        rows, cols = self.placeholder.nonzero(as_tuple=True)
-        rows, cols = rows.view(-1, per_image), cols.view(-1, per_image)
-        state, tokens, reducer_macs = _reduce(self.model, self.reduction, hidden[rows, cols], scores[rows, cols], None)
+        image_rows, image_cols = self.placeholder.nonzero(as_tuple=True)
+        image_rows, image_cols = image_rows.view(-1, per_image)[:, :1], image_cols.view(-1, per_image)
+        if self.state is None:
+            self.state = TokenState.start(hidden[image_rows, image_cols], protected)
+            self.steps = [per_image]
+        current = slot[image_rows, _first_columns(self.state, image_cols, length)]   # [I, n] slot of each token
+        state = self._reduce(self.state.with_x(hidden[image_rows, current]), scores[image_rows, current],
+                             stage.budget)
 
-        # Where each output token sits: the first prompt column it carries.
-        first = torch.full(state.size.shape, length, dtype=torch.long, device=hidden.device)
-        carried = state.assignment >= 0
-        first.scatter_reduce_(1, state.assignment.clamp_min(0), torch.where(carried, cols, length), "amin")
-        out_rows = rows[:, :1].expand_as(first)
-        keep = real & ~self.placeholder
-        keep[out_rows, first] = True
+        # Each output token sits at the first prompt column it carries; text stays, padding goes.
+        first = _first_columns(state, image_cols, length)
+        out_rows = image_rows.expand_as(first)
         hidden = hidden.clone()
-        hidden[out_rows, first] = state.x.to(hidden.dtype)
-
-        self.columns = kept_columns(keep, left=True)
-        index = self.columns.clamp_min(0)
-        valid = self.columns >= 0
-        gathered = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        position_ids = kwargs["position_ids"].expand(batch, length).gather(1, index)
-        cos = cos.expand(batch, -1, -1).gather(1, index[..., None].expand(-1, -1, cos.shape[-1]))
-        sin = sin.expand(batch, -1, -1).gather(1, index[..., None].expand(-1, -1, sin.shape[-1]))
-        causal = torch.ones(valid.shape[1], valid.shape[1], dtype=torch.bool, device=valid.device).tril()
+        hidden[out_rows, slot[out_rows, first]] = state.x.to(hidden.dtype)
+        keep = (slot >= 0) & ~self.placeholder
+        keep[out_rows, first] = True
+        stage.columns = kept_columns(keep, left=True)
+        index = slot.gather(1, stage.columns.clamp_min(0)).clamp_min(0)   # [B, L_i] source slot of each new slot
+        self.columns, self.state = stage.columns, state
+        self.real_counts.append(keep.sum(1))
         self.shared = {
-            "position_ids": position_ids,
-            "position_embeddings": (cos, sin),
-            "attention_mask": _additive(causal[None] & valid[:, None, :], hidden.dtype),
+            "position_ids": _gather(kwargs["position_ids"], index),
+            "position_embeddings": (_gather(cos, index), _gather(sin, index)),
+            "attention_mask": _segment_mask(stage.columns >= 0, kwargs.get("cache"), stage.layer,
+                                            stage.columns.shape[1], hidden.dtype),
         }
-        self._record(state, tokens, reducer_macs, keep)
-        return gathered
+        if stage is self.stages[-1]:
+            self._record(image_rows[:, 0], keep)
+        return _gather(hidden, index)
 
-    def _decode_mask(self, kwargs: dict, hidden: Tensor) -> None:
-        """Mask of one new token over this layer's own (shorter) cache: kept slots, then generated tokens."""
-        cache = kwargs.get("cache")
-        past = cache.get_seq_length(self.layer) if cache is not None else 0
-        valid = self.columns >= 0
-        generated = torch.ones(valid.shape[0], past - valid.shape[1] + hidden.shape[1], dtype=torch.bool,
-                               device=valid.device)
-        self.shared = {"attention_mask": _additive(torch.cat([valid, generated], 1)[:, None, :], hidden.dtype)}
+    def _reduce(self, state: TokenState, scores: Tensor, budget: int) -> TokenState:
+        """The reducer's steps from the state's tokens down to ``budget`` (scores: attention to each token)."""
+        reducer, protected = self.reduction.reducer, state.num_protected
+        steps = reduction_steps(state.num_tokens, budget, reducer, protected) if self.reduction.reduces else []
+        side = int(round((state.num_tokens - protected) ** 0.5))
+        # Spatial grid only while the tokens are the image's untouched patches (the first stage).
+        grid = (side, side) if side * side == state.num_tokens - protected and not state.is_reduced else None
+        image_cost = cost(self.model, self.reduction.metric)
+        # Steps run on the stage's tokens as if they were original (sizes kept), then compose.
+        reduced = TokenState(x=state.x, size=state.size, num_protected=protected,
+                             assignment=torch.arange(state.num_tokens, device=state.x.device).expand_as(state.size))
+        for step, remove in enumerate(steps):
+            signals = Signals(metric=reduced.x, layer=step, num_layers=len(steps),
+                              cls_attention=_carried(scores, reduced), grid=None if reduced.is_reduced else grid)
+            self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost)
+            reduced = reducer(reduced, reduced.num_tokens - remove, signals)
+            self.steps.append(reduced.num_tokens)
+        assignment = reduced.assignment.gather(1, state.assignment.clamp_min(0))
+        return TokenState(x=reduced.x, size=reduced.size, num_protected=state.num_protected,
+                          assignment=torch.where(state.assignment >= 0, assignment, -1))
 
-    def _record(self, state, tokens: list[int], reducer_macs: float, keep: Tensor) -> None:
-        real = self.mask2d.bool()
-        kept_images = keep & self.placeholder
-        before, after = real.sum(1), keep.sum(1)
+    def _record(self, image_rows: Tensor, keep: Tensor) -> None:
+        before, kept = self.real_counts[0], self.real_counts[1:]
+        layers = [stage.layer for stage in self.stages]
+        scoring = sum(_scoring_macs(self.model, layer, count) for layer, count in zip(layers, self.real_counts))
+        state = self.state
         self.reduction.report = LlavaReport(
-            tokens=tokens, assignment=state.assignment.detach(), size=state.size.detach(),
-            num_protected=state.num_protected, grid=None, where=f"in the language model at layer {self.layer}",
-            image_rows=self.placeholder.nonzero()[:, 0].view(-1, tokens[0])[:, 0],
-            visual_tokens_before=self.placeholder.sum(1), visual_tokens_after=kept_images.sum(1),
-            kept_positions=self.columns,
-            prefill_macs=prefill_macs(self.model, before, after, self.layer),
+            tokens=list(self.steps), assignment=state.assignment.detach(), size=state.size.detach(),
+            num_protected=state.num_protected, grid=None, where=self.where, image_rows=image_rows,
+            visual_tokens_before=self.placeholder.sum(1), visual_tokens_after=(keep & self.placeholder).sum(1),
+            kept_positions=self.columns, stage_layers=layers,
+            stage_tokens=[self.steps[0]] + [stage.budget for stage in self.stages],
+            prefill_macs=prefill_macs(self.model, before, kept, layers),
             prefill_macs_unreduced=prefill_macs(self.model, before),
-            reducer_macs=reducer_macs + _scoring_macs(self.model, self.layer, before),
+            reducer_macs=self.reducer_macs + scoring,
         )
+
+
+def _slot_of_column(columns: Tensor, length: int) -> Tensor:
+    """``[B, length]`` slot of each prompt column in a sequence whose slots hold ``columns``
+    (``[B, L']``, -1 padding); -1 for columns the sequence no longer holds."""
+    valid = columns >= 0
+    slot = torch.full((columns.shape[0], length), -1, dtype=torch.long, device=columns.device)
+    slots = torch.arange(columns.shape[1], device=columns.device).expand_as(columns)
+    rows = torch.arange(columns.shape[0], device=columns.device)[:, None].expand_as(columns)
+    slot[rows[valid], columns[valid]] = slots[valid]
+    return slot
+
+
+def _gather(values: Tensor, index: Tensor) -> Tensor:
+    """``values`` ``[B or 1, L, ...]`` at ``index`` ``[B, L']`` along dim 1."""
+    values = values.expand(index.shape[0], *values.shape[1:])
+    return values.gather(1, index.view(*index.shape, *[1] * (values.dim() - 2)).expand(-1, -1, *values.shape[2:]))
+
+
+def _padding_mask(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """``[B, L]`` real tokens of a prompt sent on an empty cache. generate() with a static cache
+    passes a ready 4-D mask ``[B, 1, L, W]``: a real token is one that may attend to itself."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.dim() == 4:
+        diagonal = attention_mask[:, 0, :, :input_ids.shape[1]].diagonal(dim1=-2, dim2=-1)
+        return (diagonal if diagonal.dtype == torch.bool else diagonal == 0).long()
+    return attention_mask
+
+
+def _first_columns(state: TokenState, image_columns: Tensor, length: int) -> Tensor:
+    """``[I, n]`` first prompt column among the original tokens each current token carries."""
+    first = torch.full(state.size.shape, length, dtype=torch.long, device=state.x.device)
+    carried = state.assignment >= 0
+    return first.scatter_reduce_(1, state.assignment.clamp_min(0), torch.where(carried, image_columns, length), "amin")
 
 
 def last_token_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor) -> Tensor:
@@ -157,6 +308,19 @@ def last_token_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Ten
     k = rotate(k, k, cos, sin)[0]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return cls_attention(q, k, _additive(real[:, None, None, :], torch.float32), scale=attn.scaling)
+
+
+def _segment_mask(valid: Tensor, cache, layer: int, query_length: int, dtype: torch.dtype) -> Tensor:
+    """Mask ``[B, 1, Q, W]`` of Q new tokens over a segment's own cache at ``layer``: its prompt slots
+    (``valid`` ``[B, L_i]``), then the tokens generated since, causal; W is the width the cache
+    returns (a static cache's slots past its length are masked)."""
+    past = int(cache.get_seq_length(layer)) if cache is not None else 0
+    width = int(cache.get_mask_sizes(query_length, layer)[0]) if cache is not None else past + query_length
+    keys = torch.arange(width, device=valid.device)
+    queries = past + torch.arange(query_length, device=valid.device)
+    slots = torch.ones(valid.shape[0], width, dtype=torch.bool, device=valid.device)
+    slots[:, :valid.shape[1]] = valid
+    return _additive(slots[:, None, :] & (keys[None, :] <= queries[:, None])[None], dtype)
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:

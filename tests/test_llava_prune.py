@@ -122,8 +122,8 @@ def test_report_says_where_and_earlier_layers_save_more():
 
 def test_bad_layers_and_right_padding_are_clear_errors():
     model = tiny_llava()
-    for layers in ([4], [1, 2], [-1], [True]):
-        with pytest.raises(ValueError, match=r"layers must be one language-model layer \[K\] with K in \[0, 3\]"):
+    for layers in ([4], [2, 1], [1, 1], [1, 4], [], [-1], [True]):
+        with pytest.raises(ValueError, match=r"layers must be .*strictly increasing .* with each K in \[0, 3\]"):
             vtr.patch(model, "fastv", budget=4, layers=layers)
     vtr.patch(model, "fastv", budget=4, layers=[1])
     ids, mask = left_padded([prompt_row([1], 1, [7]), prompt_row([1, 2, 3], 1, [7])])

@@ -1,0 +1,323 @@
+"""Progressive in-LLM pruning of LLaVA (``layers=[K1, K2, ...]``) and the cache modes in-LLM pruning meets.
+
+Exact against a plain segment-by-segment reference, per-row exact in batches, static caches,
+clear early errors for what it cannot do (assisted generation, chunked prefill).
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache, GenerationConfig
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import vtr
+from adapters.llava import cost, prefill_macs
+from adapters.llava_prune import stage_budgets
+
+from _llava_models import IMAGE_TOKEN, IMAGE_TOKENS, PAD, left_padded, mixed_batch, prompt_row, tiny_llava
+
+GENERATE = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+NUM_LAYERS = 4
+
+
+def generate(model, ids, mask, **kwargs):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, **GENERATE, **kwargs)
+
+
+def logits(out) -> torch.Tensor:
+    return torch.stack(out.logits, dim=1)
+
+
+def causal(n: int) -> torch.Tensor:
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def segment_reference(model, ids, pixels, stages, generated):
+    """The unpatched layers, no cache, one unpadded row: each stage's layer onwards runs on that
+    stage's kept prompt columns plus the generated tokens, each at its original position."""
+    inner, language = model.model, model.model.language_model
+    with torch.inference_mode():
+        sequence = torch.cat([ids, generated[None]], dim=1)
+        hidden = language.embed_tokens(sequence)
+        hidden[sequence == IMAGE_TOKEN] = torch.cat(list(inner.get_image_features(pixel_values=pixels).pooler_output))
+        new = torch.arange(ids.shape[1], sequence.shape[1])
+        present = torch.arange(sequence.shape[1])          # prompt column of each row of `hidden`
+        for index, decoder in enumerate(language.layers):
+            if index in stages:
+                wanted = torch.cat([stages[index], new])
+                hidden, present = hidden[:, torch.searchsorted(present, wanted)], wanted
+            hidden = decoder(hidden, attention_mask=causal(hidden.shape[1]), position_ids=present[None],
+                             position_embeddings=language.rotary_emb(hidden, present[None]))
+        return model.lm_head(language.norm(hidden[:, -1]))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layers, budget, counts", [([0, 2], 4, [8, 4]), ([1, 2, 3], [12, 6, 3], [12, 6, 3])])
+def test_progressive_prefill_and_decode_equal_the_segment_reference(attn, layers, budget, counts):
+    model = tiny_llava(attn)
+    ids, mask = left_padded([prompt_row([1, 5, 6], 1, [7, 8, 9])])
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    vtr.patch(model, "fastv", budget=budget, layers=layers)
+    pruner = model._vtr.pruner
+    out = generate(model, ids, mask, pixel_values=pixels)
+    report = vtr.report(model)
+    vtr.unpatch(model)
+    stages = {stage.layer: stage.columns[0] for stage in pruner.stages}
+    assert report.stage_layers == layers and report.stage_tokens == [IMAGE_TOKENS] + counts == report.tokens
+    text = ids.shape[1] - IMAGE_TOKENS
+    previous = set(range(ids.shape[1]))
+    for (layer, kept), count in zip(stages.items(), counts):
+        assert len(kept) == text + count and set(kept.tolist()) <= previous   # each stage keeps a subset
+        previous = set(kept.tolist())
+    assert torch.equal(report.kept_positions[0], stages[layers[-1]])
+    generated = out.sequences[0, ids.shape[1]:]
+    for step in range(GENERATE["max_new_tokens"]):
+        expected = segment_reference(model, ids, pixels, stages, generated[:step])
+        torch.testing.assert_close(out.logits[step], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn, method, layers, budget", [("sdpa", "fastv", [1, 2], 4),
+                                                          ("eager", "tome", [0, 3], [8, 3])])
+def test_progressive_batch_with_left_padding_equals_each_row_alone(attn, method, layers, budget):
+    model = tiny_llava(attn)
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, method, budget=budget, layers=layers)
+    batched = generate(model, ids, mask, pixel_values=pixels)
+    report = vtr.report(model)
+    final = budget if isinstance(budget, int) else budget[-1]
+    assert report.visual_tokens_after.tolist() == [2 * final, final, 0]
+    assert float(report.size.sum()) <= 3 * IMAGE_TOKENS and report.size.shape == (3, final)
+    first = 0
+    for row, count in enumerate([2, 1, 0]):
+        real = mask[row].bool()
+        kwargs = {"pixel_values": pixels[first:first + count]} if count else {}
+        alone = generate(model, ids[row, real][None], mask[row, real][None], **kwargs)
+        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
+        assert torch.equal(batched.sequences[row, ids.shape[1]:], alone.sequences[0, real.sum():])
+        first += count
+
+
+def test_tome_stages_carry_sizes_and_provenance():
+    """Merges at a later stage weigh tokens by the sizes earlier stages gave them; provenance composes."""
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "tome", budget=[8, 3], layers=[0, 3])
+    generate(model, ids, mask, pixel_values=pixels)
+    report = vtr.report(model)
+    assert report.tokens == [16, 8, 4, 3] and report.stage_tokens == [16, 8, 3]
+    assert torch.equal(report.size.sum(1), torch.full((3,), 16.0))              # a pure merge keeps every token
+    carried = torch.zeros_like(report.size).scatter_add_(1, report.assignment, torch.ones(3, IMAGE_TOKENS))
+    assert torch.equal(carried, report.size)
+
+
+@pytest.mark.parametrize("layers, budget", [([0, 2], IMAGE_TOKENS), ([1, 3], [IMAGE_TOKENS, IMAGE_TOKENS])])
+def test_budgets_that_keep_everything_match_the_unpatched_model(layers, budget):
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    expected = generate(model, ids, mask, pixel_values=pixels)
+    vtr.patch(model, "fastv", budget=budget, layers=layers)
+    out = generate(model, ids, mask, pixel_values=pixels)
+    torch.testing.assert_close(logits(out), logits(expected), atol=1e-5, rtol=0)
+    assert torch.equal(out.sequences, expected.sequences)
+    vtr.unpatch(model)
+    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+def test_text_only_prompts_pass_through_progressive_pruning():
+    model = tiny_llava()
+    ids, mask = left_padded([[1, 20, 21, 22, 23], [1, 5, 6]])
+    expected = generate(model, ids, mask)
+    vtr.patch(model, "fastv", budget=4, layers=[1, 2])
+    out = generate(model, ids, mask)
+    assert torch.equal(logits(out), logits(expected))
+    report = vtr.report(model)
+    assert report.where == "in the language model at layers 1, 2" and report.visual_tokens_after.tolist() == [0, 0]
+
+
+def test_stage_budgets_decay_geometrically_example():
+    assert stage_budgets(2, 16, 0, 3) == [8, 4, 2]
+    assert stage_budgets(64, 576, 0, 1) == [64] and stage_budgets(64, 576, 0, 2) == [192, 64]
+    assert stage_budgets([9, 9, 4], 16, 0, 3) == [9, 9, 4]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 600), st.data(), st.integers(1, 6), st.integers(0, 1))
+def test_stage_budgets_are_non_increasing_and_end_at_the_budget(num_tokens, data, num_stages, protected):
+    budget = data.draw(st.integers(protected + 1, num_tokens))
+    counts = stage_budgets(budget, num_tokens, protected, num_stages)
+    assert len(counts) == num_stages and counts[-1] == budget
+    assert all(num_tokens >= a >= b >= budget for a, b in zip(counts[:-1], counts[1:]))
+    for i, count in enumerate(counts[:-1], start=1):
+        assert abs(count - num_tokens * (budget / num_tokens) ** (i / num_stages)) <= 0.5
+
+
+@pytest.mark.parametrize("layers, budget, match", [
+    ([2, 1], 4, r"layers must be .*strictly increasing .*K in \[0, 3\]"),
+    ([1, 1], 4, r"layers must be .*strictly increasing"),
+    ([0, 4], 4, r"layers must be .*K in \[0, 3\]"),
+    ([1, 2], [8, 4, 2], r"budget as a list must give one count per layer in layers= \(2\)"),
+    ([1, 2], [4, 8], r"budget as a list .*non-increasing, each an int in \[1, 16\]"),
+    ([1, 2], [17, 8], r"budget as a list .*in \[1, 16\]"),
+    ([1, 2], [8, 0], r"budget as a list .*in \[1, 16\]"),
+    ([1, 2], ["8", 4], r"budget as a list .*in \[1, 16\]"),
+    ([1, 2], 0, r"budget must be an int in \[1, 16\] .* or a list of 2"),
+    ([1, 2], 2.5, r"budget must be an int in \[1, 16\]"),
+    (None, [8, 4], r"budget must be an int in \[1, 16\]"),
+])
+def test_bad_layers_and_budgets_name_the_parameter_and_range(layers, budget, match):
+    with pytest.raises(ValueError, match=match):
+        vtr.patch(tiny_llava(), "fastv", budget=budget, layers=layers)
+
+
+def test_tome_stage_budget_it_can_reach_is_checked_at_patch_time():
+    """The 'full' strategy protects the CLS feature: budgets start at 2, and a list budget obeys it too."""
+    model = tiny_llava(strategy="full")
+    with pytest.raises(ValueError, match=r"in \[2, 17\]"):
+        vtr.patch(model, "tome", budget=[8, 1], layers=[1, 2])
+    vtr.patch(model, "tome", budget=[8, 2], layers=[1, 2])
+    assert vtr.expected_tokens(model)[-1] == 2
+
+
+def test_report_macs_per_segment_and_scoring_per_stage():
+    ids, mask, pixels = mixed_batch()
+    reports = {}
+    for layers in ([1], [3], [1, 3]):
+        model = tiny_llava()
+        vtr.patch(model, "fastv", budget=4, layers=layers)
+        generate(model, ids, mask, pixel_values=pixels)
+        reports[tuple(layers)] = vtr.report(model)
+    progressive = reports[(1, 3)]
+    assert progressive.where == "in the language model at layers 1, 3" and progressive.stage_tokens == [16, 8, 4]
+    assert progressive.visual_tokens_after.tolist() == [8, 4, 0]
+
+    # Segment by segment: layer 0 on every real token, layers 1-2 after stage 1, layer 3 after stage 2.
+    c, real = cost(model), mask.sum(1).double()
+    per_layer = lambda t: (c.attn_linear + c.mlp_linear) * t + c.attn_dim * t * (t + 1)   # noqa: E731
+    after_1, after_2 = real - torch.tensor([16.0, 8, 0]), real - torch.tensor([24.0, 12, 0])
+    head = model.lm_head.in_features * model.lm_head.out_features
+    expected = per_layer(real) + 2 * per_layer(after_1) + per_layer(after_2) + head
+    torch.testing.assert_close(progressive.prefill_macs, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(progressive.prefill_macs_unreduced, NUM_LAYERS * per_layer(real) + head, rtol=1e-12,
+                               atol=0)
+    # The single-layer call gives what it gave before stages existed.
+    single = reports[(1,)]
+    torch.testing.assert_close(single.prefill_macs, per_layer(real) + 3 * per_layer(after_2) + head, rtol=1e-12,
+                               atol=0)
+
+    # Reducer MACs: each stage scores every token it sees (one query row against all keys), and
+    # fastv's own decision on each of the 3 images' tokens entering it.
+    attn = model.model.language_model.layers[0].self_attn
+    def scoring(n: torch.Tensor) -> float:
+        return float((attn.k_proj.in_features * (attn.k_proj.out_features * n + attn.q_proj.out_features)).sum())
+
+    decision = lambda n: 3 * vtr.make_reducer("fastv").extra_macs(n, c)   # noqa: E731
+    assert progressive.reducer_macs == pytest.approx(scoring(real) + scoring(after_1) + decision(16) + decision(8),
+                                                     rel=1e-12)
+    assert single.reducer_macs == pytest.approx(scoring(real) + decision(16), rel=1e-12)
+
+    # At the same final budget, progressive pruning sits between pruning everything at its first
+    # layer (cheapest) and at its last layer.
+    for row in range(2):
+        assert single.prefill_macs[row] < progressive.prefill_macs[row] < reports[(3,)].prefill_macs[row]
+    assert single.prefill_flops_saved > progressive.prefill_flops_saved > reports[(3,)].prefill_flops_saved > 0
+
+
+def test_prefill_macs_stage_lists_reduce_to_the_single_call():
+    model = tiny_llava()
+    n, k = torch.tensor([40, 30]), torch.tensor([20, 10])
+    assert torch.equal(prefill_macs(model, n, [k], [2]), prefill_macs(model, n, k, 2))
+    assert torch.equal(prefill_macs(model, n, [n, n], [1, 3]), prefill_macs(model, n))
+    assert torch.equal(prefill_macs(model, n, [k, k], [1, 3]), prefill_macs(model, n, k, 1))
+
+
+# --- cache modes -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layers, budget", [([1], 5), ([0, 2], [8, 3])])
+def test_static_cache_equals_the_dynamic_cache(attn, layers, budget):
+    """Layers >= K1 hold fewer entries in their static cache: masks span the cache's whole width."""
+    model = tiny_llava(attn)
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "fastv", budget=budget, layers=layers)
+    dynamic = generate(model, ids, mask, pixel_values=pixels)
+    kept = vtr.report(model).kept_positions
+    static = generate(model, ids, mask, pixel_values=pixels, cache_implementation="static")
+    assert torch.equal(vtr.report(model).kept_positions, kept)
+    torch.testing.assert_close(logits(static), logits(dynamic), atol=1e-5, rtol=0)
+    assert torch.equal(static.sequences, dynamic.sequences)
+
+
+def test_before_the_language_model_static_cache_equals_the_unpatched_model_on_the_compacted_prompt():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "tome", budget=5)
+    features = []
+
+    def capture(module, args, kwargs):     # the reduced features the language model receives
+        image = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if image is not None and not features:
+            features.extend(f.clone() for f in image.pooler_output)
+
+    handle = model.model.register_forward_pre_hook(capture, with_kwargs=True)
+    out = generate(model, ids, mask, pixel_values=pixels, cache_implementation="static")
+    handle.remove()
+    columns = vtr.report(model).kept_positions
+    vtr.unpatch(model)
+    assert len(features) == 3 and all(f.shape == (5, 64) for f in features)
+    compact_ids = torch.where(columns >= 0, ids.gather(1, columns.clamp_min(0)), PAD)
+    expected = generate(model, compact_ids, (columns >= 0).long(),
+                        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)})
+    torch.testing.assert_close(logits(out), logits(expected), atol=1e-5, rtol=0)
+    assert torch.equal(out.sequences[:, ids.shape[1]:], expected.sequences[:, compact_ids.shape[1]:])
+
+
+MULTI_TOKEN = [
+    ({"prompt_lookup_num_tokens": 2}, "prompt_lookup_num_tokens="),
+    ({"assistant_model": "tiny"}, "assistant_model="),
+    ({"prefill_chunk_size": 8}, "prefill_chunk_size="),
+    ({"generation_config": GenerationConfig(prompt_lookup_num_tokens=2)}, "prompt_lookup_num_tokens="),
+]
+
+
+@pytest.mark.parametrize("layers", [[1], [1, 2]])
+@pytest.mark.parametrize("options, name", MULTI_TOKEN)
+def test_assisted_generation_and_chunked_prefill_are_refused_before_any_forward(layers, options, name):
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    options = {k: tiny_llava(seed=1) if v == "tiny" else v for k, v in options.items()}
+    vtr.patch(model, "fastv", budget=4, layers=layers)
+    with pytest.raises(ValueError, match=rf"\({name}\) is not supported with in-LLM pruning \(layers=\).*one forward"):
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=2, **options)
+    assert model._vtr.report is None and model._vtr.pruner.placeholder is None       # nothing ran
+
+
+@pytest.mark.parametrize("layers", [[1], [0, 2]])
+def test_prompt_in_pieces_or_several_tokens_on_a_pruned_cache_are_clear_errors(layers):
+    model = tiny_llava()
+    vtr.patch(model, "fastv", budget=4, layers=layers)
+    row = torch.tensor([prompt_row([1, 5, 6], 1, [7, 12, 13])])
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config.text_config)
+        model(input_ids=row[:, :-2], pixel_values=pixels, cache=cache, use_cache=True)     # first chunk
+        length = cache.get_seq_length()
+        with pytest.raises(ValueError, match=r"forward of 2 tokens on a cache that already holds .*chunked prefill"):
+            model(input_ids=row[:, -2:], cache=cache, use_cache=True)
+        assert cache.get_seq_length() == length                                          # refused before it ran
+        cache = DynamicCache(config=model.config.text_config)
+        model(input_ids=row[:, :3], cache=cache, use_cache=True)              # text first, then the image
+        with pytest.raises(ValueError, match="chunked prefill"):
+            model(input_ids=row[:, 3:], pixel_values=pixels, cache=cache, use_cache=True)
+
+
+def test_before_the_language_model_supports_prompt_lookup_and_chunked_prefill():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "fastv", budget=4)
+    expected = generate(model, ids[:1], mask[:1], pixel_values=pixels[:2])      # assisted generation: one row
+    for options in ({"prompt_lookup_num_tokens": 2}, {"prefill_chunk_size": 8}):
+        out = generate(model, ids[:1], mask[:1], pixel_values=pixels[:2], **options)
+        assert torch.equal(out.sequences, expected.sequences)
