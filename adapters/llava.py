@@ -376,6 +376,8 @@ class ReducingLlava:
         if anyres is not None and vision.get("image_sizes") is None:
             raise ValueError("LLaVA-NeXT needs image_sizes ([images, 2] height and width of each image, as the "
                              "processor returns them) with pixel_values")
+        if anyres is not None:
+            anyres.check_inputs(pixel_values, vision["image_sizes"])
         reduction = self._vtr
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

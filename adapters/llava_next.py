@@ -28,7 +28,9 @@ The language model reads the base image's kept tokens, then the crops' in crop o
 final newline. An image with at most ``B`` tokens passes through untouched. When ``B`` leaves room
 for every base and crop token but not for every newline, nothing is merged: the image keeps all
 its base and crop tokens in their order and its last ``B - (base + crop tokens)`` newlines (its
-rows are whole, so each kept newline still closes its row).
+rows are whole, so each kept newline still closes its row). An image so thin that unpadding
+leaves no row of crops (aspect ratio beyond about 1:20) is its thumbnail alone, without a newline;
+one that leaves rows but no columns has newlines only: either way the budget goes to the thumbnail.
 
 The layout of an image is read from the model's own ``pack_image_features`` run on position ids,
 so it follows transformers' unpadding exactly. ``budget`` must lie in ``[MIN_BUDGET, most tokens
@@ -87,6 +89,16 @@ def check_reduction(model: nn.Module, reduction: Reduction) -> None:
             "exact per image (the crops' budgets differ): choose a method that takes a budget")
 
 
+def check_inputs(pixel_values: Tensor, image_sizes) -> None:
+    """``image_sizes`` must give one (height, width) per image, before the tower runs on a mismatch."""
+    sizes = torch.as_tensor(image_sizes)
+    if sizes.dim() != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"image_sizes must be [images, 2] (height, width of each image), got shape {tuple(sizes.shape)}")
+    if pixel_values.dim() == 5 and sizes.shape[0] != pixel_values.shape[0]:
+        raise ValueError(f"image_sizes must give one (height, width) per image: pixel_values has "
+                         f"{pixel_values.shape[0]} images, got {sizes.shape[0]} sizes")
+
+
 @dataclass(frozen=True)
 class AnyresLayout:
     """Where each of one image's packed features comes from.
@@ -125,6 +137,10 @@ class AnyresLayout:
         offset = positions - self.part_tokens
         return offset // (self.cols + 1), offset % (self.cols + 1)
 
+    def reduces(self, budget: Optional[int]) -> bool:
+        """Whether ``budget`` makes this image's thumbnail and crop tokens be reduced (not only newlines dropped)."""
+        return budget is not None and budget < self.num_tokens and budget <= self.num_tokens - self.rows
+
     def crop_tokens(self) -> list[int]:
         counts = torch.bincount(self.part[self.part > 0] - 1, minlength=self.num_crops)
         return counts.tolist()
@@ -149,14 +165,22 @@ def layout(model: nn.Module, image_size) -> AnyresLayout:
     newline = torch.tensor([-1.0], dtype=torch.float64)
     packed, _ = model.model.pack_image_features([ids], [list(image_size)], "default", image_newline=newline)
     source = packed[0][:, 0].long()
-    rows = int((source < 0).sum())
-    cols = (source.numel() - side * side - rows) // rows
+    rows = int((source < 0).sum())     # 0 for an image so thin that unpadding leaves no row
+    cols = (source.numel() - side * side - rows) // rows if rows else 0
     return AnyresLayout(image_size, source, side, num_parts - 1, rows, cols)
+
+
+_LARGEST: dict = {}   # largest_image_tokens per (packing, pinpoints, image size, patch size): asked at every call
 
 
 def largest_image_tokens(model: nn.Module) -> int:
     """Most tokens one image can have: an image of a pinpoint's own size fills its grid (no unpadding)."""
-    return max(layout(model, pinpoint).num_tokens for pinpoint in model.config.image_grid_pinpoints)
+    config = model.config
+    key = (type(model.model), repr(config.image_grid_pinpoints), config.vision_config.image_size,
+           config.vision_config.patch_size)
+    if key not in _LARGEST:
+        _LARGEST[key] = max(layout(model, pinpoint).num_tokens for pinpoint in config.image_grid_pinpoints)
+    return _LARGEST[key]
 
 
 def _overlap(cells: int, bins: int) -> Tensor:
@@ -175,7 +199,7 @@ def crop_importance(geometry: AnyresLayout, base_attention: Tensor) -> Tensor:
     is spread over the map tokens its cell covers, by area, and summed per crop.
     """
     side = geometry.side
-    attention = base_attention.double().view(side, side)
+    attention = base_attention.detach().double().cpu().view(side, side)
     density = _overlap(side, geometry.rows).T @ attention @ _overlap(side, geometry.cols)   # [rows, cols]
     crops = geometry.part > 0
     rows, cols = geometry.map_position(crops.nonzero()[:, 0])
@@ -238,7 +262,7 @@ def reduce_images(model: nn.Module, reduction: Reduction, features: list[Tensor]
     ``attention``: ``[parts of all images, side * side]`` CLS attention rows of the base images and
     crops as the vision tower saw them (image after image), or None.
     """
-    sizes = torch.as_tensor(image_sizes).tolist()
+    sizes = torch.as_tensor(image_sizes).view(-1, 2).tolist()
     if len(sizes) != len(features):
         raise ValueError(f"image_sizes must give one (height, width) per image: {len(features)} images, "
                          f"got {len(sizes)} sizes")
@@ -254,6 +278,30 @@ def reduce_images(model: nn.Module, reduction: Reduction, features: list[Tensor]
         reducer_macs=sum(r[4] for r in results), anyres=splits)
 
 
+def plan(geometry: AnyresLayout, budget: Optional[int], crop_weights: Optional[Tensor]) -> AnyresSplit:
+    """How an image of this layout spends ``budget`` (None: nothing is reduced); crops share by
+    ``crop_weights`` (None: by token count). See the module docstring for the rules."""
+    crop_tokens = geometry.crop_tokens()
+    split = AnyresSplit(geometry.image_size, geometry.part_tokens, geometry.part_tokens, crop_tokens,
+                        list(crop_tokens), geometry.rows, geometry.rows)
+    if budget is None or budget >= geometry.num_tokens:
+        return split
+    if not geometry.reduces(budget):    # whole rows: drop the first newlines only
+        split.newlines_kept = budget - (geometry.num_tokens - geometry.rows)
+        return split
+    split.newlines_kept = min(1, geometry.rows)    # an image unpadded to no row has no newline at all
+    available = budget - split.newlines_kept
+    if sum(crop_tokens) == 0:
+        split.base_kept, split.crop_budgets = available, [0] * len(crop_tokens)
+        return split
+    if crop_weights is not None:
+        split.crop_weights = crop_weights.tolist()
+    else:
+        crop_weights = torch.tensor(crop_tokens, dtype=torch.float64)
+    split.base_kept, split.crop_budgets = split_budget(available, geometry.part_tokens, crop_tokens, crop_weights)
+    return split
+
+
 def reduce_image(model: nn.Module, reduction: Reduction, x: Tensor, geometry: AnyresLayout, budget: Optional[int],
                  attention: Optional[Tensor], query: Optional[Tensor]):
     """One image ``x [N, D]`` to ``budget`` tokens: (features, assignment [N], size, AnyresSplit, reducer MACs)."""
@@ -261,23 +309,12 @@ def reduce_image(model: nn.Module, reduction: Reduction, x: Tensor, geometry: An
         raise ValueError(f"an image of size {geometry.image_size} packs to {geometry.num_tokens} features, got "
                          f"{x.shape[0]}: image_sizes must match pixel_values")
     newline = geometry.source < 0
-    crop_tokens = geometry.crop_tokens()
-    content = geometry.part_tokens + sum(crop_tokens)
-    split = AnyresSplit(geometry.image_size, geometry.part_tokens, geometry.part_tokens, crop_tokens,
-                        list(crop_tokens), geometry.rows, geometry.rows)
-    if budget is None or budget >= geometry.num_tokens:
-        return _keep(x, torch.ones_like(newline)) + (split, 0.0)
-    if budget > content:   # whole rows: drop the first newlines only
-        split.newlines_kept = budget - content
-        return _keep(x, ~newline | (newline.cumsum(0) > geometry.rows - split.newlines_kept)) + (split, 0.0)
-
-    if attention is not None:
-        weights = crop_importance(geometry, attention[0])
-        split.crop_weights = weights.tolist()
-    else:
-        weights = torch.tensor(crop_tokens, dtype=torch.float64)
-    split.base_kept, split.crop_budgets = split_budget(budget - 1, geometry.part_tokens, crop_tokens, weights)
-    split.newlines_kept = 1
+    reduces = geometry.reduces(budget)
+    weights = crop_importance(geometry, attention[0]) if reduces and attention is not None else None
+    split = plan(geometry, budget, weights)
+    if not reduces:                 # untouched, or whole rows less their first newlines
+        first_kept = geometry.rows - split.newlines_kept
+        return _keep(x, ~newline | (newline.cumsum(0) > first_kept)) + (split, 0.0)
 
     outputs, sizes, macs = [], [], 0.0
     assignment = torch.full((geometry.num_tokens,), -1, dtype=torch.long, device=x.device)
@@ -285,8 +322,9 @@ def reduce_image(model: nn.Module, reduction: Reduction, x: Tensor, geometry: An
     for part, part_budget in enumerate([split.base_kept] + split.crop_budgets):
         if part_budget == 0:
             continue                                  # a crop given nothing (or unpadded away) is dropped
-        positions = geometry.positions(part).to(x.device)
-        within = geometry.source[positions.cpu()] % geometry.part_tokens
+        positions = geometry.positions(part)
+        within = geometry.source[positions] % geometry.part_tokens
+        positions = positions.to(x.device)
         state, tokens = reduce_group(
             reduction, x[positions][None], part_budget,
             attention=None if attention is None else attention[part, within.to(attention.device)][None],
@@ -297,9 +335,10 @@ def reduce_image(model: nn.Module, reduction: Reduction, x: Tensor, geometry: An
         outputs.append(state.x[0])
         sizes.append(state.size[0])
         macs += decision_macs(model, reduction, tokens)
-    assignment[-1] = kept                             # the final newline closes the image
-    outputs.append(x[-1:])
-    sizes.append(torch.ones(1, device=x.device))
+    if split.newlines_kept:
+        assignment[-1] = kept                         # the final newline closes the image
+        outputs.append(x[-1:])
+        sizes.append(torch.ones(1, device=x.device))
     return torch.cat(outputs), assignment, torch.cat(sizes), split, macs
 
 
@@ -311,18 +350,13 @@ def _keep(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def expected_parts(model: nn.Module, budget: int) -> list[tuple[int, int]]:
-    """(tokens, budget) of the base and each kept crop of the largest image, crops split by token count
-    (the thumbnail's attention is only known at run time); for ``vtr.expected_flops``."""
+    """(tokens, budget) of the base and each reduced crop of the largest image, crops split by token
+    count (the thumbnail's attention is only known at run time); for ``vtr.expected_flops``."""
     geometry = max((layout(model, p) for p in model.config.image_grid_pinpoints), key=lambda g: g.num_tokens)
-    crop_tokens = geometry.crop_tokens()
-    content = geometry.part_tokens + sum(crop_tokens)
-    if budget > content:
-        return []
-    base, crops = split_budget(budget - 1, geometry.part_tokens, crop_tokens,
-                               torch.tensor(crop_tokens, dtype=torch.float64))
-    parts = [(geometry.part_tokens, base)] + list(zip(crop_tokens, crops))
-    return [(n, b) for n, b in parts if b > 0]
+    split = plan(geometry, budget, None)
+    parts = zip([split.base_tokens] + split.crop_tokens, [split.base_kept] + split.crop_budgets)
+    return [(n, b) for n, b in parts if 0 < b < n]
 
 
 __all__ = ["AnyresLayout", "AnyresSplit", "MIN_BUDGET", "crop_importance", "layout", "largest_image_tokens",
-           "reduce_images", "split_budget"]
+           "plan", "reduce_images", "split_budget"]

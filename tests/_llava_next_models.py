@@ -19,11 +19,13 @@ def tiny_llava_next(attn: str = "sdpa", seed: int = 0, **overrides) -> LlavaNext
                               image_size=56, patch_size=14)
     text = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                             image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
-                             vision_feature_select_strategy="default", **overrides)
+    settings = dict(image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                    vision_feature_select_strategy="default") | overrides
+    config = LlavaNextConfig(vision_config=vision, text_config=text, **settings)
     torch.manual_seed(seed)
-    return LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    model.generation_config.eos_token_id = None     # random weights: never stop early, compare every step
+    return model
 
 
 def image_counts(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[int]:
