@@ -93,7 +93,8 @@ def check_inputs(pixel_values: Tensor, image_sizes) -> None:
     """``image_sizes`` must give one (height, width) per image, before the tower runs on a mismatch."""
     sizes = torch.as_tensor(image_sizes)
     if sizes.dim() != 2 or sizes.shape[1] != 2:
-        raise ValueError(f"image_sizes must be [images, 2] (height, width of each image), got shape {tuple(sizes.shape)}")
+        raise ValueError(f"image_sizes must be [images, 2] (height, width of each image), got shape "
+                         f"{tuple(sizes.shape)}")
     if pixel_values.dim() == 5 and sizes.shape[0] != pixel_values.shape[0]:
         raise ValueError(f"image_sizes must give one (height, width) per image: pixel_values has "
                          f"{pixel_values.shape[0]} images, got {sizes.shape[0]} sizes")
@@ -207,7 +208,8 @@ def crop_importance(geometry: AnyresLayout, base_attention: Tensor) -> Tensor:
     return mass.index_add_(0, geometry.part[crops] - 1, density[rows, cols])
 
 
-def split_budget(available: int, base_tokens: int, crop_tokens: list[int], crop_weights: Tensor) -> tuple[int, list[int]]:
+def split_budget(available: int, base_tokens: int, crop_tokens: list[int],
+                 crop_weights: Tensor) -> tuple[int, list[int]]:
     """(base budget, budget per crop) summing to ``available`` tokens (the image's budget less its newline).
 
     The base's share follows its token count (at least 1, leaving at least 1 for the crops); the

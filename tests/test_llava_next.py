@@ -210,7 +210,8 @@ def test_crops_the_thumbnail_attends_to_get_the_larger_budgets(recording):
     for i, size in enumerate([(112, 112), (50, 120)]):
         split = report.anyres[i]
         expected = crop_importance(layout(model, size), thumbnails[i])
-        torch.testing.assert_close(torch.tensor(split.crop_weights, dtype=torch.float64), expected, atol=1e-6, rtol=1e-5)
+        weights = torch.tensor(split.crop_weights, dtype=torch.float64)
+        torch.testing.assert_close(weights, expected, atol=1e-6, rtol=1e-5)
         for a, b in [(a, b) for a in range(len(expected)) for b in range(len(expected))]:
             if expected[a] > expected[b] and split.crop_tokens[a] >= split.crop_tokens[b]:
                 assert split.crop_budgets[a] >= split.crop_budgets[b]
@@ -372,3 +373,24 @@ def test_forward_runs_on_the_compacted_prompt_with_labels():
     report = vtr.report(model)
     assert out.logits.shape[:2] == report.kept_positions.shape and torch.isfinite(out.loss)
     assert report.visual_tokens_after.tolist() == [24, 12, 0]
+
+
+def test_plan_follows_the_weights_and_hands_on_what_a_crop_cannot_take():
+    square = layout(model_for(), (112, 112))           # 16 thumbnail tokens, 4 crops of 16, 8 newlines
+    split = llava_next.plan(square, 24, torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    assert (split.base_kept, split.crop_budgets, split.newlines_kept) == (5, [12, 2, 2, 2], 1)
+    split = llava_next.plan(square, 40, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert (split.base_kept, split.crop_budgets) == (8, [16, 5, 5, 5])      # crop 0 is full: the rest go on
+    assert llava_next.plan(square, None, None).passed_through
+
+
+def test_without_a_cls_attention_the_crops_share_by_token_count():
+    model = tiny_llava_next(vision_feature_layer=[-2, -1])      # two feature layers: no single attention row
+    ids, mask, pixel_values, image_sizes = batch(model, [([1], [(50, 120), (112, 112)], [2])])
+    with pytest.raises(vtr.UnsupportedModelError, match="int vision_feature_layer"):
+        vtr.patch(model, "evit", budget=20)
+    vtr.patch(model, "tome", budget=20)
+    run(model, ids, mask, pixel_values, image_sizes, max_new_tokens=1)
+    splits = vtr.report(model).anyres
+    assert [s.crop_weights for s in splits] == [None, None]
+    assert [(s.base_kept, s.crop_budgets) for s in splits] == [(6, [7, 6]), (4, [4, 4, 4, 3])]   # ties: first crop
