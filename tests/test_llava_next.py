@@ -265,8 +265,9 @@ def test_batch_with_left_padding_equals_each_row_alone(attn):
         assert torch.equal(batched.sequences[row, ids.shape[1]:], alone.sequences[0, row_ids.shape[1]:])
 
 
-def test_patched_row_alone_equals_its_row_in_the_batch():
-    model = model_for()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_patched_row_alone_equals_its_row_in_the_batch(attn):
+    model = model_for(attn)
     ids, mask, pixel_values, image_sizes = batch(model, MIXED)
     vtr.patch(model, "query", budget=25)
     batched = run(model, ids, mask, pixel_values, image_sizes)
