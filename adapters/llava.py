@@ -14,11 +14,14 @@ computes what it would compute alone, whatever each row kept. ``generate()`` ret
 own prompt followed by the new tokens, as the unpatched model does.
 
 ``layers=[K]`` prunes inside the language model instead (``adapters/llava_prune.py``).
+LLaVA-NeXT (AnyRes: a thumbnail plus crops, a different token count per image) takes the same
+flow; ``adapters/llava_next.py`` splits each image's budget over its thumbnail and crops.
 
 Limits: ``prop_attn`` has no effect here (the language model's attention is not changed; a merged
 token counts once); ``forward()`` with ``pixel_values`` returns logits over the compacted prompt
 (``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts must
-come as ``input_ids``; LLaVA-NeXT (AnyRes) is refused with UnsupportedModelError.
+come as ``input_ids``; ``image_sizes`` is for LLaVA-NeXT only; other LLaVA-family models
+(LLaVA-NeXT-Video, LLaVA-OneVision, VipLLaVA, ...) are refused with UnsupportedModelError.
 """
 from __future__ import annotations
 
@@ -56,21 +59,31 @@ def _llava_classes() -> tuple:
 
 def matches(model: nn.Module) -> bool:
     """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""
-    return type(model).__module__.startswith("transformers.models.llava") or isinstance(model, _llava_classes())
+    return (type(model).__module__.startswith("transformers.models.llava") or isinstance(model, _llava_classes())
+            or _anyres(model) is not None)
+
+
+def _anyres(model: nn.Module):
+    """The LLaVA-NeXT module when ``model`` is LLaVA-NeXT, else None (imported here: it builds on this one)."""
+    from . import llava_next
+    return llava_next if llava_next.is_next(model) else None
 
 
 def check(model: nn.Module) -> None:
     kind = type(model).__name__
     classes = _llava_classes()
-    if not classes or not isinstance(model, classes[0]):
+    anyres = _anyres(model)
+    if anyres is None and (not classes or not isinstance(model, classes[0])):
         raise UnsupportedModelError(
-            f"vtr's LLaVA adapter supports transformers' LlavaForConditionalGeneration (LLaVA-1.5 style: one "
-            f"fixed-size feature map per image); got {kind}. LLaVA-NeXT (AnyRes crops) is not supported yet; "
-            "for a bare LlavaModel, patch the LlavaForConditionalGeneration that holds it"
+            f"vtr's LLaVA adapter supports transformers' LlavaForConditionalGeneration (LLaVA-1.5) and "
+            f"LlavaNextForConditionalGeneration (LLaVA-NeXT, AnyRes); got {kind}, which is not supported. "
+            "For a bare LlavaModel / LlavaNextModel, patch the ...ForConditionalGeneration that holds it"
         )
     config = model.config
     if getattr(config, "image_token_id", None) is None:
         raise UnsupportedModelError(f"{kind}.config.image_token_id is not set: vtr finds the image span from it")
+    if anyres is not None:
+        anyres.check(model)
     if config.vision_feature_select_strategy not in ("default", "full"):
         raise UnsupportedModelError(
             f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}; supported: 'default', 'full'"
@@ -81,7 +94,11 @@ def image_tokens(model: nn.Module) -> tuple[int, int]:
     """(visual tokens per image, protected leading tokens) at the model's own image size.
 
     With the 'full' strategy the first feature is the vision tower's CLS token: it is protected.
+    LLaVA-NeXT: the most tokens one image can have (its count depends on the image's size).
     """
+    anyres = _anyres(model)
+    if anyres is not None:
+        return anyres.largest_image_tokens(model), 0
     config = model.config
     vision = config.vision_config
     protected = 1 if config.vision_feature_select_strategy == "full" else 0
@@ -120,6 +137,7 @@ def make_schedule(model: nn.Module, reducer: Reducer, *, r=None, keep=None, flop
             f"the LLaVA adapter takes budget= (visual tokens kept per image), not {', '.join(o + '=' for o in others)}"
         )
     num_tokens, protected = image_tokens(model)
+    low = protected + 1 if _anyres(model) is None else _anyres(model).MIN_BUDGET
     if layers is not None:
         from .llava_prune import stage_budgets, stage_layers
         num_stages = len(stage_layers(layers, len(model.model.language_model.layers)))
@@ -134,11 +152,11 @@ def make_schedule(model: nn.Module, reducer: Reducer, *, r=None, keep=None, flop
             raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget= (or set budget={num_tokens})")
         return Schedule("r", (0,))
     if budget is None:
-        raise ValueError(f"method {reducer.name!r} needs budget= (visual tokens kept per image, 1..{num_tokens})")
-    if isinstance(budget, bool) or not isinstance(budget, int) or not protected + 1 <= budget <= num_tokens:
+        raise ValueError(f"method {reducer.name!r} needs budget= (visual tokens kept per image, {low}..{num_tokens})")
+    if isinstance(budget, bool) or not isinstance(budget, int) or not low <= budget <= num_tokens:
         raise ValueError(
-            f"budget must be an int in [{protected + 1}, {num_tokens}] (visual tokens kept per image; this model "
-            f"gives {num_tokens} per image), got {budget!r}"
+            f"budget must be an int in [{low}, {num_tokens}] (visual tokens kept per image; this model "
+            f"gives at most {num_tokens} per image), got {budget!r}"
         )
     return Schedule("r", tuple(reduction_steps(num_tokens, budget, reducer, protected)) or (0,))
 
@@ -185,16 +203,25 @@ def prefill_macs(model: nn.Module, num_tokens: Tensor, kept_tokens: Optional[Uni
 
 def expected_flops(model: nn.Module) -> tuple[float, float]:
     """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
-    the reducer's own decisions included; the vision tower is the same either way."""
+    the reducer's own decisions included; the vision tower is the same either way.
+    LLaVA-NeXT: of the largest image (crops split by token count; the thumbnail's attention is only
+    known at run time)."""
     num_tokens, protected = image_tokens(model)
     reduction = getattr(model, "_vtr", None)
     if not isinstance(reduction, Reduction):
         unreduced = float(prefill_macs(model, torch.tensor([num_tokens])))
         return unreduced, unreduced
-    tokens = reduction.schedule.token_counts(reduction.reducer, num_tokens, protected)
-    image_cost = cost(model, reduction.metric)
-    decisions = sum(reduction.reducer.extra_macs(n, image_cost) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
-    reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], num_tokens])).tolist()
+    anyres = _anyres(model)
+    if anyres is not None and reduction.reduces:
+        budget = reduction.arguments["budget"]
+        parts = anyres.expected_parts(model, budget)
+        decisions = sum(decision_macs(model, reduction, step_counts(n, reduction_steps(n, b, reduction.reducer, 0)))
+                        for n, b in parts)
+        kept = budget
+    else:
+        tokens = reduction.schedule.token_counts(reduction.reducer, num_tokens, protected)
+        decisions, kept = decision_macs(model, reduction, tokens), tokens[-1]
+    reduced, unreduced = prefill_macs(model, torch.tensor([kept, num_tokens])).tolist()
     return reduced + decisions, unreduced
 
 
@@ -215,6 +242,11 @@ class LlavaReport(Report):
     prefill_macs / prefill_macs_unreduced: ``[B]`` analytic language-model prefill MACs per row,
         with and without the reduction (real tokens only; the vision tower is unchanged).
     reducer_macs: MACs of the reducer's own decisions for the whole batch.
+    image_tokens_before / image_tokens_after: ``[I]`` visual tokens of each image before and after.
+    anyres: LLaVA-NeXT only, per image an :class:`adapters.llava_next.AnyresSplit`: the tokens and
+        budgets of its base image, its crops and its newline tokens. For LLaVA-NeXT ``tokens`` is
+        [most tokens an image had, most an image kept], ``assignment`` is padded with -1 past an
+        image's own token count, ``size`` with 0 past its kept count, and ``grid`` is None.
     """
 
     where: str = WHERE
@@ -227,12 +259,34 @@ class LlavaReport(Report):
     reducer_macs: float = 0.0
     stage_layers: Optional[list] = None
     stage_tokens: Optional[list] = None
+    image_tokens_before: Optional[Tensor] = None
+    image_tokens_after: Optional[Tensor] = None
+    anyres: Optional[list] = None
+
+    @property
+    def crop_budgets(self) -> Optional[list[list[int]]]:
+        """LLaVA-NeXT: per image, the tokens kept from each crop (row-major crop order)."""
+        return None if self.anyres is None else [split.crop_budgets for split in self.anyres]
 
     @property
     def prefill_flops_saved(self) -> float:
         """Fraction of the batch's analytic language-model prefill MACs the reduction removed."""
         unreduced = float(self.prefill_macs_unreduced.sum())
         return 1.0 - (float(self.prefill_macs.sum()) + self.reducer_macs) / unreduced
+
+
+@dataclass
+class ReducedImages:
+    """Each image's reduced features and what they carry, for the compacted prompt and the report."""
+
+    features: list[Tensor]        # [K_i, D] per image, in the order the language model reads them
+    assignment: list[Tensor]      # [N_i] index of the output token carrying each original one, -1 dropped
+    size: list[Tensor]            # [K_i] original tokens each output token stands for
+    tokens: list[int]             # LlavaReport.tokens
+    reducer_macs: float
+    num_protected: int = 0
+    grid: Optional[tuple] = None
+    anyres: Optional[list] = None  # LLaVA-NeXT: per image, how the budget was split
 
 
 @dataclass
@@ -328,22 +382,31 @@ class ReducingLlava:
         if input_ids is None:
             raise ValueError("a vtr-patched LLaVA needs input_ids with pixel_values: the image span is found from "
                              "config.image_token_id in input_ids (inputs_embeds are not supported)")
-        if vision.get("image_sizes") is not None:
-            raise UnsupportedModelError("image_sizes (per-image resolutions) are not supported by vtr's LLaVA adapter")
+        anyres = _anyres(self)
+        if anyres is None and vision.get("image_sizes") is not None:
+            raise UnsupportedModelError("image_sizes (per-image resolutions) are for LLaVA-NeXT; vtr's LLaVA-1.5 "
+                                        "path does not take them")
+        if anyres is not None and vision.get("image_sizes") is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes ([images, 2] height and width of each image, as the "
+                             "processor returns them) with pixel_values")
+        if anyres is not None:
+            anyres.check_inputs(pixel_values, vision["image_sizes"])
         reduction = self._vtr
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        with _ClsAttention(self, reduction) as attention:
+        # NeXT splits each image's budget by the thumbnail's CLS attention, when the tower has one.
+        wanted = "cls_attention" in reduction.reducer.needs or (anyres is not None and reduction.reduces)
+        with _ClsAttention(self, wanted) as attention:
             image_outputs = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision)
-        features = torch.stack(list(image_outputs.pooler_output))      # [I, N, D]
+        features = list(image_outputs.pooler_output)                    # [N_i, D] per image
+        counts = torch.tensor([len(f) for f in features], dtype=torch.long, device=input_ids.device)
         image_token_id = self.config.image_token_id
         placeholder = input_ids == image_token_id
-        if int(placeholder.sum()) != features.shape[0] * features.shape[1]:
+        if int(placeholder.sum()) != int(counts.sum()):
             raise ValueError(
                 f"the prompt has {int(placeholder.sum())} image tokens (id {image_token_id}) but the "
-                f"{features.shape[0]} images give {features.shape[0] * features.shape[1]} features"
+                f"{len(features)} images give {int(counts.sum())} features"
             )
-        counts = torch.full((features.shape[0],), features.shape[1], device=input_ids.device)
         image_rows = _image_rows(placeholder, counts)
         query = None
         if "query" in reduction.reducer.needs:
@@ -351,15 +414,18 @@ class ReducingLlava:
         cls_row = attention.value
         if cls_row is not None and image_tokens(self)[1] == 0:
             cls_row = cls_row[:, 1:]      # the CLS token is not among the 'default' features
-        state, tokens, reducer_macs = _reduce(self, reduction, features, cls_row, query)
+        if anyres is not None:
+            images = anyres.reduce_images(self, reduction, features, cls_row, query, vision["image_sizes"])
+        else:
+            images = _reduce_images(self, reduction, features, cls_row, query)
 
-        kept = torch.full_like(counts, state.num_tokens)
+        kept = torch.tensor([len(f) for f in images.features], dtype=torch.long, device=input_ids.device)
         pad_id = _pad_id(self, image_token_id)
         ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, counts, kept, pad_id,
                                                    left)
-        image_outputs.pooler_output = list(state.x)
-        _record(self, reduction, state, tokens, reducer_macs, image_rows, placeholder, ids == image_token_id,
-                attention_mask, mask, kept_positions)
+        image_outputs.pooler_output = images.features
+        _record(self, reduction, images, image_rows, placeholder, ids == image_token_id, attention_mask, mask,
+                kept_positions)
         return Prepared(ids, mask, image_outputs, kept_positions)
 
 
@@ -446,11 +512,12 @@ def _query(model, input_ids: Tensor, attention_mask: Tensor, placeholder: Tensor
 class _ClsAttention:
     """Captures q/k of the vision layer whose output LLaVA uses, to give reducers the CLS attention row.
 
-    Hooks live only while the vision tower runs; the layer keeps its fused attention.
+    Hooks live only while the vision tower runs; the layer keeps its fused attention. ``wanted``:
+    whether to capture; a reducer that needs it made sure at patch time that the tower has it.
     """
 
-    def __init__(self, model, reduction: Reduction):
-        self.attn = _feature_attention(model) if "cls_attention" in reduction.reducer.needs else None
+    def __init__(self, model, wanted: bool):
+        self.attn = _feature_attention(model, required=False) if wanted else None
         self.captured: dict = {}
         self.handles: list = []
 
@@ -477,50 +544,96 @@ class _ClsAttention:
         return cls_attention(split(q), split(k), scale=self.attn.scale)
 
 
-def _feature_attention(model) -> nn.Module:
-    """The attention module of the vision layer that produces ``hidden_states[vision_feature_layer]``."""
+def _feature_attention(model, required: bool = True) -> Optional[nn.Module]:
+    """The attention module of the vision layer that produces ``hidden_states[vision_feature_layer]``;
+    None where there is none and it is not ``required``."""
     layer_index = model.config.vision_feature_layer
     layers = getattr(getattr(model.model.vision_tower, "encoder", None), "layers", None)
+    problem = None
     if not isinstance(layer_index, int) or layers is None:
-        raise UnsupportedModelError("cls_attention needs a CLIP-style vision tower and an int vision_feature_layer")
-    hidden_index = layer_index % (len(layers) + 1)
-    if hidden_index == 0:
-        raise UnsupportedModelError("vision_feature_layer selects the embeddings: there is no attention to read")
-    return layers[hidden_index - 1].self_attn
+        problem = "cls_attention needs a CLIP-style vision tower and an int vision_feature_layer"
+    elif layer_index % (len(layers) + 1) == 0:
+        problem = "vision_feature_layer selects the embeddings: there is no attention to read"
+    if problem is not None:
+        if required:
+            raise UnsupportedModelError(problem)
+        return None
+    attention = layers[layer_index % (len(layers) + 1) - 1].self_attn
+    if not all(hasattr(attention, key) for key in ("q_proj", "k_proj", "num_heads", "scale")):
+        if required:
+            raise UnsupportedModelError(f"cls_attention: {type(attention).__name__} has no CLIP-style q_proj/k_proj")
+        return None
+    return attention
+
+
+def reduce_group(reduction: Reduction, features: Tensor, budget: int, num_protected: int = 0, *,
+                 attention: Optional[Tensor] = None, query: Optional[Tensor] = None,
+                 grid: Optional[tuple] = None) -> tuple[TokenState, list[int]]:
+    """Reduce ``features [G, N, D]`` (G token sets of one size) to ``budget`` tokens each.
+
+    Takes as many steps as the reducer's ``max_step`` needs (:func:`reduction_steps`); ``attention``
+    ``[G, N]`` is the CLS attention to the original tokens, ``grid`` their (rows, cols). Returns the
+    state and the token count entering each step, then the count kept.
+    """
+    steps = reduction_steps(features.shape[1], budget, reduction.reducer, num_protected)
+    state = TokenState.start(features, num_protected)
+    for step, remove in enumerate(steps):
+        signals = Signals(
+            metric=state.x, layer=step, num_layers=len(steps),
+            cls_attention=None if attention is None else _carried(attention, state),
+            query=query, grid=None if state.is_reduced else grid,
+        )
+        state = reduction.reducer(state, state.num_tokens - remove, signals)
+    return state, step_counts(features.shape[1], steps)
+
+
+def step_counts(num_tokens: int, steps: list[int]) -> list[int]:
+    """Token count entering each step (tokens removed per step), then the count kept."""
+    tokens = [num_tokens]
+    for remove in steps:
+        tokens.append(tokens[-1] - remove)
+    return tokens
+
+
+def decision_macs(model, reduction: Reduction, tokens: list[int]) -> float:
+    """MACs of the reducer's own decisions along one token set's steps (``tokens`` as reduce_group gives)."""
+    image_cost = cost(model, reduction.metric)
+    return float(sum(reduction.reducer.extra_macs(n, image_cost) for n, m in zip(tokens[:-1], tokens[1:]) if m < n))
 
 
 def _reduce(model, reduction: Reduction, features: Tensor, attention: Optional[Tensor],
             query: Optional[list]) -> tuple[TokenState, list[int], float]:
-    """Run the reducer's steps on every image; query-conditioned reducers run image by image."""
+    """Run the reducer's steps on every image ``[I, N, D]``; query-conditioned reducers run image by image."""
     num_tokens, protected = features.shape[1], image_tokens(model)[1]
     budget = num_tokens - sum(reduction.schedule.amounts)
     if num_tokens != image_tokens(model)[0]:
         budget = min(reduction.arguments.get("budget", num_tokens), num_tokens)
-    steps = reduction_steps(num_tokens, budget, reduction.reducer, protected) if reduction.reduces else []
+    if not reduction.reduces:
+        budget = num_tokens
     side = int(round((num_tokens - protected) ** 0.5))
     grid = (side, side) if side * side == num_tokens - protected else None
     groups = [slice(i, i + 1) for i in range(features.shape[0])] if query is not None else [slice(None)]
     states = []
     for i, group in enumerate(groups):
-        state = TokenState.start(features[group], protected)
-        for step, remove in enumerate(steps):
-            signals = Signals(
-                metric=state.x, layer=step, num_layers=len(steps),
-                cls_attention=None if attention is None else _carried(attention[group], state),
-                query=None if query is None else query[i], grid=None if state.is_reduced else grid,
-            )
-            state = reduction.reducer(state, state.num_tokens - remove, signals)
+        state, tokens = reduce_group(reduction, features[group], budget, protected,
+                                     attention=None if attention is None else attention[group],
+                                     query=None if query is None else query[i], grid=grid)
         states.append(state)
     state = states[0] if len(states) == 1 else TokenState(
         x=torch.cat([s.x for s in states]), size=torch.cat([s.size for s in states]),
         assignment=torch.cat([s.assignment for s in states]), num_protected=protected)
-    tokens = [num_tokens]
-    for remove in steps:
-        tokens.append(tokens[-1] - remove)
-    image_cost = cost(model, reduction.metric)
-    reducer_macs = features.shape[0] * sum(reduction.reducer.extra_macs(n, image_cost)
-                                           for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
-    return state, tokens, float(reducer_macs)
+    return state, tokens, features.shape[0] * decision_macs(model, reduction, tokens)
+
+
+def _reduce_images(model, reduction: Reduction, features: list[Tensor], attention: Optional[Tensor],
+                   query: Optional[list]) -> ReducedImages:
+    """LLaVA-1.5: every image has the same count and the same budget."""
+    state, tokens, reducer_macs = _reduce(model, reduction, torch.stack(features), attention, query)
+    side = int(round((state.num_original - state.num_protected) ** 0.5))
+    return ReducedImages(
+        features=list(state.x), assignment=list(state.assignment), size=list(state.size), tokens=tokens,
+        reducer_macs=reducer_macs, num_protected=state.num_protected,
+        grid=(side, side) if side * side == state.num_original - state.num_protected else None)
 
 
 def _carried(attention: Tensor, state: TokenState) -> Tensor:
@@ -532,23 +645,31 @@ def _carried(attention: Tensor, state: TokenState) -> Tensor:
     return weights.new_zeros(state.size.shape).scatter_add_(1, index, weights)
 
 
-def _record(model, reduction: Reduction, state: TokenState, tokens: list[int], reducer_macs: float,
-            image_rows: Tensor, placeholder: Tensor, kept_placeholder: Tensor, mask: Tensor, compact_mask: Tensor,
-            kept_positions: Tensor) -> None:
-    side = int(round((state.num_original - state.num_protected) ** 0.5))
+def _padded(rows: list[Tensor], fill) -> Tensor:
+    """Per-image 1-D tensors as one ``[I, longest]`` tensor, ``fill`` past each one's end."""
+    width = max((len(r) for r in rows), default=0)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=fill) for r in rows]) if rows \
+        else torch.zeros(0, 0)
+
+
+def _record(model, reduction: Reduction, images: ReducedImages, image_rows: Tensor, placeholder: Tensor,
+            kept_placeholder: Tensor, mask: Tensor, compact_mask: Tensor, kept_positions: Tensor) -> None:
     reduction.report = LlavaReport(
-        tokens=tokens,
-        assignment=state.assignment.detach(),
-        size=state.size.detach(),
-        num_protected=state.num_protected,
-        grid=(side, side) if side * side == state.num_original - state.num_protected else None,
+        tokens=images.tokens,
+        assignment=_padded([a.detach() for a in images.assignment], -1),
+        size=_padded([s.detach() for s in images.size], 0.0),
+        num_protected=images.num_protected,
+        grid=images.grid,
         image_rows=image_rows,
         visual_tokens_before=placeholder.sum(1),
         visual_tokens_after=kept_placeholder.sum(1),
         kept_positions=kept_positions,
         prefill_macs=prefill_macs(model, compact_mask.sum(1)),
         prefill_macs_unreduced=prefill_macs(model, mask.sum(1)),
-        reducer_macs=reducer_macs,
+        reducer_macs=images.reducer_macs,
+        image_tokens_before=torch.tensor([len(a) for a in images.assignment]),
+        image_tokens_after=torch.tensor([len(f) for f in images.features]),
+        anyres=images.anyres,
     )
 
 
@@ -584,6 +705,8 @@ def _patched_class(cls: type) -> type:
 def patch(model: nn.Module, reduction: Reduction) -> None:
     if reduction.metric != "x":
         raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
+    if _anyres(model) is not None:
+        _anyres(model).check_reduction(model, reduction)
     if "cls_attention" in reduction.reducer.needs:
         _feature_attention(model)   # fail at patch time, not at the first call
     reduction.original_class = type(model)
@@ -605,4 +728,5 @@ def unpatch(model: nn.Module) -> None:
     del model._vtr
 
 
-__all__: Sequence[str] = ["LlavaReport", "compact_prompt", "prefill_macs", "reduction_steps"]
+__all__: Sequence[str] = ["LlavaReport", "ReducedImages", "compact_prompt", "decision_macs", "prefill_macs",
+                          "reduce_group", "reduction_steps"]

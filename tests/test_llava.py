@@ -273,11 +273,7 @@ def test_unsupported_families_are_clear_errors():
         vtr.patch(model.model, "tome", budget=4)
     with pytest.raises(vtr.UnsupportedModelError, match="supported: timm, open_clip, transformers LLaVA"):
         vtr.patch(nn.Linear(2, 2), "tome", budget=4)
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-    config = LlavaNextConfig(vision_config=model.config.vision_config, text_config=model.config.text_config,
-                             image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[56, 56]])
-    with pytest.raises(vtr.UnsupportedModelError, match="LLaVA-NeXT .* not supported yet"):
-        vtr.patch(LlavaNextForConditionalGeneration(config), "tome", budget=4)
+    # Other LLaVA-family models (LLaVA-NeXT-Video, LLaVA-OneVision): tests/test_llava_next.py
 
 
 def test_bad_calls_are_clear_errors():
