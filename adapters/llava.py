@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -211,6 +211,8 @@ def expected_flops(model: nn.Module) -> tuple[float, float]:
     if not isinstance(reduction, Reduction):
         unreduced = float(prefill_macs(model, torch.tensor([num_tokens])))
         return unreduced, unreduced
+    if _pruner(model) is not None:
+        return _pruner(model).expected_flops(num_tokens)
     anyres = _anyres(model)
     if anyres is not None and reduction.reduces:
         budget = reduction.arguments["budget"]
@@ -596,8 +598,11 @@ def step_counts(num_tokens: int, steps: list[int]) -> list[int]:
 
 
 def decision_macs(model, reduction: Reduction, tokens: list[int]) -> float:
-    """MACs of the reducer's own decisions along one token set's steps (``tokens`` as reduce_group gives)."""
-    image_cost = cost(model, reduction.metric)
+    """MACs of the reducer's own decisions along one token set's steps (``tokens`` as reduce_group gives),
+    before the language model: a CLS-attention row is the vision tower's, at the tower's width."""
+    attention = _feature_attention(model, required=False) if "cls_attention" in reduction.reducer.needs else None
+    image_cost = replace(cost(model, reduction.metric), has_cls=attention is not None,
+                         attn_dim=0 if attention is None else attention.q_proj.out_features)
     return float(sum(reduction.reducer.extra_macs(n, image_cost) for n, m in zip(tokens[:-1], tokens[1:]) if m < n))
 
 

@@ -33,7 +33,7 @@ from vtr.reducers import Signals
 from vtr.signals import cls_attention
 from vtr.state import TokenState
 
-from .llava import (LlavaReport, _carried, cost, image_tokens, kept_columns, prefill_macs, reduction_steps,
+from .llava import (LlavaReport, _carried, cost, image_tokens, kept_columns, prefill_macs, reduction_steps, step_counts,
                     text_only_report)
 
 # generate() options that send the prompt in pieces or verify several candidate tokens per forward.
@@ -242,6 +242,22 @@ class LanguageModelPruning:
         assignment = reduced.assignment.gather(1, state.assignment.clamp_min(0))
         return TokenState(x=reduced.x, size=reduced.size, num_protected=state.num_protected,
                           assignment=torch.where(state.assignment >= 0, assignment, -1))
+
+    def expected_flops(self, num_tokens: int) -> tuple[float, float]:
+        """(reduced, unreduced) prefill MACs of one image's ``num_tokens`` visual tokens alone: each
+        segment on its stage's count, plus every stage's scoring and the reducer's decisions."""
+        reducer, protected = self.reduction.reducer, image_tokens(self.model)[1]
+        image_cost = cost(self.model, self.reduction.metric)
+        counts, decisions = [num_tokens], 0.0
+        for stage in self.stages:
+            decisions += _scoring_macs(self.model, stage.layer, torch.tensor([counts[-1]]))
+            steps = reduction_steps(counts[-1], stage.budget, reducer, protected) if self.reduction.reduces else []
+            for n in step_counts(counts[-1], steps)[:-1]:
+                decisions += reducer.extra_macs(n, image_cost)
+            counts.append(counts[-1] - sum(steps))
+        kept = [torch.tensor([n]) for n in counts[1:]]
+        reduced = prefill_macs(self.model, torch.tensor([num_tokens]), kept, [stage.layer for stage in self.stages])
+        return float(reduced) + decisions, float(prefill_macs(self.model, torch.tensor([num_tokens])))
 
     def _record(self, image_rows: Tensor, keep: Tensor) -> None:
         before, kept = self.real_counts[0], self.real_counts[1:]

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import vtr
-from adapters.llava import compact_prompt, prefill_macs
+from vtr.adapters.llava import compact_prompt, prefill_macs
 from vtr.reducers import REDUCERS, Reducer, check_budget, dest_from_choice
 
 from _llava_models import IMAGE_TOKEN, IMAGE_TOKENS, PAD, left_padded, mixed_batch, prompt_row, tiny_llava
@@ -77,6 +77,16 @@ def test_budget_reduces_and_generate_returns_the_callers_prompt():
     assert vtr.expected_tokens(model) == [16, 8, 5]
     reduced, unreduced = vtr.expected_flops(model)
     assert reduced < unreduced == vtr.expected_flops(tiny_llava())[0]
+
+
+def test_cls_attention_decisions_are_charged_at_the_vision_tower_width():
+    """Before the language model the CLS row comes from the vision tower (width 32), not the LM (64)."""
+    model = tiny_llava()
+    vtr.patch(model, "evit", budget=4)
+    reduced, _ = vtr.expected_flops(model)
+    vision_width = model.config.vision_config.hidden_size
+    assert vision_width != model.config.text_config.hidden_size
+    assert reduced == float(prefill_macs(model, torch.tensor([4]))) + IMAGE_TOKENS * vision_width
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -11,8 +11,8 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtr
-from adapters.llava import cost, prefill_macs
-from adapters.llava_prune import stage_budgets
+from vtr.adapters.llava import cost, prefill_macs
+from vtr.adapters.llava_prune import stage_budgets
 
 from _llava_models import IMAGE_TOKEN, IMAGE_TOKENS, PAD, left_padded, mixed_batch, prompt_row, tiny_llava
 
@@ -222,6 +222,20 @@ def test_report_macs_per_segment_and_scoring_per_stage():
     for row in range(2):
         assert single.prefill_macs[row] < progressive.prefill_macs[row] < reports[(3,)].prefill_macs[row]
     assert single.prefill_flops_saved > progressive.prefill_flops_saved > reports[(3,)].prefill_flops_saved > 0
+
+
+@pytest.mark.parametrize("method, layers, budget", [("fastv", [1], 4), ("fastv", [1, 3], 4), ("tome", [0, 2], [8, 3])])
+def test_expected_flops_equal_the_report_of_a_prompt_of_one_image(method, layers, budget):
+    """vtr.expected_flops counts one image's tokens alone: segments, scoring and decisions, as a call does."""
+    model = tiny_llava()
+    vtr.patch(model, method, budget=budget, layers=layers)
+    ids = torch.tensor([prompt_row([], 1, [])])
+    generate(model, ids, torch.ones_like(ids), pixel_values=mixed_batch()[2][:1])
+    report = vtr.report(model)
+    reduced, unreduced = vtr.expected_flops(model)
+    assert reduced == pytest.approx(float(report.prefill_macs[0]) + report.reducer_macs, rel=1e-12)
+    assert unreduced == pytest.approx(float(report.prefill_macs_unreduced[0]), rel=1e-12)
+    assert reduced < unreduced
 
 
 def test_prefill_macs_stage_lists_reduce_to_the_single_call():
