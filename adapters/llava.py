@@ -363,8 +363,9 @@ class ReducingLlava:
                 self._vtr.report = text_only_report(self, input_ids, kwargs.get("attention_mask"))
             return super().generate(input_ids, *args, **kwargs)
         vision = {k: kwargs.pop(k) for k in _VISION_KEYS if k in kwargs}
-        prepared = self._vtr_prepare(input_ids, kwargs.pop("attention_mask", None), pixel_values, left=True,
-                                     **vision)
+        with torch.no_grad():   # as generate() itself: no autograd graph for the tower (assisted decoding copies it)
+            prepared = self._vtr_prepare(input_ids, kwargs.pop("attention_mask", None), pixel_values, left=True,
+                                         **vision)
         output = super().generate(prepared.input_ids, *args, attention_mask=prepared.attention_mask,
                                   mm_encoder_outputs={"image": prepared.image_outputs}, **kwargs)
         return _with_callers_prompt(output, input_ids, prepared.input_ids.shape[1])

@@ -335,3 +335,16 @@ def test_before_the_language_model_supports_prompt_lookup_and_chunked_prefill():
     for options in ({"prompt_lookup_num_tokens": 2}, {"prefill_chunk_size": 8}):
         out = generate(model, ids[:1], mask[:1], pixel_values=pixels[:2], **options)
         assert torch.equal(out.sequences, expected.sequences)
+
+
+def test_before_the_language_model_supports_an_assistant_model_with_autograd_on():
+    """generate() runs without autograd; so does the patched model's reduction before it (the
+    assistant's candidate generator deep-copies the reduced features, which a graph would forbid)."""
+    model, assistant = tiny_llava(), tiny_llava(seed=1)
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "tome", budget=5)
+    options = dict(input_ids=ids[:1], attention_mask=mask[:1], pixel_values=pixels[:2], max_new_tokens=4,
+                   do_sample=False)
+    expected = model.generate(**options)
+    assert torch.is_grad_enabled()
+    assert torch.equal(model.generate(**options, assistant_model=assistant), expected)
