@@ -13,7 +13,8 @@ short from the first step, every attention implementation works, and each row of
 computes what it would compute alone, whatever each row kept. ``generate()`` returns the caller's
 own prompt followed by the new tokens, as the unpatched model does.
 
-``layers=[K]`` prunes inside the language model instead (``adapters/llava_prune.py``).
+``layers=[K]`` prunes inside the language model instead, ``layers=[K1, K2, ...]`` progressively at
+each of those decoder layers (``adapters/llava_prune.py``).
 LLaVA-NeXT (AnyRes: a thumbnail plus crops, a different token count per image) takes the same
 flow; ``adapters/llava_next.py`` splits each image's budget over its thumbnail and crops.
 
