@@ -1,8 +1,11 @@
 """Tiny random LLaVA models and prompts for the LLaVA adapter tests (CPU, well under a second each)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from vtr.reducers import REDUCERS, Reducer, check_budget, dest_from_choice
 
 IMAGE_TOKEN = 99
 PAD = 0
@@ -43,3 +46,77 @@ def mixed_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     ids, mask = left_padded(rows)
     pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
     return ids, mask, pixels
+
+
+# --- generation helpers shared by the LLaVA tests ------------------------------------------------
+
+GENERATE = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
+def generate(model, ids, mask, **kwargs):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, **GENERATE, **kwargs)
+
+
+def logits(out) -> torch.Tensor:
+    return torch.stack(out.logits, dim=1)   # [B, steps, vocab]; step 0 is the prefill's last position
+
+
+def assert_each_row_equals_it_alone(model, ids, mask, pixels, batched, images_per_row, sequences=True) -> None:
+    """Every row of a left-padded batch gives what it gives alone (unpadded, with its own images): the
+    logits of the prefill and of every decode step, and (``sequences``) the generated tokens."""
+    first = 0
+    for row, count in enumerate(images_per_row):
+        real = mask[row].bool()
+        kwargs = {"pixel_values": pixels[first:first + count]} if count else {}
+        alone = generate(model, ids[row, real][None], mask[row, real][None], **kwargs)
+        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
+        if sequences:
+            assert torch.equal(batched.sequences[row, ids.shape[1]:], alone.sequences[0, real.sum():])
+        first += count
+
+
+class FeatureCapture:
+    """Records the image features the language model really receives (mm_encoder_outputs)."""
+
+    def __init__(self, model):
+        self.features = None
+        self.handle = model.model.register_forward_pre_hook(self.keep, with_kwargs=True)
+
+    def keep(self, module, args, kwargs):
+        outputs = kwargs.get("mm_encoder_outputs") or {}
+        if outputs.get("image") is not None and self.features is None:
+            self.features = [f.clone() for f in outputs["image"].pooler_output]
+
+    def remove(self):
+        self.handle.remove()
+
+
+def pooled(features):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    return BaseModelOutputWithPooling(pooler_output=list(features))
+
+
+class _RecordingReducer(Reducer):
+    """Test-only: keeps the first tokens and records the signals it was given."""
+
+    needs = frozenset()
+    seen: list = []
+
+    def forward(self, state, num_kept, signals):
+        check_budget(self, state, num_kept)
+        type(self).seen.append(signals)
+        batch = state.x.shape[0]
+        kept = torch.arange(num_kept - state.num_protected).expand(batch, -1)
+        return state.reduce(dest_from_choice(state, kept), num_kept)
+
+
+@pytest.fixture
+def recording():
+    def register(name, needs):
+        cls = type(name, (_RecordingReducer,), {"name": name, "needs": frozenset(needs), "seen": []})
+        REDUCERS[name] = cls
+        return cls
+    yield register
+    for name in [n for n in REDUCERS if n.startswith("_rec")]:
+        REDUCERS.pop(name)

@@ -8,37 +8,9 @@ from torch import nn
 
 import vtr
 from vtr.adapters.llava import compact_prompt, prefill_macs
-from vtr.reducers import REDUCERS, Reducer, check_budget, dest_from_choice
 
-from _llava_models import IMAGE_TOKEN, IMAGE_TOKENS, PAD, left_padded, mixed_batch, prompt_row, tiny_llava
-
-GENERATE = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
-
-
-def generate(model, ids, mask, **kwargs):
-    with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, **GENERATE, **kwargs)
-
-
-def logits(out) -> torch.Tensor:
-    return torch.stack(out.logits, dim=1)   # [B, steps, vocab]; step 0 is the prefill's last position
-
-
-class FeatureCapture:
-    """Records the image features the language model really receives (mm_encoder_outputs)."""
-
-    def __init__(self, model):
-        self.features = None
-        self.handle = model.model.register_forward_pre_hook(self.keep, with_kwargs=True)
-
-    def keep(self, module, args, kwargs):
-        outputs = kwargs.get("mm_encoder_outputs") or {}
-        if outputs.get("image") is not None and self.features is None:
-            self.features = [f.clone() for f in outputs["image"].pooler_output]
-
-    def remove(self):
-        self.handle.remove()
-
+from _llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
+                           generate, left_padded, logits, mixed_batch, pooled, prompt_row, recording, tiny_llava)  # noqa: F401
 
 def test_zero_reduction_matches_unpatched_tokens_and_logits():
     model = tiny_llava()
@@ -109,7 +81,7 @@ def test_batch_with_left_padding_equals_each_row_alone(attn, method):
         images = [f for f, r in zip(capture.features, report.image_rows.tolist()) if r == row]
         alone_inputs = {}
         if images:
-            alone_inputs["mm_encoder_outputs"] = {"image": _pooled(images)}
+            alone_inputs["mm_encoder_outputs"] = {"image": pooled(images)}
         alone = generate(model, row_ids, torch.ones_like(row_ids), **alone_inputs)
         torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
         assert torch.equal(batched.sequences[row, ids.shape[1]:], alone.sequences[0, row_ids.shape[1]:])
@@ -120,18 +92,7 @@ def test_patched_row_alone_equals_its_row_in_the_batch():
     ids, mask, pixels = mixed_batch()
     vtr.patch(model, "pitome", budget=6)
     batched = generate(model, ids, mask, pixel_values=pixels)
-    first_image = 0
-    for row, count in enumerate([2, 1, 0]):
-        real = mask[row].bool()
-        kwargs = {"pixel_values": pixels[first_image:first_image + count]} if count else {}
-        alone = generate(model, ids[row, real][None], mask[row, real][None], **kwargs)
-        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
-        first_image += count
-
-
-def _pooled(features):
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-    return BaseModelOutputWithPooling(pooler_output=list(features))
+    assert_each_row_equals_it_alone(model, ids, mask, pixels, batched, images_per_row=[2, 1, 0], sequences=False)
 
 
 def test_forward_runs_on_the_compacted_prompt_with_labels():
@@ -189,31 +150,6 @@ def test_full_strategy_protects_the_cls_feature():
     with torch.inference_mode():
         cls_feature = model.model.get_image_features(pixel_values=pixels).pooler_output[0][0]
     torch.testing.assert_close(capture.features[0][0], cls_feature)
-
-
-class _RecordingReducer(Reducer):
-    """Test-only: keeps the first tokens and records the signals it was given."""
-
-    needs = frozenset()
-    seen: list = []
-
-    def forward(self, state, num_kept, signals):
-        check_budget(self, state, num_kept)
-        type(self).seen.append(signals)
-        batch = state.x.shape[0]
-        kept = torch.arange(num_kept - state.num_protected).expand(batch, -1)
-        return state.reduce(dest_from_choice(state, kept), num_kept)
-
-
-@pytest.fixture
-def recording():
-    def register(name, needs):
-        cls = type(name, (_RecordingReducer,), {"name": name, "needs": frozenset(needs), "seen": []})
-        REDUCERS[name] = cls
-        return cls
-    yield register
-    for name in [n for n in REDUCERS if n.startswith("_rec")]:
-        REDUCERS.pop(name)
 
 
 def test_query_is_each_rows_text_embeddings(recording):
@@ -295,7 +231,7 @@ def test_bad_calls_are_clear_errors():
     with pytest.raises(ValueError, match="position_ids"):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=mask.cumsum(1))
     with pytest.raises(ValueError, match="mm_encoder_outputs"):
-        generate(model, ids, mask, mm_encoder_outputs={"image": _pooled(torch.zeros(3, 16, 64))})
+        generate(model, ids, mask, mm_encoder_outputs={"image": pooled(torch.zeros(3, 16, 64))})
 
 
 def test_text_only_batch_passes_through():

@@ -14,19 +14,10 @@ import vtr
 from vtr.adapters.llava import cost, prefill_macs
 from vtr.adapters.llava_prune import stage_budgets
 
-from _llava_models import IMAGE_TOKEN, IMAGE_TOKENS, PAD, left_padded, mixed_batch, prompt_row, tiny_llava
+from _llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, assert_each_row_equals_it_alone, generate,
+                           left_padded, logits, mixed_batch, prompt_row, tiny_llava)
 
-GENERATE = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
 NUM_LAYERS = 4
-
-
-def generate(model, ids, mask, **kwargs):
-    with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, **GENERATE, **kwargs)
-
-
-def logits(out) -> torch.Tensor:
-    return torch.stack(out.logits, dim=1)
 
 
 def causal(n: int) -> torch.Tensor:
@@ -89,14 +80,7 @@ def test_progressive_batch_with_left_padding_equals_each_row_alone(attn, method,
     final = budget if isinstance(budget, int) else budget[-1]
     assert report.visual_tokens_after.tolist() == [2 * final, final, 0]
     assert float(report.size.sum()) <= 3 * IMAGE_TOKENS and report.size.shape == (3, final)
-    first = 0
-    for row, count in enumerate([2, 1, 0]):
-        real = mask[row].bool()
-        kwargs = {"pixel_values": pixels[first:first + count]} if count else {}
-        alone = generate(model, ids[row, real][None], mask[row, real][None], **kwargs)
-        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
-        assert torch.equal(batched.sequences[row, ids.shape[1]:], alone.sequences[0, real.sum():])
-        first += count
+    assert_each_row_equals_it_alone(model, ids, mask, pixels, batched, images_per_row=[2, 1, 0])
 
 
 def test_tome_stages_carry_sizes_and_provenance():
