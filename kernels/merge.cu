@@ -1,7 +1,8 @@
 // Size-weighted merge of tokens into their destinations: out[m] = sum_s w[s] x[s] / sum_s w[s]
-// over the sources s of output token m. One thread per (output token, channel); each thread walks
-// its sources in a fixed order (sorted by destination, stable), so the result is deterministic and
-// no atomics are needed. x is read once and out written once, in x's own dtype; sums are float32.
+// over the sources s of output token m. One block per output token (gridDim.x allows 2^31 - 1 of
+// them), its threads striding over the channels; each thread walks the token's sources in a fixed
+// order (sorted by destination, stable), so the result is deterministic and needs no atomics. x is
+// read once and out written once, in x's own dtype; sums are float32.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -20,18 +21,20 @@ __global__ void merge_tokens(const T* __restrict__ x,            // [T_in, C] so
                              T* __restrict__ out,                // [M, C]
                              float* __restrict__ total_weight,   // [M] sum of the weights merged
                              const long long num_out, const long long channels) {
-    const long long m = blockIdx.y;
-    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (m >= num_out || c >= channels) return;
-    float acc = 0.0f, wsum = 0.0f;
-    for (long long s = offsets[m]; s < offsets[m + 1]; ++s) {
-        const long long source = order[s];
-        const float w = weight[source];
-        acc += w * to_float(x[source * channels + c]);
-        wsum += w;
+    const long long m = blockIdx.x;
+    if (m >= num_out) return;
+    const long long begin = offsets[m], end = offsets[m + 1];
+    for (long long c = threadIdx.x; c < channels; c += blockDim.x) {
+        float acc = 0.0f, wsum = 0.0f;
+        for (long long s = begin; s < end; ++s) {
+            const long long source = order[s];
+            const float w = weight[source];
+            acc += w * to_float(x[source * channels + c]);
+            wsum += w;
+        }
+        store(out + m * channels + c, acc / fmaxf(wsum, 1.17549435e-38f));
+        if (c == 0) total_weight[m] = wsum;
     }
-    store(out + m * channels + c, acc / fmaxf(wsum, 1.17549435e-38f));
-    if (c == 0) total_weight[m] = wsum;
 }
 
 // Instantiations CuPy looks up by name (RawModule name_expressions) and nvcc compiles in the test.

@@ -16,7 +16,7 @@ from torch import Tensor
 
 _KERNEL = "merge_tokens"
 _TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
-THREADS = 128
+THREADS = 128   # threads per output token (channels are strided over them)
 
 
 def segments(flat_dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
@@ -56,7 +56,7 @@ def merge(x: Tensor, weight: Tensor, flat_dest: Tensor, num_out: int) -> tuple[T
         return out, total_weight.zero_()
     kernel = _module().get_function(f"{_KERNEL}<{_TYPES[x.dtype]}>")
     channels = x.shape[1]
-    grid = ((channels + THREADS - 1) // THREADS, num_out)
+    grid = (num_out,)   # one block per output token; its threads stride over the channels
     # Pointers go in as 64-bit integers: no CuPy array (and no CuPy bfloat16 dtype) is needed.
     with cupy.cuda.Device(x.device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream):
         kernel(grid, (THREADS,), (x.data_ptr(), weight.data_ptr(), order.data_ptr(), offsets.data_ptr(),

@@ -74,6 +74,22 @@ def test_merge_kernel_equals_the_torch_reference_and_is_deterministic(dtype):
 
 
 @gpu
+def test_merge_kernel_handles_more_outputs_than_a_grid_dimension_of_65535():
+    x = torch.randn(400, 300, 8, device="cuda")
+    state = TokenState.start(x)
+    dest = torch.arange(300, device="cuda").div(2, rounding_mode="floor").expand(400, -1).contiguous()
+    reference = state.reduce(dest, 150)                       # pairs merged: 60000 outputs
+    kernels.enable()
+    try:
+        torch.testing.assert_close(state.reduce(dest, 150).x, reference.x)
+        wide = TokenState.start(torch.randn(400, 200, 8, device="cuda"))
+        keep = torch.arange(200, device="cuda").expand(400, -1).contiguous()
+        torch.testing.assert_close(wide.reduce(keep, 200).x, wide.x)   # 80000 outputs, each its own token
+    finally:
+        kernels.enable(False)
+
+
+@gpu
 def test_a_patched_vit_gives_the_same_logits_with_kernels():
     import timm
 
