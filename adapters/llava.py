@@ -16,7 +16,8 @@ own prompt followed by the new tokens, as the unpatched model does.
 ``layers=[K]`` prunes inside the language model instead, ``layers=[K1, K2, ...]`` progressively at
 each of those decoder layers (``adapters/llava_prune.py``).
 LLaVA-NeXT (AnyRes: a thumbnail plus crops, a different token count per image) takes the same
-flow; ``adapters/llava_next.py`` splits each image's budget over its thumbnail and crops.
+flow; ``adapters/llava_next.py`` splits each image's budget over its thumbnail and crops. In-LLM
+pruning works on it too, each image keeping ``min(budget, its own count)``.
 
 Limits: ``prop_attn`` has no effect here (the language model's attention is not changed; a merged
 token counts once); ``forward()`` with ``pixel_values`` returns logits over the compacted prompt
@@ -236,6 +237,8 @@ class LlavaReport(Report):
     stage_layers / stage_tokens: in-LLM pruning only: the decoder layer of each stage, and the visual
         tokens per image entering the first stage, then kept after each stage (``tokens`` lists
         every reducer step; a stage takes several when the reducer's ``max_step`` is below 1).
+        When the images have different counts (LLaVA-NeXT), both give the most any image had or
+        kept (``tokens`` equals ``stage_tokens``); ``image_tokens_before/after`` give each image's.
     assignment / size: per image, as in :class:`vtr.Report` (merged tokens have size > 1).
     image_rows: ``[I]`` prompt row of each image.
     visual_tokens_before / visual_tokens_after: ``[B]`` placeholders per row in the caller's prompt
@@ -441,8 +444,10 @@ def _vtr_forward(self, original_forward, *args, **kwargs):
     arguments |= arguments.pop("kwargs", {})
     pruner = _pruner(self)
     if pruner is not None:
+        images = (arguments.get("mm_encoder_outputs") or {}).get("image")
         pruner.observe(arguments.get("input_ids"), arguments.get("attention_mask"),
-                       arguments.get("cache", arguments.get("past_key_values")))
+                       arguments.get("cache", arguments.get("past_key_values")),
+                       None if images is None else images.pooler_output, arguments.get("image_sizes"))
         return original_forward(self, **arguments)
     if arguments.get("pixel_values") is None:
         return original_forward(self, **arguments)

@@ -34,8 +34,14 @@ one that leaves rows but no columns has newlines only: either way the budget goe
 
 The layout of an image is read from the model's own ``pack_image_features`` run on position ids,
 so it follows transformers' unpadding exactly. ``budget`` must lie in ``[MIN_BUDGET, most tokens
-an image can have]`` (:func:`largest_image_tokens`). In-LLM pruning (``layers=``) and methods whose
-count is set by their own options (``pool``) are refused.
+an image can have]`` (:func:`largest_image_tokens`). Methods whose count is set by their own
+options (``pool``) are refused.
+
+In-LLM pruning (``layers=[K]`` or ``[K1, K2, ...]``, ``adapters/llava_prune.py``) works on
+LLaVA-NeXT too, without any of the above: ``budget=B`` is the visual tokens each image keeps after
+the last stage (an image with at most B keeps all; ``budget`` in ``[1, most tokens an image can
+have]``), chosen by the last prompt token's attention over all the image's tokens (no split by
+crops), and newline tokens are ordinary tokens there (kept, merged or dropped like any other).
 """
 from __future__ import annotations
 
@@ -78,11 +84,7 @@ def check(model: nn.Module) -> None:
 
 
 def check_reduction(model: nn.Module, reduction: Reduction) -> None:
-    """Refuse what the AnyRes path cannot do exactly (at patch time, not at the first call)."""
-    if reduction.arguments.get("layers") is not None:
-        raise UnsupportedModelError(
-            "in-LLM pruning (layers=) is not supported on LLaVA-NeXT (images have different token counts); "
-            "use budget= alone: reduction before the language model")
+    """Refuse what LLaVA-NeXT cannot do exactly (at patch time, not at the first call)."""
     if type(reduction.reducer).fixed_amounts is not Reducer.fixed_amounts:
         raise ValueError(
             f"method {reduction.method!r} sets its own token count from its options, but a LLaVA-NeXT budget is "

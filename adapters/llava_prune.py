@@ -18,6 +18,18 @@ Forward pre-hooks on the decoder layers do all of it; the model's forward and ``
 unchanged. Needs the whole prompt in one forward on an empty cache, then one token per forward
 (no chunked prefill, no assisted generation), and the last column of the prompt to be a real
 token (left padding, as generate wants).
+
+Images of different sizes (LLaVA-NeXT): each image's token count is the length of its features as
+the model's own ``get_image_features`` gives them (generate() pre-encodes the images and passes
+them to the forward), or, for a direct forward with ``pixel_values``, what the model's own packing
+gives an image of its ``image_sizes`` (``llava_next.layout``); its placeholders are the next that
+many in transformers' row-major order. ``budget=B`` means B visual tokens kept per image after the
+last stage: an image with at most B keeps all; progressive stages decay from the image's own count
+(:func:`image_budgets`); a list budget's counts are each capped at the image's count. Images of one
+count are reduced together, so every image takes exactly the reducer steps it would take alone (a
+padded group would change a multi-step reducer's steps: ToMe would merge the padding first).
+Nothing is split by crops: the last token's attention ranks every token of the image, and newline
+tokens are ordinary tokens here (one may be dropped or merged like any other).
 """
 from __future__ import annotations
 
@@ -33,8 +45,8 @@ from vtr.reducers import Signals
 from vtr.signals import cls_attention
 from vtr.state import TokenState
 
-from .llava import (LlavaReport, _carried, cost, image_tokens, kept_columns, prefill_macs, reduction_steps, step_counts,
-                    text_only_report)
+from .llava import (LlavaReport, _anyres, _carried, _padded, cost, image_tokens, kept_columns, prefill_macs,
+                    reduction_steps, step_counts, text_only_report)
 
 # generate() options that send the prompt in pieces or verify several candidate tokens per forward.
 _MULTI_TOKEN_OPTIONS = {
@@ -81,15 +93,42 @@ def stage_budgets(budget: Union[int, Sequence[int]], num_tokens: int, num_protec
         return counts
     if not is_count(budget):
         raise ValueError(f"budget must be an int in [{low}, {num_tokens}] (visual tokens kept per image after the "
-                         f"last layer; this model gives {num_tokens} per image), or a list of {num_stages}, "
+                         f"last layer; this model gives at most {num_tokens} per image), or a list of {num_stages}, "
                          f"got {budget!r}")
     return [max(budget, round(num_tokens * (budget / num_tokens) ** (i / num_stages)))
             for i in range(1, num_stages + 1)]
 
 
+def image_budgets(budget: Union[int, Sequence[int]], num_tokens: int, num_protected: int,
+                  num_stages: int) -> list[int]:
+    """Visual tokens one image of ``num_tokens`` keeps after each stage (``budget`` already checked
+    against the largest image): a list's counts capped at the image's own; an int is the count after
+    the last stage, the stages before decaying from the image's own count (:func:`stage_budgets`);
+    an image with at most ``budget`` tokens keeps them all."""
+    if isinstance(budget, (list, tuple)):
+        return [min(count, num_tokens) for count in budget]
+    if num_tokens <= budget:
+        return [num_tokens] * num_stages
+    return stage_budgets(budget, num_tokens, num_protected, num_stages)
+
+
+@dataclass
+class ImageGroup:
+    """Images with the same visual token count, reduced together at every stage."""
+
+    images: list[int]        # index of each image in transformers' (row-major) order
+    rows: Tensor             # [G, 1] prompt row of each image
+    columns: Tensor          # [G, n] prompt column of each of its placeholders
+    budgets: list[int]       # visual tokens each keeps after each stage
+    state: Optional[TokenState] = None   # its tokens after the latest stage
+    tokens: Optional[list] = None        # tokens per image entering each reducer step, then kept
+    stage_tokens: Optional[list] = None  # tokens per image entering the first stage, then after each
+
+
 @dataclass
 class Stage:
-    """One pruning stage: at decoder layer ``layer`` each image keeps ``budget`` visual tokens."""
+    """One pruning stage: at decoder layer ``layer`` each image keeps ``budget`` visual tokens (LLaVA-NeXT:
+    an image of the largest count does; each image's own is its group's ``budgets``)."""
 
     layer: int
     budget: int
@@ -104,9 +143,12 @@ class LanguageModelPruning:
         self.stages = [Stage(layer, budget) for layer, budget in zip(layers, budgets)]
         self.placeholder: Optional[Tensor] = None   # [B, L] image tokens of the prompt being prefilled
         self.columns: Optional[Tensor] = None       # [B, L'] prompt column of each slot the current layer sees
-        self.state: Optional[TokenState] = None     # the images' tokens after the latest stage
+        self.groups: list[ImageGroup] = []          # the images, by token count, with their latest state
+        self.image_counts: Optional[list] = None    # LLaVA-NeXT: visual tokens of each image of the prompt
+        self.budget = reduction.arguments.get("budget")
+        if not isinstance(self.budget, (list, tuple)):
+            self.budget = budgets[-1]               # the final count (an int budget, or all of the largest image)
         self.shared: dict = {}                      # what the current segment's layers get in this forward
-        self.steps: list[int] = []                  # visual tokens per image entering each reducer step
         self.real_counts: list[Tensor] = []         # [B] real tokens per row entering each stage, then kept
         self.reducer_macs = 0.0
         starts = {stage.layer: stage for stage in self.stages}
@@ -124,15 +166,26 @@ class LanguageModelPruning:
             handle.remove()
 
     def check_generate(self, kwargs: dict) -> None:
-        """Refuse generate() modes that feed the prompt in pieces or several tokens per forward, before they run."""
+        """Refuse generate() modes that feed the prompt in pieces or several tokens per forward (and
+        LLaVA-NeXT images without their sizes), before they run."""
         config = kwargs.get("generation_config") or self.model.generation_config
         for option, what in _MULTI_TOKEN_OPTIONS.items():
             if kwargs.get(option, getattr(config, option, None)) not in (None, False):
                 raise ValueError(f"{what} ({option}=) is not supported with in-LLM pruning (layers=): {_WHY}. "
                                  "Leave it out, or reduce before the language model (no layers=), which supports it")
+        anyres = _anyres(self.model)
+        if anyres is not None and kwargs.get("pixel_values") is not None:
+            _next_image_counts(self.model, None, kwargs.get("image_sizes"))   # needs image_sizes ...
+            anyres.check_inputs(kwargs["pixel_values"], kwargs["image_sizes"])  # ... one per image
 
-    def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], cache) -> None:
-        """Called by the patched forward: a prompt with image tokens starts a new pruning."""
+    def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], cache,
+                image_features: Optional[list] = None, image_sizes=None) -> None:
+        """Called by the patched forward: a prompt with image tokens starts a new pruning.
+
+        LLaVA-NeXT: each image's token count is the length of its features as generate() pre-encodes
+        them (``image_features``, the model's own ``get_image_features``), else what the model's own
+        packing gives an image of its ``image_sizes`` (a forward with ``pixel_values``).
+        """
         if input_ids is None:
             raise ValueError("in-LLM pruning on a vtr-patched LLaVA needs input_ids (to find the image tokens)")
         self.shared = {}
@@ -145,6 +198,9 @@ class LanguageModelPruning:
                              f"(layers=): {_WHY}")
         if input_ids.shape[1] == 1 and prefilled and past:
             return                                   # a decode step of the current prompt
+        self.image_counts = None
+        if bool(placeholder.any()) and _anyres(self.model) is not None:
+            self.image_counts = _next_image_counts(self.model, image_features, image_sizes)
         self.placeholder = placeholder if bool(placeholder.any()) else None
         mask2d = _padding_mask(input_ids, attention_mask)
         if self.placeholder is None:
@@ -156,7 +212,7 @@ class LanguageModelPruning:
         real = mask2d.bool()
         columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         self.columns = columns.masked_fill(~real, -1)
-        self.state, self.steps, self.reducer_macs = None, [], 0.0
+        self.groups, self.reducer_macs = [], 0.0
         self.real_counts = [real.sum(1)]
         for stage in self.stages:
             stage.columns = None
@@ -190,27 +246,28 @@ class LanguageModelPruning:
         scores = last_token_attention(layer, hidden, cos, sin, self.columns >= 0)    # [B, L_prev]
         slot = _slot_of_column(self.columns, length)
 
-        # Each image's tokens as one row of a token state (transformers' row-major placeholder order).
-        per_image, protected = image_tokens(self.model)
-        image_rows, image_cols = self.placeholder.nonzero(as_tuple=True)
-        image_rows, image_cols = image_rows.view(-1, per_image)[:, :1], image_cols.view(-1, per_image)
-        if self.state is None:
-            self.state = TokenState.start(hidden[image_rows, image_cols], protected)
-            self.steps = [per_image]
-        current = slot[image_rows, _first_columns(self.state, image_cols, length)]   # [I, n] slot of each token
-        state = self._reduce(self.state.with_x(hidden[image_rows, current]), scores[image_rows, current],
-                             stage.budget)
-
-        # Each output token sits at the first prompt column it carries; text stays, padding goes.
-        first = _first_columns(state, image_cols, length)
-        out_rows = image_rows.expand_as(first)
+        if not self.groups:
+            self.groups = self._image_groups()
+        index_of_stage = self.stages.index(stage)
         hidden = hidden.clone()
-        hidden[out_rows, slot[out_rows, first]] = state.x.to(hidden.dtype)
         keep = (slot >= 0) & ~self.placeholder
-        keep[out_rows, first] = True
+        for group in self.groups:
+            rows = group.rows
+            if group.state is None:
+                group.state = TokenState.start(hidden[rows, group.columns], self.protected)
+                group.tokens, group.stage_tokens = [group.state.num_tokens], [group.state.num_tokens]
+            current = slot[rows, _first_columns(group.state, group.columns, length)]   # [G, n] slot of each token
+            group.state = self._reduce(group, group.state.with_x(hidden[rows, current]), scores[rows, current],
+                                       group.budgets[index_of_stage])
+            group.stage_tokens.append(group.state.num_tokens)
+            # Each output token sits at the first prompt column it carries; text stays, padding goes.
+            first = _first_columns(group.state, group.columns, length)
+            out_rows = rows.expand_as(first)
+            hidden[out_rows, slot[out_rows, first]] = group.state.x.to(hidden.dtype)
+            keep[out_rows, first] = True
         stage.columns = kept_columns(keep, left=True)
         index = slot.gather(1, stage.columns.clamp_min(0)).clamp_min(0)   # [B, L_i] source slot of each new slot
-        self.columns, self.state = stage.columns, state
+        self.columns = stage.columns
         self.real_counts.append(keep.sum(1))
         self.shared = {
             "position_ids": _gather(kwargs["position_ids"], index),
@@ -219,16 +276,42 @@ class LanguageModelPruning:
                                             stage.columns.shape[1], hidden.dtype),
         }
         if stage is self.stages[-1]:
-            self._record(image_rows[:, 0], keep)
+            self._record(keep)
         return _gather(hidden, index)
 
-    def _reduce(self, state: TokenState, scores: Tensor, budget: int) -> TokenState:
+    @property
+    def protected(self) -> int:
+        return image_tokens(self.model)[1]
+
+    def _image_groups(self) -> list[ImageGroup]:
+        """Each image's placeholder columns (transformers fills them image after image, row-major),
+        grouped by count; LLaVA-1.5: one group, every image the model's own count."""
+        rows, columns = self.placeholder.nonzero(as_tuple=True)
+        counts = self.image_counts
+        if counts is None:
+            per_image = image_tokens(self.model)[0]
+            counts = [per_image] * (rows.numel() // per_image)
+        if sum(counts) != rows.numel():
+            raise ValueError(f"the prompt has {rows.numel()} image tokens but its {len(counts)} images give "
+                             f"{sum(counts)} features")
+        rows, columns = rows.split(counts), columns.split(counts)
+        groups = []
+        for count in dict.fromkeys(counts):              # first-seen order
+            images = [i for i, n in enumerate(counts) if n == count]
+            groups.append(ImageGroup(
+                images, torch.stack([rows[i][:1] for i in images]), torch.stack([columns[i] for i in images]),
+                image_budgets(self.budget, count, self.protected, len(self.stages))))
+        return groups
+
+    def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int) -> TokenState:
         """The reducer's steps from the state's tokens down to ``budget`` (scores: attention to each token)."""
         reducer, protected = self.reduction.reducer, state.num_protected
         steps = reduction_steps(state.num_tokens, budget, reducer, protected) if self.reduction.reduces else []
         side = int(round((state.num_tokens - protected) ** 0.5))
-        # Spatial grid only while the tokens are the image's untouched patches (the first stage).
-        grid = (side, side) if side * side == state.num_tokens - protected and not state.is_reduced else None
+        # Spatial grid only while the tokens are the image's untouched patches (the first stage) of a
+        # square image (LLaVA-NeXT's packed base, crops and newlines are no grid).
+        square = _anyres(self.model) is None and side * side == state.num_tokens - protected
+        grid = (side, side) if square and not state.is_reduced else None
         image_cost = cost(self.model, self.reduction.metric)
         # Steps run on the stage's tokens as if they were original (sizes kept), then compose.
         reduced = TokenState(x=state.x, size=state.size, num_protected=protected,
@@ -238,7 +321,7 @@ class LanguageModelPruning:
                               cls_attention=_carried(scores, reduced), grid=None if reduced.is_reduced else grid)
             self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost)
             reduced = reducer(reduced, reduced.num_tokens - remove, signals)
-            self.steps.append(reduced.num_tokens)
+            group.tokens.append(reduced.num_tokens)
         assignment = reduced.assignment.gather(1, state.assignment.clamp_min(0))
         return TokenState(x=reduced.x, size=reduced.size, num_protected=state.num_protected,
                           assignment=torch.where(state.assignment >= 0, assignment, -1))
@@ -259,21 +342,40 @@ class LanguageModelPruning:
         reduced = prefill_macs(self.model, torch.tensor([num_tokens]), kept, [stage.layer for stage in self.stages])
         return float(reduced) + decisions, float(prefill_macs(self.model, torch.tensor([num_tokens])))
 
-    def _record(self, image_rows: Tensor, keep: Tensor) -> None:
+    def _record(self, keep: Tensor) -> None:
         before, kept = self.real_counts[0], self.real_counts[1:]
         layers = [stage.layer for stage in self.stages]
         scoring = sum(_scoring_macs(self.model, layer, count) for layer, count in zip(layers, self.real_counts))
-        state = self.state
+        # Each image's group and its row in that group's state, in image order.
+        where = {image: (group, g) for group in self.groups for g, image in enumerate(group.images)}
+        order = [where[image] for image in sorted(where)]
+        states = [(group.state, g) for group, g in order]
+        # Visual tokens per image entering the first stage, then after each stage (the most any image had).
+        stage_tokens = [max(counts) for counts in zip(*(group.stage_tokens for group in self.groups))]
         self.reduction.report = LlavaReport(
-            tokens=list(self.steps), assignment=state.assignment.detach(), size=state.size.detach(),
-            num_protected=state.num_protected, grid=None, where=self.where, image_rows=image_rows,
+            tokens=list(self.groups[0].tokens) if len(self.groups) == 1 else list(stage_tokens),
+            assignment=_padded([state.assignment[g].detach() for state, g in states], -1),
+            size=_padded([state.size[g].detach() for state, g in states], 0.0),
+            num_protected=self.protected, grid=None, where=self.where,
+            image_rows=torch.cat([group.rows[g] for group, g in order]),
             visual_tokens_before=self.placeholder.sum(1), visual_tokens_after=(keep & self.placeholder).sum(1),
-            kept_positions=self.columns, stage_layers=layers,
-            stage_tokens=[self.steps[0]] + [stage.budget for stage in self.stages],
+            kept_positions=self.columns, stage_layers=layers, stage_tokens=stage_tokens,
             prefill_macs=prefill_macs(self.model, before, kept, layers),
             prefill_macs_unreduced=prefill_macs(self.model, before),
             reducer_macs=self.reducer_macs + scoring,
+            image_tokens_before=torch.tensor([state.num_original for state, _ in states]),
+            image_tokens_after=torch.tensor([state.num_tokens for state, _ in states]),
         )
+
+
+def _next_image_counts(model: nn.Module, image_features: Optional[list], image_sizes) -> list[int]:
+    """Visual tokens of each LLaVA-NeXT image: its pre-encoded features' length, else its size's packing."""
+    if image_features is not None:
+        return [len(features) for features in image_features]
+    if image_sizes is None:
+        raise ValueError("LLaVA-NeXT needs image_sizes ([images, 2] height and width of each image, as the "
+                         "processor returns them) with pixel_values")
+    return [_anyres(model).layout(model, size).num_tokens for size in torch.as_tensor(image_sizes).view(-1, 2).tolist()]
 
 
 def _slot_of_column(columns: Tensor, length: int) -> Tensor:

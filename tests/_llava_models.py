@@ -62,18 +62,48 @@ def logits(out) -> torch.Tensor:
     return torch.stack(out.logits, dim=1)   # [B, steps, vocab]; step 0 is the prefill's last position
 
 
-def assert_each_row_equals_it_alone(model, ids, mask, pixels, batched, images_per_row, sequences=True) -> None:
+def assert_each_row_equals_it_alone(model, ids, mask, pixels, batched, images_per_row, sequences=True,
+                                    image_sizes=None) -> None:
     """Every row of a left-padded batch gives what it gives alone (unpadded, with its own images): the
-    logits of the prefill and of every decode step, and (``sequences``) the generated tokens."""
+    logits of the prefill and of every decode step, and (``sequences``) the generated tokens.
+    ``image_sizes``: LLaVA-NeXT's, one per image."""
     first = 0
     for row, count in enumerate(images_per_row):
         real = mask[row].bool()
         kwargs = {"pixel_values": pixels[first:first + count]} if count else {}
+        if count and image_sizes is not None:
+            kwargs["image_sizes"] = image_sizes[first:first + count]
         alone = generate(model, ids[row, real][None], mask[row, real][None], **kwargs)
         torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
         if sequences:
             assert torch.equal(batched.sequences[row, ids.shape[1]:], alone.sequences[0, real.sum():])
         first += count
+
+
+def causal(n: int) -> torch.Tensor:
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def segment_reference(model, ids, pixels, stages, generated, **vision):
+    """The unpatched layers, no cache, one unpadded row: each stage's layer onwards runs on that
+    stage's kept prompt columns plus the generated tokens, each at its original position
+    (``stages``: decoder layer -> kept prompt columns; ``vision``: e.g. LLaVA-NeXT's image_sizes)."""
+    inner, language = model.model, model.model.language_model
+    with torch.inference_mode():
+        sequence = torch.cat([ids, generated[None]], dim=1)
+        hidden = language.embed_tokens(sequence)
+        features = inner.get_image_features(pixel_values=pixels, **vision).pooler_output
+        hidden[sequence == IMAGE_TOKEN] = torch.cat(list(features))
+        new = torch.arange(ids.shape[1], sequence.shape[1])
+        present = torch.arange(sequence.shape[1])          # prompt column of each row of `hidden`
+        for index, decoder in enumerate(language.layers):
+            if index in stages:
+                wanted = torch.cat([stages[index], new])
+                hidden, present = hidden[:, torch.searchsorted(present, wanted)], wanted
+            hidden = decoder(hidden, attention_mask=causal(hidden.shape[1]), position_ids=present[None],
+                             position_embeddings=language.rotary_emb(hidden, present[None]))
+        return model.lm_head(language.norm(hidden[:, -1]))
 
 
 class FeatureCapture:

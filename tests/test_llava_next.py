@@ -321,10 +321,11 @@ def test_bad_budget_names_the_allowed_range(budget):
 def test_bad_calls_and_unsupported_options_are_clear_errors():
     model = model_for()
     ids, mask, pixel_values, image_sizes = batch(model, MIXED)
-    with pytest.raises(vtr.UnsupportedModelError, match="layers="):
-        vtr.patch(model, "fastv", budget=20, layers=[1])
-    with pytest.raises(ValueError, match="'pool' sets its own token count"):
-        vtr.patch(model, "pool", budget=20, factor=2)
+    vtr.patch(model, "fastv", budget=20, layers=[1])      # in-LLM pruning: tests/test_llava_next_prune.py
+    vtr.unpatch(model)
+    for layers in (None, [1]):
+        with pytest.raises(ValueError, match="'pool' sets its own token count"):
+            vtr.patch(model, "pool", budget=20, factor=2, layers=layers)
     assert not vtr.is_patched(model)
     vtr.patch(model, "tome", budget=20)
     with pytest.raises(ValueError, match="needs image_sizes"):

@@ -14,34 +14,10 @@ import vtr
 from vtr.adapters.llava import cost, prefill_macs
 from vtr.adapters.llava_prune import stage_budgets
 
-from _llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, assert_each_row_equals_it_alone, generate,
-                           left_padded, logits, mixed_batch, prompt_row, tiny_llava)
+from _llava_models import (GENERATE, IMAGE_TOKENS, PAD, assert_each_row_equals_it_alone, generate, left_padded, logits,
+                           mixed_batch, prompt_row, segment_reference, tiny_llava)
 
 NUM_LAYERS = 4
-
-
-def causal(n: int) -> torch.Tensor:
-    allowed = torch.ones(n, n, dtype=torch.bool).tril()
-    return torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
-
-
-def segment_reference(model, ids, pixels, stages, generated):
-    """The unpatched layers, no cache, one unpadded row: each stage's layer onwards runs on that
-    stage's kept prompt columns plus the generated tokens, each at its original position."""
-    inner, language = model.model, model.model.language_model
-    with torch.inference_mode():
-        sequence = torch.cat([ids, generated[None]], dim=1)
-        hidden = language.embed_tokens(sequence)
-        hidden[sequence == IMAGE_TOKEN] = torch.cat(list(inner.get_image_features(pixel_values=pixels).pooler_output))
-        new = torch.arange(ids.shape[1], sequence.shape[1])
-        present = torch.arange(sequence.shape[1])          # prompt column of each row of `hidden`
-        for index, decoder in enumerate(language.layers):
-            if index in stages:
-                wanted = torch.cat([stages[index], new])
-                hidden, present = hidden[:, torch.searchsorted(present, wanted)], wanted
-            hidden = decoder(hidden, attention_mask=causal(hidden.shape[1]), position_ids=present[None],
-                             position_embeddings=language.rotary_emb(hidden, present[None]))
-        return model.lm_head(language.norm(hidden[:, -1]))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
