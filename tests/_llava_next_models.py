@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from _llava_models import IMAGE_TOKEN, left_padded
+import vtr
+
+from _llava_models import GENERATE, IMAGE_TOKEN, left_padded
 
 PINPOINTS = [[56, 112], [112, 56], [112, 112]]   # (height, width): 1x2, 2x1 and 2x2 crops of 56 x 56
 MAX_CROPS = 4
@@ -52,3 +54,22 @@ def batch(model, rows: list[tuple[list[int], list[tuple[int, int]], list[int]]],
                for before, row_sizes, after in rows]
     ids, mask = left_padded(prompts)
     return ids, mask, pixel_values, image_sizes
+
+
+_models: dict = {}
+
+
+def model_for(attn: str = "sdpa"):
+    """A fresh (unpatched) tiny model per test; built once per attention implementation."""
+    if attn not in _models:
+        _models[attn] = tiny_llava_next(attn)
+    model = _models[attn]
+    if vtr.is_patched(model):
+        vtr.unpatch(model)
+    return model
+
+
+def run(model, ids, mask, pixel_values, image_sizes, **kwargs):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes,
+                              **(GENERATE | kwargs))

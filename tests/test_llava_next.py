@@ -10,31 +10,13 @@ from vtr.adapters import llava_next
 from vtr.adapters.llava_next import crop_importance, layout, split_budget
 from vtr.reducers import REDUCERS
 
-from _llava_models import IMAGE_TOKEN, tiny_llava
-from _llava_next_models import PINPOINTS, batch, image_counts, tiny_llava_next
-from _llava_models import GENERATE, FeatureCapture, generate, logits, pooled, recording  # noqa: F401  (fixture)
+from _llava_models import IMAGE_TOKEN, FeatureCapture, generate, logits, pooled, recording, tiny_llava  # noqa: F401
+from _llava_next_models import PINPOINTS, batch, image_counts, model_for, run, tiny_llava_next
 
 LARGEST = 16 + 8 * 9        # a 112 x 112 image: thumbnail 4x4, 2x2 crops -> an 8x8 map, a newline per row
 MIXED = [([1, 5], [(50, 120), (112, 112)], [7, 8]),     # two images: 52 and 88 tokens
          ([1, 5, 6, 9, 10], [(90, 40)], [7, 12]),         # one tall image: 56 tokens
          ([1, 20, 21, 22], [], [23])]                      # text only
-_models: dict = {}
-
-
-def model_for(attn: str = "sdpa"):
-    """A fresh (unpatched) tiny model per test; built once per attention implementation."""
-    if attn not in _models:
-        _models[attn] = tiny_llava_next(attn)
-    model = _models[attn]
-    if vtr.is_patched(model):
-        vtr.unpatch(model)
-    return model
-
-
-def run(model, ids, mask, pixel_values, image_sizes, **kwargs):
-    with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes,
-                              **(GENERATE | kwargs))
 
 
 def test_layout_follows_transformers_packing():

@@ -14,30 +14,13 @@ from vtr.adapters.llava_prune import image_budgets, stage_budgets
 
 from _llava_models import (GENERATE, IMAGE_TOKEN, assert_each_row_equals_it_alone, generate, logits,
                            segment_reference)
-from _llava_next_models import batch, image_counts, tiny_llava_next
+from _llava_next_models import batch, image_counts, model_for, run
 
 LARGEST = 88                 # a 112 x 112 image
 MIXED = [([1, 5], [(50, 120), (16, 400)], [7, 8]),     # two images: 52 and 16 tokens (the thin one: thumbnail only)
          ([1, 5, 6, 9, 10], [(90, 40)], [7, 12]),         # one tall image: 56 tokens
          ([1, 20, 21, 22], [], [23])]                      # text only
 COUNTS = [52, 16, 56]
-_models: dict = {}
-
-
-def model_for(attn: str = "sdpa"):
-    """A fresh (unpatched) tiny model per test; built once per attention implementation."""
-    if attn not in _models:
-        _models[attn] = tiny_llava_next(attn)
-    model = _models[attn]
-    if vtr.is_patched(model):
-        vtr.unpatch(model)
-    return model
-
-
-def run(model, ids, mask, pixel_values, image_sizes, **kwargs):
-    with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes,
-                              **(GENERATE | kwargs))
 
 
 def kept_per_image(budget, count: int, num_stages: int) -> list[int]:
