@@ -4,11 +4,12 @@ The merge kernel (``merge.cu``) replaces the size-weighted scatter of :meth:`vtr
 on CUDA tensors when CuPy is installed (``pip install "vtr[cuda]"``) and kernels are enabled.
 Kernels are **off by default** until they have been checked on a GPU against the torch path
 (``tests/test_kernels.py`` does that; it is skipped without CUDA and CuPy): turn them on with
-``vtr.kernels.enable()`` or ``VTR_KERNELS=1``. They serve inference only: while autograd records
+``vtr.kernels.enable()``, ``with vtr.kernels.enabled():`` or ``VTR_KERNELS=1``. They serve inference only: while autograd records
 or ``torch.compile`` traces, the torch path runs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -24,6 +25,17 @@ def enable(on: bool = True) -> None:
     """Use the CuPy kernels where they apply (CUDA tensors, CuPy importable, no autograd)."""
     global _enabled
     _enabled = bool(on)
+
+
+@contextlib.contextmanager
+def enabled(on: bool = True):
+    """``with vtr.kernels.enabled(): ...``: kernels on (or off) inside the block, as before after it."""
+    global _enabled
+    before, _enabled = _enabled, bool(on)
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,4 +56,4 @@ def use_for(x: Tensor, *others: Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and cupy_available()
 
 
-__all__ = ["enable", "cupy_available", "use_for", "merge", "segments"]
+__all__ = ["enable", "enabled", "cupy_available", "use_for", "merge", "segments"]

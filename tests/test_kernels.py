@@ -30,14 +30,11 @@ def test_segments_group_each_output_sources_in_source_order(dest_list, num_out):
 def test_kernels_stay_off_on_cpu_when_disabled_and_when_autograd_records():
     x = torch.randn(2, 5, 4)
     assert not kernels.use_for(x)
-    kernels.enable()
-    try:
+    with kernels.enabled():
         assert not kernels.use_for(x)                       # CPU tensors always take the torch path
         if torch.cuda.is_available():
             y = torch.randn(3, 4, device="cuda", requires_grad=True)
             assert not kernels.use_for(y)                   # training: autograd needs the torch ops
-    finally:
-        kernels.enable(False)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -62,11 +59,8 @@ def test_merge_kernel_equals_the_torch_reference_and_is_deterministic(dtype):
     dest = torch.randint(-1, 200, (3, 577), generator=generator).cuda()
     dest[:, :200] = torch.arange(200)                        # every output receives at least itself
     reference = state.reduce(dest, 200)
-    kernels.enable()
-    try:
+    with kernels.enabled():
         fused, again = state.reduce(dest, 200), state.reduce(dest, 200)
-    finally:
-        kernels.enable(False)
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(fused.x.float(), reference.x.float(), atol=tolerance, rtol=tolerance)
     assert torch.equal(fused.x, again.x)
@@ -79,14 +73,11 @@ def test_merge_kernel_handles_more_outputs_than_a_grid_dimension_of_65535():
     state = TokenState.start(x)
     dest = torch.arange(300, device="cuda").div(2, rounding_mode="floor").expand(400, -1).contiguous()
     reference = state.reduce(dest, 150)                       # pairs merged: 60000 outputs
-    kernels.enable()
-    try:
+    with kernels.enabled():
         torch.testing.assert_close(state.reduce(dest, 150).x, reference.x)
         wide = TokenState.start(torch.randn(400, 200, 8, device="cuda"))
         keep = torch.arange(200, device="cuda").expand(400, -1).contiguous()
         torch.testing.assert_close(wide.reduce(keep, 200).x, wide.x)   # 80000 outputs, each its own token
-    finally:
-        kernels.enable(False)
 
 
 @gpu
@@ -98,9 +89,6 @@ def test_a_patched_vit_gives_the_same_logits_with_kernels():
     vtr.patch(model, "tome", r=8)
     with torch.no_grad():
         reference = model(images)
-        kernels.enable()
-        try:
+        with kernels.enabled():
             fused = model(images)
-        finally:
-            kernels.enable(False)
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
