@@ -285,7 +285,7 @@ class ReducingPoolingHead:
         state = self._vtr_run.state
         if state is None or state.x.shape[:2] != hidden_state.shape[:2]:
             raise RuntimeError("a vtr-patched pooling head pools the tokens of its own tower's forward pass")
-        if not state.is_reduced and not bool((state.size == 0).any()):
+        if not state.is_reduced and not state.padded:
             return super().forward(hidden_state)
         probe = self.probe.repeat(hidden_state.shape[0], 1, 1)
         bias = steps.key_bias(state.size, hidden_state.dtype)

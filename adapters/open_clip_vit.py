@@ -224,7 +224,7 @@ class ReducingVisionTransformer:
         state = self._vtr.final_state
         if state is None or x.shape[:2] != state.x.shape[:2]:
             raise RuntimeError("a vtr-patched tower pools the tokens of its own forward pass; call the tower")
-        if not state.is_reduced and not bool((state.size == 0).any()):
+        if not state.is_reduced and not state.padded:
             return super()._pool(x)
         bias = steps.key_bias(state.size, x.dtype)
         if self.attn_pool is not None:

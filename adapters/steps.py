@@ -16,10 +16,14 @@ from vtr.signals import cls_attention
 from vtr.state import TokenState
 
 
+def wants_cls_attention(reduction: Reduction) -> bool:
+    """True when the reducer reads the CLS attention row and the model has a CLS token."""
+    return "cls_attention" in reduction.reducer.needs and reduction.has_cls
+
+
 def needs_qk(reduction: Reduction) -> bool:
     """True when a reducing layer must see the attention's q and k (keys metric, CLS attention)."""
-    return reduction.metric == "keys" or (
-        "cls_attention" in reduction.reducer.needs and reduction.has_cls)
+    return reduction.metric == "keys" or wants_cls_attention(reduction)
 
 
 def num_kept(reduction: Reduction, state: TokenState, layer: int) -> int:
@@ -48,7 +52,7 @@ def reduce(reduction: Reduction, state: TokenState, x: Tensor, layer: int, num_l
         return state.with_x(x)
     metric = k.mean(dim=1) if reduction.metric == "keys" and k is not None else x  # keys: head mean [B, N, D]
     attention = None
-    if "cls_attention" in reduction.reducer.needs and reduction.has_cls and q is not None:
+    if wants_cls_attention(reduction) and q is not None:
         attention = cls_attention(q, k, bias, scale)
     signals = Signals(metric=metric, layer=layer, num_layers=num_layers, cls_attention=attention,
                       query=query, grid=None if state.is_reduced else grid,

@@ -28,6 +28,9 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .api import is_patched
+from .reducers import Signals
+
 COUNTERS = ("torch", "fvcore")
 
 
@@ -82,20 +85,9 @@ class MacCount:
 
 
 def count_macs(model: nn.Module, *inputs: torch.Tensor, **kwargs) -> MacCount:
-    """Run ``model(*inputs)`` once under FlopCounterMode and return its MACs.
-
-    Runs with gradients off by freezing the parameters rather than under ``torch.no_grad``: the
-    counter's module tracker fails on timm's attention pooling under no_grad (torch 2.14).
-    """
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        with flop_counter.FlopCounterMode(display=False) as counter:
-            model(*inputs, **kwargs)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    """Run ``model(*inputs)`` once under FlopCounterMode and return its MACs."""
+    with _frozen(model), flop_counter.FlopCounterMode(display=False) as counter:
+        model(*inputs, **kwargs)
     by_module = {name: sum(ops.values()) / 2 for name, ops in counter.get_flop_counts().items()}
     batch = inputs[0].shape[0] if inputs else 1
     return MacCount(total=counter.get_total_flops() / 2, batch=batch, by_module=by_module)
@@ -195,9 +187,18 @@ def default_input(model: nn.Module, batch: int = 1, device: Union[str, torch.dev
     return torch.randn(batch, channels, *size, device=device)
 
 
-def _is_patched(model: nn.Module) -> bool:
-    from .api import is_patched  # late import: api imports adapters, which may import this module
-    return is_patched(model)
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Gradients off by freezing the parameters rather than under ``torch.no_grad``: the FLOP
+    counter's module tracker fails on timm's attention pooling under no_grad (torch 2.14)."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 class _MetaPredicates(TorchDispatchMode):
@@ -232,10 +233,9 @@ def _block_tokens(blocks: nn.Module, seen: list) -> Iterator[None]:
 @contextmanager
 def _reducer_macs(model: nn.Module, counter: flop_counter.FlopCounterMode, per_layer: dict) -> Iterator[None]:
     """Attribute the reducer's own MACs to the layer it runs in (the reducer is no submodule)."""
-    if not _is_patched(model):
+    if not is_patched(model):
         yield
         return
-    from .reducers import Signals
     start = {}
 
     def before(module, args):
@@ -293,7 +293,7 @@ def _as_batches(inputs) -> list:
     return [batch if isinstance(batch, (tuple, list)) else (batch,) for batch in inputs]
 
 
-def _count_torch(model: nn.Module, batch: tuple, blocks_name: str):
+def _count_torch(model: nn.Module, batch: tuple):
     """(total MACs, per-module MACs with names relative to the model, reducer MACs per layer)."""
     reduce: dict = {}
     with flop_counter.FlopCounterMode(display=False) as counter, _reducer_macs(model, counter, reduce):
@@ -322,7 +322,7 @@ def _fvcore_handles() -> dict:
     return {"aten::scaled_dot_product_attention": sdpa, "aten::_native_multi_head_attention": mha}
 
 
-def _count_fvcore(model: nn.Module, batch: tuple, blocks_name: str):
+def _count_fvcore(model: nn.Module, batch: tuple):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit deprecation (at fvcore's import) and tracer warnings
         from fvcore.nn import FlopCountAnalysis  # fvcore counts one MAC as one "flop"
@@ -336,7 +336,6 @@ def _count_fvcore(model: nn.Module, batch: tuple, blocks_name: str):
     return total, counts, {}
 
 
-@torch.no_grad()
 def profile_model(
     model: nn.Module,
     inputs: Union[Tensor, Sequence, None] = None,
@@ -365,15 +364,14 @@ def profile_model(
     blocks_name = blocks or find_blocks(model)
     batches = _as_batches(inputs) if inputs is not None else None
     notes = []
+    param = next(model.parameters(), None)
     if device is not None:
-        param = next(model.parameters(), None)
         if param is None or param.device.type != torch.device(device).type:
-            model = _meta_copy(model) if device == "meta" else copy.deepcopy(model).to(device)
+            model = copy.deepcopy(model).to(device)   # on "meta": a weightless copy, the reduction kept
         if batches is None:
             batches = [(default_input(model, device=device),)]
         batches = [tuple(x.to(device) if isinstance(x, Tensor) else x for x in b) for b in batches]
     elif batches is None:
-        param = next(model.parameters(), None)
         batches = [(default_input(model, device=param.device if param is not None else "cpu"),)]
     if device == "meta":
         notes.append("counted on the meta device (shapes only)")
@@ -389,8 +387,8 @@ def profile_model(
         seen: list = []
         guard = _MetaPredicates() if device == "meta" else nullcontext()
         try:
-            with guard, _block_tokens(stack, seen):
-                macs, batch_counts, batch_reduce = count(model, batch, blocks_name)
+            with guard, _frozen(model), _block_tokens(stack, seen):
+                macs, batch_counts, batch_reduce = count(model, batch)
         except (RuntimeError, NotImplementedError) as error:
             if device != "meta":
                 raise
@@ -416,18 +414,13 @@ def profile_model(
     return Profile(rows=rows, macs=total * scale, counter=counter, images=images, notes=notes)
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A weightless copy on the meta device (a patched model keeps its reduction)."""
-    return copy.deepcopy(model).to("meta")
-
-
 def _mean(values: list) -> Optional[float]:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 def _tokens_per_block(model: nn.Module, num_blocks: int, seen: list) -> list:
     """(tokens in, tokens out) per block: from vtr.report on a patched model, else from the hooks."""
-    if _is_patched(model) and model._vtr.report is not None and len(model._vtr.report.tokens) == num_blocks + 1:
+    if is_patched(model) and model._vtr.report is not None and len(model._vtr.report.tokens) == num_blocks + 1:
         counts = model._vtr.report.tokens
         return [(counts[i], counts[i + 1]) for i in range(num_blocks)]
     entering = dict(seen)

@@ -108,33 +108,35 @@ class TokenState:
         batch, num_tokens, channels = self.x.shape
         if dest.shape != (batch, num_tokens):
             raise ValueError(f"dest must be [batch, tokens] = {(batch, num_tokens)}, got {tuple(dest.shape)}")
-        weight = self.size if weight is None else weight
+        by_size, weight = weight is None, self.size if weight is None else weight
         # Flatten the batch and send dropped tokens to one trash row past the end: a single
         # scatter-add over all tokens does every merge of every row (deterministic on CPU).
         rows = torch.arange(batch, device=dest.device)[:, None] * num_kept
         trash = batch * num_kept
         flat_dest = torch.where(dest >= 0, dest + rows, trash).flatten()
 
-        size = self.size.new_zeros(trash + 1).index_add_(0, flat_dest, self.size.flatten())
-        if kernels.use_for(self.x, weight):   # one deterministic CuPy pass (vtr.kernels)
-            x, _ = kernels.merge(self.x.reshape(-1, channels), weight.flatten(), flat_dest, trash)
+        merge = kernels.merge if kernels.use_for(self.x, weight) else _merge   # CuPy: one deterministic pass
+        x, total_weight = merge(self.x.reshape(-1, channels), weight.flatten(), flat_dest, trash)
+        if by_size:   # the weights are the sizes: their sums are the new sizes (whole numbers, exact)
+            size = total_weight.to(self.size.dtype)
         else:
-            x = _merge(self.x.reshape(-1, channels), weight.flatten(), flat_dest, trash)
+            size = self.size.new_zeros(trash + 1).index_add_(0, flat_dest, self.size.flatten())[:trash]
 
         assignment = dest.gather(1, self.assignment.clamp_min(0))
         assignment = torch.where(self.assignment >= 0, assignment, -1)
         return TokenState(
             x=x.view(batch, num_kept, channels).to(self.x.dtype),
-            size=size[:trash].view(batch, num_kept),
+            size=size.view(batch, num_kept),
             assignment=assignment,
             num_protected=self.num_protected,
             padded=self.padded,
         )
 
 
-def _merge(x: Tensor, weight: Tensor, flat_dest: Tensor, num_out: int) -> Tensor:
-    """Size-weighted mean of the rows of ``x`` sent to each of ``num_out`` outputs (``flat_dest``;
-    ``num_out`` = dropped), in plain torch: the reference the CuPy kernel is tested against."""
+def _merge(x: Tensor, weight: Tensor, flat_dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
+    """Weighted mean of the rows of ``x`` sent to each of ``num_out`` outputs (``flat_dest``;
+    ``num_out`` = dropped) and the summed weight of each, in plain torch: the reference the CuPy
+    kernel (``vtr.kernels.merge``) is tested against."""
     # Accumulate in at least float32: under autocast x may be bf16, sizes never are.
     compute = torch.promote_types(x.dtype, torch.float32)
     weight = weight.to(compute)
@@ -143,4 +145,5 @@ def _merge(x: Tensor, weight: Tensor, flat_dest: Tensor, num_out: int) -> Tensor
     # scatter_add_ with the index broadcast over channels: twice as fast as index_add_ on CPU.
     summed = weighted.new_zeros(num_out + 1, x.shape[1]).scatter_add_(0, flat_dest[:, None].expand_as(weighted),
                                                                       weighted)
-    return summed[:num_out] / total_weight[:num_out, None].clamp_min(torch.finfo(compute).tiny)
+    total_weight = total_weight[:num_out]
+    return summed[:num_out] / total_weight[:, None].clamp_min(torch.finfo(compute).tiny), total_weight

@@ -6,6 +6,7 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..state import TokenState
 
@@ -129,5 +130,4 @@ def dest_from_choice(
 
 def unit(metric: Tensor) -> Tensor:
     """Rows scaled to unit length, in float32 (cosine similarity under autocast stays finite)."""
-    metric = metric.float()
-    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return F.normalize(metric.float(), dim=-1, eps=1e-6)

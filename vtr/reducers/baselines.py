@@ -5,6 +5,7 @@ import torch
 
 from ..state import TokenState
 from .base import Reducer, Signals, dest_from_choice, register
+from .select import real_tokens
 
 
 @register
@@ -38,6 +39,6 @@ class RandomDrop(Reducer):
         batch, unprotected = state.x.shape[0], state.num_tokens - state.num_protected
         generator = torch.Generator().manual_seed(self.seed * 10007 + signals.layer)
         score = torch.rand(batch, unprotected, generator=generator).to(state.x.device)
-        score = score.masked_fill(state.size[:, state.num_protected:] == 0, -1.0)
+        score = score.masked_fill(~real_tokens(state), -1.0)
         kept = score.topk(num_kept - state.num_protected, dim=1).indices.sort(dim=1).values
         return state.reduce(dest_from_choice(state, kept), num_kept)

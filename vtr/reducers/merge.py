@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from ..state import TokenState
 from .base import Reducer, Signals, dest_from_choice, register, unit
+from .select import real_tokens
 
 
 def _require_metric(reducer: Reducer, signals: Signals, state: TokenState) -> torch.Tensor:
@@ -42,7 +43,7 @@ class ToMe(Reducer):
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         r = state.num_tokens - num_kept
         metric = unit(_require_metric(self, signals, state)[:, state.num_protected:])
-        padding = state.size[:, state.num_protected:] == 0
+        padding = ~real_tokens(state)
         scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
         scores = scores.masked_fill(padding[:, None, 1::2], float("-inf"))
         scores = scores.masked_fill(padding[:, ::2, None], float("inf"))
@@ -89,7 +90,7 @@ class PiToMe(Reducer):
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         r = state.num_tokens - num_kept
         metric = unit(_require_metric(self, signals, state)[:, state.num_protected:])
-        valid = (state.size[:, state.num_protected:] > 0).float()
+        valid = real_tokens(state).float()
         sim = metric @ metric.transpose(1, 2)
         margin = self.margin * (1.0 - signals.layer / max(signals.num_layers, 1))
         energy = (F.elu(sim - margin, alpha=self.alpha) * valid[:, None, :]).sum(-1) / valid.sum(-1, keepdim=True)
