@@ -1,29 +1,20 @@
-"""What every adapter shares: the reduction step, the query check, the report, MAC helpers.
+"""What every ViT-style adapter shares: the reduction step, the query check, running a block, MAC helpers.
 
 The step takes q/k as arguments so each adapter can get them the cheapest way its attention
-allows (its own projections, a ``QKCapture`` on q/k norms, or the attention-interface registry).
+allows (its own projections, :class:`~vtr.core.run.KeepQK` hooks on q/k norms, or the
+attention-interface registry).
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from vtr.config import Reduction, Report
-from vtr.reducers import Signals
-from vtr.signals import cls_attention
-from vtr.state import TokenState
-
-
-def wants_cls_attention(reduction: Reduction) -> bool:
-    """True when the reducer reads the CLS attention row and the model has a CLS token."""
-    return "cls_attention" in reduction.reducer.needs and reduction.has_cls
-
-
-def needs_qk(reduction: Reduction) -> bool:
-    """True when a reducing layer must see the attention's q and k (keys metric, CLS attention)."""
-    return reduction.metric == "keys" or wants_cls_attention(reduction)
+from vtr.core.plan import Reduction
+from vtr.core.run import Run, bound
+from vtr.core.signals import Signals, cls_attention
+from vtr.core.state import TokenState
 
 
 def num_kept(reduction: Reduction, state: TokenState, layer: int) -> int:
@@ -31,10 +22,10 @@ def num_kept(reduction: Reduction, state: TokenState, layer: int) -> int:
     return reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
 
 
-def reduce(reduction: Reduction, state: TokenState, x: Tensor, layer: int, num_layers: int, *,
+def reduce(run: Run, state: TokenState, x: Tensor, layer: int, *,
            before_attention: bool = False,
            q: Optional[Tensor] = None, k: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-           scale: Optional[float] = None, grid: Optional[tuple] = None, query: Optional[Tensor] = None,
+           scale: Optional[float] = None,
            query_projection: Optional[Callable[[Tensor], Tensor]] = None) -> TokenState:
     """The block's reduction step on ``x``.
 
@@ -42,9 +33,10 @@ def reduce(reduction: Reduction, state: TokenState, x: Tensor, layer: int, num_l
     the attention residual; the reducer acts in the one its ``acts_before_blocks`` names (ATF filters
     a block's input, everything else sits between attention and MLP).
     ``q``/``k`` ``[B, H, N, D]`` are the attention's query and key after any norm (needed only when
-    :func:`needs_qk`); ``bias`` the key bias the attention used, ``scale`` its logit scale. Before the
-    attention there are none: the metric is then the hidden states and there is no CLS attention.
+    ``reduction.needs_qk``); ``bias`` the key bias the attention used, ``scale`` its logit scale. Before
+    the attention there are none: the metric is then the hidden states and there is no CLS attention.
     """
+    reduction = run.reduction
     if before_attention != reduction.reducer.acts_before_blocks:
         return state.with_x(x)
     kept = num_kept(reduction, state, layer)
@@ -52,21 +44,20 @@ def reduce(reduction: Reduction, state: TokenState, x: Tensor, layer: int, num_l
         return state.with_x(x)
     metric = k.mean(dim=1) if reduction.metric == "keys" and k is not None else x  # keys: head mean [B, N, D]
     attention = None
-    if wants_cls_attention(reduction) and q is not None:
+    if reduction.wants_cls_attention and q is not None:
         attention = cls_attention(q, k, bias, scale)
-    signals = Signals(metric=metric, layer=layer, num_layers=num_layers, cls_attention=attention,
-                      query=query, grid=None if state.is_reduced else grid,
-                      query_projection=query_projection)
+    signals = Signals(metric=metric, layer=layer, num_layers=run.num_layers, cls_attention=attention,
+                      query=run.query, grid=None if state.is_reduced else run.grid,
+                      query_projection=query_projection if run.query is not None else None)
     return reduction.reducer(state.with_x(x), kept, signals)
 
 
-def batch_query(reduction: Reduction, batch: int, width: Optional[int], where: str) -> Optional[Tensor]:
+def batch_query(query: Optional[Tensor], batch: int, width: Optional[int], where: str) -> Optional[Tensor]:
     """The query set by ``vtr.conditioned`` for this batch: a batch-1 query is shared by every image.
 
     ``width`` is the embedding width the adapter maps tokens to (the CLIP embedding); a query of
     another width is an error here, before any work is done.
     """
-    query = reduction.query
     if query is None:
         return None
     if query.shape[0] not in (1, batch):
@@ -86,11 +77,38 @@ def grid_of(rows_cols: tuple, num_prefix: int, num_tokens: int) -> Optional[tupl
     return (int(rows), int(cols)) if rows * cols + num_prefix == num_tokens else None
 
 
-def record(reduction: Reduction, state: TokenState, tokens: list, grid: Optional[tuple]) -> None:
-    """Keep the final state for the pooling head of the same pass and the report of what happened."""
-    reduction.final_state = state
-    reduction.report = Report(tokens=list(tokens), assignment=state.assignment.detach(),
-                              size=state.size.detach(), num_protected=state.num_protected, grid=grid)
+def run_blocks(blocks: nn.Module, run: Run, checkpointing: bool) -> TokenState:
+    """Call each block as a module (so hooks on blocks fire) on the run's tokens; return the final state.
+
+    A reducing block reads its token state from the active run and leaves the state after its step
+    there. Under activation checkpointing a block is recomputed after the call, so its input state
+    travels with it as an argument and the run is made active again for the recomputation.
+    """
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            torch.utils.checkpoint.checkpoint(_recomputable, block, run.state.x, run.state, run,
+                                              use_reentrant=False)
+        else:
+            block(run.state.x)
+    return run.state
+
+
+def _recomputable(block: nn.Module, x: Tensor, state: TokenState, run: Run) -> Tensor:
+    with bound(run):
+        run.state = state.with_x(x)
+        output = block(x)
+    return output
+
+
+def entering(run: Optional[Run], x: Tensor) -> Optional[TokenState]:
+    """The token state a block's input ``x`` belongs to, or None when the block runs outside a
+    patched forward pass (called on its own: it then computes exactly what the unpatched block does)."""
+    if run is None or run.state is None:
+        return None
+    if run.state.num_tokens != x.shape[1] or run.state.x.shape[0] != x.shape[0]:
+        raise RuntimeError(f"a vtr-patched block got {tuple(x.shape[:2])} tokens but the model's token state "
+                           f"holds {tuple(run.state.x.shape[:2])}; blocks run in order on the model's own tokens")
+    return run.state.with_x(x)
 
 
 def key_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
@@ -102,10 +120,3 @@ def linear_macs(module: torch.nn.Module) -> float:
     """MACs per token of every ``nn.Linear`` inside ``module``."""
     return float(sum(m.in_features * m.out_features for m in module.modules()
                      if isinstance(m, torch.nn.Linear)))
-
-
-def checkpointed(step: Callable, *args, enabled: bool):
-    """Run one block step under activation checkpointing when the model asks for it."""
-    if enabled and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
-    return step(*args)

@@ -1,9 +1,11 @@
 """timm VisionTransformer adapter: token reduction between each block's attention and MLP.
 
-Patching swaps the model's class for a subclass whose ``forward_features`` runs the blocks on a
-:class:`~vtr.state.TokenState` and whose ``pool`` weights by token size. Blocks and weights are
-untouched: each block's own submodules (norms, attention with qk_norm, LayerScale, drop-path,
-MLP) are called in the order ``Block.forward`` calls them, so nothing the model does is skipped.
+Patching swaps the model's class for a subclass whose ``forward_features`` opens the call's token
+state and whose ``pool`` weights by token size, and each ``Block``'s class for a subclass whose
+``forward`` is ``Block.forward`` with the reduction step between the attention and MLP residuals.
+Blocks are still called as modules, so hooks on them fire, with the block's (reduced) tokens. Each
+block's own submodules (norms, attention with qk_norm, LayerScale, drop-path, MLP) are called in
+the order ``Block.forward`` calls them, so nothing the model does is skipped.
 """
 from __future__ import annotations
 
@@ -14,23 +16,19 @@ from torch import Tensor, nn
 from timm.layers import Attention, AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc
 
-from vtr.config import Reduction
-from vtr.cost import EncoderCost
-from vtr.signals import QKCapture
-from vtr.state import TokenState
+from vtr.budget.cost import EncoderCost
+from vtr.core import run as runs
+from vtr.core.plan import Reduction
+from vtr.core.state import TokenState
 
 from . import steps
+from .base import Adapter, Swapped, remove_hooks, restore_class, swap_class
 from .errors import UnsupportedModelError
 
-name = "timm"
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map", "")
 
 
-def matches(model: nn.Module) -> bool:
-    return isinstance(model, VisionTransformer)
-
-
-def check(model: VisionTransformer) -> None:
+def _check(model: VisionTransformer) -> None:
     """Refuse anything whose forward we would not reproduce exactly."""
     kind = type(model).__name__
     for i, block in enumerate(model.blocks):
@@ -52,7 +50,7 @@ def check(model: VisionTransformer) -> None:
         raise UnsupportedModelError(f"{kind} global_pool={model.global_pool!r} is not supported")
 
 
-def cost(model: VisionTransformer, metric: str = "x") -> EncoderCost:
+def _cost(model: VisionTransformer, metric: str = "x") -> EncoderCost:
     block = model.blocks[0]
     num_patches = model.patch_embed.num_patches
     conv = model.patch_embed.proj
@@ -96,56 +94,67 @@ def _key_padding(attn_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return mask if mask.dtype == torch.bool else mask > float("-inf")
 
 
-def _block_forward(block: Block, state: TokenState, reduction: Reduction, layer: int, num_layers: int,
-                   capture: Optional[QKCapture], grid: Optional[tuple[int, int]]) -> TokenState:
-    """``Block.forward`` with the reduction step between the attention and MLP residuals (or, for
-    reducers that filter a block's input, before the attention)."""
-    common = dict(grid=grid, query=reduction.query)
-    state = steps.reduce(reduction, state, state.x, layer, num_layers, before_attention=True, **common)
-    x = state.x
-    bias = state.attention_bias(reduction.prop_attn)
-    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
-    q, k = (capture.q, capture.k) if capture is not None else (None, None)
-    state = steps.reduce(reduction, state, x, layer, num_layers, q=q, k=k, bias=bias, **common)
-    if capture is not None:
-        capture.clear()
-    x = state.x
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return state.with_x(x)
 
 
-class ReducingViT:
+def _causal(is_causal: bool) -> dict:
+    """``is_causal`` only when set: timm releases before 1.0.25 do not take it."""
+    return {"is_causal": True} if is_causal else {}
+
+
+class ReducingBlock(Swapped):
+    """Mixed in before ``Block``: its forward with the reduction step between attention and MLP (or, for
+    reducers that filter a block's input, before the attention). Outside a patched forward pass the
+    block computes exactly what ``Block.forward`` does."""
+
+    _vtr_layer: int
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        run = runs.active()
+        state = steps.entering(run, x)
+        if state is None:
+            return super().forward(x, attn_mask=attn_mask, **_causal(is_causal))
+        layer = self._vtr_layer
+        state = steps.reduce(run, state, x, layer, before_attention=True)
+        x = state.x
+        bias = state.attention_bias(run.reduction.prop_attn)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
+        q, k = run.take_qk(layer)
+        state = steps.reduce(run, state, x, layer, q=q, k=k, bias=bias)
+        x = state.x
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        run.advance(state.with_x(x))
+        return x
+
+
+class ReducingViT(Swapped):
     """Mixed in before the model's own class; see the module docstring."""
 
     _vtr: Reduction
 
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        with runs.opened(self._vtr):   # one run for the features and the head of this call
+            return super().forward(x, attn_mask=attn_mask, **_causal(is_causal))
+
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if is_causal:
             raise ValueError("is_causal=True is not supported on a model patched by vtr")
-        reduction = self._vtr
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        state = TokenState.start(x, self.num_prefix_tokens, padding_mask=_key_padding(attn_mask, x))
-        grid = steps.grid_of(self.patch_embed.grid_size, self.num_prefix_tokens, state.num_original)
-        tokens = [state.num_tokens]
-        for layer, block in enumerate(self.blocks):
-            capture = reduction.captures[layer] if reduction.captures else None
-            state = steps.checkpointed(_block_forward, block, state, reduction, layer, len(self.blocks), capture,
-                                       grid, enabled=self.grad_checkpointing)
-            tokens.append(state.num_tokens)
-        steps.record(reduction, state, tokens, grid)
-        return self.norm(state.x)
+        with runs.opened(self._vtr) as run:
+            x = self.patch_embed(x)
+            x = self._pos_embed(x)
+            x = self.patch_drop(x)
+            x = self.norm_pre(x)
+            state = TokenState.start(x, self.num_prefix_tokens, padding_mask=_key_padding(attn_mask, x))
+            grid = steps.grid_of(self.patch_embed.grid_size, self.num_prefix_tokens, state.num_original)
+            run.begin(state, len(self.blocks), grid)
+            state = steps.run_blocks(self.blocks, run, self.grad_checkpointing)
+            run.finish()
+            return self.norm(state.x)
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-        state = self._vtr.final_state
-        if state is None or x.shape[:2] != state.x.shape[:2]:
-            raise RuntimeError("a vtr-patched model pools the tokens of its own last forward_features call; "
-                               "call forward_features first (model(x) does)")
-        if not state.is_reduced and not state.padded:
+        size = runs.final_sizes(self._vtr, x)
+        if size is None:
             return super().pool(x, pool_type)
-        size, start = state.size, 0 if self.pool_include_prefix else self.num_prefix_tokens
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         if self.attn_pool is not None:
             # A token that stands for s patches gets the attention s copies would get.
             return self.attn_pool(x[:, start:], attn_mask=size[:, start:].log().to(x.dtype)[:, None, None, :])
@@ -166,25 +175,40 @@ class ReducingViT:
         )
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
+class TimmViT(Adapter):
+    """timm ``VisionTransformer`` (ViT, DeiT, DeiT-III, DINOv2, registers, SigLIP-style heads)."""
 
+    name = "timm"
 
-def patch(model: VisionTransformer, reduction: Reduction) -> None:
-    cls = type(model)
-    if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"Vtr{cls.__name__}", (ReducingViT, cls), {})
-    reduction.original_class = cls
-    if steps.needs_qk(reduction):
-        reduction.captures = [QKCapture() for _ in model.blocks]
-        for block, capture in zip(model.blocks, reduction.captures):
-            reduction.hooks += capture.attach(block.attn.q_norm, block.attn.k_norm)
-    model._vtr = reduction
-    model.__class__ = _PATCHED_CLASSES[cls]
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
 
+    def check(self, model: VisionTransformer) -> None:
+        _check(model)
 
-def unpatch(model: VisionTransformer) -> None:
-    reduction: Reduction = model._vtr
-    for handle in reduction.hooks:
-        handle.remove()
-    model.__class__ = reduction.original_class
-    del model._vtr
+    def cost(self, model: VisionTransformer, metric: str = "x") -> EncoderCost:
+        return _cost(model, metric)
+
+    def blocks(self, model: VisionTransformer) -> nn.Module:
+        return model.blocks
+
+    def input_size(self, model: VisionTransformer) -> tuple[int, int, int]:
+        return (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+
+    def patch(self, model: VisionTransformer, reduction: Reduction) -> None:
+        for layer, block in enumerate(model.blocks):
+            if reduction.needs_qk:
+                block.attn.q_norm.register_forward_hook(runs.KeepQK(layer, "q"))
+                block.attn.k_norm.register_forward_hook(runs.KeepQK(layer, "k"))
+            block._vtr_layer = layer
+            swap_class(block, ReducingBlock)
+        model._vtr = reduction
+        swap_class(model, ReducingViT)
+
+    def unpatch(self, model: VisionTransformer) -> None:
+        remove_hooks(model, runs.KeepQK)
+        for block in model.blocks:
+            restore_class(block)
+            del block._vtr_layer
+        restore_class(model)
+        del model._vtr

@@ -15,12 +15,12 @@ import torch
 
 import vtr
 from vtr import zoo
-from vtr.profile import profile_model
+from vtr.tools.profile import profile_model
 
 
 def measure(entry: zoo.Entry) -> dict:
     with torch.device("meta"):
-        model = entry.build()
+        model = zoo.build(entry)
     base = profile_model(model).macs
     vtr.patch(model, preset=entry.name)
     reduced = profile_model(model)

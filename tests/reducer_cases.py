@@ -7,7 +7,7 @@ from functools import lru_cache
 import timm
 import torch
 
-from vtr.state import TokenState
+from vtr.core.state import TokenState
 
 
 def make_state(batch=2, tokens=17, channels=8, protected=1, padding=0, seed=0, requires_grad=False):

@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import vtr
-from vtr.profile import count_macs
+from vtr.tools.profile import count_macs
 from vtr.reducers import ATF, Signals
-from vtr.reducers.atf import calibrate
+from vtr.tools.calibrate import calibrate
 
 from reducer_cases import images, make_state, tiny_vit
 

@@ -1,4 +1,5 @@
 """Attention-guided dropping: the CLS-row signal, EViT (fused token) and HiRED (partition budgets)."""
+import dataclasses
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -6,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import vtr
 from vtr.reducers import EViT, HiRED, Signals
 from vtr.reducers.drop import allocate
-from vtr.signals import cls_attention
+from vtr.core.signals import cls_attention
 
 from reducer_cases import images, make_state, tiny_vit
 
@@ -51,7 +52,7 @@ def test_adapter_cls_attention_matches_eager_attention_of_the_block():
     model = tiny_vit(qk_norm=True)
     vtr.patch(model, "evit", keep=0.6, layers=[0, 2])
     recorder = Recording()
-    model._vtr.reducer = recorder
+    model._vtr = dataclasses.replace(model._vtr, reducer=recorder)
     inputs = {}
     handle = model.blocks[2].attn.register_forward_pre_hook(
         lambda module, args, kwargs: inputs.update(x=args[0], mask=kwargs.get("attn_mask")), with_kwargs=True)

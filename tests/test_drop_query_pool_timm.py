@@ -7,7 +7,7 @@ import timm
 import torch
 
 import vtr
-from vtr.profile import count_macs
+from vtr.tools.profile import count_macs
 
 from reducer_cases import images, tiny_vit
 

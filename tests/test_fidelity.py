@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import vtr
-from vtr import cli_fidelity, fidelity
+from vtr.cli import fidelity as cli_fidelity
+from vtr.tools import fidelity
 
 TASK = cli_fidelity.QUICK_TASK
 TRAINING = cli_fidelity.QUICK_TRAINING

@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 import vtr
 from vtr.adapters import hf_vision
-from vtr.profile import count_macs
+from vtr.tools.profile import count_macs
 
 from _query_probe import probe, signal_probe
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import vtr
 from vtr import kernels
-from vtr.state import TokenState
+from vtr.core.state import TokenState
 
 
 @settings(max_examples=25, deadline=None)

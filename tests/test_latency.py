@@ -1,11 +1,11 @@
-"""vtr.latency: timings are positive, ordered and taken at the requested thread count."""
+"""vtr.tools.latency: timings are positive, ordered and taken at the requested thread count."""
 import time
 
 import pytest
 import timm
 import torch
 
-from vtr.latency import Timing, batch_sweep, format_sweep, measure
+from vtr.tools.latency import Timing, batch_sweep, format_sweep, measure
 
 
 def test_measure_sleep():

@@ -259,7 +259,7 @@ def test_beam_search_and_several_sequences_per_prompt():
 
 
 def test_prefill_macs_match_the_flop_counter_on_the_linear_layers():
-    from vtr.profile import count_macs
+    from vtr.tools.profile import count_macs
     model = tiny_llava()
     language, tokens = model.model.language_model, 11
     counted = count_macs(language, inputs_embeds=torch.randn(1, tokens, 64)).total

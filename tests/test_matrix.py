@@ -10,7 +10,7 @@ from open_clip.transformer import VisionTransformer
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 import vtr
-from vtr.profile import count_macs
+from vtr.tools.profile import count_macs
 
 HF = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, image_size=48,
           patch_size=8)

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtr
 from vtr.adapters import open_clip_vit
-from vtr.profile import count_macs
+from vtr.tools.profile import count_macs
 
 from _query_probe import probe, signal_probe
 
@@ -53,7 +53,7 @@ def same(a, b) -> bool:
 
 class WithGrad(nn.Module):
     """Counts what MHA computes: with grad enabled MHA leaves its fused fast path (which torch's
-    FlopCounterMode cannot see) for the SDPA path that vtr.profile counts."""
+    FlopCounterMode cannot see) for the SDPA path that vtr.tools.profile counts."""
 
     def __init__(self, fn):
         super().__init__()

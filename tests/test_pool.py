@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import vtr
-from vtr.profile import count_macs
+from vtr.tools.profile import count_macs
 from vtr.reducers import GridPool, Signals
-from vtr.state import TokenState
+from vtr.core.state import TokenState
 
 from reducer_cases import images, make_state, tiny_vit
 

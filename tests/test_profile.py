@@ -1,4 +1,4 @@
-"""vtr.profile: counters against known values, per-layer rows, the drop at the reducing layers."""
+"""vtr.tools.profile: counters against known values, per-layer rows, the drop at the reducing layers."""
 import open_clip
 import pytest
 from hypothesis import given, settings
@@ -8,7 +8,7 @@ import torch
 from open_clip.transformer import VisionTransformer as OpenClipViT
 
 import vtr
-from vtr.profile import count_macs, find_blocks, profile_model
+from vtr.tools.profile import count_macs, find_blocks, profile_model
 
 
 def meta_model(name: str):
@@ -154,7 +154,7 @@ def test_cli_profile(capsys):
     import argparse
     import json
 
-    from vtr import cli_profile
+    from vtr.cli import profile as cli_profile
 
     parser = argparse.ArgumentParser()
     cli_profile.add_parser(parser.add_subparsers())

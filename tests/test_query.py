@@ -7,7 +7,7 @@ from torch import nn
 import vtr
 from vtr.reducers import QueryPrune, Signals
 from vtr.reducers.base import unit
-from vtr.state import TokenState
+from vtr.core.state import TokenState
 
 from reducer_cases import images, make_state, tiny_vit
 

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import vtr
-from vtr.profile import count_macs
+from vtr.tools.profile import count_macs
 
 from _timm_models import FEATURE_MODELS, build, images
 

@@ -1,4 +1,4 @@
-"""vtr.visualization and `vtr visualize`: the PNG has the input size and paints the report's groups."""
+"""vtr.tools.visualize and `vtr visualize`: the PNG has the input size and paints the report's groups."""
 import argparse
 
 import numpy as np
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import vtr
-from vtr import cli_visualize
-from vtr.visualization import group_map, load_image, render, visualize
+from vtr.cli import visualize as cli_visualize
+from vtr.tools.visualize import group_map, load_image, render, visualize
 
 
 def tiny_vit(**kw):

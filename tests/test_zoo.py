@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import vtr
-from vtr import cli_zoo, zoo
-from vtr.profile import profile_model
+from vtr.cli import zoo as cli_zoo
+from vtr.tools import zoo
+from vtr.tools.profile import profile_model
 
 ENTRIES = sorted(zoo.entries())
 
@@ -22,7 +23,7 @@ def test_zoo_is_installed_inside_vtr():
 def test_entry_preset_reproduces_recorded_figures(name):
     entry = zoo.get(name)
     with torch.device("meta"):  # the full forward of the patched model, without weights
-        model = entry.build()
+        model = zoo.build(entry)
     base = profile_model(model).macs
     vtr.patch(model, preset=name)
     assert model._vtr.method == entry.reduction["method"]
@@ -39,7 +40,7 @@ def test_entry_preset_reproduces_recorded_figures(name):
 def test_entry_runs_with_random_weights(name):
     entry = zoo.get(name)
     torch.manual_seed(0)
-    model = entry.build()
+    model = zoo.build(entry)
     x = torch.randn(1, 3, *model.patch_embed.img_size)
     with torch.no_grad():
         reference = model(x)
@@ -51,7 +52,7 @@ def test_entry_runs_with_random_weights(name):
 
 def test_arguments_override_the_preset():
     with torch.device("meta"):
-        model = zoo.get("timm/vit_base_patch16_224").build()
+        model = zoo.build(zoo.get("timm/vit_base_patch16_224"))
     vtr.patch(model, preset="timm/vit_base_patch16_224", flops=0.35)
     assert profile_model(model).macs / 17.5638e9 == pytest.approx(0.35, abs=0.01)
     vtr.unpatch(model)
@@ -61,7 +62,7 @@ def test_arguments_override_the_preset():
 
 def test_preset_refuses_other_shapes_and_unknown_names():
     with torch.device("meta"):
-        model = zoo.get("timm/vit_tiny_patch16_224").build(img_size=160)
+        model = zoo.build(zoo.get("timm/vit_tiny_patch16_224"), img_size=160)
     with pytest.raises(ValueError, match="num_tokens=101 \\(preset expects 197\\)"):
         vtr.patch(model, preset="timm/vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="unknown preset 'nope'.*timm/vit_base_patch16_224"):
@@ -71,7 +72,7 @@ def test_preset_refuses_other_shapes_and_unknown_names():
 
 def test_find_matches_shape():
     with torch.device("meta"):
-        model = zoo.get("timm/vit_small_patch16_224").build()
+        model = zoo.build(zoo.get("timm/vit_small_patch16_224"))
     names = [e.name for e in zoo.find(model)]
     assert "timm/vit_small_patch16_224" in names and "timm/deit_small_patch16_224" in names
     assert "timm/vit_base_patch16_224" not in names
@@ -84,7 +85,7 @@ def test_find_matches_shape():
 ])
 def test_bad_entry_files(text, match):
     with pytest.raises(ValueError, match=match):
-        zoo._parse(text, "bad.toml")
+        vtr.model_zoo._parse(text, "bad.toml")
 
 
 def test_cli_zoo(capsys):

@@ -2,22 +2,24 @@
 
     import timm, vtr
     model = vtr.patch(timm.create_model("vit_base_patch16_224"), "pitome", flops=0.5)
+
+The facade: the only module that imports every layer (core, reducers, budget, adapters, api, tools).
 """
 from . import adapters, kernels, reducers
-from .adapters import UnsupportedModelError
-from . import clip  # text-conditioned CLIP helpers: vtr.clip.text_query, vtr.clip.zero_shot
+from .adapters import UnsupportedModelError, family
 from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
-from .config import Reduction, Report
-from .profile import profile_model
-from .visualization import visualize
-from .reducers import Reducer, Signals
-from .schedule import Schedule
-from .state import TokenState
+from .budget.schedule import Schedule
+from .core import Need, Reduction, Report, Signals, TokenState
+from .reducers import Reducer
+from .tools import clip  # text-conditioned CLIP helpers: vtr.clip.text_query, vtr.clip.zero_shot
+from .tools import zoo
+from .tools.profile import profile_model
+from .tools.visualize import visualize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "conditioned", "methods", "report", "is_patched", "make_reducer", "expected_tokens",
-    "expected_flops", "TokenState", "Reducer", "Signals", "Schedule", "Reduction", "Report",
-    "UnsupportedModelError", "adapters", "kernels", "reducers", "clip", "profile_model", "visualize",
+    "expected_flops", "family", "TokenState", "Reducer", "Signals", "Need", "Schedule", "Reduction", "Report",
+    "UnsupportedModelError", "adapters", "kernels", "reducers", "clip", "zoo", "profile_model", "visualize",
 ]

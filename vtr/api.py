@@ -7,12 +7,13 @@ from typing import Iterator, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from .adapters import find_adapter
-from .config import Reduction, Report
+from . import model_zoo
+from .adapters import find_adapter, is_patched, settings
+from .budget.schedule import RSpec
+from .core import run as runs
+from .core.plan import METRICS, Reduction
+from .core.run import Report
 from .reducers import REDUCERS, Reducer
-from .schedule import RSpec, make_schedule
-
-METRICS = ("x", "keys")
 
 
 def methods() -> dict[str, str]:
@@ -31,10 +32,6 @@ def make_reducer(method: str, **options) -> Reducer:
         raise ValueError(f"method {method!r} takes no option {', '.join(unknown)}; its options: "
                          f"{', '.join(accepted) or 'none'}")
     return cls(**options)
-
-
-def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "_vtr", None), Reduction)
 
 
 def patch(
@@ -63,30 +60,25 @@ def patch(
     arguments given here override it (an amount replaces the preset's amount).
     """
     if preset is not None:
-        from .zoo import preset_arguments
         given = {"method": method, "r": r, "keep": keep, "flops": flops, "layers": layers,
                  "metric": None if metric == "x" else metric, "prop_attn": None if prop_attn else False,
                  "options": options}
-        return patch(model, **preset_arguments(preset, model, given))
+        return patch(model, **model_zoo.preset_arguments(preset, model, given))
     method = "tome" if method is None else method
     if is_patched(model):
         raise ValueError(
-            f"model is already patched with {model._vtr.describe()}; call vtr.unpatch(model) before "
+            f"model is already patched with {settings(model).describe()}; call vtr.unpatch(model) before "
             "patching it again"
         )
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     adapter = find_adapter(model)
     adapter.check(model)
-    # An adapter may take amounts of its own (LLaVA: budget=, visual tokens kept per image) and
-    # then turns all amounts into a schedule itself.
-    own = {k: options.pop(k) for k in getattr(adapter, "AMOUNTS", ()) if k in options}
+    own = {k: options.pop(k) for k in adapter.amounts if k in options}   # e.g. LLaVA's budget=
     reducer = make_reducer(method, **options)
     cost = adapter.cost(model, metric)
-    if hasattr(adapter, "make_schedule"):
-        schedule = adapter.make_schedule(model, reducer, r=r, keep=keep, flops=flops, layers=layers, **own)
-    else:
-        schedule = make_schedule(reducer, cost, r=r, keep=keep, flops=flops, layers=layers)
+    schedule = adapter.make_schedule(model, reducer, r=r, keep=keep, flops=flops, layers=layers, metric=metric,
+                                     **own)
     given = {"r": r, "keep": keep, "flops": flops, "layers": layers} | own
     arguments = {k: v for k, v in given.items() if v is not None} | options
     adapter.patch(model, Reduction(method=method, reducer=reducer, schedule=schedule, metric=metric,
@@ -95,42 +87,29 @@ def patch(
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original class, no hooks, outputs identical to before patching."""
-    if not is_patched(model):
-        raise ValueError("model is not patched by vtr")
+    """Undo :func:`patch`: original classes, no hooks, outputs identical to before patching."""
+    settings(model)
     find_adapter(model).unpatch(model)
     return model
 
 
 def report(model: nn.Module) -> Report:
-    """Tokens per layer and provenance from the patched model's last forward pass."""
-    if not is_patched(model):
-        raise ValueError("model is not patched by vtr")
-    if model._vtr.report is None:
-        raise ValueError("no forward pass yet: run the patched model once, then read vtr.report(model)")
-    return model._vtr.report
+    """Tokens per layer and provenance from this thread's last forward pass of the patched model."""
+    found = runs.last_report(settings(model))
+    if found is None:
+        raise ValueError("no forward pass of this model yet in this thread: run the patched model once, then "
+                         "read vtr.report(model)")
+    return found
 
 
 def expected_tokens(model: nn.Module) -> list[int]:
     """Tokens entering each block (and after the last) at the model's default input size."""
-    if not is_patched(model):
-        raise ValueError("model is not patched by vtr")
-    reduction: Reduction = model._vtr
-    cost = find_adapter(model).cost(model, reduction.metric)
-    return reduction.schedule.token_counts(reduction.reducer, cost.num_tokens, cost.num_protected)
+    return find_adapter(model).expected_tokens(model, settings(model))
 
 
 def expected_flops(model: nn.Module) -> tuple[float, float]:
     """Analytic (reduced, unreduced) MACs per image at the model's default input size."""
-    adapter = find_adapter(model)
-    if hasattr(adapter, "expected_flops"):  # adapters whose cost is not a ViT stack (LLaVA)
-        return adapter.expected_flops(model)
-    if not is_patched(model):
-        cost = adapter.cost(model)
-        return cost.unreduced(), cost.unreduced()
-    reduction: Reduction = model._vtr
-    cost = adapter.cost(model, reduction.metric)
-    return cost.total(expected_tokens(model), reduction.reducer), cost.unreduced()
+    return find_adapter(model).expected_flops(model, model._vtr if is_patched(model) else None)
 
 
 @contextmanager
@@ -138,19 +117,14 @@ def conditioned(model: nn.Module, query: Tensor) -> Iterator[nn.Module]:
     """Give query-conditioned reducers their query for the forward passes inside the block.
 
     ``query`` is ``[B, D]`` (one embedding per image) or ``[B, Q, D]`` (several, e.g. class
-    prompts or text tokens), one row per image of the batch:
+    prompts or text tokens), one row per image of the batch. The query holds for this thread only:
 
         with vtr.conditioned(model, text_embeddings):
             features = model(images)
     """
-    if not is_patched(model):
-        raise ValueError("model is not patched by vtr")
+    reduction = settings(model)
     if not isinstance(query, Tensor) or query.dim() not in (2, 3):
         shape = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
         raise ValueError(f"query must be a tensor [B, D] or [B, Q, D], got {shape}")
-    reduction: Reduction = model._vtr
-    previous, reduction.query = reduction.query, query
-    try:
+    with runs.conditioned_on(reduction, query):
         yield model
-    finally:
-        reduction.query = previous

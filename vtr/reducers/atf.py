@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..state import TokenState
+from ..core.state import TokenState
 from .base import Reducer, Signals, dest_from_choice, register, unit
 from .select import attention_scores, check_signal, real_tokens, top_scores
 
@@ -81,64 +81,3 @@ class ATF(Reducer):
         prior = self.prior.to(state.x.device).expand(carrier.shape[0], -1) * (carrier >= 0)
         current = prior.new_zeros(state.size.shape).scatter_add_(1, carrier.clamp_min(0), prior)
         return current[:, protected:]
-
-
-class _AttentionRecorder(Reducer):
-    """Calibration only: records the score a dropping reducer would see, removes nothing."""
-
-    name = "atf-calibration"
-    needs = frozenset({"cls_attention"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total: Optional[Tensor] = None
-
-    def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        score = attention_scores(self, state, signals).sum(dim=0).detach()
-        self.total = score if self.total is None else self.total + score
-        return state
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, images: Tensor, layers: Optional[Sequence[int]] = None,
-              batch_size: int = 32) -> Tensor:
-    """Static prior for :class:`ATF`: the CLS attention each patch position receives, averaged over
-    ``images`` ``[M, 3, H, W]`` and ``layers`` (default: all blocks), normalized to sum to 1.
-
-    The model must be unpatched or patched with ``"none"`` (the prior describes the unreduced
-    model; a 'none' patch is restored afterwards). Models without a CLS token use the same fallback
-    score as the dropping reducers. Returns ``[P]``, one value per patch position in token order.
-    """
-    from ..api import is_patched, patch, unpatch
-    from ..adapters import find_adapter
-    from ..config import Reduction
-    from ..schedule import Schedule, _layers
-
-    was_none = is_patched(model) and model._vtr.method == "none"
-    if is_patched(model) and not was_none:
-        raise ValueError(f"atf.calibrate needs an unpatched model (or one patched with 'none'); this one is "
-                         f"patched with {model._vtr.describe()}: call vtr.unpatch(model) first")
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty tensor [M, 3, H, W], got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if was_none:
-        unpatch(model)
-    adapter = find_adapter(model)
-    adapter.check(model)
-    num_layers = adapter.cost(model).num_layers
-    chosen = _layers(layers, num_layers)
-    recorder = _AttentionRecorder()
-    # r=1 at the chosen layers makes the adapter call the recorder there; it removes nothing.
-    schedule = Schedule("r", tuple(int(i in chosen) for i in range(num_layers)))
-    adapter.patch(model, Reduction(method=recorder.name, reducer=recorder, schedule=schedule))
-    try:
-        for start in range(0, images.shape[0], batch_size):
-            model(images[start:start + batch_size])
-    finally:
-        unpatch(model)
-        if was_none:
-            patch(model, "none")
-    prior = recorder.total.float()
-    return prior / prior.sum().clamp_min(torch.finfo(torch.float32).tiny)

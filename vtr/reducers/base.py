@@ -1,43 +1,14 @@
-"""What every reducer shares: the signals it may read, the base class and the registry."""
+"""What every reducer shares: the base class, the registry and the destination-map helpers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..state import TokenState
-
-
-@dataclass
-class Signals:
-    """What the model offers a reducer at one layer. Adapters fill what they can.
-
-    metric: ``[B, N, D]`` features whose cosine similarity says which tokens are alike (the
-        block's hidden states or its attention keys averaged over heads).
-    layer, num_layers: where in the model the step happens (PiToMe's margin decays with depth).
-    cls_attention: ``[B, N]`` attention the first (CLS) token pays to each token, head mean;
-        None when the model has no CLS token.
-    query: ``[B, D]`` or ``[B, Q, D]`` query embedding(s) for query-conditioned pruning.
-    partition: ``[B, N]`` int partition (crop) id per token for budget-allocating reducers.
-    grid: ``(rows, cols)`` of the patch tokens while they are still in their original spatial
-        order (no earlier step has reduced), else None.
-    query_projection: maps token features ``[B, N, C]`` into the query's space ``[B, N, D]`` when
-        the two differ (CLIP: each token as the image embedding it would give if it were the pooled
-        token, i.e. the tower's final norm and projection); None when tokens and query share a space.
-        A callable, so it costs nothing unless a reducer uses it.
-    """
-
-    metric: Optional[Tensor] = None
-    layer: int = 0
-    num_layers: int = 1
-    cls_attention: Optional[Tensor] = None
-    query: Optional[Tensor] = None
-    partition: Optional[Tensor] = None
-    grid: Optional[tuple] = None
-    query_projection: Optional[Callable[[Tensor], Tensor]] = None
+from ..core.signals import Need, Signals, needs as _needs
+from ..core.state import TokenState
 
 
 class Reducer(nn.Module):
@@ -49,13 +20,20 @@ class Reducer(nn.Module):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    needs: ClassVar[frozenset] = frozenset()
+    needs: ClassVar[frozenset[Need]] = frozenset()   # vtr.core.signals.Need; strings are checked and converted
     max_step: ClassVar[float] = 1.0
     # True for filters that act on a block's *input* (ATF filters the embedded tokens before block 0):
     # the adapter then runs layer i's step before block i's attention instead of between its
     # attention and MLP. Schedules still list the count before each step; block i runs on the count
     # after it. Such a step sees ``signals.metric`` = the hidden states and no cls_attention.
     acts_before_blocks: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        try:
+            cls.needs = _needs(*cls.needs)
+        except ValueError as error:
+            raise TypeError(f"{cls.__name__}.needs: {error}") from None
 
     def max_removable(self, num_tokens: int, num_protected: int) -> int:
         """Most tokens one step may remove; at least one unprotected token always stays."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..state import TokenState
+from ..core.state import TokenState
 from .base import Reducer, Signals, dest_from_choice, register
 from .select import real_tokens
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..state import TokenState
+from ..core.state import TokenState
 from .base import Reducer, Signals, dest_from_choice, register
 from .select import attention_scores, check_signal, keep_first, real_tokens, top_scores
 

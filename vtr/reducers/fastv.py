@@ -7,7 +7,7 @@ Without a CLS token it falls back to the same metric-norm score as ``evit``.
 """
 from __future__ import annotations
 
-from ..state import TokenState
+from ..core.state import TokenState
 from .base import Signals, dest_from_choice, register
 from .drop import AttentionScored
 from .select import attention_scores, real_tokens, top_scores

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..state import TokenState
+from ..core.state import TokenState
 from .base import Reducer, Signals, dest_from_choice, register, unit
 from .select import real_tokens
 

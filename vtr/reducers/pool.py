@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..state import TokenState
+from ..core.state import TokenState
 from .base import Reducer, Signals, register
 
 
@@ -70,7 +70,7 @@ class GridPool(Reducer):
 
         def fraction(layer: int) -> float:
             counts = [cost.num_tokens] * (layer + 1) + [cost.num_tokens - remove] * (cost.num_layers - layer)
-            return cost.total(counts, self) / base
+            return cost.total(counts, decision_macs=lambda n: self.extra_macs(n, cost)) / base
 
         candidates = layers if layers is not None else range(cost.num_layers)
         best = min(candidates, key=lambda layer: (abs(fraction(layer) - flops), layer))

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..state import TokenState
+from ..core.state import TokenState
 from .base import Reducer, Signals, dest_from_choice, register, unit
 from .select import check_signal, real_tokens, top_scores
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..state import TokenState
+from ..core.state import TokenState
 from .base import Reducer, Signals
 
 

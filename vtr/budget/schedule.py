@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
 
+from ..reducers.base import Reducer
 from .cost import EncoderCost
-from .reducers import Reducer
 
 RSpec = Union[int, Sequence[int], tuple]
 
@@ -38,7 +38,7 @@ class Schedule:
         return counts
 
 
-def _layers(layers: Optional[Sequence[int]], num_layers: int) -> list[int]:
+def chosen_layers(layers: Optional[Sequence[int]], num_layers: int) -> list[int]:
     if layers is None:
         return list(range(num_layers))
     chosen = [int(i) for i in layers]
@@ -89,6 +89,12 @@ def _check_keep(values: tuple, reducer: Reducer) -> None:
             )
 
 
+def reduced_macs(cost: EncoderCost, reducer: Reducer, tokens: Sequence[int]) -> float:
+    """MACs per image at these token counts: the encoder's blocks plus the reducer's own decisions."""
+    return cost.total(tokens, filters_input=reducer.acts_before_blocks,
+                      decision_macs=lambda n: reducer.extra_macs(n, cost))
+
+
 def solve_flops(target: float, reducer: Reducer, cost: EncoderCost, chosen: list[int]) -> Schedule:
     """Geometric schedule (the same keep ratio at every reducing layer) whose MACs hit the target.
 
@@ -104,7 +110,7 @@ def solve_flops(target: float, reducer: Reducer, cost: EncoderCost, chosen: list
 
     def fraction(ratio: float) -> float:
         counts = schedule(ratio).token_counts(reducer, cost.num_tokens, cost.num_protected)
-        return cost.total(counts, reducer) / base
+        return reduced_macs(cost, reducer, counts) / base
 
     low, high = max(1.0 - reducer.max_step, 1e-4), 1.0
     reachable = fraction(low)
@@ -139,7 +145,7 @@ def make_schedule(
     if len(given) > 1:
         raise ValueError(f"give one amount, r=, keep= or flops=; got {' and '.join(given)}")
     num_layers = cost.num_layers
-    chosen = _layers(layers, num_layers)
+    chosen = chosen_layers(layers, num_layers)
     if reducer.max_step == 0.0:  # the 'none' method
         if given and not (r == 0 or keep == 1.0 or flops == 1.0):
             raise ValueError(f"method {reducer.name!r} does not reduce; leave out {given[0]}= (or set r=0)")

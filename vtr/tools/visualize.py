@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .api import report
+from ..api import report
 
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

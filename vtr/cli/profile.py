@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_models import add_model_arguments, build_model
-from .profile import COUNTERS, profile_model
+from .models import add_model_arguments, build_model
+from ..tools.profile import COUNTERS, profile_model
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .profile import default_input
+    from ..tools.profile import default_input
 
     real = args.real or args.counter == "fvcore" or args.batch != 1
     model = build_model(args, device="cpu" if real else "meta")

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vtr import kernels
+from .. import kernels
 
 
 @dataclass

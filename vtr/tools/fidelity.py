@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import api
-from .adapters import UnsupportedModelError
+from .. import api
+from ..adapters import UnsupportedModelError
 from .profile import default_input, profile_model
 
 TARGETS = (0.7, 0.5, 0.35)
@@ -281,7 +281,7 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
 
 
 def _unreduced_tokens(model: nn.Module) -> list:
-    from .adapters import find_adapter
+    from ..adapters import find_adapter
     cost = find_adapter(model).cost(model)
     return [cost.num_tokens] * (cost.num_layers + 1)
 
@@ -326,7 +326,7 @@ def imagefolder_batches(path: str, model: nn.Module, batch_size: int = 64, limit
     must be in the order of the model's classes)."""
     from torchvision import datasets, transforms
 
-    from .visualization import _normalization, input_size
+    from .visualize import _normalization, input_size
 
     if not Path(path).is_dir():
         raise ValueError(f"data must be an ImageFolder directory (one folder per class), got {path!r}")

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .api import is_patched
-from .reducers import Signals
+from ..adapters import family, find_adapter, is_patched, settings
+from ..api import report
+from ..reducers import Signals
 
 COUNTERS = ("torch", "fvcore")
 
@@ -156,9 +157,13 @@ class Profile:
 
 
 def find_blocks(model: nn.Module) -> str:
-    """Name of the model's stack of transformer blocks: the longest ModuleList/Sequential of
-    modules that all have the same class (timm ``blocks``, open_clip ``transformer.resblocks``,
-    HF ``encoder.layers``)."""
+    """Name of the model's stack of transformer blocks: the adapter's for a family vtr knows, else the
+    longest ModuleList/Sequential of modules that all have the same class."""
+    if family(model) is not None:
+        stack = find_adapter(model).blocks(model)
+        for name, module in model.named_modules():
+            if module is stack:
+                return name
     best, best_len = None, 1
     for name, module in model.named_modules():
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > best_len:
@@ -170,21 +175,10 @@ def find_blocks(model: nn.Module) -> str:
 
 
 def default_input(model: nn.Module, batch: int = 1, device: Union[str, torch.device] = "cpu") -> Tensor:
-    """A random image batch of the size the model expects (timm, open_clip, HF vision configs)."""
-    size = channels = None
-    if hasattr(model, "patch_embed") and hasattr(model.patch_embed, "img_size"):  # timm
-        size, channels = model.patch_embed.img_size, model.patch_embed.proj.in_channels
-    elif hasattr(model, "image_size") and hasattr(model, "conv1"):  # open_clip VisionTransformer
-        size, channels = model.image_size, model.conv1.in_channels
-    elif hasattr(model, "visual"):  # open_clip CLIP: profile its image tower
-        return default_input(model.visual, batch, device)
-    elif hasattr(getattr(model, "config", None), "image_size"):  # transformers vision configs
-        config = model.config
-        size, channels = config.image_size, getattr(config, "num_channels", 3)
-    if size is None:
+    """A random image batch of the size the model expects (any model family vtr knows)."""
+    if family(model) is None:
         raise ValueError(f"cannot tell the input size of {type(model).__name__}; pass inputs=")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.randn(batch, channels, *size, device=device)
+    return find_adapter(model).default_input(model, batch, device)
 
 
 @contextmanager
@@ -245,7 +239,7 @@ def _reducer_macs(model: nn.Module, counter: flop_counter.FlopCounterMode, per_l
         layer = next(a.layer for a in args if isinstance(a, Signals))
         per_layer[layer] = per_layer.get(layer, 0) + (counter.get_total_flops() - start["flops"]) / 2
 
-    reducer = model._vtr.reducer
+    reducer = settings(model).reducer
     handles = [reducer.register_forward_pre_hook(before), reducer.register_forward_hook(after)]
     try:
         yield
@@ -420,8 +414,8 @@ def _mean(values: list) -> Optional[float]:
 
 def _tokens_per_block(model: nn.Module, num_blocks: int, seen: list) -> list:
     """(tokens in, tokens out) per block: from vtr.report on a patched model, else from the hooks."""
-    if is_patched(model) and model._vtr.report is not None and len(model._vtr.report.tokens) == num_blocks + 1:
-        counts = model._vtr.report.tokens
+    counts = report(model).tokens if is_patched(model) else []
+    if len(counts) == num_blocks + 1:
         return [(counts[i], counts[i + 1]) for i in range(num_blocks)]
     entering = dict(seen)
     return [(entering.get(i), entering.get(i)) for i in range(num_blocks)]

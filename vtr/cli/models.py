@@ -11,8 +11,9 @@ import ast
 import torch
 from torch import nn
 
-from . import api, zoo
-from .models import create_model
+from .. import api
+from ..tools import zoo
+from ..tools.models import create_model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
     with torch.device("cpu" if args.checkpoint else device):
         if args.model is None and args.preset:
-            model = zoo.get(args.preset).build(**kwargs)
+            model = zoo.build(zoo.get(args.preset), **kwargs)
         else:
             model = create_model(args.model or "vit_base_patch16_224", **kwargs)
     if args.checkpoint:

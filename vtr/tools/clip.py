@@ -20,7 +20,7 @@ from typing import Iterator
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .api import conditioned
+from ..api import conditioned
 
 
 def _as_query(text_features: Tensor, per_image: bool) -> Tensor:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_models import add_model_arguments, build_model
-from .visualization import SAMPLE_IMAGES, visualize
+from .models import add_model_arguments, build_model
+from ..api import report as vtr_report
+from ..tools.visualize import SAMPLE_IMAGES, visualize
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args)
     drawing = visualize(model, args.image, args.out)
     print(f"wrote {args.out} ({drawing.shape[1]}x{drawing.shape[0]}); tokens per layer: "
-          f"{model._vtr.report.tokens}")
+          f"{vtr_report(model).tokens}")
     return 0

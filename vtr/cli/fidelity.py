@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import fidelity
-from .plotting import frontier
-from .cli_models import _options
+from ..tools import fidelity
+from ..tools.plotting import frontier
+from .models import _options
 
 QUICK_TASK = fidelity.Task(image_size=16, patch_size=4, clutter=4, num_classes=4)
 QUICK_TRAINING = fidelity.Training(embed_dim=16, depth=2, num_heads=2, train_images=64, epochs=1, batch_size=32)

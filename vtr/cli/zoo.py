@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import zoo
+from ..tools import zoo
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -16,8 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .adapters import find_adapter
-from .api import expected_flops, is_patched, patch, report
+from ..adapters import find_adapter, settings
+from ..api import expected_flops, is_patched, patch, report
 from .plotting import frontier
 from .profile import default_input
 
@@ -85,7 +85,7 @@ def run(
         for key, m in models.items():
             for _ in range(warmup):
                 m(images)
-        clocks = {key: _ReducerClock(m._vtr.reducer) for key, m in models.items() if is_patched(m)}
+        clocks = {key: _ReducerClock(settings(m).reducer) for key, m in models.items() if is_patched(m)}
         for rep in range(reps):
             for key, m in models.items():
                 times[key].append(_time(lambda: m(images)))

@@ -7,7 +7,7 @@ reducers' similarity matrices); norms, activations and softmax are left out, as 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -34,16 +34,21 @@ class EncoderCost:
         return (self.attn_linear * tokens_in + 2 * self.attn_dim * tokens_in**2
                 + self.mlp_linear * tokens_out)
 
-    def total(self, tokens: Sequence[int], reducer=None) -> float:
-        """MACs for ``tokens`` = counts entering each block plus the final count (L + 1 values)."""
+    def total(self, tokens: Sequence[int], *, filters_input: bool = False,
+              decision_macs: Optional[Callable[[int], float]] = None) -> float:
+        """MACs for ``tokens`` = counts entering each block plus the final count (L + 1 values).
+
+        ``filters_input``: the step filters a block's input (ATF), so the whole block runs on the
+        count after it. ``decision_macs(n)``: what deciding a step on ``n`` tokens costs (the
+        schedule passes the reducer's own count; this model of the encoder knows no reducer).
+        """
         if len(tokens) != self.num_layers + 1:
             raise ValueError(f"tokens must list {self.num_layers + 1} counts, got {len(tokens)}")
         macs = self.fixed + self.per_final_token * tokens[-1]
-        before = getattr(reducer, "acts_before_blocks", False)  # the step filters the block's input
         for n_in, n_out in zip(tokens[:-1], tokens[1:]):
-            macs += self.block(n_out, n_out) if before else self.block(n_in, n_out)
-            if reducer is not None and n_out < n_in:
-                macs += reducer.extra_macs(n_in, self)
+            macs += self.block(n_out, n_out) if filters_input else self.block(n_in, n_out)
+            if decision_macs is not None and n_out < n_in:
+                macs += decision_macs(n_in)
         return macs
 
     def unreduced(self) -> float:

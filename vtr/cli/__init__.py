@@ -1,5 +1,5 @@
 """The `vtr` command. `vtr bench` (the default) compares methods on a timm ViT with random weights;
-`vtr profile`, `vtr visualize`, `vtr zoo` and `vtr fidelity` live in the cli_* modules."""
+`vtr profile`, `vtr visualize`, `vtr zoo` and `vtr fidelity` live in the modules beside this one."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +10,10 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from . import bench, cli_fidelity, cli_profile, cli_visualize, cli_zoo
-from .api import methods
-from .models import create_model
+from . import fidelity as cli_fidelity, profile as cli_profile, visualize as cli_visualize, zoo as cli_zoo
+from ..api import methods
+from ..tools import bench
+from ..tools.models import create_model
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 

@@ -1,0 +1,183 @@
+"""Per-call state of a patched model: opened when a forward pass starts, dropped when it ends.
+
+A patched model keeps only its settings (:class:`~vtr.core.plan.Reduction`). Everything a forward
+pass produces (the token state between blocks, the q/k a reducer reads, the query set by
+``vtr.conditioned``) lives in a :class:`Run` that the pass opens, hands down through a context
+variable and closes. What outlives the call is a detached :class:`Report`, kept per thread (and per
+asyncio task) in another context variable. So concurrent callers never see each other's tokens, and
+no autograd graph stays on the model after the call.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from torch import Tensor
+
+from .plan import Reduction
+from .state import TokenState
+
+
+@dataclass
+class Report:
+    """What really happened in the last forward pass (detached; first dimension is the batch).
+
+    tokens: tokens entering each block, then the count after the last block.
+    assignment: ``[B, N0]`` index of the final token that carries each original token (-1 dropped).
+    size: ``[B, N]`` how many original tokens each final token stands for.
+    """
+
+    tokens: list[int]
+    assignment: Tensor
+    size: Tensor
+    num_protected: int
+    grid: Optional[tuple[int, int]] = None  # patch grid (rows, cols) when the model has one
+
+
+@dataclass(eq=False)
+class Run:
+    """One forward pass of a patched model: the token state as it flows and what the blocks hand on."""
+
+    reduction: Reduction
+    query: Optional[Tensor] = None                 # from vtr.conditioned, for this call
+    state: Optional[TokenState] = None             # the tokens between blocks
+    tokens: list[int] = field(default_factory=list)
+    grid: Optional[tuple] = None
+    num_layers: int = 0
+    captured: dict = field(default_factory=dict)   # (layer, "q" | "k") -> tensor, kept by KeepQK hooks
+
+    def begin(self, state: TokenState, num_layers: int, grid: Optional[tuple] = None) -> TokenState:
+        self.state, self.num_layers, self.grid = state, num_layers, grid
+        self.tokens = [state.num_tokens]
+        return state
+
+    def advance(self, state: TokenState) -> None:
+        """The state after one block."""
+        self.state = state
+        self.tokens.append(state.num_tokens)
+
+    def take_qk(self, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The q and k ``[B, H, N, D]`` the attention of ``layer`` computed in this pass (then forgotten)."""
+        return self.captured.pop((layer, "q"), None), self.captured.pop((layer, "k"), None)
+
+    def finish(self, report: Optional[Report] = None) -> Report:
+        """Record the detached report of this pass for ``vtr.report`` in the caller's thread."""
+        if report is None:
+            state = self.state
+            report = Report(tokens=list(self.tokens), assignment=state.assignment.detach(),
+                            size=state.size.detach(), num_protected=state.num_protected, grid=self.grid)
+        self.captured.clear()
+        record(self.reduction, report)
+        return report
+
+
+_ACTIVE: ContextVar[Optional[Run]] = ContextVar("vtr_active_run", default=None)
+_REPORTS: ContextVar[Optional[weakref.WeakKeyDictionary]] = ContextVar("vtr_reports", default=None)
+_QUERIES: ContextVar[Optional[dict]] = ContextVar("vtr_queries", default=None)
+
+
+def active(reduction: Optional[Reduction] = None) -> Optional[Run]:
+    """The run of the innermost patched forward pass in progress here (of ``reduction``'s model if given)."""
+    run = _ACTIVE.get()
+    if run is None or (reduction is not None and run.reduction is not reduction):
+        return None
+    return run
+
+
+@contextmanager
+def opened(reduction: Reduction) -> Iterator[Run]:
+    """The run of this forward pass: the one already open for this model, or a new one for the call."""
+    run = active(reduction)
+    if run is not None:
+        yield run
+        return
+    run = Run(reduction, query=query_of(reduction))
+    token = _ACTIVE.set(run)
+    try:
+        yield run
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextmanager
+def bound(run: Run) -> Iterator[Run]:
+    """Make ``run`` the active one again (activation checkpointing recomputes a block after the call)."""
+    token = _ACTIVE.set(run)
+    try:
+        yield run
+    finally:
+        _ACTIVE.reset(token)
+
+
+def record(reduction: Reduction, report: Report) -> None:
+    """Keep ``report`` as this thread's last report of the model patched with ``reduction``."""
+    reports = _REPORTS.get()
+    reports = weakref.WeakKeyDictionary() if reports is None else reports.copy()   # copy: contexts stay apart
+    reports[reduction] = report
+    _REPORTS.set(reports)
+
+
+def last_report(reduction: Reduction) -> Optional[Report]:
+    reports = _REPORTS.get()
+    return None if reports is None else reports.get(reduction)
+
+
+@contextmanager
+def conditioned_on(reduction: Reduction, query: Tensor) -> Iterator[None]:
+    """``query`` for the forward passes of this model inside the block, in this thread only."""
+    queries = dict(_QUERIES.get() or {})
+    queries[reduction] = query
+    token = _QUERIES.set(queries)
+    try:
+        yield
+    finally:
+        _QUERIES.reset(token)
+
+
+def query_of(reduction: Reduction) -> Optional[Tensor]:
+    return (_QUERIES.get() or {}).get(reduction)
+
+
+class KeepQK:
+    """Forward hook on an attention's q or k norm that hands its output to the active run.
+
+    Costs nothing extra: the attention computes q and k anyway; the run keeps a reference until the
+    reducer of the same block has read it. A plain class (not a closure), so patched models pickle.
+    """
+
+    def __init__(self, layer: int, which: str):
+        self.layer, self.which = layer, which
+
+    def __call__(self, module, args, output) -> None:
+        run = _ACTIVE.get()
+        if run is not None:
+            run.captured[(self.layer, self.which)] = output
+
+
+def final_sizes(reduction: Reduction, x: Tensor) -> Optional[Tensor]:
+    """Sizes ``[B, N]`` of the final tokens ``x`` when pooling must weigh by them, or None when the
+    model's own pooling is exact (nothing reduced, no padding).
+
+    From the run in progress, or, when the head is called on its own after the features
+    (``forward_features`` then ``forward_head``), from this thread's last report.
+    """
+    run = active(reduction)
+    if run is not None and run.state is not None:
+        size, num_original = run.state.size, run.state.num_original
+        padded = run.state.padded
+    else:
+        report = last_report(reduction)
+        if report is None:
+            raise RuntimeError("a vtr-patched model pools the tokens of its own forward pass; run the model "
+                               "(or its forward_features) first")
+        size, num_original = report.size, report.assignment.shape[1]
+        padded = bool((size == 0).any())
+    if tuple(size.shape) != tuple(x.shape[:2]):
+        raise RuntimeError(f"a vtr-patched model pools the tokens of its own last forward pass: it ended with "
+                           f"{tuple(size.shape)} tokens, the head got {tuple(x.shape[:2])}")
+    if size.shape[1] == num_original and not padded:
+        return None
+    return size

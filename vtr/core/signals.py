@@ -1,0 +1,77 @@
+"""What the model offers a reducer at one step: the closed set of signal names and their values."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import Tensor
+
+
+class Need(str, enum.Enum):
+    """The signals a reducer may read (``Reducer.needs``). A closed set: a misspelt need is an error
+    when the reducer class is defined, never a silent fallback at run time."""
+
+    METRIC = "metric"
+    CLS_ATTENTION = "cls_attention"
+    QUERY = "query"
+    PARTITION = "partition"
+    GRID = "grid"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def needs(*names: str | Need) -> frozenset:
+    """``needs("metric", "query")`` as a frozenset of :class:`Need`; unknown names are a ValueError."""
+    allowed = ", ".join(n.value for n in Need)
+    result = set()
+    for name in names:
+        try:
+            result.add(Need(name))
+        except ValueError:
+            raise ValueError(f"unknown signal {name!r} in needs; the signals are: {allowed}") from None
+    return frozenset(result)
+
+
+@dataclass
+class Signals:
+    """What the model offers a reducer at one layer. Adapters fill what they can.
+
+    metric: ``[B, N, D]`` features whose cosine similarity says which tokens are alike (the
+        block's hidden states or its attention keys averaged over heads).
+    layer, num_layers: where in the model the step happens (PiToMe's margin decays with depth).
+    cls_attention: ``[B, N]`` attention the first (CLS) token pays to each token, head mean;
+        None when the model has no CLS token.
+    query: ``[B, D]`` or ``[B, Q, D]`` query embedding(s) for query-conditioned pruning.
+    partition: ``[B, N]`` int partition (crop) id per token for budget-allocating reducers.
+    grid: ``(rows, cols)`` of the patch tokens while they are still in their original spatial
+        order (no earlier step has reduced), else None.
+    query_projection: maps token features ``[B, N, C]`` into the query's space ``[B, N, D]`` when
+        the two differ (CLIP: each token as the image embedding it would give if it were the pooled
+        token, i.e. the tower's final norm and projection); None when tokens and query share a space.
+        A callable, so it costs nothing unless a reducer uses it.
+    """
+
+    metric: Optional[Tensor] = None
+    layer: int = 0
+    num_layers: int = 1
+    cls_attention: Optional[Tensor] = None
+    query: Optional[Tensor] = None
+    partition: Optional[Tensor] = None
+    grid: Optional[tuple] = None
+    query_projection: Optional[Callable[[Tensor], Tensor]] = None
+
+
+def cls_attention(q: Tensor, k: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Attention the first token (CLS) pays to every token, averaged over heads: ``[B, N]``.
+
+    Only the CLS row is computed, ``softmax(q_cls . K^T * scale + bias)``: O(N d) instead of the
+    O(N^2 d) full matrix, and identical to row 0 of it, so the block keeps its fused kernel.
+    ``q``, ``k``: ``[B, H, N, D]`` after any q/k norm; ``bias``: additive key bias ``[B, 1, 1, N]``.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-1, -2)  # [B, H, 1, N]
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1)[:, :, 0].mean(dim=1)
