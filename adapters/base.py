@@ -197,9 +197,11 @@ def restore_class(module: nn.Module) -> None:
 
 
 def remove_hooks(module: nn.Module, kind: type) -> None:
-    """Remove every forward hook of type ``kind`` from ``module`` and its submodules."""
+    """Remove every forward hook and forward pre-hook of type ``kind`` from ``module`` and its submodules."""
     for sub in module.modules():
-        for key in [k for k, hook in sub._forward_hooks.items() if isinstance(hook, kind)]:
-            del sub._forward_hooks[key]
-            sub._forward_hooks_with_kwargs.pop(key, None)
-            sub._forward_hooks_always_called.pop(key, None)
+        for hooks, extras in ((sub._forward_hooks, (sub._forward_hooks_with_kwargs, sub._forward_hooks_always_called)),
+                              (sub._forward_pre_hooks, (sub._forward_pre_hooks_with_kwargs,))):
+            for key in [k for k, hook in hooks.items() if isinstance(hook, kind)]:
+                del hooks[key]
+                for extra in extras:
+                    extra.pop(key, None)

@@ -4,16 +4,22 @@ Supported: ``CLIPModel``, ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``
 ``SiglipVisionModel``, ``ViTModel`` and ``ViTForImageClassification``, under the ``"sdpa"`` or
 ``"eager"`` attention implementation.
 
-Patching swaps the class of each encoder layer of the image tower for a subclass whose forward is
-the layer's own (same submodules, same order) with the reduction step between its attention and
-MLP residuals; the model's own forward, embeddings, pooling, ``output_hidden_states``,
-``return_dict``, ``save_pretrained``/``from_pretrained`` and the text tower stay as they are.
-The token state flows from layer to layer beside the hidden states. Proportional attention reaches
-the attention as its ``attention_mask`` (a ``[B, 1, 1, N]`` float mask, which both implementations
-add to the logits). When a reducer needs the attention's q and k (``metric="keys"``, CLS
-attention), the tower switches to a registered attention function (``"vtr_sdpa"``/``"vtr_eager"``,
-via ``AttentionInterface.register`` and ``set_attn_implementation``) that hands q and k over and
-then runs the original implementation; unpatching switches back.
+Patching swaps the class of the image tower (``CLIPVisionModel``, ``SiglipVisionModel``,
+``ViTModel``: the module whose forward runs embeddings, encoder and head, reached by every entry
+point such as ``get_image_features``) for a subclass whose forward opens the call's run, and the
+class of each encoder layer for a subclass whose forward is the layer's own (same submodules, same
+order) with the reduction step between its attention and MLP residuals. The first layer starts the
+token state from its hidden states, the last one records the report. The model's own forward,
+embeddings, pooling, ``output_hidden_states``, ``return_dict``, ``save_pretrained``/
+``from_pretrained`` and the text tower stay as they are; a layer called outside a patched forward
+pass computes exactly what the original does.
+
+Proportional attention reaches the attention as its ``attention_mask`` (a ``[B, 1, 1, N]`` float
+mask, which both implementations add to the logits). When a reducer needs the attention's q and k
+(``metric="keys"``, CLS attention), the tower switches to a registered attention function
+(``"vtr_sdpa"``/``"vtr_eager"``, via ``AttentionInterface.register`` and
+``set_attn_implementation``) that hands q and k to the run in progress and then runs the original
+implementation; unpatching switches back.
 
 Hidden states returned with ``output_hidden_states=True`` after a reducing layer have fewer tokens
 (``vtr.report(model).tokens`` lists how many). SigLIP has no CLS token: its attention-pooling head
@@ -24,7 +30,6 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -32,15 +37,15 @@ from transformers.models.clip import modeling_clip as clip
 from transformers.models.siglip import modeling_siglip as siglip
 from transformers.models.vit import modeling_vit as vit
 
-from vtr.config import Reduction
-from vtr.cost import EncoderCost
-from vtr.signals import QKCapture
-from vtr.state import TokenState
+from vtr.budget.cost import EncoderCost
+from vtr.core import run as runs
+from vtr.core.plan import Reduction
+from vtr.core.state import TokenState
 
 from . import steps
+from .base import Adapter, Swapped, is_patched, restore_class, swap_class
 from .errors import UnsupportedModelError
 
-name = "transformers (CLIP, SigLIP, ViT)"
 FAMILIES = (clip, siglip, vit)
 SUPPORTED = (clip.CLIPModel, clip.CLIPVisionModel, clip.CLIPVisionModelWithProjection, siglip.SiglipModel,
              siglip.SiglipVisionModel, vit.ViTModel, vit.ViTForImageClassification)
@@ -49,13 +54,14 @@ LAYERS = (clip.CLIPEncoderLayer, siglip.SiglipEncoderLayer, vit.ViTLayer)
 IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-# -- the attention function that hands q and k to the reducer ------------------------------------
+# -- the attention function that hands q and k to the run ----------------------------------------
 
 def _capturing(implementation: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
-        capture: Optional[QKCapture] = getattr(module, "_vtr_capture", None)
-        if capture is not None:
-            capture.q, capture.k = query, key
+        layer = getattr(module, "_vtr_layer", None)
+        run = runs.active() if layer is not None else None
+        if run is not None:
+            run.captured[(layer, "q")], run.captured[(layer, "k")] = query, key
         if implementation == "eager":
             base = sys.modules[type(module).__module__].eager_attention_forward
         else:
@@ -65,17 +71,17 @@ def _capturing(implementation: str) -> Callable:
     return attention
 
 
-for _implementation in IMPLEMENTATIONS:
+for _implementation in IMPLEMENTATIONS:   # a global registry of functions, nothing on the model
     AttentionInterface.register(f"vtr_{_implementation}", _capturing(_implementation))
 
 
 # -- what is patched where ------------------------------------------------------------------------
 
-def matches(model: nn.Module) -> bool:
-    return isinstance(model, PreTrainedModel) and type(model).__module__ in {f.__name__ for f in FAMILIES}
+def _original(cls: type) -> type:
+    return getattr(cls, "_vtr_original", cls) if issubclass(cls, Swapped) else cls
 
 
-def tower(model: nn.Module) -> PreTrainedModel:
+def _tower(model: nn.Module) -> PreTrainedModel:
     """The image tower: the model itself or its ``vision_model`` / ``vit``."""
     for attribute in ("vision_model", "vit"):
         if isinstance(getattr(model, attribute, None), PreTrainedModel):
@@ -85,30 +91,6 @@ def tower(model: nn.Module) -> PreTrainedModel:
 
 def _layers(visual: PreTrainedModel) -> nn.ModuleList:
     return visual.layers if isinstance(visual, vit.ViTModel) else visual.encoder.layers
-
-
-def check(model: nn.Module) -> None:
-    """Refuse anything whose forward we would not reproduce exactly."""
-    kind = type(model).__name__
-    if isinstance(model, TEXT_MODELS):
-        raise UnsupportedModelError(f"{kind} is a text model; vtr reduces image tokens: pass the vision model "
-                                    f"or the whole CLIP/SigLIP model ({', '.join(c.__name__ for c in SUPPORTED)})")
-    if not isinstance(model, SUPPORTED):
-        raise UnsupportedModelError(f"vtr's transformers adapter does not support {kind}; supported: "
-                                    f"{', '.join(c.__name__ for c in SUPPORTED)}")
-    visual = tower(model)
-    if getattr(visual, "_vtr_run", None) is not None:
-        raise UnsupportedModelError(f"the image tower of {kind} is already patched by vtr; unpatch it first")
-    implementation = visual.config._attn_implementation
-    if implementation not in IMPLEMENTATIONS:
-        raise UnsupportedModelError(
-            f"{kind} runs attn_implementation={implementation!r}; vtr needs an attention that adds a float "
-            f"mask (proportional attention): one of {IMPLEMENTATIONS}. Call "
-            "model.set_attn_implementation('sdpa') first")
-    for i, layer in enumerate(_layers(visual)):
-        if type(layer) not in LAYERS:
-            raise UnsupportedModelError(f"layer {i} of {kind} is {type(layer).__name__}; supported: "
-                                        f"{', '.join(c.__name__ for c in LAYERS)}")
 
 
 def _attention(layer: nn.Module) -> nn.Module:
@@ -124,8 +106,32 @@ def _projection(model: nn.Module) -> Optional[nn.Linear]:
     return projection if isinstance(projection, nn.Linear) else None
 
 
-def cost(model: nn.Module, metric: str = "x") -> EncoderCost:
-    visual = tower(model)
+def _check(model: nn.Module) -> None:
+    """Refuse anything whose forward we would not reproduce exactly."""
+    kind = type(model).__name__
+    if isinstance(model, TEXT_MODELS):
+        raise UnsupportedModelError(f"{kind} is a text model; vtr reduces image tokens: pass the vision model "
+                                    f"or the whole CLIP/SigLIP model ({', '.join(c.__name__ for c in SUPPORTED)})")
+    if not isinstance(model, SUPPORTED):
+        raise UnsupportedModelError(f"vtr's transformers adapter does not support {kind}; supported: "
+                                    f"{', '.join(c.__name__ for c in SUPPORTED)}")
+    visual = _tower(model)
+    if is_patched(visual) or isinstance(visual, Swapped):
+        raise UnsupportedModelError(f"the image tower of {kind} is already patched by vtr; unpatch it first")
+    implementation = visual.config._attn_implementation
+    if implementation not in IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"{kind} runs attn_implementation={implementation!r}; vtr needs an attention that adds a float "
+            f"mask (proportional attention): one of {IMPLEMENTATIONS}. Call "
+            "model.set_attn_implementation('sdpa') first")
+    for i, layer in enumerate(_layers(visual)):
+        if type(layer) not in LAYERS:
+            raise UnsupportedModelError(f"layer {i} of {kind} is {type(layer).__name__}; supported: "
+                                        f"{', '.join(c.__name__ for c in LAYERS)}")
+
+
+def _cost(model: nn.Module, metric: str = "x") -> EncoderCost:
+    visual = _tower(model)
     config = visual.config
     width, layers = config.hidden_size, _layers(visual)
     grid = config.image_size // config.patch_size
@@ -158,99 +164,104 @@ def cost(model: nn.Module, metric: str = "x") -> EncoderCost:
     )
 
 
-# -- what each token means in the embedding space (query conditioning) ---------------------------
+# -- the patched tower: opens the run; maps tokens into the embedding space -----------------------
 
-def _token_embedding(model: nn.Module) -> tuple[Optional[int], Callable[[Tensor], Tensor]]:
-    """Width of the image embedding and the map of a token to the embedding it would give if it were
-    the pooled token: CLS pooling -> final norm (+ projection); SigLIP's attention pooling -> the head
-    attending to that token alone (value and output projections, then the head's MLP residual)."""
-    visual = tower(model)
-    if isinstance(visual, vit.ViTModel):
-        pooler = visual.pooler
-        if pooler is None:
-            return visual.config.hidden_size, visual.layernorm
-        return pooler.dense.out_features, lambda t: pooler.activation(pooler.dense(visual.layernorm(t)))
-    if isinstance(visual, siglip.SiglipVisionModel):
-        if not visual.use_head:
-            return visual.config.hidden_size, visual.post_layernorm
-        head = visual.head
+class ReducingTower(Swapped):
+    """Mixed in before the image tower's own class: its forward, inside the call's run.
 
-        def as_pooled(tokens: Tensor) -> Tensor:
-            attention, width = head.attention, visual.config.hidden_size
-            value = nn.functional.linear(visual.post_layernorm(tokens), attention.in_proj_weight[2 * width:],
+    The swapped class keeps the original's name and module: transformers keys per-class tables by
+    them (the ``_can_record_outputs`` registry behind ``output_hidden_states``, ``architectures``
+    in ``save_pretrained``, ``set_attn_implementation``'s source check).
+    """
+
+    _vtr: Reduction
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        original = cls.__dict__.get("_vtr_original")
+        if original is not None:
+            cls.__name__, cls.__qualname__, cls.__module__ = (original.__name__, original.__qualname__,
+                                                              original.__module__)
+
+    def forward(self, pixel_values: Optional[Tensor] = None, *args, **kwargs):
+        with runs.opened(self._vtr) as run:
+            if pixel_values is not None:
+                steps.condition(run, pixel_values.shape[0], self.embedding_width(), type(self).__name__,
+                                self.project_tokens)
+            return super().forward(pixel_values, *args, **kwargs)
+
+    def _vtr_outer_projection(self) -> Optional[nn.Linear]:
+        # The parent's visual_projection (CLIPModel, CLIPVisionModelWithProjection): a plain reference,
+        # not a submodule, so state_dict and module traversal are those of the unpatched model.
+        return self.__dict__.get("_vtr_projection")
+
+    def embedding_width(self) -> int:
+        """Width of the image embedding a token maps to (:meth:`project_tokens`)."""
+        if isinstance(self, vit.ViTModel) and self.pooler is not None:
+            return self.pooler.dense.out_features
+        projection = self._vtr_outer_projection()
+        return projection.out_features if projection is not None else self.config.hidden_size
+
+    def project_tokens(self, tokens: Tensor) -> Tensor:
+        """Each token as the embedding it would give if it were the pooled token: CLS pooling -> final norm
+        (+ pooler or projection); SigLIP's attention pooling -> the head attending to that token alone
+        (value and output projections, then the head's MLP residual)."""
+        if isinstance(self, vit.ViTModel):
+            tokens = self.layernorm(tokens)
+            return tokens if self.pooler is None else self.pooler.activation(self.pooler.dense(tokens))
+        tokens = self.post_layernorm(tokens)
+        if isinstance(self, siglip.SiglipVisionModel):
+            if not self.use_head:
+                return tokens
+            head, width = self.head, self.config.hidden_size
+            attention = head.attention
+            value = nn.functional.linear(tokens, attention.in_proj_weight[2 * width:],
                                          attention.in_proj_bias[2 * width:])
             pooled = attention.out_proj(value)
             return pooled + head.mlp(head.layernorm(pooled))
-        return visual.config.hidden_size, as_pooled
-    projection = _projection(model)
-    if projection is None:
-        return visual.config.hidden_size, visual.post_layernorm
-    return projection.out_features, lambda t: projection(visual.post_layernorm(t))
+        projection = self._vtr_outer_projection()
+        return tokens if projection is None else projection(tokens)
 
 
 # -- the patched layer ----------------------------------------------------------------------------
 
-class _Run:
-    """What the layers of one patched tower share: the reduction and the token state of the pass."""
-
-    def __init__(self, model: nn.Module, reduction: Reduction):
-        visual = tower(model)
-        self.reduction = reduction
-        self.num_layers = len(_layers(visual))
-        self.num_prefix = _num_prefix(visual)
-        grid = visual.config.image_size // visual.config.patch_size
-        self.grid_shape = (grid, grid)
-        self.where = type(model).__name__
-        self.attn_implementation = visual.config._attn_implementation   # restored on unpatch
-        self.embedding_width, self.project = _token_embedding(model)
-        self.state: Optional[TokenState] = None
-        self.tokens: list[int] = []
-        self.grid: Optional[tuple] = None
-        self.query: Optional[Tensor] = None
-
-    def start(self, hidden_states: Tensor) -> TokenState:
-        self.state = TokenState.start(hidden_states, self.num_prefix)
-        self.tokens = [self.state.num_tokens]
-        self.grid = steps.grid_of(self.grid_shape, self.num_prefix, self.state.num_tokens)
-        self.query = steps.batch_query(self.reduction, hidden_states.shape[0], self.embedding_width, self.where)
-        return self.state
-
-
-class ReducingLayer:
+class ReducingLayer(Swapped):
     """Mixed in before an encoder layer's own class; see the module docstring."""
 
-    _vtr_run: _Run
-    _vtr_index: int
+    _vtr_layer: int
+    _vtr_num_layers: int
+    _vtr_num_prefix: int
+    _vtr_grid: tuple
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
-        run, layer = self._vtr_run, self._vtr_index
-        reduction = run.reduction
+        run = runs.active()
+        if run is None:   # called on its own: the original layer
+            return super().forward(hidden_states, attention_mask, **kwargs)
         if attention_mask is not None:
             raise ValueError("attention_mask: a vtr-patched model reduces tokens, so it cannot take a mask over the "
                              "original tokens; call it without attention_mask")
         if getattr(self, "gradient_checkpointing", False) and self.training:
             raise ValueError("gradient checkpointing recomputes layers out of order; disable it "
                              "(model.gradient_checkpointing_disable()) on a vtr-patched model")
-        state = run.start(hidden_states) if layer == 0 else run.state
-        if state is None or state.x.shape != hidden_states.shape:
+        layer, reduction = self._vtr_layer, run.reduction
+        if layer == 0:   # every pass through the encoder starts here: begin the token state
+            state = TokenState.start(hidden_states, self._vtr_num_prefix)
+            run.begin(state, self._vtr_num_layers, steps.grid_of(self._vtr_grid, self._vtr_num_prefix,
+                                                                 state.num_original))
+        state = steps.entering(run, hidden_states)
+        if state is None:
             raise RuntimeError("a vtr-patched tower runs its layers in order, from layer 0, on its own hidden states")
-        projection = dict(grid=run.grid, query=run.query, query_projection=run.project if run.query is not None else None)
-        state = steps.reduce(reduction, state, hidden_states, layer, run.num_layers, before_attention=True,
-                             **projection)
+        state = steps.reduce(run, state, hidden_states, layer, before_attention=True)
         bias = state.attention_bias(reduction.prop_attn)
         attention = _attention(self)
         x = self._attention_residual(state.x, bias, **kwargs)
-        capture: Optional[QKCapture] = getattr(attention, "_vtr_capture", None)
-        q, k = (capture.q, capture.k) if capture is not None else (None, None)
-        state = steps.reduce(reduction, state, x, layer, run.num_layers, q=q, k=k, bias=bias,
-                             scale=getattr(attention, "scale", getattr(attention, "scaling", None)), **projection)
-        if capture is not None:
-            capture.clear()
+        q, k = run.take_qk(layer)   # always: it also forgets them
+        state = steps.reduce(run, state, x, layer, q=q, k=k, bias=bias,
+                             scale=getattr(attention, "scale", getattr(attention, "scaling", None)))
         x = self._mlp_residual(state.x)
-        run.state = state.with_x(x)
-        run.tokens.append(state.num_tokens)
-        if layer == run.num_layers - 1:
-            steps.record(reduction, run.state, run.tokens, run.grid)
+        run.advance(state.with_x(x))
+        if layer == self._vtr_num_layers - 1:
+            run.finish()
         return x
 
 
@@ -276,72 +287,79 @@ class ReducingViTLayer(ReducingLayer):
         return self.dropout(self.mlp(self.layernorm_after(x))) + x
 
 
-class ReducingPoolingHead:
+class ReducingPoolingHead(Swapped):
     """SigLIP's attention-pooling head with ``log(size)`` on its keys once tokens are reduced."""
 
-    _vtr_run: _Run
-
     def forward(self, hidden_state: Tensor) -> Tensor:
-        state = self._vtr_run.state
-        if state is None or state.x.shape[:2] != hidden_state.shape[:2]:
-            raise RuntimeError("a vtr-patched pooling head pools the tokens of its own tower's forward pass")
-        if not state.is_reduced and not state.padded:
+        run = runs.active()
+        size = None if run is None else runs.final_sizes(run.reduction, hidden_state)
+        if size is None:
             return super().forward(hidden_state)
         probe = self.probe.repeat(hidden_state.shape[0], 1, 1)
-        bias = steps.key_bias(state.size, hidden_state.dtype)
+        bias = steps.key_bias(size, hidden_state.dtype)
         hidden_state = self.attention(probe, hidden_state, hidden_state, key_padding_mask=bias)[0]
         residual = hidden_state
         hidden_state = residual + self.mlp(self.layernorm(hidden_state))
         return hidden_state[:, 0]
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
-_ORIGINAL_CLASSES: dict[type, type] = {}
+class HfVision(Adapter):
+    """transformers CLIP, SigLIP and ViT image towers (see the module docstring)."""
 
+    name = "hf_vision"
 
-def _swap(module: nn.Module, mixin: type) -> None:
-    cls = type(module)
-    if cls not in _PATCHED_CLASSES:
-        patched = type(f"Vtr{cls.__name__}", (mixin, cls), {})
-        _PATCHED_CLASSES[cls], _ORIGINAL_CLASSES[patched] = patched, cls
-    module.__class__ = _PATCHED_CLASSES[cls]
+    def matches(self, model: nn.Module) -> bool:
+        return (isinstance(model, PreTrainedModel)
+                and _original(type(model)).__module__ in {f.__name__ for f in FAMILIES})
 
+    def check(self, model: nn.Module) -> None:
+        _check(model)
 
-def patch(model: nn.Module, reduction: Reduction) -> None:
-    visual = tower(model)
-    run = _Run(model, reduction)
-    reduction.original_class = type(model)
-    if steps.needs_qk(reduction):
-        reduction.captures = []
+    def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
+        return _cost(model, metric)
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        return _layers(_tower(model))
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        config = _tower(model).config
+        return (config.num_channels, config.image_size, config.image_size)
+
+    def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        visual = _tower(model)
+        config = visual.config
+        layers = _layers(visual)
+        grid = config.image_size // config.patch_size
+        if reduction.needs_qk:   # the attention hands q and k to the run; restored on unpatch
+            visual._vtr_attn_implementation = config._attn_implementation
+            visual.set_attn_implementation(f"vtr_{config._attn_implementation}")
+        for index, layer in enumerate(layers):
+            layer._vtr_layer, layer._vtr_num_layers = index, len(layers)
+            layer._vtr_num_prefix, layer._vtr_grid = _num_prefix(visual), (grid, grid)
+            _attention(layer)._vtr_layer = index
+            swap_class(layer, ReducingViTLayer if isinstance(layer, vit.ViTLayer) else ReducingClipLayer)
+        head = getattr(visual, "head", None)
+        if isinstance(head, siglip.SiglipMultiheadAttentionPoolingHead):
+            swap_class(head, ReducingPoolingHead)
+        projection = _projection(model)
+        if projection is not None and visual is not model:
+            visual.__dict__["_vtr_projection"] = projection   # not a submodule: see ReducingTower
+        visual._vtr = reduction
+        model._vtr = reduction    # the same object: the api reads the model's, the tower opens runs with its own
+        swap_class(visual, ReducingTower)
+
+    def unpatch(self, model: nn.Module) -> None:
+        visual = _tower(model)
+        restore_class(visual)
         for layer in _layers(visual):
-            capture = QKCapture()
-            _attention(layer)._vtr_capture = capture
-            reduction.captures.append(capture)
-        visual.set_attn_implementation(f"vtr_{run.attn_implementation}")
-    for index, layer in enumerate(_layers(visual)):
-        layer._vtr_run, layer._vtr_index = run, index
-        _swap(layer, ReducingViTLayer if isinstance(layer, vit.ViTLayer) else ReducingClipLayer)
-    head = getattr(visual, "head", None)
-    if isinstance(head, siglip.SiglipMultiheadAttentionPoolingHead):
-        head._vtr_run = run
-        _swap(head, ReducingPoolingHead)
-    visual._vtr_run = run
-    model._vtr = reduction
-
-
-def unpatch(model: nn.Module) -> None:
-    visual = tower(model)
-    reduction: Reduction = model._vtr
-    for module in [*_layers(visual), getattr(visual, "head", None)]:
-        if module is not None and hasattr(module, "_vtr_run"):
-            module.__class__ = _ORIGINAL_CLASSES[type(module)]
-            del module._vtr_run
-            if hasattr(module, "_vtr_index"):
-                del module._vtr_index
-            attention = _attention(module) if isinstance(module, LAYERS) else None
-            if attention is not None and hasattr(attention, "_vtr_capture"):
-                del attention._vtr_capture
-    if reduction.captures is not None:
-        visual.set_attn_implementation(visual._vtr_run.attn_implementation)
-    del visual._vtr_run
-    del model._vtr
+            restore_class(layer)
+            del layer._vtr_layer, layer._vtr_num_layers, layer._vtr_num_prefix, layer._vtr_grid
+            del _attention(layer)._vtr_layer
+        restore_class(getattr(visual, "head", None))
+        visual.__dict__.pop("_vtr_projection", None)
+        implementation = visual.__dict__.pop("_vtr_attn_implementation", None)
+        if implementation is not None:
+            visual.set_attn_implementation(implementation)
+        del visual._vtr
+        if visual is not model:
+            del model._vtr

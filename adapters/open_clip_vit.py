@@ -1,9 +1,12 @@
 """open_clip adapter: the ViT image tower of an open_clip model (the whole CLIP model or ``.visual``).
 
-Patching swaps the tower's class for a subclass whose ``forward`` runs the blocks on a
-:class:`~vtr.state.TokenState`, with the reduction step between each block's attention residual and
-its MLP residual, and whose ``_pool`` weights by token size. The model's other parts (text tower,
-``encode_text``, ``logit_scale``) are untouched; ``encode_image`` reaches the patched tower.
+Patching swaps the tower's class for a subclass whose ``forward`` opens the call's run, starts the
+token state after the embeddings and calls each resblock as a module (so hooks on resblocks fire,
+with the block's reduced tokens), and whose ``_pool`` weights by token size. Each resblock's class
+is swapped for a subclass whose ``forward`` is the block's own with the reduction step between its
+attention residual and its MLP residual; outside a patched forward pass a resblock computes exactly
+what the original does. The model's other parts (text tower, ``encode_text``, ``logit_scale``) are
+untouched; ``encode_image`` reaches the patched tower.
 
 Both of open_clip's block kinds are supported:
 
@@ -15,9 +18,9 @@ Both of open_clip's block kinds are supported:
   computation MHA's own slow path does (MHA would refuse a broadcast mask and fall back to a
   materialised ``[B*H, N, N]`` one). Hooks registered on such a layer's ``attn`` do not fire.
 - ``CustomResidualAttentionBlock`` (qk_norm, head scale, inner norms) attends with open_clip's own
-  ``Attention``, which takes the float mask as it is; q/k come from hooks on its ``ln_q``/``ln_k``.
-  Scaled cosine attention crashes in open_clip 3.3 itself (``torch.bmm`` on 4-D tensors) and is
-  refused.
+  ``Attention``, which takes the float mask as it is; q/k reach the run through
+  :class:`~vtr.core.run.KeepQK` hooks on its ``ln_q``/``ln_k``. Scaled cosine attention crashes in
+  open_clip 3.3 itself (``torch.bmm`` on 4-D tensors) and is refused.
 
 Pooling: CLS token (``'tok'``), size-weighted mean (``'avg'``), all tokens (``'none'``, fewer when
 reduced) and the attentional poolers (CoCa-style, ``'parallel'``, ``'cascade'``), whose keys get
@@ -27,36 +30,31 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from open_clip.transformer import (AttentionalPooler, Attention, CustomResidualAttentionBlock,
                                    ResidualAttentionBlock, TextTransformer, VisionTransformer)
 
-from vtr.config import Reduction
-from vtr.cost import EncoderCost
-from vtr.signals import QKCapture
-from vtr.state import TokenState
+from vtr.budget.cost import EncoderCost
+from vtr.core import run as runs
+from vtr.core.plan import Reduction
+from vtr.core.run import Run
+from vtr.core.state import TokenState
 
 from . import steps
+from .base import Adapter, Swapped, is_patched, remove_hooks, restore_class, swap_class
 from .errors import UnsupportedModelError
 
-name = "open_clip"
 
-
-def matches(model: nn.Module) -> bool:
-    return any(cls.__module__.startswith("open_clip.") for cls in type(model).__mro__)
-
-
-def tower(model: nn.Module) -> nn.Module:
+def _tower(model: nn.Module) -> nn.Module:
     """The image tower: ``model.visual`` for a CLIP/CoCa model, the model itself otherwise."""
     return model.visual if isinstance(getattr(model, "visual", None), nn.Module) else model
 
 
-def check(model: nn.Module) -> None:
+def _check(model: nn.Module) -> None:
     """Refuse anything whose forward we would not reproduce exactly."""
     kind = type(model).__name__
-    visual = tower(model)
+    visual = _tower(model)
     where = f"{kind}.visual" if visual is not model else kind
     if isinstance(visual, TextTransformer):
         raise UnsupportedModelError(f"{where} is open_clip's text tower; vtr reduces image tokens: pass the CLIP "
@@ -68,7 +66,7 @@ def check(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{where} is {type(visual).__module__}.{type(visual).__name__}; vtr's open_clip adapter supports ViT "
             f"image towers (open_clip.transformer.VisionTransformer) only{hint}")
-    if getattr(visual, "_vtr", None) is not None:
+    if is_patched(visual) or isinstance(visual, Swapped):
         raise UnsupportedModelError(f"{where} is already patched by vtr; call vtr.unpatch on it first")
     if not visual.transformer.batch_first:
         raise UnsupportedModelError(f"{where}.transformer runs sequence-first (batch_first=False); not supported")
@@ -93,8 +91,8 @@ def check(model: nn.Module) -> None:
                                         "CustomResidualAttentionBlock")
 
 
-def cost(model: nn.Module, metric: str = "x") -> EncoderCost:
-    visual = tower(model)
+def _cost(model: nn.Module, metric: str = "x") -> EncoderCost:
+    visual = _tower(model)
     blocks = visual.transformer.resblocks
     width = visual.conv1.out_channels
     num_patches = visual.grid_size[0] * visual.grid_size[1]
@@ -146,33 +144,64 @@ def _mha_attention(attn: nn.MultiheadAttention, h: Tensor, bias: Optional[Tensor
     return attn.out_proj(out.transpose(1, 2).reshape(batch, num_tokens, width)), q, k
 
 
-def _block_forward(block: nn.Module, state: TokenState, reduction: Reduction, layer: int, num_layers: int,
-                   capture: Optional[QKCapture], grid, query, query_projection) -> TokenState:
-    """The block's forward with the reduction step between its attention and MLP residuals."""
-    projection = dict(query=query, query_projection=query_projection)
-    state = steps.reduce(reduction, state, state.x, layer, num_layers, before_attention=True, grid=grid,
-                         **projection)
+def _reduced_forward(block: nn.Module, run: Run, state: TokenState, layer: int) -> Tensor:
+    """The block's forward on ``state`` with the reduction step between its attention and MLP residuals;
+    leaves the state after the block in the run."""
+    reduction = run.reduction
+    state = steps.reduce(run, state, state.x, layer, before_attention=True)
     x = state.x
     bias = state.attention_bias(reduction.prop_attn)
-    q = k = None
+    q = k = scale = None
     if isinstance(block, CustomResidualAttentionBlock):
         x = x + block.ls_1(block.ln_attn(block.attn(block.ln_1(x), attn_mask=bias)))
-        if capture is not None:
-            q, k = capture.q, capture.k
-            capture.clear()
+        q, k = run.take_qk(layer)   # always: it also forgets them
         scale = block.attn.scale
     else:
-        reducing = steps.num_kept(reduction, state, layer) < state.num_tokens
-        if bias is None and not (reducing and steps.needs_qk(reduction)):
+        reducing = (not reduction.reducer.acts_before_blocks
+                    and steps.num_kept(reduction, state, layer) < state.num_tokens)
+        if bias is None and not (reducing and reduction.needs_qk):
             attended = block.attention(q_x=block.ln_1(x))   # the module itself: fused fast path
         else:
             attended, q, k = _mha_attention(block.attn, block.ln_1(x), bias)
         x = x + block.ls_1(attended)
-        scale = None
-    state = steps.reduce(reduction, state, x, layer, num_layers, q=q, k=k, bias=bias, scale=scale, grid=grid,
-                         **projection)
+    state = steps.reduce(run, state, x, layer, q=q, k=k, bias=bias, scale=scale)
     x = state.x
-    return state.with_x(x + block.ls_2(block.mlp(block.ln_2(x))))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    run.advance(state.with_x(x))
+    return x
+
+
+class ReducingResidualBlock(Swapped):
+    """Mixed in before ``ResidualAttentionBlock``; see the module docstring."""
+
+    _vtr_layer: int
+
+    def forward(self, q_x: Tensor, k_x: Optional[Tensor] = None, v_x: Optional[Tensor] = None,
+                attn_mask: Optional[Tensor] = None) -> Tensor:
+        run = runs.active()
+        state = steps.entering(run, q_x)
+        if state is None:
+            return super().forward(q_x, k_x, v_x, attn_mask=attn_mask)
+        if k_x is not None or v_x is not None or attn_mask is not None:
+            raise ValueError("a vtr-patched resblock attends over its own (reduced) tokens; it takes no k_x, v_x "
+                             "or attn_mask in a patched forward pass")
+        return _reduced_forward(self, run, state, self._vtr_layer)
+
+
+class ReducingCustomBlock(Swapped):
+    """Mixed in before ``CustomResidualAttentionBlock``; see the module docstring."""
+
+    _vtr_layer: int
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        run = runs.active()
+        state = steps.entering(run, x)
+        if state is None:
+            return super().forward(x, attn_mask=attn_mask)
+        if attn_mask is not None:
+            raise ValueError("a vtr-patched resblock attends over its own (reduced) tokens; it takes no attn_mask "
+                             "in a patched forward pass")
+        return _reduced_forward(self, run, state, self._vtr_layer)
 
 
 def _attend(pool: AttentionalPooler, x: Tensor, bias: Tensor) -> Tensor:
@@ -182,7 +211,7 @@ def _attend(pool: AttentionalPooler, x: Tensor, bias: Tensor) -> Tensor:
     return pool.attn(q.unsqueeze(0).expand(x.shape[0], -1, -1), x, x, need_weights=False, key_padding_mask=bias)[0]
 
 
-class ReducingVisionTransformer:
+class ReducingVisionTransformer(Swapped):
     """Mixed in before the tower's own class; see the module docstring."""
 
     _vtr: Reduction
@@ -199,21 +228,16 @@ class ReducingVisionTransformer:
         return tokens @ self.proj if self.proj is not None else tokens
 
     def forward(self, x: Tensor):
-        reduction = self._vtr
-        x = self._embeds(x)
-        state = TokenState.start(x, num_protected=1)
-        query = steps.batch_query(reduction, x.shape[0], self.embedding_width(), type(self).__name__)
-        grid = steps.grid_of(self.grid_size, 1, state.num_original)
-        tokens = [state.num_tokens]
-        blocks = self.transformer.resblocks
-        for layer, block in enumerate(blocks):
-            capture = reduction.captures[layer] if reduction.captures else None
-            state = steps.checkpointed(_block_forward, block, state, reduction, layer, len(blocks), capture, grid,
-                                       query, self.project_tokens if query is not None else None,
-                                       enabled=self.transformer.grad_checkpointing)
-            tokens.append(state.num_tokens)
-        steps.record(reduction, state, tokens, grid)
-        pooled, tokens = self._pool(state.x)
+        with runs.opened(self._vtr) as run:
+            x = self._embeds(x)
+            state = TokenState.start(x, num_protected=1)
+            steps.condition(run, x.shape[0], self.embedding_width(), type(self)._vtr_original.__name__,
+                            self.project_tokens)
+            blocks = self.transformer.resblocks
+            run.begin(state, len(blocks), steps.grid_of(self.grid_size, 1, state.num_original))
+            state = steps.run_blocks(blocks, run, checkpointing=self.transformer.grad_checkpointing)
+            run.finish()
+            pooled, tokens = self._pool(state.x)
         if self.proj is not None:
             pooled = pooled @ self.proj
         if self.output_tokens:
@@ -221,12 +245,10 @@ class ReducingVisionTransformer:
         return pooled
 
     def _pool(self, x: Tensor):
-        state = self._vtr.final_state
-        if state is None or x.shape[:2] != state.x.shape[:2]:
-            raise RuntimeError("a vtr-patched tower pools the tokens of its own forward pass; call the tower")
-        if not state.is_reduced and not state.padded:
+        size = runs.final_sizes(self._vtr, x)
+        if size is None:
             return super()._pool(x)
-        bias = steps.key_bias(state.size, x.dtype)
+        bias = steps.key_bias(size, x.dtype)
         if self.attn_pool is not None:
             if self.attn_pool_contrastive is not None:
                 x = self.ln_post(x)
@@ -239,9 +261,9 @@ class ReducingVisionTransformer:
             x = self.ln_post(_attend(self.attn_pool, x, bias))
             return self._global_pool(x)   # over the pooler's queries, which are not reduced
         if self.final_ln_after_pool:
-            pooled, tokens = self._weighted_pool(x, state.size)
+            pooled, tokens = self._weighted_pool(x, size)
             return self.ln_post(pooled), tokens
-        return self._weighted_pool(self.ln_post(x), state.size)
+        return self._weighted_pool(self.ln_post(x), size)
 
     def _weighted_pool(self, x: Tensor, size: Tensor):
         if self.pool_type != "avg":
@@ -255,32 +277,47 @@ class ReducingVisionTransformer:
             "or read vtr.report(model) after a forward pass")
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
+class OpenClipViT(Adapter):
+    """open_clip ViT image towers: a CLIP/CoCa model (its ``.visual`` is patched) or the tower itself."""
 
+    name = "open_clip"
 
-def patch(model: nn.Module, reduction: Reduction) -> None:
-    visual = tower(model)
-    cls = type(visual)
-    if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"Vtr{cls.__name__}", (ReducingVisionTransformer, cls), {})
-    reduction.original_class = cls
-    blocks = visual.transformer.resblocks
-    if steps.needs_qk(reduction) and any(isinstance(b, CustomResidualAttentionBlock) for b in blocks):
-        reduction.captures = [QKCapture() if isinstance(b, CustomResidualAttentionBlock) else None for b in blocks]
-        for block, capture in zip(blocks, reduction.captures):
-            if capture is not None:
-                reduction.hooks += capture.attach(block.attn.ln_q, block.attn.ln_k)
-    visual._vtr = reduction
-    model._vtr = reduction
-    visual.__class__ = _PATCHED_CLASSES[cls]
+    def matches(self, model: nn.Module) -> bool:
+        return any(cls.__module__.startswith("open_clip.") for cls in type(model).__mro__)
 
+    def check(self, model: nn.Module) -> None:
+        _check(model)
 
-def unpatch(model: nn.Module) -> None:
-    visual = tower(model)
-    reduction: Reduction = model._vtr
-    for handle in reduction.hooks:
-        handle.remove()
-    visual.__class__ = reduction.original_class
-    del visual._vtr
-    if visual is not model:
-        del model._vtr
+    def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
+        return _cost(model, metric)
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        return _tower(model).transformer.resblocks
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        visual = _tower(model)
+        return (visual.conv1.in_channels, *(int(s) for s in visual.image_size))
+
+    def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        visual = _tower(model)
+        for layer, block in enumerate(visual.transformer.resblocks):
+            custom = isinstance(block, CustomResidualAttentionBlock)
+            if custom and reduction.needs_qk:
+                block.attn.ln_q.register_forward_hook(runs.KeepQK(layer, "q"))
+                block.attn.ln_k.register_forward_hook(runs.KeepQK(layer, "k"))
+            block._vtr_layer = layer
+            swap_class(block, ReducingCustomBlock if custom else ReducingResidualBlock)
+        visual._vtr = reduction
+        model._vtr = reduction    # the same object: the api reads the model's, the tower opens runs with its own
+        swap_class(visual, ReducingVisionTransformer)
+
+    def unpatch(self, model: nn.Module) -> None:
+        visual = _tower(model)
+        remove_hooks(visual, runs.KeepQK)
+        for block in visual.transformer.resblocks:
+            restore_class(block)
+            del block._vtr_layer
+        restore_class(visual)
+        del visual._vtr
+        if visual is not model:
+            del model._vtr

@@ -25,8 +25,7 @@ def num_kept(reduction: Reduction, state: TokenState, layer: int) -> int:
 def reduce(run: Run, state: TokenState, x: Tensor, layer: int, *,
            before_attention: bool = False,
            q: Optional[Tensor] = None, k: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-           scale: Optional[float] = None,
-           query_projection: Optional[Callable[[Tensor], Tensor]] = None) -> TokenState:
+           scale: Optional[float] = None) -> TokenState:
     """The block's reduction step on ``x``.
 
     Adapters call it twice per block: with ``before_attention=True`` on the block's input, and after
@@ -48,7 +47,7 @@ def reduce(run: Run, state: TokenState, x: Tensor, layer: int, *,
         attention = cls_attention(q, k, bias, scale)
     signals = Signals(metric=metric, layer=layer, num_layers=run.num_layers, cls_attention=attention,
                       query=run.query, grid=None if state.is_reduced else run.grid,
-                      query_projection=query_projection if run.query is not None else None)
+                      query_projection=run.query_projection if run.query is not None else None)
     return reduction.reducer(state.with_x(x), kept, signals)
 
 
@@ -70,6 +69,18 @@ def batch_query(query: Optional[Tensor], batch: int, width: Optional[int], where
         raise ValueError(f"query width must be {width} (the embedding width of {where}), got "
                          f"{query.shape[-1]} in a query of shape {tuple(query.shape)}")
     return query.expand(batch, *query.shape[1:])
+
+
+def condition(run: Run, batch: int, width: Optional[int], where: str,
+              projection: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    """Check this call's query (``vtr.conditioned``) with :func:`batch_query` and keep it on the run, with
+    ``projection`` (a token's map into the query's embedding space) for the blocks' reduction steps.
+
+    Kept on the run, not the model: it is per call, and activation checkpointing recomputes a block
+    with the run it ran under.
+    """
+    run.query = batch_query(run.query, batch, width, where)
+    run.query_projection = projection if run.query is not None else None
 
 
 def grid_of(rows_cols: tuple, num_prefix: int, num_tokens: int) -> Optional[tuple]:

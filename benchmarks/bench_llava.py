@@ -27,6 +27,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           LlavaNextForConditionalGeneration)
 
 import vtr
+from vtr.adapters.llava import before_lm
 
 IMAGE_TOKEN = 32000
 
@@ -58,21 +59,22 @@ def timed(fn) -> float:
 def measure(model, ids, pixels, decode_tokens: int, vision_kwargs: dict) -> dict:
     """One timing of each part for the model as it is now (patched or not)."""
     mask, batch = torch.ones_like(ids), ids.shape[0]
-    reduction = getattr(model, "_vtr", None)
-    in_llm = reduction is not None and getattr(reduction, "pruner", None) is not None
-    if reduction is None or in_llm:
+    patched = vtr.is_patched(model)
+    in_llm = patched and vtr.adapters.settings(model).arguments.get("layers") is not None
+    if not patched or in_llm:
         vision = timed(lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True, **vision_kwargs))
         image = model.model.get_image_features(pixel_values=pixels, return_dict=True, **vision_kwargs)
         prompt, prompt_mask = ids, mask
     else:  # vision tower + reducer + compaction: what the patched model does before its language model
-        vision = timed(lambda: model._vtr_prepare(ids, mask, pixels, left=True, **vision_kwargs))
-        prepared = model._vtr_prepare(ids, mask, pixels, left=True, **vision_kwargs)
+        vision = timed(lambda: before_lm.prepare(model, ids, mask, pixels, left=True, **vision_kwargs))
+        prepared = before_lm.prepare(model, ids, mask, pixels, left=True, **vision_kwargs)
         prompt, prompt_mask, image = prepared.input_ids, prepared.attention_mask, prepared.image_outputs
     inputs = dict(input_ids=prompt, attention_mask=prompt_mask, mm_encoder_outputs={"image": image},
                   logits_to_keep=1, use_cache=True)
     prefill = timed(lambda: model(**inputs))
 
-    # Decode: prefill once, then single-token steps on the cache that prefill left.
+    # Decode: prefill once, then single-token steps on the cache that prefill left (in-LLM pruning: each
+    # step continues the pruning the prefill made on that cache).
     out = model(**inputs)
     cache, token, length = out.cache, out.logits[:, -1].argmax(-1, keepdim=True), prompt.shape[1]
     start = time.perf_counter()
@@ -81,7 +83,7 @@ def measure(model, ids, pixels, decode_tokens: int, vision_kwargs: dict) -> dict
                     position_ids=torch.full((batch, 1), length + step), use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     result = {"vision": vision, "prefill": prefill, "decode_ms": 1000 * (time.perf_counter() - start) / decode_tokens}
-    if reduction is not None:
+    if patched:
         report = vtr.report(model)
         result.update(macs=float(report.prefill_macs.sum()), macs_unreduced=float(report.prefill_macs_unreduced.sum()),
                       kept=int(report.visual_tokens_after[0]))

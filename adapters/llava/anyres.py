@@ -32,12 +32,17 @@ rows are whole, so each kept newline still closes its row). An image so thin tha
 leaves no row of crops (aspect ratio beyond about 1:20) is its thumbnail alone, without a newline;
 one that leaves rows but no columns has newlines only: either way the budget goes to the thumbnail.
 
-The layout of an image is read from the model's own ``pack_image_features`` run on position ids,
-so it follows transformers' unpadding exactly. ``budget`` must lie in ``[MIN_BUDGET, most tokens
-an image can have]`` (:func:`largest_image_tokens`). Methods whose count is set by their own
-options (``pool``) are refused.
+The layout of an image (``common.layout``, shared with in-LLM pruning, which needs each image's
+count) is read from the model's own ``pack_image_features`` run on position ids, so it follows
+transformers' unpadding exactly. ``budget`` must lie in ``[MIN_BUDGET, most tokens an image can
+have]`` (``common.largest_image_tokens``). Methods whose count is set by their own options
+(``pool``) are refused.
 
-In-LLM pruning (``layers=[K]`` or ``[K1, K2, ...]``, ``adapters/llava_prune.py``) works on
+This module is the budget split and the reduction of one image's parts; ``before_lm`` calls
+:func:`reduce_images` for LLaVA-NeXT, and the front asks :func:`check`, :func:`check_reduction` and
+:func:`expected_parts`. It imports only ``common``.
+
+In-LLM pruning (``layers=[K]`` or ``[K1, K2, ...]``, ``in_llm.py``) works on
 LLaVA-NeXT too, without any of the above: ``budget=B`` is the visual tokens each image keeps after
 the last stage (an image with at most B keeps all; ``budget`` in ``[1, most tokens an image can
 have]``), chosen by the last prompt token's attention over all the image's tokens (no split by
@@ -52,22 +57,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vtr.config import Reduction
-from vtr.reducers import Reducer
+from vtr.core.plan import Reduction
+from vtr.reducers.base import Reducer
 from vtr.reducers.drop import allocate
 
-from .errors import UnsupportedModelError
-from .llava import ReducedImages, decision_macs, reduce_group
+from ..errors import UnsupportedModelError
+from .common import AnyresLayout, ReducedImages, decision_macs, layout, reduce_group
 
 MIN_BUDGET = 3   # one base token, one crop token and the final newline
-
-
-def is_next(model: nn.Module) -> bool:
-    try:
-        from transformers import LlavaNextForConditionalGeneration
-    except ImportError:  # transformers is optional for vtr
-        return False
-    return isinstance(model, LlavaNextForConditionalGeneration)
 
 
 def check(model: nn.Module) -> None:
@@ -89,101 +86,6 @@ def check_reduction(model: nn.Module, reduction: Reduction) -> None:
         raise ValueError(
             f"method {reduction.method!r} sets its own token count from its options, but a LLaVA-NeXT budget is "
             "exact per image (the crops' budgets differ): choose a method that takes a budget")
-
-
-def check_inputs(pixel_values: Tensor, image_sizes) -> None:
-    """``image_sizes`` must give one (height, width) per image, before the tower runs on a mismatch."""
-    sizes = torch.as_tensor(image_sizes)
-    if sizes.dim() != 2 or sizes.shape[1] != 2:
-        raise ValueError(f"image_sizes must be [images, 2] (height, width of each image), got shape "
-                         f"{tuple(sizes.shape)}")
-    if pixel_values.dim() == 5 and sizes.shape[0] != pixel_values.shape[0]:
-        raise ValueError(f"image_sizes must give one (height, width) per image: pixel_values has "
-                         f"{pixel_values.shape[0]} images, got {sizes.shape[0]} sizes")
-
-
-@dataclass(frozen=True)
-class AnyresLayout:
-    """Where each of one image's packed features comes from.
-
-    source: ``[N]`` per packed feature ``part * part_tokens + index in the part``, -1 for a newline.
-        Part 0 is the base image, part ``1 + c`` crop ``c`` (crops in row-major order).
-    rows, cols: the unpadded crop map (one newline closes each row).
-    """
-
-    image_size: tuple[int, int]
-    source: Tensor
-    side: int                 # the base image and every crop are side x side token grids
-    num_crops: int
-    rows: int
-    cols: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.source.numel()
-
-    @property
-    def part_tokens(self) -> int:
-        return self.side * self.side
-
-    @property
-    def part(self) -> Tensor:
-        """``[N]`` part of each packed feature, -1 for newlines."""
-        return torch.where(self.source >= 0, self.source // self.part_tokens, -1)
-
-    def positions(self, part: int) -> Tensor:
-        """Packed positions of ``part``'s tokens (row-major within its region)."""
-        return (self.part == part).nonzero()[:, 0]
-
-    def map_position(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(row, col) in the unpadded crop map of packed crop-token positions."""
-        offset = positions - self.part_tokens
-        return offset // (self.cols + 1), offset % (self.cols + 1)
-
-    def reduces(self, budget: Optional[int]) -> bool:
-        """Whether ``budget`` makes this image's thumbnail and crop tokens be reduced (not only newlines dropped)."""
-        return budget is not None and budget < self.num_tokens and budget <= self.num_tokens - self.rows
-
-    def crop_tokens(self) -> list[int]:
-        counts = torch.bincount(self.part[self.part > 0] - 1, minlength=self.num_crops)
-        return counts.tolist()
-
-    def grid(self, part: int) -> tuple[int, int]:
-        """(rows, cols) of ``part``'s region: a full grid for the base, a cut one for a crop."""
-        if part == 0:
-            return self.side, self.side
-        rows, cols = self.map_position(self.positions(part))
-        return rows.unique().numel(), cols.unique().numel()
-
-
-def layout(model: nn.Module, image_size) -> AnyresLayout:
-    """The packed layout of an image of ``image_size`` (height, width), from the model's own packing."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    config = model.config
-    image_size = tuple(int(v) for v in image_size)
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    num_parts = image_size_to_num_patches(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
-    ids = torch.arange(num_parts * side * side, dtype=torch.float64).view(num_parts, side * side, 1)
-    newline = torch.tensor([-1.0], dtype=torch.float64)
-    packed, _ = model.model.pack_image_features([ids], [list(image_size)], "default", image_newline=newline)
-    source = packed[0][:, 0].long()
-    rows = int((source < 0).sum())     # 0 for an image so thin that unpadding leaves no row
-    cols = (source.numel() - side * side - rows) // rows if rows else 0
-    return AnyresLayout(image_size, source, side, num_parts - 1, rows, cols)
-
-
-_LARGEST: dict = {}   # largest_image_tokens per (packing, pinpoints, image size, patch size): asked at every call
-
-
-def largest_image_tokens(model: nn.Module) -> int:
-    """Most tokens one image can have: an image of a pinpoint's own size fills its grid (no unpadding)."""
-    config = model.config
-    key = (type(model.model), repr(config.image_grid_pinpoints), config.vision_config.image_size,
-           config.vision_config.patch_size)
-    if key not in _LARGEST:
-        _LARGEST[key] = max(layout(model, pinpoint).num_tokens for pinpoint in config.image_grid_pinpoints)
-    return _LARGEST[key]
 
 
 def _overlap(cells: int, bins: int) -> Tensor:
@@ -362,5 +264,5 @@ def expected_parts(model: nn.Module, budget: int) -> list[tuple[int, int]]:
     return [(n, b) for n, b in parts if 0 < b < n]
 
 
-__all__ = ["AnyresLayout", "AnyresSplit", "MIN_BUDGET", "crop_importance", "layout", "largest_image_tokens",
-           "plan", "reduce_images", "split_budget"]
+__all__ = ["AnyresSplit", "MIN_BUDGET", "check", "check_reduction", "crop_importance", "expected_parts", "plan",
+           "reduce_images", "split_budget"]

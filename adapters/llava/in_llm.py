@@ -19,10 +19,18 @@ unchanged. Needs the whole prompt in one forward on an empty cache, then one tok
 (no chunked prefill, no assisted generation), and the last column of the prompt to be a real
 token (left padding, as generate wants).
 
+What sits on the model is settings only: :class:`Stages` (each stage's layer and budget) and the
+hooks (:class:`StageHook`, a plain class). What a call decides (which tokens each stage keeps, the
+images' states, the segment masks) is a :class:`Pruning`, made by the call's first forward and held
+by the call's run (``common.LlavaRun``): one ``generate()`` shares it between its prefill and decode
+steps. A forward on its own makes one too; a later forward on the same KV cache (a decode loop
+written by hand) continues it, since the cache holds what that prefill kept: the pruning is found
+from the cache object, held weakly, and goes with the cache.
+
 Images of different sizes (LLaVA-NeXT): each image's token count is the length of its features as
 the model's own ``get_image_features`` gives them (generate() pre-encodes the images and passes
 them to the forward), or, for a direct forward with ``pixel_values``, what the model's own packing
-gives an image of its ``image_sizes`` (``llava_next.layout``); its placeholders are the next that
+gives an image of its ``image_sizes`` (``common.layout``); its placeholders are the next that
 many in transformers' row-major order. ``budget=B`` means B visual tokens kept per image after the
 last stage: an image with at most B keeps all; progressive stages decay from the image's own count
 (:func:`image_budgets`); a list budget's counts are each capped at the image's count. Images of one
@@ -34,19 +42,21 @@ tokens are ordinary tokens here (one may be dropped or merged like any other).
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from vtr.config import Reduction
-from vtr.reducers import Signals
-from vtr.signals import cls_attention
-from vtr.state import TokenState
+from vtr.core import run as runs
+from vtr.core.plan import Reduction
+from vtr.core.signals import Signals, cls_attention
+from vtr.core.state import TokenState
 
-from .llava import (LlavaReport, _anyres, _carried, _padded, cost, image_tokens, kept_columns, prefill_macs,
-                    reduction_steps, step_counts, text_only_report)
+from ..base import remove_hooks
+from .common import (LlavaReport, LlavaRun, carried, check_image_sizes, cost, image_tokens, is_next, kept_columns,
+                     layout, padded, prefill_macs, reduction_steps, step_counts, text_only_report)
 
 # generate() options that send the prompt in pieces or verify several candidate tokens per forward.
 _MULTI_TOKEN_OPTIONS = {
@@ -112,6 +122,136 @@ def image_budgets(budget: Union[int, Sequence[int]], num_tokens: int, num_protec
     return stage_budgets(budget, num_tokens, num_protected, num_stages)
 
 
+# -- settings: what patching decides --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stages:
+    """Where and how much in-LLM pruning prunes (settings, fixed at patch time; on the model as ``_vtr_stages``).
+
+    layers: the decoder layer of each stage. budgets: visual tokens an image of the largest count
+    keeps after each stage. budget: what each image's own counts follow (:func:`image_budgets`): the
+    count after the last stage, or the user's list of counts.
+    """
+
+    layers: tuple
+    budgets: tuple
+    budget: Union[int, tuple]
+
+    @property
+    def where(self) -> str:
+        return f"in the language model at layer{'s' if len(self.layers) > 1 else ''} {', '.join(map(str, self.layers))}"
+
+
+def make_stages(model: nn.Module, reduction: Reduction) -> Stages:
+    layers = stage_layers(reduction.arguments["layers"], len(model.model.language_model.layers))
+    num_tokens, protected = image_tokens(model)
+    budgets = stage_budgets(reduction.arguments.get("budget", num_tokens), num_tokens, protected, len(layers))
+    budget = reduction.arguments.get("budget")
+    budget = tuple(budget) if isinstance(budget, (list, tuple)) else budgets[-1]  # an int, or all of the largest
+    return Stages(tuple(layers), tuple(budgets), budget)
+
+
+def stages_of(model: nn.Module) -> Optional[Stages]:
+    """The in-LLM settings of a patched model; None when it reduces before the language model."""
+    return getattr(model, "_vtr_stages", None)
+
+
+class StageHook:
+    """Forward pre-hook on each decoder layer from the first stage on: hands the layer to the call's
+    :class:`Pruning` (stage: the index of the stage this layer starts, or None). Outside a call of the
+    patched model it does nothing. A plain class, so a patched model pickles and deep-copies."""
+
+    def __init__(self, reduction: Reduction, stage: Optional[int]):
+        self.reduction, self.stage = reduction, stage
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        run = runs.active(self.reduction)
+        pruning = run.pruning if isinstance(run, LlavaRun) else None
+        if pruning is None:
+            return None
+        return pruning.layer(self.stage, module, args, kwargs)
+
+
+def install(model: nn.Module, reduction: Reduction) -> None:
+    """Settings and hooks of in-LLM pruning on ``model`` (patch time)."""
+    stages = make_stages(model, reduction)
+    decoder = model.model.language_model.layers
+    starts = {layer: index for index, layer in enumerate(stages.layers)}
+    for i in range(stages.layers[0], len(decoder)):
+        decoder[i].register_forward_pre_hook(StageHook(reduction, starts.get(i)), with_kwargs=True)
+    model._vtr_stages = stages
+
+
+def uninstall(model: nn.Module) -> None:
+    remove_hooks(model.model.language_model, StageHook)
+    model.__dict__.pop("_vtr_stages", None)
+
+
+def check_generate(model: nn.Module, kwargs: dict) -> None:
+    """Refuse generate() modes that feed the prompt in pieces or several tokens per forward (and
+    LLaVA-NeXT images without their sizes), before they run."""
+    config = kwargs.get("generation_config") or model.generation_config
+    for option, what in _MULTI_TOKEN_OPTIONS.items():
+        if kwargs.get(option, getattr(config, option, None)) not in (None, False):
+            raise ValueError(f"{what} ({option}=) is not supported with in-LLM pruning (layers=): {_WHY}. "
+                             "Leave it out, or reduce before the language model (no layers=), which supports it")
+    if is_next(model) and kwargs.get("pixel_values") is not None:
+        _next_image_counts(model, None, kwargs.get("image_sizes"))     # needs image_sizes ...
+        check_image_sizes(kwargs["pixel_values"], kwargs["image_sizes"])  # ... one per image
+
+
+def expected_flops(model: nn.Module, reduction: Reduction, stages: Stages) -> tuple[float, float]:
+    """(reduced, unreduced) prefill MACs of the largest image's visual tokens alone: each segment on
+    its stage's count, plus every stage's scoring and the reducer's decisions."""
+    num_tokens, protected = image_tokens(model)
+    reducer, image_cost = reduction.reducer, cost(model, reduction.metric)
+    counts, decisions = [num_tokens], 0.0
+    for layer, budget in zip(stages.layers, stages.budgets):
+        decisions += _scoring_macs(model, layer, torch.tensor([counts[-1]]))
+        steps = reduction_steps(counts[-1], budget, reducer, protected) if reduction.reduces else []
+        for n in step_counts(counts[-1], steps)[:-1]:
+            decisions += reducer.extra_macs(n, image_cost)
+        counts.append(counts[-1] - sum(steps))
+    kept = [torch.tensor([n]) for n in counts[1:]]
+    reduced = prefill_macs(model, torch.tensor([num_tokens]), kept, list(stages.layers))
+    return float(reduced) + decisions, float(prefill_macs(model, torch.tensor([num_tokens])))
+
+
+# -- one call: what the prefill decides and the decode steps follow --------------------------------------
+
+_BY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # KV cache -> the Pruning that filled it
+
+
+def forward(model: nn.Module, run: LlavaRun, original_forward: Callable, arguments: dict):
+    """The model's forward with the call's pruning observing it (the hooks do the pruning)."""
+    cache = arguments.get("cache", arguments.get("past_key_values"))
+    if run.pruning is None:     # the first forward of the call: a new prompt, or one more step on a cache
+        run.pruning = _of_cache(cache, model) or Pruning(model)
+    pruning = run.pruning
+    images = (arguments.get("mm_encoder_outputs") or {}).get("image")
+    pruning.observe(arguments.get("input_ids"), arguments.get("attention_mask"), cache,
+                    None if images is None else images.pooler_output, arguments.get("image_sizes"))
+    try:
+        output = original_forward(model, **arguments)
+    finally:
+        pruning.shared = {}     # what this forward's layers shared (positions, masks) ends with it
+    for held in {id(c): c for c in (cache, getattr(output, "cache", None)) if c is not None}.values():
+        try:                    # the cache passed in, or the one the forward made: later forwards on it continue
+            _BY_CACHE[held] = pruning
+        except TypeError:       # a cache that cannot be referenced weakly: forwards on it start afresh
+            pass
+    return output
+
+
+def _of_cache(cache, model: nn.Module) -> Optional["Pruning"]:
+    """The pruning an earlier forward of ``model`` left for the prompt in ``cache``, if any."""
+    try:
+        pruning = _BY_CACHE.get(cache) if cache is not None else None
+    except TypeError:
+        return None
+    return pruning if pruning is not None and pruning.reduction is model._vtr else None
+
+
 @dataclass
 class ImageGroup:
     """Images with the same visual token count, reduced together at every stage."""
@@ -125,58 +265,24 @@ class ImageGroup:
     stage_tokens: Optional[list] = None  # tokens per image entering the first stage, then after each
 
 
-@dataclass
-class Stage:
-    """One pruning stage: at decoder layer ``layer`` each image keeps ``budget`` visual tokens (LLaVA-NeXT:
-    an image of the largest count does; each image's own is its group's ``budgets``)."""
+class Pruning:
+    """What in-LLM pruning decides in one call, shared by the layers' hooks and the call's decode steps.
 
-    layer: int
-    budget: int
-    columns: Optional[Tensor] = None   # [B, L_i] prompt column of each slot its segment sees, -1 padding
+    Made per call (see the module docstring), never stored on the model; the report it records is
+    detached from it.
+    """
 
-
-class LanguageModelPruning:
-    """The hooks on decoder layers K1.. and what they share within one generate() call."""
-
-    def __init__(self, model: nn.Module, reduction: Reduction, layers: Sequence[int], budgets: Sequence[int]):
-        self.model, self.reduction = model, reduction
-        self.stages = [Stage(layer, budget) for layer, budget in zip(layers, budgets)]
+    def __init__(self, model: nn.Module):
+        self.model, self.reduction, self.stages = model, model._vtr, stages_of(model)
+        self.protected = image_tokens(model)[1]
         self.placeholder: Optional[Tensor] = None   # [B, L] image tokens of the prompt being prefilled
         self.columns: Optional[Tensor] = None       # [B, L'] prompt column of each slot the current layer sees
+        self.stage_columns: list = [None] * len(self.stages.layers)   # per stage: [B, L_i] what its segment sees
         self.groups: list[ImageGroup] = []          # the images, by token count, with their latest state
         self.image_counts: Optional[list] = None    # LLaVA-NeXT: visual tokens of each image of the prompt
-        self.budget = reduction.arguments.get("budget")
-        if not isinstance(self.budget, (list, tuple)):
-            self.budget = budgets[-1]               # the final count (an int budget, or all of the largest image)
         self.shared: dict = {}                      # what the current segment's layers get in this forward
         self.real_counts: list[Tensor] = []         # [B] real tokens per row entering each stage, then kept
         self.reducer_macs = 0.0
-        starts = {stage.layer: stage for stage in self.stages}
-        decoder = model.model.language_model.layers
-        self.handles = [decoder[i].register_forward_pre_hook(self._hook(starts.get(i)), with_kwargs=True)
-                        for i in range(self.stages[0].layer, len(decoder))]
-
-    @property
-    def where(self) -> str:
-        layers = [stage.layer for stage in self.stages]
-        return f"in the language model at layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def check_generate(self, kwargs: dict) -> None:
-        """Refuse generate() modes that feed the prompt in pieces or several tokens per forward (and
-        LLaVA-NeXT images without their sizes), before they run."""
-        config = kwargs.get("generation_config") or self.model.generation_config
-        for option, what in _MULTI_TOKEN_OPTIONS.items():
-            if kwargs.get(option, getattr(config, option, None)) not in (None, False):
-                raise ValueError(f"{what} ({option}=) is not supported with in-LLM pruning (layers=): {_WHY}. "
-                                 "Leave it out, or reduce before the language model (no layers=), which supports it")
-        anyres = _anyres(self.model)
-        if anyres is not None and kwargs.get("pixel_values") is not None:
-            _next_image_counts(self.model, None, kwargs.get("image_sizes"))   # needs image_sizes ...
-            anyres.check_inputs(kwargs["pixel_values"], kwargs["image_sizes"])  # ... one per image
 
     def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], cache,
                 image_features: Optional[list] = None, image_sizes=None) -> None:
@@ -189,7 +295,7 @@ class LanguageModelPruning:
         if input_ids is None:
             raise ValueError("in-LLM pruning on a vtr-patched LLaVA needs input_ids (to find the image tokens)")
         self.shared = {}
-        prefilled = self.placeholder is not None and self.stages[-1].columns is not None
+        prefilled = self.placeholder is not None and self.stage_columns[-1] is not None
         past = int(cache.get_seq_length()) if cache is not None else 0
         placeholder = input_ids == self.model.config.image_token_id
         if past and input_ids.shape[1] > 1 and (prefilled or bool(placeholder.any())):
@@ -199,12 +305,12 @@ class LanguageModelPruning:
         if input_ids.shape[1] == 1 and prefilled and past:
             return                                   # a decode step of the current prompt
         self.image_counts = None
-        if bool(placeholder.any()) and _anyres(self.model) is not None:
+        if bool(placeholder.any()) and is_next(self.model):
             self.image_counts = _next_image_counts(self.model, image_features, image_sizes)
         self.placeholder = placeholder if bool(placeholder.any()) else None
         mask2d = _padding_mask(input_ids, attention_mask)
         if self.placeholder is None:
-            self.reduction.report = text_only_report(self.model, input_ids, mask2d, self.where)
+            runs.record(self.reduction, text_only_report(self.model, input_ids, mask2d, self.stages.where))
             return
         if not bool(mask2d[:, -1].all()):
             raise ValueError("in-LLM pruning needs the last column of the prompt to be a real token in every row "
@@ -214,32 +320,30 @@ class LanguageModelPruning:
         self.columns = columns.masked_fill(~real, -1)
         self.groups, self.reducer_macs = [], 0.0
         self.real_counts = [real.sum(1)]
-        for stage in self.stages:
-            stage.columns = None
+        self.stage_columns = [None] * len(self.stages.layers)
 
-    def _hook(self, stage: Optional[Stage]):
-        def hook(module, args, kwargs):
-            if self.placeholder is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs.update(self.shared)                 # the previous stage's sequence (if any)
-            if stage is not None:
-                if stage.columns is None:
-                    hidden = self._prune(stage, module, hidden, kwargs)
-                elif hidden.shape[1] > 1:
-                    raise ValueError(f"in-LLM pruning supports one prefill then one token per forward: {_WHY}")
-                else:
-                    valid = stage.columns >= 0
-                    self.shared = {"attention_mask": _segment_mask(valid, kwargs.get("cache"), stage.layer, 1,
-                                                                   hidden.dtype)}
-                kwargs.update(self.shared)
-            if args:
-                return (hidden,) + tuple(args[1:]), kwargs
-            kwargs["hidden_states"] = hidden
-            return args, kwargs
-        return hook
+    def layer(self, stage: Optional[int], module: nn.Module, args: tuple, kwargs: dict):
+        """The pre-hook of a decoder layer from the first stage on (``stage``: the stage it starts, if any)."""
+        if self.placeholder is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kwargs.update(self.shared)                 # the previous stage's sequence (if any)
+        if stage is not None:
+            if self.stage_columns[stage] is None:
+                hidden = self._prune(stage, module, hidden, kwargs)
+            elif hidden.shape[1] > 1:
+                raise ValueError(f"in-LLM pruning supports one prefill then one token per forward: {_WHY}")
+            else:
+                valid = self.stage_columns[stage] >= 0
+                self.shared = {"attention_mask": _segment_mask(valid, kwargs.get("cache"), self.stages.layers[stage],
+                                                               1, hidden.dtype)}
+            kwargs.update(self.shared)
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
 
-    def _prune(self, stage: Stage, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+    def _prune(self, stage: int, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
         """Reduce each image's tokens at this stage and return the stage's sequence (shared kwargs set)."""
         length = self.placeholder.shape[1]
         cos, sin = kwargs["position_embeddings"]
@@ -248,7 +352,6 @@ class LanguageModelPruning:
 
         if not self.groups:
             self.groups = self._image_groups()
-        index_of_stage = self.stages.index(stage)
         hidden = hidden.clone()
         keep = (slot >= 0) & ~self.placeholder
         for group in self.groups:
@@ -258,30 +361,27 @@ class LanguageModelPruning:
                 group.tokens, group.stage_tokens = [group.state.num_tokens], [group.state.num_tokens]
             current = slot[rows, _first_columns(group.state, group.columns, length)]   # [G, n] slot of each token
             group.state = self._reduce(group, group.state.with_x(hidden[rows, current]), scores[rows, current],
-                                       group.budgets[index_of_stage])
+                                       group.budgets[stage])
             group.stage_tokens.append(group.state.num_tokens)
             # Each output token sits at the first prompt column it carries; text stays, padding goes.
             first = _first_columns(group.state, group.columns, length)
             out_rows = rows.expand_as(first)
             hidden[out_rows, slot[out_rows, first]] = group.state.x.to(hidden.dtype)
             keep[out_rows, first] = True
-        stage.columns = kept_columns(keep, left=True)
-        index = slot.gather(1, stage.columns.clamp_min(0)).clamp_min(0)   # [B, L_i] source slot of each new slot
-        self.columns = stage.columns
+        columns = self.stage_columns[stage] = kept_columns(keep, left=True)
+        index = slot.gather(1, columns.clamp_min(0)).clamp_min(0)   # [B, L_i] source slot of each new slot
+        self.columns = columns
         self.real_counts.append(keep.sum(1))
         self.shared = {
             "position_ids": _gather(kwargs["position_ids"], index),
             "position_embeddings": (_gather(cos, index), _gather(sin, index)),
-            "attention_mask": _segment_mask(stage.columns >= 0, kwargs.get("cache"), stage.layer,
-                                            stage.columns.shape[1], hidden.dtype),
+            "attention_mask": _segment_mask(columns >= 0, kwargs.get("cache"), self.stages.layers[stage],
+                                            columns.shape[1], hidden.dtype),
         }
-        if stage is self.stages[-1]:
+        if stage == len(self.stages.layers) - 1:
             self._record(keep)
+            self.groups = []        # decode steps need only the stages' columns
         return _gather(hidden, index)
-
-    @property
-    def protected(self) -> int:
-        return image_tokens(self.model)[1]
 
     def _image_groups(self) -> list[ImageGroup]:
         """Each image's placeholder columns (transformers fills them image after image, row-major),
@@ -300,7 +400,7 @@ class LanguageModelPruning:
             images = [i for i, n in enumerate(counts) if n == count]
             groups.append(ImageGroup(
                 images, torch.stack([rows[i][:1] for i in images]), torch.stack([columns[i] for i in images]),
-                image_budgets(self.budget, count, self.protected, len(self.stages))))
+                image_budgets(self.stages.budget, count, self.protected, len(self.stages.layers))))
         return groups
 
     def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int) -> TokenState:
@@ -310,7 +410,7 @@ class LanguageModelPruning:
         side = int(round((state.num_tokens - protected) ** 0.5))
         # Spatial grid only while the tokens are the image's untouched patches (the first stage) of a
         # square image (LLaVA-NeXT's packed base, crops and newlines are no grid).
-        square = _anyres(self.model) is None and side * side == state.num_tokens - protected
+        square = not is_next(self.model) and side * side == state.num_tokens - protected
         grid = (side, side) if square and not state.is_reduced else None
         image_cost = cost(self.model, self.reduction.metric)
         # Steps run on the stage's tokens as if they were original (sizes kept), then compose.
@@ -318,7 +418,7 @@ class LanguageModelPruning:
                              assignment=torch.arange(state.num_tokens, device=state.x.device).expand_as(state.size))
         for step, remove in enumerate(steps):
             signals = Signals(metric=reduced.x, layer=step, num_layers=len(steps),
-                              cls_attention=_carried(scores, reduced), grid=None if reduced.is_reduced else grid)
+                              cls_attention=carried(scores, reduced), grid=None if reduced.is_reduced else grid)
             self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost)
             reduced = reducer(reduced, reduced.num_tokens - remove, signals)
             group.tokens.append(reduced.num_tokens)
@@ -326,25 +426,10 @@ class LanguageModelPruning:
         return TokenState(x=reduced.x, size=reduced.size, num_protected=state.num_protected,
                           assignment=torch.where(state.assignment >= 0, assignment, -1))
 
-    def expected_flops(self, num_tokens: int) -> tuple[float, float]:
-        """(reduced, unreduced) prefill MACs of one image's ``num_tokens`` visual tokens alone: each
-        segment on its stage's count, plus every stage's scoring and the reducer's decisions."""
-        reducer, protected = self.reduction.reducer, image_tokens(self.model)[1]
-        image_cost = cost(self.model, self.reduction.metric)
-        counts, decisions = [num_tokens], 0.0
-        for stage in self.stages:
-            decisions += _scoring_macs(self.model, stage.layer, torch.tensor([counts[-1]]))
-            steps = reduction_steps(counts[-1], stage.budget, reducer, protected) if self.reduction.reduces else []
-            for n in step_counts(counts[-1], steps)[:-1]:
-                decisions += reducer.extra_macs(n, image_cost)
-            counts.append(counts[-1] - sum(steps))
-        kept = [torch.tensor([n]) for n in counts[1:]]
-        reduced = prefill_macs(self.model, torch.tensor([num_tokens]), kept, [stage.layer for stage in self.stages])
-        return float(reduced) + decisions, float(prefill_macs(self.model, torch.tensor([num_tokens])))
-
     def _record(self, keep: Tensor) -> None:
+        """The call's report, detached, for ``vtr.report`` in this thread."""
         before, kept = self.real_counts[0], self.real_counts[1:]
-        layers = [stage.layer for stage in self.stages]
+        layers = list(self.stages.layers)
         scoring = sum(_scoring_macs(self.model, layer, count) for layer, count in zip(layers, self.real_counts))
         # Each image's group and its row in that group's state, in image order.
         where = {image: (group, g) for group in self.groups for g, image in enumerate(group.images)}
@@ -352,20 +437,21 @@ class LanguageModelPruning:
         states = [(group.state, g) for group, g in order]
         # Visual tokens per image entering the first stage, then after each stage (the most any image had).
         stage_tokens = [max(counts) for counts in zip(*(group.stage_tokens for group in self.groups))]
-        self.reduction.report = LlavaReport(
+        runs.record(self.reduction, LlavaReport(
             tokens=list(self.groups[0].tokens) if len(self.groups) == 1 else list(stage_tokens),
-            assignment=_padded([state.assignment[g].detach() for state, g in states], -1),
-            size=_padded([state.size[g].detach() for state, g in states], 0.0),
-            num_protected=self.protected, grid=None, where=self.where,
+            assignment=padded([state.assignment[g].detach() for state, g in states], -1),
+            size=padded([state.size[g].detach() for state, g in states], 0.0),
+            num_protected=self.protected, grid=None, where=self.stages.where,
             image_rows=torch.cat([group.rows[g] for group, g in order]),
             visual_tokens_before=self.placeholder.sum(1), visual_tokens_after=(keep & self.placeholder).sum(1),
             kept_positions=self.columns, stage_layers=layers, stage_tokens=stage_tokens,
+            stage_positions=list(self.stage_columns),
             prefill_macs=prefill_macs(self.model, before, kept, layers),
             prefill_macs_unreduced=prefill_macs(self.model, before),
             reducer_macs=self.reducer_macs + scoring,
             image_tokens_before=torch.tensor([state.num_original for state, _ in states]),
             image_tokens_after=torch.tensor([state.num_tokens for state, _ in states]),
-        )
+        ))
 
 
 def _next_image_counts(model: nn.Module, image_features: Optional[list], image_sizes) -> list[int]:
@@ -375,7 +461,7 @@ def _next_image_counts(model: nn.Module, image_features: Optional[list], image_s
     if image_sizes is None:
         raise ValueError("LLaVA-NeXT needs image_sizes ([images, 2] height and width of each image, as the "
                          "processor returns them) with pixel_values")
-    return [_anyres(model).layout(model, size).num_tokens for size in torch.as_tensor(image_sizes).view(-1, 2).tolist()]
+    return [layout(model, size).num_tokens for size in torch.as_tensor(image_sizes).view(-1, 2).tolist()]
 
 
 def _slot_of_column(columns: Tensor, length: int) -> Tensor:

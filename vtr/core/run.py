@@ -13,7 +13,7 @@ import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from torch import Tensor
 
@@ -43,6 +43,7 @@ class Run:
 
     reduction: Reduction
     query: Optional[Tensor] = None                 # from vtr.conditioned, for this call
+    query_projection: Optional[Callable[[Tensor], Tensor]] = None   # tokens into the query's space
     state: Optional[TokenState] = None             # the tokens between blocks
     tokens: list[int] = field(default_factory=list)
     grid: Optional[tuple] = None

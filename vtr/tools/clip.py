@@ -20,6 +20,7 @@ from typing import Iterator
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapters import family
 from ..api import conditioned
 
 
@@ -53,16 +54,19 @@ def text_query(model: nn.Module, text_features: Tensor, per_image: bool = False)
 
 def image_features(model: nn.Module, images: Tensor) -> Tensor:
     """Image embeddings ``[B, D]`` in the joint space, whatever kind of CLIP model this is."""
-    if hasattr(model, "encode_image"):                       # open_clip CLIP / CustomTextCLIP / CoCa
-        return model.encode_image(images)
-    if hasattr(model, "get_image_features"):                 # transformers CLIPModel / SiglipModel
-        return model.get_image_features(pixel_values=images).pooler_output
-    if type(model).__module__.startswith("open_clip"):       # an open_clip image tower
-        output = model(images)
+    kind = family(model)
+    if kind == "open_clip":
+        if hasattr(model, "encode_image"):                   # CLIP / CustomTextCLIP / CoCa
+            return model.encode_image(images)
+        output = model(images)                               # an image tower
         return output[0] if isinstance(output, tuple) else output
-    output = model(pixel_values=images)                      # a transformers vision model
-    embeds = getattr(output, "image_embeds", None)
-    return embeds if embeds is not None else output.pooler_output
+    if kind == "hf_vision":
+        if hasattr(model, "get_image_features"):             # CLIPModel / SiglipModel
+            return model.get_image_features(pixel_values=images).pooler_output
+        output = model(pixel_values=images)                  # a vision model
+        embeds = getattr(output, "image_embeds", None)
+        return embeds if embeds is not None else output.pooler_output
+    raise ValueError(f"vtr.clip works on open_clip and transformers CLIP/SigLIP models, got {type(model).__name__}")
 
 
 def zero_shot(model: nn.Module, images: Tensor, class_features: Tensor, condition: bool = True) -> Tensor:

@@ -268,8 +268,10 @@ def _rows(model: nn.Module, counts: dict, blocks_name: str, tokens: list, reduce
                 for i, (block_name, block) in enumerate(child.named_children()):
                     extra = reduce.get(i, 0.0)
                     n_in, n_out = tokens[i] if i < len(tokens) else (None, None)
-                    rows.append(LayerRow(f"{name}.{block_name}", _subtotal(block, f"{name}.{block_name}", counts)
-                                         + extra, n_in, n_out, extra))
+                    full = f"{name}.{block_name}"
+                    # A block called as a module already counts the reduction step it runs.
+                    macs = counts[full] if full in counts else _subtotal(block, full, counts) + extra
+                    rows.append(LayerRow(full, macs, n_in, n_out, extra))
             elif blocks_name.startswith(name + "."):
                 walk(child, name)
             else:

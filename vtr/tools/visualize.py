@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..adapters import family, find_adapter
 from ..api import report
 
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
@@ -45,13 +46,10 @@ def load_image(image: ImageLike, size: tuple[int, int]) -> np.ndarray:
 
 
 def input_size(model: nn.Module) -> tuple[int, int]:
-    """(H, W) the model takes: timm ``patch_embed.img_size``, open_clip ``image_size``, HF config."""
-    for owner, attr in ((getattr(model, "patch_embed", None), "img_size"), (model, "image_size"),
-                        (getattr(model, "config", None), "image_size")):
-        size = getattr(owner, attr, None)
-        if size is not None:
-            return (size, size) if isinstance(size, int) else tuple(size)
-    raise ValueError(f"cannot tell the input size of {type(model).__name__}; pass size=(H, W)")
+    """(H, W) the model takes by default, from its adapter."""
+    if family(model) is None:
+        raise ValueError(f"cannot tell the input size of {type(model).__name__}; pass size=(H, W)")
+    return tuple(find_adapter(model).input_size(model)[1:])
 
 
 def _normalization(model: nn.Module) -> tuple:

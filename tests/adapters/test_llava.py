@@ -1,5 +1,9 @@
-"""The LLaVA adapter: generate() unchanged, exact when nothing is reduced, per-row exact when rows differ."""
+"""The LLaVA adapter: generate() unchanged, exact when nothing is reduced, per-row exact when rows differ;
+a patched model pickles, deep-copies, serves several threads and keeps nothing of its calls."""
+import copy
 import json
+import pickle
+import threading
 
 import pytest
 import torch
@@ -7,10 +11,12 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import vtr
-from vtr.adapters.llava import compact_prompt, prefill_macs
+from vtr.adapters.llava.common import compact_prompt, prefill_macs
+from vtr.core.run import Report, Run
 
-from _llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
-                           generate, left_padded, logits, mixed_batch, pooled, prompt_row, recording, tiny_llava)  # noqa: F401
+from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
+                           generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, reachable,
+                           recording, tiny_llava)  # noqa: F401
 
 def test_zero_reduction_matches_unpatched_tokens_and_logits():
     model = tiny_llava()
@@ -217,7 +223,7 @@ def test_unsupported_families_are_clear_errors():
     model = tiny_llava()
     with pytest.raises(vtr.UnsupportedModelError, match="LlavaForConditionalGeneration"):
         vtr.patch(model.model, "tome", budget=4)
-    with pytest.raises(vtr.UnsupportedModelError, match="supported: timm, open_clip, transformers LLaVA"):
+    with pytest.raises(vtr.UnsupportedModelError, match="supported: .*transformers LLaVA and LLaVA-NeXT"):
         vtr.patch(nn.Linear(2, 2), "tome", budget=4)
     # Other LLaVA-family models (LLaVA-NeXT-Video, LLaVA-OneVision): tests/test_llava_next.py
 
@@ -322,3 +328,109 @@ def test_pool_on_llava_follows_its_factor():
     vtr.patch(model, "pool", budget=4, factor=2)  # 4x4 patch grid pooled 2x2: 4 tokens per image
     generate(model, ids, mask, pixel_values=pixels)
     assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
+
+
+# --- a patched model as an object: pickle, deepcopy, threads, nothing of a call left on it -----------
+
+BEFORE_AND_IN_LLM = [("evit", {"budget": 5}), ("fastv", {"budget": 4, "layers": [1, 2]})]
+
+
+@pytest.mark.parametrize("method, amount", BEFORE_AND_IN_LLM)
+def test_pickle_and_deepcopy_of_a_patched_model_stay_patched(method, amount):
+    ids, mask, pixels = mixed_batch()
+    unpatched = generate(tiny_llava(), ids, mask, pixel_values=pixels)
+    model = vtr.patch(tiny_llava(), method, **amount)
+    # Pickled before its first call: transformers then installs output-capturing hooks that are closures,
+    # after which no LLaVA pickles, patched or not. deepcopy copies those hooks by reference.
+    pickled = pickle.loads(pickle.dumps(model))
+    expected = generate(model, ids, mask, pixel_values=pixels)
+    report = vtr.report(model)
+    copied = copy.deepcopy(model)
+    for clone in (pickled, copied):
+        assert vtr.is_patched(clone) and type(clone) is type(model) and clone._vtr is not model._vtr
+        with pytest.raises(ValueError, match="no forward pass"):     # its own reports, none yet
+            vtr.report(clone)
+        out = generate(clone, ids, mask, pixel_values=pixels)
+        assert torch.equal(out.sequences, expected.sequences) and torch.equal(logits(out), logits(expected))
+        assert torch.equal(vtr.report(clone).kept_positions, report.kept_positions)
+        vtr.unpatch(clone)
+        assert not any(layer._forward_pre_hooks for layer in clone.model.language_model.layers)
+        out = generate(clone, ids, mask, pixel_values=pixels)
+        assert torch.equal(out.sequences, unpatched.sequences) and torch.equal(logits(out), logits(unpatched))
+    assert vtr.is_patched(model)                                     # the original is left as it was
+    out = generate(model, ids, mask, pixel_values=pixels)
+    assert torch.equal(logits(out), logits(expected))
+
+
+def _thread_inputs(thread: int):
+    """Each thread its own prompts and images: different rows, texts and image counts."""
+    rows = [[prompt_row([1, 5], 2, [7, 8]), prompt_row([1, 5, 6, 9, 10, 11], 1, [7, 12, 13]), [1, 20, 21, 22, 23]],
+            [prompt_row([1, 5, 6], 1, [7, 8, 9])],
+            [prompt_row([1], 1, [4, 4, 4, 4, 4]), prompt_row([1, 2, 3, 30, 31], 2, [9])],
+            [[1, 40, 41], prompt_row([1, 50], 1, [51, 52])]][thread]
+    ids, mask = left_padded(rows)
+    images = int((ids == IMAGE_TOKEN).sum()) // IMAGE_TOKENS
+    return ids, mask, torch.randn(images, 3, 56, 56, generator=torch.Generator().manual_seed(10 + thread))
+
+
+@pytest.mark.parametrize("method, amount", BEFORE_AND_IN_LLM)
+def test_threads_sharing_one_patched_model_get_their_own_outputs_and_reports(method, amount):
+    model = vtr.patch(tiny_llava(), method, **amount)
+    inputs = [_thread_inputs(thread) for thread in range(4)]
+    alone = []
+    for ids, mask, pixels in inputs:
+        alone.append((generate(model, ids, mask, pixel_values=pixels), vtr.report(model)))
+    start, results, errors = threading.Barrier(4), [[] for _ in inputs], []
+
+    def work(thread: int) -> None:
+        try:
+            with pytest.raises(ValueError, match="no forward pass"):   # reports are per thread
+                vtr.report(model)
+            ids, mask, pixels = inputs[thread]
+            start.wait()
+            for _ in range(3):
+                results[thread].append((generate(model, ids, mask, pixel_values=pixels), vtr.report(model)))
+        except BaseException as error:   # noqa: BLE001  (re-raised in the test's thread)
+            errors.append(error)
+            start.abort()
+
+    threads = [threading.Thread(target=work, args=(thread,)) for thread in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    for (expected, expected_report), got in zip(alone, results):
+        assert len(got) == 3
+        for out, report in got:
+            assert torch.equal(out.sequences, expected.sequences)
+            torch.testing.assert_close(logits(out), logits(expected), atol=1e-5, rtol=0)  # kernels may split work
+            assert torch.equal(report.kept_positions, expected_report.kept_positions)      # differently in threads
+            assert torch.equal(report.visual_tokens_after, expected_report.visual_tokens_after)
+            assert torch.equal(report.assignment, expected_report.assignment)
+    assert vtr.report(model) is alone[-1][1]            # this thread's last report, untouched by the others
+
+
+@pytest.mark.parametrize("method, amount", [*BEFORE_AND_IN_LLM, ("_rec_query_held", {"budget": 4})])
+def test_after_a_call_the_model_holds_no_tensor_of_it(method, amount, recording):
+    """Nothing a call computes stays on the model: every tensor it holds afterwards (through attributes,
+    hooks and closures) it held before the first call; no run, pruning or report hangs from it."""
+    recording("_rec_query_held", {"query", "cls_attention"})
+    model = vtr.patch(tiny_llava(), method, **amount)
+    before = held_tensors(model)
+    ids, mask, pixels = mixed_batch()
+    generate(model, ids, mask, pixel_values=pixels)
+    with vtr.conditioned(model, torch.randn(3, 64)):
+        generate(model, ids, mask, pixel_values=pixels)
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.sum().backward()   # autograd on
+    model.zero_grad(set_to_none=True)
+    with torch.inference_mode():                        # a decode loop by hand on the forward's own cache
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+        seen = mask if "layers" in amount else (vtr.report(model).kept_positions >= 0).long()  # compacted prompt
+        model(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True,
+              attention_mask=torch.cat([seen, torch.ones_like(seen[:, :1])], 1))
+    after = held_tensors(model)
+    assert after.keys() <= before.keys(), [tuple(t.shape) for key, t in after.items() if key not in before]
+    assert not [obj for obj in reachable(model) if isinstance(obj, (Run, Report))]
+    assert type(vtr.report(model)).__name__ == "LlavaReport"

@@ -11,7 +11,7 @@ from vtr.tools.profile import count_macs
 from vtr.reducers import GridPool, Signals
 from vtr.core.state import TokenState
 
-from reducer_cases import images, make_state, tiny_vit
+from conftest import make_state, tiny_vit, vit_images as images
 
 
 def test_matches_avg_pool2d_on_a_divisible_grid_and_keeps_protected():

@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNe
 
 import vtr
 
-from _llava_models import GENERATE, IMAGE_TOKEN, left_padded
+from llava_models import GENERATE, IMAGE_TOKEN, left_padded
 
 PINPOINTS = [[56, 112], [112, 56], [112, 112]]   # (height, width): 1x2, 2x1 and 2x2 crops of 56 x 56
 MAX_CROPS = 4
@@ -32,9 +32,8 @@ def tiny_llava_next(attn: str = "sdpa", seed: int = 0, **overrides) -> LlavaNext
 
 def image_counts(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[int]:
     """Features per image, as the unpatched model packs them (what the processor expands <image> to)."""
-    original = getattr(getattr(model, "_vtr", None), "original_class", type(model))
-    with torch.inference_mode():
-        features = original.get_image_features(model, pixel_values=pixel_values, image_sizes=image_sizes)
+    with torch.inference_mode():   # a patched model's own get_image_features: vtr does not change it
+        features = model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
     return [len(f) for f in features.pooler_output]
 
 

@@ -6,12 +6,14 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 import vtr
-from vtr.adapters import llava_next
-from vtr.adapters.llava_next import crop_importance, layout, split_budget
+from vtr.adapters.llava import anyres
+from vtr.adapters.llava.anyres import crop_importance, split_budget
+from vtr.adapters.llava.common import largest_image_tokens, layout
 from vtr.reducers import REDUCERS
 
-from _llava_models import IMAGE_TOKEN, FeatureCapture, generate, logits, pooled, recording, tiny_llava  # noqa: F401
-from _llava_next_models import PINPOINTS, batch, image_counts, model_for, run, tiny_llava_next
+from llava_models import (IMAGE_TOKEN, FeatureCapture, generate, held_tensors, logits, pooled, recording,  # noqa: F401
+                           tiny_llava)
+from llava_next_models import PINPOINTS, batch, image_counts, model_for, run, tiny_llava_next
 
 LARGEST = 16 + 8 * 9        # a 112 x 112 image: thumbnail 4x4, 2x2 crops -> an 8x8 map, a newline per row
 MIXED = [([1, 5], [(50, 120), (112, 112)], [7, 8]),     # two images: 52 and 88 tokens
@@ -32,7 +34,7 @@ def test_layout_follows_transformers_packing():
             if n:
                 rows, cols = geometry.grid(1 + c)
                 assert rows * cols == n
-    assert llava_next.largest_image_tokens(model) == LARGEST
+    assert largest_image_tokens(model) == LARGEST
     thin = layout(model, (16, 400))           # unpadding leaves no row: the thumbnail alone, no newline
     assert (thin.num_tokens, thin.rows, thin.crop_tokens()) == (16, 0, [0, 0])
 
@@ -95,7 +97,7 @@ SIDES = st.integers(16, 400)
 
 @settings(max_examples=25, deadline=None)
 @given(method=st.sampled_from(METHODS), sizes=st.lists(st.tuples(SIDES, SIDES), min_size=1, max_size=3),
-       budget=st.integers(llava_next.MIN_BUDGET, LARGEST))
+       budget=st.integers(anyres.MIN_BUDGET, LARGEST))
 @example(method="pitome", sizes=[(16, 16), (16, 129)], budget=3)   # a thumbnail-only image: no newline at all
 def test_budget_is_exact_per_image(method, sizes, budget):
     model = model_for()
@@ -364,11 +366,11 @@ def test_forward_runs_on_the_compacted_prompt_with_labels():
 
 def test_plan_follows_the_weights_and_hands_on_what_a_crop_cannot_take():
     square = layout(model_for(), (112, 112))           # 16 thumbnail tokens, 4 crops of 16, 8 newlines
-    split = llava_next.plan(square, 24, torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    split = anyres.plan(square, 24, torch.tensor([0.7, 0.1, 0.1, 0.1]))
     assert (split.base_kept, split.crop_budgets, split.newlines_kept) == (5, [12, 2, 2, 2], 1)
-    split = llava_next.plan(square, 40, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    split = anyres.plan(square, 40, torch.tensor([1.0, 0.0, 0.0, 0.0]))
     assert (split.base_kept, split.crop_budgets) == (8, [16, 5, 5, 5])      # crop 0 is full: the rest go on
-    assert llava_next.plan(square, None, None).passed_through
+    assert anyres.plan(square, None, None).passed_through
 
 
 def test_without_a_cls_attention_the_crops_share_by_token_count():
@@ -381,3 +383,17 @@ def test_without_a_cls_attention_the_crops_share_by_token_count():
     splits = vtr.report(model).anyres
     assert [s.crop_weights for s in splits] == [None, None]
     assert [(s.base_kept, s.crop_budgets) for s in splits] == [(6, [7, 6]), (4, [4, 4, 4, 3])]   # ties: first crop
+
+
+@pytest.mark.parametrize("amount", [{"budget": 20}, {"budget": 20, "layers": [1, 2]}])
+def test_after_a_call_the_model_holds_no_tensor_of_it(amount):
+    """The thumbnail's attention (kept by hooks for the call), the split and the pruning all end with the call."""
+    model = model_for()
+    ids, mask, pixel_values, image_sizes = batch(model, MIXED)
+    vtr.patch(model, "tome", **amount)
+    before = held_tensors(model)
+    run(model, ids, mask, pixel_values, image_sizes, max_new_tokens=2)
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes)
+    assert held_tensors(model).keys() <= before.keys()
+    assert vtr.report(model).image_tokens_after.tolist() == [20, 20, 20]

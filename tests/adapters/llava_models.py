@@ -1,6 +1,10 @@
 """Tiny random LLaVA models and prompts for the LLaVA adapter tests (CPU, well under a second each)."""
 from __future__ import annotations
 
+import functools
+import types
+import weakref
+
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -150,3 +154,49 @@ def recording():
     yield register
     for name in [n for n in REDUCERS if n.startswith("_rec")]:
         REDUCERS.pop(name)
+
+
+# --- what a model holds ----------------------------------------------------------------------------
+
+_ATOMS = (str, bytes, int, float, bool, complex, type, types.ModuleType, weakref.ref, *weakref.ProxyTypes,
+          torch.dtype, torch.device)
+
+
+def reachable(root) -> list:
+    """Every object ``root`` keeps alive: through instances' ``__dict__`` and slots, containers, hooks,
+    bound methods, partials and closures (not through classes or module globals)."""
+    seen, found, stack = set(), [], [root]
+    while stack:
+        obj = stack.pop()
+        if obj is None or isinstance(obj, _ATOMS) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        found.append(obj)
+        if isinstance(obj, torch.Tensor):
+            continue
+        if isinstance(obj, dict):
+            stack += [*obj.keys(), *obj.values()]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack += list(obj)
+        elif isinstance(obj, types.MethodType):
+            stack += [obj.__self__, obj.__func__]
+        elif isinstance(obj, functools.partial):
+            stack += [obj.func, *obj.args, *obj.keywords.values()]
+        elif isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    stack.append(cell.cell_contents)
+                except ValueError:      # an empty cell
+                    pass
+        else:
+            stack += list(getattr(obj, "__dict__", {}).values())
+            for cls in type(obj).__mro__:
+                for slot in getattr(cls, "__slots__", ()):
+                    if isinstance(slot, str) and slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
+                        stack.append(getattr(obj, slot))
+    return found
+
+
+def held_tensors(model) -> dict:
+    """The tensors ``model`` keeps alive, by id (parameters, buffers and any other)."""
+    return {id(obj): obj for obj in reachable(model) if isinstance(obj, torch.Tensor)}

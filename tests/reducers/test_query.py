@@ -9,7 +9,7 @@ from vtr.reducers import QueryPrune, Signals
 from vtr.reducers.base import unit
 from vtr.core.state import TokenState
 
-from reducer_cases import images, make_state, tiny_vit
+from conftest import make_state, tiny_vit, vit_images as images
 
 
 def planted(batch=2, tokens=40, channels=32, protected=1, region=6, seed=0):

@@ -1,4 +1,11 @@
-"""open_clip adapter: exact at zero reduction, unpatch, fast path kept, FLOPs, conditioning, errors."""
+"""open_clip adapter: exact at zero reduction, unpatch, fast path kept, FLOPs, conditioning, errors;
+a patched model pickles, fires block hooks with the reduced tokens, keeps no autograd state and serves
+concurrent threads."""
+import copy
+import io
+import pickle
+import threading
+
 import pytest
 import torch
 import open_clip
@@ -9,9 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtr
 from vtr.adapters import open_clip_vit
+from vtr.core import run as runs
 from vtr.tools.profile import count_macs
 
-from _query_probe import probe, signal_probe
+from conftest import probe, signal_probe
 
 TINY = dict(image_size=32, patch_size=4, width=32, layers=4, heads=4, mlp_ratio=2.0, output_dim=16)
 TOWERS = {
@@ -107,7 +115,7 @@ def test_flops_target(kind, method, target):
     tower = tiny_tower(**TOWERS[kind])
     x = images(1)
     base = count_macs(WithGrad(tower), x).per_image
-    assert base == pytest.approx(open_clip_vit.cost(tower).unreduced(), rel=1e-6)
+    assert base == pytest.approx(open_clip_vit.OpenClipViT().cost(tower).unreduced(), rel=1e-6)
     vtr.patch(tower, method, flops=target)
     counted = count_macs(WithGrad(tower), x).per_image
     assert abs(counted / base - target) < 0.02
@@ -129,6 +137,8 @@ def test_unpatch_restores_everything(kind):
         vtr.unpatch(tower)
         assert type(tower) is VisionTransformer and not hasattr(tower, "_vtr")
         assert all(not m._forward_hooks for m in tower.modules())
+        assert not any(type(m).__name__.startswith("Vtr") or any(k.startswith("_vtr") for k in vars(m))
+                       for m in tower.modules())
         assert torch.equal(tower(x), reference)
 
 
@@ -196,10 +206,12 @@ def test_size_weighted_pooling():
         merged = state.reduce(dest, 3)
         vtr.patch(tower, "none")
         with torch.no_grad():
-            tower._vtr.final_state = merged
-            pooled = tower._pool(merged.x)[0]
-            tower._vtr.final_state = state
-            unmerged = tower._pool(state.x)[0]
+            with runs.opened(tower._vtr) as run:       # the pass's run, ending with these tokens
+                run.begin(merged, 0)
+                pooled = tower._pool(merged.x)[0]
+            with runs.opened(tower._vtr) as run:
+                run.begin(state, 0)
+                unmerged = tower._pool(state.x)[0]
         vtr.unpatch(tower)
         assert torch.allclose(pooled, unmerged, atol=1e-6)
 
@@ -248,10 +260,11 @@ def test_batched_conditioning_with_a_query_per_image():
 def test_token_projection_is_the_pooled_embedding():
     model = tiny_clip()
     vtr.patch(model, "none")
+    final = []
+    model.visual.transformer.resblocks[-1].register_forward_hook(lambda module, args, output: final.append(output))
     with torch.no_grad():
         features = model.encode_image(images())
-        final = model._vtr.final_state.x
-        assert torch.allclose(model.visual.project_tokens(final)[:, 0], features, atol=1e-6)
+        assert torch.allclose(model.visual.project_tokens(final[0])[:, 0], features, atol=1e-6)
     vtr.unpatch(model)
 
 
@@ -265,7 +278,7 @@ def test_zero_shot_conditions_on_every_class_prompt():
         assert logits.shape == (3, 5)
         query = reducer.seen[0].query
         assert query.shape == (3, 5, 16) and torch.equal(query[2], class_features)
-        assert model._vtr.query is None                                  # the condition ends with the call
+        assert runs.query_of(model._vtr) is None                         # the condition ends with the call
         vtr.unpatch(model)
 
 
@@ -323,3 +336,187 @@ def test_cls_attention_is_row_zero_of_the_full_attention(kind):
             seen = reducer.seen[0]
     assert torch.allclose(seen.cls_attention, full[:, 0], atol=1e-6)
     assert seen.grid == (8, 8) and seen.layer == 0 and seen.num_layers == 4
+
+
+# -- what a patched model is: settings only, every call's state in its own run --------------------
+
+def call_state(model: nn.Module) -> list:
+    """Paths to what a forward pass could leave behind, reachable from any module's attributes (containers,
+    objects, and the cells and defaults of functions such as hooks included): tensors other than parameters
+    that require grad or carry a graph, and runs or token states."""
+    found, seen = [], set()
+
+    def walk(obj, path):
+        if id(obj) in seen or isinstance(obj, (type, nn.Parameter, str, bytes, int, float, bool)) or obj is None:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (runs.Run, vtr.TokenState)):
+            found.append(path)
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.requires_grad or obj.grad_fn is not None:
+                found.append(path)
+            return
+        if isinstance(obj, dict):
+            items = list(obj.items())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            items = list(enumerate(obj))
+        else:
+            items = list(getattr(obj, "__dict__", {}).items())
+            cells = getattr(obj, "__closure__", None) or ()
+            items += [(f"<cell {i}>", cell.cell_contents) for i, cell in enumerate(cells)
+                      if cell.cell_contents is not cell]
+            for attribute in ("__self__", "__defaults__", "__kwdefaults__"):
+                if getattr(obj, attribute, None) is not None:
+                    items.append((attribute, getattr(obj, attribute)))
+        for key, value in items:
+            walk(value, f"{path}.{key}")
+
+    for name, module in model.named_modules():
+        walk(vars(module), name or "model")
+    return found
+
+
+@pytest.mark.parametrize("kind", ["default", "qk_norm"])
+def test_pickle_and_deepcopy_keep_the_model_patched(kind):
+    tower = tiny_tower(**TOWERS[kind])
+    x = images()
+    with torch.no_grad():
+        reference = tower(x)
+        vtr.patch(tower, "tome", r=6, metric="keys")
+        reduced = tower(x)
+        buffer = io.BytesIO()
+        torch.save(tower, buffer)
+        copies = [pickle.loads(pickle.dumps(tower)), copy.deepcopy(tower),
+                  torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)]
+        for twin in copies:
+            assert vtr.is_patched(twin) and vtr.family(twin) == "open_clip"
+            assert torch.equal(twin(x), reduced)
+            assert vtr.report(twin).tokens == [65, 59, 53, 47, 41]
+            vtr.unpatch(twin)
+            assert type(twin) is VisionTransformer and all(not m._forward_hooks for m in twin.modules())
+            assert torch.equal(twin(x), reference)
+        assert torch.equal(tower(x), reduced)                     # the original is still patched
+
+
+def test_pickled_whole_clip_model_shares_one_settings_object():
+    model = tiny_clip(qk_norm=True)
+    x = images()
+    with torch.no_grad():
+        vtr.patch(model, "tome", r=4, metric="keys")
+        reduced = model.encode_image(x)
+        twin = pickle.loads(pickle.dumps(model))
+        assert twin._vtr is twin.visual._vtr
+        assert torch.equal(twin.encode_image(x), reduced) and vtr.report(twin).tokens == [65, 61, 57, 53]
+        vtr.unpatch(twin)
+        assert not hasattr(twin, "_vtr") and not hasattr(twin.visual, "_vtr")
+
+
+@pytest.mark.parametrize("kind", ["default", "qk_norm"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_hooks_fire_once_with_the_reduced_tokens(kind, checkpointing):
+    tower = tiny_tower(**TOWERS[kind])
+    tower.set_grad_checkpointing(checkpointing)
+    vtr.patch(tower, "tome", r=6, metric="keys")
+    seen = []
+    for i, block in enumerate(tower.transformer.resblocks):
+        block.register_forward_hook(lambda module, args, output, i=i: seen.append((i, args[0].shape[1],
+                                                                                    output.shape[1])))
+    x = images()
+    with torch.no_grad():
+        tower(x)
+    tokens = vtr.report(tower).tokens
+    assert seen == [(i, tokens[i], tokens[i + 1]) for i in range(4)]
+    if checkpointing:   # under grad the blocks run checkpointed (backward may recompute them: not counted)
+        seen.clear()
+        tower(x).sum().backward()
+        assert seen[:4] == [(i, tokens[i], tokens[i + 1]) for i in range(4)]
+        assert vtr.report(tower).tokens == tokens
+
+
+@pytest.mark.parametrize("kind,checkpointing", [("default", False), ("qk_norm", False), ("default", True)])
+def test_no_autograd_state_stays_on_the_model(kind, checkpointing):
+    tower = tiny_tower(**TOWERS[kind]).train()
+    tower.set_grad_checkpointing(checkpointing)
+    vtr.patch(tower, "evit", keep=0.7)                   # reads the CLS attention: q/k pass through the run
+    tower(images()).sum().backward()
+    assert vtr.report(tower).tokens[-1] < 65
+    assert all(p.grad is not None for p in tower.transformer.parameters())
+    assert call_state(tower) == []
+    report = vtr.report(tower)
+    assert not report.size.requires_grad and report.size.grad_fn is None
+
+
+def _each_alone_then_together(model, calls):
+    """Each call's (output, tokens, assignment) alone, then from four threads at once, three times each."""
+    def one(call):
+        with torch.no_grad():   # grad mode is per thread
+            output = call()
+        report = vtr.report(model)
+        return output, report.tokens, report.assignment
+
+    alone = [one(call) for call in calls]
+    barrier = threading.Barrier(len(calls))
+    together = [[] for _ in calls]
+    errors = []
+
+    def worker(i):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                together[i].append(one(calls[i]))
+        except Exception as error:   # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for expected, results in zip(alone, together):
+        for output, tokens, assignment in results:
+            assert torch.equal(output, expected[0]) and tokens == expected[1]
+            assert torch.equal(assignment, expected[2])
+    return alone
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Bitwise comparisons across threads: one intra-op thread, so no op's reduction order depends on load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["default", "qk_norm"])
+def test_concurrent_threads_each_get_their_own_result(kind, one_intra_op_thread):
+    tower = tiny_tower(**TOWERS[kind])
+    vtr.patch(tower, "evit", keep=0.6)
+    inputs = [images(1 + i % 2, seed=10 + i) for i in range(4)]   # batches of 1 and 2: shapes differ too
+
+    def call(x):
+        return lambda: tower(x)
+
+    alone = _each_alone_then_together(tower, [call(x) for x in inputs])
+    assert len({tuple(a[2].flatten().tolist()) for a in alone}) == 4
+
+
+def test_concurrent_threads_each_get_their_own_query(one_intra_op_thread):
+    model = tiny_clip()
+    x = images(2)
+    queries = [torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(20 + i)) for i in range(4)]
+    with probe():
+        vtr.patch(model, "query_probe", keep=0.5, layers=[1])
+
+        def call(query):
+            def conditioned():
+                with vtr.conditioned(model, query):
+                    return model.encode_image(x)
+            return conditioned
+
+        alone = _each_alone_then_together(model, [call(q) for q in queries])
+        assert len({tuple(a[2].flatten().tolist()) for a in alone}) > 1   # the queries keep different tokens
+        assert runs.query_of(model._vtr) is None
+        vtr.unpatch(model)

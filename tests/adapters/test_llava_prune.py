@@ -1,4 +1,5 @@
-"""Progressive in-LLM pruning of LLaVA (``layers=[K1, K2, ...]``) and the cache modes in-LLM pruning meets.
+"""In-LLM pruning of LLaVA: at one decoder layer (``layers=[K]``) or progressively (``layers=[K1, K2, ...]``),
+and the cache modes it meets.
 
 Exact against a plain segment-by-segment reference, per-row exact in batches, static caches,
 clear early errors for what it cannot do (assisted generation, chunked prefill).
@@ -11,27 +12,28 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtr
-from vtr.adapters.llava import cost, prefill_macs
-from vtr.adapters.llava_prune import stage_budgets
+from vtr.adapters.llava.common import cost, prefill_macs
+from vtr.adapters.llava.in_llm import stage_budgets
 
-from _llava_models import (GENERATE, IMAGE_TOKENS, PAD, assert_each_row_equals_it_alone, generate, left_padded, logits,
-                           mixed_batch, prompt_row, segment_reference, tiny_llava)
+from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, assert_each_row_equals_it_alone, generate,
+                           left_padded, logits, mixed_batch, prompt_row, segment_reference, tiny_llava)
 
 NUM_LAYERS = 4
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("layers, budget, counts", [([0, 2], 4, [8, 4]), ([1, 2, 3], [12, 6, 3], [12, 6, 3])])
-def test_progressive_prefill_and_decode_equal_the_segment_reference(attn, layers, budget, counts):
+@pytest.mark.parametrize("layers, budget, counts", [([0], 5, [5]), ([2], 5, [5]), ([0, 2], 4, [8, 4]),
+                                                    ([1, 2, 3], [12, 6, 3], [12, 6, 3])])
+def test_prefill_and_decode_equal_the_segment_reference(attn, layers, budget, counts):
+    """One layer or several: layers before K1 see every token, each segment its stage's kept columns."""
     model = tiny_llava(attn)
     ids, mask = left_padded([prompt_row([1, 5, 6], 1, [7, 8, 9])])
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
     vtr.patch(model, "fastv", budget=budget, layers=layers)
-    pruner = model._vtr.pruner
     out = generate(model, ids, mask, pixel_values=pixels)
     report = vtr.report(model)
     vtr.unpatch(model)
-    stages = {stage.layer: stage.columns[0] for stage in pruner.stages}
+    stages = {layer: columns[0] for layer, columns in zip(report.stage_layers, report.stage_positions)}
     assert report.stage_layers == layers and report.stage_tokens == [IMAGE_TOKENS] + counts == report.tokens
     text = ids.shape[1] - IMAGE_TOKENS
     previous = set(range(ids.shape[1]))
@@ -45,9 +47,26 @@ def test_progressive_prefill_and_decode_equal_the_segment_reference(attn, layers
         torch.testing.assert_close(out.logits[step], expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("attn, method, layers, budget", [("sdpa", "fastv", [1, 2], 4),
-                                                          ("eager", "tome", [0, 3], [8, 3])])
-def test_progressive_batch_with_left_padding_equals_each_row_alone(attn, method, layers, budget):
+def test_fastv_keeps_the_tokens_the_last_token_attends_to_most():
+    """The ranking recomputed from q/k + rotary equals the eager attention row of the unpatched model."""
+    model, layer = tiny_llava("eager"), 2
+    ids, mask = left_padded([prompt_row([1, 5, 6], 1, [7, 8, 9])])
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        attentions = model(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions
+    row = attentions[layer][0, :, -1].mean(dim=0)
+    image_columns = (ids[0] == IMAGE_TOKEN).nonzero()[:, 0]
+    expected = image_columns[row[image_columns].topk(5).indices].sort().values
+    vtr.patch(model, "fastv", budget=5, layers=[layer])
+    generate(model, ids, mask, pixel_values=pixels)
+    kept = vtr.report(model).kept_positions[0]
+    assert torch.equal(kept[ids[0, kept] == IMAGE_TOKEN], expected)
+
+
+@pytest.mark.parametrize("attn, method, layers, budget", [
+    ("sdpa", "fastv", [1], 5), ("eager", "fastv", [1], 5), ("sdpa", "tome", [1], 5), ("eager", "tome", [1], 5),
+    ("sdpa", "fastv", [1, 2], 4), ("eager", "tome", [0, 3], [8, 3])])
+def test_batch_with_left_padding_equals_each_row_alone(attn, method, layers, budget):
     model = tiny_llava(attn)
     ids, mask, pixels = mixed_batch()
     vtr.patch(model, method, budget=budget, layers=layers)
@@ -72,8 +91,9 @@ def test_tome_stages_carry_sizes_and_provenance():
     assert torch.equal(carried, report.size)
 
 
-@pytest.mark.parametrize("layers, budget", [([0, 2], IMAGE_TOKENS), ([1, 3], [IMAGE_TOKENS, IMAGE_TOKENS])])
-def test_budgets_that_keep_everything_match_the_unpatched_model(layers, budget):
+@pytest.mark.parametrize("layers, budget", [([2], IMAGE_TOKENS), ([0, 2], IMAGE_TOKENS),
+                                           ([1, 3], [IMAGE_TOKENS, IMAGE_TOKENS])])
+def test_budgets_that_keep_everything_match_the_unpatched_model_and_unpatch_removes_the_hooks(layers, budget):
     model = tiny_llava()
     ids, mask, pixels = mixed_batch()
     expected = generate(model, ids, mask, pixel_values=pixels)
@@ -83,6 +103,8 @@ def test_budgets_that_keep_everything_match_the_unpatched_model(layers, budget):
     assert torch.equal(out.sequences, expected.sequences)
     vtr.unpatch(model)
     assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+    out = generate(model, ids, mask, pixel_values=pixels)
+    assert torch.equal(logits(out), logits(expected))
 
 
 def test_text_only_prompts_pass_through_progressive_pruning():
@@ -113,7 +135,26 @@ def test_stage_budgets_are_non_increasing_and_end_at_the_budget(num_tokens, data
         assert abs(count - num_tokens * (budget / num_tokens) ** (i / num_stages)) <= 0.5
 
 
+def test_report_says_where_and_earlier_layers_save_more():
+    ids, mask, pixels = mixed_batch()
+    saved = []
+    for layer in (3, 1, 0):
+        model = tiny_llava()
+        vtr.patch(model, "fastv", budget=4, layers=[layer])
+        generate(model, ids, mask, pixel_values=pixels)
+        report = vtr.report(model)
+        assert report.where == f"in the language model at layer {layer}"
+        assert report.visual_tokens_before.tolist() == [32, 16, 0] and report.visual_tokens_after.tolist() == [8, 4, 0]
+        saved.append(report.prefill_flops_saved)
+    assert 0 < saved[0] < saved[1] < saved[2]
+
+
+SINGLE_LAYER = r"layers must be .*strictly increasing .* with each K in \[0, 3\]"
+
+
 @pytest.mark.parametrize("layers, budget, match", [
+    ([4], 4, SINGLE_LAYER), ([1, 4], 4, SINGLE_LAYER), ([], 4, SINGLE_LAYER), ([-1], 4, SINGLE_LAYER),
+    ([True], 4, SINGLE_LAYER),
     ([2, 1], 4, r"layers must be .*strictly increasing .*K in \[0, 3\]"),
     ([1, 1], 4, r"layers must be .*strictly increasing"),
     ([0, 4], 4, r"layers must be .*K in \[0, 3\]"),
@@ -127,8 +168,18 @@ def test_stage_budgets_are_non_increasing_and_end_at_the_budget(num_tokens, data
     (None, [8, 4], r"budget must be an int in \[1, 16\]"),
 ])
 def test_bad_layers_and_budgets_name_the_parameter_and_range(layers, budget, match):
+    model = tiny_llava()
     with pytest.raises(ValueError, match=match):
-        vtr.patch(tiny_llava(), "fastv", budget=budget, layers=layers)
+        vtr.patch(model, "fastv", budget=budget, layers=layers)
+    assert not vtr.is_patched(model)
+
+
+def test_right_padding_is_a_clear_error():
+    model = tiny_llava()
+    vtr.patch(model, "fastv", budget=4, layers=[1])
+    ids, mask = left_padded([prompt_row([1], 1, [7]), prompt_row([1, 2, 3], 1, [7])])
+    with pytest.raises(ValueError, match="pad on the left"):
+        model(input_ids=ids.flip(1), attention_mask=mask.flip(1), pixel_values=torch.randn(2, 3, 56, 56))
 
 
 def test_tome_stage_budget_it_can_reach_is_checked_at_patch_time():
@@ -265,7 +316,30 @@ def test_assisted_generation_and_chunked_prefill_are_refused_before_any_forward(
     with pytest.raises(ValueError, match=rf"\({name}\) is not supported with in-LLM pruning \(layers=\).*one forward"):
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=2, **options)
-    assert model._vtr.report is None and model._vtr.pruner.placeholder is None       # nothing ran
+    with pytest.raises(ValueError, match="no forward pass"):                        # nothing ran
+        vtr.report(model)
+
+
+@pytest.mark.parametrize("layers, budget", [([1], 5), ([0, 2], [8, 3])])
+def test_a_decode_loop_by_hand_continues_the_pruning_of_its_prefill(layers, budget):
+    """Forwards on their own: the prefill's pruning goes with the KV cache it filled, so each later step
+    on that cache sees what generate()'s decode steps see."""
+    model = tiny_llava()
+    ids = torch.tensor([prompt_row([1, 5, 6], 1, [7, 8, 9])])
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    vtr.patch(model, "fastv", budget=budget, layers=layers)
+    expected = generate(model, ids, torch.ones_like(ids), pixel_values=pixels)
+    kept = vtr.report(model).kept_positions
+    with torch.inference_mode():
+        out = model(input_ids=ids, pixel_values=pixels, use_cache=True)      # the forward makes its own cache
+        assert torch.equal(vtr.report(model).kept_positions, kept)
+        steps = [out.logits[:, -1]]
+        for step, token in enumerate(expected.sequences[0, ids.shape[1]:-1]):
+            length = ids.shape[1] + step       # positions as generate() numbers them (the pruned caches are shorter)
+            steps.append(model(input_ids=token.view(1, 1), cache=out.cache, use_cache=True,
+                               position_ids=torch.tensor([[length]]),
+                               attention_mask=torch.ones(1, length + 1, dtype=torch.long)).logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, dim=1), logits(expected), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("layers", [[1], [0, 2]])
@@ -308,3 +382,14 @@ def test_before_the_language_model_supports_an_assistant_model_with_autograd_on(
     expected = model.generate(**options)
     assert torch.is_grad_enabled()
     assert torch.equal(model.generate(**options, assistant_model=assistant), expected)
+
+
+def test_fastv_reducer_keeps_the_most_attended_tokens_in_order():
+    state = vtr.TokenState.start(torch.randn(2, 6, 3), num_protected=1)
+    attention = torch.tensor([[0.5, 0.1, 0.3, 0.05, 0.4, 0.2], [0.5, 0.4, 0.1, 0.3, 0.2, 0.0]])
+    reducer = vtr.make_reducer("fastv")
+    out = reducer(state, 3, vtr.Signals(cls_attention=attention))
+    assert out.assignment.tolist() == [[0, -1, 1, -1, 2, -1], [0, 1, -1, 2, -1, -1]]
+    assert torch.equal(out.x[0], state.x[0, [0, 2, 4]]) and torch.equal(out.size, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="fastv needs signals.cls_attention"):
+        reducer(state, 3, vtr.Signals())

@@ -1,6 +1,12 @@
 """transformers adapter (CLIP, SigLIP, ViT): exactness, unpatch, hidden states, FLOPs, save/load,
-text conditioning and errors, on tiny random-weight models built from configs."""
+text conditioning and errors, on tiny random-weight models built from configs; a patched model
+pickles, fires layer hooks with the reduced tokens, keeps no autograd state and serves concurrent
+threads."""
+import copy
+import io
 import json
+import pickle
+import threading
 
 import pytest
 import torch
@@ -13,9 +19,10 @@ from transformers.utils import logging as hf_logging
 
 import vtr
 from vtr.adapters import hf_vision
+from vtr.core import run as runs
 from vtr.tools.profile import count_macs
 
-from _query_probe import probe, signal_probe
+from conftest import probe, signal_probe
 
 hf_logging.set_verbosity_error()
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -45,10 +52,17 @@ def images(batch=2, seed=1):
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def tower(model):
+    """The image tower: ``vision_model`` (CLIP/SigLIP), ``vit`` (ViT classifier) or the model itself."""
+    for attribute in ("vision_model", "vit"):
+        if isinstance(getattr(model, attribute, None), nn.Module):
+            return getattr(model, attribute)
+    return model
+
+
 def tower_output(model, x, **kwargs):
     """The image tower's full output (hidden states included) whatever the model kind."""
-    visual = hf_vision.tower(model)
-    return visual(pixel_values=x, output_hidden_states=True, **kwargs)
+    return tower(model)(pixel_values=x, output_hidden_states=True, **kwargs)
 
 
 def embeddings(model, x):
@@ -73,7 +87,7 @@ def test_exact_at_zero_reduction(name, implementation):
             assert torch.equal(out.last_hidden_state, ref_out.last_hidden_state)
             assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, ref_out.hidden_states))
             vtr.unpatch(model)
-        assert hf_vision.tower(model).config._attn_implementation == implementation
+        assert tower(model).config._attn_implementation == implementation
         assert torch.equal(embeddings(model, x), reference)
 
 
@@ -93,12 +107,12 @@ def test_reduced_hidden_states_and_unpatch(name):
         # hidden_states: the embeddings, then each layer's output with its reduced token count
         assert [h.shape[1] for h in out.hidden_states] == tokens
         assert out.last_hidden_state.shape[1] == tokens[-1]
-        as_tuple = hf_vision.tower(model)(pixel_values=x, return_dict=False)
+        as_tuple = tower(model)(pixel_values=x, return_dict=False)
         assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
         assert not torch.allclose(embeddings(model, x), reference)
         vtr.unpatch(model)
-        assert not any(type(m).__name__.startswith("Vtr") for m in model.modules())
-        assert not any(hasattr(m, "_vtr_run") or hasattr(m, "_vtr_capture") for m in model.modules())
+        assert not any(isinstance(m, vtr.adapters.Swapped) for m in model.modules())
+        assert not any(k.startswith("_vtr") for m in model.modules() for k in vars(m))
         assert torch.equal(embeddings(model, x), reference)
 
 
@@ -110,7 +124,7 @@ def test_flops_target(name, method, target):
     fn = lambda pixels: embeddings(model, pixels)  # noqa: E731
     wrapped = _Call(fn)
     base = count_macs(wrapped, x).per_image
-    assert base == pytest.approx(hf_vision.cost(model).unreduced(), rel=1e-6)
+    assert base == pytest.approx(hf_vision.HfVision().cost(model).unreduced(), rel=1e-6)
     vtr.patch(model, method, flops=target)
     counted = count_macs(wrapped, x).per_image
     assert abs(counted / base - target) < 0.02
@@ -157,12 +171,13 @@ def test_siglip_pooling_head_is_size_weighted():
     vtr.patch(model, "none")
     state = vtr.TokenState.start(torch.randn(1, 2, 32).repeat_interleave(torch.tensor([1, 3]), dim=1), 0)
     merged = state.reduce(torch.tensor([[0, 1, 1, 1]]), 2)
-    run = model._vtr_run
     with torch.no_grad():
-        run.state = merged
-        pooled = model.head(merged.x)
-        run.state = state
-        unmerged = model.head(state.x)
+        with runs.opened(model._vtr) as run:       # the pass's run, ending with these tokens
+            run.begin(merged, 0)
+            pooled = model.head(merged.x)
+        with runs.opened(model._vtr) as run:
+            run.begin(state, 0)
+            unmerged = model.head(state.x)
     vtr.unpatch(model)
     assert torch.allclose(pooled, unmerged, atol=1e-6)
 
@@ -227,11 +242,13 @@ def test_token_projection_is_the_pooled_embedding(name):
     """query_projection maps a token to the embedding it gives as the pooled token."""
     model = build(name)
     vtr.patch(model, "none")
-    run = hf_vision.tower(model)._vtr_run
+    visual = tower(model)
+    seen = []
+    visual.encoder.layers[-1].register_forward_hook(lambda module, args, output: seen.append(output))
     with torch.no_grad():
         features = vtr.clip.image_features(model, images())
-        final = model._vtr.final_state.x
-        projected = run.project(final)
+        final = seen[0]
+        projected = visual.project_tokens(final)
     vtr.unpatch(model)
     if name == "CLIPModel":
         assert torch.allclose(projected[:, 0], features, atol=1e-6)
@@ -250,7 +267,7 @@ def test_zero_shot_with_siglip():
         logits = vtr.clip.zero_shot(model, images(2), classes)
         assert logits.shape == (2, 4)
         assert reducer.seen[0].query.shape == (2, 4, 32)
-        assert model._vtr.query is None
+        assert runs.query_of(model._vtr) is None                         # the condition ends with the call
     vtr.unpatch(model)
 
 
@@ -283,7 +300,7 @@ def test_cls_attention_is_row_zero_of_the_full_attention(name):
     model = build(name, "eager")
     x = images()
     with torch.no_grad():
-        full = hf_vision.tower(model)(pixel_values=x, output_attentions=True).attentions[1]   # layer 1, eager
+        full = tower(model)(pixel_values=x, output_attentions=True).attentions[1]   # layer 1, eager
         model.set_attn_implementation("sdpa")
         with signal_probe() as reducer:
             vtr.patch(model, "signal_probe", r=4, layers=[1])
@@ -296,3 +313,169 @@ def test_cls_attention_is_row_zero_of_the_full_attention(name):
     else:
         assert torch.allclose(seen.cls_attention, full.mean(1)[:, 0], atol=1e-6)
     assert seen.layer == 1 and seen.grid == (8, 8)
+
+
+# -- what a patched model is: settings only, every call's state in its own run --------------------
+
+def call_state(model: nn.Module) -> list:
+    """Paths to what a forward pass could leave behind, reachable from any module's attributes (containers,
+    objects, and the cells and defaults of functions such as hooks included): tensors other than parameters
+    that require grad or carry a graph, and runs or token states."""
+    found, seen = [], set()
+
+    def walk(obj, path):
+        if id(obj) in seen or isinstance(obj, (type, nn.Parameter, str, bytes, int, float, bool)) or obj is None:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (runs.Run, vtr.TokenState)):
+            found.append(path)
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.requires_grad or obj.grad_fn is not None:
+                found.append(path)
+            return
+        if isinstance(obj, dict):
+            items = list(obj.items())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            items = list(enumerate(obj))
+        else:
+            items = list(getattr(obj, "__dict__", {}).items())
+            cells = getattr(obj, "__closure__", None) or ()
+            items += [(f"<cell {i}>", cell.cell_contents) for i, cell in enumerate(cells)
+                      if cell.cell_contents is not cell]
+            for attribute in ("__self__", "__defaults__", "__kwdefaults__"):
+                if getattr(obj, attribute, None) is not None:
+                    items.append((attribute, getattr(obj, attribute)))
+        for key, value in items:
+            walk(value, f"{path}.{key}")
+
+    for name, module in model.named_modules():
+        walk(vars(module), name or "model")
+    return found
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipVisionModel", "ViTForImageClassification"])
+def test_pickle_and_deepcopy_keep_the_model_patched(name):
+    model = build(name)
+    x = images()
+    with torch.no_grad():
+        reference = embeddings(model, x)
+        vtr.patch(model, "tome", r=10, metric="keys")
+        reduced = embeddings(model, x)
+        tokens = vtr.report(model).tokens
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model),
+                  torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)]
+        for twin in copies:
+            assert vtr.is_patched(twin) and vtr.family(twin) == "hf_vision" and twin._vtr is tower(twin)._vtr
+            if name == "CLIPModel":   # the tower maps tokens with the copy's own projection
+                assert tower(twin).__dict__["_vtr_projection"] is twin.visual_projection
+            assert torch.equal(embeddings(twin, x), reduced) and vtr.report(twin).tokens == tokens
+            vtr.unpatch(twin)
+            assert not any(isinstance(m, vtr.adapters.Swapped) for m in twin.modules())
+            assert tower(twin).config._attn_implementation == "sdpa"
+            assert torch.equal(embeddings(twin, x), reference)
+        assert torch.equal(embeddings(model, x), reduced)          # the original is still patched
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipVisionModel", "ViTModel"])
+def test_layer_hooks_fire_once_with_the_reduced_tokens(name):
+    model = build(name)
+    vtr.patch(model, "tome", r=10, metric="keys")
+    layers = tower(model).layers if name == "ViTModel" else tower(model).encoder.layers
+    seen = []
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda module, args, output, i=i: seen.append((i, args[0].shape[1],
+                                                                                    output.shape[1])))
+    with torch.no_grad():
+        embeddings(model, images())
+    tokens = vtr.report(model).tokens
+    assert seen == [(i, tokens[i], tokens[i + 1]) for i in range(3)] and tokens[-1] < tokens[0]
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipVisionModel"])
+def test_no_autograd_state_stays_on_the_model(name):
+    model = build(name).train()
+    vtr.patch(model, "tome", r=10, metric="keys")              # keys: q/k pass through the run
+    embeddings(model, images()).sum().backward()
+    assert vtr.report(model).tokens[-1] < vtr.report(model).tokens[0]
+    assert all(p.grad is not None for p in tower(model).encoder.parameters())
+    assert call_state(model) == []
+    report = vtr.report(model)
+    assert not report.size.requires_grad and report.size.grad_fn is None
+
+
+def _each_alone_then_together(model, calls):
+    """Each call's (output, tokens, assignment) alone, then from four threads at once, three times each."""
+    def one(call):
+        with torch.no_grad():   # grad mode is per thread
+            output = call()
+        report = vtr.report(model)
+        return output, report.tokens, report.assignment
+
+    alone = [one(call) for call in calls]
+    barrier = threading.Barrier(len(calls))
+    together = [[] for _ in calls]
+    errors = []
+
+    def worker(i):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                together[i].append(one(calls[i]))
+        except Exception as error:   # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for expected, results in zip(alone, together):
+        for output, tokens, assignment in results:
+            assert torch.equal(output, expected[0]) and tokens == expected[1]
+            assert torch.equal(assignment, expected[2])
+    return alone
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Bitwise comparisons across threads: one intra-op thread, so no op's reduction order depends on load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name,method", [("CLIPVisionModel", "evit"), ("SiglipVisionModel", "tome")])
+def test_concurrent_threads_each_get_their_own_result(name, method, one_intra_op_thread):
+    model = build(name)
+    vtr.patch(model, method, keep=0.6, metric="keys")         # CLS attention / keys: q/k from the run
+    inputs = [images(1 + i % 2, seed=10 + i) for i in range(4)]   # batches of 1 and 2: shapes differ too
+
+    def call(x):
+        return lambda: embeddings(model, x)
+
+    alone = _each_alone_then_together(model, [call(x) for x in inputs])
+    assert len({tuple(a[2].flatten().tolist()) for a in alone}) == 4
+
+
+def test_concurrent_threads_each_get_their_own_query(one_intra_op_thread):
+    model = build("CLIPModel")
+    x = images(2)
+    queries = [torch.randn(1, 3, 24, generator=torch.Generator().manual_seed(20 + i)) for i in range(4)]
+    with probe():
+        vtr.patch(model, "query_probe", keep=0.5, layers=[1])
+
+        def call(query):
+            def conditioned():
+                with vtr.conditioned(model, query):
+                    return embeddings(model, x)
+            return conditioned
+
+        alone = _each_alone_then_together(model, [call(q) for q in queries])
+        assert len({tuple(a[2].flatten().tolist()) for a in alone}) > 1   # the queries keep different tokens
+        assert runs.query_of(model._vtr) is None
+        vtr.unpatch(model)

@@ -9,7 +9,7 @@ import torch
 import vtr
 from vtr.tools.profile import count_macs
 
-from reducer_cases import images, tiny_vit
+from conftest import tiny_vit, vit_images as images
 
 CASES = {
     "evit": dict(flops=0.5),

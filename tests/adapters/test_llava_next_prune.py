@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vtr
-from vtr.adapters.llava_prune import image_budgets, stage_budgets
+from vtr.adapters.llava.in_llm import image_budgets, stage_budgets
 
-from _llava_models import (GENERATE, IMAGE_TOKEN, assert_each_row_equals_it_alone, generate, logits,
+from llava_models import (GENERATE, IMAGE_TOKEN, assert_each_row_equals_it_alone, generate, logits,
                            segment_reference)
-from _llava_next_models import batch, image_counts, model_for, run
+from llava_next_models import batch, image_counts, model_for, run
 
 LARGEST = 88                 # a 112 x 112 image
 MIXED = [([1, 5], [(50, 120), (16, 400)], [7, 8]),     # two images: 52 and 16 tokens (the thin one: thumbnail only)
@@ -60,11 +60,10 @@ def test_prefill_and_decode_equal_the_segment_reference(attn, method, layers, bu
     model = model_for(attn)
     ids, mask, pixel_values, image_sizes = batch(model, MIXED[:1])
     vtr.patch(model, method, budget=budget, layers=layers)
-    pruner = model._vtr.pruner
     out = run(model, ids, mask, pixel_values, image_sizes)
     report = vtr.report(model)
     vtr.unpatch(model)
-    stages = {stage.layer: stage.columns[0] for stage in pruner.stages}
+    stages = {layer: columns[0] for layer, columns in zip(report.stage_layers, report.stage_positions)}
     expected = [kept_per_image(budget, n, len(layers)) for n in COUNTS[:2]]
     assert report.stage_tokens == [52] + [max(counts) for counts in zip(*expected)]
     previous = set(range(ids.shape[1]))
@@ -106,14 +105,14 @@ def test_each_image_keeps_exactly_min_budget_count(sizes, budget, setup):
     counts = image_counts(model, pixel_values, image_sizes)
     vtr.patch(model, method, budget=budget, layers=layers)
     run(model, ids, mask, pixel_values, image_sizes, max_new_tokens=1)
-    report, pruner = vtr.report(model), model._vtr.pruner
+    report = vtr.report(model)
     assert report.image_tokens_before.tolist() == counts
     assert report.image_tokens_after.tolist() == [min(budget, n) for n in counts]
     per_stage = [kept_per_image(budget, n, len(layers)) for n in counts]
     assert report.stage_tokens == [max(counts)] + [max(kept) for kept in zip(*per_stage)]
     image_rows = report.image_rows.tolist()
-    for index, stage in enumerate(pruner.stages):              # what each stage's segment sees, per row
-        seen = (ids.gather(1, stage.columns.clamp_min(0)) == IMAGE_TOKEN) & (stage.columns >= 0)
+    for index, columns in enumerate(report.stage_positions):   # what each stage's segment sees, per row
+        seen = (ids.gather(1, columns.clamp_min(0)) == IMAGE_TOKEN) & (columns >= 0)
         wanted = [sum(kept[index] for kept, row in zip(per_stage, image_rows) if row == r) for r in range(len(rows))]
         assert seen.sum(1).tolist() == wanted
     assert report.visual_tokens_after.tolist() == wanted

@@ -8,7 +8,7 @@ from vtr.tools.profile import count_macs
 from vtr.reducers import ATF, Signals
 from vtr.tools.calibrate import calibrate
 
-from reducer_cases import images, make_state, tiny_vit
+from conftest import make_state, tiny_vit, vit_images as images
 
 
 def kept(out, row=0):

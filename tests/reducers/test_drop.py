@@ -9,7 +9,7 @@ from vtr.reducers import EViT, HiRED, Signals
 from vtr.reducers.drop import allocate
 from vtr.core.signals import cls_attention
 
-from reducer_cases import images, make_state, tiny_vit
+from conftest import make_state, tiny_vit, vit_images as images
 
 
 def eager_cls_row(q, k, bias, scale):

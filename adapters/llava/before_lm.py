@@ -1,0 +1,301 @@
+"""Reduction before the language model: fewer visual tokens reach it; ``generate()`` unchanged.
+
+Where: once per image, on the projector output (the very tokens the language model would read),
+with any vtr reducer, down to ``budget`` tokens per image. A reducer whose ``max_step`` is below 1
+(bipartite merging removes at most half per step) runs as many steps as the budget needs.
+LLaVA-1.5 reduces every image alike here; LLaVA-NeXT hands each image to ``anyres`` (its budget split
+over the thumbnail and the crops).
+
+How the language model sees it: the prompt is *compacted*. Each image keeps as many ``<image>``
+placeholders (found from ``config.image_token_id``, never a hard-coded span) as it kept tokens,
+padding is rebuilt on the left, and the reduced features go in through ``mm_encoder_outputs``.
+The language model then runs an ordinary, shorter prompt: ``generate()`` numbers positions from
+the compacted mask as it always does (kept tokens get consecutive positions), the KV cache is
+short from the first step, every attention implementation works, and each row of a batch
+computes what it would compute alone, whatever each row kept. ``generate()`` returns the caller's
+own prompt followed by the new tokens, as the unpatched model does.
+
+A reducer that reads the CLS attention row gets it from the vision layer LLaVA reads: ``KeepQK``
+hooks on that attention's q/k projections (installed at patch time, plain objects) hand the call's
+run the q and k the layer computes anyway; the run drops them when the call ends.
+
+Imports ``anyres`` (LLaVA-NeXT's split) and ``common``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vtr.core import run as runs
+from vtr.core.plan import Reduction
+from vtr.core.signals import Need, cls_attention
+from vtr.core.state import TokenState
+
+from ..base import remove_hooks
+from ..errors import UnsupportedModelError
+from . import anyres
+from .common import (VISION_KEYS, LlavaReport, LlavaRun, ReducedImages, check_image_sizes, compact_prompt,
+                     decision_macs, feature_attention, image_tokens, is_next, opened, padded, prefill_macs,
+                     reduce_group, reduction_steps, step_counts, text_only_report)
+
+VISION_LAYER = -1   # the key the run keeps the vision feature layer's q/k under (no decoder layer is -1)
+
+
+def _wants_cls_attention(model: nn.Module, reduction: Reduction) -> bool:
+    """The reducer reads the CLS attention row, or LLaVA-NeXT splits budgets by the thumbnail's."""
+    return Need.CLS_ATTENTION in reduction.reducer.needs or (is_next(model) and reduction.reduces)
+
+
+def install(model: nn.Module, reduction: Reduction) -> None:
+    """Patch time: hooks that keep the feature layer's q/k for the call, where a CLS attention row is wanted
+    and the tower has one (without it LLaVA-NeXT's crops share by token count)."""
+    attention = feature_attention(model, required=False) if _wants_cls_attention(model, reduction) else None
+    if attention is not None:
+        attention.q_proj.register_forward_hook(runs.KeepQK(VISION_LAYER, "q"))
+        attention.k_proj.register_forward_hook(runs.KeepQK(VISION_LAYER, "k"))
+
+
+def uninstall(model: nn.Module) -> None:
+    remove_hooks(model, runs.KeepQK)
+
+
+# -- the patched entry points ------------------------------------------------------------------------
+
+def generate(model: nn.Module, generate_fn: Callable, inputs: Optional[Tensor], *args, **kwargs):
+    """``generate()`` on the compacted prompt with the reduced features; returns the caller's prompt
+    followed by the new tokens."""
+    pixel_values = kwargs.pop("pixel_values", None)
+    input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+    if pixel_values is None:
+        if kwargs.get("mm_encoder_outputs") is not None:
+            raise ValueError("precomputed mm_encoder_outputs would bypass vtr's reduction on a patched LLaVA; "
+                             "pass pixel_values (or vtr.unpatch(model) first)")
+        if input_ids is not None:
+            runs.record(model._vtr, text_only_report(model, input_ids, kwargs.get("attention_mask")))
+        return generate_fn(input_ids, *args, **kwargs)
+    vision = {k: kwargs.pop(k) for k in VISION_KEYS if k in kwargs}
+    with torch.no_grad():   # as generate() itself: no autograd graph for the tower (assisted decoding copies it)
+        prepared = prepare(model, input_ids, kwargs.pop("attention_mask", None), pixel_values, left=True, **vision)
+    output = generate_fn(prepared.input_ids, *args, attention_mask=prepared.attention_mask,
+                         mm_encoder_outputs={"image": prepared.image_outputs}, **kwargs)
+    return _with_callers_prompt(output, input_ids, prepared.input_ids.shape[1])
+
+
+def forward(model: nn.Module, original_forward: Callable, arguments: dict):
+    """The model's forward; with ``pixel_values`` it runs on the compacted prompt (see LlavaReport)."""
+    if arguments.get("pixel_values") is None:
+        return original_forward(model, **arguments)
+    if arguments.get("position_ids") is not None:
+        raise ValueError("position_ids cannot be combined with pixel_values on a vtr-patched LLaVA: the prompt is "
+                         "compacted, so positions follow the compacted attention_mask")
+    mask = arguments.get("attention_mask")
+    right_padded = mask is not None and bool((mask[:, -1] == 0).any())
+    vision = {k: arguments.pop(k) for k in VISION_KEYS if arguments.get(k) is not None}
+    prepared = prepare(model, arguments.get("input_ids"), mask, arguments.pop("pixel_values"), left=not right_padded,
+                       **vision)
+    if arguments.get("labels") is not None:
+        labels = arguments["labels"].gather(1, prepared.kept_positions.clamp_min(0))
+        arguments["labels"] = labels.masked_fill(prepared.kept_positions < 0, -100)
+    arguments.update(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
+                     mm_encoder_outputs={"image": prepared.image_outputs})
+    return original_forward(model, **arguments)
+
+
+@dataclass
+class Prepared:
+    """Compacted inputs for the language model and what to restore for the caller."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    image_outputs: object          # the vision tower's output with reduced ``pooler_output``
+    kept_positions: Tensor         # [B, L'] source column in the caller's prompt, -1 padding
+
+
+def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], pixel_values: Tensor,
+            left: bool, **vision) -> Prepared:
+    """Encode the images, reduce each one, compact the prompt, record the report (in this call's run:
+    the one of the ``generate()``/``forward`` in progress, else its own)."""
+    if input_ids is None:
+        raise ValueError("a vtr-patched LLaVA needs input_ids with pixel_values: the image span is found from "
+                         "config.image_token_id in input_ids (inputs_embeds are not supported)")
+    next_ = is_next(model)
+    if not next_ and vision.get("image_sizes") is not None:
+        raise UnsupportedModelError("image_sizes (per-image resolutions) are for LLaVA-NeXT; vtr's LLaVA-1.5 "
+                                    "path does not take them")
+    if next_ and vision.get("image_sizes") is None:
+        raise ValueError("LLaVA-NeXT needs image_sizes ([images, 2] height and width of each image, as the "
+                         "processor returns them) with pixel_values")
+    if next_:
+        check_image_sizes(pixel_values, vision["image_sizes"])
+    reduction: Reduction = model._vtr
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    with opened(model) as run:
+        image_outputs = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision)
+        cls_row = _cls_row(model, run)
+        features = list(image_outputs.pooler_output)                    # [N_i, D] per image
+        counts = torch.tensor([len(f) for f in features], dtype=torch.long, device=input_ids.device)
+        image_token_id = model.config.image_token_id
+        placeholder = input_ids == image_token_id
+        if int(placeholder.sum()) != int(counts.sum()):
+            raise ValueError(
+                f"the prompt has {int(placeholder.sum())} image tokens (id {image_token_id}) but the "
+                f"{len(features)} images give {int(counts.sum())} features"
+            )
+        image_rows = _image_rows(placeholder, counts)
+        query = None
+        if Need.QUERY in reduction.reducer.needs:
+            query = _query(model, input_ids, attention_mask, placeholder, image_rows, run.query)
+        if cls_row is not None and image_tokens(model)[1] == 0:
+            cls_row = cls_row[:, 1:]      # the CLS token is not among the 'default' features
+        if next_:
+            images = anyres.reduce_images(model, reduction, features, cls_row, query, vision["image_sizes"])
+        else:
+            images = _reduce_images(model, reduction, features, cls_row, query)
+
+        kept = torch.tensor([len(f) for f in images.features], dtype=torch.long, device=input_ids.device)
+        ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, counts, kept,
+                                                   _pad_id(model, image_token_id), left)
+        image_outputs.pooler_output = images.features
+        _record(model, reduction, images, image_rows, placeholder, ids == image_token_id, attention_mask, mask,
+                kept_positions)
+        return Prepared(ids, mask, image_outputs, kept_positions)
+
+
+def expected_flops(model: nn.Module, reduction: Reduction) -> tuple[float, float]:
+    """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
+    the reducer's own decisions included; the vision tower is the same either way.
+    LLaVA-NeXT: of the largest image (crops split by token count; the thumbnail's attention is only
+    known at run time)."""
+    num_tokens, protected = image_tokens(model)
+    if is_next(model) and reduction.reduces:
+        budget = reduction.arguments["budget"]
+        parts = anyres.expected_parts(model, budget)
+        decisions = sum(decision_macs(model, reduction, step_counts(n, reduction_steps(n, b, reduction.reducer, 0)))
+                        for n, b in parts)
+        kept = budget
+    else:
+        tokens = reduction.schedule.token_counts(reduction.reducer, num_tokens, protected)
+        decisions, kept = decision_macs(model, reduction, tokens), tokens[-1]
+    reduced, unreduced = prefill_macs(model, torch.tensor([kept, num_tokens])).tolist()
+    return reduced + decisions, unreduced
+
+
+# -- the parts ------------------------------------------------------------------------------------------
+
+def _cls_row(model: nn.Module, run: LlavaRun) -> Optional[Tensor]:
+    """``[I, N]`` head-mean attention of the CLS token to each token of the feature layer, from the q/k
+    the ``KeepQK`` hooks kept in this run while the tower ran; None without those hooks."""
+    q, k = run.take_qk(VISION_LAYER)
+    if q is None or k is None:
+        return None
+    heads = feature_attention(model).num_heads
+    split = lambda t: t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    return cls_attention(split(q), split(k), scale=feature_attention(model).scale)
+
+
+def _with_callers_prompt(output, input_ids: Tensor, compact_length: int):
+    """generate() output with the caller's prompt in front of the new tokens (not the compacted one)."""
+    sequences = output if isinstance(output, Tensor) else output.sequences
+    repeat = sequences.shape[0] // input_ids.shape[0]   # num_return_sequences / beams
+    prompt = input_ids.repeat_interleave(repeat, dim=0).to(sequences.device)
+    restored = torch.cat([prompt, sequences[:, compact_length:]], dim=1)
+    if isinstance(output, Tensor):
+        return restored
+    output.sequences = restored
+    return output
+
+
+def _pad_id(model: nn.Module, image_token_id: int) -> int:
+    for pad in (getattr(model.generation_config, "pad_token_id", None),
+                getattr(model.config.text_config, "pad_token_id", None), 0):
+        if isinstance(pad, int) and pad != image_token_id:
+            return pad
+    return 0 if image_token_id != 0 else 1
+
+
+def _image_rows(placeholder: Tensor, counts: Tensor) -> Tensor:
+    """Row of each image: the row holding its first placeholder."""
+    starts = torch.cumsum(counts, 0) - counts
+    flat_rows = placeholder.nonzero()[:, 0]
+    return flat_rows[starts]
+
+
+def _query(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, placeholder: Tensor, image_rows: Tensor,
+           given: Optional[Tensor]) -> list[Tensor]:
+    """Per image ``[1, Q, D]``: the language model's input embeddings of its row's text tokens, or the
+    row's query from ``vtr.conditioned(model, query)`` (``[B, D]`` / ``[B, Q, D]``, one row per prompt)."""
+    if given is not None:
+        if given.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"vtr.conditioned: query must have one row per prompt ({input_ids.shape[0]}), "
+                             f"got {tuple(given.shape)}")
+        return [given[row][None].to(model.dtype) for row in image_rows.tolist()]
+    text = attention_mask.bool() & ~placeholder
+    embed = model.get_input_embeddings()
+    queries = []
+    for row in image_rows.tolist():
+        tokens = input_ids[row][text[row]]
+        if tokens.numel() == 0:
+            raise ValueError(f"query-conditioned reduction needs text in the prompt; row {row} has only image tokens")
+        queries.append(embed(tokens)[None])
+    return queries
+
+
+def _reduce(model: nn.Module, reduction: Reduction, features: Tensor, attention: Optional[Tensor],
+            query: Optional[list]) -> tuple[TokenState, list[int], float]:
+    """Run the reducer's steps on every image ``[I, N, D]``; query-conditioned reducers run image by image."""
+    num_tokens, protected = features.shape[1], image_tokens(model)[1]
+    budget = num_tokens - sum(reduction.schedule.amounts)
+    if num_tokens != image_tokens(model)[0]:
+        budget = min(reduction.arguments.get("budget", num_tokens), num_tokens)
+    if not reduction.reduces:
+        budget = num_tokens
+    side = int(round((num_tokens - protected) ** 0.5))
+    grid = (side, side) if side * side == num_tokens - protected else None
+    groups = [slice(i, i + 1) for i in range(features.shape[0])] if query is not None else [slice(None)]
+    states = []
+    for i, group in enumerate(groups):
+        state, tokens = reduce_group(reduction, features[group], budget, protected,
+                                     attention=None if attention is None else attention[group],
+                                     query=None if query is None else query[i], grid=grid)
+        states.append(state)
+    state = states[0] if len(states) == 1 else TokenState(
+        x=torch.cat([s.x for s in states]), size=torch.cat([s.size for s in states]),
+        assignment=torch.cat([s.assignment for s in states]), num_protected=protected)
+    return state, tokens, features.shape[0] * decision_macs(model, reduction, tokens)
+
+
+def _reduce_images(model: nn.Module, reduction: Reduction, features: list[Tensor], attention: Optional[Tensor],
+                   query: Optional[list]) -> ReducedImages:
+    """LLaVA-1.5: every image has the same count and the same budget."""
+    state, tokens, reducer_macs = _reduce(model, reduction, torch.stack(features), attention, query)
+    side = int(round((state.num_original - state.num_protected) ** 0.5))
+    return ReducedImages(
+        features=list(state.x), assignment=list(state.assignment), size=list(state.size), tokens=tokens,
+        reducer_macs=reducer_macs, num_protected=state.num_protected,
+        grid=(side, side) if side * side == state.num_original - state.num_protected else None)
+
+
+def _record(model: nn.Module, reduction: Reduction, images: ReducedImages, image_rows: Tensor, placeholder: Tensor,
+            kept_placeholder: Tensor, mask: Tensor, compact_mask: Tensor, kept_positions: Tensor) -> None:
+    """The call's report, detached, for ``vtr.report`` in this thread."""
+    runs.record(reduction, LlavaReport(
+        tokens=images.tokens,
+        assignment=padded([a.detach() for a in images.assignment], -1),
+        size=padded([s.detach() for s in images.size], 0.0),
+        num_protected=images.num_protected,
+        grid=images.grid,
+        image_rows=image_rows,
+        visual_tokens_before=placeholder.sum(1),
+        visual_tokens_after=kept_placeholder.sum(1),
+        kept_positions=kept_positions,
+        prefill_macs=prefill_macs(model, compact_mask.sum(1)),
+        prefill_macs_unreduced=prefill_macs(model, mask.sum(1)),
+        reducer_macs=images.reducer_macs,
+        image_tokens_before=torch.tensor([len(a) for a in images.assignment]),
+        image_tokens_after=torch.tensor([len(f) for f in images.features]),
+        anyres=images.anyres,
+    ))
