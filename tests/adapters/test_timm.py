@@ -8,7 +8,7 @@ import torch
 import vtr
 from vtr.tools.profile import count_macs
 
-from conftest import FEATURE_MODELS, build_timm as build, timm_images as images
+from conftest import FEATURE_MODELS, build_timm as build, timm_images as images, tiny_vit, vit_images
 
 
 @pytest.mark.parametrize("kind", ["vit_b16"] + FEATURE_MODELS)
@@ -222,3 +222,76 @@ def test_bad_patch_arguments():
         vtr.unpatch(model)
     with pytest.raises(ValueError, match="not patched"):
         vtr.report(model)
+
+# -- dropping, query and pooling methods end to end: patch, run, FLOPs, rows, gradients, unpatch --------
+
+DROP_CASES = {
+    "evit": dict(flops=0.5),
+    "hired": dict(flops=0.5),
+    "atf": dict(flops=0.5, layers=[0]),
+    "query": dict(flops=0.5),
+    "pool": dict(factor=2),
+}
+
+
+@pytest.fixture(scope="module")
+def small_vit():
+    return tiny_vit()
+
+
+def run(model, x, method, rows=slice(None)):
+    """Forward pass of ``x[rows]``, with a per-row query for the query method."""
+    if method != "query":
+        return model(x[rows])
+    query = torch.randn(x.shape[0], model.embed_dim, generator=torch.Generator().manual_seed(7)).to(x.dtype)
+    with vtr.conditioned(model, query[rows]):
+        return model(x[rows])
+
+
+def test_methods_are_registered():
+    assert set(DROP_CASES) <= set(vtr.methods())
+
+
+@pytest.mark.parametrize("method", DROP_CASES)
+def test_patch_run_flops_rows_and_unpatch(small_vit, method):
+    """In float64, so a row alone and in its batch cannot pick different tokens on a float32 near-tie."""
+    model = copy.deepcopy(small_vit).double()
+    x = vit_images(3).double()
+    reference = model(x)
+    base = count_macs(model, x).per_image
+    vtr.patch(model, method, **DROP_CASES[method])
+    out = run(model, x, method)
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    assert vtr.report(model).tokens == vtr.expected_tokens(model)
+    assert vtr.report(model).tokens[-1] < vtr.report(model).tokens[0]
+    counted = count_macs(model, x).per_image
+    reduced, unreduced = vtr.expected_flops(model)
+    assert abs(counted / reduced - 1) < 0.02 and abs(unreduced / base - 1) < 0.02
+    if "flops" in DROP_CASES[method]:
+        assert abs(counted / base - DROP_CASES[method]["flops"]) < 0.02
+    assert torch.equal(run(model, x, method), out)  # deterministic
+    for row in range(3):  # each row's choice does not depend on the rest of the batch
+        torch.testing.assert_close(run(model, x, method, slice(row, row + 1))[0], out[row], rtol=1e-4, atol=1e-5)
+    vtr.unpatch(model)
+    assert torch.equal(model(x), reference)
+
+
+@pytest.mark.parametrize("method", DROP_CASES)
+def test_gradients_reach_the_weights(small_vit, method):
+    model = copy.deepcopy(small_vit).train()
+    vtr.patch(model, method, **DROP_CASES[method])
+    run(model, vit_images(2), method).sum().backward()
+    grads = [p.grad for p in (model.patch_embed.proj.weight, model.blocks[-1].mlp.fc2.weight, model.cls_token)]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("method", DROP_CASES)
+def test_vit_b16_shapes(method):
+    """ViT-B/16 at 224 (197 tokens, width 768), two blocks to keep the test fast."""
+    model = timm.create_model("vit_base_patch16_224", depth=2, pretrained=False).eval()
+    options = dict(DROP_CASES[method])
+    vtr.patch(model, method, **options)
+    with torch.no_grad():
+        out = run(model, vit_images(1, size=224), method)
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    assert vtr.report(model).tokens == vtr.expected_tokens(model)
