@@ -7,7 +7,7 @@ for every registered method at 70/50/35% FLOPs. Figures are recorded in RESULTS-
 """
 import sys
 
-from vtr.cli.fidelity import main
+from vtr.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["fidelity", *sys.argv[1:]]))

@@ -6,6 +6,7 @@
 The facade: the only module that imports every layer (core, reducers, budget, adapters, api, tools).
 """
 from . import adapters, kernels, reducers
+from ._version import __version__
 from .adapters import UnsupportedModelError, family
 from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
 from .budget.schedule import Schedule
@@ -15,8 +16,6 @@ from .tools import clip  # text-conditioned CLIP helpers: vtr.clip.text_query, v
 from .tools import zoo
 from .tools.profile import profile_model
 from .tools.visualize import visualize
-
-__version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "conditioned", "methods", "report", "is_patched", "make_reducer", "expected_tokens",

@@ -26,8 +26,13 @@ def make_reducer(method: str, **options) -> Reducer:
     if method not in REDUCERS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(REDUCERS))}")
     cls = REDUCERS[method]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(options) - set(accepted))
+    # The options are the reducer's own named parameters (a reducer without __init__ takes none:
+    # nn.Module's *args, **kwargs are no options).
+    parameters = [] if cls.__init__ is nn.Module.__init__ else list(inspect.signature(cls.__init__).parameters.values())
+    accepted = [p.name for p in parameters if p.name != "self"
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    unknown = [] if takes_any else sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"method {method!r} takes no option {', '.join(unknown)}; its options: "
                          f"{', '.join(accepted) or 'none'}")

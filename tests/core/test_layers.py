@@ -22,6 +22,7 @@ import pytest
 # Module-name prefix -> layer, bottom (0) to top. A prefix matches the module itself and anything
 # below it (``vtr.cli`` matches ``vtr.cli`` and ``vtr.cli.zoo``, not ``vtr.cli_zoo``); the longest wins.
 LAYERS: dict[str, int] = {
+    "vtr._version": 0,     # __version__ alone (the facade re-exports it; the CLI's --version reads it)
     "vtr.kernels": 0,      # CuPy kernels and their torch fallbacks
     "vtr.core": 1,         # token state, signals, reduction plan/settings, per-call run and report
     "vtr.reducers": 2,

@@ -1,39 +1,205 @@
-"""`vtr bench` end to end on a tiny model (a smoke test of the command, not a timing)."""
+"""The `vtr` command in-process: `vtr bench` end to end on a tiny model (a smoke test of the command,
+not a timing), the conventions every subcommand shares, and the table of user mistakes: each exits
+with status 2 and one error line naming the flag, never a traceback."""
+import argparse
 import json
 
 import pytest
+import torch
 
 import vtr
-from vtr.cli import main
+from vtr.cli import main, parser
+from vtr.tools import bench
+
+TINY = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """`vtr bench --threads` sets torch's thread count for the process; put it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 def test_bench_prints_a_row_per_method(capsys):
-    assert main(["bench", "--model", "vit_tiny_patch16_224", "--batch", "1", "--reps", "1",
+    assert main(["bench", "--model", TINY, "--img-size", "112", "--batch", "1", "--reps", "1", "--threads", "1",
                  "--methods", "tome,pitome", "--flops", "0.5", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["none", "tome", "pitome"]
     for row in rows[1:]:
-        assert abs(row["flops_fraction"] - 0.5) < 0.01 and row["tokens_out"] < 197
+        assert abs(row["flops_fraction"] - 0.5) < 0.01 and row["tokens_out"] < 50
         assert 0 < row["reducer_share"] < 1
-    assert rows[0]["flops_fraction"] == 1.0 and rows[0]["tokens_out"] == 197
+    assert rows[0]["flops_fraction"] == 1.0 and rows[0]["tokens_out"] == 50   # 7x7 patches + CLS
 
 
-def test_bench_table_plot_and_unknown_method(capsys, tmp_path):
+def test_bench_table_and_plot(capsys, tmp_path):
     png = tmp_path / "frontier.png"
-    assert main(["--model", "vit_tiny_patch16_224", "--batch", "1", "--reps", "2", "--methods", "tome,random",
-                 "--flops", "0.5,0.7", "--plot", str(png)]) == 0
+    assert main(["--model", TINY, "--img-size", "64", "--batch", "1", "--reps", "2", "--threads", "1",
+                 "--methods", "tome,random",
+                 "--flops", "0.7,0.9", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "speed-up" in out and "tome" in out and out.count("random") == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="unknown method 'nope'"):
-        main(["bench", "--methods", "nope"])
     assert "tome" in vtr.methods()
 
 
 def test_bench_builds_clip_towers_by_name(capsys):
-    assert main(["bench", "--model", "hf:siglip-vit-b16", "--batch", "1", "--reps", "1", "--methods", "evit",
-                 "--json"]) == 0
+    assert main(["bench", "--model", "hf:siglip-vit-b16", "--img-size", "64", "--batch", "1", "--reps", "1",
+                 "--threads", "1", "--methods", "evit", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[0]["tokens_out"] == 196 and abs(rows[1]["flops_fraction"] - 0.5) < 0.01  # SigLIP: no CLS
-    with pytest.raises(ValueError, match="hf:<name> with a name in"):
-        main(["bench", "--model", "hf:nope"])
+    assert rows[0]["tokens_out"] == 16 and abs(rows[1]["flops_fraction"] - 0.5) < 0.02  # SigLIP: no CLS
+
+
+# -- user mistakes: (argv, the flag the error line names, what else it must say) -----------------------
+# "{tmp}" stands for a folder holding "text.txt", a file that is neither an image nor a checkpoint.
+MISTAKES = [
+    # bench
+    (["bench", "--model", "nope_model"], "--model", "unknown timm model 'nope_model'"),
+    (["bench", "--model", "vit_tiny_patch16_22"], "--model", "did you mean vit_tiny_patch16_224"),
+    (["bench", "--model", "hf:nope"], "--model", "hf:<name> with a name in"),
+    (["bench", "--model", "open_clip:ViT-B-3"], "--model", "did you mean ViT-B-32"),
+    (["bench", "--model", "resnet18", "--methods", "tome"], "--model", "supported: timm VisionTransformer"),
+    (["bench", "--flops", "0"], "--flops", "(0, 1]"),
+    (["bench", "--flops", "1.5"], "--flops", "(0, 1]"),
+    (["bench", "--flops", "half"], "--flops", "(0, 1]"),
+    (["bench", "--flops", "0.5,"], "--flops", "no empty item"),
+    (["bench", "--model", TINY, "--methods", "tome", "--flops", "0.05"], "--flops", "allowed range is"),
+    (["bench", "--batch", "0"], "--batch", "positive integer"),
+    (["bench", "--batch", "-2"], "--batch", "positive integer"),
+    (["bench", "--batch", "two"], "--batch", "positive integer"),
+    (["bench", "--reps", "0"], "--reps", "positive integer"),
+    (["bench", "--threads", "0"], "--threads", "positive integer"),
+    (["bench", "--methods", "nope"], "--methods", "choose from atf"),
+    (["bench", "--methods", "tome,"], "--methods", "no empty item"),
+    (["bench", "--plot", "/nonexistent-dir/f.png"], "--plot", "no such directory"),
+    (["--batch", "0"], "--batch", "positive integer"),   # bench is the default command
+    (["benchh"], "command", "invalid choice"),
+    # profile
+    (["profile", "--model", "nope_model"], "--model", "timm.list_models()"),
+    (["profile", "--model", "resnet18"], "--model", "supported: timm VisionTransformer"),
+    (["profile", "--model", TINY, "--method", "nope"], "--method", "choose from atf"),
+    (["profile", "--model", TINY, "--method", "tome", "--flops", "2"], "--flops", "(0, 1]"),
+    (["profile", "--model", TINY, "--method", "tome", "--flops", "0.05"], "--flops", "allowed range is"),
+    (["profile", "--model", TINY, "--method", "tome", "--keep", "0"], "--keep", "(0, 1]"),
+    (["profile", "--model", TINY, "--method", "tome", "--keep", "0.3"], "--keep", "[0.5, 1]"),
+    (["profile", "--model", TINY, "--method", "tome", "--r", "-1"], "--r", "non-negative integer"),
+    (["profile", "--model", TINY, "--method", "tome", "--flops", "0.5", "--r", "4"], "--r", "not allowed with"),
+    (["profile", "--model", TINY, "--method", "tome"], "--method", "needs an amount"),
+    (["profile", "--model", TINY, "--flops", "0.5"], "--flops", "needs --method or --preset"),
+    (["profile", "--model", TINY, "--method", "tome", "--flops", "0.5", "--option", "foo=1"], "--option",
+     "takes no option foo; its options: none"),
+    (["profile", "--model", TINY, "--method", "pitome", "--flops", "0.5", "--option", "margin=2"], "--option",
+     "margin must be in [0, 1)"),
+    (["profile", "--model", TINY, "--method", "pitome", "--flops", "0.5", "--option", "margin=abc"], "--option",
+     "margin='abc'"),
+    (["profile", "--model", TINY, "--method", "tome", "--flops", "0.5", "--option", "foo"], "--option",
+     "KEY=VALUE"),
+    (["profile", "--model", TINY, "--option", "seed=1"], "--option", "needs --method or --preset"),
+    (["profile", "--model", TINY, "--batch", "0"], "--batch", "positive integer"),
+    (["profile", "--model", TINY, "--img-size", "0"], "--img-size", "positive integer"),
+    (["profile", "--counter", "nope"], "--counter", "choose from"),
+    (["profile", "--preset", "nope"], "--preset", "the model zoo has: "),
+    (["profile", "--model", TINY, "--checkpoint", "missing.pt"], "--checkpoint", "no such file"),
+    (["profile", "--model", TINY, "--checkpoint", "{tmp}/text.txt"], "--checkpoint", "no state dict"),
+    # visualize
+    (["visualize", "--model", TINY, "--image", "nope.png"], "--image", "astronaut, chelsea"),
+    (["visualize", "--model", TINY, "--image", "{tmp}/text.txt"], "--image", "cannot identify image"),
+    (["visualize", "--model", TINY, "--method", "nope"], "--method", "choose from atf"),
+    (["visualize", "--model", TINY, "--out", "/nonexistent-dir/g.png"], "--out", "no such directory"),
+    # zoo
+    (["zoo", "nope"], "name", "the model zoo has: "),
+    # fidelity
+    (["fidelity", "--quick", "--targets", "1.5"], "--targets", "(0, 1]"),
+    (["fidelity", "--quick", "--targets", "0.7,x"], "--targets", "(0, 1]"),
+    (["fidelity", "--quick", "--methods", "nope"], "--methods", "choose from atf"),
+    (["fidelity", "--quick", "--batch", "0"], "--batch", "positive integer"),
+    (["fidelity", "--quick", "--batch-size", "10"], "--batch-size", "unrecognized arguments"),
+    (["fidelity", "--quick", "--test-images", "0"], "--test-images", "positive integer"),
+    (["fidelity", "--quick", "--json", "out.json"], "out.json", "unrecognized arguments"),   # a switch now
+    (["fidelity", "--quick", "--out", "/nonexistent-dir/r.json"], "--out", "no such directory"),
+    (["fidelity", "--checkpoint", "missing.pt"], "--checkpoint", "no such file"),
+    (["fidelity", "--checkpoint", "{tmp}/text.txt"], "--checkpoint", "needs --model"),
+    (["fidelity", "--checkpoint", "{tmp}/text.txt", "--model", "nope_model", "--data", "{tmp}"], "--model",
+     "unknown timm model"),
+    (["fidelity", "--checkpoint", "{tmp}/text.txt", "--model", TINY, "--data", "{tmp}"], "--checkpoint",
+     "no state dict"),
+    (["fidelity", "--model", TINY], "--model", "needs --checkpoint"),
+    (["fidelity", "--data", "/nonexistent-dir"], "--data", "no such directory"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, says", MISTAKES, ids=[" ".join(m[0]) for m in MISTAKES])
+def test_user_mistakes_exit_2_with_one_line_naming_the_flag(argv, flag, says, tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("not an image, not a checkpoint\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out == ""
+    errors = [line for line in captured.err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, captured.err
+    assert errors[0].startswith("vtr") and flag in errors[0] and says in errors[0], errors[0]
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    """Only what validates the user's input becomes exit 2; an error inside the computation (even a
+    ValueError) propagates, so Python prints its traceback."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bench, "measure", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["bench", "--model", TINY, "--methods", "tome", "--batch", "1", "--reps", "1"])
+
+    def deep_value_error(*args, **kwargs):
+        raise ValueError("raised deep inside a computation")
+
+    monkeypatch.setattr("vtr.cli.profile.profile_model", deep_value_error)
+    with pytest.raises(ValueError, match="deep inside"):
+        main(["profile", "--model", TINY, "--img-size", "32"])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"vtr {vtr.__version__}\n"
+
+
+def test_profile_fvcore_json_is_valid_json(capsys):
+    assert main(["profile", "--model", TINY, "--img-size", "32", "--counter", "fvcore", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["counter"] == "fvcore" and data["macs"] > 0
+    blocks = [row for row in data["rows"] if row["tokens_in"] is not None]
+    assert len(blocks) == 12 and all(isinstance(row["tokens_in"], float) for row in blocks)
+    assert blocks[0]["tokens_in"] == 5.0   # 2x2 patches + CLS at 32x32
+
+
+def test_every_option_has_help():
+    """Every flag of every subcommand says what it does (no hidden or undocumented options)."""
+    root = parser()
+    commands = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"bench", "profile", "visualize", "zoo", "fidelity"}
+    missing = [f"{name} {action.option_strings or action.dest}" for name, sub in commands.items()
+               for action in sub._actions
+               if not isinstance(action, argparse._HelpAction) and action.help in (None, "", argparse.SUPPRESS)]
+    assert not missing, f"options without help: {missing}"
+
+
+def test_the_library_refuses_what_the_cli_refuses():
+    """The checks the CLI relies on hold for library callers too."""
+    from vtr.tools.models import create_model
+    from vtr.tools.profile import default_input
+
+    model = create_model(TINY, img_size=32)
+    for kwargs in ({"batch": 0}, {"reps": 0}, {"threads": 0}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            bench.run(model, [("tome", {"flops": 0.7})], **kwargs)
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        default_input(model, batch=0)
+    with pytest.raises(ValueError, match="unknown timm model"):
+        create_model("nope_model")
+    with pytest.raises(ValueError, match="its options: none"):
+        vtr.make_reducer("tome", args=1)   # nn.Module's *args, **kwargs are no options

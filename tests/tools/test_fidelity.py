@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import vtr
-from vtr.cli import fidelity as cli_fidelity
+from vtr.cli import fidelity as cli_fidelity, main
 from vtr.tools import fidelity
 
 TASK = cli_fidelity.QUICK_TASK
@@ -73,11 +73,12 @@ def test_evaluate_end_to_end(tmp_path):
 
 def test_cli_quick_and_own_checkpoint(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert cli_fidelity.main(["--quick", "--cache", str(tmp_path), "--methods", "tome", "--targets", "0.7",
-                              "--json", str(out), "--plot", str(tmp_path / "accuracy.png")]) == 0
+    assert main(["fidelity", "--quick", "--cache", str(tmp_path), "--methods", "tome", "--targets", "0.7",
+                 "--out", str(out), "--plot", str(tmp_path / "accuracy.png"), "--json"]) == 0
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["results"]] == ["none", "tome"]
+    assert json.loads(capsys.readouterr().out) == data   # --json: the same document on stdout, nothing else
     # A user's own checkpoint and ImageFolder go through the same harness.
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
                               embed_dim=32, depth=2, num_heads=2, num_classes=2)
@@ -88,11 +89,14 @@ def test_cli_quick_and_own_checkpoint(tmp_path, capsys):
             pixels = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
     md = tmp_path / "t.md"
-    assert cli_fidelity.main(["--checkpoint", str(tmp_path / "own.pt"), "--model", "vit_tiny_patch16_224",
-                              "--num-classes", "2", "--img-size", "32", "--model-arg", "patch_size=8",
-                              "--model-arg", "embed_dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2",
-                              "--data", str(tmp_path / "data"),
-                              "--methods", "tome,random", "--targets", "0.7", "--markdown", str(md)]) == 0
+    assert main(["fidelity", "--checkpoint", str(tmp_path / "own.pt"), "--model", "vit_tiny_patch16_224",
+                 "--num-classes", "2", "--img-size", "32", "--model-arg", "patch_size=8",
+                 "--model-arg", "embed_dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2",
+                 "--data", str(tmp_path / "data"),
+                 "--methods", "tome,random", "--targets", "0.7", "--markdown", str(md)]) == 0
     assert "| random | 70% |" in md.read_text()
-    with pytest.raises(ValueError, match="--targets"):
-        cli_fidelity.main(["--quick", "--targets", "1.5"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:   # a --model-arg timm refuses: the user's mistake
+        main(["fidelity", "--checkpoint", str(tmp_path / "own.pt"), "--model", "vit_tiny_patch16_224",
+              "--model-arg", "no_such_arg=1", "--data", str(tmp_path / "data")])
+    assert exit_info.value.code == 2 and "argument --model-arg: " in capsys.readouterr().err

@@ -7,40 +7,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..tools import fidelity
+from ..tools.models import create_model
 from ..tools.plotting import frontier
-from .models import _options
+from .models import _options, load_checkpoint
+from .usage import (UsageError, existing_dir, existing_file, fractions, method_list, output_file,
+                    positive_int, usage)
 
 QUICK_TASK = fidelity.Task(image_size=16, patch_size=4, clutter=4, num_classes=4)
 QUICK_TRAINING = fidelity.Training(embed_dim=16, depth=2, num_heads=2, train_images=64, epochs=1, batch_size=32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
-    parser.add_argument("--targets", default="0.7,0.5,0.35", help="FLOPs fractions (default: %(default)s)")
-    parser.add_argument("--test-images", type=int, default=2000, help="evaluation images (procedural task)")
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--methods", type=method_list, default=None,
+                        help="comma-separated methods (default: every registered one)")
+    parser.add_argument("--targets", type=fractions, default="0.7,0.5,0.35",
+                        help="comma-separated FLOPs fractions in (0, 1] (default: %(default)s)")
+    parser.add_argument("--test-images", type=positive_int, default=2000,
+                        help="evaluation images (procedural task; default: %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=250,
+                        help="images per evaluation batch (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a tiny task and model: a smoke test in seconds")
     parser.add_argument("--retrain", action="store_true", help="train the task model again, ignoring the cache")
     parser.add_argument("--cache", default=None, help="checkpoint cache dir (default: $VTR_CACHE or ~/.cache/vtr)")
     real = parser.add_argument_group("your own model and data")
-    real.add_argument("--checkpoint", default=None, help="state dict of a timm model (with --model, --data)")
+    real.add_argument("--checkpoint", type=existing_file, default=None,
+                      help="state dict of a timm model (with --model, --data)")
     real.add_argument("--model", default=None, help="timm model name the checkpoint belongs to")
-    real.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint's head")
-    real.add_argument("--img-size", type=int, default=None)
+    real.add_argument("--num-classes", type=positive_int, default=None, help="classes of the checkpoint's head")
+    real.add_argument("--img-size", type=positive_int, default=None,
+                      help="input size the checkpoint was trained at (default: the model's)")
     real.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                       help="extra timm.create_model argument, e.g. --model-arg depth=6 (repeatable)")
-    real.add_argument("--data", default=None, help="ImageFolder directory (class folders in the model's order)")
-    real.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
-    parser.add_argument("--json", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--markdown", default=None, help="write the table as markdown to this file")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="draw top-1 against measured FLOPs per method")
+    real.add_argument("--data", type=existing_dir, default=None,
+                      help="ImageFolder directory (class folders in the model's order)")
+    real.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many images")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON to stdout instead of a table")
+    parser.add_argument("--out", type=output_file, default=None, metavar="PATH",
+                        help="write the results (setting and rows) as JSON to PATH")
+    parser.add_argument("--markdown", type=output_file, default=None, metavar="PATH",
+                        help="write the table as markdown to PATH")
+    parser.add_argument("--plot", type=output_file, default=None, metavar="PNG",
+                        help="draw top-1 against measured FLOPs per method into PNG")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,25 +67,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _own_model(args: argparse.Namespace):
-    import timm
-
     if not (args.model and args.data):
-        raise ValueError("--checkpoint needs --model (the timm architecture) and --data (an ImageFolder)")
+        raise UsageError("--checkpoint", "needs --model (the timm architecture) and --data (an ImageFolder)")
+    if ":" in args.model:
+        raise UsageError("--model", f"a timm model name (the checkpoint's architecture), got {args.model!r}")
     kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v is not None}
-    kwargs |= _options(args.model_arg)
-    model = timm.create_model(args.model, pretrained=False, **kwargs)
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    model.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
+    with usage("--model-arg"):
+        kwargs |= _options(args.model_arg)
+    # an unknown name, or an argument timm refuses (a TypeError from the model's __init__)
+    with usage("--model-arg" if args.model_arg else "--model", TypeError):
+        model = create_model(args.model, **kwargs)
+    load_checkpoint(model, args.checkpoint)
     model.eval()
-    return model, fidelity.imagefolder_batches(args.data, model, args.batch_size, args.limit)
+    with usage("--data", OSError):
+        data = fidelity.imagefolder_batches(args.data, model, args.batch, args.limit)
+    return model, data
 
 
 def run(args: argparse.Namespace) -> int:
-    targets = [float(t) for t in args.targets.split(",") if t]
-    bad = [t for t in targets if not 0 < t <= 1]
-    if bad:
-        raise ValueError(f"--targets must be fractions in (0, 1], got {bad}")
-    methods = args.methods.split(",") if args.methods else None
+    if args.checkpoint is None and (args.model or args.data):
+        raise UsageError("--model" if args.model else "--data", "needs --checkpoint (your model's state dict)")
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print   # stdout: the JSON alone
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, data = _own_model(args)
@@ -78,24 +95,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         task, training = (QUICK_TASK, QUICK_TRAINING) if args.quick else (fidelity.Task(), fidelity.Training())
         root = Path(args.cache) if args.cache else None
-        model = fidelity.trained_model(task, training, root=root, retrain=args.retrain)
+        model = fidelity.trained_model(task, training, root=root, retrain=args.retrain, log=log)
         count = min(args.test_images, 64) if args.quick else args.test_images
         images, labels = fidelity.make_images(task, count, seed=10_000 + training.seed)
-        data = fidelity.batches(images, labels, args.batch_size)
+        data = fidelity.batches(images, labels, args.batch)
         setting = {"task": asdict(task), "training": asdict(training), "test_images": count}
-    results = fidelity.evaluate(model, data, methods=methods, targets=targets)
+    results = fidelity.evaluate(model, data, methods=args.methods, targets=args.targets, log=log)
     table = fidelity.format_table(results)
-    print(table)
+    document = {"setting": setting, "results": [asdict(r) for r in results]}
+    print(json.dumps(document, indent=2) if args.json else table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"setting": setting, "results": [asdict(r) for r in results]}, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(document, indent=2))
     if args.plot:
         frontier(fidelity.accuracy_series(results), args.plot, "top-1 accuracy")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

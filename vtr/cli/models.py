@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import pickle
 
 import torch
 from torch import nn
 
 from .. import api
+from ..adapters import find_adapter
 from ..tools import zoo
 from ..tools.models import create_model
+from .usage import UsageError, existing_file, fraction, method, non_negative_int, positive_int, usage
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,14 +24,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None,
                        help="timm name, open_clip:<name> or hf:<name>, built with random weights (default: "
                             "the preset's model, else vit_base_patch16_224)")
-    group.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    group.add_argument("--checkpoint", default=None, help="state dict (.pt/.pth) to load into the model")
+    group.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
+    group.add_argument("--checkpoint", type=existing_file, default=None,
+                       help="state dict (.pt/.pth) to load into the model")
     group.add_argument("--preset", default=None, help="a model-zoo entry (see `vtr zoo`); sets method and amount")
-    group.add_argument("--method", default=None, help="reduction method (see vtr.methods()); none = unreduced")
+    group.add_argument("--method", type=method, default=None,
+                       help="reduction method (see vtr.methods()); none = unreduced")
     amount = group.add_mutually_exclusive_group()
-    amount.add_argument("--flops", type=float, default=None, help="target fraction of the unreduced FLOPs")
-    amount.add_argument("--r", type=int, default=None, help="tokens removed per layer")
-    amount.add_argument("--keep", type=float, default=None, help="fraction of tokens kept per layer")
+    amount.add_argument("--flops", type=fraction, default=None,
+                        help="target fraction in (0, 1] of the unreduced FLOPs")
+    amount.add_argument("--r", type=non_negative_int, default=None, help="tokens removed per layer")
+    amount.add_argument("--keep", type=fraction, default=None, help="fraction in (0, 1] of tokens kept per layer")
     group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="method option, e.g. --option seed=1 (repeatable)")
 
@@ -46,23 +52,75 @@ def _options(pairs: list) -> dict:
     return options
 
 
+def load_checkpoint(model: nn.Module, path: str, flag: str = "--checkpoint") -> None:
+    """Load the state dict at ``path`` (or its ``"model"`` entry) into ``model``; a file that is no
+    state dict, or not one for this model, is a UsageError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(flag, f"no such file: {path!r}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise UsageError(flag, f"{path!r} is no state dict torch.load(weights_only=True) can read "
+                               f"({type(error).__name__})") from error
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise UsageError(flag, f"{path!r} does not fit the model: {_short(error, 300)}") from error
+
+
+def _short(error: Exception, limit: int = 200) -> str:
+    """The start of an error message, for one line on stderr (torch's can run to pages)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def zoo_entry(flag: str, name: str) -> zoo.Entry:
+    """The model-zoo entry ``name``; an unknown name is a UsageError listing the zoo (a broken zoo
+    file is not the user's mistake: that error keeps its traceback)."""
+    available = zoo.entries()
+    if name not in available:
+        raise UsageError(flag, f"unknown preset {name!r}; the model zoo has: {', '.join(sorted(available))}")
+    return available[name]
+
+
 def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
     """The model the options describe, patched when a method or preset is given. ``device="meta"``
-    builds it without weights (for counting only; ignored with --checkpoint)."""
-    kwargs = {} if args.img_size is None else {"img_size": args.img_size}
-    with torch.device("cpu" if args.checkpoint else device):
-        if args.model is None and args.preset:
-            model = zoo.build(zoo.get(args.preset), **kwargs)
-        else:
-            model = create_model(args.model or "vit_base_patch16_224", **kwargs)
-    if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    builds it without weights (for counting only; ignored with --checkpoint). What the user typed is
+    checked before anything is built; the library's refusals become a :class:`UsageError`."""
+    with usage("--option"):
+        options = _options(args.option)
+    entry = zoo_entry("--preset", args.preset) if args.preset else None
+    name = args.method or (entry.reduction["method"] if entry else None)
+    if options:
+        if name is None:
+            raise UsageError("--option", "needs --method or --preset (the method the options are for)")
+        with usage("--option"):
+            try:
+                api.make_reducer(name, **options)   # unknown names and bad values, before building the model
+            except TypeError as error:   # a value of the wrong type, e.g. margin='abc'
+                given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+                raise UsageError("--option", f"{given} for method {name!r}: {error}") from error
     amounts = {k: v for k, v in (("flops", args.flops), ("r", args.r), ("keep", args.keep)) if v is not None}
-    if args.preset:
-        api.patch(model, preset=args.preset, **amounts, **_options(args.option))
-    elif args.method and args.method != "none":
-        api.patch(model, args.method, **amounts, **_options(args.option))
-    elif args.method == "none":
-        api.patch(model, "none")
+    if amounts and name is None:
+        raise UsageError(f"--{next(iter(amounts))}", "needs --method or --preset (the reduction to apply)")
+    kwargs = {} if args.img_size is None else {"img_size": args.img_size}
+    with usage("--preset" if args.model is None and entry else "--model"):
+        with torch.device("cpu" if args.checkpoint else device):
+            if args.model is None and entry:
+                model = zoo.build(entry, **kwargs)
+            else:
+                model = create_model(args.model or "vit_base_patch16_224", **kwargs)
+        find_adapter(model)   # a family vtr knows (else UnsupportedModelError, listing them)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    flag = next((f"--{k}" for k in amounts), "--preset" if args.preset else "--method")
+    with usage(flag):   # a target out of the method's reach, an amount missing or not allowed
+        if args.preset:
+            api.patch(model, args.method, preset=args.preset, **amounts, **options)   # --method overrides
+        elif args.method and args.method != "none":
+            api.patch(model, args.method, **amounts, **options)
+        elif args.method == "none":
+            api.patch(model, "none", **amounts)
     return model

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from .models import add_model_arguments, build_model
+from .usage import positive_int
 from ..tools.profile import COUNTERS, profile_model
 
 
@@ -16,9 +17,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--counter", choices=COUNTERS, default="torch",
                         help="torch (matmuls + convs) or fvcore (also norms, as papers count)")
-    parser.add_argument("--batch", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--batch", type=positive_int, default=1,
+                        help="images per forward pass (default: %(default)s; other than 1 counts on real inputs)")
     parser.add_argument("--real", action="store_true", help="count on real random inputs, not on meta")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="print JSON to stdout instead of a table")
     parser.set_defaults(func=run)
     return parser
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 import argparse
 
 from ..tools import zoo
+from .models import zoo_entry
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("zoo", help="list model-zoo presets (vtr.patch(model, preset=...))")
-    parser.add_argument("name", nargs="?", help="show one entry in full")
+    parser.add_argument("name", nargs="?", help="show one entry in full (a name from the list)")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     if args.name:
-        entry = zoo.get(args.name)
+        entry = zoo_entry("name", args.name)
         print(f"{entry.name}: {entry.description}\nmodel: {entry.builder} {entry.model_name} {entry.model_kwargs or ''}")
         print("reduction: " + ", ".join(f"{k}={v}" for k, v in entry.reduction.items()))
         for key, value in entry.measured.items():

@@ -60,26 +60,38 @@ class _ReducerClock:
         self.total_ms += (time.perf_counter() - self._start) * 1e3
 
 
-def run(
-    model: nn.Module,
-    variants: Sequence[tuple[str, dict]],
+def prepare(model: nn.Module, variants: Sequence[tuple[str, dict]]) -> dict:
+    """``{(method, setting): model}``: ``model`` unreduced (in eval mode) under ``("none", "-")``, then a
+    patched copy per ``(method, kwargs)`` variant. Patching checks each variant (an unknown method, a
+    target out of reach, an unsupported model are errors here), so nothing is timed before all pass."""
+    model = model.eval()
+    models = {("none", "-"): model}
+    for method, kwargs in variants:
+        setting = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        models[(method, setting)] = patch(copy.deepcopy(model), method, **kwargs)
+    return models
+
+
+def measure(
+    models: dict,
     batch: int = 8,
     reps: int = 7,
     warmup: int = 2,
     threads: Optional[int] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> list[Row]:
-    """Time ``model`` unreduced and patched with each ``(method, kwargs)`` variant, interleaved."""
+    """Time the models of :func:`prepare` (the unreduced one first) in interleaved repetitions."""
+    for name, value, least in (("batch", batch, 1), ("reps", reps, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {threads!r}")
         torch.set_num_threads(threads)
-    model = model.eval()
+    model = models[("none", "-")]
     torch.manual_seed(0)
     images = default_input(model, batch=batch)
     base_macs = expected_flops(model)[0]
-    models = {("none", "-"): model}
-    for method, kwargs in variants:
-        setting = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-        models[(method, setting)] = patch(copy.deepcopy(model), method, **kwargs)
     times: dict = {key: [] for key in models}
     with torch.inference_mode():
         for key, m in models.items():
@@ -106,6 +118,21 @@ def run(
         row.speedup = base / row.latency_ms
         row.efficiency = row.speedup * row.flops_fraction
     return rows
+
+
+def run(
+    model: nn.Module,
+    variants: Sequence[tuple[str, dict]],
+    batch: int = 8,
+    reps: int = 7,
+    warmup: int = 2,
+    threads: Optional[int] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[Row]:
+    """Time ``model`` unreduced and patched with each ``(method, kwargs)`` variant, interleaved:
+    :func:`prepare`, then :func:`measure`."""
+    return measure(prepare(model, variants), batch=batch, reps=reps, warmup=warmup, threads=threads,
+                   progress=progress)
 
 
 def plot(rows: Sequence[Row], path: str, batch: int) -> None:

@@ -131,7 +131,7 @@ class Profile:
 
     def to_dict(self) -> dict:
         return {"unit": "MACs per image (FLOPs = 2 x MACs)", "counter": self.counter, "images": self.images,
-                "macs": self.macs, "flops": self.flops, "rows": [asdict(r) for r in self.rows],
+                "macs": float(self.macs), "flops": float(self.flops), "rows": [_plain(asdict(r)) for r in self.rows],
                 "notes": list(self.notes)}
 
     def table(self) -> str:
@@ -156,6 +156,11 @@ class Profile:
         return "\n".join(lines)
 
 
+def _plain(row: dict) -> dict:
+    """A row for JSON: numbers as Python floats (whatever a counter gave: ints, 0-d tensors)."""
+    return {k: v if v is None or isinstance(v, str) else float(v) for k, v in row.items()}
+
+
 def find_blocks(model: nn.Module) -> str:
     """Name of the model's stack of transformer blocks: the adapter's for a family vtr knows, else the
     longest ModuleList/Sequential of modules that all have the same class."""
@@ -178,6 +183,8 @@ def default_input(model: nn.Module, batch: int = 1, device: Union[str, torch.dev
     """A random image batch of the size the model expects (any model family vtr knows)."""
     if family(model) is None:
         raise ValueError(f"cannot tell the input size of {type(model).__name__}; pass inputs=")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     return find_adapter(model).default_input(model, batch, device)
 
 
@@ -213,7 +220,7 @@ def _block_tokens(blocks: nn.Module, seen: list) -> Iterator[None]:
         def record(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()), None)
             if isinstance(x, Tensor) and x.dim() == 3:
-                seen.append((index, x.shape[1]))
+                seen.append((index, int(x.shape[1])))   # under fvcore's jit trace a size is a tensor
         return record
 
     handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
