@@ -101,6 +101,12 @@ def _num_prefix(visual: PreTrainedModel) -> int:
     return 0 if isinstance(visual, siglip.SiglipVisionModel) else 1
 
 
+def _patch_conv(visual: PreTrainedModel) -> nn.Conv2d:
+    """The convolution that cuts the image into patch tokens."""
+    embeddings = visual.embeddings
+    return embeddings.patch_embeddings.projection if isinstance(visual, vit.ViTModel) else embeddings.patch_embedding
+
+
 def _projection(model: nn.Module) -> Optional[nn.Linear]:
     projection = getattr(model, "visual_projection", None)
     return projection if isinstance(projection, nn.Linear) else None
@@ -188,6 +194,9 @@ class ReducingTower(Swapped):
             if pixel_values is not None:
                 steps.condition(run, pixel_values.shape[0], self.embedding_width(), type(self).__name__,
                                 self.project_tokens)
+                # This call's patch grid, from its pixels (interpolate_pos_encoding takes any size): layer 0
+                # begins the token state with it.
+                run.grid = steps.conv_grid(_patch_conv(self), *pixel_values.shape[-2:])
             return super().forward(pixel_values, *args, **kwargs)
 
     def _vtr_outer_projection(self) -> Optional[nn.Linear]:
@@ -231,7 +240,6 @@ class ReducingLayer(Swapped):
     _vtr_layer: int
     _vtr_num_layers: int
     _vtr_num_prefix: int
-    _vtr_grid: tuple
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
         run = runs.active()
@@ -246,8 +254,7 @@ class ReducingLayer(Swapped):
         layer, reduction = self._vtr_layer, run.reduction
         if layer == 0:   # every pass through the encoder starts here: begin the token state
             state = TokenState.start(hidden_states, self._vtr_num_prefix)
-            run.begin(state, self._vtr_num_layers, steps.grid_of(self._vtr_grid, self._vtr_num_prefix,
-                                                                 state.num_original))
+            run.begin(state, self._vtr_num_layers, steps.grid_of(run.grid, self._vtr_num_prefix, state.num_original))
         state = steps.entering(run, hidden_states)
         if state is None:
             raise RuntimeError("a vtr-patched tower runs its layers in order, from layer 0, on its own hidden states")
@@ -329,13 +336,12 @@ class HfVision(Adapter):
         visual = _tower(model)
         config = visual.config
         layers = _layers(visual)
-        grid = config.image_size // config.patch_size
         if reduction.needs_qk:   # the attention hands q and k to the run; restored on unpatch
             visual._vtr_attn_implementation = config._attn_implementation
             visual.set_attn_implementation(f"vtr_{config._attn_implementation}")
         for index, layer in enumerate(layers):
             layer._vtr_layer, layer._vtr_num_layers = index, len(layers)
-            layer._vtr_num_prefix, layer._vtr_grid = _num_prefix(visual), (grid, grid)
+            layer._vtr_num_prefix = _num_prefix(visual)
             _attention(layer)._vtr_layer = index
             swap_class(layer, ReducingViTLayer if isinstance(layer, vit.ViTLayer) else ReducingClipLayer)
         head = getattr(visual, "head", None)
@@ -353,7 +359,7 @@ class HfVision(Adapter):
         restore_class(visual)
         for layer in _layers(visual):
             restore_class(layer)
-            del layer._vtr_layer, layer._vtr_num_layers, layer._vtr_num_prefix, layer._vtr_grid
+            del layer._vtr_layer, layer._vtr_num_layers, layer._vtr_num_prefix
             del _attention(layer)._vtr_layer
         restore_class(getattr(visual, "head", None))
         visual.__dict__.pop("_vtr_projection", None)

@@ -229,12 +229,13 @@ class ReducingVisionTransformer(Swapped):
 
     def forward(self, x: Tensor):
         with runs.opened(self._vtr) as run:
+            grid = steps.conv_grid(self.conv1, *x.shape[-2:])   # this call's patches, not the default grid_size
             x = self._embeds(x)
             state = TokenState.start(x, num_protected=1)
             steps.condition(run, x.shape[0], self.embedding_width(), type(self)._vtr_original.__name__,
                             self.project_tokens)
             blocks = self.transformer.resblocks
-            run.begin(state, len(blocks), steps.grid_of(self.grid_size, 1, state.num_original))
+            run.begin(state, len(blocks), steps.grid_of(grid, 1, state.num_original))
             state = steps.run_blocks(blocks, run, checkpointing=self.transformer.grad_checkpointing)
             run.finish()
             pooled, tokens = self._pool(state.x)

@@ -83,9 +83,29 @@ def condition(run: Run, batch: int, width: Optional[int], where: str,
     run.query_projection = projection if run.query is not None else None
 
 
-def grid_of(rows_cols: tuple, num_prefix: int, num_tokens: int) -> Optional[tuple]:
+def grid_of(rows_cols: Optional[tuple], num_prefix: int, num_tokens: int) -> Optional[tuple]:
+    """The patch grid ``(rows, cols)`` of this call if it accounts for every token after the prefix, else None.
+
+    ``rows_cols`` must be read from this call's patch embedding (:func:`conv_grid`, or the embedding's
+    own output shape), never the model's default grid: 14 x 10 and 10 x 14 patches are the same number
+    of tokens, so a token count can confirm a grid but never tell which one it is. A count that does
+    not match (patches dropped before the blocks) means the tokens are no grid at all.
+    """
+    if rows_cols is None:
+        return None
     rows, cols = rows_cols
     return (int(rows), int(cols)) if rows * cols + num_prefix == num_tokens else None
+
+
+def conv_grid(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
+    """``(rows, cols)`` a patch-embedding convolution gives on a ``height x width`` image (its output size)."""
+    def out(size: int, i: int) -> int:
+        if conv.padding == "same":   # stride 1 only: the size is kept
+            return size
+        padding = 0 if conv.padding == "valid" else conv.padding[i]
+        return (size + 2 * padding - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1
+
+    return out(int(height), 0), out(int(width), 1)
 
 
 def run_blocks(blocks: nn.Module, run: Run, checkpointing: bool) -> TokenState:

@@ -94,6 +94,18 @@ def _key_padding(attn_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return mask if mask.dtype == torch.bool else mask > float("-inf")
 
 
+def _call_grid(patch_embed: nn.Module, image_size: tuple, embedded: Tensor) -> tuple[int, int]:
+    """The patch grid of this call, from the patch embedding, never the model's default grid size.
+
+    A dynamic-size model (``dynamic_img_size=True``) embeds to ``[B, rows, cols, C]``: the grid is that
+    shape. A flattening embedding's grid follows from the image size (``dynamic_feat_size`` honours
+    dynamic padding); an embedding without it only takes its own fixed size.
+    """
+    if embedded.dim() == 4:
+        return int(embedded.shape[1]), int(embedded.shape[2])
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(int(v) for v in patch_embed.dynamic_feat_size(image_size))
+    return tuple(int(v) for v in patch_embed.grid_size)
 
 
 def _causal(is_causal: bool) -> dict:
@@ -139,13 +151,14 @@ class ReducingViT(Swapped):
         if is_causal:
             raise ValueError("is_causal=True is not supported on a model patched by vtr")
         with runs.opened(self._vtr) as run:
+            image_size = tuple(x.shape[-2:])
             x = self.patch_embed(x)
+            grid = _call_grid(self.patch_embed, image_size, x)
             x = self._pos_embed(x)
             x = self.patch_drop(x)
             x = self.norm_pre(x)
             state = TokenState.start(x, self.num_prefix_tokens, padding_mask=_key_padding(attn_mask, x))
-            grid = steps.grid_of(self.patch_embed.grid_size, self.num_prefix_tokens, state.num_original)
-            run.begin(state, len(self.blocks), grid)
+            run.begin(state, len(self.blocks), steps.grid_of(grid, self.num_prefix_tokens, state.num_original))
             state = steps.run_blocks(self.blocks, run, self.grad_checkpointing)
             run.finish()
             return self.norm(state.x)

@@ -11,6 +11,7 @@ from . import model_zoo
 from .adapters import find_adapter, is_patched, settings
 from .budget.schedule import RSpec
 from .core import run as runs
+from .core.numbers import plain, plain_scalar
 from .core.plan import METRICS, Reduction
 from .core.run import Report
 from .reducers import REDUCERS, Reducer
@@ -22,21 +23,30 @@ def methods() -> dict[str, str]:
 
 
 def make_reducer(method: str, **options) -> Reducer:
-    """Build a registered reducer; unknown names and options are errors that list what exists."""
+    """Build a registered reducer; unknown names and options are errors that list what exists.
+
+    numpy and 0-d tensor scalars among the options are the Python numbers they hold.
+    """
     if method not in REDUCERS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(REDUCERS))}")
     cls = REDUCERS[method]
-    # The options are the reducer's own named parameters (a reducer without __init__ takes none:
-    # nn.Module's *args, **kwargs are no options).
-    parameters = [] if cls.__init__ is nn.Module.__init__ else list(inspect.signature(cls.__init__).parameters.values())
-    accepted = [p.name for p in parameters if p.name != "self"
-                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-    unknown = [] if takes_any else sorted(set(options) - set(accepted))
+    accepted = reducer_options(cls)
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"method {method!r} takes no option {', '.join(unknown)}; its options: "
                          f"{', '.join(accepted) or 'none'}")
-    return cls(**options)
+    return cls(**{name: plain_scalar(value) for name, value in options.items()})
+
+
+def reducer_options(cls: type[Reducer]) -> list[str]:
+    """The options a reducer class takes: its ``__init__``'s named parameters.
+
+    A reducer without an ``__init__`` of its own inherits ``nn.Module``'s ``(*args, **kwargs)``, which
+    are no options, so catch-all parameters never count.
+    """
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [name for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if name != "self" and parameter.kind in named]
 
 
 def patch(
@@ -70,6 +80,8 @@ def patch(
                  "options": options}
         return patch(model, **model_zoo.preset_arguments(preset, model, given))
     method = "tome" if method is None else method
+    # numpy / 0-d tensor scalars as Python numbers, for every adapter's checks and for describe().
+    r, keep, flops, layers = plain(r, "r"), plain(keep, "keep"), plain(flops, "flops"), plain(layers, "layers")
     if is_patched(model):
         raise ValueError(
             f"model is already patched with {settings(model).describe()}; call vtr.unpatch(model) before "
@@ -79,7 +91,7 @@ def patch(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     adapter = find_adapter(model)
     adapter.check(model)
-    own = {k: options.pop(k) for k in adapter.amounts if k in options}   # e.g. LLaVA's budget=
+    own = {k: plain(options.pop(k), k) for k in adapter.amounts if k in options}   # e.g. LLaVA's budget=
     reducer = make_reducer(method, **options)
     cost = adapter.cost(model, metric)
     schedule = adapter.make_schedule(model, reducer, r=r, keep=keep, flops=flops, layers=layers, metric=metric,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
 
+from ..core.numbers import plain
 from ..reducers.base import Reducer
 from .cost import EncoderCost
 
@@ -39,14 +40,21 @@ class Schedule:
 
 
 def chosen_layers(layers: Optional[Sequence[int]], num_layers: int) -> list[int]:
+    """``layers=`` as a list of block indices; None means every block.
+
+    Indices must be ints: ``int(1.5)`` would quietly reduce at block 1, and a bool is no block.
+    """
     if layers is None:
         return list(range(num_layers))
-    chosen = [int(i) for i in layers]
-    bad = [i for i in chosen if not 0 <= i < num_layers]
-    if bad or not chosen or len(set(chosen)) != len(chosen):
-        raise ValueError(
-            f"layers must be distinct block indices in [0, {num_layers - 1}], got {list(layers)}"
-        )
+    allowed = f"[0, {num_layers - 1}]"
+    layers = plain(layers, "layers")   # a numpy array or tensor with dimensions is an error here
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"layers must be a list of distinct integer block indices in {allowed}, got {layers!r}")
+    chosen = plain(list(layers), "layers")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in chosen):
+        raise ValueError(f"layers must be integer block indices in {allowed}, got {chosen}")
+    if not chosen or len(set(chosen)) != len(chosen) or not all(0 <= i < num_layers for i in chosen):
+        raise ValueError(f"layers must be distinct block indices in {allowed}, got {chosen}")
     return chosen
 
 
@@ -79,10 +87,20 @@ def _r_amounts(r: RSpec, num_layers: int, chosen: list[int]) -> tuple:
     return values
 
 
+def _keep_amounts(keep, reducer: Reducer, num_layers: int, chosen: list[int]) -> tuple:
+    """Per-layer keep fractions, checked before any float(): ``float(True)`` would be a silent 1.0."""
+    if isinstance(keep, (int, float)):
+        values = tuple(keep if i in chosen else 1.0 for i in range(num_layers))
+    else:
+        values = _per_layer(list(keep), num_layers, chosen, "keep", 1.0)
+    _check_keep(values, reducer)
+    return tuple(float(v) for v in values)
+
+
 def _check_keep(values: tuple, reducer: Reducer) -> None:
     low = 1.0 - reducer.max_step
     for v in values:
-        if not (isinstance(v, (int, float)) and low <= v <= 1.0 and v > 0):
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and low <= v <= 1.0 and v > 0):
             raise ValueError(
                 f"keep must be a fraction in [{max(low, 0.0):g}, 1] for {reducer.name!r} "
                 f"(at most {reducer.max_step:g} of the tokens can go in one step), got {v!r}"
@@ -102,6 +120,10 @@ def solve_flops(target: float, reducer: Reducer, cost: EncoderCost, chosen: list
     (constant r squeezes the last layers to a handful of tokens), so that is what a target buys.
     Bisection over the ratio on the analytic count; counts are integers, so it lands within a
     token's worth of MACs of the target.
+
+    A target of 1 is the unreduced model: nothing reduces. Every decision costs MACs of its own
+    (similarity matrices), so removing a token or two per layer can cost more than it saves; no
+    reduction is therefore always a candidate, and wins ties.
     """
     base = cost.unreduced()
 
@@ -112,6 +134,8 @@ def solve_flops(target: float, reducer: Reducer, cost: EncoderCost, chosen: list
         counts = schedule(ratio).token_counts(reducer, cost.num_tokens, cost.num_protected)
         return reduced_macs(cost, reducer, counts) / base
 
+    if target >= 1.0:
+        return schedule(1.0)
     low, high = max(1.0 - reducer.max_step, 1e-4), 1.0
     reachable = fraction(low)
     if target < reachable - 1e-9:
@@ -126,9 +150,23 @@ def solve_flops(target: float, reducer: Reducer, cost: EncoderCost, chosen: list
             high = mid
         else:
             low = mid
-    # Of the two bracketing ratios, take the one whose FLOPs land closer to the target.
-    best = min((low, high), key=lambda k: abs(fraction(k) - target))
+    # Of no reduction and the two bracketing ratios, take the one whose FLOPs land closest to the target.
+    best = min((1.0, low, high), key=lambda k: abs(fraction(k) - target))
     return schedule(best)
+
+
+def asks_for_nothing(r: Optional[RSpec] = None, keep=None, flops=None) -> bool:
+    """The one amount given means "reduce nothing": ``r=0`` (or all zeros, or ``(0, inflect)``),
+    ``keep=1`` (or all ones) or ``flops=1``. Bools are not amounts."""
+    def every(values, target) -> bool:
+        values = values if isinstance(values, (list, tuple, range)) else [values]
+        return len(values) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == target
+                                       for v in values)
+
+    if isinstance(r, tuple) and len(r) == 2:   # (r, inflect): nothing when r is 0
+        r = r[0]
+    return ((r is not None and every(r, 0)) or (keep is not None and every(keep, 1))
+            or (flops is not None and every(flops, 1)))
 
 
 def make_schedule(
@@ -140,34 +178,48 @@ def make_schedule(
     flops: Optional[float] = None,
     layers: Optional[Sequence[int]] = None,
 ) -> Schedule:
-    """Turn exactly one of ``r=``, ``keep=``, ``flops=`` into a per-layer schedule."""
+    """Turn exactly one of ``r=``, ``keep=``, ``flops=`` into a per-layer schedule.
+
+    numpy and 0-d tensor scalars count as the Python numbers they hold (:func:`~vtr.core.numbers.plain`).
+    An amount that asks for nothing (``r=0``, ``keep=1``, ``flops=1``) gives a schedule that reduces
+    nowhere, for every method that can express that.
+    """
+    r, keep, flops = plain(r, "r"), plain(keep, "keep"), plain(flops, "flops")
     given = [name for name, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"give one amount, r=, keep= or flops=; got {' and '.join(given)}")
     num_layers = cost.num_layers
     chosen = chosen_layers(layers, num_layers)
+    nothing = asks_for_nothing(r, keep, flops)
     if reducer.max_step == 0.0:  # the 'none' method
-        if given and not (r == 0 or keep == 1.0 or flops == 1.0):
+        if given and not nothing:
             raise ValueError(f"method {reducer.name!r} does not reduce; leave out {given[0]}= (or set r=0)")
         return Schedule("r", (0,) * num_layers)
-    fixed = reducer.fixed_amounts(cost, None if layers is None else chosen, flops)
+    fixed = reducer.fixed_amounts(cost, None if layers is None else chosen, None if nothing else flops)
     if fixed is not None:
-        if r is not None or keep is not None:
-            raise ValueError(f"method {reducer.name!r} sets its own token count from its options; "
-                             f"leave out {'r' if r is not None else 'keep'}=")
-        return Schedule("r", tuple(fixed))
+        return _fixed_schedule(reducer, fixed, given, nothing, {"r": r, "keep": keep, "flops": flops})
     if not given:
         raise ValueError(f"method {reducer.name!r} needs an amount: r= (tokens per layer), keep= "
                          "(fraction kept per layer) or flops= (target fraction of the model's FLOPs)")
     if r is not None:
         return Schedule("r", _r_amounts(r, num_layers, chosen))
     if keep is not None:
-        if isinstance(keep, (int, float)):
-            values = tuple(float(keep) if i in chosen else 1.0 for i in range(num_layers))
-        else:
-            values = _per_layer([float(v) for v in keep], num_layers, chosen, "keep", 1.0)
-        _check_keep(values, reducer)
-        return Schedule("keep", values)
+        return Schedule("keep", _keep_amounts(keep, reducer, num_layers, chosen))
     if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops <= 1.0:
         raise ValueError(f"flops must be a fraction in (0, 1] of the unreduced model's FLOPs, got {flops!r}")
     return solve_flops(float(flops), reducer, cost, chosen)
+
+
+def _fixed_schedule(reducer: Reducer, fixed: tuple, given: list, nothing: bool, amounts: dict) -> Schedule:
+    """The schedule of a method whose options fix its token count (``pool``'s factor): an amount can
+    only pick where it reduces, never that it does not."""
+    if nothing:
+        name = given[0]
+        raise ValueError(
+            f"method {reducer.name!r} always reduces: its token count is set by its options, so no amount means "
+            f"'no reduction' (got {name}={amounts[name]!r}); for the unreduced model use method 'none' or "
+            "vtr.unpatch(model)")
+    if amounts["r"] is not None or amounts["keep"] is not None:
+        raise ValueError(f"method {reducer.name!r} sets its own token count from its options; "
+                         f"leave out {'r' if amounts['r'] is not None else 'keep'}=")
+    return Schedule("r", tuple(fixed))

@@ -139,7 +139,18 @@ def conditioned_on(reduction: Reduction, query: Tensor) -> Iterator[None]:
 
 
 def query_of(reduction: Reduction) -> Optional[Tensor]:
-    return (_QUERIES.get() or {}).get(reduction)
+    """The query of ``vtr.conditioned`` for a call of this model, checked once per call.
+
+    A NaN or Inf in it would make every relevance score NaN, and greedy or top-k selection on NaN
+    picks arbitrary, even repeated, tokens while the report still counts them as kept: one
+    ``isfinite`` over the query, before anything runs, turns that into an error.
+    """
+    query = (_QUERIES.get() or {}).get(reduction)
+    if query is not None and not bool(query.isfinite().all()):
+        bad = int((~query.isfinite()).sum())
+        raise ValueError(f"query must be finite (the query of vtr.conditioned(model, query)), got {bad} NaN or Inf "
+                         f"of {query.numel()} values in a query of shape {tuple(query.shape)}")
+    return query
 
 
 class KeepQK:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, dest_from_choice, register, unit
+from .base import Reducer, Signals, check_finite, dest_from_choice, register, unit
 from .select import attention_scores, check_signal, real_tokens, top_scores
 
 
@@ -53,8 +53,7 @@ class ATF(Reducer):
             raise ValueError(f"atf: prior_weight must be in [0, 1], got {prior_weight}")
         if prior is not None:
             prior = torch.as_tensor(prior, dtype=torch.float32).flatten()
-            if not bool(torch.isfinite(prior).all()):
-                raise ValueError("atf: prior must be finite")
+            check_finite(self, "prior", prior, "an importance per patch position")
         self.prior, self.prior_weight = prior, float(prior_weight)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:

@@ -81,6 +81,20 @@ def check_budget(reducer: Reducer, state: TokenState, num_kept: int) -> None:
         )
 
 
+def check_finite(reducer: Reducer, name: str, values: Tensor, meaning: str = "") -> None:
+    """A user-given tensor (prior, projection) with NaN or Inf is an error when the reducer is built.
+
+    Checked once, here: a NaN would otherwise flow into every score and tie all of them, and top-k
+    or greedy selection on NaN picks arbitrary (even repeated) tokens without a word.
+    """
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = int((~torch.isfinite(values)).sum())
+    what = f" ({meaning})" if meaning else ""
+    raise ValueError(f"{reducer.name}: {name} must be finite{what}, got {bad} NaN or Inf of {values.numel()} "
+                     "values")
+
+
 def dest_from_choice(
     state: TokenState,
     kept: Tensor,

@@ -96,6 +96,12 @@ def allocate(weight: Tensor, capacity: Tensor, total: Tensor) -> Tensor:
     return budget.long()
 
 
+def _num_partitions(partition: Tensor) -> int:
+    """Partition ids run from 0 to the largest present; a batch with no images has one (empty) partition,
+    so an empty batch flows through the same code and comes out empty."""
+    return int(partition.max()) + 1 if partition.numel() else 1
+
+
 @register
 class HiRED(AttentionScored):
     """Token budget split across partitions (crops) by their attention mass, then each partition
@@ -120,7 +126,7 @@ class HiRED(AttentionScored):
         budget_total = num_kept - state.num_protected
         score, valid = attention_scores(self, state, signals), real_tokens(state)
         partition = self._partition(state, signals)
-        num_partitions = int(partition.max()) + 1
+        num_partitions = _num_partitions(partition)
         capacity = score.new_zeros(score.shape[0], num_partitions).scatter_add_(1, partition, valid.float())
         mass = score.new_zeros(capacity.shape).scatter_add_(1, partition, score)
         total = valid.sum(dim=1).clamp(max=budget_total)

@@ -1,6 +1,8 @@
 """Merging reducers: bipartite soft matching (ToMe) and energy-based merging (PiToMe)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -79,8 +81,8 @@ class PiToMe(Reducer):
         super().__init__()
         if not 0.0 <= margin < 1.0:
             raise ValueError(f"pitome: margin must be in [0, 1), got {margin}")
-        if alpha <= 0:
-            raise ValueError(f"pitome: alpha must be > 0, got {alpha}")
+        if not (math.isfinite(alpha) and alpha > 0):   # NaN passes a plain `alpha <= 0` check
+            raise ValueError(f"pitome: alpha must be a finite number > 0, got {alpha}")
         self.margin, self.alpha = margin, alpha
 
     def extra_macs(self, num_tokens: int, cost) -> float:

@@ -82,10 +82,23 @@ class GridPool(Reducer):
                 "(pass layers=[i] to pool at a chosen layer)")
         return amounts(best)
 
+    @staticmethod
+    def _no_grid(state: TokenState) -> str:
+        """Why there is no grid: an earlier step reduced the tokens (the order is wrong), or the adapter
+        could not read the patch grid of this call (the input is the problem, not the order)."""
+        patches = state.num_tokens - state.num_protected
+        if state.is_reduced:
+            return (f"pool needs signals.grid, and these tokens are no longer the patch grid (an earlier step "
+                    f"reduced {state.num_original} tokens to {state.num_tokens}); pool must be the first reduction "
+                    "step of the model")
+        return (f"pool needs signals.grid, and the patch grid of this input is unknown: the model's adapter reads "
+                f"rows x cols from the patch embedding of each call, and for this call it found no grid of {patches} "
+                "patch tokens (patches dropped before the blocks, e.g. by patch dropout in training, or an "
+                "embedding that is not a plain patch grid)")
+
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         if signals.grid is None:
-            raise ValueError("pool needs signals.grid, the patch grid of tokens still in spatial order; "
-                             "it must be the first reduction step of the model")
+            raise ValueError(self._no_grid(state))
         grid_rows, grid_cols = signals.grid
         protected = state.num_protected
         if grid_rows * grid_cols != state.num_tokens - protected:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, dest_from_choice, register, unit
+from .base import Reducer, Signals, check_finite, dest_from_choice, register, unit
 from .select import check_signal, real_tokens, top_scores
 
 
@@ -45,6 +45,8 @@ class QueryPrune(Reducer):
             raise ValueError(f"query: projection must be a [C, D] tensor or a callable, got {type(projection).__name__}")
         if isinstance(projection, Tensor) and projection.dim() != 2:
             raise ValueError(f"query: a projection matrix must be [C, D], got {tuple(projection.shape)}")
+        if isinstance(projection, Tensor):
+            check_finite(self, "projection", projection.detach())
         self.relevance_weight, self.projection = float(relevance_weight), projection
 
     def extra_macs(self, num_tokens: int, cost) -> float:
