@@ -6,9 +6,16 @@ because this file sits at its root. Tests are grouped by layer: core/, budget/, 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import sys
 import threading
+import time
+import types
+import weakref
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Callable, Iterator, Optional
 
 import pytest
 import timm
@@ -24,11 +31,222 @@ from vtr.reducers.base import unit
 
 @pytest.fixture
 def one_intra_op_thread():
-    """Bitwise comparisons across threads: one intra-op thread, so no op's reduction order depends on load."""
+    """One intra-op thread: no op's reduction order depends on load (bitwise comparisons), and tiny models
+    run fastest that way on a shared machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- what a model holds: the one walker behind every "a call leaves nothing on the model" check ----
+
+_LEAVES = (type, types.ModuleType, str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device,
+           torch.Size, torch.layout, torch.memory_format)
+
+
+def reachable(root, name: str = "model") -> Iterator[tuple[object, str]]:
+    """Every object ``root`` keeps alive (``root`` first), each with a path to it.
+
+    Follows instances' ``__dict__`` and slots (so every module's attributes: submodules, hooks, whatever
+    vtr hangs on it), containers (dict keys too), dataclasses and plain objects, bound methods (builtin
+    ones too), partials, functions' closures, defaults and attributes, and weak references (to a live
+    object); never into classes, Python modules or a function's globals. A tensor is a leaf but for its
+    own ``__dict__``."""
+    seen: dict[int, object] = {}          # keeps what it saw alive, so no id is reused during the walk
+    stack = [(root, name)]
+    while stack:
+        obj, path = stack.pop()
+        if isinstance(obj, _LEAVES) or id(obj) in seen:
+            continue
+        seen[id(obj)] = obj
+        yield obj, path
+        try:
+            stack.extend(_children(obj, path))
+        except ReferenceError:            # a weakref.proxy whose object is gone
+            pass
+
+
+def _children(obj, path: str) -> list:
+    if isinstance(obj, torch.Tensor):
+        return [(v, f"{path}.{k}") for k, v in getattr(obj, "__dict__", {}).items()]
+    if isinstance(obj, dict):
+        return [(k, f"{path}<key {_label(k)}>") for k in obj] + [(v, f"{path}[{_label(k)}]") for k, v in obj.items()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, weakref.ref):
+        return [(obj(), f"{path}()")]
+    if isinstance(obj, (types.MethodType, types.BuiltinMethodType, types.MethodWrapperType)):
+        return [(obj.__self__, f"{path}.__self__"), (getattr(obj, "__func__", None), f"{path}.__func__")]
+    children = []
+    if isinstance(obj, functools.partial):
+        children += [(obj.func, f"{path}.func"), (obj.args, f"{path}.args"), (obj.keywords, f"{path}.keywords")]
+    elif isinstance(obj, types.FunctionType):
+        children += [(cell.cell_contents, f"{path}.__closure__[{i}]")
+                     for i, cell in enumerate(obj.__closure__ or ()) if _filled(cell)]
+        children += [(obj.__defaults__, f"{path}.__defaults__"), (obj.__kwdefaults__, f"{path}.__kwdefaults__")]
+    attributes = getattr(obj, "__dict__", None)
+    if isinstance(attributes, dict):
+        children += [(v, f"{path}.{k}") for k, v in attributes.items()]
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot in ("__dict__", "__weakref__"):
+                continue
+            mangled = slot.startswith("__") and not slot.endswith("__")
+            stored = f"_{cls.__name__.lstrip('_')}{slot}" if mangled else slot
+            if hasattr(obj, stored):
+                children.append((getattr(obj, stored), f"{path}.{slot}"))
+    return children
+
+
+def _label(key) -> str:
+    return repr(key) if isinstance(key, (str, int, float, bool, type(None))) else type(key).__name__
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def call_state(root, name: str = "model") -> list[str]:
+    """Paths to what a forward pass could leave behind on ``root``: tensors that require grad or carry a
+    graph (other than ``root``'s parameters and buffers), and any vtr ``Run``, ``TokenState`` or
+    ``Report`` other than ``root`` itself. A patched model holds settings only; a report is detached."""
+    own = {id(t) for t in root.buffers()} if isinstance(root, nn.Module) else set()
+    found = []
+    for obj, path in reachable(root, name):
+        if isinstance(obj, (runs.Run, TokenState, runs.Report)) and obj is not root:
+            found.append(f"{path}: {type(obj).__name__}")
+        elif isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter) and id(obj) not in own \
+                and (obj.requires_grad or obj.grad_fn is not None):
+            found.append(f"{path}: {tuple(obj.shape)} grad_fn={type(obj.grad_fn).__name__}")
+    return found
+
+
+# -- the one thread harness: calls that overlap for certain, each checked against a lone call -------
+
+THREADS = 4   # how many threads the thread tests share a model between
+
+
+def check_threads(model: nn.Module, calls: list[list[Callable[[], object]]], with_report: bool = True) -> list:
+    """Thread ``t`` makes the calls ``calls[t]`` (zero-argument functions returning what to compare) on
+    ``model``, every thread at once; each call's output and ``vtr.report(model)`` after it must equal,
+    bitwise, what the same call gives made alone in this thread beforehand.
+
+    Overlap is certain: a barrier starts each call in every thread together, and every module of the
+    model hands the GIL on when it starts and when it finishes (forward pre-hooks and hooks doing
+    ``time.sleep(0)``, with ``sys.setswitchinterval(1e-5)``), so the calls interleave layer by layer,
+    from before the model's own forward begins (where a call's query is read); the hooks return
+    nothing, so the lone calls compute what the threads compute. Every thread (this one too) runs one intra-op
+    thread under ``inference_mode``. With ``with_report``, a new thread must find no report of the
+    model (reports are per thread) and this thread's report must be untouched by the others. The first
+    error of any thread is raised here. Returns the lone calls' ``(output, report)``, per thread.
+    """
+    assert len({len(c) for c in calls}) == 1, "every thread makes as many calls (one barrier per call)"
+    previous, interval = torch.get_num_threads(), sys.getswitchinterval()
+    handles = [register(_hand_on_the_gil) for module in model.modules()
+               for register in (module.register_forward_pre_hook, module.register_forward_hook)]
+    torch.set_num_threads(1)
+    try:
+        lone = {}
+        with torch.inference_mode():   # the lone calls, one by one (once per distinct call)
+            for call in (call for thread in calls for call in thread if id(call) not in lone):
+                lone[id(call)] = _one_call(model, call, with_report)
+        reference = vtr.report(model) if with_report else None
+        barrier, results, errors = threading.Barrier(len(calls)), [[] for _ in calls], []
+
+        def work(thread: int) -> None:
+            torch.set_num_threads(1)   # per thread
+            try:
+                if with_report:
+                    with pytest.raises(ValueError, match="no forward pass"):
+                        vtr.report(model)
+                with torch.inference_mode():
+                    for call in calls[thread]:
+                        barrier.wait(timeout=60)
+                        results[thread].append(_one_call(model, call, with_report))
+            except BaseException as error:   # noqa: BLE001 - raised in the caller's thread below
+                errors.append(error)
+                barrier.abort()
+
+        sys.setswitchinterval(1e-5)
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+        torch.set_num_threads(previous)
+        for handle in handles:
+            handle.remove()
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
+    for t, thread_calls in enumerate(calls):
+        for c, (call, (out, report)) in enumerate(zip(thread_calls, results[t])):
+            want, want_report = lone[id(call)]
+            where = f"thread {t}, call {c}"
+            assert (diff := _difference(out, want, "output")) is None, f"{where}: differs from a lone call: {diff}"
+            assert (diff := _difference(report, want_report, "report")) is None, \
+                f"{where}: vtr.report does not describe this call: {diff}"
+    if with_report:
+        assert vtr.report(model) is reference, "this thread's report changed while other threads ran the model"
+    return [[lone[id(call)] for call in thread] for thread in calls]
+
+
+def _hand_on_the_gil(module, args, output=None) -> None:
+    time.sleep(0)
+
+
+def _one_call(model, call, with_report: bool) -> tuple:
+    out = _frozen(call())
+    if not with_report:
+        return out, None
+    report = vtr.report(model)
+    return out, {"type": type(report).__name__} | {f.name: _frozen(getattr(report, f.name))
+                                                   for f in dataclasses.fields(report)}
+
+
+def _frozen(value):
+    """``value`` copied so that later calls cannot change it (dataclasses as dicts of their fields)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_frozen(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _frozen(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return copy.deepcopy(value)
+
+
+def _difference(got, want, path: str) -> Optional[str]:
+    """Where ``got`` differs from ``want`` (bitwise for tensors), or None."""
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            return f"{path}: {_kind(got)} != {_kind(want)}"
+        return None if torch.equal(got, want) else f"{path}: values differ"
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or got.keys() != want.keys():
+            return f"{path}: keys differ"
+        return next(filter(None, (_difference(got[k], want[k], f"{path}.{k}") for k in want)), None)
+    if isinstance(want, list):
+        if not isinstance(got, list) or len(got) != len(want):
+            return f"{path}: {_kind(got)} != {len(want)} items"
+        return next(filter(None, (_difference(g, w, f"{path}[{i}]") for i, (g, w) in enumerate(zip(got, want)))),
+                    None)
+    return None if got == want else f"{path}: {got!r} != {want!r}"
+
+
+def _kind(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)} {value.dtype}"
+    return f"{len(value)} items" if isinstance(value, list) else type(value).__name__
 
 
 # -- timm ViTs covering every feature the adapter must honour --------------------------------------
@@ -123,19 +341,15 @@ class QueryProbe(Reducer):
         return state.reduce(dest_from_choice(state, kept), num_kept)
 
 
-@contextmanager
 def probe():
-    REDUCERS[QueryProbe.name] = QueryProbe
-    QueryProbe.seen = []
-    try:
-        yield QueryProbe
-    finally:
-        del REDUCERS[QueryProbe.name]
-        QueryProbe.seen = []
+    """``with probe() as reducer:`` the ``query_probe`` method exists inside the block (``reducer.seen``:
+    the signals of each step)."""
+    return _registered(QueryProbe)
 
 
 class SignalProbe(Reducer):
-    """Test-only: asks for CLS attention, logs the signals, keeps the first ``num_kept`` tokens."""
+    """Test-only: asks for CLS attention, logs the signals (in its class's ``seen``), keeps the first
+    ``num_kept`` tokens."""
 
     name = "signal_probe"
     description = "test-only: log signals, keep the leading tokens"
@@ -144,17 +358,39 @@ class SignalProbe(Reducer):
 
     def forward(self, state, num_kept, signals):
         check_budget(self, state, num_kept)
-        SignalProbe.seen.append(signals)
+        type(self).seen.append(signals)
         kept = torch.arange(num_kept - state.num_protected, device=state.x.device).expand(state.x.shape[0], -1)
         return state.reduce(dest_from_choice(state, kept), num_kept)
 
 
-@contextmanager
 def signal_probe():
-    REDUCERS[SignalProbe.name] = SignalProbe
-    SignalProbe.seen = []
+    """``with signal_probe() as reducer:`` the ``signal_probe`` method exists inside the block."""
+    return _registered(SignalProbe)
+
+
+@contextmanager
+def _registered(cls: type):
+    REDUCERS[cls.name] = cls
+    cls.seen = []
     try:
-        yield SignalProbe
+        yield cls
     finally:
-        del REDUCERS[SignalProbe.name]
-        SignalProbe.seen = []
+        del REDUCERS[cls.name]
+        cls.seen = []
+
+
+@pytest.fixture
+def recording():
+    """``recording(name, needs)`` registers, for this test, a method ``name`` whose reducer asks for the
+    signals ``needs``, logs them in its ``seen`` and keeps the leading tokens (a SignalProbe)."""
+    registered = []
+
+    def register(name: str, needs) -> type:
+        cls = type(name, (SignalProbe,), {"name": name, "needs": frozenset(needs), "seen": []})
+        REDUCERS[name] = cls
+        registered.append(name)
+        return cls
+
+    yield register
+    for name in registered:
+        REDUCERS.pop(name, None)

@@ -1,15 +1,10 @@
 """Tiny random LLaVA models and prompts for the LLaVA adapter tests (CPU, well under a second each)."""
 from __future__ import annotations
 
-import functools
-import types
-import weakref
-
-import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from vtr.reducers import REDUCERS, Reducer, check_budget, dest_from_choice
+from conftest import reachable
 
 IMAGE_TOKEN = 99
 PAD = 0
@@ -131,72 +126,8 @@ def pooled(features):
     return BaseModelOutputWithPooling(pooler_output=list(features))
 
 
-class _RecordingReducer(Reducer):
-    """Test-only: keeps the first tokens and records the signals it was given."""
-
-    needs = frozenset()
-    seen: list = []
-
-    def forward(self, state, num_kept, signals):
-        check_budget(self, state, num_kept)
-        type(self).seen.append(signals)
-        batch = state.x.shape[0]
-        kept = torch.arange(num_kept - state.num_protected).expand(batch, -1)
-        return state.reduce(dest_from_choice(state, kept), num_kept)
-
-
-@pytest.fixture
-def recording():
-    def register(name, needs):
-        cls = type(name, (_RecordingReducer,), {"name": name, "needs": frozenset(needs), "seen": []})
-        REDUCERS[name] = cls
-        return cls
-    yield register
-    for name in [n for n in REDUCERS if n.startswith("_rec")]:
-        REDUCERS.pop(name)
-
-
 # --- what a model holds ----------------------------------------------------------------------------
 
-_ATOMS = (str, bytes, int, float, bool, complex, type, types.ModuleType, weakref.ref, *weakref.ProxyTypes,
-          torch.dtype, torch.device)
-
-
-def reachable(root) -> list:
-    """Every object ``root`` keeps alive: through instances' ``__dict__`` and slots, containers, hooks,
-    bound methods, partials and closures (not through classes or module globals)."""
-    seen, found, stack = set(), [], [root]
-    while stack:
-        obj = stack.pop()
-        if obj is None or isinstance(obj, _ATOMS) or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        found.append(obj)
-        if isinstance(obj, torch.Tensor):
-            continue
-        if isinstance(obj, dict):
-            stack += [*obj.keys(), *obj.values()]
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack += list(obj)
-        elif isinstance(obj, types.MethodType):
-            stack += [obj.__self__, obj.__func__]
-        elif isinstance(obj, functools.partial):
-            stack += [obj.func, *obj.args, *obj.keywords.values()]
-        elif isinstance(obj, types.FunctionType):
-            for cell in obj.__closure__ or ():
-                try:
-                    stack.append(cell.cell_contents)
-                except ValueError:      # an empty cell
-                    pass
-        else:
-            stack += list(getattr(obj, "__dict__", {}).values())
-            for cls in type(obj).__mro__:
-                for slot in getattr(cls, "__slots__", ()):
-                    if isinstance(slot, str) and slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
-                        stack.append(getattr(obj, slot))
-    return found
-
-
 def held_tensors(model) -> dict:
-    """The tensors ``model`` keeps alive, by id (parameters, buffers and any other)."""
-    return {id(obj): obj for obj in reachable(model) if isinstance(obj, torch.Tensor)}
+    """The tensors ``model`` keeps alive, by id (parameters, buffers and any other; walker: conftest.reachable)."""
+    return {id(obj): obj for obj, _ in reachable(model) if isinstance(obj, torch.Tensor)}

@@ -1,9 +1,10 @@
 """The LLaVA adapter: generate() unchanged, exact when nothing is reduced, per-row exact when rows differ;
-a patched model pickles, deep-copies, serves several threads and keeps nothing of its calls."""
+a patched model pickles, deep-copies, serves several threads and keeps nothing of its calls (the harnesses:
+``check_threads`` and the ``reachable`` walker in tests/conftest.py)."""
 import copy
+import functools
 import json
 import pickle
-import threading
 
 import pytest
 import torch
@@ -12,11 +13,10 @@ from torch import nn
 
 import vtr
 from vtr.adapters.llava.common import compact_prompt, prefill_macs
-from vtr.core.run import Report, Run
 
+from conftest import THREADS, call_state, check_threads
 from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
-                           generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, reachable,
-                           recording, tiny_llava)  # noqa: F401
+                           generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, tiny_llava)
 
 def test_zero_reduction_matches_unpatched_tokens_and_logits():
     model = tiny_llava()
@@ -375,47 +375,24 @@ def _thread_inputs(thread: int):
 
 @pytest.mark.parametrize("method, amount", BEFORE_AND_IN_LLM)
 def test_threads_sharing_one_patched_model_get_their_own_outputs_and_reports(method, amount):
+    """Threads sharing one patched model, each generating from its own prompts and images, get the
+    tokens, logits and report of their own call, bitwise what the call gives alone; reports are per
+    thread (conftest.check_threads)."""
     model = vtr.patch(tiny_llava(), method, **amount)
-    inputs = [_thread_inputs(thread) for thread in range(4)]
-    alone = []
-    for ids, mask, pixels in inputs:
-        alone.append((generate(model, ids, mask, pixel_values=pixels), vtr.report(model)))
-    start, results, errors = threading.Barrier(4), [[] for _ in inputs], []
 
-    def work(thread: int) -> None:
-        try:
-            with pytest.raises(ValueError, match="no forward pass"):   # reports are per thread
-                vtr.report(model)
-            ids, mask, pixels = inputs[thread]
-            start.wait()
-            for _ in range(3):
-                results[thread].append((generate(model, ids, mask, pixel_values=pixels), vtr.report(model)))
-        except BaseException as error:   # noqa: BLE001  (re-raised in the test's thread)
-            errors.append(error)
-            start.abort()
+    def call(ids, mask, pixels):
+        out = generate(model, ids, mask, pixel_values=pixels)
+        return out.sequences, logits(out)
 
-    threads = [threading.Thread(target=work, args=(thread,)) for thread in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    for (expected, expected_report), got in zip(alone, results):
-        assert len(got) == 3
-        for out, report in got:
-            assert torch.equal(out.sequences, expected.sequences)
-            torch.testing.assert_close(logits(out), logits(expected), atol=1e-5, rtol=0)  # kernels may split work
-            assert torch.equal(report.kept_positions, expected_report.kept_positions)      # differently in threads
-            assert torch.equal(report.visual_tokens_after, expected_report.visual_tokens_after)
-            assert torch.equal(report.assignment, expected_report.assignment)
-    assert vtr.report(model) is alone[-1][1]            # this thread's last report, untouched by the others
+    calls = [functools.partial(call, *_thread_inputs(thread)) for thread in range(THREADS)]
+    check_threads(model, [[c] * 3 for c in calls])
 
 
 @pytest.mark.parametrize("method, amount", [*BEFORE_AND_IN_LLM, ("_rec_query_held", {"budget": 4})])
 def test_after_a_call_the_model_holds_no_tensor_of_it(method, amount, recording):
     """Nothing a call computes stays on the model: every tensor it holds afterwards (through attributes,
-    hooks and closures) it held before the first call; no run, pruning or report hangs from it."""
+    hooks, closures, weak references) it held before the first call; no run, token state, report or
+    graph tensor hangs from it (conftest.reachable / call_state)."""
     recording("_rec_query_held", {"query", "cls_attention"})
     model = vtr.patch(tiny_llava(), method, **amount)
     before = held_tensors(model)
@@ -432,5 +409,5 @@ def test_after_a_call_the_model_holds_no_tensor_of_it(method, amount, recording)
               attention_mask=torch.cat([seen, torch.ones_like(seen[:, :1])], 1))
     after = held_tensors(model)
     assert after.keys() <= before.keys(), [tuple(t.shape) for key, t in after.items() if key not in before]
-    assert not [obj for obj in reachable(model) if isinstance(obj, (Run, Report))]
+    assert call_state(model) == []
     assert type(vtr.report(model)).__name__ == "LlavaReport"

@@ -11,8 +11,8 @@ from vtr.adapters.llava.anyres import crop_importance, split_budget
 from vtr.adapters.llava.common import largest_image_tokens, layout
 from vtr.reducers import REDUCERS
 
-from llava_models import (IMAGE_TOKEN, FeatureCapture, generate, held_tensors, logits, pooled, recording,  # noqa: F401
-                           tiny_llava)
+from conftest import call_state
+from llava_models import IMAGE_TOKEN, FeatureCapture, generate, held_tensors, logits, pooled, tiny_llava
 from llava_next_models import PINPOINTS, batch, image_counts, model_for, run, tiny_llava_next
 
 LARGEST = 16 + 8 * 9        # a 112 x 112 image: thumbnail 4x4, 2x2 crops -> an 8x8 map, a newline per row
@@ -387,7 +387,9 @@ def test_without_a_cls_attention_the_crops_share_by_token_count():
 
 @pytest.mark.parametrize("amount", [{"budget": 20}, {"budget": 20, "layers": [1, 2]}])
 def test_after_a_call_the_model_holds_no_tensor_of_it(amount):
-    """The thumbnail's attention (kept by hooks for the call), the split and the pruning all end with the call."""
+    """The thumbnail's attention (kept by hooks for the call), the split and the pruning all end with the
+    call: every tensor the model holds afterwards it held before, and no run, token state or report
+    hangs from it."""
     model = model_for()
     ids, mask, pixel_values, image_sizes = batch(model, MIXED)
     vtr.patch(model, "tome", **amount)
@@ -396,4 +398,5 @@ def test_after_a_call_the_model_holds_no_tensor_of_it(amount):
     with torch.inference_mode():
         model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes)
     assert held_tensors(model).keys() <= before.keys()
+    assert call_state(model) == []
     assert vtr.report(model).image_tokens_after.tolist() == [20, 20, 20]

@@ -1,11 +1,16 @@
 """A patched model is still an ordinary PyTorch model.
 
 Regression tests for what users do with any ``nn.Module`` and expect to keep working after
-``vtr.patch``: share it between threads, train it without leaking the autograd graph, deepcopy it
-(EMA), pickle / ``torch.save`` it, hook its blocks, change its dtype and mode, and call
-``forward_features`` / ``forward_head`` by hand.
+``vtr.patch``: share it between threads (each thread with its own input, or its own query),
+train it without leaking the autograd graph (activation checkpointing included), deepcopy it (EMA),
+pickle / ``torch.save`` it, hook its blocks, change its dtype and mode, and call
+``forward_features`` / ``forward_head`` by hand. This is the one home of these checks for every
+family (timm, open_clip, transformers); the harnesses (``check_threads``, ``call_state``,
+``reachable``) live in ``tests/conftest.py``.
 
-Only the public API is used (``vtr.patch``, ``vtr.unpatch``, ``vtr.report``, ``vtr.is_patched``).
+Calls go through the public API (``vtr.patch``, ``vtr.unpatch``, ``vtr.report``, ``vtr.is_patched``,
+``vtr.conditioned``); checks look inside only where that is their point: how many settings objects
+(``Reduction``) a copy holds, this thread's query after a conditioned block, the walker's own control.
 Models are tiny, random-weight, built from configs (no downloads). Every comparison of outputs is
 between two runs of the same computation (same input, same model), so no float near-tie can flip it.
 """
@@ -15,12 +20,7 @@ import copy
 import functools
 import io
 import pickle
-import sys
-import threading
-import time
-import types
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,21 +31,18 @@ from open_clip import CLIP
 from open_clip.transformer import VisionTransformer as OpenClipTower
 from timm.utils import ModelEmaV3
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig,
+                          SiglipVisionModel, ViTConfig, ViTForImageClassification)
 from transformers.utils import logging as hf_logging
 
 import vtr
+from vtr.core import run as runs
+from vtr.core.plan import Reduction
+
+from conftest import THREADS, call_state, check_threads, probe, reachable
 
 hf_logging.set_verbosity_error()
-
-
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Tiny models: one intra-op thread is fastest on a shared machine and makes every run alike."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # -- tiny models of every family ------------------------------------------------------------------
@@ -64,21 +61,24 @@ def open_clip_tower(**overrides) -> nn.Module:
                          output_dim=16, **overrides).eval()
 
 
-def open_clip_model() -> nn.Module:
-    """A whole open_clip CLIP (image and text towers); its image path is ``encode_image``."""
+def open_clip_model(**vision_overrides) -> nn.Module:
+    """A whole open_clip CLIP (image and text towers, 16-wide embeddings); its image path is
+    ``encode_image``; ``qk_norm=True`` builds the custom block."""
     torch.manual_seed(0)
-    vision = dict(image_size=32, patch_size=4, width=32, head_width=8, layers=3, mlp_ratio=2.0)
+    vision = dict(image_size=32, patch_size=4, width=32, head_width=8, layers=3, mlp_ratio=2.0) | vision_overrides
     text = dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2)
     return CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
 
 
 HF_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                  image_size=32, patch_size=4)
+HF_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+               max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
-def hf_model(model_class, config_class) -> nn.Module:
+def hf_model(model_class, config_class, **config) -> nn.Module:
     torch.manual_seed(0)
-    model = model_class(config_class(**HF_VISION)).eval()
+    model = model_class(config_class(**config)).eval()
     model.set_attn_implementation("sdpa")
     return model
 
@@ -91,20 +91,39 @@ class Family:
     image_size: int
 
 
+def _timm(global_pool="token"):
+    return Family(functools.partial(timm_vit, global_pool), lambda m, x: m(x), lambda m: list(m.blocks), 64)
+
+
+def _open_clip_tower(**overrides):
+    return Family(functools.partial(open_clip_tower, **overrides), lambda m, x: m(x),
+                  lambda m: list(m.transformer.resblocks), 32)
+
+
+def _open_clip_model(**overrides):
+    return Family(functools.partial(open_clip_model, **overrides), lambda m, x: m.encode_image(x),
+                  lambda m: list(m.visual.transformer.resblocks), 32)
+
+
+def _hf(model_class, config_class, run=lambda m, x: m(pixel_values=x).pooler_output,
+        blocks=lambda m: list(m.encoder.layers), **config):
+    return Family(functools.partial(hf_model, model_class, config_class, **config), run, blocks, 32)
+
+
 FAMILIES = {
-    "timm": Family(timm_vit, lambda m, x: m(x), lambda m: list(m.blocks), 64),
-    "timm_avg": Family(functools.partial(timm_vit, "avg"), lambda m, x: m(x), lambda m: list(m.blocks), 64),
-    "open_clip": Family(open_clip_tower, lambda m, x: m(x), lambda m: list(m.transformer.resblocks), 32),
-    "open_clip_custom": Family(functools.partial(open_clip_tower, qk_norm=True), lambda m, x: m(x),
-                               lambda m: list(m.transformer.resblocks), 32),
-    "open_clip_model": Family(open_clip_model, lambda m, x: m.encode_image(x),
-                              lambda m: list(m.visual.transformer.resblocks), 32),
-    "hf_clip": Family(functools.partial(hf_model, CLIPVisionModel, CLIPVisionConfig),
-                      lambda m, x: m(pixel_values=x).pooler_output,
-                      lambda m: list(m.encoder.layers), 32),
-    "hf_siglip": Family(functools.partial(hf_model, SiglipVisionModel, SiglipVisionConfig),
-                        lambda m, x: m(pixel_values=x).pooler_output,
-                        lambda m: list(m.encoder.layers), 32),
+    "timm": _timm(),
+    "timm_avg": _timm("avg"),
+    "open_clip": _open_clip_tower(),
+    "open_clip_custom": _open_clip_tower(qk_norm=True),
+    "open_clip_model": _open_clip_model(),
+    "open_clip_model_custom": _open_clip_model(qk_norm=True),
+    "hf_clip": _hf(CLIPVisionModel, CLIPVisionConfig, **HF_VISION),
+    "hf_siglip": _hf(SiglipVisionModel, SiglipVisionConfig, **HF_VISION),
+    "hf_clip_model": _hf(CLIPModel, CLIPConfig, vision_config=HF_VISION, text_config=HF_TEXT, projection_dim=24,
+                         run=lambda m, x: m.get_image_features(pixel_values=x).pooler_output,
+                         blocks=lambda m: list(m.vision_model.encoder.layers)),
+    "hf_vit": _hf(ViTForImageClassification, ViTConfig, **HF_VISION, num_labels=5,
+                  run=lambda m, x: m(pixel_values=x).logits, blocks=lambda m: list(m.vit.layers)),
 }
 
 # name -> (method, patch keywords); amounts are small enough for 64 patches over 3 blocks.
@@ -114,14 +133,18 @@ METHODS = {
     "tome_keys": ("tome", {"r": 4, "metric": "keys"}),
     "pitome": ("pitome", {"r": 4}),
     "evit": ("evit", {"keep": 0.75}),
+    "evit_keys": ("evit", {"keep": 0.75, "metric": "keys"}),
     "fastv": ("fastv", {"keep": 0.75}),
     "hired": ("hired", {"keep": 0.75}),
 }
 
 
-def patched(family: str, method: str) -> nn.Module:
+def patched(family: str, method: str, checkpointing: bool = False) -> nn.Module:
     name, amount = METHODS[method]
-    return vtr.patch(FAMILIES[family].build(), name, **amount)
+    model = FAMILIES[family].build()
+    if checkpointing:
+        model.set_grad_checkpointing(True)
+    return vtr.patch(model, name, **amount)
 
 
 def pixels(family: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -129,183 +152,98 @@ def pixels(family: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def snapshot(report) -> tuple:
-    """What a report says about one call, copied so later calls cannot change it."""
-    return list(report.tokens), report.size.clone(), report.assignment.clone()
-
-
-def same_report(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and a[1].shape == b[1].shape and torch.equal(a[1], b[1]) \
-        and a[2].shape == b[2].shape and torch.equal(a[2], b[2])
+def ids(cases) -> list[str]:
+    return ["-".join(str(part) if not isinstance(part, bool) else ("checkpointing" if part else "plain")
+                     for part in case) for case in cases]
 
 
 # -- 1. threads -----------------------------------------------------------------------------------
 
-THREADS, CALLS = 4, 12
+CALLS = 8
 
 
-def _thread_inputs(family: str) -> dict[int, list[torch.Tensor]]:
+def thread_inputs(family: str) -> list[list[torch.Tensor]]:
     """Distinct inputs for every call of every thread; at each call index the threads use batch
     sizes 1-4, one each, so a call that reads another's per-call state sees a different batch."""
-    return {t: [pixels(family, batch=1 + (t + c) % THREADS, seed=1000 * t + c) for c in range(CALLS)]
-            for t in range(THREADS)}
+    return [[pixels(family, batch=1 + (t + c) % THREADS, seed=1000 * t + c) for c in range(CALLS)]
+            for t in range(THREADS)]
 
 
-def _run_in_threads(work: Callable[[int], list]) -> list:
-    """``work(thread)`` in THREADS threads at once; the first real error of any thread is raised."""
-    with ThreadPoolExecutor(THREADS) as pool:
-        futures = [pool.submit(work, t) for t in range(THREADS)]
-        errors, results = [], []
-        for future in futures:
-            try:
-                results.append(future.result())
-            except Exception as error:   # noqa: BLE001 - re-raised below
-                errors.append(error)
-    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-    if real or errors:
-        raise (real or errors)[0]
-    return results
-
-
-def _yield(module, args, output) -> None:
-    time.sleep(0)
-
-
-def check_thread_safe(family: str, model: nn.Module, with_report: bool = True) -> None:
-    """THREADS threads share ``model``, each making CALLS calls on its own inputs (under
-    ``inference_mode``, one intra-op thread); every output and report must equal the lone call's."""
-    run = FAMILIES[family].run
-    inputs = _thread_inputs(family)
-    previous, interval = torch.get_num_threads(), sys.getswitchinterval()
-    # Every module hands the GIL on when it finishes, so overlapping calls interleave layer by layer
-    # (the hooks return nothing: the lone calls below compute exactly what the threads compute).
-    handles = [module.register_forward_hook(_yield) for module in model.modules()]
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():   # the single-threaded reference, call by call
-            expected = {t: [(run(model, x).clone(), snapshot(vtr.report(model)) if with_report else None)
-                            for x in xs] for t, xs in inputs.items()}
-        barrier = threading.Barrier(THREADS)
-
-        def work(thread: int) -> list:
-            torch.set_num_threads(1)
-            got = []
-            try:
-                with torch.inference_mode():
-                    for x in inputs[thread]:
-                        barrier.wait(timeout=60)          # every call overlaps the other threads' calls
-                        out = run(model, x)
-                        got.append((out, snapshot(vtr.report(model)) if with_report else None))
-            except BaseException:
-                barrier.abort()
-                raise
-            return got
-
-        sys.setswitchinterval(1e-5)
-        results = _run_in_threads(work)
-    finally:
-        sys.setswitchinterval(interval)
-        torch.set_num_threads(previous)
-        for handle in handles:
-            handle.remove()
-    for thread, got in enumerate(results):
-        for call, ((out, report), (want, want_report)) in enumerate(zip(got, expected[thread])):
-            where = f"thread {thread}, call {call} (batch {want.shape[0]})"
-            assert out.shape == want.shape and torch.equal(out, want), f"{where}: output differs from a lone call"
-            if with_report:
-                assert same_report(report, want_report), f"{where}: vtr.report does not describe this call"
+def thread_calls(family: str, model: nn.Module) -> list[list[Callable]]:
+    return [[functools.partial(FAMILIES[family].run, model, x) for x in xs] for xs in thread_inputs(family)]
 
 
 THREAD_CASES = [
     ("timm", "none"), ("timm", "tome"), ("timm", "tome_keys"), ("timm", "fastv"), ("timm", "hired"),
     ("timm_avg", "evit"),
-    ("open_clip", "tome"), ("open_clip_custom", "evit"),
-    ("hf_clip", "tome"), ("hf_siglip", "evit"),
+    ("open_clip", "tome"), ("open_clip", "evit"), ("open_clip_custom", "evit"),
+    ("hf_clip", "tome"), ("hf_clip", "evit_keys"), ("hf_siglip", "evit"), ("hf_siglip", "tome_keys"),
 ]
 
 
-@pytest.mark.parametrize("family,method", THREAD_CASES, ids=[f"{f}-{m}" for f, m in THREAD_CASES])
+@pytest.mark.parametrize("family,method", THREAD_CASES, ids=ids(THREAD_CASES))
 def test_threads_share_one_patched_model(family, method):
     """Concurrent calls on one patched model give each caller the output and the report of its own
-    input, exactly as a lone call does (no per-call state shared between threads)."""
-    check_thread_safe(family, patched(family, method))
+    input, exactly as a lone call does (no per-call state shared between threads: token states,
+    the q/k or CLS attention a reducer reads, reports)."""
+    model = patched(family, method)
+    check_threads(model, thread_calls(family, model))
+
+
+@pytest.mark.parametrize("family,width", [("open_clip_model", 16), ("hf_clip_model", 24)])
+def test_threads_each_get_their_own_query(family, width):
+    """Each thread conditions the shared model on its own query (``vtr.conditioned``, a query-driven
+    reducer): every call keeps the tokens its own thread's query picks, exactly as a lone call does,
+    and no query outlives its block."""
+    run = FAMILIES[family].run
+    queries = [torch.randn(1, 3, width, generator=torch.Generator().manual_seed(20 + t)) for t in range(THREADS)]
+    with probe():
+        model = vtr.patch(FAMILIES[family].build(), "query_probe", keep=0.5, layers=[1])
+        x, kept = pixels(family), set()
+        with torch.no_grad():
+            for query in queries:   # control: the queries keep different tokens, so one crossing threads shows
+                with vtr.conditioned(model, query):
+                    run(model, x)
+                kept.add(tuple(vtr.report(model).assignment.flatten().tolist()))
+        assert len(kept) > 1
+
+        def conditioned(query, x):
+            with vtr.conditioned(model, query):
+                return run(model, x)
+
+        check_threads(model, [[functools.partial(conditioned, query, x) for x in xs]
+                              for query, xs in zip(queries, thread_inputs(family))])
+        assert runs.query_of(model._vtr) is None
 
 
 # -- 2. no autograd graph kept --------------------------------------------------------------------
 
-_ATOMIC = (type, types.ModuleType, str, bytes, int, float, complex, bool, type(None), torch.dtype,
-           torch.device, torch.Size, types.BuiltinFunctionType)
-
-
-def graph_tensors(model: nn.Module) -> list[str]:
-    """Paths of every tensor reachable from ``model`` that requires grad or has a grad_fn, other than
-    its parameters and buffers. Walks module ``__dict__``s (hooks, non-module attributes such as
-    vtr's own objects), containers, dataclasses and plain objects, bound methods, partials and
-    closures; never a function's globals."""
-    own = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    found, seen, stack = [], set(), [(model, "model")]
-    while stack:
-        obj, path = stack.pop()
-        if id(obj) in seen or isinstance(obj, _ATOMIC):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            if not isinstance(obj, nn.Parameter) and id(obj) not in own and (obj.requires_grad or obj.grad_fn):
-                found.append(f"{path}: {tuple(obj.shape)} grad_fn={type(obj.grad_fn).__name__}")
-            continue
-        children: list = []
-        if isinstance(obj, dict):
-            children = [(v, f"{path}[{k!r}]") for k, v in obj.items()]
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            children = [(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-        elif isinstance(obj, types.MethodType):
-            children = [(obj.__self__, f"{path}.__self__")]
-        elif isinstance(obj, functools.partial):
-            children = [(obj.func, f"{path}.func"), (obj.args, f"{path}.args"), (obj.keywords, f"{path}.keywords")]
-        elif isinstance(obj, types.FunctionType):
-            children = [(c.cell_contents, f"{path}.__closure__[{i}]")
-                        for i, c in enumerate(obj.__closure__ or ()) if _filled(c)]
-            children += [(obj.__defaults__, f"{path}.__defaults__"), (obj.__kwdefaults__, f"{path}.__kwdefaults__")]
-        elif isinstance(obj, weakref.ref):
-            children = [(obj(), f"{path}()")]
-        else:
-            attributes = getattr(obj, "__dict__", None)
-            if isinstance(attributes, dict):
-                children = [(v, f"{path}.{k}") for k, v in attributes.items()]
-            for cls in type(obj).__mro__:
-                for slot in getattr(cls, "__slots__", ()):
-                    if isinstance(slot, str) and slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
-                        children.append((getattr(obj, slot), f"{path}.{slot}"))
-        stack.extend(children)
-    return found
-
-
-def _filled(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
-
-
 GRAPH_CASES = [
-    ("timm", "tome"), ("timm", "evit"), ("timm_avg", "tome_keys"),
-    ("open_clip", "tome"), ("open_clip_custom", "tome_keys"),
-    ("hf_clip", "tome"), ("hf_siglip", "evit"),
+    ("timm", "tome", False), ("timm", "evit", False), ("timm_avg", "tome_keys", False), ("timm", "tome_keys", True),
+    ("open_clip", "tome", False), ("open_clip", "evit", False), ("open_clip", "evit", True),
+    ("open_clip_custom", "tome_keys", False), ("open_clip_custom", "evit", False),
+    ("hf_clip", "tome", False), ("hf_clip_model", "tome_keys", False),
+    ("hf_siglip", "evit", False), ("hf_siglip", "tome_keys", False),
 ]
 
 
-@pytest.mark.parametrize("family,method", GRAPH_CASES, ids=[f"{f}-{m}" for f, m in GRAPH_CASES])
-def test_training_step_leaves_no_graph_on_the_model(family, method):
-    """After a grad-enabled forward (and its backward) in train mode, the model holds no tensor of
-    that pass's autograd graph: activations are freed when the caller drops its output."""
-    model = patched(family, method).train()
+@pytest.mark.parametrize("family,method,checkpointing", GRAPH_CASES, ids=ids(GRAPH_CASES))
+def test_training_step_leaves_no_graph_on_the_model(family, method, checkpointing):
+    """After a grad-enabled forward (and its backward) in train mode, with or without activation
+    checkpointing, the model holds no tensor of that pass's autograd graph and no run, token state
+    or report (activations are freed when the caller drops its output); the gradient reaches every
+    block, and the report is detached."""
+    model = patched(family, method, checkpointing).train()
     out = FAMILIES[family].run(model, pixels(family))
-    kept = graph_tensors(model)
-    assert not kept, f"after forward the model holds graph tensors: {kept}"
+    kept = call_state(model)
+    assert not kept, f"after forward the model holds: {kept}"
     out.float().square().sum().backward()
-    kept = graph_tensors(model)
-    assert not kept, f"after backward the model holds graph tensors: {kept}"
+    kept = call_state(model)
+    assert not kept, f"after backward the model holds: {kept}"
+    assert all(p.grad is not None for block in FAMILIES[family].blocks(model) for p in block.parameters())
+    report = vtr.report(model)
+    assert report.tokens[-1] < report.tokens[0]
+    assert call_state(report, "report") == []
 
 
 def test_harness_controls_on_unpatched_models():
@@ -313,30 +251,101 @@ def test_harness_controls_on_unpatched_models():
     depend on which thread computes them) and the graph walker finds nothing on it (no false
     positives). If this fails, the harness is broken, not vtr."""
     for family in ("timm_avg", "open_clip", "hf_clip"):
-        check_thread_safe(family, FAMILIES[family].build(), with_report=False)
+        model = FAMILIES[family].build()
+        check_threads(model, thread_calls(family, model), with_report=False)
         model = FAMILIES[family].build().train()
         out = FAMILIES[family].run(model, pixels(family))
-        assert graph_tensors(model) == []
+        assert call_state(model) == []
         out.square().sum().backward()
-        assert graph_tensors(model) == []
+        assert call_state(model) == []
 
 
-# -- 3. deepcopy and EMA --------------------------------------------------------------------------
+class Holder:
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def hook(self, *args) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class Box:
+    value: object
+
+
+def _with_attribute(value) -> torch.Tensor:
+    tensor = torch.zeros(1)
+    tensor.note = value
+    return tensor
+
+
+ROUTES = {   # how a forward pass could hang ``value`` on a module; ``alive`` keeps weakly held things alive
+    "hook closure": lambda module, value, alive: module.register_forward_hook(lambda *args: value),
+    "hook default": lambda module, value, alive: module.register_forward_hook(lambda *args, kept=value: None),
+    "bound method, slot": lambda module, value, alive: module.register_forward_pre_hook(Holder(value).hook),
+    "partial": lambda module, value, alive: module.register_forward_hook(functools.partial(print, value)),
+    "dataclass": lambda module, value, alive: setattr(module, "box", Box(value)),
+    "dict key": lambda module, value, alive: setattr(module, "table", {Holder(value): 1}),
+    "weak reference": lambda module, value, alive: setattr(module, "ref", weakref.ref(alive.setdefault(0, Box(value)))),
+    "tensor attribute": lambda module, value, alive: setattr(module, "extra", _with_attribute(value)),
+}
+
+
+def test_walker_finds_what_a_call_could_leave_by_every_route():
+    """Control for the walker (``call_state``): a graph tensor, a run or a token state hung on a
+    submodule by any route a forward pass could use (a hook's closure, default or bound method, a
+    partial, a slot, a dataclass, a dict key, a weak reference, a tensor's attribute) is found. If this
+    fails, the harness is broken, not vtr."""
+    leftovers = {"graph tensor": torch.ones(2, requires_grad=True) * 2, "run": runs.Run(None),
+                 "token state": vtr.TokenState.start(torch.zeros(1, 3, 4), 1)}
+    for route, hang in ROUTES.items():
+        for kind, value in leftovers.items():
+            model, alive = nn.Sequential(nn.Linear(4, 4)), {}
+            hang(model[0], value, alive)
+            assert call_state(model), f"a {kind} held by {route} is not found"
+
+
+# -- 3. copies: deepcopy, EMA, pickle, torch.save -------------------------------------------------
+
+def check_one_patched_model(model: nn.Module) -> None:
+    """``model`` (a copy) is one patched model of its own: a single settings object, shared by every
+    part that reads it (a CLIP model and its image tower), and every module or parameter vtr points to
+    is one of its own (a CLIP tower maps tokens with the copy's own projection, not the original's)."""
+    found = list(reachable(model))
+    settings = [obj for obj, _ in found if isinstance(obj, Reduction)]
+    assert len(settings) == 1, f"{len(settings)} settings objects"
+    owners = (model, settings[0].reducer)   # a reducer is a module of the settings
+    own = {id(t) for owner in owners for t in (*owner.modules(), *owner.parameters())}
+    strays = [path for obj, path in found if isinstance(obj, (nn.Module, nn.Parameter)) and id(obj) not in own]
+    assert not strays, f"modules of another model: {strays}"
+
+
+def layout(model: nn.Module) -> list:
+    """What a model is, module by module: its class, how many forward hooks and pre-hooks it has, its
+    attention implementation (transformers) and any ``_vtr`` attribute."""
+    return [(name, type(m), len(m._forward_hooks), len(m._forward_pre_hooks),
+             getattr(getattr(m, "config", None), "_attn_implementation", None),
+             [k for k in vars(m) if k.startswith("_vtr")]) for name, m in model.named_modules()]
+
 
 COPY_CASES = [("timm", "tome"), ("timm_avg", "evit"), ("open_clip", "tome"), ("open_clip_custom", "tome_keys"),
-              ("hf_clip", "tome"), ("hf_siglip", "tome")]
+              ("hf_clip", "tome"), ("hf_siglip", "tome"), ("hf_clip_model", "tome_keys")]
 
 
-@pytest.mark.parametrize("family,method", COPY_CASES, ids=[f"{f}-{m}" for f, m in COPY_CASES])
+@pytest.mark.parametrize("family,method", COPY_CASES, ids=ids(COPY_CASES))
 def test_deepcopy_after_a_training_step(family, method):
     """``copy.deepcopy`` of a model that just trained works and gives an independent patched model:
-    same eval output, its own report, and unpatching it leaves the original patched."""
+    one of its own (nothing shared with the original), same eval output, its own report, and
+    unpatching it restores it cleanly and leaves the original patched."""
     run = FAMILIES[family].run
     model = patched(family, method).train()
     x = pixels(family)
     run(model, x).float().square().sum().backward()
     clone = copy.deepcopy(model)
     assert vtr.is_patched(clone)
+    check_one_patched_model(clone)
     model.eval(), clone.eval()
     with torch.no_grad():
         expected = run(model, x)
@@ -346,6 +355,7 @@ def test_deepcopy_after_a_training_step(family, method):
         run(clone, pixels(family, batch=3, seed=1))
     assert vtr.report(clone).size.shape[0] == 3 and vtr.report(model).size.shape[0] == 2
     vtr.unpatch(clone)
+    assert layout(clone) == layout(FAMILIES[family].build())
     assert vtr.is_patched(model)
     with torch.no_grad():
         assert torch.equal(run(model, x), expected)
@@ -371,8 +381,6 @@ def test_timm_model_ema_created_mid_training():
     assert vtr.report(ema.module).tokens == [65, 61, 57, 53]
 
 
-# -- 4. pickling ----------------------------------------------------------------------------------
-
 def _torch_roundtrip(model: nn.Module) -> nn.Module:
     buffer = io.BytesIO()
     torch.save(model, buffer)
@@ -380,31 +388,44 @@ def _torch_roundtrip(model: nn.Module) -> nn.Module:
     return torch.load(buffer, weights_only=False)
 
 
-@pytest.mark.parametrize("how", ["pickle", "torch.save"])
-@pytest.mark.parametrize("family", ["timm", "open_clip_model", "hf_clip"])
-def test_pickle_roundtrip_keeps_the_patch(family, how):
-    """A patched model survives pickle / torch.save: the loaded model is patched (same output) and
-    ``vtr.unpatch`` on it restores the unpatched output."""
+ROUND_TRIPS = {"pickle": lambda model: pickle.loads(pickle.dumps(model)), "torch.save": _torch_roundtrip}
+PICKLE_CASES = [("timm", "tome_keys"), ("open_clip", "tome_keys"), ("open_clip_custom", "tome_keys"),
+                ("open_clip_model", "tome"), ("open_clip_model_custom", "tome_keys"), ("hf_clip", "tome_keys"),
+                ("hf_clip_model", "tome_keys"), ("hf_siglip", "tome_keys"), ("hf_vit", "tome_keys")]
+
+
+@pytest.mark.parametrize("family,method", PICKLE_CASES, ids=ids(PICKLE_CASES))
+def test_pickle_roundtrip_keeps_the_patch(family, method):
+    """A patched model survives pickle and torch.save (hooks vtr adds for keys included): the loaded
+    model is one patched model of its own (a whole CLIP and its tower still share one settings object),
+    gives the same output and report, and ``vtr.unpatch`` on it restores the unpatched model (classes,
+    hooks, attention implementation) and its output; the original stays patched."""
     run = FAMILIES[family].run
     model = FAMILIES[family].build()
     x = pixels(family)
     with torch.no_grad():
         reference = run(model, x)
-        vtr.patch(model, "tome", r=4)
+        unpatched = layout(model)
+        vtr.patch(model, METHODS[method][0], **METHODS[method][1])
         reduced = run(model, x)
     assert not torch.equal(reduced, reference)
-    loaded = pickle.loads(pickle.dumps(model)) if how == "pickle" else _torch_roundtrip(model)
-    assert vtr.is_patched(loaded)
+    for how, round_trip in ROUND_TRIPS.items():
+        loaded = round_trip(model)
+        assert vtr.is_patched(loaded) and vtr.family(loaded) == vtr.family(model), how
+        check_one_patched_model(loaded)
+        with torch.no_grad():
+            assert torch.equal(run(loaded, x), reduced), how
+        assert vtr.report(loaded).tokens == vtr.report(model).tokens
+        vtr.unpatch(loaded)
+        assert not vtr.is_patched(loaded) and layout(loaded) == unpatched, how
+        with torch.no_grad():
+            assert torch.equal(run(loaded, x), reference), how
+    assert vtr.is_patched(model)
     with torch.no_grad():
-        assert torch.equal(run(loaded, x), reduced)
-    assert vtr.report(loaded).tokens == vtr.report(model).tokens
-    vtr.unpatch(loaded)
-    assert not vtr.is_patched(loaded) and vtr.is_patched(model)
-    with torch.no_grad():
-        assert torch.equal(run(loaded, x), reference)
+        assert torch.equal(run(model, x), reduced)
 
 
-# -- 5. block hooks -------------------------------------------------------------------------------
+# -- 4. block hooks -------------------------------------------------------------------------------
 
 def _tokens_of(args: tuple, kwargs: dict, output=None) -> tuple:
     """(batch, tokens) of the hidden states a block received (or returned)."""
@@ -415,15 +436,19 @@ def _tokens_of(args: tuple, kwargs: dict, output=None) -> tuple:
     return tuple(value.shape[:2])
 
 
-HOOK_FAMILIES = ["timm", "open_clip", "open_clip_custom", "hf_clip", "hf_siglip"]
+HOOK_CASES = [(family, method, False) for family in ("timm", "open_clip", "open_clip_custom", "hf_clip", "hf_siglip",
+                                                     "hf_vit") for method in ("none", "tome", "tome_keys")]
+HOOK_CASES += [("hf_clip_model", "tome_keys", False),
+               ("timm", "tome_keys", True), ("open_clip", "tome_keys", True), ("open_clip_custom", "tome_keys", True)]
 
 
-@pytest.mark.parametrize("method", ["none", "tome"])
-@pytest.mark.parametrize("family", HOOK_FAMILIES)
-def test_block_hooks_fire_once_with_the_blocks_own_tokens(family, method):
+@pytest.mark.parametrize("family,method,checkpointing", HOOK_CASES, ids=ids(HOOK_CASES))
+def test_block_hooks_fire_once_with_the_blocks_own_tokens(family, method, checkpointing):
     """Forward pre-hooks and hooks on every transformer block fire exactly once per call; the block
-    receives ``report.tokens[i]`` tokens and returns the count after its own reduction."""
-    model = patched(family, method)
+    receives ``report.tokens[i]`` tokens and returns the count after its own reduction. Under
+    activation checkpointing the same holds for the forward of a grad-enabled call (backward may
+    recompute a block: with the same tokens), and backward leaves the report as it was."""
+    model = patched(family, method, checkpointing)
     blocks = FAMILIES[family].blocks(model)
     seen = {"pre": [[] for _ in blocks], "post": [[] for _ in blocks]}
     for i, block in enumerate(blocks):
@@ -440,11 +465,19 @@ def test_block_hooks_fire_once_with_the_blocks_own_tokens(family, method):
             assert len(seen["pre"][i]) == len(seen["post"][i]) == calls, f"block {i} hook count"
             assert seen["pre"][i][-1] == (batch, tokens[i]), f"block {i} input"
             assert seen["post"][i][-1] == (batch, tokens[i + 1]), f"block {i} output"
-    if method == "tome":
+    if method != "none":
         assert tokens[-1] < tokens[0]
+    if checkpointing:   # under grad the blocks run checkpointed
+        for hooks in (*seen["pre"], *seen["post"]):
+            hooks.clear()
+        FAMILIES[family].run(model, pixels(family)).float().sum().backward()
+        for i in range(len(blocks)):
+            assert seen["pre"][i] and set(seen["pre"][i]) == {(2, tokens[i])}, f"block {i} input"
+            assert seen["post"][i] and set(seen["post"][i]) == {(2, tokens[i + 1])}, f"block {i} output"
+        assert vtr.report(model).tokens == tokens
 
 
-# -- 6. dtype, device and mode changes ------------------------------------------------------------
+# -- 5. dtype, device and mode changes ------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["timm", "open_clip", "hf_clip"])
 def test_double_precision_and_mode_toggles_keep_the_patch(family):
@@ -465,7 +498,7 @@ def test_double_precision_and_mode_toggles_keep_the_patch(family):
         assert torch.equal(run(reducing.train().eval(), x), out)
 
 
-# -- 7. forward_features + forward_head -----------------------------------------------------------
+# -- 6. forward_features + forward_head -----------------------------------------------------------
 
 @pytest.mark.parametrize("family,method", [("timm", "tome"), ("timm_avg", "evit"), ("timm_avg", "tome")])
 def test_timm_forward_features_then_forward_head(family, method):
