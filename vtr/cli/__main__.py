@@ -1,0 +1,4 @@
+"""`python -m vtr.cli`: the `vtr` command."""
+from . import main
+
+raise SystemExit(main())
