@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 import pytest
 import timm
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import vtr
 from vtr.core import run as runs
@@ -394,3 +394,52 @@ def recording():
     yield register
     for name in registered:
         REDUCERS.pop(name, None)
+
+
+# -- the real ``query`` reducer on CLIP-style models (tests/adapters) ------------------------------
+
+def spy_steps(model: nn.Module) -> list:
+    """``(tokens, signals)`` of each step the patched model's reducer takes, recorded by wrapping its
+    ``step`` on the instance: the decision is still the reducer's own. A new ``vtr.patch`` drops it."""
+    reducer, seen = model._vtr.reducer, []
+    step = type(reducer).step
+
+    def spy(state, num_kept, signals):
+        seen.append((state.x.detach().clone(), signals))
+        return step(reducer, state, num_kept, signals)
+
+    reducer.step = spy
+    return seen
+
+
+def kept_positions(model: nn.Module) -> list[list[int]]:
+    """Per image, the original token positions the last call kept (a single pruning step)."""
+    assignment = vtr.report(model).assignment
+    return [(row >= 0).nonzero().flatten().tolist() for row in assignment]
+
+
+def float64_projection(model: nn.Module, tower: Callable[[nn.Module], nn.Module]) -> Callable[[Tensor], Tensor]:
+    """The adapter's token projection (``tower(model).project_tokens``) on a float64 copy of the model."""
+    double = copy.deepcopy(model).double()
+    return lambda tokens: tower(double).project_tokens(tokens.double())
+
+
+def assert_kept_top_k_by_projected_cosine(kept: list[list[int]], tokens: Tensor, query: Tensor,
+                                          project64: Callable[[Tensor], Tensor], protected: int = 1,
+                                          margin: float = 1e-3) -> None:
+    """``kept`` (per image, positions) are the protected tokens plus exactly the top-k unprotected tokens
+    by cosine between the projected token and the best of the queries, recomputed in float64 from the
+    hidden states ``tokens`` the reducer saw. The k-th and (k+1)-th scores must differ by ``margin``,
+    so the check cannot hinge on float rounding."""
+    projected = project64(tokens)[:, protected:]
+    query = query.double()
+    query = (query[:, None] if query.dim() == 2 else query).expand(projected.shape[0], -1, -1)
+    cosine = (nn.functional.normalize(projected, dim=-1)
+              @ nn.functional.normalize(query, dim=-1).transpose(1, 2)).amax(dim=-1)
+    for row, positions in enumerate(kept):
+        assert positions[:protected] == list(range(protected))
+        k = len(positions) - protected
+        scores = cosine[row].sort(descending=True)
+        gap = float(scores.values[k - 1] - scores.values[k])
+        assert gap > margin, f"row {row}: a near-tie at the k-th score (gap {gap:.2e}); pick another seed"
+        assert sorted(positions[protected:]) == sorted((scores.indices[:k] + protected).tolist())

@@ -19,7 +19,8 @@ from vtr.adapters import hf_vision
 from vtr.core import run as runs
 from vtr.tools.profile import count_macs
 
-from conftest import probe, signal_probe
+from conftest import (assert_kept_top_k_by_projected_cosine, float64_projection, kept_positions, probe,
+                      signal_probe, spy_steps)
 
 hf_logging.set_verbosity_error()
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -310,3 +311,69 @@ def test_cls_attention_is_row_zero_of_the_full_attention(name):
     else:
         assert torch.allclose(seen.cls_attention, full.mean(1)[:, 0], atol=1e-6)
     assert seen.layer == 1 and seen.grid == (8, 8)
+
+
+# -- the real "query" reducer: tokens reach the text's space through the tower's projection -------
+
+def output_projection(model) -> torch.Tensor:
+    """The last linear map from tokens to the embedding: CLIP's visual_projection, SigLIP's head out_proj."""
+    return (model.visual_projection if hasattr(model, "visual_projection")
+            else model.vision_model.head.attention.out_proj).weight
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel"])
+def test_query_reducer_conditions_on_text_through_the_towers_projection(name):
+    """CLIP: a 32-wide tower, a 24-wide embedding (as in every real CLIP); SigLIP: its head maps tokens
+    (same width, other space). Zero-shot and text_query run the real reducer, whose kept tokens follow
+    the text and the tower's projection."""
+    model = build(name)
+    x = images(2)
+    with torch.no_grad():
+        classes = model.get_text_features(input_ids=text_ids(5, seed=4)).pooler_output
+        texts = model.get_text_features(input_ids=text_ids(2, seed=7)).pooler_output
+        if name == "CLIPModel":
+            assert model.config.vision_config.hidden_size != classes.shape[-1]
+        vtr.patch(model, "query", keep=0.5)
+        logits = vtr.clip.zero_shot(model, x, classes)
+        assert logits.shape == (2, 5) and bool(logits.isfinite().all())
+        assert vtr.report(model).tokens[-1] < vtr.report(model).tokens[0]
+        kept = []
+        for text in texts:
+            with vtr.clip.text_query(model, text):
+                features = vtr.clip.image_features(model, x)
+            assert features.shape == (2, classes.shape[-1]) and bool(features.isfinite().all())
+            kept.append(vtr.report(model).assignment.clone())
+        assert not torch.equal(kept[0], kept[1])                                  # (b) the text decides
+        weight = output_projection(model)
+        with vtr.clip.text_query(model, texts[0]):
+            weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(9)))
+            vtr.clip.image_features(model, x)
+        assert not torch.equal(vtr.report(model).assignment, kept[0])             # (c) so does the projection
+    vtr.unpatch(model)
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel"])
+def test_query_reducer_keeps_the_patches_closest_to_the_text(name):
+    """(d) Queries made of the projected features of some object patches at the reducing layer: those
+    patches are kept, and the kept set is exactly the float64 top-k by projected cosine, with a margin.
+    The budget keeps as many patches as the object has, so the k-th boundary is object / background."""
+    model = build(name)
+    x = images(2)
+    protected = 1 if name == "CLIPModel" else 0                               # SigLIP has no CLS token
+    patches = [[8, 9, 10, 16, 17, 18, 24, 26], [39, 40, 47, 48, 49, 55, 56, 59]]
+    objects = [[protected + p for p in cells] for cells in patches]
+    with torch.no_grad():
+        vtr.patch(model, "query", keep=8 / 64, layers=[1], relevance_weight=1.0)
+        seen = spy_steps(model)
+        vtr.clip.image_features(model, x)                                     # no query: the layer-1 tokens
+        tokens = seen[-1][0]
+        query = torch.stack([tower(model).project_tokens(tokens[row, cells]) for row, cells in enumerate(objects)])
+        with vtr.clip.text_query(model, query, per_image=True):               # [2, 8, D]
+            vtr.clip.image_features(model, x)
+        kept = kept_positions(model)
+        again, signals = seen[-1]
+        assert torch.equal(again, tokens) and signals.query_projection is not None
+        for row, cells in enumerate(objects):
+            assert kept[row] == list(range(protected)) + cells
+        assert_kept_top_k_by_projected_cosine(kept, tokens, query, float64_projection(model, tower), protected)
+    vtr.unpatch(model)

@@ -15,7 +15,8 @@ from vtr.adapters import open_clip_vit
 from vtr.core import run as runs
 from vtr.tools.profile import count_macs
 
-from conftest import probe, signal_probe
+from conftest import (assert_kept_top_k_by_projected_cosine, float64_projection, kept_positions, probe,
+                      signal_probe, spy_steps)
 
 TINY = dict(image_size=32, patch_size=4, width=32, layers=4, heads=4, mlp_ratio=2.0, output_dim=16)
 TOWERS = {
@@ -332,3 +333,65 @@ def test_cls_attention_is_row_zero_of_the_full_attention(kind):
             seen = reducer.seen[0]
     assert torch.allclose(seen.cls_attention, full[:, 0], atol=1e-6)
     assert seen.grid == (8, 8) and seen.layer == 0 and seen.num_layers == 4
+
+
+# -- the real "query" reducer: tokens reach the text's space through the tower's ln_post and proj ----
+
+CLIP_KINDS = pytest.mark.parametrize("vision", [{}, {"qk_norm": True, "ls_init_value": 0.1}],
+                                     ids=["default", "custom"])
+
+
+def encode_texts(model, count, seed):
+    return model.encode_text(torch.randint(0, 64, (count, 8), generator=torch.Generator().manual_seed(seed)))
+
+
+@CLIP_KINDS
+def test_query_reducer_conditions_on_text_wider_tower_than_embedding(vision):
+    """The tower is 32 wide, the embedding 16 (as in every real CLIP): zero-shot and text_query run the
+    real reducer, whose kept tokens follow the text and the tower's projection."""
+    model = tiny_clip(**vision)
+    x = images(2)
+    with torch.no_grad():
+        classes, texts = encode_texts(model, 5, 4), encode_texts(model, 2, 7)
+        assert model.visual.transformer.width != classes.shape[-1]
+        vtr.patch(model, "query", keep=0.5)
+        logits = vtr.clip.zero_shot(model, x, classes)
+        assert logits.shape == (2, 5) and bool(logits.isfinite().all())
+        assert vtr.report(model).tokens[-1] < vtr.report(model).tokens[0]
+        kept = []
+        for text in texts:
+            with vtr.clip.text_query(model, text):
+                features = vtr.clip.image_features(model, x)
+            assert features.shape == (2, 16) and bool(features.isfinite().all())
+            kept.append(vtr.report(model).assignment.clone())
+        assert not torch.equal(kept[0], kept[1])                                  # (b) the text decides
+        with vtr.clip.text_query(model, texts[0]):
+            model.visual.proj.add_(torch.randn(32, 16, generator=torch.Generator().manual_seed(9)))
+            vtr.clip.image_features(model, x)
+        assert not torch.equal(vtr.report(model).assignment, kept[0])             # (c) so does the projection
+    vtr.unpatch(model)
+
+
+@CLIP_KINDS
+def test_query_reducer_keeps_the_patches_closest_to_the_text(vision):
+    """(d) Queries made of the projected features of some object patches at the reducing layer: those
+    patches are kept, and the kept set is exactly the float64 top-k by projected cosine, with a margin.
+    The budget keeps as many patches as the object has, so the k-th boundary is object / background."""
+    model = tiny_clip(**vision)
+    x = images(2)
+    objects = [[9, 10, 11, 17, 18, 19, 25, 27], [40, 41, 48, 49, 50, 56, 57, 60]]   # positions (1 = first patch)
+    with torch.no_grad():
+        vtr.patch(model, "query", keep=8 / 64, layers=[1], relevance_weight=1.0)
+        seen = spy_steps(model)
+        model.encode_image(x)                                                 # no query: the layer-1 tokens
+        tokens = seen[-1][0]
+        query = torch.stack([model.visual.project_tokens(tokens[row, cells]) for row, cells in enumerate(objects)])
+        with vtr.clip.text_query(model, query, per_image=True):               # [2, 8, 16]
+            vtr.clip.image_features(model, x)
+        kept = kept_positions(model)
+        again, signals = seen[-1]
+        assert torch.equal(again, tokens) and signals.query_projection is not None
+        for row, cells in enumerate(objects):
+            assert kept[row] == [0] + cells
+        assert_kept_top_k_by_projected_cosine(kept, tokens, query, float64_projection(model, lambda m: m.visual))
+    vtr.unpatch(model)

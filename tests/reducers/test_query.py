@@ -137,3 +137,34 @@ def test_conditioned_model_choices_follow_each_rows_query():
     with pytest.raises(ValueError, match=f"query has width 7 but the tokens .* width {width}"):
         with vtr.conditioned(model, torch.randn(2, 7)):
             model(x)
+
+
+def test_signals_query_projection_maps_tokens_and_the_reducers_own_projection_wins():
+    """The adapter's ``signals.query_projection`` brings the tokens into the query's space (wider
+    tokens than query, as in every real CLIP); a ``projection=`` given to the reducer takes precedence."""
+    x = torch.zeros(1, 6, 4)
+    x[0, 1:, 0] = torch.tensor([1.0, 0.0, 2.0, 0.0, -1.0])  # channel 0: seen by the adapter's projection
+    x[0, 1:, 2] = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0])  # channel 2: seen by the reducer's own one
+    x[0, 1:, 3] = 0.1                                       # keeps every token off zero
+    state = TokenState.start(x, 1)
+    query = torch.tensor([[1.0, 0.0]])                      # width 2 < token width 4
+    adapter = torch.zeros(4, 2)
+    adapter[0, 0] = adapter[3, 1] = 1.0                     # token -> (channel 0, channel 3)
+    calls = []
+    signals = Signals(metric=state.x, query=query, query_projection=lambda t: calls.append(t) or t @ adapter)
+    relevance = QueryPrune(1.0).relevance(state, query, signals.query_projection)
+    expected_cosine = torch.tensor([1.0, 0.0, 2.0, 0.0, -1.0]) / torch.tensor([1.01, 0.01, 4.01, 0.01, 1.01]).sqrt()
+    torch.testing.assert_close(relevance[0], (1 + expected_cosine) / 2)
+    out = QueryPrune(1.0)(state, 1 + 2, signals)
+    assert kept_positions(out, 0).tolist() == [0, 1, 3]     # the two tokens along channel 0
+    assert len(calls) == 2 and calls[0].shape == (1, 5, 4)  # called on the unprotected tokens only
+    own = torch.zeros(4, 2)
+    own[2, 0] = own[3, 1] = 1.0                             # token -> (channel 2, channel 3)
+    out = QueryPrune(1.0, projection=own)(state, 1 + 2, signals)
+    assert kept_positions(out, 0).tolist() == [0, 2, 4]     # the reducer's projection won
+    assert len(calls) == 2                                  # and the adapter's was not called
+    with pytest.raises(ValueError, match="query has width 2 but the tokens .* have width 4"):
+        QueryPrune(1.0)(state, 3, Signals(metric=state.x, query=query))   # no projection at all
+    with pytest.raises(ValueError, match="query has width 2 but the tokens mapped by the model's query projection "
+                                         "have width 3"):
+        QueryPrune(1.0)(state, 3, Signals(metric=state.x, query=query, query_projection=lambda t: t[..., :3]))

@@ -17,10 +17,17 @@ from .select import check_signal, real_tokens, top_scores
 class QueryPrune(Reducer):
     """Greedy selection by ``relevance * relevance_weight + novelty * (1 - relevance_weight)``.
 
-    relevance: cosine between each token's features (``state.x``, through ``projection`` if given:
-        an ``nn.Module``/callable ``[B, N, C] -> [B, N, D]`` or a ``[C, D]`` matrix) and the query
-        ``signals.query`` (``[B, D]``, or ``[B, Q, D]`` with the best of the Q queries), mapped to [0, 1].
-        Set it with ``with vtr.conditioned(model, query): model(x)``; a batch of one query is shared.
+    relevance: cosine between each token's features ``state.x`` mapped into the query's space and the
+        query ``signals.query`` (``[B, D]``, or ``[B, Q, D]`` with the best of the Q queries), mapped to
+        [0, 1]. Set it with ``with vtr.conditioned(model, query): model(x)``; a batch of one query is shared.
+        The map into the query's space, first that applies:
+        1. ``projection`` given to this reducer (an ``nn.Module``/callable ``[B, N, C] -> [B, N, D]`` or
+           a ``[C, D]`` matrix). It wins: the user asked for it explicitly (e.g. a probe or a space of
+           their own), and an explicit option that the model silently overrode would be a trap.
+        2. ``signals.query_projection`` from the adapter: on CLIP-style models the tower's own final
+           norm and projection (each token as the image embedding it would give if it were the pooled
+           token), so text embeddings, which live in the joint space, compare with tokens like with like.
+        3. None: the tokens themselves (query and tokens share a space).
     novelty: the graph criterion. Tokens are nodes of a cosine-similarity graph over
         ``signals.metric``; a token's novelty is its cosine distance (halved, in [0, 1]) to the
         nearest token already kept, so a near-duplicate of a kept token scores ~0 and is pruned.
@@ -50,8 +57,11 @@ class QueryPrune(Reducer):
         self.relevance_weight, self.projection = float(relevance_weight), projection
 
     def extra_macs(self, num_tokens: int, cost) -> float:
-        """The similarity graph (U^2 d) and the distances to the mean token (2 U d). The relevance
-        products (U d Q, plus a projection if given) depend on the query and are not counted."""
+        """The similarity graph (U^2 d) and the distances to the mean token (2 U d). Not counted: the
+        relevance products (U D Q) and the map of the U tokens into the query's space (``projection``
+        or the adapter's ``signals.query_projection``: on CLIP the final norm and a C x D projection per
+        token, U C D; more for SigLIP's head). Both depend on the query, which the budget does not
+        see, so this is a lower bound for a conditioned call; without a query neither is paid."""
         if self.relevance_weight == 1.0:
             return 0.0
         unprotected = num_tokens - cost.num_protected
@@ -59,7 +69,8 @@ class QueryPrune(Reducer):
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         k, valid = num_kept - state.num_protected, real_tokens(state)
-        relevance = None if signals.query is None else self.relevance(state, signals.query)
+        relevance = None if signals.query is None else self.relevance(state, signals.query,
+                                                                          signals.query_projection)
         if relevance is not None and self.relevance_weight == 1.0:
             kept = top_scores(relevance, valid, k)
         else:
@@ -67,21 +78,32 @@ class QueryPrune(Reducer):
             kept = self._greedy(state, signals, valid, k, relevance, weight)
         return state.reduce(dest_from_choice(state, kept), num_kept)
 
-    def relevance(self, state: TokenState, query: Tensor) -> Tensor:
-        """``[B, U]`` in [0, 1]: (1 + best cosine over the queries) / 2."""
+    def relevance(self, state: TokenState, query: Tensor,
+                  query_projection: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+        """``[B, U]`` in [0, 1]: (1 + best cosine over the queries) / 2.
+
+        ``query_projection``: the adapter's map of tokens into the query's space
+        (``signals.query_projection``); used unless this reducer was given its own ``projection``.
+        """
         tokens = state.x[:, state.num_protected:]
         if isinstance(self.projection, Tensor):
             if self.projection.shape[0] != tokens.shape[-1]:
                 raise ValueError(f"query: projection is [{self.projection.shape[0]}, {self.projection.shape[1]}] "
                                  f"but the tokens have width {tokens.shape[-1]}")
             tokens = tokens @ self.projection.to(tokens)
+            where = "projected tokens"
         elif self.projection is not None:
             tokens = self.projection(tokens)
+            where = "projected tokens"
+        elif query_projection is not None:
+            tokens = query_projection(tokens)
+            where = "tokens mapped by the model's query projection"
+        else:
+            where = "tokens (give projection= to map them)"
         query = query[:, None] if query.dim() == 2 else query
         if query.dim() != 3 or query.shape[1] == 0:
             raise ValueError(f"query: signals.query must be [B, D] or [B, Q, D] with Q >= 1, got {tuple(query.shape)}")
         if query.shape[-1] != tokens.shape[-1]:
-            where = "projected tokens" if self.projection is not None else "tokens (give projection= to map them)"
             raise ValueError(f"query: the query has width {query.shape[-1]} but the {where} have width "
                              f"{tokens.shape[-1]}")
         if query.shape[0] not in (1, tokens.shape[0]):
