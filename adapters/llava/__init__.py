@@ -20,6 +20,10 @@ stages, and hooks of plain classes, so it pickles, deep-copies and can be shared
 computes; the detached :class:`~vtr.adapters.llava.common.LlavaReport` is what outlives it, read by
 ``vtr.report(model)`` in the caller's thread.
 
+``pool`` keeps the count its integer factor gives: ``budget=`` picks the factor that keeps exactly that
+many (LLaVA-1.5; refused, with the budgets it can keep, where no factor does or a given ``factor=``
+disagrees); LLaVA-NeXT refuses it.
+
 Limits: ``prop_attn`` has no effect here (the language model's attention is not changed; a merged
 token counts once); ``forward()`` with ``pixel_values`` returns logits over the compacted prompt
 (``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts must
@@ -28,8 +32,10 @@ come as ``input_ids``; ``image_sizes`` is for LLaVA-NeXT only; other LLaVA-famil
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -40,6 +46,7 @@ from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
+from vtr.reducers.pool import GridPool
 
 from ..base import Adapter, Swapped, restore_class, swap_class
 from ..errors import UnsupportedModelError
@@ -80,6 +87,35 @@ class ReducingLlava(Swapped):
         view = object.__new__(type(self)._vtr_original)
         object.__setattr__(view, "__dict__", self.__dict__)
         return view.save_pretrained(*args, **kwargs)
+
+
+def pool_factor(model: nn.Module, reduction: Reduction) -> Reduction:
+    """``pool`` on LLaVA-1.5: its factor sets the count, so ``budget=`` picks the factor (the smallest that
+    keeps exactly ``budget`` tokens per image) or, met by none or contradicting a given ``factor=``, is
+    refused here, at patch time, with the budgets pool can keep on this model."""
+    budget, layers = reduction.arguments.get("budget"), reduction.arguments.get("layers")
+    if isinstance(budget, bool) or not isinstance(budget, int) or (layers is not None and len(layers) != 1):
+        return reduction        # per-stage budgets (in-LLM): pool pools once, at the first stage
+    num_tokens, protected = image_tokens(model)
+    side = math.isqrt(num_tokens - protected)
+    if side * side != num_tokens - protected:
+        return reduction        # no square grid: pool refuses at the call
+    grid = (side, side)
+    counts = GridPool.budgets(grid, protected)
+    rule = (f"pool keeps {'1 + ' if protected else ''}ceil({side}/f)^2 tokens per image for factor f "
+            f"(f=1: none pooled), so budget must be one of {', '.join(map(str, counts))}")
+    if "factor" in reduction.arguments:
+        factor = reduction.reducer.factor
+        kept = protected + math.prod(reduction.reducer.pooled_grid(grid))
+        if kept != budget:
+            raise ValueError(f"budget={budget} disagrees with factor={factor}, which keeps {kept} visual tokens "
+                             f"per image: {rule} (or leave out budget= or factor=)")
+        return reduction
+    if budget not in counts:
+        raise ValueError(f"method 'pool' cannot keep budget={budget} visual tokens per image on this model: {rule}")
+    if counts[budget] == 1:
+        return reduction        # budget is every token: the schedule does not reduce
+    return dataclasses.replace(reduction, reducer=GridPool(factor=counts[budget]))
 
 
 def _forward(model: nn.Module, original_forward, *args, **kwargs):
@@ -196,6 +232,8 @@ class Llava(Adapter):
             raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
         if is_next(model):
             anyres.check_reduction(model, reduction)
+        elif isinstance(reduction.reducer, GridPool):
+            reduction = pool_factor(model, reduction)
         if Need.CLS_ATTENTION in reduction.reducer.needs:
             feature_attention(model)   # fail at patch time, not at the first call
         if reduction.arguments.get("layers") is not None:

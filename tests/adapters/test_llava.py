@@ -330,6 +330,39 @@ def test_pool_on_llava_follows_its_factor():
     assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
 
 
+@pytest.mark.parametrize("strategy, budget, factor", [("default", 4, 2), ("default", 1, 4), ("full", 5, 2),
+                                                      ("full", 2, 4)])
+def test_pool_on_llava_keeps_the_budget_through_the_factor_that_meets_it(strategy, budget, factor):
+    """Issue 11: budget= picks pool's factor (4x4 grid: ceil(4/f)^2, plus the CLS feature with 'full')."""
+    ids, mask, pixels = mixed_batch()
+    if strategy == "full":   # the CLS feature is an image token too
+        per_image = IMAGE_TOKENS + 1
+        ids, mask = left_padded([prompt_row([1, 5], 2, [7, 8], per_image=per_image),
+                                 prompt_row([1, 5, 6, 9, 10, 11], 1, [7, 12, 13], per_image=per_image),
+                                 [1, 20, 21, 22, 23]])
+    model = vtr.patch(tiny_llava(strategy=strategy), "pool", budget=budget)
+    out = generate(model, ids, mask, pixel_values=pixels)
+    report = vtr.report(model)
+    assert report.visual_tokens_after.tolist() == [2 * budget, budget, 0]
+    direct = vtr.patch(tiny_llava(strategy=strategy), "pool", budget=budget, factor=factor)
+    expected = generate(direct, ids, mask, pixel_values=pixels)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert torch.equal(logits(out), logits(expected))
+    assert vtr.report(direct).visual_tokens_after.tolist() == [2 * budget, budget, 0]
+
+
+@pytest.mark.parametrize("strategy, amount, allowed", [
+    ("default", {"budget": 3}, "16, 4, 1"), ("default", {"budget": 9}, "16, 4, 1"),
+    ("default", {"budget": 1, "factor": 2}, "16, 4, 1"), ("default", {"budget": 4, "factor": 4}, "16, 4, 1"),
+    ("full", {"budget": 4}, "17, 5, 2"), ("full", {"budget": 2, "factor": 3}, "17, 5, 2"),
+])
+def test_pool_on_llava_refuses_a_budget_no_factor_meets(strategy, amount, allowed):
+    model = tiny_llava(strategy=strategy)
+    with pytest.raises(ValueError, match=f"budget={amount['budget']}.*budget must be one of {allowed}"):
+        vtr.patch(model, "pool", **amount)
+    assert not vtr.is_patched(model)
+
+
 # --- a patched model as an object: pickle, deepcopy, threads, nothing of a call left on it -----------
 
 BEFORE_AND_IN_LLM = [("evit", {"budget": 5}), ("fastv", {"budget": 4, "layers": [1, 2]})]

@@ -51,6 +51,16 @@ class GridPool(Reducer):
     def pooled_grid(self, grid: tuple) -> tuple[int, int]:
         return math.ceil(grid[0] / self.factor), math.ceil(grid[1] / self.factor)
 
+    @staticmethod
+    def budgets(grid: tuple, num_protected: int = 0) -> dict[int, int]:
+        """Token counts pooling can keep on ``grid`` (rows, cols) with ``num_protected`` leading tokens,
+        each with the smallest factor that keeps it, largest count first (factor 1: nothing pooled)."""
+        counts: dict[int, int] = {}
+        for factor in range(1, max(grid) + 1):
+            count = num_protected + math.ceil(grid[0] / factor) * math.ceil(grid[1] / factor)
+            counts.setdefault(count, factor)
+        return counts
+
     def fixed_amounts(self, cost, layers: Optional[list], flops: Optional[float]) -> tuple:
         if cost.grid is None:
             raise ValueError("pool needs the patch grid, and this model's adapter does not report one")
