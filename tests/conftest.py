@@ -398,6 +398,26 @@ def recording():
 
 # -- the real ``query`` reducer on CLIP-style models (tests/adapters) ------------------------------
 
+
+def check_text_conditioning(model: nn.Module, x: Tensor, classes: Tensor, texts: Tensor, embed_width: int,
+                            projection_weight: Tensor) -> None:
+    """The real ``query`` reducer on a CLIP-style model (patched with it): zero-shot and text_query run,
+    (b) two texts keep different tokens, (c) perturbing the tower's projection changes them too."""
+    logits = vtr.clip.zero_shot(model, x, classes)
+    assert logits.shape == (x.shape[0], classes.shape[0]) and bool(logits.isfinite().all())
+    assert vtr.report(model).tokens[-1] < vtr.report(model).tokens[0]
+    kept = []
+    for text in texts:
+        with vtr.clip.text_query(model, text):
+            features = vtr.clip.image_features(model, x)
+        assert features.shape == (x.shape[0], embed_width) and bool(features.isfinite().all())
+        kept.append(vtr.report(model).assignment.clone())
+    assert not torch.equal(kept[0], kept[1])                                  # (b) the text decides
+    with vtr.clip.text_query(model, texts[0]):
+        projection_weight.add_(torch.randn(projection_weight.shape, generator=torch.Generator().manual_seed(9)))
+        vtr.clip.image_features(model, x)
+    assert not torch.equal(vtr.report(model).assignment, kept[0])             # (c) so does the projection
+
 def spy_steps(model: nn.Module) -> list:
     """``(tokens, signals)`` of each step the patched model's reducer takes, recorded by wrapping its
     ``step`` on the instance: the decision is still the reducer's own. A new ``vtr.patch`` drops it."""

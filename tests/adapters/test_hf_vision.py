@@ -19,8 +19,8 @@ from vtr.adapters import hf_vision
 from vtr.core import run as runs
 from vtr.tools.profile import count_macs
 
-from conftest import (assert_kept_top_k_by_projected_cosine, float64_projection, kept_positions, probe,
-                      signal_probe, spy_steps)
+from conftest import (assert_kept_top_k_by_projected_cosine, check_text_conditioning, float64_projection, kept_positions,
+                      probe, signal_probe, spy_steps)
 
 hf_logging.set_verbosity_error()
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -334,21 +334,7 @@ def test_query_reducer_conditions_on_text_through_the_towers_projection(name):
         if name == "CLIPModel":
             assert model.config.vision_config.hidden_size != classes.shape[-1]
         vtr.patch(model, "query", keep=0.5)
-        logits = vtr.clip.zero_shot(model, x, classes)
-        assert logits.shape == (2, 5) and bool(logits.isfinite().all())
-        assert vtr.report(model).tokens[-1] < vtr.report(model).tokens[0]
-        kept = []
-        for text in texts:
-            with vtr.clip.text_query(model, text):
-                features = vtr.clip.image_features(model, x)
-            assert features.shape == (2, classes.shape[-1]) and bool(features.isfinite().all())
-            kept.append(vtr.report(model).assignment.clone())
-        assert not torch.equal(kept[0], kept[1])                                  # (b) the text decides
-        weight = output_projection(model)
-        with vtr.clip.text_query(model, texts[0]):
-            weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(9)))
-            vtr.clip.image_features(model, x)
-        assert not torch.equal(vtr.report(model).assignment, kept[0])             # (c) so does the projection
+        check_text_conditioning(model, x, classes, texts, classes.shape[-1], output_projection(model))
     vtr.unpatch(model)
 
 

@@ -15,8 +15,8 @@ from vtr.adapters import open_clip_vit
 from vtr.core import run as runs
 from vtr.tools.profile import count_macs
 
-from conftest import (assert_kept_top_k_by_projected_cosine, float64_projection, kept_positions, probe,
-                      signal_probe, spy_steps)
+from conftest import (assert_kept_top_k_by_projected_cosine, check_text_conditioning, float64_projection, kept_positions,
+                      probe, signal_probe, spy_steps)
 
 TINY = dict(image_size=32, patch_size=4, width=32, layers=4, heads=4, mlp_ratio=2.0, output_dim=16)
 TOWERS = {
@@ -355,20 +355,7 @@ def test_query_reducer_conditions_on_text_wider_tower_than_embedding(vision):
         classes, texts = encode_texts(model, 5, 4), encode_texts(model, 2, 7)
         assert model.visual.transformer.width != classes.shape[-1]
         vtr.patch(model, "query", keep=0.5)
-        logits = vtr.clip.zero_shot(model, x, classes)
-        assert logits.shape == (2, 5) and bool(logits.isfinite().all())
-        assert vtr.report(model).tokens[-1] < vtr.report(model).tokens[0]
-        kept = []
-        for text in texts:
-            with vtr.clip.text_query(model, text):
-                features = vtr.clip.image_features(model, x)
-            assert features.shape == (2, 16) and bool(features.isfinite().all())
-            kept.append(vtr.report(model).assignment.clone())
-        assert not torch.equal(kept[0], kept[1])                                  # (b) the text decides
-        with vtr.clip.text_query(model, texts[0]):
-            model.visual.proj.add_(torch.randn(32, 16, generator=torch.Generator().manual_seed(9)))
-            vtr.clip.image_features(model, x)
-        assert not torch.equal(vtr.report(model).assignment, kept[0])             # (c) so does the projection
+        check_text_conditioning(model, x, classes, texts, 16, model.visual.proj)
     vtr.unpatch(model)
 
 
