@@ -47,7 +47,7 @@ def reduce(run: Run, state: TokenState, x: Tensor, layer: int, *,
         attention = cls_attention(q, k, bias, scale)
     signals = Signals(metric=metric, layer=layer, num_layers=run.num_layers, cls_attention=attention,
                       query=run.query, grid=None if state.is_reduced else run.grid,
-                      query_projection=run.query_projection if run.query is not None else None)
+                      query_projection=run.query_projection)
     return reduction.reducer(state.with_x(x), kept, signals)
 
 

@@ -267,7 +267,7 @@ class Holder:
         self.value = value
 
     def hook(self, *args) -> None:
-        pass
+        """A hook that does nothing: what the walker must find is held by its ``__self__``."""
 
 
 @dataclass(eq=False)
