@@ -236,6 +236,7 @@ class Llava(Adapter):
             reduction = pool_factor(model, reduction)
         if Need.CLS_ATTENTION in reduction.reducer.needs:
             feature_attention(model)   # fail at patch time, not at the first call
+            before_lm.allocation_attention(model, reduction)
         if reduction.arguments.get("layers") is not None:
             in_llm.install(model, reduction)
         else:

@@ -209,8 +209,9 @@ def expected_flops(model: nn.Module, reduction: Reduction, stages: Stages) -> tu
     for layer, budget in zip(stages.layers, stages.budgets):
         decisions += _scoring_macs(model, layer, torch.tensor([counts[-1]]))
         steps = reduction_steps(counts[-1], budget, reducer, protected) if reduction.reduces else []
-        for n in step_counts(counts[-1], steps)[:-1]:
-            decisions += reducer.extra_macs(n, image_cost)
+        step_tokens = step_counts(counts[-1], steps)
+        for n, m in zip(step_tokens[:-1], step_tokens[1:]):
+            decisions += reducer.extra_macs(n, image_cost, m)
         counts.append(counts[-1] - sum(steps))
     kept = [torch.tensor([n]) for n in counts[1:]]
     reduced = prefill_macs(model, torch.tensor([num_tokens]), kept, list(stages.layers))
@@ -419,7 +420,7 @@ class Pruning:
         for step, remove in enumerate(steps):
             signals = Signals(metric=reduced.x, layer=step, num_layers=len(steps),
                               cls_attention=carried(scores, reduced), grid=None if reduced.is_reduced else grid)
-            self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost)
+            self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost, reduced.num_tokens - remove)
             reduced = reducer(reduced, reduced.num_tokens - remove, signals)
             group.tokens.append(reduced.num_tokens)
         assignment = reduced.assignment.gather(1, state.assignment.clamp_min(0))

@@ -110,7 +110,7 @@ def _check_keep(values: tuple, reducer: Reducer) -> None:
 def reduced_macs(cost: EncoderCost, reducer: Reducer, tokens: Sequence[int]) -> float:
     """MACs per image at these token counts: the encoder's blocks plus the reducer's own decisions."""
     return cost.total(tokens, filters_input=reducer.acts_before_blocks,
-                      decision_macs=lambda n: reducer.extra_macs(n, cost))
+                      decision_macs=lambda n, m: reducer.extra_macs(n, cost, m))
 
 
 def solve_flops(target: float, reducer: Reducer, cost: EncoderCost, chosen: list[int]) -> Schedule:
@@ -189,6 +189,8 @@ def make_schedule(
     if len(given) > 1:
         raise ValueError(f"give one amount, r=, keep= or flops=; got {' and '.join(given)}")
     num_layers = cost.num_layers
+    if layers is None:   # the method's own default (EViT's layers, ATF's filter before block 0), else every block
+        layers = reducer.default_layers(num_layers)
     chosen = chosen_layers(layers, num_layers)
     nothing = asks_for_nothing(r, keep, flops)
     if reducer.max_step == 0.0:  # the 'none' method

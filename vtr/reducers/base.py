@@ -40,11 +40,16 @@ class Reducer(nn.Module):
         unprotected = num_tokens - num_protected
         return max(0, min(int(unprotected * self.max_step), unprotected - 1))
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
-        """Multiply-accumulates the decision itself costs per image at a step of ``num_tokens`` tokens
-        (similarity matrices); ``cost`` is the model's :class:`~vtr.cost.EncoderCost` (metric width,
-        protected tokens, attention width, whether a CLS token exists)."""
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
+        """Multiply-accumulates the decision itself costs per image at a step from ``num_tokens`` to
+        ``num_kept`` tokens (similarity matrices); ``cost`` is the model's :class:`~vtr.cost.EncoderCost`
+        (metric width, protected tokens, attention width, whether a CLS token exists). Without
+        ``num_kept`` a cost that depends on it is counted at its largest."""
         return 0.0
+
+    def default_layers(self, num_layers: int) -> Optional[list[int]]:
+        """Where the method reduces when ``layers=`` is not given: None means every block."""
+        return None
 
     def fixed_amounts(self, cost, layers: Optional[list], flops: Optional[float]) -> Optional[tuple]:
         """Per-layer tokens removed when the reducer's own options fix them (``pool``'s factor), else

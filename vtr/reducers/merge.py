@@ -1,6 +1,8 @@
 """Merging reducers: bipartite soft matching (ToMe) and energy-based merging (PiToMe)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import math
 
 import torch
@@ -38,7 +40,7 @@ class ToMe(Reducer):
     needs = frozenset({"metric"})
     max_step = 0.5
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         unprotected = num_tokens - cost.num_protected
         return float((unprotected + 1) // 2 * (unprotected // 2) * cost.metric_dim)
 
@@ -85,7 +87,7 @@ class PiToMe(Reducer):
             raise ValueError(f"pitome: alpha must be a finite number > 0, got {alpha}")
         self.margin, self.alpha = margin, alpha
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         unprotected = num_tokens - cost.num_protected
         return float(unprotected * unprotected * cost.metric_dim)
 
