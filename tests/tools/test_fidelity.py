@@ -111,7 +111,7 @@ def test_evaluate_end_to_end(tmp_path):
 def test_cli_quick_and_own_checkpoint(tmp_path, capsys, quick_cache):
     out = tmp_path / "r.json"
     assert main(["fidelity", "--quick", "--cache", str(quick_cache), "--methods", "tome", "--targets", "0.7",
-                 "--out", str(out), "--plot", str(tmp_path / "accuracy.png"), "--json"]) == 0
+                 "--out", str(out), "--plot", str(tmp_path / "accuracy.png"), "--json", "--device", "cpu"]) == 0
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["results"]] == ["none", "tome"]

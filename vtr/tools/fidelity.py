@@ -243,7 +243,7 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
              targets: Sequence[float] = TARGETS, options: Optional[dict] = None, log=print) -> list[Result]:
     """Top-1, agreement and output cosine vs measured FLOPs for each method at each target.
 
-    ``data``: ``(images, labels)`` batches. ``methods`` default: every registered method.
+    ``data``: ``(images, labels)`` batches on the model's device. ``methods`` default: every registered method.
     ``options``: per-method keyword arguments (``{"random": {"seed": 1}}``). A method that cannot
     reach a target, or cannot run on this model, gets a row saying why.
     """
@@ -252,7 +252,7 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
     data = list(data)
     labels = torch.cat([y for _, y in data])
     reference = _outputs(model, data)
-    base = profile_model(model, default_input(model)).macs
+    base = profile_model(model, default_input(model, device=_device(model))).macs
     results = [Result("none", 1.0, flops=1.0, top1=_top1(reference, labels), agreement=1.0, cosine=1.0,
                       tokens=_unreduced_tokens(model))]
     methods = [m for m in (methods or api.methods()) if m != "none"]
@@ -284,6 +284,10 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
             log(f"{method:>10} @ {target:.0%}: top-1 {result.top1:.3f}, agreement {result.agreement:.3f}, "
                 f"cosine {result.cosine:.4f}, FLOPs {result.flops:.3f}")
     return results
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _unreduced_tokens(model: nn.Module) -> list:
