@@ -86,6 +86,7 @@ def test_default_layers_follow_the_papers_and_never_score_with_block_0():
     assert after_mixing(12) == [3, 6, 9]              # EViT: blocks 4, 7 and 10 of 12 (1-based)
     assert after_mixing(24) == [6, 12, 18] and after_mixing(6) == [1, 3, 4] and after_mixing(2) == [1]
     assert FastV().default_layers(12) == [2] and FastV().default_layers(32) == [5]
+    assert HiRED().default_layers(12) == [2]          # HiRED drops once, early (before the LLM)
     assert ATF().default_layers(12) == [0]            # ATF filters before the encoder
     for depth in range(2, 40):
         for reducer in (EViT(), HiRED(), FastV()):
@@ -93,7 +94,7 @@ def test_default_layers_follow_the_papers_and_never_score_with_block_0():
     assert vtr.make_reducer("tome").default_layers(12) is None   # merging: every block
 
 
-@pytest.mark.parametrize("method, layers", [("evit", [3, 6, 9]), ("hired", [3, 6, 9]), ("fastv", [2]),
+@pytest.mark.parametrize("method, layers", [("evit", [3, 6, 9]), ("hired", [2]), ("fastv", [2]),
                                             ("atf", [0]), ("tome", list(range(12)))])
 def test_flops_is_solved_over_the_methods_own_layers(method, layers):
     model = build_timm("tiny", depth=12)

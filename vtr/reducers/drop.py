@@ -34,6 +34,12 @@ def after_mixing(num_layers: int) -> list[int]:
     return sorted({min(max(1, num_layers * k // 4), num_layers - 1) for k in (1, 2, 3)})
 
 
+def once_after_mixing(num_layers: int) -> list[int]:
+    """One step, early but after the image is mixed: a sixth of the depth (block 2 of 12), never block 0.
+    FastV prunes once, after layer 2 of a 32-layer LLM; HiRED drops once, before the LLM."""
+    return [min(max(1, num_layers // 6), num_layers - 1)]
+
+
 class AttentionScored(Reducer):
     """Reducers that rank tokens by the CLS attention row (or its no-CLS fallback) and then drop,
     fuse or merge the tokens they do not keep (``fuse``)."""
@@ -143,8 +149,9 @@ class HiRED(AttentionScored):
     capped by how many real tokens it has; inside a partition the highest-scoring tokens are kept.
     Ids with no tokens get a budget of 0. If the budget exceeds the real tokens, every real token is
     kept and padding fills the rest. ``fuse`` says what happens to the tokens not kept (default
-    ``"nearest"``: merged into their most similar kept token). By default it reduces at EViT's layers
-    (:func:`after_mixing`): HiRED chooses tokens late, once attention has looked at the image.
+    ``"nearest"``: merged into their most similar kept token). HiRED drops once ("early dropping",
+    before the language model); in a ViT its default is one step at a sixth of the depth, as FastV's
+    (:func:`once_after_mixing`), after the image is mixed.
 
     ``allocate_layer``: HiRED allocates early and selects late. On LLaVA-NeXT, where the partitions
     are the thumbnail and the crops, an image's budget is split across its crops by the thumbnail's
@@ -156,6 +163,9 @@ class HiRED(AttentionScored):
     description = "split the token budget across partitions by attention mass, keep each one's top tokens (HiRED)"
     needs = frozenset({"cls_attention", "partition"})
     max_step = 1.0
+
+    def default_layers(self, num_layers: int) -> Optional[list[int]]:
+        return once_after_mixing(num_layers)
 
     def __init__(self, fuse: str = "nearest", allocate_layer: int = 0):
         super().__init__(fuse)

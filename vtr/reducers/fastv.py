@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..core.state import TokenState
 from .base import Signals, register
-from .drop import AttentionScored
+from .drop import AttentionScored, once_after_mixing
 from .select import attention_scores, fused_dest, num_chosen, real_tokens, top_scores
 
 
@@ -24,9 +24,7 @@ class FastV(AttentionScored):
     needs = frozenset({"cls_attention"})
 
     def default_layers(self, num_layers: int) -> Optional[list[int]]:
-        """One step, early but after the image is mixed: FastV prunes after layer 2 of a 32-layer LLM;
-        in a ViT, a sixth of the depth (block 2 of 12), never block 0."""
-        return [min(max(1, num_layers // 6), num_layers - 1)]
+        return once_after_mixing(num_layers)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         score = attention_scores(self, state, signals)

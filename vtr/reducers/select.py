@@ -103,8 +103,14 @@ def fused_dest(state: TokenState, kept: Tensor, num_kept: int, fuse: str, metric
     if metric is None:
         raise ValueError("fuse='nearest' needs signals.metric (the features to compare tokens by)")
     tokens = unit(metric[:, protected:])
-    targets = tokens.gather(1, kept[..., None].expand(-1, -1, tokens.shape[-1]))
-    similarity = tokens @ targets.transpose(1, 2)                           # [B, U, K]
+    batch, unprotected, width = tokens.shape
+    unkept = torch.ones(batch, unprotected, dtype=torch.bool, device=kept.device).scatter_(1, kept, False)
+    # [B, U - K]: the unkept positions (the same count in every row), by a sort: no data-dependent shape
+    others = unkept.byte().argsort(dim=1, descending=True, stable=True)[:, :unprotected - kept.shape[1]]
+    pick = lambda index: tokens.gather(1, index[..., None].expand(-1, -1, width))   # noqa: E731
+    similarity = pick(others) @ pick(kept).transpose(1, 2)                  # [B, U - K, K]
     is_real = state.size[:, protected:].gather(1, kept) > 0                 # padding fills slots only
     nearest = similarity.masked_fill(~is_real[:, None, :], float("-inf")).argmax(dim=-1)
-    return torch.where(rest, torch.cat([dest[:, :protected], protected + nearest], dim=1), dest)
+    into = dest.clone()
+    into[:, protected:] = into[:, protected:].scatter(1, others, protected + nearest)
+    return torch.where(rest, into, dest)
