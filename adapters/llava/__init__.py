@@ -135,6 +135,7 @@ class Llava(Adapter):
 
     name = "llava"
     amounts = ("budget",)          # vtr.patch(model, method, budget=64): visual tokens kept per image
+    metrics = ("x",)               # visual tokens are compared by their projected features
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""

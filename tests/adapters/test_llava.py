@@ -240,6 +240,20 @@ def test_other_amounts_and_missing_budget_are_errors():
     assert not vtr.is_patched(model)
 
 
+def test_a_method_default_metric_llava_cannot_give_falls_back_to_its_own():
+    """pitome variant='paper' defaults to attention keys, which LLaVA's projected features do not have: the
+    LLaVA metric ('x') applies; only an explicit metric='keys' is refused."""
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "pitome", budget=4, variant="paper")
+    assert vtr.adapters.settings(model).metric == "x" and vtr.adapters.settings(model).prop_attn is False
+    generate(model, ids, mask, pixel_values=pixels)
+    assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
+    vtr.unpatch(model)
+    with pytest.raises(ValueError, match="metric='x'"):
+        vtr.patch(model, "pitome", budget=4, variant="paper", metric="keys")
+
+
 def test_unsupported_families_are_clear_errors():
     model = tiny_llava()
     with pytest.raises(vtr.UnsupportedModelError, match="LlavaForConditionalGeneration"):

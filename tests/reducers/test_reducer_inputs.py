@@ -14,7 +14,7 @@ from conftest import make_state
 
 # What each method really takes (its own __init__), or nothing.
 OPTIONS = {"atf": "prior, prior_weight", "evit": "fuse", "fastv": "none", "hired": "none", "none": "none",
-           "pitome": "margin, alpha", "pool": "factor", "query": "relevance_weight, projection", "random": "seed",
+           "pitome": "margin, alpha, variant", "pool": "factor", "query": "relevance_weight, projection", "random": "seed",
            "tome": "none"}
 
 
