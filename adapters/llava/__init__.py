@@ -26,7 +26,8 @@ disagrees); LLaVA-NeXT refuses it.
 
 Limits: ``prop_attn`` has no effect here (the language model's attention is not changed; a merged
 token counts once); ``forward()`` with ``pixel_values`` returns logits over the compacted prompt
-(``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts must
+(``vtr.report(model).kept_positions`` maps them back; ``labels`` are compacted alike, on both paths)
+and refuses ``position_ids``; prompts must
 come as ``input_ids``; ``image_sizes`` is for LLaVA-NeXT only; other LLaVA-family models
 (LLaVA-NeXT-Video, LLaVA-OneVision, VipLLaVA, ...) are refused with UnsupportedModelError.
 """
@@ -134,6 +135,7 @@ class Llava(Adapter):
 
     name = "llava"
     amounts = ("budget",)          # vtr.patch(model, method, budget=64): visual tokens kept per image
+    metrics = ("x",)               # visual tokens are compared by their projected features
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""

@@ -47,6 +47,14 @@ def mixed_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return ids, mask, pixels
 
 
+def text_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Labels on every text token but each row's first (padding, image tokens: -100), so the tokens right
+    after an image are predicted from whatever visual token the reduced sequence holds before them."""
+    first = mask.long().argmax(1, keepdim=True)
+    ignored = (mask == 0) | (ids == IMAGE_TOKEN) | (torch.arange(ids.shape[1]) == first)
+    return ids.masked_fill(ignored, -100)
+
+
 # --- generation helpers shared by the LLaVA tests ------------------------------------------------
 
 GENERATE = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)

@@ -16,7 +16,8 @@ from vtr.adapters.llava.common import compact_prompt, prefill_macs
 
 from conftest import THREADS, call_state, check_threads
 from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
-                           generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, tiny_llava)
+                           generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, text_labels,
+                           tiny_llava)
 
 def test_zero_reduction_matches_unpatched_tokens_and_logits():
     model = tiny_llava()
@@ -115,6 +116,26 @@ def test_forward_runs_on_the_compacted_prompt_with_labels():
     with torch.inference_mode():
         unpatched = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     assert unpatched.logits.shape[1] == ids.shape[1]
+
+
+@pytest.mark.parametrize("method", ["tome", "fastv"])
+def test_labels_follow_the_compacted_prompt_and_the_loss_trains(method):
+    """Before the language model: labels are compacted with the prompt, the loss is the model's own over
+    the compacted sequence, and its gradient reaches the language model and the projector."""
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    labels = text_labels(ids, mask)
+    vtr.patch(model, method, budget=4)
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    kept = vtr.report(model).kept_positions
+    assert out.logits.shape[:2] == kept.shape and kept.shape[1] < ids.shape[1]
+    compact = labels.gather(1, kept.clamp_min(0)).masked_fill(kept < 0, -100)
+    by_hand = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), compact[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, by_hand, atol=1e-6, rtol=0)
+    out.loss.backward()
+    for weights in (model.model.language_model.layers[0].mlp.down_proj.weight,
+                    model.model.multi_modal_projector.linear_2.weight):
+        assert weights.grad is not None and bool(weights.grad.abs().sum() > 0)
 
 
 def test_save_pretrained_round_trip_and_unpatch(tmp_path):
@@ -217,6 +238,20 @@ def test_other_amounts_and_missing_budget_are_errors():
     with pytest.raises(ValueError, match="metric='x'"):
         vtr.patch(model, "tome", budget=4, metric="keys")
     assert not vtr.is_patched(model)
+
+
+def test_a_method_default_metric_llava_cannot_give_falls_back_to_its_own():
+    """pitome variant='paper' defaults to attention keys, which LLaVA's projected features do not have: the
+    LLaVA metric ('x') applies; only an explicit metric='keys' is refused."""
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "pitome", budget=4, variant="paper")
+    assert vtr.adapters.settings(model).metric == "x" and vtr.adapters.settings(model).prop_attn is False
+    generate(model, ids, mask, pixel_values=pixels)
+    assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
+    vtr.unpatch(model)
+    with pytest.raises(ValueError, match="metric='x'"):
+        vtr.patch(model, "pitome", budget=4, variant="paper", metric="keys")
 
 
 def test_unsupported_families_are_clear_errors():

@@ -13,9 +13,9 @@ from vtr.reducers import REDUCERS, GridPool, Signals
 from conftest import make_state
 
 # What each method really takes (its own __init__), or nothing.
-OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fastv": "fuse", "hired": "fuse",
-           "none": "none", "pitome": "margin, alpha", "pool": "factor", "query": "relevance_weight, projection, fuse",
-           "random": "seed", "tome": "none"}
+OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fastv": "fuse",
+           "hired": "fuse, allocate_layer", "none": "none", "pitome": "margin, alpha, variant", "pool": "factor",
+           "query": "relevance_weight, projection, fuse", "random": "seed", "tome": "none"}
 
 
 def test_every_method_is_listed_here():

@@ -35,6 +35,11 @@ class Reducer(nn.Module):
         except ValueError as error:
             raise TypeError(f"{cls.__name__}.needs: {error}") from None
 
+    def patch_defaults(self) -> dict:
+        """Patch-level settings (``metric``, ``prop_attn``) this reducer, as configured, runs with where the
+        caller of ``vtr.patch`` gives none, e.g. what a paper's released code runs; empty: vtr's defaults."""
+        return {}
+
     def max_removable(self, num_tokens: int, num_protected: int) -> int:
         """Most tokens one step may remove; at least one unprotected token always stays."""
         unprotected = num_tokens - num_protected
