@@ -49,6 +49,7 @@ from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
 from vtr.reducers.pool import GridPool
 
+from .. import steps
 from ..base import Adapter, Swapped, restore_class, swap_class
 from ..errors import UnsupportedModelError
 from . import anyres, before_lm, in_llm
@@ -230,6 +231,7 @@ class Llava(Adapter):
         return before_lm.expected_flops(model, reduction)
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
         if reduction.metric != "x":
             raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
         if is_next(model):

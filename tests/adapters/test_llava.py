@@ -15,7 +15,7 @@ import vtr
 from vtr.adapters.llava.common import compact_prompt, prefill_macs
 
 from conftest import THREADS, call_state, check_threads
-from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
+from llava_models import (GENERATE, check_loss_on_kept_positions, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
                            generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, text_labels,
                            tiny_llava)
 
@@ -126,16 +126,8 @@ def test_labels_follow_the_compacted_prompt_and_the_loss_trains(method):
     ids, mask, pixels = mixed_batch()
     labels = text_labels(ids, mask)
     vtr.patch(model, method, budget=4)
-    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
-    kept = vtr.report(model).kept_positions
-    assert out.logits.shape[:2] == kept.shape and kept.shape[1] < ids.shape[1]
-    compact = labels.gather(1, kept.clamp_min(0)).masked_fill(kept < 0, -100)
-    by_hand = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), compact[:, 1:].flatten())
-    torch.testing.assert_close(out.loss, by_hand, atol=1e-6, rtol=0)
-    out.loss.backward()
-    for weights in (model.model.language_model.layers[0].mlp.down_proj.weight,
-                    model.model.multi_modal_projector.linear_2.weight):
-        assert weights.grad is not None and bool(weights.grad.abs().sum() > 0)
+    check_loss_on_kept_positions(model, ids, mask, pixels, labels, lambda m: (
+        m.model.language_model.layers[0].mlp.down_proj.weight, m.model.multi_modal_projector.linear_2.weight))
 
 
 def test_save_pretrained_round_trip_and_unpatch(tmp_path):
@@ -479,3 +471,17 @@ def test_after_a_call_the_model_holds_no_tensor_of_it(method, amount, recording)
     assert after.keys() <= before.keys(), [tuple(t.shape) for key, t in after.items() if key not in before]
     assert call_state(model) == []
     assert type(vtr.report(model)).__name__ == "LlavaReport"
+
+
+def test_dropping_methods_drop_as_published_in_front_of_the_language_model():
+    """Merging the unkept tokens (the reducers' fuse='nearest') was measured on vision encoders only; on
+    LLaVA a dropping method keeps its paper's rule unless fuse= is given."""
+    model = tiny_llava()
+    for method, amount, published in [("fastv", dict(budget=4, layers=[1]), "drop"), ("hired", dict(budget=4), "drop"),
+                                      ("evit", dict(budget=4), "one"), ("query", dict(budget=4), "drop")]:
+        vtr.patch(model, method, **amount)
+        assert model._vtr.reducer.fuse == published, method
+        vtr.unpatch(model)
+    vtr.patch(model, "fastv", budget=4, fuse="nearest")
+    assert model._vtr.reducer.fuse == "nearest"
+    assert vtr.make_reducer("fastv").fuse == "nearest"   # the reducer's own default is untouched

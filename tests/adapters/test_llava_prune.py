@@ -15,7 +15,7 @@ import vtr
 from vtr.adapters.llava.common import cost, prefill_macs
 from vtr.adapters.llava.in_llm import stage_budgets
 
-from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, assert_each_row_equals_it_alone, generate,
+from llava_models import (GENERATE, check_loss_on_kept_positions, IMAGE_TOKEN, IMAGE_TOKENS, PAD, assert_each_row_equals_it_alone, generate,
                            left_padded, logits, mixed_batch, prompt_row, segment_reference, text_labels, tiny_llava)
 
 NUM_LAYERS = 4
@@ -439,17 +439,10 @@ def test_labels_follow_the_kept_positions_and_the_loss_trains(method, layers, bu
     ids, mask, pixels = mixed_batch()
     labels = text_labels(ids, mask)
     vtr.patch(model, method, budget=budget, layers=layers)
-    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
-    kept = vtr.report(model).kept_positions
-    assert out.logits.shape[:2] == kept.shape and kept.shape[1] < ids.shape[1]
-    compact = labels.gather(1, kept.clamp_min(0)).masked_fill(kept < 0, -100)
-    by_hand = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), compact[:, 1:].flatten())
-    torch.testing.assert_close(out.loss, by_hand, atol=1e-6, rtol=0)
-    out.loss.backward()
     language = model.model.language_model
-    for weights in (language.layers[0].mlp.down_proj.weight, language.layers[-1].self_attn.q_proj.weight,
-                    model.model.multi_modal_projector.linear_2.weight):
-        assert weights.grad is not None and bool(weights.grad.abs().sum() > 0)
+    out = check_loss_on_kept_positions(model, ids, mask, pixels, labels, lambda m: (
+        language.layers[0].mlp.down_proj.weight, language.layers[-1].self_attn.q_proj.weight,
+        m.model.multi_modal_projector.linear_2.weight))
     as_tuple = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, return_dict=False)
     torch.testing.assert_close(as_tuple[0], out.loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(as_tuple[1], out.logits, atol=1e-6, rtol=0)
