@@ -223,7 +223,7 @@ def test_report_macs_per_segment_and_scoring_per_stage():
     def scoring(n: torch.Tensor) -> float:
         return float((attn.k_proj.in_features * (attn.k_proj.out_features * n + attn.q_proj.out_features)).sum())
 
-    decision = lambda n: 3 * vtr.make_reducer("fastv").extra_macs(n, c)   # noqa: E731
+    decision = lambda n: 3 * vtr.make_reducer("fastv", fuse="drop").extra_macs(n, c)   # noqa: E731
     assert progressive.reducer_macs == pytest.approx(scoring(real) + scoring(after_1) + decision(16) + decision(8),
                                                      rel=1e-12)
     assert single.reducer_macs == pytest.approx(scoring(real) + decision(16), rel=1e-12)
@@ -423,7 +423,7 @@ def test_before_the_language_model_supports_an_assistant_model_with_autograd_on(
 def test_fastv_reducer_keeps_the_most_attended_tokens_in_order():
     state = vtr.TokenState.start(torch.randn(2, 6, 3), num_protected=1)
     attention = torch.tensor([[0.5, 0.1, 0.3, 0.05, 0.4, 0.2], [0.5, 0.4, 0.1, 0.3, 0.2, 0.0]])
-    reducer = vtr.make_reducer("fastv")
+    reducer = vtr.make_reducer("fastv", fuse="drop")
     out = reducer(state, 3, vtr.Signals(cls_attention=attention))
     assert out.assignment.tolist() == [[0, -1, 1, -1, 2, -1], [0, 1, -1, 2, -1, -1]]
     assert torch.equal(out.x[0], state.x[0, [0, 2, 4]]) and torch.equal(out.size, torch.ones(2, 3))
