@@ -116,8 +116,8 @@ def test_evit_per_row_deterministic_and_differentiable():
     state = make_state(2, 12, 4, 1, requires_grad=True)
     attention = torch.stack([torch.linspace(0, 1, 12), torch.linspace(1, 0, 12)]).softmax(dim=1)
     signals = Signals(cls_attention=attention, metric=state.x)
-    out = EViT()(state, 6, signals)
-    again = EViT()(state, 6, signals)
+    out = EViT(fuse="one")(state, 6, signals)
+    again = EViT(fuse="one")(state, 6, signals)
     assert torch.equal(out.assignment, again.assignment) and torch.equal(out.x, again.x)
     assert torch.equal(out.assignment[0, 8:], torch.arange(1, 5))  # row 0 keeps the last tokens
     assert torch.equal(out.assignment[1, 1:5], torch.arange(1, 5))   # row 1 keeps the first ones
@@ -128,7 +128,7 @@ def test_evit_per_row_deterministic_and_differentiable():
 def test_evit_without_cls_uses_the_metric_norm_and_needs_some_score():
     state = make_state(1, 10, 4, 0)
     metric = torch.ones(1, 10, 4) * torch.arange(10.0)[None, :, None]
-    out = EViT()(state, 4, Signals(metric=metric))
+    out = EViT(fuse="one")(state, 4, Signals(metric=metric))
     assert torch.equal(out.assignment[0, 7:], torch.arange(3))  # largest norms kept, in order
     assert (out.assignment[0, :7] == 3).all()
     with pytest.raises(ValueError, match="cls_attention.*metric"):
