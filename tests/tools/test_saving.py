@@ -28,7 +28,7 @@ def pixels(batch=2):
 @pytest.mark.parametrize("method, kwargs", [
     ("tome", dict(r=(8, -1), metric="keys")),   # a tuple amount, and the attention switched to hand over q and k
     ("pitome", dict(flops=0.6, margin=0.8, prop_attn=False)),
-    ("evit", dict(keep=0.7, layers=[1, 2], fuse="size")),
+    ("evit", dict(keep=0.7, layers=[1, 2], fuse="one", fuse_weight="size")),
 ])
 def test_round_trip_through_save_pretrained_gives_the_same_outputs(tmp_path, method, kwargs):
     model = vtr.patch(tiny_clip(), method, **kwargs)
