@@ -16,7 +16,7 @@ The package: this front (the :class:`Llava` adapter and the class mixed into the
 
 What a patched model holds is settings: the frozen :class:`~vtr.core.plan.Reduction`, in-LLM pruning's
 stages, and hooks of plain classes, so it pickles, deep-copies and can be shared by threads. Every call
-(``forward``, or a whole ``generate()`` with its decode steps) opens a run (``common.LlavaRun``) for what it
+(``forward``, or a whole ``generate()`` with its decode steps) opens a run (``vtr.adapters.vlm.run.VlmRun``) for what it
 computes; the detached :class:`~vtr.adapters.llava.common.LlavaReport` is what outlives it, read by
 ``vtr.report(model)`` in the caller's thread.
 
@@ -33,8 +33,6 @@ come as ``input_ids``; ``image_sizes`` is for LLaVA-NeXT only; other LLaVA-famil
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 from typing import Optional, Sequence, Union
 
@@ -48,45 +46,31 @@ from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
 from vtr.reducers.pool import GridPool
 
-from ..base import Adapter, Swapped, restore_class, swap_class
+from ..base import Adapter, restore_class, swap_class
 from ..errors import UnsupportedModelError
+from ..vlm.front import ReducingVlm
+from ..vlm.run import VlmRun
 from . import anyres, before_lm, in_llm
-from .common import (LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, opened,
-                     prefill_macs, reduction_steps)
+from .common import (LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, prefill_macs,
+                     reduction_steps)
 
 
-class ReducingLlava(Swapped):
+class ReducingLlava(ReducingVlm):
     """Mixed in before the model's own class: ``forward`` and ``generate`` open the call's run and take
     the path chosen at patch time; everything else is the model's own."""
 
     _vtr: Reduction
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        original = cls.__dict__.get("_vtr_original")
-        if original is not None:   # the class (this mixin, a LLaVA class): forward with the original's signature
-            original_forward = original.forward
+    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        if in_llm.stages_of(self) is not None:
+            return in_llm.forward(self, run, original_forward, arguments)
+        return before_lm.forward(self, original_forward, arguments)
 
-            @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
-            def forward(self, *args, **kwargs):
-                return _forward(self, original_forward, *args, **kwargs)
-
-            cls.forward = forward
-
-    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
-        with opened(self):      # one run for the prefill and every decode step
-            if in_llm.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
-                in_llm.check_generate(self, kwargs)
-                return super().generate(inputs, *args, **kwargs)
-            return before_lm.generate(self, super().generate, inputs, *args, **kwargs)
-
-    def save_pretrained(self, *args, **kwargs):
-        """Saved as the original class (``config.architectures`` names it): the unpatched model's checkpoint,
-        weights untouched. Through a view of the same modules, so the model itself stays patched throughout
-        (other threads may be calling it)."""
-        view = object.__new__(type(self)._vtr_original)
-        object.__setattr__(view, "__dict__", self.__dict__)
-        return view.save_pretrained(*args, **kwargs)
+    def vtr_generate(self, generate, inputs: Optional[Tensor], *args, **kwargs):
+        if in_llm.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
+            in_llm.check_generate(self, kwargs)
+            return generate(inputs, *args, **kwargs)
+        return before_lm.generate(self, generate, inputs, *args, **kwargs)
 
 
 def pool_factor(model: nn.Module, reduction: Reduction) -> Reduction:
@@ -116,17 +100,6 @@ def pool_factor(model: nn.Module, reduction: Reduction) -> Reduction:
     if counts[budget] == 1:
         return reduction        # budget is every token: the schedule does not reduce
     return dataclasses.replace(reduction, reducer=GridPool(factor=counts[budget]))
-
-
-def _forward(model: nn.Module, original_forward, *args, **kwargs):
-    bound = inspect.signature(original_forward).bind(model, *args, **kwargs)
-    arguments = dict(bound.arguments)
-    arguments.pop("self")
-    arguments |= arguments.pop("kwargs", {})
-    with opened(model) as run:
-        if in_llm.stages_of(model) is not None:
-            return in_llm.forward(model, run, original_forward, arguments)
-        return before_lm.forward(model, original_forward, arguments)
 
 
 class Llava(Adapter):

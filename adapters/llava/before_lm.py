@@ -37,7 +37,8 @@ from vtr.core.state import TokenState
 from ..base import remove_hooks
 from ..errors import UnsupportedModelError
 from . import anyres
-from .common import (VISION_KEYS, LlavaReport, LlavaRun, ReducedImages, check_image_sizes, compact_prompt,
+from ..vlm.prompt import image_rows, pad_id, row_queries, with_callers_prompt
+from .common import (VISION_KEYS, LlavaReport, ReducedImages, VlmRun, check_image_sizes, compact_prompt,
                      decision_macs, feature_attention, image_tokens, is_next, opened, padded, prefill_macs,
                      reduce_group, reduction_steps, step_counts, text_only_report)
 
@@ -81,7 +82,7 @@ def generate(model: nn.Module, generate_fn: Callable, inputs: Optional[Tensor], 
         prepared = prepare(model, input_ids, kwargs.pop("attention_mask", None), pixel_values, left=True, **vision)
     output = generate_fn(prepared.input_ids, *args, attention_mask=prepared.attention_mask,
                          mm_encoder_outputs={"image": prepared.image_outputs}, **kwargs)
-    return _with_callers_prompt(output, input_ids, prepared.input_ids.shape[1])
+    return with_callers_prompt(output, input_ids, prepared.input_ids.shape[1])
 
 
 def forward(model: nn.Module, original_forward: Callable, arguments: dict):
@@ -145,10 +146,10 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
                 f"the prompt has {int(placeholder.sum())} image tokens (id {image_token_id}) but the "
                 f"{len(features)} images give {int(counts.sum())} features"
             )
-        image_rows = _image_rows(placeholder, counts)
+        rows = image_rows(placeholder, counts)
         query = None
         if Need.QUERY in reduction.reducer.needs:
-            query = _query(model, input_ids, attention_mask, placeholder, image_rows, run.query)
+            query = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
         if cls_row is not None and image_tokens(model)[1] == 0:
             cls_row = cls_row[:, 1:]      # the CLS token is not among the 'default' features
         if next_:
@@ -158,9 +159,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
 
         kept = torch.tensor([len(f) for f in images.features], dtype=torch.long, device=input_ids.device)
         ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, counts, kept,
-                                                   _pad_id(model, image_token_id), left)
+                                                   pad_id(model, image_token_id), left)
         image_outputs.pooler_output = images.features
-        _record(model, reduction, images, image_rows, placeholder, ids == image_token_id, attention_mask, mask,
+        _record(model, reduction, images, rows, placeholder, ids == image_token_id, attention_mask, mask,
                 kept_positions)
         return Prepared(ids, mask, image_outputs, kept_positions)
 
@@ -186,7 +187,7 @@ def expected_flops(model: nn.Module, reduction: Reduction) -> tuple[float, float
 
 # -- the parts ------------------------------------------------------------------------------------------
 
-def _cls_row(model: nn.Module, run: LlavaRun) -> Optional[Tensor]:
+def _cls_row(model: nn.Module, run: VlmRun) -> Optional[Tensor]:
     """``[I, N]`` head-mean attention of the CLS token to each token of the feature layer, from the q/k
     the ``KeepQK`` hooks kept in this run while the tower ran; None without those hooks."""
     q, k = run.take_qk(VISION_LAYER)
@@ -195,53 +196,6 @@ def _cls_row(model: nn.Module, run: LlavaRun) -> Optional[Tensor]:
     heads = feature_attention(model).num_heads
     split = lambda t: t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
     return cls_attention(split(q), split(k), scale=feature_attention(model).scale)
-
-
-def _with_callers_prompt(output, input_ids: Tensor, compact_length: int):
-    """generate() output with the caller's prompt in front of the new tokens (not the compacted one)."""
-    sequences = output if isinstance(output, Tensor) else output.sequences
-    repeat = sequences.shape[0] // input_ids.shape[0]   # num_return_sequences / beams
-    prompt = input_ids.repeat_interleave(repeat, dim=0).to(sequences.device)
-    restored = torch.cat([prompt, sequences[:, compact_length:]], dim=1)
-    if isinstance(output, Tensor):
-        return restored
-    output.sequences = restored
-    return output
-
-
-def _pad_id(model: nn.Module, image_token_id: int) -> int:
-    for pad in (getattr(model.generation_config, "pad_token_id", None),
-                getattr(model.config.text_config, "pad_token_id", None), 0):
-        if isinstance(pad, int) and pad != image_token_id:
-            return pad
-    return 0 if image_token_id != 0 else 1
-
-
-def _image_rows(placeholder: Tensor, counts: Tensor) -> Tensor:
-    """Row of each image: the row holding its first placeholder."""
-    starts = torch.cumsum(counts, 0) - counts
-    flat_rows = placeholder.nonzero()[:, 0]
-    return flat_rows[starts]
-
-
-def _query(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, placeholder: Tensor, image_rows: Tensor,
-           given: Optional[Tensor]) -> list[Tensor]:
-    """Per image ``[1, Q, D]``: the language model's input embeddings of its row's text tokens, or the
-    row's query from ``vtr.conditioned(model, query)`` (``[B, D]`` / ``[B, Q, D]``, one row per prompt)."""
-    if given is not None:
-        if given.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"vtr.conditioned: query must have one row per prompt ({input_ids.shape[0]}), "
-                             f"got {tuple(given.shape)}")
-        return [given[row][None].to(model.dtype) for row in image_rows.tolist()]
-    text = attention_mask.bool() & ~placeholder
-    embed = model.get_input_embeddings()
-    queries = []
-    for row in image_rows.tolist():
-        tokens = input_ids[row][text[row]]
-        if tokens.numel() == 0:
-            raise ValueError(f"query-conditioned reduction needs text in the prompt; row {row} has only image tokens")
-        queries.append(embed(tokens)[None])
-    return queries
 
 
 def _reduce(model: nn.Module, reduction: Reduction, features: Tensor, attention: Optional[Tensor],

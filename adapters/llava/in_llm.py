@@ -22,7 +22,7 @@ token (left padding, as generate wants).
 What sits on the model is settings only: :class:`Stages` (each stage's layer and budget) and the
 hooks (:class:`StageHook`, a plain class). What a call decides (which tokens each stage keeps, the
 images' states, the segment masks) is a :class:`Pruning`, made by the call's first forward and held
-by the call's run (``common.LlavaRun``): one ``generate()`` shares it between its prefill and decode
+by the call's run (``vtr.adapters.vlm.run.VlmRun``): one ``generate()`` shares it between its prefill and decode
 steps. A forward on its own makes one too; a later forward on the same KV cache (a decode loop
 written by hand) continues it, since the cache holds what that prefill kept: the pruning is found
 from the cache object, held weakly, and goes with the cache.
@@ -55,7 +55,7 @@ from vtr.core.signals import Signals, cls_attention
 from vtr.core.state import TokenState
 
 from ..base import remove_hooks
-from .common import (LlavaReport, LlavaRun, carried, check_image_sizes, cost, image_tokens, is_next, kept_columns,
+from .common import (LlavaReport, VlmRun, carried, check_image_sizes, cost, image_tokens, is_next, kept_columns,
                      layout, padded, prefill_macs, reduction_steps, step_counts, text_only_report)
 
 # generate() options that send the prompt in pieces or verify several candidate tokens per forward.
@@ -166,7 +166,7 @@ class StageHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         run = runs.active(self.reduction)
-        pruning = run.pruning if isinstance(run, LlavaRun) else None
+        pruning = run.pruning if isinstance(run, VlmRun) else None
         if pruning is None:
             return None
         return pruning.layer(self.stage, module, args, kwargs)
@@ -222,7 +222,7 @@ def expected_flops(model: nn.Module, reduction: Reduction, stages: Stages) -> tu
 _BY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # KV cache -> the Pruning that filled it
 
 
-def forward(model: nn.Module, run: LlavaRun, original_forward: Callable, arguments: dict):
+def forward(model: nn.Module, run: VlmRun, original_forward: Callable, arguments: dict):
     """The model's forward with the call's pruning observing it (the hooks do the pruning)."""
     cache = arguments.get("cache", arguments.get("past_key_values"))
     if run.pruning is None:     # the first forward of the call: a new prompt, or one more step on a cache

@@ -1,0 +1,147 @@
+"""Hugging Face Qwen2-VL / Qwen2.5-VL adapter: fewer visual tokens reach the language model; ``generate()`` unchanged.
+
+``vtr.patch(model, method, budget=B)`` keeps ``min(B, its own count)`` visual tokens of each image and
+each video, reduced on the vision tower's output after its patch merger; the prompt is compacted and
+every kept token keeps its M-RoPE position (``before_lm``). ``pool`` takes ``factor=`` instead: each
+image keeps what the factor leaves of its own grid.
+
+The package: this front (the :class:`QwenVL` adapter and the class mixed into the model) imports
+``before_lm``, which imports ``common`` (which models, the call's images and videos, positions, costs,
+the report); the run, prompt compaction and reduction steps are shared with LLaVA (``vtr.adapters.vlm``).
+
+Limits: ``forward()`` with pixel values returns logits over the compacted prompt
+(``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts come as
+``input_ids`` with ``mm_token_type_ids`` (as the processor returns them); in-LLM pruning (``layers=``)
+is not available on Qwen-VL; ``metric='x'`` only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from vtr.budget.cost import EncoderCost
+from vtr.budget.schedule import Schedule
+from vtr.core.plan import Reduction
+from vtr.reducers.base import Reducer
+from vtr.reducers.pool import GridPool
+
+from ..base import Adapter, restore_class, swap_class
+from ..errors import UnsupportedModelError
+from ..vlm.front import ReducingVlm
+from ..vlm.language import prefill_macs
+from ..vlm.reduce import reduction_steps, step_counts
+from ..vlm.run import VlmRun
+from . import before_lm
+from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes, reference_tokens
+
+SUPPORTED = "Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and Qwen2VLForConditionalGeneration (Qwen2-VL)"
+
+
+class ReducingQwenVL(ReducingVlm):
+    """Mixed in before the model's own class: ``forward`` and ``generate`` reduce before the language model."""
+
+    _vtr: Reduction
+
+    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        return before_lm.forward(self, original_forward, arguments)
+
+    def vtr_generate(self, generate, inputs: Optional[Tensor], *args, **kwargs):
+        return before_lm.generate(self, generate, inputs, *args, **kwargs)
+
+
+class QwenVL(Adapter):
+    """transformers ``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``."""
+
+    name = "qwen_vl"
+    amounts = ("budget",)          # vtr.patch(model, method, budget=64): visual tokens kept per image / video
+
+    def matches(self, model: nn.Module) -> bool:
+        """Any Qwen-VL model of transformers (bare models and Qwen3-VL too), so that those vtr does not
+        support get a clear error."""
+        families = tuple(f"transformers.models.{family}." for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                                                                           "qwen3_vl_moe"))
+        return any(cls.__module__.startswith(families) for cls in type(model).__mro__)
+
+    def check(self, model: nn.Module) -> None:
+        kind = type(model).__name__
+        if not isinstance(model, qwen_classes()):
+            raise UnsupportedModelError(
+                f"vtr's Qwen-VL adapter supports transformers' {SUPPORTED}; got {kind}, which is not supported. "
+                "For a bare Qwen2_5_VLModel / Qwen2VLModel, patch the ...ForConditionalGeneration that holds it")
+        for key in ("image_token_id", "video_token_id"):
+            if getattr(model.config, key, None) is None:
+                raise UnsupportedModelError(f"{kind}.config.{key} is not set: vtr finds the visual tokens from it")
+
+    def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
+        return cost(model, metric)
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        """The language model's decoder layers: where the visual tokens cost."""
+        return model.model.language_model.layers
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        """The reference image of the analytic counts: 16 x 16 tokens after the merger (448 x 448 at patch 14).
+        Qwen-VL takes any size; each image's own count is used at run time."""
+        side = REFERENCE_SIDE * model.config.vision_config.patch_size * merge_size(model)
+        return (model.config.vision_config.in_channels, side, side)
+
+    def default_input(self, model: nn.Module, batch: int = 1, device: Union[str, torch.device] = "cpu") -> Tensor:
+        raise ValueError(f"cannot make an input for {type(model).__name__}: it takes a prompt (input_ids with image "
+                         "tokens, mm_token_type_ids) and image_grid_thw as well as pixel_values; pass inputs=")
+
+    def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
+                      metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None) -> Schedule:
+        """``budget=`` (visual tokens kept per image or video) as reduction steps on the reference image;
+        at run time each image takes its own count's steps."""
+        others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
+        if others:
+            raise ValueError(f"the Qwen-VL adapter takes budget= (visual tokens kept per image or video), not "
+                             f"{', '.join(o + '=' for o in others)}")
+        if layers is not None:
+            raise ValueError("in-LLM pruning (layers=) is not available on Qwen-VL; leave out layers= to reduce "
+                             "before the language model")
+        reference = reference_tokens(model)
+        if reducer.max_step == 0.0:  # the 'none' method
+            if budget is not None:
+                raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget=")
+            return Schedule("r", (0,))
+        if isinstance(reducer, GridPool):
+            if budget is not None:
+                raise ValueError("method 'pool' keeps what its factor leaves of each image's own grid "
+                                 "(ceil(rows/f) * ceil(cols/f) tokens), so it takes factor=, not budget=")
+            side = REFERENCE_SIDE
+            return Schedule("r", (reference - math.prod(reducer.pooled_grid((side, side))),))
+        if budget is None:
+            raise ValueError(f"method {reducer.name!r} needs budget= (visual tokens kept per image or video, >= 1)")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budget must be an int >= 1 (visual tokens kept per image or video; an image with fewer "
+                             f"passes untouched), got {budget!r}")
+        return Schedule("r", tuple(reduction_steps(reference, min(budget, reference), reducer, 0)) or (0,))
+
+    def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
+        """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no
+        text), the reducer's own decisions included; the vision tower is the same either way."""
+        reference = reference_tokens(model)
+        if reduction is None:
+            unreduced = float(prefill_macs(model, torch.tensor([reference])))
+            return unreduced, unreduced
+        tokens = step_counts(reference, list(reduction.schedule.amounts))
+        decisions = sum(reduction.reducer.extra_macs(n, cost(model)) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
+        reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], reference])).tolist()
+        return reduced + decisions, unreduced
+
+    def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        if reduction.metric != "x":
+            raise ValueError("the Qwen-VL adapter compares visual tokens by their merged features: use metric='x'")
+        model._vtr = reduction
+        swap_class(model, ReducingQwenVL)
+
+    def unpatch(self, model: nn.Module) -> None:
+        restore_class(model)
+        del model._vtr
+
+
+__all__: Sequence[str] = ["QwenVL", "QwenVLReport", "ReducingQwenVL"]
