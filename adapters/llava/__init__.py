@@ -66,7 +66,7 @@ class ReducingLlava(ReducingVlm):
             return in_llm.forward(self, run, original_forward, arguments)
         return before_lm.forward(self, original_forward, arguments)
 
-    def vtr_generate(self, generate, inputs: Optional[Tensor], *args, **kwargs):
+    def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
         if in_llm.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
             in_llm.check_generate(self, kwargs)
             return generate(inputs, *args, **kwargs)

@@ -50,6 +50,7 @@ from ..vlm.prompt import compact, kept_placeholders, pad_id, row_queries, with_c
 from ..vlm.reduce import in_source_order, padded, reduce_group
 from ..vlm.report import text_only_report
 from ..vlm.run import opened
+from ..vlm.video import VideoSettings, reduce_video
 from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, Visual, check_token_types, cost, merge_size,
                      prompt_positions, visuals)
 
@@ -165,7 +166,8 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         placeholder = image_placeholder | video_placeholder
         rows = torch.tensor([item.row for item in items], dtype=torch.long)
         queries = None
-        if Need.QUERY in reduction.reducer.needs:
+        relevance = VideoSettings.of(reduction.arguments).frames == "relevance" and pixel_values_videos is not None
+        if Need.QUERY in reduction.reducer.needs or relevance:
             queries = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
         reduced, reducer_macs = reduce_visuals(model, reduction, items, queries)
 
@@ -217,15 +219,24 @@ def budget_of(reduction: Reduction, item: Visual) -> int:
 
 def reduce_visuals(model: nn.Module, reduction: Reduction, items: list[Visual],
                    queries: Optional[list]) -> tuple[list[Reduced], float]:
-    """Each item reduced to its own budget. Items of one kind and grid are reduced together (each row of a
-    reducer is independent of the others); query-conditioned reducers run item by item (each its row's query)."""
+    """Each item reduced to its own budget. Images of one grid are reduced together (each row of a reducer is
+    independent of the others); query-conditioned reducers run image by image (each its row's query); videos one
+    by one, frame by frame (``vtr.adapters.vlm.video``)."""
     groups: dict = {}
     for i, item in enumerate(items):
-        key = i if queries is not None else (item.kind, item.grid)
+        key = i if queries is not None or item.kind == "video" else item.grid
         groups.setdefault(key, []).append(i)
     reduced: list = [None] * len(items)
     reducer_macs, image_cost = 0.0, cost(model, reduction.metric)
     for members in groups.values():
+        if items[members[0]].kind == "video":
+            item, budget = items[members[0]], reduction.arguments.get("budget")
+            video = reduce_video(reduction, item.features, item.grid, budget, VideoSettings.of(reduction.arguments),
+                                 image_cost, None if queries is None else queries[members[0]])
+            state, firsts = in_source_order(video.state)
+            reduced[members[0]] = Reduced(state.x[0], state.assignment[0], state.size[0], firsts[0], video.tokens)
+            reducer_macs += video.reducer_macs
+            continue
         first = items[members[0]]
         budget = budget_of(reduction, first)
         features = torch.stack([items[i].features for i in members])

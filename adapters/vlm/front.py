@@ -14,7 +14,7 @@ from .run import VlmRun, opened
 
 class ReducingVlm(Swapped):
     """Base of each family's mixin, which says what a call does: ``vtr_forward(run, original_forward, arguments)``
-    (``arguments``: the call's arguments by name) and ``vtr_generate(generate, inputs, *args, **kwargs)``
+    (``arguments``: the call's arguments by name) and ``vtr_generate(run, generate, inputs, *args, **kwargs)``
     (``generate``: the model's own)."""
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -37,12 +37,12 @@ class ReducingVlm(Swapped):
     def vtr_forward(self, run: VlmRun, original_forward: Callable, arguments: dict):
         raise NotImplementedError
 
-    def vtr_generate(self, generate: Callable, inputs: Optional[Tensor], *args, **kwargs):
+    def vtr_generate(self, run: VlmRun, generate: Callable, inputs: Optional[Tensor], *args, **kwargs):
         raise NotImplementedError
 
     def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
-        with opened(self):      # one run for the prefill and every decode step
-            return self.vtr_generate(super().generate, inputs, *args, **kwargs)
+        with opened(self) as run:      # one run for the prefill and every decode step
+            return self.vtr_generate(run, super().generate, inputs, *args, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
         """Saved as the original class (``config.architectures`` names it): the unpatched model's checkpoint,

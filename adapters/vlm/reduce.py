@@ -44,16 +44,36 @@ def reduce_group(reduction: Reduction, features: Tensor, budget: int, num_protec
     ``[G, N]`` is the CLS attention to the original tokens, ``grid`` their (rows, cols). Returns the
     state and the token count entering each step, then the count kept.
     """
-    steps = reduction_steps(features.shape[1], budget, reduction.reducer, num_protected)
-    state = TokenState.start(features, num_protected)
+    return reduce_state(reduction, TokenState.start(features, num_protected), budget, attention=attention,
+                        query=query, grid=grid)
+
+
+def reduce_state(reduction: Reduction, state: TokenState, budget: int, *, attention: Optional[Tensor] = None,
+                 query: Optional[Tensor] = None, grid: Optional[tuple] = None) -> tuple[TokenState, list[int]]:
+    """:func:`reduce_group` from a state that may already be reduced (its sizes weigh its merges): the steps run on
+    its current tokens, then compose with its provenance. ``attention`` ``[G, n]``: to the current tokens;
+    ``grid``: their (rows, cols) if they are one's untouched patches."""
+    steps = reduction_steps(state.num_tokens, budget, reduction.reducer, state.num_protected)
+    tokens = step_counts(state.num_tokens, steps)
+    if not steps:
+        return state, tokens
+    current = TokenState(x=state.x, size=state.size, num_protected=state.num_protected, padded=state.padded,
+                         assignment=torch.arange(state.num_tokens, device=state.x.device).expand_as(state.size))
     for step, remove in enumerate(steps):
         signals = Signals(
-            metric=state.x, layer=step, num_layers=len(steps),
-            cls_attention=None if attention is None else carried(attention, state),
-            query=query, grid=None if state.is_reduced else grid,
+            metric=current.x, layer=step, num_layers=len(steps),
+            cls_attention=None if attention is None else carried(attention, current),
+            query=query, grid=None if current.is_reduced else grid,
         )
-        state = reduction.reducer(state, state.num_tokens - remove, signals)
-    return state, step_counts(features.shape[1], steps)
+        current = reduction.reducer(current, current.num_tokens - remove, signals)
+    return compose(state, current), tokens
+
+
+def compose(outer: TokenState, inner: TokenState) -> TokenState:
+    """``inner`` (a reduction of ``outer``'s current tokens, taken as its originals) with ``outer``'s provenance."""
+    assignment = inner.assignment.gather(1, outer.assignment.clamp_min(0))
+    return TokenState(x=inner.x, size=inner.size, num_protected=inner.num_protected, padded=inner.padded,
+                      assignment=torch.where(outer.assignment >= 0, assignment, -1))
 
 
 def carried(attention: Tensor, state: TokenState) -> Tensor:

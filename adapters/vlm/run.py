@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from torch import nn
@@ -18,10 +18,12 @@ class VlmRun(Run):
 
     Besides what :class:`vtr.core.run.Run` holds (the call's query from ``vtr.conditioned``, the vision
     tower's q/k kept by ``KeepQK`` hooks), in-LLM pruning keeps its pruning of the prompt here
-    (``vtr.adapters.llava.in_llm.Pruning``). Dropped when the call ends; only the detached report outlives it.
+    (``vtr.adapters.vlm.in_llm.Pruning``), and ``vision`` what ``generate()`` was given about its images
+    that its forwards no longer see (it pre-encodes them and drops Qwen-VL's grids). Dropped when the call ends; only the detached report outlives it.
     """
 
     pruning: Optional[object] = None
+    vision: dict = field(default_factory=dict)   # what generate() was given that its forwards may not see
 
 
 @contextmanager
@@ -39,3 +41,4 @@ def opened(model: nn.Module) -> Iterator[VlmRun]:
     finally:
         run.captured.clear()
         run.pruning = None
+        run.vision = {}

@@ -133,3 +133,51 @@ class LanguageInputs:
 
     def remove(self):
         self.handle.remove()
+
+
+def causal(n: int) -> torch.Tensor:
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def segment_reference(model, inputs: dict, stages: dict, generated: torch.Tensor) -> torch.Tensor:
+    """The unpatched layers, no cache, one unpadded row: each stage's layer onwards runs on that stage's kept
+    prompt columns plus the generated tokens, each with the M-RoPE position it has in the whole sequence
+    (``get_rope_index`` on the prompt, then one past the prompt's largest per new token). Last-position logits."""
+    inner, language = model.model, model.model.language_model
+    ids = inputs["input_ids"]
+    with torch.inference_mode():
+        prompt, _ = inner.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                                         attention_mask=torch.ones_like(ids))
+        new = torch.arange(len(generated)) + prompt.max() + 1
+        positions = torch.cat([prompt, new.view(1, 1, -1).expand(3, 1, -1)], dim=2)
+        sequence = torch.cat([ids, generated[None]], dim=1)
+        hidden = language.embed_tokens(sequence)
+        if "pixel_values" in inputs:
+            features = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+            hidden[sequence == IMAGE] = torch.cat(list(features))
+        added = torch.arange(ids.shape[1], sequence.shape[1])
+        present = torch.arange(sequence.shape[1])            # sequence column of each row of `hidden`
+        for index, decoder in enumerate(language.layers):
+            if index in stages:
+                wanted = torch.cat([stages[index], added])
+                hidden, present = hidden[:, torch.searchsorted(present, wanted)], wanted
+            hidden = decoder(hidden, attention_mask=causal(hidden.shape[1]), position_ids=None,
+                             position_embeddings=language.rotary_emb(hidden, positions[:, :, present]))
+        return model.lm_head(language.norm(hidden[:, -1]))
+
+
+def video_batch(seed: int = 0) -> Batch:
+    """Two rows: a video of 4 frames of 2 x 2 tokens (16) and an image of 6; a video of 2 frames of 3 x 2 (12)."""
+    return batch([[1, 5, ("video", 0), 6, ("image", 0), 7], [1, 9, 10, ("video", 1), 8]],
+                 image_grids=[(1, 4, 6)], video_grids=[(4, 4, 4), (2, 6, 4)], seed=seed)
+
+
+def with_frames(inputs: dict, order: list[int]) -> dict:
+    """``inputs`` whose first video's frames are its frames ``order`` (e.g. [0, 0, 2, 2]: each shown twice)."""
+    grid = inputs["video_grid_thw"][0].tolist()
+    per_frame = grid[1] * grid[2]
+    pixels = inputs["pixel_values_videos"].clone()
+    first = pixels[:grid[0] * per_frame].view(grid[0], per_frame, -1)
+    pixels[:grid[0] * per_frame] = first[order].reshape(-1, pixels.shape[1])
+    return inputs | {"pixel_values_videos": pixels}

@@ -12,7 +12,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtr
 
-from qwen_vl_models import IMAGE, LanguageInputs, batch, generate, logits, mixed_batch, tiny_qwen, tiny_qwen2
+from qwen_vl_models import (IMAGE, LanguageInputs, batch, generate, logits, mixed_batch, segment_reference, tiny_qwen,
+                            tiny_qwen2, video_batch, with_frames)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 BUILDERS = {"qwen2.5-vl": tiny_qwen, "qwen2-vl": tiny_qwen2}
@@ -261,7 +262,6 @@ def test_expected_counts_follow_the_reference_image():
 @pytest.mark.parametrize("amount, message", [
     ({"budget": 0}, r"budget must be an int >= 1"), ({"budget": 2.5}, r"budget must be an int >= 1"),
     ({"budget": True}, r"budget must be an int >= 1"), ({}, "needs budget="), ({"r": 4}, "takes budget="),
-    ({"budget": 4, "layers": [1]}, r"in-LLM pruning \(layers=\) is not available"),
     ({"budget": 4, "metric": "keys"}, "metric='x'"),
 ])
 def test_bad_amounts_are_clear_errors(amount, message):
@@ -305,3 +305,194 @@ def test_bad_calls_are_clear_errors():
     with pytest.raises(ValueError, match="mm_encoder_outputs"):
         generate(model, {"input_ids": inputs["input_ids"], "mm_encoder_outputs": {"image": None}})
 
+
+
+# -- in-LLM pruning (layers=) ---------------------------------------------------------------------------
+
+def test_in_llm_pruning_that_keeps_every_token_equals_the_unpatched_model():
+    model = tiny_qwen()
+    inputs = mixed_batch().inputs()
+    expected = generate(model, inputs)
+    vtr.patch(model, "fastv", budget=1000, layers=[1])
+    out = generate(model, inputs)
+    assert torch.equal(out.sequences, expected.sequences) and torch.equal(logits(out), logits(expected))
+    assert vtr.report(model).image_tokens_after.tolist() == [16, 6, 9]
+
+
+@pytest.mark.parametrize("method, layers, budget, stage_tokens", [
+    ("fastv", [1], 5, [16, 5]),
+    ("tome", [1, 2], 4, [16, 8, 4]),      # progressive: 16 -> 8 -> 4 for the largest image
+])
+def test_in_llm_pruning_keeps_each_images_budget(method, layers, budget, stage_tokens):
+    model = vtr.patch(tiny_qwen(), method, budget=budget, layers=layers)
+    generate(model, mixed_batch().inputs())
+    report = vtr.report(model)
+    assert report.where == f"in the language model at layer{'s' if len(layers) > 1 else ''} " + \
+        ", ".join(map(str, layers))
+    assert report.image_tokens_before.tolist() == [16, 6, 9]
+    assert report.image_tokens_after.tolist() == [budget] * 3
+    assert report.stage_tokens == stage_tokens and report.kinds == ["image"] * 3
+    assert report.grids == [(1, 4, 4), (1, 2, 3), (1, 3, 3)]
+    assert 0 < report.prefill_flops_saved < 1
+
+
+@pytest.mark.parametrize("method, layers", [("fastv", [1]), ("fastv", [1, 2])])
+def test_in_llm_pruning_equals_the_unpatched_layers_on_the_kept_tokens(method, layers):
+    """Independent reference, row by row, for dropping (a kept token is one of the prompt's): the unpatched decoder
+    layers, each stage's layer onwards on the columns the report says it kept plus the generated tokens, every
+    token at its own M-RoPE position (``qwen_vl_models.segment_reference``), give the patched model's logits at
+    the last decode step."""
+    model = vtr.patch(tiny_qwen(), method, budget=4, layers=layers)
+    data = mixed_batch()
+    for row in range(2):
+        inputs = data.inputs([row])
+        out = generate(model, inputs)
+        report = vtr.report(model)
+        stages = {layer: columns[0][columns[0] >= 0] for layer, columns in zip(layers, report.stage_positions)}
+        generated = out.sequences[0, inputs["input_ids"].shape[1]:-1]
+        vtr.unpatch(model)
+        expected = segment_reference(model, inputs, stages, generated)
+        vtr.patch(model, method, budget=4, layers=layers)
+        torch.testing.assert_close(logits(out)[0, -1], expected[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method, layers", [("fastv", [1]), ("tome", [1, 2])])
+def test_in_llm_each_row_of_a_left_padded_batch_equals_the_row_alone(attn, method, layers):
+    model = vtr.patch(tiny_qwen(attn), method, budget=5, layers=layers)
+    data = mixed_batch()
+    batched = generate(model, data.inputs())
+    assert vtr.report(model).image_tokens_after.tolist() == [5, 5, 5]
+    for row in range(3):
+        alone = generate(model, data.inputs([row]))
+        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
+
+
+def test_in_llm_pruning_with_beams_and_a_static_cache():
+    model = vtr.patch(tiny_qwen(), "fastv", budget=5, layers=[1])
+    data = mixed_batch()
+    with torch.inference_mode():
+        out = model.generate(**data.inputs(), max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert out.shape == (6, data.input_ids.shape[1] + 3)
+    dynamic = generate(model, data.inputs())
+    static = generate(model, data.inputs(), cache_implementation="static")
+    torch.testing.assert_close(logits(static), logits(dynamic), atol=1e-5, rtol=0)
+
+
+def test_in_llm_bad_settings_are_clear_errors():
+    model = tiny_qwen()
+    with pytest.raises(ValueError, match="reduces before the language model on Qwen-VL"):
+        vtr.patch(model, "pool", factor=2, layers=[1])
+    with pytest.raises(ValueError, match="budget as a list must give one count per layer"):
+        vtr.patch(model, "fastv", budget=[4, 8], layers=[1, 2])
+    with pytest.raises(ValueError, match="budget must be an int >= 1 or a list"):
+        vtr.patch(model, "fastv", budget=0, layers=[1])
+    with pytest.raises(ValueError, match="layers must be language-model layers"):
+        vtr.patch(model, "fastv", budget=4, layers=[5])
+    assert not vtr.is_patched(model)
+    vtr.patch(model, "fastv", budget=4, layers=[1])
+    inputs = mixed_batch().inputs()
+    with pytest.raises(ValueError, match="image_grid_thw is needed"):
+        generate(model, {k: v for k, v in inputs.items() if k != "image_grid_thw"})
+
+
+# -- videos ------------------------------------------------------------------------------------------------
+
+def test_videos_with_a_budget_that_keeps_every_token_equal_the_unpatched_model():
+    model = tiny_qwen()
+    inputs = video_batch().inputs()
+    expected = generate(model, inputs)
+    vtr.patch(model, "tome", budget=16, frames="novelty")
+    out = generate(model, inputs)
+    assert torch.equal(out.sequences, expected.sequences) and torch.equal(logits(out), logits(expected))
+    assert vtr.report(model).kinds == ["image", "video", "video"]
+
+
+@pytest.mark.parametrize("frames", ["uniform", "novelty", "relevance"])
+def test_videos_of_different_sizes_each_keep_the_budget(frames):
+    model = vtr.patch(tiny_qwen(), "tome", budget=6, frames=frames)
+    data = video_batch()
+    out = generate(model, data.inputs())
+    assert torch.equal(out.sequences[:, :data.input_ids.shape[1]], data.input_ids)
+    report = vtr.report(model)
+    assert report.grids == [(1, 2, 3), (4, 2, 2), (2, 3, 2)]          # images first, then videos
+    assert report.image_tokens_before.tolist() == [6, 16, 12]
+    assert report.image_tokens_after.tolist() == [6, 6, 6]
+    assert report.visual_tokens_after.tolist() == [12, 6]
+    assert [sum(f) for f in report.frame_tokens] == [6, 6, 6]
+    assert all(min(f) >= 1 for f in report.frame_tokens)              # every frame keeps a token
+    assert report.size.sum(1).tolist() == [6.0, 16.0, 12.0]
+    temporal = report.visual_positions[1][0].tolist()                  # the language model reads frame by frame
+    assert temporal == sorted(temporal)
+
+
+def test_novelty_gives_a_repeated_frame_one_token():
+    """Frames 0, 0, 2, 2: the repeats are identical to the frame before (so are their features), and keep one token
+    each; the new frames share the rest."""
+    model = tiny_qwen()
+    inputs = with_frames(video_batch().inputs(), [0, 0, 2, 2])
+    with torch.no_grad():
+        features = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    first = features.pooler_output[0].view(4, 4, -1)
+    assert torch.equal(first[1], first[0]) and torch.equal(first[3], first[2])
+    vtr.patch(model, "tome", budget=8, frames="novelty")
+    generate(model, inputs)
+    assert vtr.report(model).frame_tokens[1] == [3, 1, 3, 1]
+
+
+def test_temporal_merges_repeated_frames_before_the_budget_split():
+    model = vtr.patch(tiny_qwen(), "none", temporal=0.5)
+    inputs = with_frames(video_batch().inputs(), [0, 0, 2, 2])
+    generate(model, inputs)
+    report = vtr.report(model)
+    assert report.frame_tokens[1] == [4, 0, 4, 0]                      # each repeat merged into its frame
+    assert report.size[1, :8].tolist() == [2.0] * 8
+    vtr.unpatch(model)
+    vtr.patch(model, "tome", budget=6, temporal=0.5)
+    generate(model, inputs)
+    assert vtr.report(model).frame_tokens[1] == [3, 0, 3, 0]
+
+
+def test_relevance_gives_the_frame_the_query_shows_the_most_tokens():
+    model = tiny_qwen()
+    inputs = video_batch().inputs()
+    with torch.no_grad():
+        features = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    query = torch.zeros(2, 4, 64)
+    query[0] = features.pooler_output[0].view(4, 4, -1)[3]            # row 0 asks about its video's last frame
+    query[1] = torch.randn(4, 64)
+    vtr.patch(model, "tome", budget=8, frames="relevance")
+    with vtr.conditioned(model, query):
+        generate(model, inputs)
+    shares = vtr.report(model).frame_tokens[1]
+    assert shares[3] == max(shares) and shares[3] > max(shares[:3])
+
+
+def test_pool_pools_every_frame():
+    model = vtr.patch(tiny_qwen(), "pool", factor=2)
+    generate(model, video_batch().inputs())
+    report = vtr.report(model)
+    assert report.frame_tokens == [[2], [1, 1, 1, 1], [2, 2]]
+
+
+def test_in_llm_pruning_of_videos_keeps_each_ones_budget():
+    model = vtr.patch(tiny_qwen(), "fastv", budget=5, layers=[1])
+    data = video_batch()
+    batched = generate(model, data.inputs())
+    report = vtr.report(model)
+    assert report.kinds == ["image", "video", "video"] and report.image_tokens_after.tolist() == [5, 5, 5]
+    for row in range(2):
+        alone = generate(model, data.inputs([row]))
+        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
+
+
+def test_video_settings_are_checked():
+    model = tiny_qwen()
+    with pytest.raises(ValueError, match="frames must be one of uniform, novelty, relevance"):
+        vtr.patch(model, "tome", budget=4, frames="motion")
+    with pytest.raises(ValueError, match=r"temporal must be a fraction in \(0, 1\]"):
+        vtr.patch(model, "tome", budget=4, temporal=1.5)
+    with pytest.raises(ValueError, match="leave out temporal="):
+        vtr.patch(model, "pool", factor=2, temporal=0.5)
+    with pytest.raises(ValueError, match="leave them out with layers="):
+        vtr.patch(model, "fastv", budget=4, layers=[1], frames="novelty")
