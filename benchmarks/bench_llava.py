@@ -6,8 +6,8 @@ Reported separately, per batch of ``--batch`` prompts (each one image + ``--text
 
 - vision: vision tower + projector + the reducer (before-LLM methods), seconds;
 - prefill: the language model on the prompt it really sees, seconds, and its speed-up;
-- MACs: analytic language-model prefill MACs (vtr.report), and the ratio to the unreduced prompt. Its
-  inverse bounds the prefill speed-up: with V visual tokens, b kept and T text tokens it is about
+- MACs: analytic language-model prefill MACs (vtr.report), the ratio to the unreduced prompt and, in
+  brackets, its inverse, which bounds the prefill speed-up: with V visual tokens, b kept and T text tokens it is about
   (V + T) / (b + T), e.g. 5.9x for 576 -> 64 with 40 text tokens, 7.1x with 20;
 - decode: milliseconds per generated token (the KV cache is as short as the kept prompt).
 
@@ -19,7 +19,6 @@ Reported separately, per batch of ``--batch`` prompts (each one image + ``--text
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -28,6 +27,8 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
 
 import vtr
 from vtr.adapters.llava import before_lm
+
+from interleaved import HEADER, interleaved, row, timed
 
 IMAGE_TOKEN = 32000
 
@@ -47,12 +48,6 @@ def llava_shaped(vision_layers: int, lm_layers: int, next_: bool = False):
         return LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
     config = LlavaConfig(image_seq_length=576, **common)
     return LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 @torch.inference_mode()
@@ -90,19 +85,6 @@ def measure(model, ids, pixels, decode_tokens: int, vision_kwargs: dict) -> dict
     return result
 
 
-def paired(model, ids, pixels, method: str, budget: int, layers, rounds: int, decode_tokens: int, vision_kwargs: dict):
-    """Unreduced and reduced runs alternate, so both see the same machine load; medians of each."""
-    base, reduced = [], []
-    for _ in range(rounds):
-        base.append(measure(model, ids, pixels, decode_tokens, vision_kwargs))
-        vtr.patch(model, method, budget=budget, **({"layers": layers} if layers else {}))
-        reduced.append(measure(model, ids, pixels, decode_tokens, vision_kwargs))
-        vtr.unpatch(model)
-    median = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
-    return ({k: median(base, k) for k in ("vision", "prefill", "decode_ms")},
-            {k: median(reduced, k) for k in reduced[0]})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="192,128,64")
@@ -136,18 +118,15 @@ def main() -> None:
     measure(model, ids, pixels, 1, vision_kwargs)  # warm-up
     print(f"LLaVA-{'NeXT' if args.next else '1.5'}-shaped, vision {args.vision_layers} / LM {args.lm_layers} layers, "
           f"{ids.shape[1]} prompt tokens ({visual} visual) x batch {args.batch}, CPU threads {torch.get_num_threads()}, median of {args.repeats} interleaved rounds")
-    print("| method | where | visual kept | LM prefill MACs | prefill s (unreduced) | prefill speed-up "
-          "| vision+reduce s (unreduced) | decode ms/token (unreduced) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(HEADER)
     runs = [(m, b, None) for b in map(int, args.budgets.split(",")) for m in args.methods.split(",")]
     if args.in_llm_layer is not None:
         runs += [("fastv", b, [args.in_llm_layer]) for b in map(int, args.budgets.split(","))]
     for method, budget, layers in runs:
-        base, r = paired(model, ids, pixels, method, budget, layers, args.repeats, args.decode_tokens, vision_kwargs)
-        print(f"| {method} | {'LM layer ' + str(layers[0]) if layers else 'before LM'} | {int(r['kept'])} | "
-              f"{r['macs'] / r['macs_unreduced']:.3f} | {r['prefill']:.3f} ({base['prefill']:.3f}) | "
-              f"{base['prefill'] / r['prefill']:.2f}x | {r['vision']:.3f} ({base['vision']:.3f}) | "
-              f"{r['decode_ms']:.1f} ({base['decode_ms']:.1f}) |", flush=True)
+        patch = {"method": method, "budget": budget} | ({"layers": layers} if layers else {})
+        base, r = interleaved(model, lambda m: measure(m, ids, pixels, args.decode_tokens, vision_kwargs),
+                              args.repeats, **patch)
+        print(row(method, "LM layer " + str(layers[0]) if layers else "before LM", base, r), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ language model only; ``metric='x'`` only.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -36,8 +35,8 @@ from ..errors import UnsupportedModelError
 from ..vlm import in_llm as pruning
 from ..vlm.front import ReducingVlm
 from ..vlm.language import prefill_macs
-from ..vlm.reduce import reduction_steps, step_counts
-from ..vlm import video
+from ..vlm.reduce import reduction_steps
+from ..vlm import items, video
 from ..vlm.run import VlmRun
 from ..vlm.video import VIDEO_OPTIONS, VideoSettings
 from . import before_lm, in_llm
@@ -136,22 +135,7 @@ class QwenVL(Adapter):
                     steps += reduction_steps(entering, min(kept, reference), reducer, 0)
                     entering = min(kept, reference)
                 return Schedule("r", tuple(steps) or (0,))
-        if reducer.max_step == 0.0:  # the 'none' method (with temporal=: only merging across frames)
-            if budget is not None:
-                raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget=")
-            return Schedule("r", (0,))
-        if isinstance(reducer, GridPool):
-            if budget is not None:
-                raise ValueError("method 'pool' keeps what its factor leaves of each image's own grid "
-                                 "(ceil(rows/f) * ceil(cols/f) tokens), so it takes factor=, not budget=")
-            side = REFERENCE_SIDE
-            return Schedule("r", (reference - math.prod(reducer.pooled_grid((side, side))),))
-        if budget is None:
-            raise ValueError(f"method {reducer.name!r} needs budget= (visual tokens kept per image or video, >= 1)")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"budget must be an int >= 1 (visual tokens kept per image or video; an image with fewer "
-                             f"passes untouched), got {budget!r}")
-        return Schedule("r", tuple(reduction_steps(reference, min(budget, reference), reducer, 0)) or (0,))
+        return items.schedule(reducer, budget, REFERENCE_SIDE)
 
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no
@@ -163,10 +147,7 @@ class QwenVL(Adapter):
         stages = pruning.stages_of(model)
         if stages is not None:
             return pruning.expected_flops(model, reduction, stages)
-        tokens = step_counts(reference, list(reduction.schedule.amounts))
-        decisions = sum(reduction.reducer.extra_macs(n, cost(model)) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
-        reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], reference])).tolist()
-        return reduced + decisions, unreduced
+        return items.expected_flops(model, reduction, cost(model))
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
         if reduction.metric != "x":

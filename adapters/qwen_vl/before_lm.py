@@ -42,17 +42,15 @@ from torch import Tensor, nn
 from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.signals import Need
-from vtr.core.state import TokenState
-from vtr.reducers.pool import GridPool
 
 from ..vlm.language import prefill_macs
-from ..vlm.prompt import compact, kept_placeholders, pad_id, row_queries, with_callers_prompt
-from ..vlm.reduce import in_source_order, padded, reduce_group
+from ..vlm.items import Reduced, Visual, compact_items, reduce_items, report_fields
+from ..vlm.prompt import pad_id, row_queries, with_callers_prompt
 from ..vlm.report import text_only_report
 from ..vlm.run import opened
-from ..vlm.video import VideoSettings, reduce_video
-from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, Visual, check_token_types, cost, merge_size,
-                     prompt_positions, visuals)
+from ..vlm.video import VideoSettings
+from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, check_token_types, cost, merge_size, prompt_positions,
+                     visuals)
 
 
 # -- the patched entry points ------------------------------------------------------------------------
@@ -124,17 +122,6 @@ class Prepared:
     kept_positions: Tensor        # [B, L'] source column in the caller's prompt, -1 padding
 
 
-@dataclass
-class Reduced:
-    """One image's (or video's) reduced tokens, in the order the language model reads them."""
-
-    features: Tensor       # [K, D]
-    assignment: Tensor     # [N] index of the output token carrying each original one, -1 dropped
-    size: Tensor           # [K] original tokens each output token stands for
-    first: Tensor          # [K] its representative: the first original token it carries
-    tokens: list           # tokens entering each reducer step, then kept
-
-
 def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optional[Tensor],
             mm_token_type_ids: Optional[Tensor], second_per_grid_ts: Optional[Tensor], left: bool,
             pixel_values: Optional[Tensor] = None, image_grid_thw: Optional[Tensor] = None,
@@ -169,24 +156,24 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         relevance = VideoSettings.of(reduction.arguments).frames == "relevance" and pixel_values_videos is not None
         if Need.QUERY in reduction.reducer.needs or relevance:
             queries = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
-        reduced, reducer_macs = reduce_visuals(model, reduction, items, queries)
-
-        keep = attention_mask.bool() & ~placeholder
-        for kind, kind_placeholder in (("image", image_placeholder), ("video", video_placeholder)):
-            chosen = [(item.num_tokens, len(r.features)) for item, r in zip(items, reduced) if item.kind == kind]
-            if chosen:
-                counts, kept = torch.tensor(chosen, device=input_ids.device).T
-                keep |= kept_placeholders(kind_placeholder, counts, kept)
-        ids, mask, kept_positions = compact(input_ids, keep, pad_id(model, config.image_token_id,
-                                                                    config.video_token_id), left)
+        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))
+        ids, mask, kept_positions = compact_items(
+            input_ids, attention_mask, {"image": image_placeholder, "video": video_placeholder}, items, reduced,
+            pad_id(model, config.image_token_id, config.video_token_id), left)
         full = prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw,
                                 second_per_grid_ts)
         positions = _kept_positions(full, input_ids.shape[1], items, reduced, kept_positions)
         text = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
         for kind in outputs:
             outputs[kind].pooler_output = [r.features for item, r in zip(items, reduced) if item.kind == kind]
-        _record(model, reduction, items, reduced, rows, full, placeholder, ids, mask, attention_mask, kept_positions,
-                reducer_macs)
+        runs.record(reduction, QwenVLReport(
+            visual_tokens_before=placeholder.sum(1),
+            visual_tokens_after=((ids == config.image_token_id) | (ids == config.video_token_id)).sum(1),
+            kept_positions=kept_positions, prefill_macs=prefill_macs(model, mask.sum(1)),
+            prefill_macs_unreduced=prefill_macs(model, attention_mask.sum(1)), reducer_macs=reducer_macs,
+            visual_positions=[full[:, item.row, item.columns[r.first.clamp_max(item.num_tokens - 1)]]
+                              for item, r in zip(items, reduced)],
+            **report_fields(items, reduced)))
         types = mm_token_type_ids.gather(1, kept_positions.clamp_min(0)).masked_fill(kept_positions < 0, 0)
         return Prepared(ids, mask.to(attention_mask.dtype), torch.cat([text[None], positions]), types, outputs,
                         kept_positions)
@@ -203,89 +190,3 @@ def _kept_positions(full: Tensor, length: int, items: list[Visual], reduced: lis
     source = source.gather(1, kept_positions.clamp_min(0))
     positions = full.gather(2, source[None].expand(3, -1, -1))
     return positions.masked_fill(kept_positions[None] < 0, 0)
-
-
-# -- reducing every image and video -------------------------------------------------------------------
-
-def budget_of(reduction: Reduction, item: Visual) -> int:
-    """Tokens ``item`` keeps: ``min(budget, its count)``; pool: what its factor leaves of the item's grid."""
-    frames, rows, cols = item.grid
-    if isinstance(reduction.reducer, GridPool):
-        pooled_rows, pooled_cols = reduction.reducer.pooled_grid((rows, cols))
-        return item.num_tokens if frames != 1 else pooled_rows * pooled_cols
-    budget = reduction.arguments.get("budget")
-    return item.num_tokens if budget is None else min(budget, item.num_tokens)
-
-
-def reduce_visuals(model: nn.Module, reduction: Reduction, items: list[Visual],
-                   queries: Optional[list]) -> tuple[list[Reduced], float]:
-    """Each item reduced to its own budget. Images of one grid are reduced together (each row of a reducer is
-    independent of the others); query-conditioned reducers run image by image (each its row's query); videos one
-    by one, frame by frame (``vtr.adapters.vlm.video``)."""
-    groups: dict = {}
-    for i, item in enumerate(items):
-        key = i if queries is not None or item.kind == "video" else item.grid
-        groups.setdefault(key, []).append(i)
-    reduced: list = [None] * len(items)
-    reducer_macs, image_cost = 0.0, cost(model, reduction.metric)
-    for members in groups.values():
-        if items[members[0]].kind == "video":
-            item, budget = items[members[0]], reduction.arguments.get("budget")
-            video = reduce_video(reduction, item.features, item.grid, budget, VideoSettings.of(reduction.arguments),
-                                 image_cost, None if queries is None else queries[members[0]])
-            state, firsts = in_source_order(video.state)
-            reduced[members[0]] = Reduced(state.x[0], state.assignment[0], state.size[0], firsts[0], video.tokens)
-            reducer_macs += video.reducer_macs
-            continue
-        first = items[members[0]]
-        budget = budget_of(reduction, first)
-        features = torch.stack([items[i].features for i in members])
-        if budget >= first.num_tokens:
-            state, tokens = TokenState.start(features), [first.num_tokens]
-        else:
-            frames, rows, cols = first.grid
-            state, tokens = reduce_group(reduction, features, budget, 0,
-                                         query=None if queries is None else queries[members[0]],
-                                         grid=(rows, cols) if frames == 1 else None)
-        reducer_macs += len(members) * sum(reduction.reducer.extra_macs(n, image_cost) for n in tokens[:-1])
-        state, firsts = in_source_order(state)
-        for g, i in enumerate(members):
-            reduced[i] = Reduced(state.x[g], state.assignment[g], state.size[g], firsts[g], tokens)
-    return reduced, reducer_macs
-
-
-def _record(model: nn.Module, reduction: Reduction, items: list[Visual], reduced: list[Reduced], rows: Tensor,
-            full: Tensor, placeholder: Tensor, ids: Tensor, mask: Tensor, callers_mask: Tensor, kept_positions: Tensor,
-            reducer_macs: float) -> None:
-    """The call's report, detached, for ``vtr.report`` in this thread."""
-    config = model.config
-    steps = {tuple(r.tokens) for r in reduced}
-    tokens = list(steps.pop()) if len(steps) == 1 else [max(i.num_tokens for i in items),
-                                                          max(len(r.features) for r in reduced)]
-    grids = [item.grid for item in items]
-    frame_tokens = []
-    for item, r in zip(items, reduced):
-        per_frame = item.grid[1] * item.grid[2]
-        frame_tokens.append(torch.bincount(r.first.clamp_max(item.num_tokens - 1) // per_frame,
-                                           minlength=item.grid[0]).tolist())
-    runs.record(reduction, QwenVLReport(
-        tokens=tokens,
-        assignment=padded([r.assignment.detach() for r in reduced], -1),
-        size=padded([r.size.detach() for r in reduced], 0.0),
-        num_protected=0,
-        grid=grids[0][1:] if len(set(grids)) == 1 and grids[0][0] == 1 else None,
-        image_rows=rows,
-        visual_tokens_before=placeholder.sum(1),
-        visual_tokens_after=((ids == config.image_token_id) | (ids == config.video_token_id)).sum(1),
-        kept_positions=kept_positions,
-        prefill_macs=prefill_macs(model, mask.sum(1)),
-        prefill_macs_unreduced=prefill_macs(model, callers_mask.sum(1)),
-        reducer_macs=reducer_macs,
-        image_tokens_before=torch.tensor([item.num_tokens for item in items]),
-        image_tokens_after=torch.tensor([len(r.features) for r in reduced]),
-        grids=grids,
-        kinds=[item.kind for item in items],
-        visual_positions=[full[:, item.row, item.columns[r.first.clamp_max(item.num_tokens - 1)]]
-                          for item, r in zip(items, reduced)],
-        frame_tokens=frame_tokens,
-    ))

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from vtr.budget.cost import EncoderCost
 
+from ..vlm.items import Visual, split_items
 from ..vlm.language import language_cost
 from ..vlm.report import VlmReport
 
@@ -58,43 +59,10 @@ def cost(model: nn.Module, metric: str = "x") -> EncoderCost:
 
 # -- the images and videos of one call ------------------------------------------------------------------
 
-@dataclass
-class Visual:
-    """One image or video of a call, as the language model reads it.
-
-    grid: (frames, rows, cols) of its tokens after the merger (a video's frames are its temporal patches).
-    columns: ``[N]`` prompt column of each of its placeholders, in order (row ``row``).
-    """
-
-    kind: str            # "image" or "video"
-    grid: tuple
-    features: Tensor     # [N, D], raster order: frame by frame, row by row
-    row: int
-    columns: Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return self.features.shape[0]
-
-
 def visuals(features: list[Tensor], grid_thw: Tensor, placeholder: Tensor, kind: str, merge: int) -> list[Visual]:
-    """The call's images (or videos) from their features, ``*_grid_thw`` and placeholders ``[B, L]``.
-
-    transformers fills placeholders with the features in row-major order, item after item, so the
-    placeholders split by the items' counts give each item's row and columns.
-    """
-    counts = [len(f) for f in features]
-    found = int(placeholder.sum())
-    if found != sum(counts):
-        raise ValueError(f"the prompt has {found} {kind} tokens but the {len(counts)} {kind}s give {sum(counts)} "
-                         f"features (grid_thw {grid_thw.tolist()})")
-    rows, columns = placeholder.nonzero(as_tuple=True)
-    items = []
-    for f, grid, r, c in zip(features, grid_thw.tolist(), rows.split(counts), columns.split(counts)):
-        if len(set(r.tolist())) != 1:
-            raise ValueError(f"the placeholders of one {kind} span several prompt rows: each {kind} must sit in one row")
-        items.append(Visual(kind, (grid[0], grid[1] // merge, grid[2] // merge), f, int(r[0]), c))
-    return items
+    """The call's images (or videos) from their features, ``*_grid_thw`` (in patches) and placeholders ``[B, L]``."""
+    grids = [(t, h // merge, w // merge) for t, h, w in grid_thw.tolist()]
+    return split_items(features, grids, placeholder, kind)
 
 
 def check_token_types(input_ids: Tensor, mm_token_type_ids: Optional[Tensor], image_token_id: int,
@@ -131,22 +99,15 @@ def prompt_positions(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
 @dataclass
 class QwenVLReport(VlmReport):
     """What the last Qwen-VL call really kept: a :class:`~vtr.adapters.vlm.report.VlmReport` whose images are the
-    call's images, then its videos (``kinds``), each with its own count.
+    call's images, then its videos (``kinds``, ``grids``, ``frame_tokens``), each with its own count.
 
-    grids: per image or video, (frames, rows, cols) of its tokens after the merger.
-    kinds: per image or video, ``"image"`` or ``"video"``.
     visual_positions: per image or video, ``[3, K]`` (temporal, height, width) rotary position of each
         token the language model saw, in the order it saw them: a kept token's own, a merged token its
         representative's (the first original token it carries, see ``before_lm``).
-    frame_tokens: per video, the tokens it kept from each frame (a merged token counts in the frame of
-        its representative); images give ``[kept]``.
     """
 
     where: str = WHERE
-    grids: list = field(default_factory=list)
-    kinds: list = field(default_factory=list)
     visual_positions: list = field(default_factory=list)
-    frame_tokens: list = field(default_factory=list)
 
 
 __all__ = ["QwenVLReport", "Visual", "check_token_types", "cost", "merge_size", "prompt_positions", "qwen_classes",

@@ -1,7 +1,7 @@
 """What the last call of a patched vision-language model really kept (detached, per thread)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -35,6 +35,9 @@ class VlmReport(Report):
         with and without the reduction (real tokens only; the vision tower is unchanged).
     reducer_macs: MACs of the reducer's own decisions for the whole batch.
     image_tokens_before / image_tokens_after: ``[I]`` visual tokens of each image before and after.
+    kinds / grids / frame_tokens (families with videos: Qwen-VL, LLaVA-OneVision, LLaVA-NeXT-Video): per image or
+        video, ``"image"`` or ``"video"``; (frames, rows, cols) of its tokens (None: no grid); the tokens it kept from
+        each frame (a token merged across frames counts in its first). The images come first, then the videos.
     """
 
     where: str = ""
@@ -50,6 +53,9 @@ class VlmReport(Report):
     stage_positions: Optional[list] = None
     image_tokens_before: Optional[Tensor] = None
     image_tokens_after: Optional[Tensor] = None
+    kinds: list = field(default_factory=list)
+    grids: list = field(default_factory=list)
+    frame_tokens: list = field(default_factory=list)
 
     @property
     def prefill_flops_saved(self) -> float:

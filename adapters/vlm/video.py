@@ -104,7 +104,10 @@ def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Op
         if share is None:   # pool: what its factor leaves of the frame's grid
             pooled = reduction.reducer.pooled_grid((rows, cols))
             share = pooled[0] * pooled[1] if untouched else len(members)
-        if share < len(members):
+        if share == 0:      # fewer tokens than frames: this frame keeps none
+            part = TokenState(x=part.x[:, :0], size=part.size[:, :0], num_protected=0,
+                              assignment=torch.full_like(part.assignment, -1))
+        elif share < len(members):
             part, steps = reduce_state(reduction, part, share, query=query, grid=(rows, cols) if untouched else None)
             macs += sum(reduction.reducer.extra_macs(n, cost) for n in steps[:-1])
         parts.append((members, part))
