@@ -36,11 +36,13 @@ from vtr.core.state import TokenState
 
 from ..base import remove_hooks
 from ..errors import UnsupportedModelError
+from ..vlm import calls
+from ..vlm.calls import Compacted, Family
+from ..vlm.prompt import image_rows, pad_id, row_queries
 from . import anyres
-from ..vlm.prompt import image_rows, pad_id, row_queries, with_callers_prompt
-from .common import (VISION_KEYS, LlavaReport, ReducedImages, VlmRun, check_image_sizes, compact_prompt,
+from .common import (VISION_KEYS, WHERE, LlavaReport, ReducedImages, VlmRun, check_image_sizes, compact_prompt,
                      decision_macs, feature_attention, image_tokens, is_next, opened, padded, prefill_macs,
-                     reduce_group, reduction_steps, step_counts, text_only_report)
+                     reduce_group, reduction_steps, step_counts)
 
 VISION_LAYER = -1   # the key the run keeps the vision feature layer's q/k under (no decoder layer is -1)
 
@@ -65,44 +67,25 @@ def uninstall(model: nn.Module) -> None:
 
 # -- the patched entry points ------------------------------------------------------------------------
 
+def _compacted(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: bool) -> Compacted:
+    vision = {key: inputs[key] for key in VISION_KEYS if key in inputs}
+    prepared = prepare(model, input_ids, inputs.get("attention_mask"), inputs["pixel_values"], left, **vision)
+    return Compacted(prepared.input_ids, prepared.kept_positions, dict(
+        attention_mask=prepared.attention_mask, mm_encoder_outputs={"image": prepared.image_outputs}))
+
+
+FAMILY = Family(_compacted, ("pixel_values", "attention_mask", *VISION_KEYS), LlavaReport, WHERE, "LLaVA")
+
+
 def generate(model: nn.Module, generate_fn: Callable, inputs: Optional[Tensor], *args, **kwargs):
     """``generate()`` on the compacted prompt with the reduced features; returns the caller's prompt
     followed by the new tokens."""
-    pixel_values = kwargs.pop("pixel_values", None)
-    input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-    if pixel_values is None:
-        if kwargs.get("mm_encoder_outputs") is not None:
-            raise ValueError("precomputed mm_encoder_outputs would bypass vtr's reduction on a patched LLaVA; "
-                             "pass pixel_values (or vtr.unpatch(model) first)")
-        if input_ids is not None:
-            runs.record(model._vtr, text_only_report(model, input_ids, kwargs.get("attention_mask")))
-        return generate_fn(input_ids, *args, **kwargs)
-    vision = {k: kwargs.pop(k) for k in VISION_KEYS if k in kwargs}
-    with torch.no_grad():   # as generate() itself: no autograd graph for the tower (assisted decoding copies it)
-        prepared = prepare(model, input_ids, kwargs.pop("attention_mask", None), pixel_values, left=True, **vision)
-    output = generate_fn(prepared.input_ids, *args, attention_mask=prepared.attention_mask,
-                         mm_encoder_outputs={"image": prepared.image_outputs}, **kwargs)
-    return with_callers_prompt(output, input_ids, prepared.input_ids.shape[1])
+    return calls.generate(model, FAMILY, generate_fn, inputs, *args, **kwargs)
 
 
 def forward(model: nn.Module, original_forward: Callable, arguments: dict):
     """The model's forward; with ``pixel_values`` it runs on the compacted prompt (see LlavaReport)."""
-    if arguments.get("pixel_values") is None:
-        return original_forward(model, **arguments)
-    if arguments.get("position_ids") is not None:
-        raise ValueError("position_ids cannot be combined with pixel_values on a vtr-patched LLaVA: the prompt is "
-                         "compacted, so positions follow the compacted attention_mask")
-    mask = arguments.get("attention_mask")
-    right_padded = mask is not None and bool((mask[:, -1] == 0).any())
-    vision = {k: arguments.pop(k) for k in VISION_KEYS if arguments.get(k) is not None}
-    prepared = prepare(model, arguments.get("input_ids"), mask, arguments.pop("pixel_values"), left=not right_padded,
-                       **vision)
-    if arguments.get("labels") is not None:
-        labels = arguments["labels"].gather(1, prepared.kept_positions.clamp_min(0))
-        arguments["labels"] = labels.masked_fill(prepared.kept_positions < 0, -100)
-    arguments.update(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
-                     mm_encoder_outputs={"image": prepared.image_outputs})
-    return original_forward(model, **arguments)
+    return calls.forward(model, FAMILY, original_forward, arguments)
 
 
 @dataclass

@@ -23,8 +23,8 @@ neighbours (pool, most merges) sits at its window's top-left token. Visual token
 model in the order of their representatives (raster order), whatever order the reducer emits them in.
 The positions go to the language model as ``position_ids`` (``[4, B, L']``: the compacted prompt's
 1-D text positions, then t, h, w), which is what ``generate()`` itself would pass, and decode steps
-continue from them. ``forward()`` sets ``model.model.rope_deltas`` for the compacted prompt, as the
-unpatched forward sets it for its prompt (a decode step by hand on its cache continues from it).
+continue from them. ``model.model.rope_deltas`` is set for the compacted prompt, as the unpatched model
+sets it for its prompt (a decode step by hand on its cache, without position_ids, continues from it).
 
 Qwen's vision tower has no CLS token: methods that rank by CLS attention (``evit``, ``fastv``,
 ``hired``) use their no-CLS score (the norm of each token's features, ``vtr.reducers.select``).
@@ -44,9 +44,10 @@ from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 
 from ..vlm.language import prefill_macs
+from ..vlm import calls
+from ..vlm.calls import Compacted, Family
 from ..vlm.items import Reduced, Visual, compact_items, reduce_items, report_fields
-from ..vlm.prompt import pad_id, row_queries, with_callers_prompt
-from ..vlm.report import text_only_report
+from ..vlm.prompt import pad_id, row_queries
 from ..vlm.run import opened
 from ..vlm.video import VideoSettings
 from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, check_token_types, cost, merge_size, prompt_positions,
@@ -55,57 +56,29 @@ from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, check_token_types, c
 
 # -- the patched entry points ------------------------------------------------------------------------
 
+def _compacted(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: bool) -> Compacted:
+    vision = {key: inputs[key] for key in VISION_ARGUMENTS if key in inputs}
+    prepared = prepare(model, input_ids, inputs.get("attention_mask"), inputs.get("mm_token_type_ids"),
+                       inputs.get("second_per_grid_ts"), left, **vision)
+    return Compacted(prepared.input_ids, prepared.kept_positions, dict(
+        attention_mask=prepared.attention_mask, position_ids=prepared.position_ids,
+        mm_token_type_ids=prepared.mm_token_type_ids, mm_encoder_outputs=prepared.encoder_outputs))
+
+
+FAMILY = Family(_compacted, (*VISION_ARGUMENTS, "attention_mask", "mm_token_type_ids", "second_per_grid_ts"),
+                QwenVLReport, WHERE, "Qwen-VL")
+
+
 def generate(model: nn.Module, generate_fn: Callable, inputs: Optional[Tensor], *args, **kwargs):
     """``generate()`` on the compacted prompt with the reduced features and their positions; returns the
     caller's prompt followed by the new tokens."""
-    input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-    vision = {k: kwargs.pop(k) for k in VISION_ARGUMENTS if kwargs.get(k) is not None}
-    if kwargs.get("mm_encoder_outputs") is not None:
-        raise ValueError("precomputed mm_encoder_outputs would bypass vtr's reduction on a patched Qwen-VL; pass "
-                         "pixel_values / pixel_values_videos (or vtr.unpatch(model) first)")
-    if "pixel_values" not in vision and "pixel_values_videos" not in vision:
-        if input_ids is not None:
-            runs.record(model._vtr, text_only_report(model, input_ids, kwargs.get("attention_mask"), WHERE,
-                                                     QwenVLReport))
-        return generate_fn(input_ids, *args, **vision, **kwargs)
-    _refuse_position_ids(kwargs)
-    with torch.no_grad():   # as generate() itself: no autograd graph for the tower (assisted decoding copies it)
-        prepared = prepare(model, input_ids, kwargs.pop("attention_mask", None), kwargs.pop("mm_token_type_ids", None),
-                           kwargs.pop("second_per_grid_ts", None), left=True, **vision)
-    output = generate_fn(prepared.input_ids, *args, attention_mask=prepared.attention_mask,
-                         position_ids=prepared.position_ids, mm_token_type_ids=prepared.mm_token_type_ids,
-                         mm_encoder_outputs=prepared.encoder_outputs, **kwargs)
-    return with_callers_prompt(output, input_ids, prepared.input_ids.shape[1])
+    return calls.generate(model, FAMILY, generate_fn, inputs, *args, **kwargs)
 
 
 def forward(model: nn.Module, original_forward: Callable, arguments: dict):
     """The model's forward; with pixel values it runs on the compacted prompt (``vtr.report(model).kept_positions``
     maps its logits back to the caller's columns)."""
-    if arguments.get("pixel_values") is None and arguments.get("pixel_values_videos") is None:
-        return original_forward(model, **arguments)
-    _refuse_position_ids(arguments)
-    mask = arguments.get("attention_mask")
-    right_padded = mask is not None and bool((mask[:, -1] == 0).any())
-    vision = {k: arguments.pop(k) for k in VISION_ARGUMENTS if arguments.get(k) is not None}
-    prepared = prepare(model, arguments.get("input_ids"), mask, arguments.pop("mm_token_type_ids", None),
-                       arguments.pop("second_per_grid_ts", None), left=not right_padded, **vision)
-    if arguments.get("labels") is not None:
-        labels = arguments["labels"].gather(1, prepared.kept_positions.clamp_min(0))
-        arguments["labels"] = labels.masked_fill(prepared.kept_positions < 0, -100)
-    arguments.update(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
-                     position_ids=prepared.position_ids, mm_token_type_ids=prepared.mm_token_type_ids,
-                     mm_encoder_outputs=prepared.encoder_outputs)
-    # As the unpatched forward does for its prompt (transformers' own attribute): a decode step by hand on
-    # this forward's cache, without position_ids, continues from the compacted prompt's last position.
-    positions, mask = prepared.position_ids[1:], prepared.attention_mask
-    model.model.rope_deltas = positions.amax(dim=(0, 2))[:, None] + 1 - mask.sum(1, keepdim=True)
-    return original_forward(model, **arguments)
-
-
-def _refuse_position_ids(arguments: dict) -> None:
-    if arguments.get("position_ids") is not None:
-        raise ValueError("position_ids cannot be combined with pixel values on a vtr-patched Qwen-VL: the prompt is "
-                         "compacted and vtr gives every kept token its own M-RoPE position (from mm_token_type_ids)")
+    return calls.forward(model, FAMILY, original_forward, arguments)
 
 
 # -- one call ---------------------------------------------------------------------------------------------
@@ -164,6 +137,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
                                 second_per_grid_ts)
         positions = _kept_positions(full, input_ids.shape[1], items, reduced, kept_positions)
         text = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        # As the unpatched model does for its prompt (transformers' own attribute): a decode step by hand on
+        # this prompt's cache, without position_ids, continues from the compacted prompt's last position.
+        model.model.rope_deltas = positions.amax(dim=(0, 2))[:, None] + 1 - mask.sum(1, keepdim=True)
         for kind in outputs:
             outputs[kind].pooler_output = [r.features for item, r in zip(items, reduced) if item.kind == kind]
         runs.record(reduction, QwenVLReport(

@@ -50,10 +50,13 @@ def schedule(reducer, budget, side: int) -> Schedule:
     return Schedule("r", tuple(reduction_steps(reference, min(budget, reference), reducer, 0)) or (0,))
 
 
-def expected_flops(model: nn.Module, reduction: Reduction, cost: EncoderCost) -> tuple[float, float]:
+def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: EncoderCost) -> tuple[float, float]:
     """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no text, its
     ``cost.num_tokens``), the reducer's own decisions included; the vision tower is the same either way."""
     reference = cost.num_tokens
+    if reduction is None:
+        unreduced = float(prefill_macs(model, torch.tensor([reference])))
+        return unreduced, unreduced
     tokens = step_counts(reference, list(reduction.schedule.amounts))
     decisions = sum(reduction.reducer.extra_macs(n, cost) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
     reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], reference])).tolist()
@@ -122,7 +125,10 @@ def budget_of(reduction: Reduction, item: Visual) -> int:
     """Tokens an image keeps: ``min(budget, its count)`` (its suffix counts in the budget); pool: what its factor
     leaves of the image's grid."""
     if isinstance(reduction.reducer, GridPool):
-        if item.grid is None or item.grid[0] != 1:
+        if item.grid is None:
+            raise ValueError("method 'pool' pools an image's patch grid, and these images' tokens form none (packed "
+                             "AnyRes crops with newlines): choose a method that takes budget=")
+        if item.grid[0] != 1:
             return item.num_tokens
         pooled_rows, pooled_cols = reduction.reducer.pooled_grid(item.grid[1:])
         return pooled_rows * pooled_cols
