@@ -119,8 +119,7 @@ class Llava(Adapter):
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""
-        return (type(model).__module__.startswith("transformers.models.llava")
-                or isinstance(model, llava_classes()) or is_next(model))
+        return any(cls.__module__.startswith("transformers.models.llava") for cls in type(model).__mro__)
 
     def check(self, model: nn.Module) -> None:
         kind = type(model).__name__

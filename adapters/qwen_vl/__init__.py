@@ -34,7 +34,6 @@ from ..base import Adapter, restore_class, swap_class
 from ..errors import UnsupportedModelError
 from ..vlm import in_llm as pruning
 from ..vlm.front import ReducingVlm
-from ..vlm.language import prefill_macs
 from ..vlm.reduce import reduction_steps
 from ..vlm import items, video
 from ..vlm.run import VlmRun
@@ -140,12 +139,8 @@ class QwenVL(Adapter):
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no
         text), the reducer's own decisions included; the vision tower is the same either way."""
-        reference = reference_tokens(model)
-        if reduction is None:
-            unreduced = float(prefill_macs(model, torch.tensor([reference])))
-            return unreduced, unreduced
         stages = pruning.stages_of(model)
-        if stages is not None:
+        if reduction is not None and stages is not None:
             return pruning.expected_flops(model, reduction, stages)
         return items.expected_flops(model, reduction, cost(model))
 

@@ -21,6 +21,11 @@ def test_a_budget_that_keeps_every_token_equals_the_unpatched_model(family):
     out = generate(model, batch)
     assert torch.equal(out.sequences, expected.sequences) and torch.equal(logits(out), logits(expected))
     assert vtr.report(model).kinds == ["image", "video", "video"]
+    vtr.patch(vtr.unpatch(model), "tome", budget=4)
+    assert not torch.equal(logits(generate(model, batch)), logits(expected))
+    vtr.unpatch(model)
+    assert not vtr.is_patched(model) and type(model) is BUILDERS[family]().__class__
+    assert torch.equal(logits(generate(model, batch)), logits(expected))
 
 
 @pytest.mark.parametrize("family", BUILDERS)
