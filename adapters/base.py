@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import RSpec, Schedule, make_schedule, reduced_macs
-from vtr.core.plan import Reduction
+from vtr.core.plan import METRICS, Reduction
 from vtr.reducers.base import Reducer
 
 from .errors import UnsupportedModelError
@@ -29,6 +29,7 @@ class Adapter:
 
     name: ClassVar[str] = ""              # the family, as :func:`family` reports it
     amounts: ClassVar[tuple[str, ...]] = ()   # amounts of its own besides r/keep/flops (LLaVA: budget)
+    metrics: ClassVar[tuple[str, ...]] = METRICS  # the metric= values it can feed reducers, default first
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError

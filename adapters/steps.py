@@ -6,6 +6,8 @@ attention-interface registry).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -49,6 +51,22 @@ def reduce(run: Run, state: TokenState, x: Tensor, layer: int, *,
                       query=run.query, grid=None if state.is_reduced else run.grid,
                       query_projection=run.query_projection)
     return reduction.reducer(state.with_x(x), kept, signals)
+
+
+def dropping_as_published(reduction: Reduction) -> Reduction:
+    """The reduction with a dropping method's ``fuse`` set to the paper's rule where the user gave none:
+    ``"drop"`` (FastV, HiRED, ATF, Script), ``"one"`` for EViT.
+
+    For visual tokens headed into a language model. Merging the unkept tokens into the kept ones
+    (``fuse="nearest"``, the reducers' default) was measured on vision encoders only; inside or before
+    a language model nothing has measured it, so the published rule holds there.
+    """
+    reducer = reduction.reducer
+    if getattr(reducer, "fuse", None) is None or "fuse" in reduction.arguments:
+        return reduction
+    published = copy.copy(reducer)
+    published.fuse = "one" if reduction.method == "evit" else "drop"
+    return dataclasses.replace(reduction, reducer=published)
 
 
 def batch_query(query: Optional[Tensor], batch: int, width: Optional[int], where: str) -> Optional[Tensor]:

@@ -3,8 +3,9 @@ see the same machine load (``bench_llava.py``, ``bench_vlm.py``)."""
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
+
+from torch.utils import benchmark
 
 import vtr
 
@@ -13,9 +14,10 @@ HEADER = ("| method | where | visual kept | LM prefill MACs (bound) | prefill s 
 
 
 def timed(fn: Callable) -> float:
-    start = time.perf_counter()
+    """Seconds of one call, on torch.utils.benchmark's clock (it synchronises CUDA before reading the time)."""
+    start = benchmark.timer()
     fn()
-    return time.perf_counter() - start
+    return benchmark.timer() - start
 
 
 def interleaved(model, measure: Callable, rounds: int, **patch) -> tuple[dict, dict]:

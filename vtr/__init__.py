@@ -15,10 +15,12 @@ from .reducers import Reducer
 from .tools import clip  # text-conditioned CLIP helpers: vtr.clip.text_query, vtr.clip.zero_shot
 from .tools import zoo
 from .tools.profile import profile_model
+from .tools.saving import load_reduction, save_reduction
 from .tools.visualize import visualize
 
 __all__ = [
     "patch", "unpatch", "conditioned", "methods", "report", "is_patched", "make_reducer", "expected_tokens",
     "expected_flops", "family", "TokenState", "Reducer", "Signals", "Need", "Schedule", "Reduction", "Report",
     "UnsupportedModelError", "adapters", "kernels", "reducers", "clip", "zoo", "profile_model", "visualize",
+    "save_reduction", "load_reduction",
 ]

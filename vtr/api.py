@@ -57,8 +57,8 @@ def patch(
     keep: Optional[Union[float, Sequence[float]]] = None,
     flops: Optional[float] = None,
     layers: Optional[Sequence[int]] = None,
-    metric: str = "x",
-    prop_attn: bool = True,
+    metric: Optional[str] = None,
+    prop_attn: Optional[bool] = None,
     preset: Optional[str] = None,
     **options,
 ) -> nn.Module:
@@ -69,30 +69,35 @@ def patch(
     unreduced model's FLOPs (vtr solves a per-layer schedule for it). ``layers`` restricts where
     reduction happens. ``metric`` is what merging compares: ``"x"`` hidden states (default; kept
     outputs closer to the unreduced ones in our measurements) or ``"keys"`` (attention keys, as in
-    ToMe). ``prop_attn`` adds log(size) to attention logits. Other keywords go to the method.
+    ToMe). ``prop_attn`` adds log(size) to attention logits (default True). Left out (None), both take
+    the method's own defaults where it has some (``pitome`` with ``variant="paper"``: keys, no
+    proportional attention), else vtr's. Other keywords go to the method.
     Weights, ``state_dict`` keys and hooks are untouched; ``vtr.unpatch`` undoes it.
     ``preset`` names a model-zoo entry (``vtr.zoo.entries()``) whose method and settings apply;
     arguments given here override it (an amount replaces the preset's amount).
     """
     if preset is not None:
         given = {"method": method, "r": r, "keep": keep, "flops": flops, "layers": layers,
-                 "metric": None if metric == "x" else metric, "prop_attn": None if prop_attn else False,
-                 "options": options}
+                 "metric": metric, "prop_attn": prop_attn, "options": options}
         return patch(model, **model_zoo.preset_arguments(preset, model, given))
     method = "tome" if method is None else method
     # numpy / 0-d tensor scalars as Python numbers, for every adapter's checks and for describe().
     r, keep, flops, layers = plain(r, "r"), plain(keep, "keep"), plain(flops, "flops"), plain(layers, "layers")
+    prop_attn = plain(prop_attn, "prop_attn")
     if is_patched(model):
         raise ValueError(
             f"model is already patched with {settings(model).describe()}; call vtr.unpatch(model) before "
             "patching it again"
         )
-    if metric not in METRICS:
+    if metric is not None and metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if prop_attn is not None and not isinstance(prop_attn, bool):
+        raise ValueError(f"prop_attn must be True or False, got {prop_attn!r}")
     adapter = find_adapter(model)
     adapter.check(model)
     own = {k: plain(options.pop(k), k) for k in adapter.amounts if k in options}   # e.g. LLaVA's budget=
     reducer = make_reducer(method, **options)
+    metric, prop_attn = patch_settings(reducer, adapter.metrics, metric, prop_attn)
     cost = adapter.cost(model, metric)
     schedule = adapter.make_schedule(model, reducer, r=r, keep=keep, flops=flops, layers=layers, metric=metric,
                                      **own)
@@ -101,6 +106,17 @@ def patch(
     adapter.patch(model, Reduction(method=method, reducer=reducer, schedule=schedule, metric=metric,
                                    prop_attn=prop_attn, arguments=arguments, has_cls=cost.has_cls))
     return model
+
+
+def patch_settings(reducer: Reducer, metrics: Sequence[str], metric: Optional[str] = None,
+                   prop_attn: Optional[bool] = None) -> tuple[str, bool]:
+    """``metric`` and ``prop_attn`` as given; left out (None), the reducer's own defaults
+    (:meth:`~vtr.reducers.Reducer.patch_defaults`), else vtr's: ``"x"`` and True. A default metric the
+    model family cannot give (``metrics``: those it can) gives way to the family's first."""
+    defaults = {"metric": "x", "prop_attn": True} | reducer.patch_defaults()
+    if metric is None:
+        metric = defaults["metric"] if defaults["metric"] in metrics else metrics[0]
+    return metric, defaults["prop_attn"] if prop_attn is None else prop_attn
 
 
 def unpatch(model: nn.Module) -> nn.Module:

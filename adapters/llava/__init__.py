@@ -26,9 +26,10 @@ disagrees); LLaVA-NeXT refuses it.
 
 Limits: ``prop_attn`` has no effect here (the language model's attention is not changed; a merged
 token counts once); ``forward()`` with ``pixel_values`` returns logits over the compacted prompt
-(``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts must
-come as ``input_ids``; ``image_sizes`` is for LLaVA-NeXT only. LLaVA-OneVision and LLaVA-NeXT-Video (images and
-videos, each of its own count, before the language model only) take the path of ``video``.
+(``vtr.report(model).kept_positions`` maps them back; ``labels`` are compacted alike, on both paths)
+and refuses ``position_ids``; prompts must come as ``input_ids``; ``image_sizes`` is for LLaVA-NeXT only.
+LLaVA-OneVision and LLaVA-NeXT-Video (images and videos, each of its own count, before the language model
+only) take the path of ``video``.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
 from vtr.reducers.pool import GridPool
 
+from .. import steps
 from ..base import Adapter, restore_class, swap_class
 from ..errors import UnsupportedModelError
 from ..vlm.front import ReducingVlm
@@ -116,6 +118,7 @@ class Llava(Adapter):
     # vtr.patch(model, method, budget=64): visual tokens kept per image (or video); OneVision and NeXT-Video
     # also take frames= and temporal= (how a video spends its budget, vtr.adapters.vlm.video)
     amounts = ("budget", *VIDEO_OPTIONS)
+    metrics = ("x",)               # visual tokens are compared by their projected features
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""
@@ -223,6 +226,7 @@ class Llava(Adapter):
         return before_lm.expected_flops(model, reduction)
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
         if reduction.metric != "x":
             raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
         if video.is_video_model(model):
@@ -236,6 +240,7 @@ class Llava(Adapter):
             reduction = pool_factor(model, reduction)
         if Need.CLS_ATTENTION in reduction.reducer.needs:
             feature_attention(model)   # fail at patch time, not at the first call
+            before_lm.allocation_attention(model, reduction)
         if reduction.arguments.get("layers") is not None:
             in_llm.install(model, reduction)
         else:

@@ -162,20 +162,24 @@ class AnyresSplit:
 
 
 def reduce_images(model: nn.Module, reduction: Reduction, features: list[Tensor], attention: Optional[Tensor],
-                  query: Optional[list], image_sizes) -> ReducedImages:
+                  query: Optional[list], image_sizes, allocation: Optional[Tensor] = None) -> ReducedImages:
     """Reduce every image to the budget, image by image.
 
     ``attention``: ``[parts of all images, side * side]`` CLS attention rows of the base images and
-    crops as the vision tower saw them (image after image), or None.
+    crops as the vision tower saw them (image after image), or None. ``allocation``: the same rows at
+    the layer the method splits budgets by (HiRED's ``allocate_layer``), or None to split by ``attention``.
     """
     sizes = torch.as_tensor(image_sizes).view(-1, 2).tolist()
     if len(sizes) != len(features):
         raise ValueError(f"image_sizes must give one (height, width) per image: {len(features)} images, "
                          f"got {len(sizes)} sizes")
     layouts = [layout(model, size) for size in sizes]
-    rows = [None] * len(layouts) if attention is None else attention.split([g.num_crops + 1 for g in layouts])
+    parts = [g.num_crops + 1 for g in layouts]
+    rows = [None] * len(layouts) if attention is None else attention.split(parts)
+    splitting = rows if allocation is None else allocation.split(parts)
     budget = reduction.arguments.get("budget") if reduction.reduces else None
-    results = [reduce_image(model, reduction, x, geometry, budget, rows[i], None if query is None else query[i])
+    results = [reduce_image(model, reduction, x, geometry, budget, rows[i], None if query is None else query[i],
+                            splitting[i])
                for i, (x, geometry) in enumerate(zip(features, layouts))]
     splits = [r[3] for r in results]
     return ReducedImages(
@@ -209,14 +213,17 @@ def plan(geometry: AnyresLayout, budget: Optional[int], crop_weights: Optional[T
 
 
 def reduce_image(model: nn.Module, reduction: Reduction, x: Tensor, geometry: AnyresLayout, budget: Optional[int],
-                 attention: Optional[Tensor], query: Optional[Tensor]):
-    """One image ``x [N, D]`` to ``budget`` tokens: (features, assignment [N], size, AnyresSplit, reducer MACs)."""
+                 attention: Optional[Tensor], query: Optional[Tensor], allocation: Optional[Tensor] = None):
+    """One image ``x [N, D]`` to ``budget`` tokens: (features, assignment [N], size, AnyresSplit, reducer MACs).
+
+    The crops share the budget by the thumbnail's row of ``allocation`` (default: of ``attention``)."""
+    allocation = attention if allocation is None else allocation
     if x.shape[0] != geometry.num_tokens:
         raise ValueError(f"an image of size {geometry.image_size} packs to {geometry.num_tokens} features, got "
                          f"{x.shape[0]}: image_sizes must match pixel_values")
     newline = geometry.source < 0
     reduces = geometry.reduces(budget)
-    weights = crop_importance(geometry, attention[0]) if reduces and attention is not None else None
+    weights = crop_importance(geometry, allocation[0]) if reduces and allocation is not None else None
     split = plan(geometry, budget, weights)
     if not reduces:                 # untouched, or whole rows less their first newlines
         first_kept = geometry.rows - split.newlines_kept

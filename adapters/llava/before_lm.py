@@ -45,6 +45,7 @@ from .common import (VISION_KEYS, WHERE, LlavaReport, ReducedImages, VlmRun, che
                      reduce_group, reduction_steps, step_counts)
 
 VISION_LAYER = -1   # the key the run keeps the vision feature layer's q/k under (no decoder layer is -1)
+ALLOCATION_LAYER = -2   # ...and the q/k of the layer whose CLS attention splits LLaVA-NeXT budgets (HiRED)
 
 
 def _wants_cls_attention(model: nn.Module, reduction: Reduction) -> bool:
@@ -59,6 +60,23 @@ def install(model: nn.Module, reduction: Reduction) -> None:
     if attention is not None:
         attention.q_proj.register_forward_hook(runs.KeepQK(VISION_LAYER, "q"))
         attention.k_proj.register_forward_hook(runs.KeepQK(VISION_LAYER, "k"))
+        allocation = allocation_attention(model, reduction)
+        if allocation is not None:
+            allocation.q_proj.register_forward_hook(runs.KeepQK(ALLOCATION_LAYER, "q"))
+            allocation.k_proj.register_forward_hook(runs.KeepQK(ALLOCATION_LAYER, "k"))
+
+
+def allocation_attention(model: nn.Module, reduction: Reduction) -> Optional[nn.Module]:
+    """The vision layer whose CLS attention splits a LLaVA-NeXT image's budget across its crops, when the
+    method names one (HiRED's ``allocate_layer``); None: the feature layer's attention does it."""
+    layer = getattr(reduction.reducer, "allocate_layer", None)
+    if layer is None or not is_next(model):
+        return None
+    layers = model.model.vision_tower.encoder.layers
+    if layer >= len(layers):
+        raise ValueError(f"{reduction.method}: allocate_layer must be a layer of the vision tower, in "
+                         f"[0, {len(layers) - 1}], got {layer}")
+    return layers[layer].self_attn
 
 
 def uninstall(model: nn.Module) -> None:
@@ -119,7 +137,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         attention_mask = torch.ones_like(input_ids)
     with opened(model) as run:
         image_outputs = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision)
-        cls_row = _cls_row(model, run)
+        cls_row, allocation_row = _cls_row(model, run), _cls_row(model, run, ALLOCATION_LAYER)
         features = list(image_outputs.pooler_output)                    # [N_i, D] per image
         counts = torch.tensor([len(f) for f in features], dtype=torch.long, device=input_ids.device)
         image_token_id = model.config.image_token_id
@@ -136,7 +154,10 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         if cls_row is not None and image_tokens(model)[1] == 0:
             cls_row = cls_row[:, 1:]      # the CLS token is not among the 'default' features
         if next_:
-            images = anyres.reduce_images(model, reduction, features, cls_row, query, vision["image_sizes"])
+            if allocation_row is not None:
+                allocation_row = allocation_row[:, 1:]   # LLaVA-NeXT reads 'default' features only
+            images = anyres.reduce_images(model, reduction, features, cls_row, query, vision["image_sizes"],
+                                          allocation=allocation_row)
         else:
             images = _reduce_images(model, reduction, features, cls_row, query)
 
@@ -170,15 +191,16 @@ def expected_flops(model: nn.Module, reduction: Reduction) -> tuple[float, float
 
 # -- the parts ------------------------------------------------------------------------------------------
 
-def _cls_row(model: nn.Module, run: VlmRun) -> Optional[Tensor]:
-    """``[I, N]`` head-mean attention of the CLS token to each token of the feature layer, from the q/k
-    the ``KeepQK`` hooks kept in this run while the tower ran; None without those hooks."""
-    q, k = run.take_qk(VISION_LAYER)
+def _cls_row(model: nn.Module, run: VlmRun, key: int = VISION_LAYER) -> Optional[Tensor]:
+    """``[I, N]`` head-mean attention of the CLS token to each token of the feature layer (or, with
+    ``key=ALLOCATION_LAYER``, of the allocation layer), from the q/k the ``KeepQK`` hooks kept in this
+    run while the tower ran; None without those hooks."""
+    q, k = run.take_qk(key)
     if q is None or k is None:
         return None
-    heads = feature_attention(model).num_heads
-    split = lambda t: t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
-    return cls_attention(split(q), split(k), scale=feature_attention(model).scale)
+    attention = feature_attention(model) if key == VISION_LAYER else allocation_attention(model, model._vtr)
+    split = lambda t: t.view(t.shape[0], t.shape[1], attention.num_heads, -1).transpose(1, 2)  # noqa: E731
+    return cls_attention(split(q), split(k), scale=attention.scale)
 
 
 def _reduce(model: nn.Module, reduction: Reduction, features: Tensor, attention: Optional[Tensor],

@@ -199,7 +199,7 @@ def decision_macs(model: nn.Module, reduction: Reduction, tokens: list[int]) -> 
     attention = feature_attention(model, required=False) if Need.CLS_ATTENTION in reduction.reducer.needs else None
     image_cost = replace(cost(model, reduction.metric), has_cls=attention is not None,
                          attn_dim=0 if attention is None else attention.q_proj.out_features)
-    return float(sum(reduction.reducer.extra_macs(n, image_cost) for n, m in zip(tokens[:-1], tokens[1:]) if m < n))
+    return float(sum(reduction.reducer.extra_macs(n, image_cost, m) for n, m in zip(tokens[:-1], tokens[1:]) if m < n))
 
 
 # -- reducing a set of tokens --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from vtr.core.plan import Reduction
 from vtr.reducers.base import Reducer
 from vtr.reducers.pool import GridPool
 
+from .. import steps
 from ..base import Adapter, restore_class, swap_class
 from ..errors import UnsupportedModelError
 from ..vlm import in_llm as pruning
@@ -69,6 +70,7 @@ class QwenVL(Adapter):
     # vtr.patch(model, method, budget=64): visual tokens kept per image / video; frames= and temporal= say how
     # a video spends its budget (vtr.adapters.vlm.video)
     amounts = ("budget", *VIDEO_OPTIONS)
+    metrics = ("x",)               # visual tokens are compared by their merged features
 
     def matches(self, model: nn.Module) -> bool:
         """Any Qwen-VL model of transformers (bare models and Qwen3-VL too), so that those vtr does not
@@ -145,6 +147,7 @@ class QwenVL(Adapter):
         return items.expected_flops(model, reduction, cost(model))
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
         if reduction.metric != "x":
             raise ValueError("the Qwen-VL adapter compares visual tokens by their merged features: use metric='x'")
         if reduction.arguments.get("layers") is not None:

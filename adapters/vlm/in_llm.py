@@ -16,9 +16,10 @@ kept different numbers of tokens) and the segment's layers share it, while layer
 model's own mask and full cache. Static caches work too: masks span the cache's whole width.
 
 Forward pre-hooks on the decoder layers do all of it; the model's forward and ``generate()`` run
-unchanged. Needs the whole prompt in one forward on an empty cache, then one token per forward
-(no chunked prefill, no assisted generation), and the last column of the prompt to be a real
-token (left padding, as generate wants).
+unchanged. Needs the whole prompt in one forward on an empty cache, then one token per forward, or
+without a cache the prompt and every token since (no chunked prefill, no assisted generation), and
+the last column of the prompt to be a real token (left padding, as generate wants). ``labels`` follow
+the positions the last layers see (:func:`compact_labels`), so the model's own loss covers them.
 
 What sits on the model is settings only: :class:`Stages` (each stage's layer and budget) and the
 hooks (:class:`StageHook`, a plain class). What a call decides (which tokens each stage keeps, the
@@ -27,6 +28,15 @@ by the call's run (``vtr.adapters.vlm.run.VlmRun``): one ``generate()`` shares i
 steps. A forward on its own makes one too; a later forward on the same KV cache (a decode loop
 written by hand) continues it, since the cache holds what that prefill kept: the pruning is found
 from the cache object, held weakly, and goes with the cache.
+
+The decision is made once, from the prompt. ``generate(use_cache=False)`` sends the prompt and every
+token generated so far in each forward of its run; such a forward (same run, the prefill's prompt
+followed by new tokens, no cache) replays the prefill's decision instead of ranking again by the
+newest token: each stage keeps the prompt columns the prefill kept, plus every new token, and the
+visual tokens it leaves are the ones the prefill computed (a function of the prompt alone, as causal
+attention makes them; the cached run holds exactly these in its KV cache). So ``use_cache=False``
+generates what the cached run generates. A forward in a new run (a plain ``model(...)`` call) decides
+from its own input.
 
 What a family's prompt looks like comes from its :class:`Visuals` (settings, on :class:`Stages`):
 which tokens are visual, and each image's (or video's) token count, placeholders and patch grid
@@ -41,7 +51,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -262,8 +272,9 @@ def expected_flops(model: nn.Module, reduction: Reduction, stages: Stages) -> tu
     for layer, budget in zip(stages.layers, stages.budgets):
         decisions += _scoring_macs(model, layer, torch.tensor([counts[-1]]))
         steps = reduction_steps(counts[-1], budget, reducer, protected) if reduction.reduces else []
-        for n in step_counts(counts[-1], steps)[:-1]:
-            decisions += reducer.extra_macs(n, image_cost)
+        step_tokens = step_counts(counts[-1], steps)
+        for n, m in zip(step_tokens[:-1], step_tokens[1:]):
+            decisions += reducer.extra_macs(n, image_cost, m)
         counts.append(counts[-1] - sum(steps))
     kept = [torch.tensor([n]) for n in counts[1:]]
     reduced = prefill_macs(model, torch.tensor([num_tokens]), kept, list(stages.layers))
@@ -276,8 +287,19 @@ _BY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # KV cach
 
 
 def forward(model: nn.Module, run: VlmRun, original_forward: Callable, arguments: dict):
-    """The model's forward with the call's pruning observing it (the hooks do the pruning)."""
+    """The model's forward with the call's pruning observing it (the hooks do the pruning).
+
+    ``labels`` follow the positions the last layers saw (:func:`compact_labels`), so the loss is the
+    model's own loss over the pruned sequence its logits cover.
+    """
     cache = arguments.get("cache", arguments.get("past_key_values"))
+    labels, as_tuple = arguments.pop("labels", None), False
+    if labels is not None:
+        if arguments.get("shift_labels") is not None:
+            raise ValueError("shift_labels cannot be combined with in-LLM pruning (layers=): pass labels, which vtr "
+                             "compacts to the positions the pruned layers keep")
+        as_tuple = not arguments.get("return_dict", model.config.return_dict)
+        arguments["return_dict"] = True
     if run.pruning is None:     # the first forward of the call: a new prompt, or one more step on a cache
         run.pruning = _of_cache(cache, model) or Pruning(model)
     pruning = run.pruning
@@ -291,7 +313,24 @@ def forward(model: nn.Module, run: VlmRun, original_forward: Callable, arguments
             _BY_CACHE[held] = pruning
         except TypeError:       # a cache that cannot be referenced weakly: forwards on it start afresh
             pass
+    if labels is not None:
+        options = {k: arguments[k] for k in ("num_items_in_batch", "ignore_index") if k in arguments}
+        compact = compact_labels(labels, pruning.positions, arguments.get("ignore_index", -100))
+        loss = model.loss_function(logits=output.logits, labels=compact,
+                                   vocab_size=model.config.text_config.vocab_size, **options)
+        output = type(output)(**{**output, "loss": loss})     # loss first, as the model's own output has it
+        return output.to_tuple() if as_tuple else output
     return output
+
+
+def compact_labels(labels: Tensor, positions: Optional[Tensor], ignore_index: int = -100) -> Tensor:
+    """``labels`` ``[B, L]`` of the caller's sequence at ``positions`` ``[B, L']`` (the columns the pruned
+    layers kept, -1 padding), ``ignore_index`` at padding: the labels of pruned positions go as their
+    hidden states went. ``positions`` None: the forward pruned nothing, labels as given."""
+    if positions is None:
+        return labels
+    positions = positions.to(labels.device)
+    return labels.gather(1, positions.clamp_min(0)).masked_fill(positions < 0, ignore_index)
 
 
 def _of_cache(cache, model: nn.Module) -> Optional["Pruning"]:
@@ -315,6 +354,7 @@ class ImageGroup:
     state: Optional[TokenState] = None   # its tokens after the latest stage
     tokens: Optional[list] = None        # tokens per image entering each reducer step, then kept
     stage_tokens: Optional[list] = None  # tokens per image entering the first stage, then after each
+    outputs: list = field(default_factory=list)  # per stage: ([G, n] prompt column, [G, n, D] feature) of each token
 
 
 class Pruning:
@@ -335,6 +375,10 @@ class Pruning:
         self.shared: dict = {}                      # what the current segment's layers get in this forward
         self.real_counts: list[Tensor] = []         # [B] real tokens per row entering each stage, then kept
         self.reducer_macs = 0.0
+        self.prompt: Optional[tuple[Tensor, Tensor]] = None   # the prefill's input_ids and [B, L] padding mask
+        self.length = 0                             # columns of the current forward's input
+        self.replaying = False                      # the current forward continues the prefill's prompt, no cache
+        self.positions: Optional[Tensor] = None     # [B, L'] columns the last layers saw in the current forward
 
     def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], cache, arguments: dict,
                 run: VlmRun) -> None:
@@ -342,9 +386,12 @@ class Pruning:
         pruning; its images come from the family's :class:`Visuals`."""
         if input_ids is None:
             raise ValueError("in-LLM pruning on a vtr-patched model needs input_ids (to find the image tokens)")
-        self.shared = {}
+        self.shared, self.replaying, self.positions = {}, False, None
         prefilled = self.placeholder is not None and self.stage_columns[-1] is not None
         past = int(cache.get_seq_length()) if cache is not None else 0
+        if prefilled and not past and self._continues(input_ids, attention_mask):
+            self._start_replay(input_ids, attention_mask)
+            return
         visuals = self.stages.visuals
         placeholder = visuals.placeholder(self.model, input_ids)
         if past and input_ids.shape[1] > 1 and (prefilled or bool(placeholder.any())):
@@ -364,11 +411,26 @@ class Pruning:
             raise ValueError("in-LLM pruning needs the last column of the prompt to be a real token in every row "
                              "(pad on the left, as generate() expects)")
         real = mask2d.bool()
-        columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        self.columns = columns.masked_fill(~real, -1)
+        self.columns = _real_columns(real)
+        self.length, self.prompt = input_ids.shape[1], (input_ids, real)
         self.groups, self.reducer_macs = [], 0.0
         self.real_counts = [real.sum(1)]
         self.stage_columns = [None] * len(self.stages.layers)
+
+    def _continues(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> bool:
+        """``input_ids`` is the prefill's prompt followed by new (real) tokens: a forward of
+        ``generate(use_cache=False)`` after its first."""
+        ids, real = self.prompt
+        length = ids.shape[1]
+        if input_ids.shape[0] != ids.shape[0] or input_ids.shape[1] <= length:
+            return False
+        mask = _padding_mask(input_ids, attention_mask).bool()
+        return (torch.equal(input_ids[:, :length], ids) and torch.equal(mask[:, :length], real)
+                and bool(mask[:, length:].all()))
+
+    def _start_replay(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> None:
+        self.replaying, self.length = True, input_ids.shape[1]
+        self.columns = _real_columns(_padding_mask(input_ids, attention_mask).bool())
 
     def layer(self, stage: Optional[int], module: nn.Module, args: tuple, kwargs: dict):
         """The pre-hook of a decoder layer from the first stage on (``stage``: the stage it starts, if any)."""
@@ -379,6 +441,8 @@ class Pruning:
         if stage is not None:
             if self.stage_columns[stage] is None:
                 hidden = self._prune(stage, module, hidden, kwargs)
+            elif self.replaying:
+                hidden = self._replay(stage, hidden, kwargs)
             elif hidden.shape[1] > 1:
                 raise ValueError(f"in-LLM pruning supports one prefill then one token per forward: {_WHY}")
             else:
@@ -393,7 +457,7 @@ class Pruning:
 
     def _prune(self, stage: int, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
         """Reduce each image's tokens at this stage and return the stage's sequence (shared kwargs set)."""
-        length = self.placeholder.shape[1]
+        length = self.length
         cos, sin = kwargs["position_embeddings"]
         scores = last_token_attention(layer, hidden, cos, sin, self.columns >= 0)    # [B, L_prev]
         slot = _slot_of_column(self.columns, length)
@@ -416,19 +480,40 @@ class Pruning:
             out_rows = rows.expand_as(first)
             hidden[out_rows, slot[out_rows, first]] = group.state.x.to(hidden.dtype)
             keep[out_rows, first] = True
+            group.outputs.append((first, group.state.x))
         columns = self.stage_columns[stage] = kept_columns(keep, left=True)
-        index = slot.gather(1, columns.clamp_min(0)).clamp_min(0)   # [B, L_i] source slot of each new slot
-        self.columns = columns
         self.real_counts.append(keep.sum(1))
+        hidden = self._enter(stage, hidden, kwargs, slot, columns)
+        if stage == len(self.stages.layers) - 1:
+            self._record(keep)
+        return hidden
+
+    def _replay(self, stage: int, hidden: Tensor, kwargs: dict) -> Tensor:
+        """The prefill's decision at this stage, on its prompt followed by new tokens (no cache): the
+        prompt columns it kept, with the visual tokens it computed there, then every new token."""
+        slot = _slot_of_column(self.columns, self.length)
+        hidden = hidden.clone()
+        for group in self.groups:
+            first, x = group.outputs[stage]
+            out_rows = group.rows.expand_as(first)
+            hidden[out_rows, slot[out_rows, first]] = x.to(hidden.dtype)
+        prompt = self.stage_columns[stage]
+        new = torch.arange(self.prompt[0].shape[1], self.length, device=prompt.device).expand(prompt.shape[0], -1)
+        return self._enter(stage, hidden, kwargs, slot, torch.cat([prompt, new], dim=1))
+
+    def _enter(self, stage: int, hidden: Tensor, kwargs: dict, slot: Tensor, columns: Tensor) -> Tensor:
+        """The sequence of ``columns`` ``[B, L_i]`` (prompt columns, -1 padding) that the layers from
+        ``stage`` on see, gathered from ``hidden`` (``slot``: where each column is in it); their
+        positions, rotary embeddings and causal mask go to ``shared``."""
+        index = slot.gather(1, columns.clamp_min(0)).clamp_min(0)   # [B, L_i] source slot of each new slot
+        cos, sin = kwargs["position_embeddings"]
+        self.columns = self.positions = columns
         self.shared = {   # position_ids: the 1-D ones some attention kernels read (None for M-RoPE outside generate)
             "position_ids": None if kwargs.get("position_ids") is None else _gather(kwargs["position_ids"], index),
             "position_embeddings": (_gather(cos, index), _gather(sin, index)),
             "attention_mask": _segment_mask(columns >= 0, kwargs.get("cache"), self.stages.layers[stage],
                                             columns.shape[1], hidden.dtype),
         }
-        if stage == len(self.stages.layers) - 1:
-            self._record(keep)
-            self.groups = []        # decode steps need only the stages' columns
         return _gather(hidden, index)
 
     def _image_groups(self) -> list[ImageGroup]:
@@ -457,7 +542,8 @@ class Pruning:
         for step, remove in enumerate(steps):
             signals = Signals(metric=reduced.x, layer=step, num_layers=len(steps),
                               cls_attention=carried(scores, reduced), grid=None if reduced.is_reduced else grid)
-            self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost)
+            self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost,
+                                                                          reduced.num_tokens - remove)
             reduced = reducer(reduced, reduced.num_tokens - remove, signals)
             group.tokens.append(reduced.num_tokens)
         assignment = reduced.assignment.gather(1, state.assignment.clamp_min(0))
@@ -491,6 +577,11 @@ class Pruning:
             image_tokens_after=torch.tensor([state.num_tokens for state, _ in states]),
             **self.stages.visuals.report_fields(self.items),
         ))
+
+
+def _real_columns(real: Tensor) -> Tensor:
+    """``[B, L]`` column of each position, -1 where ``real`` is False (padding)."""
+    return torch.arange(real.shape[1], device=real.device).expand(real.shape).masked_fill(~real, -1)
 
 
 def _slot_of_column(columns: Tensor, length: int) -> Tensor:

@@ -58,7 +58,7 @@ def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: Encod
         unreduced = float(prefill_macs(model, torch.tensor([reference])))
         return unreduced, unreduced
     tokens = step_counts(reference, list(reduction.schedule.amounts))
-    decisions = sum(reduction.reducer.extra_macs(n, cost) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
+    decisions = sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
     reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], reference])).tolist()
     return reduced + decisions, unreduced
 
@@ -164,7 +164,7 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
             else:
                 spatial = first.grid[1:] if first.grid is not None and first.grid[0] == 1 else None
                 state, tokens = reduce_group(reduction, features, budget, 0, query=query, grid=spatial)
-            macs += len(members) * sum(reduction.reducer.extra_macs(n, cost) for n in tokens[:-1])
+            macs += len(members) * sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]))
         state, firsts = in_source_order(state)
         for g, i in enumerate(members):
             suffix = items[i].suffix

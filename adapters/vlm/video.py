@@ -109,7 +109,7 @@ def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Op
                               assignment=torch.full_like(part.assignment, -1))
         elif share < len(members):
             part, steps = reduce_state(reduction, part, share, query=query, grid=(rows, cols) if untouched else None)
-            macs += sum(reduction.reducer.extra_macs(n, cost) for n in steps[:-1])
+            macs += sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(steps[:-1], steps[1:]))
         parts.append((members, part))
     state = _joined(state, parts)
     tokens.append(state.num_tokens)

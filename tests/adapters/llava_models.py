@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+
+import vtr
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from conftest import reachable
@@ -45,6 +47,30 @@ def mixed_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     ids, mask = left_padded(rows)
     pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
     return ids, mask, pixels
+
+
+def text_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Labels on every text token but each row's first (padding, image tokens: -100), so the tokens right
+    after an image are predicted from whatever visual token the reduced sequence holds before them."""
+    first = mask.long().argmax(1, keepdim=True)
+    ignored = (mask == 0) | (ids == IMAGE_TOKEN) | (torch.arange(ids.shape[1]) == first)
+    return ids.masked_fill(ignored, -100)
+
+
+def check_loss_on_kept_positions(model, ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor,
+                                 labels: torch.Tensor, trained: tuple):
+    """The patched model's loss is the cross-entropy of its logits against the labels at the positions it
+    kept (``vtr.report(model).kept_positions``), and it trains ``trained`` weights. Returns the output."""
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    kept = vtr.report(model).kept_positions
+    assert out.logits.shape[:2] == kept.shape and kept.shape[1] < ids.shape[1]
+    compact = labels.gather(1, kept.clamp_min(0)).masked_fill(kept < 0, -100)
+    by_hand = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), compact[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, by_hand, atol=1e-6, rtol=0)
+    out.loss.backward()
+    for weights in trained(model):
+        assert weights.grad is not None and bool(weights.grad.abs().sum() > 0)
+    return out
 
 
 # --- generation helpers shared by the LLaVA tests ------------------------------------------------

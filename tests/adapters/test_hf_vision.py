@@ -349,7 +349,7 @@ def test_query_reducer_keeps_the_patches_closest_to_the_text(name):
     patches = [[8, 9, 10, 16, 17, 18, 24, 26], [39, 40, 47, 48, 49, 55, 56, 59]]
     objects = [[protected + p for p in cells] for cells in patches]
     with torch.no_grad():
-        vtr.patch(model, "query", keep=8 / 64, layers=[1], relevance_weight=1.0)
+        vtr.patch(model, "query", keep=8 / 64, layers=[1], relevance_weight=1.0, fuse="drop")
         seen = spy_steps(model)
         vtr.clip.image_features(model, x)                                     # no query: the layer-1 tokens
         tokens = seen[-1][0]

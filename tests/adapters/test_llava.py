@@ -15,8 +15,9 @@ import vtr
 from vtr.adapters.llava.common import compact_prompt, prefill_macs
 
 from conftest import THREADS, call_state, check_threads
-from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
-                           generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, tiny_llava)
+from llava_models import (GENERATE, check_loss_on_kept_positions, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
+                           generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, text_labels,
+                           tiny_llava)
 
 def test_zero_reduction_matches_unpatched_tokens_and_logits():
     model = tiny_llava()
@@ -115,6 +116,18 @@ def test_forward_runs_on_the_compacted_prompt_with_labels():
     with torch.inference_mode():
         unpatched = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     assert unpatched.logits.shape[1] == ids.shape[1]
+
+
+@pytest.mark.parametrize("method", ["tome", "fastv"])
+def test_labels_follow_the_compacted_prompt_and_the_loss_trains(method):
+    """Before the language model: labels are compacted with the prompt, the loss is the model's own over
+    the compacted sequence, and its gradient reaches the language model and the projector."""
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    labels = text_labels(ids, mask)
+    vtr.patch(model, method, budget=4)
+    check_loss_on_kept_positions(model, ids, mask, pixels, labels, lambda m: (
+        m.model.language_model.layers[0].mlp.down_proj.weight, m.model.multi_modal_projector.linear_2.weight))
 
 
 def test_save_pretrained_round_trip_and_unpatch(tmp_path):
@@ -217,6 +230,20 @@ def test_other_amounts_and_missing_budget_are_errors():
     with pytest.raises(ValueError, match="metric='x'"):
         vtr.patch(model, "tome", budget=4, metric="keys")
     assert not vtr.is_patched(model)
+
+
+def test_a_method_default_metric_llava_cannot_give_falls_back_to_its_own():
+    """pitome variant='paper' defaults to attention keys, which LLaVA's projected features do not have: the
+    LLaVA metric ('x') applies; only an explicit metric='keys' is refused."""
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "pitome", budget=4, variant="paper")
+    assert vtr.adapters.settings(model).metric == "x" and vtr.adapters.settings(model).prop_attn is False
+    generate(model, ids, mask, pixel_values=pixels)
+    assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
+    vtr.unpatch(model)
+    with pytest.raises(ValueError, match="metric='x'"):
+        vtr.patch(model, "pitome", budget=4, variant="paper", metric="keys")
 
 
 def test_unsupported_families_are_clear_errors():
@@ -444,3 +471,17 @@ def test_after_a_call_the_model_holds_no_tensor_of_it(method, amount, recording)
     assert after.keys() <= before.keys(), [tuple(t.shape) for key, t in after.items() if key not in before]
     assert call_state(model) == []
     assert type(vtr.report(model)).__name__ == "LlavaReport"
+
+
+def test_dropping_methods_drop_as_published_in_front_of_the_language_model():
+    """Merging the unkept tokens (the reducers' fuse='nearest') was measured on vision encoders only; on
+    LLaVA a dropping method keeps its paper's rule unless fuse= is given."""
+    model = tiny_llava()
+    for method, amount, published in [("fastv", dict(budget=4, layers=[1]), "drop"), ("hired", dict(budget=4), "drop"),
+                                      ("evit", dict(budget=4), "one"), ("query", dict(budget=4), "drop")]:
+        vtr.patch(model, method, **amount)
+        assert model._vtr.reducer.fuse == published, method
+        vtr.unpatch(model)
+    vtr.patch(model, "fastv", budget=4, fuse="nearest")
+    assert model._vtr.reducer.fuse == "nearest"
+    assert vtr.make_reducer("fastv").fuse == "nearest"   # the reducer's own default is untouched

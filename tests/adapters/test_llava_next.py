@@ -395,3 +395,31 @@ def test_after_a_call_the_model_holds_no_tensor_of_it(amount):
     assert held_tensors(model).keys() <= before.keys()
     assert call_state(model) == []
     assert vtr.report(model).image_tokens_after.tolist() == [20, 20, 20]
+
+
+@pytest.mark.parametrize("allocate_layer", [0, 1])
+def test_hired_splits_the_budget_by_its_allocate_layer(allocate_layer):
+    """HiRED allocates early and selects late: the crops share by the thumbnail's CLS attention at
+    ``allocate_layer`` (here 1, a layer after the one LLaVA reads, so the two differ), then each part
+    keeps its tokens by the feature layer's attention."""
+    model = model_for("eager")
+    ids, mask, pixel_values, image_sizes = batch(model, [([1], [(112, 112)], [2])], seed=3)
+    vtr.patch(model, "hired", budget=24, allocate_layer=allocate_layer)
+    run(model, ids, mask, pixel_values, image_sizes, max_new_tokens=1)
+    split = vtr.report(model).anyres[0]
+    vtr.unpatch(model)
+    with torch.inference_mode():
+        maps = model.model.vision_tower(pixel_values[0, :5], output_attentions=True).attentions
+    expected = crop_importance(layout(model, (112, 112)), maps[allocate_layer][0, :, 0, 1:].mean(dim=0))
+    other = crop_importance(layout(model, (112, 112)), maps[1 - allocate_layer][0, :, 0, 1:].mean(dim=0))
+    assert not torch.allclose(expected, other, atol=1e-3)      # the two layers would split differently
+    torch.testing.assert_close(torch.tensor(split.crop_weights, dtype=torch.float64), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_an_allocate_layer_outside_the_tower_is_refused_at_patch_time():
+    model = model_for()
+    with pytest.raises(ValueError, match=r"hired: allocate_layer must be a layer of the vision tower, in \[0, 1\], got 2"):
+        vtr.patch(model, "hired", budget=24, allocate_layer=2)
+    assert not vtr.is_patched(model)
+    with pytest.raises(ValueError, match="allocate_layer must be a vision-tower layer index >= 0"):
+        vtr.patch(model, "hired", budget=24, allocate_layer=-1)

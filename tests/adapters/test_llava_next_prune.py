@@ -189,3 +189,17 @@ def test_expected_flops_equal_the_report_of_a_prompt_of_the_largest_image():
     assert reduced == pytest.approx(float(report.prefill_macs[0]) + report.reducer_macs, rel=1e-12)
     assert unreduced == pytest.approx(float(report.prefill_macs_unreduced[0]), rel=1e-12)
     assert reduced < unreduced
+
+
+@pytest.mark.parametrize("method, layers, budget", [("fastv", [1, 3], [40, 20]), ("tome", [0, 2], 20)])
+def test_generate_without_cache_equals_the_cached_run(method, layers, budget):
+    """Images of different counts: use_cache=False keeps what the prefill decided from the prompt."""
+    model = model_for()
+    ids, mask, pixel_values, image_sizes = batch(model, MIXED)
+    vtr.patch(model, method, budget=budget, layers=layers)
+    cached = run(model, ids, mask, pixel_values, image_sizes)
+    kept = vtr.report(model).kept_positions
+    uncached = run(model, ids, mask, pixel_values, image_sizes, use_cache=False)
+    assert torch.equal(uncached.sequences, cached.sequences)
+    torch.testing.assert_close(logits(uncached), logits(cached), atol=1e-5, rtol=0)
+    assert torch.equal(vtr.report(model).kept_positions, kept)

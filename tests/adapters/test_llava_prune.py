@@ -15,8 +15,8 @@ import vtr
 from vtr.adapters.llava.common import cost, prefill_macs
 from vtr.adapters.llava.in_llm import stage_budgets
 
-from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, assert_each_row_equals_it_alone, generate,
-                           left_padded, logits, mixed_batch, prompt_row, segment_reference, tiny_llava)
+from llava_models import (GENERATE, check_loss_on_kept_positions, IMAGE_TOKEN, IMAGE_TOKENS, PAD, assert_each_row_equals_it_alone, generate,
+                           left_padded, logits, mixed_batch, prompt_row, segment_reference, text_labels, tiny_llava)
 
 NUM_LAYERS = 4
 
@@ -223,7 +223,7 @@ def test_report_macs_per_segment_and_scoring_per_stage():
     def scoring(n: torch.Tensor) -> float:
         return float((attn.k_proj.in_features * (attn.k_proj.out_features * n + attn.q_proj.out_features)).sum())
 
-    decision = lambda n: 3 * vtr.make_reducer("fastv").extra_macs(n, c)   # noqa: E731
+    decision = lambda n: 3 * vtr.make_reducer("fastv", fuse="drop").extra_macs(n, c)   # noqa: E731
     assert progressive.reducer_macs == pytest.approx(scoring(real) + scoring(after_1) + decision(16) + decision(8),
                                                      rel=1e-12)
     assert single.reducer_macs == pytest.approx(scoring(real) + decision(16), rel=1e-12)
@@ -342,6 +342,42 @@ def test_a_decode_loop_by_hand_continues_the_pruning_of_its_prefill(layers, budg
     torch.testing.assert_close(torch.stack(steps, dim=1), logits(expected), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method, layers, budget", [("fastv", [2], 5), ("evit", [1], 5), ("hired", [1, 2], 4),
+                                                    ("tome", [0, 2], [8, 3])])
+def test_generate_without_cache_decides_once_from_the_prompt(attn, method, layers, budget):
+    """use_cache=False sends the prompt and every generated token in each forward: they keep what the
+    prefill decided from the prompt (they used to re-rank by the newest token) and generate what the
+    cached run generates. Batch of 2 with left padding; tome: merged features carried over."""
+    model = tiny_llava(attn)
+    ids, mask = left_padded([prompt_row([1, 5], 1, [7, 8]), prompt_row([1, 5, 6, 9, 10, 11], 1, [7, 12, 13])])
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    vtr.patch(model, method, budget=budget, layers=layers)
+    cached = generate(model, ids, mask, pixel_values=pixels)
+    report = vtr.report(model)
+    uncached = generate(model, ids, mask, pixel_values=pixels, use_cache=False)
+    assert torch.equal(uncached.sequences, cached.sequences)
+    torch.testing.assert_close(logits(uncached), logits(cached), atol=1e-5, rtol=0)
+    assert torch.equal(vtr.report(model).kept_positions, report.kept_positions)    # the prefill's report
+
+
+def test_a_forward_on_its_own_decides_from_its_own_input():
+    """Outside generate() every forward is its own call: its last token ranks the visual tokens."""
+    model = tiny_llava()
+    ids = torch.tensor([prompt_row([1, 5, 6], 1, [7, 8, 9])])
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    vtr.patch(model, "fastv", budget=5, layers=[2])
+    out = generate(model, ids, torch.ones_like(ids), pixel_values=pixels, use_cache=False)
+    prefill = vtr.report(model).kept_positions
+    with torch.inference_mode():
+        model(input_ids=out.sequences, pixel_values=pixels, use_cache=False)
+    alone = vtr.report(model).kept_positions
+    assert alone.shape[1] == prefill.shape[1] + GENERATE["max_new_tokens"]
+    with torch.inference_mode():
+        model(input_ids=ids, pixel_values=pixels, use_cache=False)
+    assert torch.equal(vtr.report(model).kept_positions, prefill)
+
+
 @pytest.mark.parametrize("layers", [[1], [0, 2]])
 def test_prompt_in_pieces_or_several_tokens_on_a_pruned_cache_are_clear_errors(layers):
     model = tiny_llava()
@@ -387,9 +423,51 @@ def test_before_the_language_model_supports_an_assistant_model_with_autograd_on(
 def test_fastv_reducer_keeps_the_most_attended_tokens_in_order():
     state = vtr.TokenState.start(torch.randn(2, 6, 3), num_protected=1)
     attention = torch.tensor([[0.5, 0.1, 0.3, 0.05, 0.4, 0.2], [0.5, 0.4, 0.1, 0.3, 0.2, 0.0]])
-    reducer = vtr.make_reducer("fastv")
+    reducer = vtr.make_reducer("fastv", fuse="drop")
     out = reducer(state, 3, vtr.Signals(cls_attention=attention))
     assert out.assignment.tolist() == [[0, -1, 1, -1, 2, -1], [0, 1, -1, 2, -1, -1]]
     assert torch.equal(out.x[0], state.x[0, [0, 2, 4]]) and torch.equal(out.size, torch.ones(2, 3))
     with pytest.raises(ValueError, match="fastv needs signals.cls_attention"):
         reducer(state, 3, vtr.Signals())
+
+
+# --- training: labels follow the kept positions --------------------------------------------------------
+
+@pytest.mark.parametrize("method, layers, budget", [("fastv", [1, 2], 4), ("evit", [1], 5), ("tome", [0, 2], [8, 3])])
+def test_labels_follow_the_kept_positions_and_the_loss_trains(method, layers, budget):
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    labels = text_labels(ids, mask)
+    vtr.patch(model, method, budget=budget, layers=layers)
+    language = model.model.language_model
+    out = check_loss_on_kept_positions(model, ids, mask, pixels, labels, lambda m: (
+        language.layers[0].mlp.down_proj.weight, language.layers[-1].self_attn.q_proj.weight,
+        m.model.multi_modal_projector.linear_2.weight))
+    as_tuple = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(as_tuple[1], out.logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layers, budget", [([1], IMAGE_TOKENS), ([0, 2], [IMAGE_TOKENS, IMAGE_TOKENS])])
+def test_labels_with_nothing_pruned_give_the_unpatched_loss_and_gradients(layers, budget):
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    labels = text_labels(ids, mask)
+    expected = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+    expected.backward()
+    grad = model.model.language_model.layers[2].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    vtr.patch(model, "fastv", budget=budget, layers=layers)
+    loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.model.language_model.layers[2].mlp.up_proj.weight.grad, grad, atol=1e-6,
+                               rtol=0)
+
+
+def test_shift_labels_with_in_llm_pruning_is_a_clear_error():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, "fastv", budget=4, layers=[1])
+    with pytest.raises(ValueError, match="shift_labels cannot be combined with in-LLM pruning"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, shift_labels=ids)

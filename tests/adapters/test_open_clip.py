@@ -368,7 +368,7 @@ def test_query_reducer_keeps_the_patches_closest_to_the_text(vision):
     x = images(2)
     objects = [[9, 10, 11, 17, 18, 19, 25, 27], [40, 41, 48, 49, 50, 56, 57, 60]]   # positions (1 = first patch)
     with torch.no_grad():
-        vtr.patch(model, "query", keep=8 / 64, layers=[1], relevance_weight=1.0)
+        vtr.patch(model, "query", keep=8 / 64, layers=[1], relevance_weight=1.0, fuse="drop")
         seen = spy_steps(model)
         model.encode_image(x)                                                 # no query: the layer-1 tokens
         tokens = seen[-1][0]

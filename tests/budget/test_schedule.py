@@ -1,5 +1,9 @@
 """Amounts: r= (int, list, (r, inflect)), keep=, flops=, layers=, and their errors."""
+from dataclasses import replace
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import vtr
 from vtr.budget.cost import EncoderCost
@@ -27,6 +31,42 @@ def test_r_inflect_decreases_from_2r_to_0():
     assert removed[0] == 16 and removed[-1] == 0
     assert removed == sorted(removed, reverse=True)
     assert counts("tome", r=(8, 0)) == counts("tome", r=8)
+
+
+def tome_parse_r(num_layers: int, r: int, inflect: float) -> list[int]:
+    """ToMe's parse_r (tome/utils.py) for an (r, inflect) pair, step by step as ToMe computes it."""
+    min_val = int(r * (1.0 - inflect))
+    max_val = 2 * r - min_val
+    step = (max_val - min_val) / (num_layers - 1)
+    return [int(min_val + step * i) for i in range(num_layers)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 100), st.floats(-1.0, 1.0, allow_nan=False), st.integers(2, 40))
+def test_r_inflect_equals_tome_parse_r(r, inflect, num_layers):
+    cost = replace(VIT_B, num_layers=num_layers)
+    schedule = make_schedule(vtr.make_reducer("tome"), cost, r=(r, inflect))
+    assert list(schedule.amounts) == tome_parse_r(num_layers, r, inflect)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 64), st.floats(-1.0, 1.0, allow_nan=False), st.sets(st.integers(0, 11), min_size=2))
+def test_r_inflect_spans_the_chosen_layers_only(r, inflect, layers):
+    """With layers=, the schedule runs over the reducing layers in order; the others remove nothing."""
+    chosen = sorted(layers)
+    schedule = make_schedule(vtr.make_reducer("tome"), VIT_B, r=(r, inflect), layers=chosen)
+    assert [schedule.amounts[i] for i in chosen] == tome_parse_r(len(chosen), r, inflect)
+    assert all(schedule.amounts[i] == 0 for i in range(12) if i not in layers)
+
+
+def test_r_inflect_examples_where_truncation_and_float_arithmetic_matter():
+    """(16, -1) on 12 layers is ToMe's decreasing schedule; a fractional inflect truncates the first count
+    before mirroring it (the old linear interpolation gave 4..27 for (16, 0.7), ToMe 4..28); one layer
+    removes the first count."""
+    assert make_schedule(vtr.make_reducer("tome"), VIT_B, r=(16, -1)).amounts == (
+        32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0)
+    assert make_schedule(vtr.make_reducer("tome"), VIT_B, r=(16, 0.7)).amounts == tuple(tome_parse_r(12, 16, 0.7))
+    assert make_schedule(vtr.make_reducer("tome"), VIT_B, r=(16, -0.5), layers=[3]).amounts[3] == 24
 
 
 def test_per_layer_lists_and_layers():
@@ -59,7 +99,11 @@ def test_flops_with_few_layers_reports_the_reachable_range():
     ({"r": -1}, "r must be a non-negative int"),
     ({"r": 1.5}, "r must be a non-negative int"),
     ({"r": [1, 2]}, r"r as a list needs one value per layer \(12\), got 2"),
-    ({"r": (8, 2)}, r"inflect in r=\(r, inflect\) must be in \[-1, 1\]"),
+    ({"r": (8, 2)}, r"inflect in r=\(r, inflect\) must be a number in \[-1, 1\]"),
+    ({"r": (8, True)}, r"inflect in r=\(r, inflect\) must be a number in \[-1, 1\], got True"),
+    ({"r": (8, float("nan"))}, r"inflect in r=\(r, inflect\) must be a number in \[-1, 1\]"),
+    ({"r": (8.5, -1)}, r"r in r=\(r, inflect\) must be a non-negative int"),
+    ({"r": (-2, 0)}, r"r in r=\(r, inflect\) must be a non-negative int"),
     ({"r": (1, 2, 3)}, r"r as a tuple means \(r, inflect\)"),
     ({"keep": 0.3}, r"keep must be a fraction in \[0.5, 1\] for 'tome'"),
     ({"keep": 1.5}, r"keep must be a fraction in \[0.5, 1\]"),

@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "vtr.budget": 3,       # cost model, schedule solver
     "vtr.adapters": 4,
     "vtr.api": 5,
-    "vtr.tools": 6,        # profile, bench, latency, visualize, calibrate, fidelity, zoo, clip, models
+    "vtr.tools": 6,        # profile, bench, latency, visualize, calibrate, fidelity, zoo, clip, models, saving
     "vtr.model_zoo": 5,    # zoo entries and presets, which vtr.patch(preset=...) reads
     "vtr.cli": 7,
 }

@@ -18,7 +18,7 @@ def kept(out, row=0):
 def test_prior_alone_keeps_the_highest_prior_positions_in_every_row():
     state = make_state(2, 13, 4, 1, padding=2)
     prior = torch.tensor([5, 1, 9, 3, 7, 2, 8, 0, 6, 4, 11, 10.0])  # the last two positions are padding
-    out = ATF(prior=prior, prior_weight=1.0)(state, 5, Signals(metric=state.x))
+    out = ATF(prior=prior, prior_weight=1.0, fuse="drop")(state, 5, Signals(metric=state.x))
     for row in range(2):
         assert kept(out, row).tolist() == [0, 3, 5, 7, 9]  # priors 9, 7, 8, 6: best real ones
 
@@ -29,7 +29,7 @@ def test_dynamic_score_keeps_the_tokens_least_like_the_average():
     x[0, 3, 1] = 5.0  # the two outliers
     x[0, 6, 2] = 3.0
     state = vtr.TokenState.start(x, 1)
-    out = ATF()(state, 3, Signals(metric=state.x))
+    out = ATF(fuse="drop")(state, 3, Signals(metric=state.x))
     assert kept(out).tolist() == [0, 3, 6]
 
 
@@ -41,7 +41,7 @@ def test_budget_protected_padding_and_determinism(batch, tokens, padding, fracti
     state = make_state(batch, tokens, 5, 1, padding, seed)
     prior = torch.rand(tokens - 1, generator=torch.Generator().manual_seed(seed))
     num_kept = 2 + int(fraction * (tokens - 2))
-    reducer = ATF(prior=prior, prior_weight=weight)
+    reducer = ATF(prior=prior, prior_weight=weight, fuse="drop")
     out = reducer(state, num_kept, Signals(metric=state.x))
     assert out.x.shape[1] == num_kept
     torch.testing.assert_close(out.x[:, :1], state.x[:, :1])
@@ -53,9 +53,9 @@ def test_budget_protected_padding_and_determinism(batch, tokens, padding, fracti
 def test_later_steps_follow_the_prior_through_the_provenance():
     state = make_state(1, 9, 4, 1)
     prior = torch.arange(8.0)
-    first = ATF(prior=prior, prior_weight=1.0)(state, 6, Signals(metric=state.x))
+    first = ATF(prior=prior, prior_weight=1.0, fuse="drop")(state, 6, Signals(metric=state.x))
     assert kept(first).tolist() == [0, 4, 5, 6, 7, 8]
-    second = ATF(prior=prior, prior_weight=1.0)(first, 3, Signals(metric=first.x))
+    second = ATF(prior=prior, prior_weight=1.0, fuse="drop")(first, 3, Signals(metric=first.x))
     assert (second.assignment[0] >= 0).nonzero().flatten().tolist() == [0, 7, 8]
 
 

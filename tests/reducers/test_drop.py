@@ -74,11 +74,11 @@ def scored_signals(state, seed=1):
 
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(1, 3), tokens=st.integers(3, 24), protected=st.integers(0, 2), padding=st.integers(0, 4),
-       fraction=st.floats(0, 1), seed=st.integers(0, 1000), fuse=st.sampled_from(["attention", "size"]))
-def test_evit_budget_protected_sizes_and_fused_mass(batch, tokens, protected, padding, fraction, seed, fuse):
+       fraction=st.floats(0, 1), seed=st.integers(0, 1000), fuse_weight=st.sampled_from(["attention", "size"]))
+def test_evit_budget_protected_sizes_and_fused_mass(batch, tokens, protected, padding, fraction, seed, fuse_weight):
     padding = min(padding, tokens - protected - 1)
     state = make_state(batch, tokens, 6, protected, padding, seed)
-    reducer = EViT(fuse=fuse)
+    reducer = EViT(fuse="one", fuse_weight=fuse_weight)
     low = protected + 1
     num_kept = low + int(fraction * (tokens - low))
     signals = scored_signals(state, seed)
@@ -94,10 +94,10 @@ def test_evit_budget_protected_sizes_and_fused_mass(batch, tokens, protected, pa
     score = signals.cls_attention[:, protected:]
     score = score * (state.size[:, protected:] > 0)
     score = torch.cat([torch.zeros(batch, protected), score / score.sum(1, keepdim=True)], dim=1)
-    weight = state.size if fuse == "size" else state.size * score
+    weight = state.size if fuse_weight == "size" else state.size * score
     mass = (state.x * (weight * fused)[..., None]).sum(1)
     torch.testing.assert_close(mass, out.x[:, -1] * (weight * fused).sum(1)[:, None], rtol=1e-4, atol=1e-5)
-    if fuse == "size":  # the size-weighted feature sum of the whole sequence is unchanged
+    if fuse_weight == "size":  # the size-weighted feature sum of the whole sequence is unchanged
         torch.testing.assert_close((out.x * out.size[..., None]).sum(1), (state.x * state.size[..., None]).sum(1),
                                    rtol=1e-4, atol=1e-4)
     # Kept tokens are the best-scored real ones, padding only if real tokens ran out.
@@ -146,6 +146,8 @@ def test_evit_rejects_budgets_out_of_range_and_bad_options():
         EViT()(state, 1, signals)
     with pytest.raises(ValueError, match="fuse must be one of"):
         EViT(fuse="mean")
+    with pytest.raises(ValueError, match="fuse_weight must be one of"):
+        EViT(fuse_weight="mean")
     model = tiny_vit()
     for keep in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="keep must be a fraction"):
@@ -193,7 +195,7 @@ def test_hired_partitions_get_their_allocation():
     partition[1, 1:] = partition[1, 1:].flip(0)
     signals.partition = partition
     num_kept = 11
-    out = HiRED()(state, num_kept, signals)
+    out = HiRED(fuse="drop")(state, num_kept, signals)
     assert out.x.shape[1] == num_kept
     real = state.size[:, 1:] > 0
     score = signals.cls_attention[:, 1:] * real
@@ -216,12 +218,12 @@ def test_hired_partitions_get_their_allocation():
 def test_hired_without_partition_is_top_k_and_keeps_padding_only_when_needed():
     state = make_state(2, 12, 4, 1, padding=3)
     signals = scored_signals(state, seed=5)
-    out = HiRED()(state, 6, signals)
+    out = HiRED(fuse="drop")(state, 6, signals)
     score = signals.cls_attention[:, 1:].masked_fill(state.size[:, 1:] == 0, -1)
     expected = score.argsort(dim=1, descending=True, stable=True)[:, :5].sort(dim=1).values + 1
     for row in range(2):
         assert torch.equal((out.assignment[row] >= 0).nonzero().flatten()[1:], expected[row])
-    big = HiRED()(state, 11, signals)  # 10 slots, 8 real tokens: all real kept, padding fills the rest
+    big = HiRED(fuse="drop")(state, 11, signals)  # 10 slots, 8 real tokens: all real kept, padding fills the rest
     assert int((big.size[:, 1:] > 0).sum(1).min()) == 8 and big.x.shape[1] == 11
 
 
@@ -232,7 +234,7 @@ def test_hired_rejects_bad_partitions():
                              (torch.zeros(1, 5, dtype=torch.long), r"must start with \[B, N\]")]:
         signals.partition = partition
         with pytest.raises(ValueError, match=match):
-            HiRED()(state, 4, signals)
+            HiRED(fuse="drop")(state, 4, signals)
 
 
 @pytest.mark.parametrize("method", ["evit", "hired"])

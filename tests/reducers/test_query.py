@@ -34,20 +34,20 @@ def kept_positions(out, row):
 @pytest.mark.parametrize("weight", [1.0, 0.5])
 def test_planted_region_the_query_points_at_survives_in_every_row(weight):
     state, query, regions = planted()
-    out = QueryPrune(relevance_weight=weight)(state, 1 + 10, Signals(metric=state.x, query=query))
+    out = QueryPrune(relevance_weight=weight, fuse="drop")(state, 1 + 10, Signals(metric=state.x, query=query))
     for row, cells in enumerate(regions):
         assert set(cells.tolist()) <= set(kept_positions(out, row).tolist())
     # Without the query the same budget keeps a diverse set that misses most of each region.
-    blind = QueryPrune(relevance_weight=weight)(state, 1 + 10, Signals(metric=state.x))
+    blind = QueryPrune(relevance_weight=weight, fuse="drop")(state, 1 + 10, Signals(metric=state.x))
     assert any(not set(c.tolist()) <= set(kept_positions(blind, r).tolist()) for r, c in enumerate(regions))
 
 
 def test_each_row_follows_its_own_query_and_several_queries_take_the_best():
     state, query, regions = planted()
-    swapped = QueryPrune(relevance_weight=1.0)(state, 7, Signals(metric=state.x, query=query.flip(0)))
+    swapped = QueryPrune(relevance_weight=1.0, fuse="drop")(state, 7, Signals(metric=state.x, query=query.flip(0)))
     assert not set(regions[0].tolist()) & set(kept_positions(swapped, 0).tolist())
     both = torch.stack([query, query.flip(0)], dim=1)  # [B, 2, D]: the matching query is among the two
-    out = QueryPrune(relevance_weight=1.0)(state, 7, Signals(metric=state.x, query=both))
+    out = QueryPrune(relevance_weight=1.0, fuse="drop")(state, 7, Signals(metric=state.x, query=both))
     for row, cells in enumerate(regions):
         assert set(kept_positions(out, row).tolist()[1:]) == set(cells.tolist())
 
@@ -58,11 +58,11 @@ def test_pure_diversity_keeps_one_token_per_cluster_of_near_duplicates():
     members = centers.repeat_interleave(6, dim=0) + 0.01 * torch.randn(30, 16, generator=generator)
     order = torch.randperm(30, generator=generator)
     state = TokenState.start(torch.cat([torch.zeros(1, 16), members[order]])[None], 1)
-    out = QueryPrune(relevance_weight=0.0)(state, 6, Signals(metric=state.x))
+    out = QueryPrune(relevance_weight=0.0, fuse="drop")(state, 6, Signals(metric=state.x))
     cluster = torch.arange(5).repeat_interleave(6)[order]
     kept = kept_positions(out, 0)[1:] - 1
     assert sorted(cluster[kept].tolist()) == [0, 1, 2, 3, 4]
-    no_query = QueryPrune(relevance_weight=0.7)(state, 6, Signals(metric=state.x))
+    no_query = QueryPrune(relevance_weight=0.7, fuse="drop")(state, 6, Signals(metric=state.x))
     assert torch.equal(no_query.assignment, out.assignment)  # no query: diversity only
 
 
@@ -76,13 +76,13 @@ def test_budget_protected_padding_and_determinism(batch, tokens, protected, padd
     low = protected + 1
     num_kept = low + int(fraction * (tokens - low))
     signals = Signals(metric=state.x, query=query)
-    out = QueryPrune(relevance_weight=weight)(state, num_kept, signals)
+    out = QueryPrune(relevance_weight=weight, fuse="drop")(state, num_kept, signals)
     assert out.x.shape[1] == num_kept
     assert torch.equal(out.assignment[:, :protected], state.assignment[:, :protected])
     torch.testing.assert_close(out.x[:, :protected], state.x[:, :protected])
     real = int((state.size[0] > 0).sum()) - protected
     assert ((out.size[:, protected:] > 0).sum(1) == min(num_kept - protected, real)).all()  # padding last
-    again = QueryPrune(relevance_weight=weight)(state, num_kept, signals)
+    again = QueryPrune(relevance_weight=weight, fuse="drop")(state, num_kept, signals)
     assert torch.equal(out.assignment, again.assignment)
 
 
@@ -93,7 +93,7 @@ def test_projection_maps_tokens_to_the_query_space_and_widths_are_checked():
     for projection in (matrix, lambda t: t @ matrix, nn.Linear(32, 12, bias=False)):
         if isinstance(projection, nn.Linear):
             projection.weight.data = matrix.T.clone()
-        out = QueryPrune(1.0, projection)(state, 1 + 6, Signals(metric=state.x, query=projected_query))
+        out = QueryPrune(1.0, projection, fuse="drop")(state, 1 + 6, Signals(metric=state.x, query=projected_query))
         for row, cells in enumerate(regions):
             assert set(cells.tolist()) == set(kept_positions(out, row).tolist()[1:])
     with pytest.raises(ValueError, match="query has width 12 but the tokens .* width 32"):
@@ -107,12 +107,12 @@ def test_projection_maps_tokens_to_the_query_space_and_widths_are_checked():
     with pytest.raises(ValueError, match="with Q >= 1"):
         QueryPrune()(state, 7, Signals(metric=state.x, query=torch.randn(2, 0, 32)))
     with pytest.raises(ValueError, match=r"relevance_weight must be in \[0, 1\]"):
-        QueryPrune(relevance_weight=1.5)
+        QueryPrune(relevance_weight=1.5, fuse="drop")
 
 
 def test_gradients_flow_through_kept_tokens():
     state = make_state(2, 10, 6, 1, requires_grad=True)
-    out = QueryPrune()(state, 5, Signals(metric=state.x.detach(), query=torch.randn(2, 6)))
+    out = QueryPrune(fuse="drop")(state, 5, Signals(metric=state.x.detach(), query=torch.randn(2, 6)))
     out.x.sum().backward()
     assert (state.x.grad.abs().sum(-1) > 0).sum(1).tolist() == [5, 5]
 
@@ -155,12 +155,12 @@ def test_signals_query_projection_maps_tokens_and_the_reducers_own_projection_wi
     relevance = QueryPrune(1.0).relevance(state, query, signals.query_projection)
     expected_cosine = torch.tensor([1.0, 0.0, 2.0, 0.0, -1.0]) / torch.tensor([1.01, 0.01, 4.01, 0.01, 1.01]).sqrt()
     torch.testing.assert_close(relevance[0], (1 + expected_cosine) / 2)
-    out = QueryPrune(1.0)(state, 1 + 2, signals)
+    out = QueryPrune(1.0, fuse="drop")(state, 1 + 2, signals)
     assert kept_positions(out, 0).tolist() == [0, 1, 3]     # the two tokens along channel 0
     assert len(calls) == 2 and calls[0].shape == (1, 5, 4)  # called on the unprotected tokens only
     own = torch.zeros(4, 2)
     own[2, 0] = own[3, 1] = 1.0                             # token -> (channel 2, channel 3)
-    out = QueryPrune(1.0, projection=own)(state, 1 + 2, signals)
+    out = QueryPrune(1.0, projection=own, fuse="drop")(state, 1 + 2, signals)
     assert kept_positions(out, 0).tolist() == [0, 2, 4]     # the reducer's projection won
     assert len(calls) == 2                                  # and the adapter's was not called
     with pytest.raises(ValueError, match="query has width 2 but the tokens .* have width 4"):

@@ -52,12 +52,18 @@ def test_bench_builds_clip_towers_by_name(capsys):
 
 
 # -- user mistakes: (argv, the flag the error line names, what else it must say) -----------------------
-# "{tmp}" stands for a folder holding "text.txt", a file that is neither an image nor a checkpoint.
+# "{tmp}" stands for a folder holding "text.txt", a file that is neither an image nor a checkpoint, and
+# "bert/config.json", the config of a model that is no image model.
 MISTAKES = [
     # bench
     (["bench", "--model", "nope_model"], "--model", "unknown timm model 'nope_model'"),
     (["bench", "--model", "vit_tiny_patch16_22"], "--model", "did you mean vit_tiny_patch16_224"),
-    (["bench", "--model", "hf:nope"], "--model", "hf:<name> with a name in"),
+    (["bench", "--model", "hf:nope"], "--model", "not in the local Hugging Face cache, and vtr downloads nothing"),
+    (["bench", "--model", "hf:nobody/no-such-model"], "--model", "not in the local Hugging Face cache"),
+    (["bench", "--model", "hf:./no-such-dir"], "--model", "no such directory"),
+    (["bench", "--model", "hf:{tmp}"], "--model", "holds no model config.json"),
+    (["bench", "--model", "hf:{tmp}/bert"], "--model", "BertModel is not an image model the vtr command runs"),
+    (["bench", "--model", "hf:"], "--model", "give a timm name, open_clip:<name> or hf:"),
     (["bench", "--model", "open_clip:ViT-B-3"], "--model", "did you mean ViT-B-32"),
     (["bench", "--model", "resnet18", "--methods", "tome"], "--model", "supported: timm VisionTransformer"),
     (["bench", "--flops", "0"], "--flops", "(0, 1]"),
@@ -68,6 +74,12 @@ MISTAKES = [
     (["bench", "--batch", "0"], "--batch", "positive integer"),
     (["bench", "--batch", "-2"], "--batch", "positive integer"),
     (["bench", "--batch", "two"], "--batch", "positive integer"),
+    (["bench", "--batch", "0,8"], "--batch", "positive integer (1 or more), got 0"),
+    (["bench", "--batch", "x"], "--batch", "positive integer (1 or more), got 'x'"),
+    (["bench", "--batch", "1,8,"], "--batch", "no empty item"),
+    (["bench", "--device", "tpu"], "--device", "expected cpu or cuda"),
+    (["bench", "--out", "rows.png"], "--out", "draw a picture with --plot rows.png"),
+    (["bench", "--out", "/nonexistent-dir/rows.json"], "--out", "no such directory"),
     (["bench", "--reps", "0"], "--reps", "positive integer"),
     (["bench", "--threads", "0"], "--threads", "positive integer"),
     (["bench", "--methods", "nope"], "--methods", "choose from atf"),
@@ -99,6 +111,7 @@ MISTAKES = [
     (["profile", "--model", TINY, "--batch", "0"], "--batch", "positive integer"),
     (["profile", "--model", TINY, "--img-size", "0"], "--img-size", "positive integer"),
     (["profile", "--counter", "nope"], "--counter", "choose from"),
+    (["profile", "--model", TINY, "--real", "--device", "gpu"], "--device", "expected cpu or cuda"),
     (["profile", "--preset", "nope"], "--preset", "the model zoo has: "),
     (["profile", "--model", TINY, "--checkpoint", "missing.pt"], "--checkpoint", "no such file"),
     (["profile", "--model", TINY, "--checkpoint", "{tmp}/text.txt"], "--checkpoint", "no state dict"),
@@ -118,6 +131,8 @@ MISTAKES = [
     (["fidelity", "--quick", "--test-images", "0"], "--test-images", "positive integer"),
     (["fidelity", "--quick", "--json", "out.json"], "out.json", "unrecognized arguments"),   # a switch now
     (["fidelity", "--quick", "--out", "/nonexistent-dir/r.json"], "--out", "no such directory"),
+    (["fidelity", "--quick", "--out", "acc.png"], "--out", "draw a picture with --plot"),
+    (["fidelity", "--quick", "--device", "cuda:x"], "--device", "expected cpu or cuda"),
     (["fidelity", "--checkpoint", "missing.pt"], "--checkpoint", "no such file"),
     (["fidelity", "--checkpoint", "{tmp}/text.txt"], "--checkpoint", "needs --model"),
     (["fidelity", "--checkpoint", "{tmp}/text.txt", "--model", "nope_model", "--data", "{tmp}"], "--model",
@@ -132,6 +147,8 @@ MISTAKES = [
 @pytest.mark.parametrize("argv, flag, says", MISTAKES, ids=[" ".join(m[0]) for m in MISTAKES])
 def test_user_mistakes_exit_2_with_one_line_naming_the_flag(argv, flag, says, tmp_path, capsys):
     (tmp_path / "text.txt").write_text("not an image, not a checkpoint\n")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -203,3 +220,139 @@ def test_the_library_refuses_what_the_cli_refuses():
         create_model("nope_model")
     with pytest.raises(ValueError, match="its options: none"):
         vtr.make_reducer("tome", args=1)   # nn.Module's *args, **kwargs are no options
+
+
+# -- hf:<directory> and hf:<Hub id>: loaded, never downloaded ---------------------------------------
+
+def saved_clip(path):
+    """A tiny CLIPVisionModel written by save_pretrained (32x32 images, 4x4 patches + CLS = 17 tokens)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    model = CLIPVisionModel(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_profile_a_directory_written_by_save_pretrained(tmp_path, capsys):
+    from vtr.tools.models import create_model
+
+    saved = saved_clip(tmp_path / "clip")
+    loaded = create_model(f"hf:{tmp_path / 'clip'}")   # the saved weights, not random ones
+    assert type(loaded).__name__ == "CLIPVisionModel" and not loaded.training
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert main(["profile", "--model", f"hf:{tmp_path / 'clip'}", "--json"]) == 0
+    blocks = [row for row in json.loads(capsys.readouterr().out)["rows"] if row["tokens_in"] is not None]
+    assert [row["tokens_in"] for row in blocks] == [17, 17]
+    assert main(["profile", "--model", f"hf:{tmp_path / 'clip'}", "--method", "tome", "--r", "4", "--real",
+                 "--device", "cpu", "--json"]) == 0
+    blocks = [row for row in json.loads(capsys.readouterr().out)["rows"] if row["tokens_in"] is not None]
+    assert [row["tokens_in"] for row in blocks] == [17, 13]
+    with pytest.raises(SystemExit) as exit_info:   # a loaded model runs at the size it was saved for
+        main(["profile", "--model", f"hf:{tmp_path / 'clip'}", "--img-size", "64"])
+    assert exit_info.value.code == 2 and "was saved for 32x32 images" in capsys.readouterr().err
+
+
+def test_a_saved_reduction_beside_the_model_applies(tmp_path, capsys):
+    model = vtr.patch(saved_clip(tmp_path), "tome", r=4)
+    vtr.save_reduction(model, tmp_path)
+    assert main(["profile", "--model", f"hf:{tmp_path}", "--json"]) == 0
+    captured = capsys.readouterr()
+    blocks = [row for row in json.loads(captured.out)["rows"] if row["tokens_in"] is not None]
+    assert [row["tokens_in"] for row in blocks] == [17, 13] and "applied the reduction saved in" in captured.err
+    assert main(["profile", "--model", f"hf:{tmp_path}", "--method", "none", "--json"]) == 0   # explicit wins
+    blocks = [row for row in json.loads(capsys.readouterr().out)["rows"] if row["tokens_in"] is not None]
+    assert [row["tokens_in"] for row in blocks] == [17, 17]
+    assert main(["visualize", "--model", f"hf:{tmp_path}", "--out", str(tmp_path / "groups.png")]) == 0
+    assert "tokens per block: [17, 13, 9]" in capsys.readouterr().out   # the saved reduction, not tome at 50%
+
+
+def test_an_image_text_model_gives_its_image_tower(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from vtr.tools.models import create_model
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    saved = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).eval()
+    saved.save_pretrained(tmp_path)
+    tower = create_model(f"hf:{tmp_path}")
+    assert type(tower).__name__ == "CLIPVisionModel"
+    assert all(torch.equal(v, saved.vision_model.state_dict()[k]) for k, v in tower.state_dict().items())
+
+
+def test_a_hub_id_loads_from_the_local_cache_only(tmp_path, monkeypatch):
+    """A Hub id is looked up in the local cache (here a fake one); it is never downloaded."""
+    import huggingface_hub.constants
+
+    from vtr.tools.models import create_model
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--tiny--clip"
+    saved = saved_clip(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = create_model("hf:tiny/clip")
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        create_model("hf:tiny/other")
+
+
+# -- --device -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["bench"], ["profile", "--real"], ["fidelity", "--quick"]])
+def test_cuda_without_cuda_is_a_usage_error(argv, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "argument --device: cuda is not available here" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_runs(tmp_path, capsys):
+    assert main(["bench", "--model", TINY, "--img-size", "64", "--batch", "1,2", "--reps", "2", "--threads", "1",
+                 "--methods", "tome", "--device", "cuda", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and all(row["latency_ms"] > 0 for row in rows) and 0 < rows[1]["reducer_share"] < 1
+    assert main(["profile", "--model", TINY, "--img-size", "64", "--method", "tome", "--r", "2", "--real",
+                 "--device", "cuda", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] > 0
+    assert main(["fidelity", "--quick", "--cache", str(tmp_path), "--methods", "tome", "--targets", "0.7",
+                 "--device", "cuda", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][1]["top1"] is not None
+
+
+def test_bench_times_on_torch_benchmarks_synchronising_clock(monkeypatch):
+    """Every call is timed by torch.utils.benchmark's clock (it synchronises CUDA): with a clock that
+    ticks one second per reading, each call lasts exactly 1000 ms."""
+    from torch.utils import benchmark
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(benchmark, "timer", lambda: float(next(ticks)))
+    model = vtr.tools.models.create_model(TINY, img_size=32)
+    rows = bench.run(model, [("tome", {"r": 1})], batch=1, reps=3, warmup=0, threads=1)
+    assert [row.latency_ms for row in rows] == [1000.0, 1000.0] and [row.iqr_ms for row in rows] == [0.0, 0.0]
+
+
+# -- --batch sweeps -------------------------------------------------------------------------------
+
+def test_bench_sweeps_batch_sizes(tmp_path, capsys):
+    out, png = tmp_path / "rows.json", tmp_path / "sweep.png"
+    assert main(["bench", "--model", TINY, "--img-size", "32", "--batch", "1,3", "--reps", "1", "--threads", "1",
+                 "--methods", "tome", "--flops", "0.8", "--json", "--out", str(out), "--plot", str(png)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["batch"], r["method"]) for r in rows] == [(1, "none"), (1, "tome"), (3, "none"), (3, "tome")]
+    assert rows[0]["speedup"] == rows[2]["speedup"] == 1.0   # each batch against its own unreduced run
+    assert json.loads(out.read_text()) == rows
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = bench.format_table([bench.Row(**row) for row in rows])
+    assert table.splitlines()[0].split()[0] == "batch" and "images/s" in table
+    single = bench.format_table([bench.Row(**row) for row in rows[:2]])
+    assert single.splitlines()[0].split()[0] == "method"   # one batch: today's table

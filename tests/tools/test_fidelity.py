@@ -8,11 +8,48 @@ import torch
 from PIL import Image
 
 import vtr
-from vtr.cli import fidelity as cli_fidelity, main
+from vtr.cli import main
 from vtr.tools import fidelity
 
-TASK = cli_fidelity.QUICK_TASK
-TRAINING = cli_fidelity.QUICK_TRAINING
+# The harness on a model too small to learn anything (seconds); what the methods are worth is measured
+# on the quick model below.
+TASK = fidelity.Task(image_size=16, patch_size=4, clutter=4, num_classes=4)
+TRAINING = fidelity.Training(embed_dim=16, depth=2, num_heads=2, train_images=64, epochs=1, batch_size=32)
+INFORMED = ("tome", "pitome", "evit", "hired", "fastv", "atf", "query", "pool")
+
+
+@pytest.fixture(scope="session")
+def quick_cache(tmp_path_factory):
+    """The cache dir holding the quick model, trained once per test session (about a minute)."""
+    root = tmp_path_factory.mktemp("fidelity-cache")
+    fidelity.trained_model(fidelity.QUICK_TASK, fidelity.QUICK_TRAINING, root=root, log=lambda *_: None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def quick_results(quick_cache):
+    model = fidelity.trained_model(fidelity.QUICK_TASK, fidelity.QUICK_TRAINING, root=quick_cache)
+    images, labels = fidelity.make_images(fidelity.QUICK_TASK, 1000, seed=10_000)
+    results = fidelity.evaluate(model, fidelity.batches(images, labels, 250), targets=(0.5,), log=lambda *_: None)
+    return {r.method: r for r in results}
+
+
+def test_the_quick_model_learns(quick_results):
+    """A model at chance would make every comparison below meaningless (it scored 0.297 everywhere)."""
+    assert quick_results["none"].top1 > 0.7   # 4 classes: chance is 0.25
+
+
+def test_every_informed_method_beats_random_at_half_the_flops(quick_results):
+    """The guard against collapse (issue 11): with default options, no method that looks at the tokens
+    may do worse than dropping a random subset of them at the same FLOPs, and none may lose much."""
+    unreduced, random = quick_results["none"].top1, quick_results["random"].top1
+    assert random < unreduced - 0.02           # the task punishes losing the glyph's patches
+    for method in INFORMED:
+        result = quick_results[method]
+        assert result.status == "ok", (method, result.status)
+        assert result.flops == pytest.approx(0.5, abs=0.05)
+        assert result.top1 > random + 0.02, (method, result.top1, random)
+        assert result.top1 > unreduced - 0.03, (method, result.top1, unreduced)
 
 
 def test_images_are_deterministic_and_labelled():
@@ -71,10 +108,10 @@ def test_evaluate_end_to_end(tmp_path):
     assert series["tome"][0] == (1.0, rows[("none", 1.0)].top1) and len(series["tome"]) == 2  # 35%: out of reach
 
 
-def test_cli_quick_and_own_checkpoint(tmp_path, capsys):
+def test_cli_quick_and_own_checkpoint(tmp_path, capsys, quick_cache):
     out = tmp_path / "r.json"
-    assert main(["fidelity", "--quick", "--cache", str(tmp_path), "--methods", "tome", "--targets", "0.7",
-                 "--out", str(out), "--plot", str(tmp_path / "accuracy.png"), "--json"]) == 0
+    assert main(["fidelity", "--quick", "--cache", str(quick_cache), "--methods", "tome", "--targets", "0.7",
+                 "--out", str(out), "--plot", str(tmp_path / "accuracy.png"), "--json", "--device", "cpu"]) == 0
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["results"]] == ["none", "tome"]

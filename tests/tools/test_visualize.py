@@ -1,4 +1,5 @@
-"""vtr.tools.visualize and `vtr visualize`: the PNG has the input size and paints the report's groups."""
+"""vtr.tools.visualize and `vtr visualize`: one figure with the input beside the report's groups (painted
+patch by patch) and the tokens per block, titled and with a legend."""
 import argparse
 
 import numpy as np
@@ -19,13 +20,13 @@ def tiny_vit(**kw):
 
 @pytest.mark.parametrize("method, amount", [("tome", dict(keep=0.6)), ("random", dict(keep=0.7)),
                                             ("pitome", dict(flops=0.6))])
-def test_png_size_and_groups_match_report(tmp_path, method, amount):
+def test_drawing_paints_the_reports_groups(method, amount):
     torch.manual_seed(0)
     model = vtr.patch(tiny_vit(), method, **amount)
-    path = tmp_path / "groups.png"
-    drawing = visualize(model, "chelsea", path)
-    saved = np.asarray(Image.open(path))
-    assert saved.shape == (64, 64, 3) and np.array_equal(saved, drawing)
+    figure = visualize(model, "chelsea")
+    pixels = load_image("chelsea", (64, 64))
+    drawing = render(pixels, group_map(model))
+    assert np.array_equal(figure.axes[1].images[0].get_array(), drawing)   # the figure shows this drawing
     groups = group_map(model)
     last = vtr.report(model)
     assert groups.shape == last.grid == (8, 8)
@@ -41,6 +42,24 @@ def test_png_size_and_groups_match_report(tmp_path, method, amount):
             assert (members == members[0]).all()
     if method == "random":
         assert (groups < 0).any()
+
+
+def test_one_figure_input_beside_result_with_title_legend_and_tokens(tmp_path):
+    model = vtr.patch(tiny_vit(), "tome", flops=0.6)
+    path = tmp_path / "figure.png"
+    figure = visualize(model, "astronaut", path, name="tiny-vit")
+    tokens = vtr.report(model).tokens
+    image_axes = [axes for axes in figure.axes if axes.images]
+    assert len(image_axes) == 2
+    assert np.array_equal(image_axes[0].images[0].get_array(), load_image("astronaut", (64, 64)))   # the input
+    assert not np.array_equal(image_axes[1].images[0].get_array(), image_axes[0].images[0].get_array())
+    title = figure.get_suptitle()
+    assert "tiny-vit" in title and "tome, flops=0.6" in title and f"{tokens[-1]} of 65 tokens kept" in title
+    assert image_axes[1].get_legend() is not None
+    counts = next(axes for axes in figure.axes if not axes.images)   # tokens entering each block
+    assert list(counts.lines[0].get_ydata()) == tokens and tokens[-1] < tokens[0]
+    saved = Image.open(path)
+    assert saved.format == "PNG" and saved.size[0] > 2 * saved.size[1] > 600   # three panels side by side
 
 
 def test_render_paints_group_means():
@@ -73,5 +92,5 @@ def test_cli(tmp_path, capsys):
     args = parser.parse_args(["visualize", "--model", "vit_tiny_patch16_224", "--img-size", "64",
                               "--method", "tome", "--keep", "0.7", "--image", "astronaut", "--out", str(out)])
     assert args.func(args) == 0
-    assert Image.open(out).size == (64, 64)
-    assert "tokens per layer" in capsys.readouterr().out
+    assert Image.open(out).size[0] > 600
+    assert "tokens per block" in capsys.readouterr().out

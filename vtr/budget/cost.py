@@ -35,11 +35,11 @@ class EncoderCost:
                 + self.mlp_linear * tokens_out)
 
     def total(self, tokens: Sequence[int], *, filters_input: bool = False,
-              decision_macs: Optional[Callable[[int], float]] = None) -> float:
+              decision_macs: Optional[Callable[[int, int], float]] = None) -> float:
         """MACs for ``tokens`` = counts entering each block plus the final count (L + 1 values).
 
         ``filters_input``: the step filters a block's input (ATF), so the whole block runs on the
-        count after it. ``decision_macs(n)``: what deciding a step on ``n`` tokens costs (the
+        count after it. ``decision_macs(n, m)``: what deciding a step from ``n`` to ``m`` tokens costs (the
         schedule passes the reducer's own count; this model of the encoder knows no reducer).
         """
         if len(tokens) != self.num_layers + 1:
@@ -48,7 +48,7 @@ class EncoderCost:
         for n_in, n_out in zip(tokens[:-1], tokens[1:]):
             macs += self.block(n_out, n_out) if filters_input else self.block(n_in, n_out)
             if decision_macs is not None and n_out < n_in:
-                macs += decision_macs(n_in)
+                macs += decision_macs(n_in, n_out)
         return macs
 
     def unreduced(self) -> float:

@@ -64,18 +64,31 @@ def _per_layer(values: Sequence, num_layers: int, chosen: list[int], name: str, 
     return tuple(v if i in chosen else off for i, v in enumerate(values))
 
 
+def inflected(r: int, inflect: float, num_layers: int) -> list[int]:
+    """ToMe's ``(r, inflect)`` schedule over ``num_layers`` reducing layers, as ToMe's ``parse_r`` computes it.
+
+    The first layer removes ``int(r * (1 - inflect))`` tokens, the last ``2r`` minus that, the layers
+    between lie on the line through both, each truncated (in ToMe's float arithmetic, so the counts are
+    ToMe's to the token). inflect=-1 goes from 2r down to 0, 0 is a constant r, 1 goes from 0 up to 2r.
+    One layer removes the first layer's count (where ToMe divides by zero).
+    """
+    first = int(r * (1.0 - inflect))
+    last = 2 * r - first
+    step = (last - first) / (num_layers - 1) if num_layers > 1 else 0.0
+    return [int(first + step * i) for i in range(num_layers)]
+
+
 def _r_amounts(r: RSpec, num_layers: int, chosen: list[int]) -> tuple:
     if isinstance(r, tuple):
         if len(r) != 2:
             raise ValueError(f"r as a tuple means (r, inflect), got {r}; pass a list for per-layer values")
         base, inflect = r
-        if not -1.0 <= float(inflect) <= 1.0:
-            raise ValueError(f"inflect in r=(r, inflect) must be in [-1, 1], got {inflect}")
-        # Linear from r(1 - inflect) at the first reducing layer to r(1 + inflect) at the last:
-        # inflect=-1 removes 2r early and nothing late (ToMe's decreasing schedule).
-        start, stop = base * (1 - inflect), base * (1 + inflect)
-        steps = max(len(chosen) - 1, 1)
-        per = {layer: int(start + (stop - start) * k / steps) for k, layer in enumerate(chosen)}
+        if isinstance(base, bool) or not isinstance(base, int) or base < 0:
+            raise ValueError(f"r in r=(r, inflect) must be a non-negative int (tokens removed per layer on "
+                             f"average), got {base!r}")
+        if isinstance(inflect, bool) or not isinstance(inflect, (int, float)) or not -1.0 <= inflect <= 1.0:
+            raise ValueError(f"inflect in r=(r, inflect) must be a number in [-1, 1], got {inflect!r}")
+        per = dict(zip(chosen, inflected(base, float(inflect), len(chosen))))
         values = tuple(per.get(i, 0) for i in range(num_layers))
     elif isinstance(r, (list, range)):
         values = _per_layer(list(r), num_layers, chosen, "r", 0)
@@ -110,7 +123,7 @@ def _check_keep(values: tuple, reducer: Reducer) -> None:
 def reduced_macs(cost: EncoderCost, reducer: Reducer, tokens: Sequence[int]) -> float:
     """MACs per image at these token counts: the encoder's blocks plus the reducer's own decisions."""
     return cost.total(tokens, filters_input=reducer.acts_before_blocks,
-                      decision_macs=lambda n: reducer.extra_macs(n, cost))
+                      decision_macs=lambda n, m: reducer.extra_macs(n, cost, m))
 
 
 def solve_flops(target: float, reducer: Reducer, cost: EncoderCost, chosen: list[int]) -> Schedule:
@@ -189,6 +202,8 @@ def make_schedule(
     if len(given) > 1:
         raise ValueError(f"give one amount, r=, keep= or flops=; got {' and '.join(given)}")
     num_layers = cost.num_layers
+    if layers is None:   # the method's own default (EViT's layers, ATF's filter before block 0), else every block
+        layers = reducer.default_layers(num_layers)
     chosen = chosen_layers(layers, num_layers)
     nothing = asks_for_nothing(r, keep, flops)
     if reducer.max_step == 0.0:  # the 'none' method

@@ -17,11 +17,9 @@ from ..tools import fidelity
 from ..tools.models import create_model
 from ..tools.plotting import frontier
 from .models import _options, load_checkpoint
-from .usage import (UsageError, existing_dir, existing_file, fractions, method_list, output_file,
-                    positive_int, usage)
+from .usage import (UsageError, device, existing_dir, existing_file, fractions, json_file, method_list,
+                    output_file, positive_int, usage)
 
-QUICK_TASK = fidelity.Task(image_size=16, patch_size=4, clutter=4, num_classes=4)
-QUICK_TRAINING = fidelity.Training(embed_dim=16, depth=2, num_heads=2, train_images=64, epochs=1, batch_size=32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=250,
                         help="images per evaluation batch (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a tiny task and model: a smoke test in seconds")
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="cpu or cuda (cuda:N): where the model is evaluated (default: %(default)s; the task "
+                             "model's first training runs on the CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller task and model (trained once in about a minute, cached; 500 test images)")
     parser.add_argument("--retrain", action="store_true", help="train the task model again, ignoring the cache")
     parser.add_argument("--cache", default=None, help="checkpoint cache dir (default: $VTR_CACHE or ~/.cache/vtr)")
     real = parser.add_argument_group("your own model and data")
@@ -50,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="ImageFolder directory (class folders in the model's order)")
     real.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many images")
     parser.add_argument("--json", action="store_true", help="print the results as JSON to stdout instead of a table")
-    parser.add_argument("--out", type=output_file, default=None, metavar="PATH",
+    parser.add_argument("--out", type=json_file, default=None, metavar="PATH",
                         help="write the results (setting and rows) as JSON to PATH")
     parser.add_argument("--markdown", type=output_file, default=None, metavar="PATH",
                         help="write the table as markdown to PATH")
@@ -93,13 +95,15 @@ def run(args: argparse.Namespace) -> int:
         model, data = _own_model(args)
         setting = {"checkpoint": args.checkpoint, "model": args.model, "data": args.data}
     else:
-        task, training = (QUICK_TASK, QUICK_TRAINING) if args.quick else (fidelity.Task(), fidelity.Training())
+        task, training = (fidelity.QUICK_TASK, fidelity.QUICK_TRAINING) if args.quick else (fidelity.Task(), fidelity.Training())
         root = Path(args.cache) if args.cache else None
         model = fidelity.trained_model(task, training, root=root, retrain=args.retrain, log=log)
-        count = min(args.test_images, 64) if args.quick else args.test_images
+        count = min(args.test_images, 500) if args.quick else args.test_images
         images, labels = fidelity.make_images(task, count, seed=10_000 + training.seed)
         data = fidelity.batches(images, labels, args.batch)
         setting = {"task": asdict(task), "training": asdict(training), "test_images": count}
+    model = model.to(args.device)
+    data = [(images.to(args.device), labels.to(args.device)) for images, labels in data]
     results = fidelity.evaluate(model, data, methods=args.methods, targets=args.targets, log=log)
     table = fidelity.format_table(results)
     document = {"setting": setting, "results": [asdict(r) for r in results]}

@@ -1,20 +1,26 @@
 """Command-line options shared by `vtr profile` and `vtr visualize`: which model, which reduction.
 
-Models are built from timm's configs with random weights (nothing is downloaded); ``--checkpoint``
-loads a state dict the user has. A ``--preset`` from the model zoo sets model, method and amount.
+Models are built from timm's configs with random weights, or loaded from a directory written by
+``save_pretrained`` or the local Hugging Face cache (nothing is downloaded); ``--checkpoint`` loads a
+state dict the user has. A ``--preset`` from the model zoo sets model, method and amount. A model
+directory that also holds a saved reduction (``vtr.save_reduction``) is patched with it unless
+``--method`` or ``--preset`` says otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import pickle
+import sys
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import api
-from ..adapters import find_adapter
-from ..tools import zoo
+from ..adapters import find_adapter, settings
+from ..tools import saving, zoo
 from ..tools.models import create_model
 from .usage import UsageError, existing_file, fraction, method, non_negative_int, positive_int, usage
 
@@ -22,7 +28,9 @@ from .usage import UsageError, existing_file, fraction, method, non_negative_int
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and reduction")
     group.add_argument("--model", default=None,
-                       help="timm name, open_clip:<name> or hf:<name>, built with random weights (default: "
+                       help="timm name, open_clip:<name> or hf:<name>, built with random weights, or hf:<directory "
+                            "written by save_pretrained or Hub id in the local cache>, loaded; a directory's saved "
+                            "reduction (vtr.save_reduction) applies unless --method/--preset is given (default: "
                             "the preset's model, else vit_base_patch16_224)")
     group.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
     group.add_argument("--checkpoint", type=existing_file, default=None,
@@ -76,6 +84,12 @@ def _short(error: Exception, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def saved_reduction(model: Optional[str]) -> Optional[Path]:
+    """The reduction saved beside an ``hf:<directory>`` model, if there is one."""
+    family, sep, rest = (model or "").partition(":")
+    return saving.saved_reduction(rest) if sep and family == "hf" and Path(rest).is_dir() else None
+
+
 def zoo_entry(flag: str, name: str) -> zoo.Entry:
     """The model-zoo entry ``name``; an unknown name is a UsageError listing the zoo (a broken zoo
     file is not the user's mistake: that error keeps its traceback)."""
@@ -115,6 +129,13 @@ def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
         find_adapter(model)   # a family vtr knows (else UnsupportedModelError, listing them)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
+    saved = saved_reduction(args.model) if name is None else None
+    if saved is not None:
+        with usage("--model"):
+            saving.load_reduction(model, saved.parent)
+        print(f"applied the reduction saved in {saved}: {settings(model).describe()} (--method none for the "
+              "unreduced model)", file=sys.stderr)
+        return model
     flag = next((f"--{k}" for k in amounts), "--preset" if args.preset else "--method")
     with usage(flag):   # a target out of the method's reach, an amount missing or not allowed
         if args.preset:

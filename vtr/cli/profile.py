@@ -5,7 +5,7 @@ import argparse
 import json
 
 from .models import add_model_arguments, build_model
-from .usage import positive_int
+from .usage import device, positive_int
 from ..tools.profile import COUNTERS, profile_model
 
 
@@ -20,6 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=positive_int, default=1,
                         help="images per forward pass (default: %(default)s; other than 1 counts on real inputs)")
     parser.add_argument("--real", action="store_true", help="count on real random inputs, not on meta")
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="cpu or cuda (cuda:N): where --real counts run; cuda implies --real (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON to stdout instead of a table")
     parser.set_defaults(func=run)
     return parser
@@ -28,9 +30,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..tools.profile import default_input
 
-    real = args.real or args.counter == "fvcore" or args.batch != 1
+    real = args.real or args.counter == "fvcore" or args.batch != 1 or args.device != "cpu"
     model = build_model(args, device="cpu" if real else "meta")
-    inputs = default_input(model, batch=args.batch) if real else None
+    if real:
+        model.to(args.device)
+    inputs = default_input(model, batch=args.batch, device=args.device) if real else None
     result = profile_model(model, inputs, counter=args.counter)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
+
 from ..adapters import UnsupportedModelError
 from ..api import methods
 
@@ -78,6 +80,28 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of ints >= 1, e.g. ``1,8,32`` (batch sizes to sweep)."""
+    return [positive_int(item) for item in _items(text)]
+
+
+def device(text: str) -> str:
+    """``cpu``, or ``cuda``/``cuda:N`` when torch sees that CUDA device: asking for a GPU this machine
+    does not have is a mistake in the command line, not a crash halfway through a benchmark."""
+    if text == "cpu":
+        return text
+    found = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if not found:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda (or cuda:N), got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text} is not available here (torch.cuda.is_available() is False); "
+                                         "use --device cpu")
+    if found.group(1) is not None and int(found.group(1)) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return text
+
+
 def _items(text: str) -> list[str]:
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or any(not item for item in items):
@@ -120,6 +144,13 @@ def output_file(text: str) -> str:
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: no such directory {str(folder)!r}")
     return text
+
+
+def json_file(text: str) -> str:
+    """A JSON file to write (``--out``): a picture's name here is a mix-up with ``--plot``."""
+    if Path(text).suffix.lower() in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise argparse.ArgumentTypeError(f"writes the results as JSON, got {text!r}; draw a picture with --plot {text}")
+    return output_file(text)
 
 
 def existing_dir(text: str) -> str:

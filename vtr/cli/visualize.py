@@ -1,4 +1,5 @@
-"""`vtr visualize`: a PNG of merged groups / kept tokens of a reduced model over an image."""
+"""`vtr visualize`: one PNG of what a reduction did to an image: the input, the merged groups / kept
+patches, and the tokens entering each block, titled with model, method, amount and tokens kept."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .models import add_model_arguments, build_model
+from .models import add_model_arguments, build_model, saved_reduction
 from .usage import output_file, usage
 from ..api import report as vtr_report
 from ..tools.visualize import SAMPLE_IMAGES, visualize
@@ -22,9 +23,10 @@ def image_arg(text: str) -> str:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "visualize", help="draw merged groups / kept tokens over an image as a PNG",
-        description="Each patch is painted with the mean colour of its group (the patches that ended in "
-                    "the same token), boundaries in white, dropped patches in grey.")
+        "visualize", help="draw the input, its merged groups / kept patches and the tokens per block as one PNG",
+        description="One figure: the input image; each patch painted with the mean colour of its group (the "
+                    "patches that ended in the same token), boundaries in white, dropped patches in dark grey; "
+                    "and the tokens entering each block. Default reduction: tome at half the FLOPs.")
     add_model_arguments(parser)
     parser.add_argument("--image", type=image_arg, default="astronaut",
                         help=f"image file, or a scikit-image sample: {', '.join(SAMPLE_IMAGES)} (default: %(default)s)")
@@ -34,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not (args.method or args.preset):   # default: ToMe, at half the FLOPs unless an amount is given
+    if not (args.method or args.preset or saved_reduction(args.model)):   # default: ToMe, at half the FLOPs
         args.method = "tome"
         if args.flops is None and args.r is None and args.keep is None:
             args.flops = 0.5
@@ -43,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
         with usage("--image", OSError):   # not an image PIL can read
             image = Image.open(image).convert("RGB")
     model = build_model(args)
-    drawing = visualize(model, image, args.out)
-    print(f"wrote {args.out} ({drawing.shape[1]}x{drawing.shape[0]}); tokens per layer: "
-          f"{vtr_report(model).tokens}")
+    visualize(model, image, args.out, name=args.model or args.preset)
+    print(f"wrote {args.out}; tokens per block: {vtr_report(model).tokens}")
     return 0

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, check_finite, dest_from_choice, register, unit
-from .select import attention_scores, check_signal, real_tokens, top_scores
+from .base import Reducer, Signals, check_finite, register, unit
+from .select import check_fuse, check_signal, fused_dest, fusion_macs, num_chosen, real_tokens, top_scores
 
 
 def _standardize(score: Tensor, valid: Tensor) -> Tensor:
@@ -38,7 +38,9 @@ class ATF(Reducer):
     (background, flat regions) are the ones it can spare.
 
     It acts on a block's input (``acts_before_blocks``): ``vtr.patch(model, "atf", keep=0.5,
-    layers=[0], prior=prior)`` filters the embedded tokens once, before block 0.
+    layers=[0], prior=prior)`` filters the embedded tokens once, before block 0 (its default layers).
+    ``fuse`` says what happens to the tokens not kept (default ``"nearest"``: each merges into its most
+    similar kept token; ``"drop"`` is ATF as published).
     """
 
     name = "atf"
@@ -47,8 +49,9 @@ class ATF(Reducer):
     max_step = 1.0
     acts_before_blocks = True
 
-    def __init__(self, prior: Optional[Tensor] = None, prior_weight: float = 0.5):
+    def __init__(self, prior: Optional[Tensor] = None, prior_weight: float = 0.5, fuse: str = "nearest"):
         super().__init__()
+        self.fuse = check_fuse(self, fuse)
         if not 0.0 <= prior_weight <= 1.0:
             raise ValueError(f"atf: prior_weight must be in [0, 1], got {prior_weight}")
         if prior is not None:
@@ -67,8 +70,16 @@ class ATF(Reducer):
         if self.prior is not None and self.prior_weight > 0:
             prior = _standardize(self._current_prior(state), valid)
             score = self.prior_weight * prior + (1.0 - self.prior_weight) * score
-        kept = top_scores(score, valid, num_kept - protected)
-        return state.reduce(dest_from_choice(state, kept), num_kept)
+        kept = top_scores(score, valid, num_chosen(state, num_kept, self.fuse))
+        return state.reduce(fused_dest(state, kept, num_kept, self.fuse, signals.metric), num_kept)
+
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
+        kept = (num_tokens + cost.num_protected) // 2 if num_kept is None else num_kept
+        return fusion_macs(num_tokens, kept, cost, self.fuse)
+
+    def default_layers(self, num_layers: int) -> Optional[list[int]]:
+        """ATF filters once, before the encoder: every block runs on the filtered tokens."""
+        return [0]
 
     def _current_prior(self, state: TokenState) -> Tensor:
         """``[B, U]`` prior of the current tokens: the sum over the original positions each carries."""

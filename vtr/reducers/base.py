@@ -35,16 +35,26 @@ class Reducer(nn.Module):
         except ValueError as error:
             raise TypeError(f"{cls.__name__}.needs: {error}") from None
 
+    def patch_defaults(self) -> dict:
+        """Patch-level settings (``metric``, ``prop_attn``) this reducer, as configured, runs with where the
+        caller of ``vtr.patch`` gives none, e.g. what a paper's released code runs; empty: vtr's defaults."""
+        return {}
+
     def max_removable(self, num_tokens: int, num_protected: int) -> int:
         """Most tokens one step may remove; at least one unprotected token always stays."""
         unprotected = num_tokens - num_protected
         return max(0, min(int(unprotected * self.max_step), unprotected - 1))
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
-        """Multiply-accumulates the decision itself costs per image at a step of ``num_tokens`` tokens
-        (similarity matrices); ``cost`` is the model's :class:`~vtr.cost.EncoderCost` (metric width,
-        protected tokens, attention width, whether a CLS token exists)."""
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
+        """Multiply-accumulates the decision itself costs per image at a step from ``num_tokens`` to
+        ``num_kept`` tokens (similarity matrices); ``cost`` is the model's :class:`~vtr.cost.EncoderCost`
+        (metric width, protected tokens, attention width, whether a CLS token exists). Without
+        ``num_kept`` a cost that depends on it is counted at its largest."""
         return 0.0
+
+    def default_layers(self, num_layers: int) -> Optional[list[int]]:
+        """Where the method reduces when ``layers=`` is not given: None means every block."""
+        return None
 
     def fixed_amounts(self, cost, layers: Optional[list], flops: Optional[float]) -> Optional[tuple]:
         """Per-layer tokens removed when the reducer's own options fix them (``pool``'s factor), else

@@ -3,25 +3,59 @@
 Both read ``signals.cls_attention``: the adapter computes only the CLS row of the block's attention
 from its own q/k (``vtr.signals.cls_attention``, O(N d)), so the block keeps its fused kernel.
 Models without a CLS token get the fallback score of :func:`~vtr.reducers.select.attention_scores`.
+
+What happens to the tokens a method does not keep is its ``fuse=`` option (:func:`fused_dest`):
+dropped, fused into one extra token (EViT), or each merged into its most similar kept token.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, dest_from_choice, register
-from .select import attention_scores, check_signal, keep_first, real_tokens, top_scores
+from .base import Reducer, Signals, register
+from .select import (attention_scores, check_fuse, check_signal, fused_dest, fusion_macs, keep_first, num_chosen,
+                     real_tokens, top_scores)
 
 FUSE_WEIGHTS = ("attention", "size")
 
 
-class AttentionScored(Reducer):
-    """Reducers that rank tokens by the CLS attention row (or its no-CLS fallback)."""
+def after_mixing(num_layers: int) -> list[int]:
+    """EViT's layers, scaled to the depth: a quarter, half and three quarters in (blocks 4, 7 and 10 of
+    12, 1-based, as in the paper), never block 0.
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
+    Block 0's CLS query is the same learned vector for every image: its attention row has not looked
+    at the image yet, and dropping by it scored below random dropping on a trained ViT here.
+    """
+    if num_layers == 1:
+        return [0]
+    return sorted({min(max(1, num_layers * k // 4), num_layers - 1) for k in (1, 2, 3)})
+
+
+def once_after_mixing(num_layers: int) -> list[int]:
+    """One step, early but after the image is mixed: a sixth of the depth (block 2 of 12), never block 0.
+    FastV prunes once, after layer 2 of a 32-layer LLM; HiRED drops once, before the LLM."""
+    return [min(max(1, num_layers // 6), num_layers - 1)]
+
+
+class AttentionScored(Reducer):
+    """Reducers that rank tokens by the CLS attention row (or its no-CLS fallback) and then drop,
+    fuse or merge the tokens they do not keep (``fuse``)."""
+
+    def __init__(self, fuse: str = "nearest"):
+        super().__init__()
+        self.fuse = check_fuse(self, fuse)
+
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         # The CLS row q_cls . K^T over every head; without a CLS token the fallback score is a norm.
-        return float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
+        scoring = float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
+        kept = (num_tokens + cost.num_protected) // 2 if num_kept is None else num_kept
+        return scoring + fusion_macs(num_tokens, kept, cost, self.fuse)
+
+    def default_layers(self, num_layers: int) -> Optional[list[int]]:
+        return after_mixing(num_layers)
 
 
 @register
@@ -29,36 +63,37 @@ class EViT(AttentionScored):
     """Keep the top tokens by CLS attention; fuse all the others into one extra token (EViT,
     Liang et al., "Not All Patches are What You Need").
 
-    The fused token is the last of the ``num_kept`` tokens (it counts inside the budget); its size is
-    the sum of the fused sizes, so total size is conserved. Its feature is a weighted mean of the
-    fused features. ``fuse="attention"`` (default, as EViT) weights each by attention x size, which
-    conserves the attention-weighted feature mass ``sum(a * s * x)`` of the fused tokens;
-    ``fuse="size"`` weights by size alone, which conserves ``sum(s * x)`` over the whole sequence
-    exactly (size-weighted mean pooling is unchanged by the step). Padding is dropped, never fused;
-    if no real token is left to fuse, the fused token is padding (size 0).
+    ``fuse="one"`` (default, as EViT): the fused token is the last of the ``num_kept`` tokens (it
+    counts inside the budget); its size is the sum of the fused sizes, so total size is conserved.
+    Its feature is a weighted mean of the fused features. ``fuse_weight="attention"`` (default, as
+    EViT) weights each by attention x size, which conserves the attention-weighted feature mass
+    ``sum(a * s * x)`` of the fused tokens; ``fuse_weight="size"`` weights by size alone, which
+    conserves ``sum(s * x)`` over the whole sequence exactly. ``fuse="nearest"`` merges each unkept
+    token into its most similar kept one instead, ``fuse="drop"`` drops them. Padding is dropped,
+    never fused; if no real token is left to fuse, the fused token is padding (size 0).
+    By default it reduces at EViT's layers (:func:`after_mixing`).
     """
 
     name = "evit"
-    description = "keep the tokens the CLS token attends to most, fuse the rest into one token (EViT)"
+    description = "keep the tokens the CLS token attends to most, fuse the rest into them (EViT)"
     needs = frozenset({"cls_attention"})
     max_step = 1.0
 
-    def __init__(self, fuse: str = "attention"):
-        super().__init__()
-        if fuse not in FUSE_WEIGHTS:
-            raise ValueError(f"evit: fuse must be one of {FUSE_WEIGHTS}, got {fuse!r}")
-        self.fuse = fuse
+    def __init__(self, fuse: str = "nearest", fuse_weight: str = "attention"):
+        super().__init__(fuse)
+        if fuse_weight not in FUSE_WEIGHTS:
+            raise ValueError(f"evit: fuse_weight must be one of {FUSE_WEIGHTS}, got {fuse_weight!r}")
+        self.fuse_weight = fuse_weight
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         score = attention_scores(self, state, signals)
-        kept = top_scores(score, real_tokens(state), num_kept - state.num_protected - 1)
-        dest = dest_from_choice(state, kept)
-        fused = (dest < 0) & (state.size > 0)
-        dest = dest.masked_fill(fused, num_kept - 1)
+        kept = top_scores(score, real_tokens(state), num_chosen(state, num_kept, self.fuse))
+        dest = fused_dest(state, kept, num_kept, self.fuse, signals.metric)
         weight = None
-        if self.fuse == "attention":
+        if self.fuse == "one" and self.fuse_weight == "attention":
             # Kept tokens keep weight = size (a zero weight would zero their feature); 1e-20 keeps a
             # fused group whose attention underflowed from dividing by zero.
+            fused = dest == num_kept - 1   # the last slot holds the fused token alone
             attention = torch.cat([score.new_ones(score.shape[0], state.num_protected), score], dim=1)
             weight = torch.where(fused, state.size * attention.clamp_min(1e-20), state.size)
         return state.reduce(dest, num_kept, weight)
@@ -113,8 +148,15 @@ class HiRED(AttentionScored):
     partition's share of the score (CLS attention, or the fallback score without a CLS token),
     capped by how many real tokens it has; inside a partition the highest-scoring tokens are kept.
     Ids with no tokens get a budget of 0. If the budget exceeds the real tokens, every real token is
-    kept and padding fills the rest. HiRED scores partitions early and chooses tokens late; placing
-    this step at one layer uses that layer's score for both.
+    kept and padding fills the rest. ``fuse`` says what happens to the tokens not kept (default
+    ``"nearest"``: merged into their most similar kept token). HiRED drops once ("early dropping",
+    before the language model); in a ViT its default is one step at a sixth of the depth, as FastV's
+    (:func:`once_after_mixing`), after the image is mixed.
+
+    ``allocate_layer``: HiRED allocates early and selects late. On LLaVA-NeXT, where the partitions
+    are the thumbnail and the crops, an image's budget is split across its crops by the thumbnail's
+    CLS attention at this vision-tower layer (0, as in HiRED's code), and tokens are selected by the
+    attention of the layer LLaVA reads. A plain ViT has one partition, so there is nothing to allocate.
     """
 
     name = "hired"
@@ -122,8 +164,17 @@ class HiRED(AttentionScored):
     needs = frozenset({"cls_attention", "partition"})
     max_step = 1.0
 
+    def default_layers(self, num_layers: int) -> Optional[list[int]]:
+        return once_after_mixing(num_layers)
+
+    def __init__(self, fuse: str = "nearest", allocate_layer: int = 0):
+        super().__init__(fuse)
+        if isinstance(allocate_layer, bool) or not isinstance(allocate_layer, int) or allocate_layer < 0:
+            raise ValueError(f"hired: allocate_layer must be a vision-tower layer index >= 0, got {allocate_layer!r}")
+        self.allocate_layer = allocate_layer
+
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        budget_total = num_kept - state.num_protected
+        budget_total = num_chosen(state, num_kept, self.fuse)
         score, valid = attention_scores(self, state, signals), real_tokens(state)
         partition = self._partition(state, signals)
         num_partitions = _num_partitions(partition)
@@ -141,7 +192,7 @@ class HiRED(AttentionScored):
         rank = torch.arange(order.shape[1], device=order.device) - start.gather(1, group)
         chosen = torch.zeros_like(valid).scatter_(1, order, rank < budget.gather(1, group))
         kept = keep_first(chosen.float() * 2 + valid.float(), budget_total)
-        return state.reduce(dest_from_choice(state, kept), num_kept)
+        return state.reduce(fused_dest(state, kept, num_kept, self.fuse, signals.metric), num_kept)
 
     def _partition(self, state: TokenState, signals: Signals) -> Tensor:
         batch, unprotected = state.x.shape[0], state.num_tokens - state.num_protected

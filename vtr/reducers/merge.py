@@ -1,7 +1,10 @@
 """Merging reducers: bipartite soft matching (ToMe) and energy-based merging (PiToMe)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +41,7 @@ class ToMe(Reducer):
     needs = frozenset({"metric"})
     max_step = 0.5
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         unprotected = num_tokens - cost.num_protected
         return float((unprotected + 1) // 2 * (unprotected // 2) * cost.metric_dim)
 
@@ -60,16 +63,28 @@ class ToMe(Reducer):
         return state.reduce(dest, num_kept)
 
 
+PITOME_VARIANTS = ("energy", "paper")
+
+
 @register
 class PiToMe(Reducer):
     """Energy-based merging after PiToMe (Tran et al., "Accelerating Transformers with
     Spectrum-Preserving Token Merging").
 
     Energy of a token = mean over tokens of ELU(cos - margin): high for members of large clusters
-    of similar tokens (redundant), low for isolated ones (informative). The 2r highest-energy tokens
+    of similar tokens (redundant), low for isolated ones (informative). The margin decays linearly
+    with depth, ``margin * (1 - layer / num_layers)``, so later layers merge more selectively.
+
+    ``variant="energy"`` (default; PiToMe's own merging step, margin 0.9): the 2r highest-energy tokens
     are split alternately by energy rank into A and B, every A token merges into its most similar B
-    token, and all other tokens pass through. The margin decays linearly with depth,
-    ``margin * (1 - layer / num_layers)``, so later layers merge more selectively.
+    token, and all other tokens (the isolated ones) pass through.
+
+    ``variant="paper"`` runs what the paper's released ViT code runs. In the first half of the layers
+    (``layer < ceil(num_layers / 2)``) every token is split alternately by energy rank into A and B, and
+    the r A tokens whose best B match is the most similar merge into it (bipartite matching ordered by
+    energy; no token is kept out for being isolated); later layers take the energy step. Margin 0.75,
+    and, unless given to ``vtr.patch``, attention keys as the metric and no proportional attention
+    (:meth:`patch_defaults`).
     """
 
     name = "pitome"
@@ -77,15 +92,23 @@ class PiToMe(Reducer):
     needs = frozenset({"metric"})
     max_step = 0.5
 
-    def __init__(self, margin: float = 0.9, alpha: float = 1.0):
+    def __init__(self, margin: Optional[float] = None, alpha: float = 1.0, variant: str = "energy"):
         super().__init__()
+        if variant not in PITOME_VARIANTS:
+            raise ValueError(f"pitome: variant must be one of {PITOME_VARIANTS}, got {variant!r}")
+        if margin is None:
+            margin = 0.75 if variant == "paper" else 0.9
         if not 0.0 <= margin < 1.0:
             raise ValueError(f"pitome: margin must be in [0, 1), got {margin}")
         if not (math.isfinite(alpha) and alpha > 0):   # NaN passes a plain `alpha <= 0` check
             raise ValueError(f"pitome: alpha must be a finite number > 0, got {alpha}")
-        self.margin, self.alpha = margin, alpha
+        self.margin, self.alpha, self.variant = margin, alpha, variant
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
+    def patch_defaults(self) -> dict:
+        """The released ViT code compares attention keys and leaves attention unweighted by size."""
+        return {"metric": "keys", "prop_attn": False} if self.variant == "paper" else {}
+
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         unprotected = num_tokens - cost.num_protected
         return float(unprotected * unprotected * cost.metric_dim)
 
@@ -97,13 +120,43 @@ class PiToMe(Reducer):
         margin = self.margin * (1.0 - signals.layer / max(signals.num_layers, 1))
         energy = (F.elu(sim - margin, alpha=self.alpha) * valid[:, None, :]).sum(-1) / valid.sum(-1, keepdim=True)
         energy = energy.masked_fill(valid == 0, float("inf"))  # padding merges away first
-
         order = energy.argsort(dim=-1, descending=True, stable=True)
-        a_idx, b_idx = order[:, 0 : 2 * r : 2], order[:, 1 : 2 * r : 2]
-        sim_ab = sim.gather(1, a_idx[:, :, None].expand(-1, -1, sim.shape[2]))
-        sim_ab = sim_ab.gather(2, b_idx[:, None, :].expand(-1, r, -1))
-        sim_ab = sim_ab.masked_fill(valid.gather(1, b_idx)[:, None, :] == 0, float("-inf"))
-        into = b_idx.gather(1, sim_ab.argmax(dim=-1))
-        kept = torch.cat([order[:, 2 * r :], b_idx], dim=1).sort(dim=1).values
-        dest = dest_from_choice(state, kept, a_idx, into)
+        if self.variant == "paper" and signals.layer < math.ceil(signals.num_layers / 2):
+            dest = _matched_by_energy(state, r, sim, order, valid == 0)
+        else:
+            dest = _merged_in_clusters(state, r, sim, order, valid == 0)
         return state.reduce(dest, num_kept)
+
+
+def _merged_in_clusters(state: TokenState, r: int, sim: torch.Tensor, order: torch.Tensor,
+                        padding: torch.Tensor) -> torch.Tensor:
+    """PiToMe's step: the 2r highest-energy tokens alternate into A and B by energy rank, each A token
+    merges into its most similar B token; the rest (``order[2r:]``, the isolated tokens) pass through."""
+    a_idx, b_idx = order[:, 0 : 2 * r : 2], order[:, 1 : 2 * r : 2]
+    sim_ab = _rows_cols(sim, a_idx, b_idx).masked_fill(padding.gather(1, b_idx)[:, None, :], float("-inf"))
+    into = b_idx.gather(1, sim_ab.argmax(dim=-1))
+    kept = torch.cat([order[:, 2 * r :], b_idx], dim=1).sort(dim=1).values
+    return dest_from_choice(state, kept, a_idx, into)
+
+
+def _matched_by_energy(state: TokenState, r: int, sim: torch.Tensor, order: torch.Tensor,
+                       padding: torch.Tensor) -> torch.Tensor:
+    """The released ViT code's first-half step: every token alternates into A and B by energy rank,
+    and the r A tokens with the most similar best B match merge into it (padding in A first, never
+    into padding while a real B token exists)."""
+    a_idx, b_idx = order[:, ::2], order[:, 1::2]
+    scores = _rows_cols(sim, a_idx, b_idx)
+    scores = scores.masked_fill(padding.gather(1, b_idx)[:, None, :], float("-inf"))
+    scores = scores.masked_fill(padding.gather(1, a_idx)[:, :, None], float("inf"))
+    best_score, best_b = scores.max(dim=-1)
+    edges = best_score.argsort(dim=-1, descending=True, stable=True)
+    merged, unmerged = edges[:, :r], edges[:, r:]
+    into = b_idx.gather(1, best_b.gather(1, merged))
+    kept = torch.cat([a_idx.gather(1, unmerged), b_idx], dim=1).sort(dim=1).values
+    return dest_from_choice(state, kept, a_idx.gather(1, merged), into)
+
+
+def _rows_cols(sim: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``sim[b, rows[b]][:, cols[b]]`` for every batch row ``b``: ``[B, len(rows), len(cols)]``."""
+    picked = sim.gather(1, rows[:, :, None].expand(-1, -1, sim.shape[2]))
+    return picked.gather(2, cols[:, None, :].expand(-1, rows.shape[1], -1))

@@ -80,7 +80,7 @@ class GridPool(Reducer):
 
         def fraction(layer: int) -> float:
             counts = [cost.num_tokens] * (layer + 1) + [cost.num_tokens - remove] * (cost.num_layers - layer)
-            return cost.total(counts, decision_macs=lambda n: self.extra_macs(n, cost)) / base
+            return cost.total(counts, decision_macs=lambda n, m: self.extra_macs(n, cost, m)) / base
 
         candidates = layers if layers is not None else range(cost.num_layers)
         best = min(candidates, key=lambda layer: (abs(fraction(layer) - flops), layer))

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, check_finite, dest_from_choice, register, unit
-from .select import check_signal, real_tokens, top_scores
+from .base import Reducer, Signals, check_finite, register, unit
+from .select import check_fuse, check_signal, fused_dest, fusion_macs, num_chosen, real_tokens, top_scores
 
 
 @register
@@ -35,7 +35,9 @@ class QueryPrune(Reducer):
 
     Each step keeps the best token and updates the novelties (max-min diversity). With
     ``relevance_weight=1`` this is top-k by relevance (no graph is built); with 0, or when no query
-    is given, it is a pure diversity pruner (DivPrune-like). Dropped tokens are removed, padding last.
+    is given, it is a pure diversity pruner (DivPrune-like). Padding is chosen last. ``fuse`` says
+    what happens to the tokens not kept (default ``"nearest"``: each merges into its most similar kept
+    token; ``"drop"`` removes them, as Script and DivPrune do).
     """
 
     name = "query"
@@ -44,8 +46,10 @@ class QueryPrune(Reducer):
     max_step = 1.0
 
     def __init__(self, relevance_weight: float = 0.5,
-                 projection: Optional[Union[Tensor, nn.Module, Callable[[Tensor], Tensor]]] = None):
+                 projection: Optional[Union[Tensor, nn.Module, Callable[[Tensor], Tensor]]] = None,
+                 fuse: str = "nearest"):
         super().__init__()
+        self.fuse = check_fuse(self, fuse)
         if not 0.0 <= relevance_weight <= 1.0:
             raise ValueError(f"query: relevance_weight must be in [0, 1], got {relevance_weight}")
         if projection is not None and not (isinstance(projection, Tensor) or callable(projection)):
@@ -56,19 +60,21 @@ class QueryPrune(Reducer):
             check_finite(self, "projection", projection.detach())
         self.relevance_weight, self.projection = float(relevance_weight), projection
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         """The similarity graph (U^2 d) and the distances to the mean token (2 U d). Not counted: the
         relevance products (U D Q) and the map of the U tokens into the query's space (``projection``
         or the adapter's ``signals.query_projection``: on CLIP the final norm and a C x D projection per
         token, U C D; more for SigLIP's head). Both depend on the query, which the budget does not
         see, so this is a lower bound for a conditioned call; without a query neither is paid."""
+        kept = (num_tokens + cost.num_protected) // 2 if num_kept is None else num_kept
+        fusion = fusion_macs(num_tokens, kept, cost, self.fuse)
         if self.relevance_weight == 1.0:
-            return 0.0
+            return fusion
         unprotected = num_tokens - cost.num_protected
-        return float((unprotected * unprotected + 2 * unprotected) * cost.metric_dim)
+        return float((unprotected * unprotected + 2 * unprotected) * cost.metric_dim) + fusion
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        k, valid = num_kept - state.num_protected, real_tokens(state)
+        k, valid = num_chosen(state, num_kept, self.fuse), real_tokens(state)
         relevance = None if signals.query is None else self.relevance(state, signals.query,
                                                                           signals.query_projection)
         if relevance is not None and self.relevance_weight == 1.0:
@@ -76,7 +82,7 @@ class QueryPrune(Reducer):
         else:
             weight = 0.0 if relevance is None else self.relevance_weight
             kept = self._greedy(state, signals, valid, k, relevance, weight)
-        return state.reduce(dest_from_choice(state, kept), num_kept)
+        return state.reduce(fused_dest(state, kept, num_kept, self.fuse, signals.metric), num_kept)
 
     def relevance(self, state: TokenState, query: Tensor,
                   query_projection: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:

@@ -6,11 +6,13 @@ the chosen indices come back in spatial order.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..core.state import TokenState
-from .base import Reducer, Signals
+from .base import Reducer, Signals, dest_from_choice, unit
 
 
 def keep_first(priority: Tensor, k: int) -> Tensor:
@@ -56,3 +58,59 @@ def attention_scores(reducer: Reducer, state: TokenState, signals: Signals) -> T
                          "signals.metric (the fallback score for models without one)")
     score = score.masked_fill(~real_tokens(state), 0.0)
     return score / score.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+# -- what happens to the tokens a dropping reducer does not keep ---------------------------------
+
+FUSE = ("drop", "one", "nearest")
+
+
+def check_fuse(reducer: Reducer, fuse: str) -> str:
+    if fuse not in FUSE:
+        raise ValueError(f"{reducer.name}: fuse must be one of {FUSE} (drop the unkept tokens, fuse them into one "
+                         f"extra token, or merge each into its most similar kept token), got {fuse!r}")
+    return fuse
+
+
+def num_chosen(state: TokenState, num_kept: int, fuse: str) -> int:
+    """Unprotected tokens the reducer chooses to keep: under ``fuse="one"`` the fused token takes a slot."""
+    return num_kept - state.num_protected - (1 if fuse == "one" else 0)
+
+
+def fusion_macs(num_tokens: int, num_kept: int, cost, fuse: str) -> float:
+    """MACs of ``fuse="nearest"``: the cosine of every unkept token with every kept one."""
+    if fuse != "nearest":
+        return 0.0
+    kept = num_kept - cost.num_protected
+    return float((num_tokens - num_kept) * kept * cost.metric_dim)
+
+
+def fused_dest(state: TokenState, kept: Tensor, num_kept: int, fuse: str, metric: Optional[Tensor] = None) -> Tensor:
+    """Destination map: the ``kept`` tokens keep their places; the other real tokens are dropped
+    (``"drop"``), all go into one extra token, the last of the ``num_kept`` (``"one"``, EViT), or each
+    merges into the kept token whose ``metric`` is most similar by cosine (``"nearest"``).
+
+    Padding is always dropped. Fused tokens add their size to where they go, so ``"one"`` and
+    ``"nearest"`` conserve total size; with size weights they conserve the size-weighted feature sum.
+    """
+    dest = dest_from_choice(state, kept)
+    if fuse == "drop":
+        return dest
+    protected = state.num_protected
+    rest = (dest < 0) & (state.size > 0)
+    if fuse == "one":
+        return dest.masked_fill(rest, num_kept - 1)
+    if metric is None:
+        raise ValueError("fuse='nearest' needs signals.metric (the features to compare tokens by)")
+    tokens = unit(metric[:, protected:])
+    batch, unprotected, width = tokens.shape
+    unkept = torch.ones(batch, unprotected, dtype=torch.bool, device=kept.device).scatter_(1, kept, False)
+    # [B, U - K]: the unkept positions (the same count in every row), by a sort: no data-dependent shape
+    others = unkept.byte().argsort(dim=1, descending=True, stable=True)[:, :unprotected - kept.shape[1]]
+    pick = lambda index: tokens.gather(1, index[..., None].expand(-1, -1, width))   # noqa: E731
+    similarity = pick(others) @ pick(kept).transpose(1, 2)                  # [B, U - K, K]
+    is_real = state.size[:, protected:].gather(1, kept) > 0                 # padding fills slots only
+    nearest = similarity.masked_fill(~is_real[:, None, :], float("-inf")).argmax(dim=-1)
+    into = dest.clone()
+    into[:, protected:] = into[:, protected:].scatter(1, others, protected + nearest)
+    return torch.where(rest, into, dest)

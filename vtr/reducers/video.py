@@ -42,7 +42,7 @@ class TemporalMerge(Reducer):
     needs = frozenset({"metric", "partition"})
     max_step = 1.0
 
-    def extra_macs(self, num_tokens: int, cost) -> float:
+    def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         return float(num_tokens * cost.metric_dim)   # one cosine per token with its predecessor
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:

@@ -1,23 +1,40 @@
-"""Frontier plots: one line per method of a measure (throughput, accuracy) against FLOPs."""
+"""Line plots for the CLI: one line per method of a measure (throughput, accuracy) against FLOPs or batch.
+
+Figures are built with ``matplotlib.figure.Figure`` and saved through its Agg canvas, never through
+pyplot: no global backend switch (a notebook keeps its own) and no figure left open in pyplot's registry.
+"""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
 
-def frontier(series: Mapping[str, Sequence[tuple[float, float]]], path: str, ylabel: str) -> None:
-    """Draw ``{method: [(flops_fraction, value), ...]}`` into the PNG ``path``."""
+def new_figure(**kwargs):
+    """A matplotlib Figure outside pyplot; a clear error when matplotlib is missing."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as error:
         raise ValueError("plotting needs matplotlib: pip install 'vtr[plot]'") from error
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for method, points in sorted(series.items()):
-        axes.plot(*zip(*sorted(points)), marker="o", label=method)
-    axes.set_xlabel("FLOPs (fraction of the unreduced model)")
+    return Figure(**kwargs)
+
+
+def lines(series: Mapping[str, Sequence[tuple[float, float]]], path: str, xlabel: str, ylabel: str,
+          log_x: bool = False) -> None:
+    """Draw ``{label: [(x, y), ...]}`` into the PNG ``path``; ``log_x`` for batch sizes (1, 8, 32 ...)."""
+    figure = new_figure(figsize=(6, 4))
+    axes = figure.subplots()
+    for label, points in sorted(series.items()):
+        axes.plot(*zip(*sorted(points)), marker="o", label=label)
+    if log_x:
+        ticks = sorted({x for points in series.values() for x, _ in points})
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
+
+
+def frontier(series: Mapping[str, Sequence[tuple[float, float]]], path: str, ylabel: str) -> None:
+    """Draw ``{method: [(flops_fraction, value), ...]}`` into the PNG ``path``."""
+    lines(series, path, "FLOPs (fraction of the unreduced model)", ylabel)

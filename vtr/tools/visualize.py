@@ -1,10 +1,12 @@
-"""Draw what a patched model did to an image: merged groups and kept or dropped patches.
+"""Draw what a patched model did to an image: one figure with the input, the merged groups or kept
+patches, and the tokens entering each block.
 
 Each patch is painted with the mean colour of the group of patches that ended in the same final
 token (so a merged region reads as one flat colour), group boundaries are drawn in white, and
 patches that were dropped are shown in dim grey. Everything comes from ``vtr.report(model)`` of
-one forward pass: ``assignment`` (final token per original token, -1 dropped), ``grid`` and
-``num_protected``.
+one forward pass: ``assignment`` (final token per original token, -1 dropped), ``grid``,
+``num_protected`` and ``tokens``. The figure is a ``matplotlib.figure.Figure`` made outside pyplot: a
+notebook shows it as the cell's value, and no backend is switched.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..adapters import family, find_adapter
+from ..adapters import family, find_adapter, settings
 from ..api import report
+from .plotting import new_figure
 
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -108,18 +111,74 @@ def render(pixels: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def visualize(model: nn.Module, image: ImageLike = "astronaut", path: Optional[Union[str, Path]] = None,
-              *, size: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """Run the patched ``model`` on ``image`` and draw its merged groups / kept tokens.
+              *, size: Optional[tuple[int, int]] = None, name: Optional[str] = None):
+    """Run the patched ``model`` on ``image`` and draw one figure of what its reduction did: the input,
+    its merged groups / kept patches, and the tokens entering each block. Returns the
+    ``matplotlib.figure.Figure`` (a notebook shows it) and writes it as a PNG to ``path`` when given.
 
     ``image``: a scikit-image sample (``"astronaut"``, ``"chelsea"``, ``"coffee"``, ``"rocket"``), a
-    file path or an ``[H, W, 3]`` array; it is resized to the model's input size. Returns the
-    ``[H, W, 3]`` uint8 drawing and writes it as a PNG to ``path`` when given.
+    file path or an ``[H, W, 3]`` array; it is resized to the model's input size. ``name`` titles the
+    model (default: its architecture). :func:`render` gives the drawing alone as an array.
     """
+    reduction = settings(model)
     size = size or input_size(model)
     pixels = load_image(image, size)
     param = next(model.parameters())
     model(to_input(pixels, model).to(device=param.device, dtype=param.dtype))
-    drawing = render(pixels, group_map(model))
+    last = report(model)
+    groups = group_map(model)
+    figure = _figure(pixels, render(pixels, groups), groups, last.tokens,
+                     title=f"{name or _model_name(model)}  |  {_setting(reduction)}  |  "
+                           f"{last.tokens[-1]} of {last.assignment.shape[1]} tokens kept")
     if path is not None:
-        Image.fromarray(drawing).save(path, format="PNG")
-    return drawing
+        figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    return figure
+
+
+def _figure(pixels: np.ndarray, drawing: np.ndarray, groups: np.ndarray, tokens: list, title: str):
+    """Input | groups (with a legend of what the colours mean) | tokens entering each block."""
+    from matplotlib.patches import Patch
+
+    figure = new_figure(figsize=(13, 4.6), layout="constrained")
+    image_axes, result_axes, count_axes = figure.subplots(1, 3, width_ratios=[1, 1, 1.15])
+    figure.suptitle(title, fontsize="large")
+    image_axes.imshow(pixels)
+    image_axes.set_title(f"input ({pixels.shape[1]}x{pixels.shape[0]})")
+    dropped = int((groups < 0).sum())
+    merged = len(np.unique(groups[groups >= 0]))
+    result_axes.imshow(drawing, interpolation="nearest")
+    result_axes.set_title(f"{groups.size} patches -> {merged} tokens" + (f", {dropped} dropped" if dropped else ""))
+    legend = [Patch(facecolor="#b08a60", edgecolor="black", label="flat colour: patches merged into one token"),
+              Patch(facecolor="white", edgecolor="black", label="white line: boundary between tokens")]
+    if dropped:
+        legend.append(Patch(facecolor=(0.16, 0.16, 0.16), edgecolor="black", label="dark grey: dropped patch"))
+    result_axes.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize="small",
+                       frameon=False)
+    for axes in (image_axes, result_axes):
+        axes.set_xticks([])
+        axes.set_yticks([])
+    blocks = np.arange(len(tokens))
+    count_axes.plot(blocks, tokens, marker="o", color="tab:orange", label="with the reduction")
+    count_axes.axhline(tokens[0], linestyle="--", color="grey", label="unreduced")
+    count_axes.set_xticks(blocks, [str(b) for b in blocks[:-1]] + ["out"])
+    count_axes.set_ylim(0, tokens[0] * 1.08)
+    count_axes.set_xlabel("block (out: after the last block)")
+    count_axes.set_ylabel("tokens entering the block")
+    count_axes.set_title("tokens per block")
+    count_axes.grid(alpha=0.3)
+    count_axes.legend(loc="lower left", fontsize="small")
+    return figure
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(model, "pretrained_cfg", None) or {}
+    hf_name = getattr(getattr(model, "config", None), "name_or_path", None)
+    return config.get("architecture") or hf_name or type(model).__name__
+
+
+def _setting(reduction) -> str:
+    """``tome, flops=0.5``: the method and what it was given (a tensor option by its shape)."""
+    def shown(value) -> str:
+        return f"tensor{list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+
+    return ", ".join([reduction.method] + [f"{k}={shown(v)}" for k, v in reduction.arguments.items()])
