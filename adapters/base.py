@@ -132,7 +132,7 @@ def find_adapter(model: nn.Module) -> Adapter:
 
 
 def family(model: nn.Module) -> Optional[str]:
-    """The model family vtr sees in ``model`` (``"timm"``, ``"open_clip"``, ``"hf_vision"``, ``"llava"``),
+    """The model family vtr sees in ``model`` (``"timm"``, ``"open_clip"``, ``"hf_vision"``, ``"llava"``, ``"qwen_vl"``),
     or None when no adapter takes it. The one place model families are told apart."""
     try:
         return find_adapter(model).name

@@ -2,12 +2,13 @@
 
 Widths are LLaVA-1.5-7B's (CLIP ViT-L/14 at 336 px: 576 visual tokens; Llama-7B: hidden 4096,
 32 heads, MLP 11008), depth is scaled down to fit this machine (``--vision-layers``, ``--lm-layers``).
-Reported separately, per batch of ``--batch`` prompts (each one image + ``--text`` text tokens):
+The measurement is ``vtr.tools.bench_vlm`` (also `vtr bench --model llava:1.5-7b`); reported separately, per
+batch of ``--batch`` prompts (each one image + ``--text`` text tokens):
 
 - vision: vision tower + projector + the reducer (before-LLM methods), seconds;
 - prefill: the language model on the prompt it really sees, seconds, and its speed-up;
-- MACs: analytic language-model prefill MACs (vtr.report), and the ratio to the unreduced prompt. Its
-  inverse bounds the prefill speed-up: with V visual tokens, b kept and T text tokens it is about
+- MACs: analytic language-model prefill MACs (vtr.report), the ratio to the unreduced prompt and, in
+  brackets, its inverse, which bounds the prefill speed-up: with V visual tokens, b kept and T text tokens it is about
   (V + T) / (b + T), e.g. 5.9x for 576 -> 64 with 40 text tokens, 7.1x with 20;
 - decode: milliseconds per generated token (the KV cache is as short as the kept prompt).
 
@@ -19,89 +20,10 @@ Reported separately, per batch of ``--batch`` prompts (each one image + ``--text
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
-from torch.utils import benchmark
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration)
 
-import vtr
-from vtr.adapters.llava import before_lm
-
-IMAGE_TOKEN = 32000
-
-
-def llava_shaped(vision_layers: int, lm_layers: int, next_: bool = False):
-    """LLaVA-1.5-7B widths (or LLaVA-NeXT-7B's: the same towers plus AnyRes crops of 336 px)."""
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
-                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers,
-                       num_attention_heads=32, num_key_value_heads=32, pad_token_id=0)
-    common = dict(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
-                  vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    if next_:
-        pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-        config = LlavaNextConfig(image_grid_pinpoints=pinpoints, image_seq_length=576, **common)
-        return LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    config = LlavaConfig(image_seq_length=576, **common)
-    return LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-
-
-def timed(fn) -> float:
-    """Seconds of one call, on torch.utils.benchmark's clock (it synchronises CUDA before reading the time)."""
-    start = benchmark.timer()
-    fn()
-    return benchmark.timer() - start
-
-
-@torch.inference_mode()
-def measure(model, ids, pixels, decode_tokens: int, vision_kwargs: dict) -> dict:
-    """One timing of each part for the model as it is now (patched or not)."""
-    mask, batch = torch.ones_like(ids), ids.shape[0]
-    patched = vtr.is_patched(model)
-    in_llm = patched and vtr.adapters.settings(model).arguments.get("layers") is not None
-    if not patched or in_llm:
-        vision = timed(lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True, **vision_kwargs))
-        image = model.model.get_image_features(pixel_values=pixels, return_dict=True, **vision_kwargs)
-        prompt, prompt_mask = ids, mask
-    else:  # vision tower + reducer + compaction: what the patched model does before its language model
-        vision = timed(lambda: before_lm.prepare(model, ids, mask, pixels, left=True, **vision_kwargs))
-        prepared = before_lm.prepare(model, ids, mask, pixels, left=True, **vision_kwargs)
-        prompt, prompt_mask, image = prepared.input_ids, prepared.attention_mask, prepared.image_outputs
-    inputs = dict(input_ids=prompt, attention_mask=prompt_mask, mm_encoder_outputs={"image": image},
-                  logits_to_keep=1, use_cache=True)
-    prefill = timed(lambda: model(**inputs))
-
-    # Decode: prefill once, then single-token steps on the cache that prefill left (in-LLM pruning: each
-    # step continues the pruning the prefill made on that cache).
-    out = model(**inputs)
-    cache, token, length = out.cache, out.logits[:, -1].argmax(-1, keepdim=True), prompt.shape[1]
-    start = benchmark.timer()
-    for step in range(decode_tokens):
-        out = model(input_ids=token, cache=cache, attention_mask=torch.ones(batch, length + step + 1, dtype=torch.long),
-                    position_ids=torch.full((batch, 1), length + step), use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-    result = {"vision": vision, "prefill": prefill, "decode_ms": 1000 * (benchmark.timer() - start) / decode_tokens}
-    if patched:
-        report = vtr.report(model)
-        result.update(macs=float(report.prefill_macs.sum()), macs_unreduced=float(report.prefill_macs_unreduced.sum()),
-                      kept=int(report.visual_tokens_after[0]))
-    return result
-
-
-def paired(model, ids, pixels, method: str, budget: int, layers, rounds: int, decode_tokens: int, vision_kwargs: dict):
-    """Unreduced and reduced runs alternate, so both see the same machine load; medians of each."""
-    base, reduced = [], []
-    for _ in range(rounds):
-        base.append(measure(model, ids, pixels, decode_tokens, vision_kwargs))
-        vtr.patch(model, method, budget=budget, **({"layers": layers} if layers else {}))
-        reduced.append(measure(model, ids, pixels, decode_tokens, vision_kwargs))
-        vtr.unpatch(model)
-    median = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
-    return ({k: median(base, k) for k in ("vision", "prefill", "decode_ms")},
-            {k: median(reduced, k) for k in reduced[0]})
+from vtr.tools import bench_vlm
 
 
 def main() -> None:
@@ -121,34 +43,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = llava_shaped(args.vision_layers, args.lm_layers, args.next)
-    generator = torch.Generator().manual_seed(0)
-    if args.next:   # the base image plus 4 crops; the model says how many tokens that packs into
-        pixels = torch.randn(args.batch, 5, 3, 336, 336, generator=generator)
-        vision_kwargs = {"image_sizes": torch.tensor([[672, 672]] * args.batch)}
-        with torch.inference_mode():
-            visual = len(model.model.get_image_features(pixels[:1], vision_kwargs["image_sizes"][:1]).pooler_output[0])
-    else:
-        pixels, vision_kwargs, visual = torch.randn(args.batch, 3, 336, 336, generator=generator), {}, 576
-    half = args.text // 2
-    text_after = list(range(100, 100 + args.text - half))
-    ids = torch.tensor([[1] + list(range(2, 2 + half)) + [IMAGE_TOKEN] * visual + text_after] * args.batch)
-
-    measure(model, ids, pixels, 1, vision_kwargs)  # warm-up
+    model = bench_vlm.build("llava:next-7b" if args.next else "llava:1.5-7b", args.vision_layers, args.lm_layers)
+    load = bench_vlm.workload(model, text=args.text, batch=args.batch)
     print(f"LLaVA-{'NeXT' if args.next else '1.5'}-shaped, vision {args.vision_layers} / LM {args.lm_layers} layers, "
-          f"{ids.shape[1]} prompt tokens ({visual} visual) x batch {args.batch}, CPU threads {torch.get_num_threads()}, median of {args.repeats} interleaved rounds")
-    print("| method | where | visual kept | LM prefill MACs | prefill s (unreduced) | prefill speed-up "
-          "| vision+reduce s (unreduced) | decode ms/token (unreduced) |")
-    print("|---|---|---|---|---|---|---|---|")
-    runs = [(m, b, None) for b in map(int, args.budgets.split(",")) for m in args.methods.split(",")]
+          f"{load.inputs['input_ids'].shape[1]} prompt tokens ({load.visual} visual) x batch {args.batch}, "
+          f"CPU threads {torch.get_num_threads()}, median of {args.repeats} interleaved rounds")
+    print(bench_vlm.HEADER)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    variants = [(m, {"method": m, "budget": b}) for b in budgets for m in args.methods.split(",")]
     if args.in_llm_layer is not None:
-        runs += [("fastv", b, [args.in_llm_layer]) for b in map(int, args.budgets.split(","))]
-    for method, budget, layers in runs:
-        base, r = paired(model, ids, pixels, method, budget, layers, args.repeats, args.decode_tokens, vision_kwargs)
-        print(f"| {method} | {'LM layer ' + str(layers[0]) if layers else 'before LM'} | {int(r['kept'])} | "
-              f"{r['macs'] / r['macs_unreduced']:.3f} | {r['prefill']:.3f} ({base['prefill']:.3f}) | "
-              f"{base['prefill'] / r['prefill']:.2f}x | {r['vision']:.3f} ({base['vision']:.3f}) | "
-              f"{r['decode_ms']:.1f} ({base['decode_ms']:.1f}) |", flush=True)
+        variants += [("fastv", {"method": "fastv", "budget": b, "layers": [args.in_llm_layer]}) for b in budgets]
+    bench_vlm.run(model, load, variants, rounds=args.repeats, decode_tokens=args.decode_tokens,
+                  on_row=lambda row: print(bench_vlm.format_row(row), flush=True))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ The package: this front (the :class:`Llava` adapter and the class mixed into the
 
 What a patched model holds is settings: the frozen :class:`~vtr.core.plan.Reduction`, in-LLM pruning's
 stages, and hooks of plain classes, so it pickles, deep-copies and can be shared by threads. Every call
-(``forward``, or a whole ``generate()`` with its decode steps) opens a run (``common.LlavaRun``) for what it
+(``forward``, or a whole ``generate()`` with its decode steps) opens a run (``vtr.adapters.vlm.run.VlmRun``) for what it
 computes; the detached :class:`~vtr.adapters.llava.common.LlavaReport` is what outlives it, read by
 ``vtr.report(model)`` in the caller's thread.
 
@@ -27,15 +27,13 @@ disagrees); LLaVA-NeXT refuses it.
 Limits: ``prop_attn`` has no effect here (the language model's attention is not changed; a merged
 token counts once); ``forward()`` with ``pixel_values`` returns logits over the compacted prompt
 (``vtr.report(model).kept_positions`` maps them back; ``labels`` are compacted alike, on both paths)
-and refuses ``position_ids``; prompts must
-come as ``input_ids``; ``image_sizes`` is for LLaVA-NeXT only; other LLaVA-family models
-(LLaVA-NeXT-Video, LLaVA-OneVision, VipLLaVA, ...) are refused with UnsupportedModelError.
+and refuses ``position_ids``; prompts must come as ``input_ids``; ``image_sizes`` is for LLaVA-NeXT only.
+LLaVA-OneVision and LLaVA-NeXT-Video (images and videos, each of its own count, before the language model
+only) take the path of ``video``.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 from typing import Optional, Sequence, Union
 
@@ -50,45 +48,38 @@ from vtr.reducers.base import Reducer
 from vtr.reducers.pool import GridPool
 
 from .. import steps
-from ..base import Adapter, Swapped, restore_class, swap_class
+from ..base import Adapter, restore_class, swap_class
 from ..errors import UnsupportedModelError
-from . import anyres, before_lm, in_llm
-from .common import (LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, opened,
-                     prefill_macs, reduction_steps)
+from ..vlm.front import ReducingVlm
+from ..vlm.run import VlmRun
+from ..vlm import items
+from ..vlm import video as vlm_video
+from ..vlm.video import VIDEO_OPTIONS, VideoSettings
+from . import anyres, before_lm, in_llm, video
+from .common import (LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, prefill_macs,
+                     reduction_steps)
 
 
-class ReducingLlava(Swapped):
+class ReducingLlava(ReducingVlm):
     """Mixed in before the model's own class: ``forward`` and ``generate`` open the call's run and take
     the path chosen at patch time; everything else is the model's own."""
 
     _vtr: Reduction
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        original = cls.__dict__.get("_vtr_original")
-        if original is not None:   # the class (this mixin, a LLaVA class): forward with the original's signature
-            original_forward = original.forward
+    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        if video.is_video_model(self):
+            return video.forward(self, original_forward, arguments)
+        if in_llm.stages_of(self) is not None:
+            return in_llm.forward(self, run, original_forward, arguments)
+        return before_lm.forward(self, original_forward, arguments)
 
-            @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
-            def forward(self, *args, **kwargs):
-                return _forward(self, original_forward, *args, **kwargs)
-
-            cls.forward = forward
-
-    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
-        with opened(self):      # one run for the prefill and every decode step
-            if in_llm.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
-                in_llm.check_generate(self, kwargs)
-                return super().generate(inputs, *args, **kwargs)
-            return before_lm.generate(self, super().generate, inputs, *args, **kwargs)
-
-    def save_pretrained(self, *args, **kwargs):
-        """Saved as the original class (``config.architectures`` names it): the unpatched model's checkpoint,
-        weights untouched. Through a view of the same modules, so the model itself stays patched throughout
-        (other threads may be calling it)."""
-        view = object.__new__(type(self)._vtr_original)
-        object.__setattr__(view, "__dict__", self.__dict__)
-        return view.save_pretrained(*args, **kwargs)
+    def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
+        if video.is_video_model(self):
+            return video.generate(self, generate, inputs, *args, **kwargs)
+        if in_llm.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
+            in_llm.check_generate(self, kwargs)
+            return generate(inputs, *args, **kwargs)
+        return before_lm.generate(self, generate, inputs, *args, **kwargs)
 
 
 def pool_factor(model: nn.Module, reduction: Reduction) -> Reduction:
@@ -120,37 +111,33 @@ def pool_factor(model: nn.Module, reduction: Reduction) -> Reduction:
     return dataclasses.replace(reduction, reducer=GridPool(factor=counts[budget]))
 
 
-def _forward(model: nn.Module, original_forward, *args, **kwargs):
-    bound = inspect.signature(original_forward).bind(model, *args, **kwargs)
-    arguments = dict(bound.arguments)
-    arguments.pop("self")
-    arguments |= arguments.pop("kwargs", {})
-    with opened(model) as run:
-        if in_llm.stages_of(model) is not None:
-            return in_llm.forward(model, run, original_forward, arguments)
-        return before_lm.forward(model, original_forward, arguments)
-
-
 class Llava(Adapter):
     """transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5) and ``LlavaNextForConditionalGeneration``."""
 
     name = "llava"
-    amounts = ("budget",)          # vtr.patch(model, method, budget=64): visual tokens kept per image
+    # vtr.patch(model, method, budget=64): visual tokens kept per image (or video); OneVision and NeXT-Video
+    # also take frames= and temporal= (how a video spends its budget, vtr.adapters.vlm.video)
+    amounts = ("budget", *VIDEO_OPTIONS)
     metrics = ("x",)               # visual tokens are compared by their projected features
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""
-        return (type(model).__module__.startswith("transformers.models.llava")
-                or isinstance(model, llava_classes()) or is_next(model))
+        return any(cls.__module__.startswith("transformers.models.llava") for cls in type(model).__mro__)
 
     def check(self, model: nn.Module) -> None:
         kind = type(model).__name__
         classes = llava_classes()
         next_ = is_next(model)
+        if video.is_video_model(model):
+            for key in ("image_token_id", "video_token_id"):
+                if getattr(model.config, key, None) is None:
+                    raise UnsupportedModelError(f"{kind}.config.{key} is not set: vtr finds the visual tokens from it")
+            return
         if not next_ and (not classes or not isinstance(model, classes[0])):
             raise UnsupportedModelError(
-                f"vtr's LLaVA adapter supports transformers' LlavaForConditionalGeneration (LLaVA-1.5) and "
-                f"LlavaNextForConditionalGeneration (LLaVA-NeXT, AnyRes); got {kind}, which is not supported. "
+                f"vtr's LLaVA adapter supports transformers' LlavaForConditionalGeneration (LLaVA-1.5), "
+                f"LlavaNextForConditionalGeneration (LLaVA-NeXT, AnyRes), LlavaOnevisionForConditionalGeneration and "
+                f"LlavaNextVideoForConditionalGeneration; got {kind}, which is not supported. "
                 "For a bare LlavaModel / LlavaNextModel, patch the ...ForConditionalGeneration that holds it"
             )
         config = model.config
@@ -165,7 +152,7 @@ class Llava(Adapter):
             )
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
-        return cost(model, metric)
+        return video.cost(model, metric) if video.is_video_model(model) else cost(model, metric)
 
     def blocks(self, model: nn.Module) -> nn.Module:
         """The language model's decoder layers: where the visual tokens cost."""
@@ -181,7 +168,8 @@ class Llava(Adapter):
                          "image tokens) as well as pixel_values; pass inputs=")
 
     def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
-                      metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None) -> Schedule:
+                      metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
+                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
         """``budget=`` (visual tokens kept per image) as a schedule of reduction steps.
 
         ``layers=None`` reduces on the projector output, before the language model; ``layers=[K]``
@@ -193,6 +181,11 @@ class Llava(Adapter):
         if others:
             raise ValueError(f"the LLaVA adapter takes budget= (visual tokens kept per image), not "
                              f"{', '.join(o + '=' for o in others)}")
+        if video.is_video_model(model):
+            vlm_video.check(reducer, VideoSettings(frames or "uniform", temporal))
+            return items.schedule(reducer, budget, video.reference_side(model))
+        if frames is not None or temporal is not None:
+            raise ValueError(f"frames= and temporal= split a video's budget; {type(model).__name__} takes no videos")
         num_tokens, protected = image_tokens(model)
         low = anyres.MIN_BUDGET if is_next(model) else protected + 1
         if layers is not None:
@@ -222,6 +215,8 @@ class Llava(Adapter):
         """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
         the reducer's own decisions included (in-LLM: each stage's scoring too); the vision tower is the
         same either way. LLaVA-NeXT: of the largest image."""
+        if video.is_video_model(model):
+            return items.expected_flops(model, reduction, video.cost(model))
         if reduction is None:
             unreduced = float(prefill_macs(model, torch.tensor([image_tokens(model)[0]])))
             return unreduced, unreduced
@@ -234,6 +229,11 @@ class Llava(Adapter):
         reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
         if reduction.metric != "x":
             raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
+        if video.is_video_model(model):
+            video.check_reduction(reduction)
+            model._vtr = reduction
+            swap_class(model, ReducingLlava)
+            return
         if is_next(model):
             anyres.check_reduction(model, reduction)
         elif isinstance(reduction.reducer, GridPool):

@@ -36,10 +36,13 @@ from vtr.core.state import TokenState
 
 from ..base import remove_hooks
 from ..errors import UnsupportedModelError
+from ..vlm import calls
+from ..vlm.calls import Compacted, Family
+from ..vlm.prompt import image_rows, pad_id, row_queries
 from . import anyres
-from .common import (VISION_KEYS, LlavaReport, LlavaRun, ReducedImages, check_image_sizes, compact_prompt,
+from .common import (VISION_KEYS, WHERE, LlavaReport, ReducedImages, VlmRun, check_image_sizes, compact_prompt,
                      decision_macs, feature_attention, image_tokens, is_next, opened, padded, prefill_macs,
-                     reduce_group, reduction_steps, step_counts, text_only_report)
+                     reduce_group, reduction_steps, step_counts)
 
 VISION_LAYER = -1   # the key the run keeps the vision feature layer's q/k under (no decoder layer is -1)
 ALLOCATION_LAYER = -2   # ...and the q/k of the layer whose CLS attention splits LLaVA-NeXT budgets (HiRED)
@@ -82,44 +85,25 @@ def uninstall(model: nn.Module) -> None:
 
 # -- the patched entry points ------------------------------------------------------------------------
 
+def _compacted(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: bool) -> Compacted:
+    vision = {key: inputs[key] for key in VISION_KEYS if key in inputs}
+    prepared = prepare(model, input_ids, inputs.get("attention_mask"), inputs["pixel_values"], left, **vision)
+    return Compacted(prepared.input_ids, prepared.kept_positions, dict(
+        attention_mask=prepared.attention_mask, mm_encoder_outputs={"image": prepared.image_outputs}))
+
+
+FAMILY = Family(_compacted, ("pixel_values", "attention_mask", *VISION_KEYS), LlavaReport, WHERE, "LLaVA")
+
+
 def generate(model: nn.Module, generate_fn: Callable, inputs: Optional[Tensor], *args, **kwargs):
     """``generate()`` on the compacted prompt with the reduced features; returns the caller's prompt
     followed by the new tokens."""
-    pixel_values = kwargs.pop("pixel_values", None)
-    input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-    if pixel_values is None:
-        if kwargs.get("mm_encoder_outputs") is not None:
-            raise ValueError("precomputed mm_encoder_outputs would bypass vtr's reduction on a patched LLaVA; "
-                             "pass pixel_values (or vtr.unpatch(model) first)")
-        if input_ids is not None:
-            runs.record(model._vtr, text_only_report(model, input_ids, kwargs.get("attention_mask")))
-        return generate_fn(input_ids, *args, **kwargs)
-    vision = {k: kwargs.pop(k) for k in VISION_KEYS if k in kwargs}
-    with torch.no_grad():   # as generate() itself: no autograd graph for the tower (assisted decoding copies it)
-        prepared = prepare(model, input_ids, kwargs.pop("attention_mask", None), pixel_values, left=True, **vision)
-    output = generate_fn(prepared.input_ids, *args, attention_mask=prepared.attention_mask,
-                         mm_encoder_outputs={"image": prepared.image_outputs}, **kwargs)
-    return _with_callers_prompt(output, input_ids, prepared.input_ids.shape[1])
+    return calls.generate(model, FAMILY, generate_fn, inputs, *args, **kwargs)
 
 
 def forward(model: nn.Module, original_forward: Callable, arguments: dict):
     """The model's forward; with ``pixel_values`` it runs on the compacted prompt (see LlavaReport)."""
-    if arguments.get("pixel_values") is None:
-        return original_forward(model, **arguments)
-    if arguments.get("position_ids") is not None:
-        raise ValueError("position_ids cannot be combined with pixel_values on a vtr-patched LLaVA: the prompt is "
-                         "compacted, so positions follow the compacted attention_mask")
-    mask = arguments.get("attention_mask")
-    right_padded = mask is not None and bool((mask[:, -1] == 0).any())
-    vision = {k: arguments.pop(k) for k in VISION_KEYS if arguments.get(k) is not None}
-    prepared = prepare(model, arguments.get("input_ids"), mask, arguments.pop("pixel_values"), left=not right_padded,
-                       **vision)
-    if arguments.get("labels") is not None:
-        labels = arguments["labels"].gather(1, prepared.kept_positions.clamp_min(0))
-        arguments["labels"] = labels.masked_fill(prepared.kept_positions < 0, -100)
-    arguments.update(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
-                     mm_encoder_outputs={"image": prepared.image_outputs})
-    return original_forward(model, **arguments)
+    return calls.forward(model, FAMILY, original_forward, arguments)
 
 
 @dataclass
@@ -163,10 +147,10 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
                 f"the prompt has {int(placeholder.sum())} image tokens (id {image_token_id}) but the "
                 f"{len(features)} images give {int(counts.sum())} features"
             )
-        image_rows = _image_rows(placeholder, counts)
+        rows = image_rows(placeholder, counts)
         query = None
         if Need.QUERY in reduction.reducer.needs:
-            query = _query(model, input_ids, attention_mask, placeholder, image_rows, run.query)
+            query = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
         if cls_row is not None and image_tokens(model)[1] == 0:
             cls_row = cls_row[:, 1:]      # the CLS token is not among the 'default' features
         if next_:
@@ -179,9 +163,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
 
         kept = torch.tensor([len(f) for f in images.features], dtype=torch.long, device=input_ids.device)
         ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, counts, kept,
-                                                   _pad_id(model, image_token_id), left)
+                                                   pad_id(model, image_token_id), left)
         image_outputs.pooler_output = images.features
-        _record(model, reduction, images, image_rows, placeholder, ids == image_token_id, attention_mask, mask,
+        _record(model, reduction, images, rows, placeholder, ids == image_token_id, attention_mask, mask,
                 kept_positions)
         return Prepared(ids, mask, image_outputs, kept_positions)
 
@@ -207,7 +191,7 @@ def expected_flops(model: nn.Module, reduction: Reduction) -> tuple[float, float
 
 # -- the parts ------------------------------------------------------------------------------------------
 
-def _cls_row(model: nn.Module, run: LlavaRun, key: int = VISION_LAYER) -> Optional[Tensor]:
+def _cls_row(model: nn.Module, run: VlmRun, key: int = VISION_LAYER) -> Optional[Tensor]:
     """``[I, N]`` head-mean attention of the CLS token to each token of the feature layer (or, with
     ``key=ALLOCATION_LAYER``, of the allocation layer), from the q/k the ``KeepQK`` hooks kept in this
     run while the tower ran; None without those hooks."""
@@ -217,53 +201,6 @@ def _cls_row(model: nn.Module, run: LlavaRun, key: int = VISION_LAYER) -> Option
     attention = feature_attention(model) if key == VISION_LAYER else allocation_attention(model, model._vtr)
     split = lambda t: t.view(t.shape[0], t.shape[1], attention.num_heads, -1).transpose(1, 2)  # noqa: E731
     return cls_attention(split(q), split(k), scale=attention.scale)
-
-
-def _with_callers_prompt(output, input_ids: Tensor, compact_length: int):
-    """generate() output with the caller's prompt in front of the new tokens (not the compacted one)."""
-    sequences = output if isinstance(output, Tensor) else output.sequences
-    repeat = sequences.shape[0] // input_ids.shape[0]   # num_return_sequences / beams
-    prompt = input_ids.repeat_interleave(repeat, dim=0).to(sequences.device)
-    restored = torch.cat([prompt, sequences[:, compact_length:]], dim=1)
-    if isinstance(output, Tensor):
-        return restored
-    output.sequences = restored
-    return output
-
-
-def _pad_id(model: nn.Module, image_token_id: int) -> int:
-    for pad in (getattr(model.generation_config, "pad_token_id", None),
-                getattr(model.config.text_config, "pad_token_id", None), 0):
-        if isinstance(pad, int) and pad != image_token_id:
-            return pad
-    return 0 if image_token_id != 0 else 1
-
-
-def _image_rows(placeholder: Tensor, counts: Tensor) -> Tensor:
-    """Row of each image: the row holding its first placeholder."""
-    starts = torch.cumsum(counts, 0) - counts
-    flat_rows = placeholder.nonzero()[:, 0]
-    return flat_rows[starts]
-
-
-def _query(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, placeholder: Tensor, image_rows: Tensor,
-           given: Optional[Tensor]) -> list[Tensor]:
-    """Per image ``[1, Q, D]``: the language model's input embeddings of its row's text tokens, or the
-    row's query from ``vtr.conditioned(model, query)`` (``[B, D]`` / ``[B, Q, D]``, one row per prompt)."""
-    if given is not None:
-        if given.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"vtr.conditioned: query must have one row per prompt ({input_ids.shape[0]}), "
-                             f"got {tuple(given.shape)}")
-        return [given[row][None].to(model.dtype) for row in image_rows.tolist()]
-    text = attention_mask.bool() & ~placeholder
-    embed = model.get_input_embeddings()
-    queries = []
-    for row in image_rows.tolist():
-        tokens = input_ids[row][text[row]]
-        if tokens.numel() == 0:
-            raise ValueError(f"query-conditioned reduction needs text in the prompt; row {row} has only image tokens")
-        queries.append(embed(tokens)[None])
-    return queries
 
 
 def _reduce(model: nn.Module, reduction: Reduction, features: Tensor, attention: Optional[Tensor],

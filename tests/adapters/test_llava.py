@@ -250,9 +250,9 @@ def test_unsupported_families_are_clear_errors():
     model = tiny_llava()
     with pytest.raises(vtr.UnsupportedModelError, match="LlavaForConditionalGeneration"):
         vtr.patch(model.model, "tome", budget=4)
-    with pytest.raises(vtr.UnsupportedModelError, match="supported: .*transformers LLaVA and LLaVA-NeXT"):
+    with pytest.raises(vtr.UnsupportedModelError, match="supported: .*transformers LLaVA, LLaVA-NeXT"):
         vtr.patch(nn.Linear(2, 2), "tome", budget=4)
-    # Other LLaVA-family models (LLaVA-NeXT-Video, LLaVA-OneVision): tests/test_llava_next.py
+    # LLaVA-NeXT-Video and LLaVA-OneVision: tests/adapters/test_llava_video.py
 
 
 def test_bad_calls_are_clear_errors():

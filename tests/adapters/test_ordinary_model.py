@@ -40,6 +40,7 @@ from vtr.core import run as runs
 from vtr.core.plan import Reduction
 
 from conftest import THREADS, call_state, check_threads, probe, reachable
+from qwen_vl_models import batch as qwen_batch, generate as qwen_generate, logits as qwen_logits, tiny_qwen
 
 hf_logging.set_verbosity_error()
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -509,3 +510,75 @@ def test_timm_forward_features_then_forward_head(family, method):
         whole = model(x)
         split = model.forward_head(model.forward_features(x))
     assert torch.equal(split, whole)
+
+
+# -- 7. vision-language models: Qwen-VL (LLaVA's are in test_llava.py) --------------------------------
+
+QWEN_METHODS = [("tome", {"budget": 5}), ("pool", {"factor": 2})]
+
+
+def _qwen_call(model, inputs: dict) -> tuple:
+    out = qwen_generate(model, inputs)
+    return out.sequences, qwen_logits(out)
+
+
+def _qwen_inputs(thread: int) -> dict:
+    """Each thread its own prompts, image sizes and pixels."""
+    rows = [[[1, 5, ("image", 0), 6, ("image", 1), 7], [1, 9, ("image", 2), 8], [1, 20, 21]],
+            [[1, 5, 6, ("image", 0), 7, 8, 9]],
+            [[1, ("image", 0), 4, 4, 4], [1, 2, 3, 30, ("image", 1), 9]],
+            [[1, 40, 41], [1, 50, ("image", 0), 51, 52]]][thread]
+    grids = [[(1, 8, 8), (1, 4, 6), (1, 6, 6)], [(1, 6, 8)], [(1, 4, 4), (1, 8, 6)], [(1, 2, 4)]][thread]
+    return qwen_batch(rows, image_grids=grids, seed=10 + thread).inputs()
+
+
+@pytest.mark.parametrize("method, amount", QWEN_METHODS)
+def test_qwen_vl_threads_share_one_patched_model(method, amount):
+    """Threads sharing one patched Qwen2.5-VL, each generating from its own prompts and images, get the tokens,
+    logits and report of their own call, bitwise what the call gives alone."""
+    model = vtr.patch(tiny_qwen(), method, **amount)
+    calls = [functools.partial(_qwen_call, model, _qwen_inputs(thread)) for thread in range(THREADS)]
+    check_threads(model, [[call] * 3 for call in calls])
+
+
+@pytest.mark.parametrize("method, amount", QWEN_METHODS)
+def test_qwen_vl_pickle_and_deepcopy_stay_patched(method, amount):
+    """pickle (before the first call: transformers then adds output-capturing closures no model pickles with)
+    and deepcopy give a patched model of its own: same outputs, its own reports, and unpatching it gives the
+    unpatched model's outputs; the original stays patched."""
+    inputs = _qwen_inputs(0)
+    unpatched = _qwen_call(tiny_qwen(), inputs)
+    model = vtr.patch(tiny_qwen(), method, **amount)
+    pickled = pickle.loads(pickle.dumps(model))
+    expected = _qwen_call(model, inputs)
+    for clone in (pickled, copy.deepcopy(model)):
+        assert vtr.is_patched(clone) and type(clone) is type(model) and clone._vtr is not model._vtr
+        with pytest.raises(ValueError, match="no forward pass"):
+            vtr.report(clone)
+        assert all(torch.equal(a, b) for a, b in zip(_qwen_call(clone, inputs), expected))
+        assert torch.equal(vtr.report(clone).kept_positions, vtr.report(model).kept_positions)
+        vtr.unpatch(clone)
+        assert all(torch.equal(a, b) for a, b in zip(_qwen_call(clone, inputs), unpatched))
+    assert vtr.is_patched(model)
+    assert all(torch.equal(a, b) for a, b in zip(_qwen_call(model, inputs), expected))
+
+
+def test_qwen_vl_holds_no_tensor_of_a_call():
+    """Nothing a call computes stays on a patched Qwen-VL (generate, conditioned generate, a grad-enabled forward
+    and its backward), except what the unpatched model's own forward keeps too: ``model.model.rope_deltas``."""
+    reference = tiny_qwen()
+    inputs = _qwen_inputs(0)
+    with torch.no_grad():
+        reference(**inputs)
+    assert isinstance(reference.model.rope_deltas, torch.Tensor)    # transformers' own per-call attribute
+    model = vtr.patch(tiny_qwen(), "tome", budget=4)
+    before = {id(t) for t, _ in reachable(model) if isinstance(t, torch.Tensor)}
+    qwen_generate(model, inputs)
+    with vtr.conditioned(model, torch.randn(3, 64)):
+        qwen_generate(model, inputs)
+    model(**inputs).logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+    after = {id(t): path for t, path in reachable(model) if isinstance(t, torch.Tensor)}
+    kept = [path for key, path in after.items() if key not in before and not path.endswith(".rope_deltas")]
+    assert not kept, kept
+    assert call_state(model) == []

@@ -41,6 +41,9 @@ FORBIDDEN: list[tuple[str, str]] = [
     ("vtr.budget.cost", "vtr.reducers"),
     ("vtr.reducers", "vtr.adapters"),
     ("vtr.adapters.llava.common", "vtr.adapters.llava"),   # shared helpers import no sibling
+    ("vtr.adapters.qwen_vl.common", "vtr.adapters.qwen_vl"),
+    ("vtr.adapters.vlm", "vtr.adapters.llava"),             # what every VLM family shares imports no family
+    ("vtr.adapters.vlm", "vtr.adapters.qwen_vl"),
 ]
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,12 +14,7 @@ from vtr.tools import bench
 TINY = "vit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True)
-def _threads_restored():
-    """`vtr bench --threads` sets torch's thread count for the process; put it back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("threads_restored")   # tests/tools/conftest.py
 
 
 def test_bench_prints_a_row_per_method(capsys):

@@ -26,6 +26,9 @@ HF_CLASSES = {"CLIPVisionModel": False, "CLIPVisionModelWithProjection": False, 
 # A config without ``architectures`` (written by hand, or by an older tool): its model_type.
 HF_BY_TYPE = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipModel",
               "siglip_vision_model": "SiglipVisionModel", "vit": "ViTModel"}
+# Saved vision-language models `vtr bench` times with the VLM prefill benchmark (vtr.tools.bench_vlm).
+HF_VLM_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                  "Qwen2_5_VLForConditionalGeneration")
 MODEL_NAMES = "a timm name, open_clip:<name> or hf:<name, directory or Hub id>"
 
 
@@ -59,10 +62,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
     raise ValueError(f"model {name!r}: give {MODEL_NAMES} (built-in hf names: {', '.join(sorted(HF_VISION))})")
 
 
-def load_hf(source: str, image_size: int | None = None) -> nn.Module:
-    """The transformers image model ``save_pretrained`` wrote to the directory ``source``, or the Hub
-    model ``source`` from the local cache; float32 on the CPU, in eval mode. An image-text model
-    (CLIPModel, SiglipModel) gives its image tower. Never downloads."""
+def _hf_config(source: str):
+    """The transformers config of the directory or cached Hub model ``source``; never downloads."""
     import transformers
 
     local = Path(source).is_dir()
@@ -78,12 +79,51 @@ def load_hf(source: str, image_size: int | None = None) -> nn.Module:
         raise ValueError(f"hf:{source}: not in the local Hugging Face cache, and vtr downloads nothing; fetch it "
                          f"first (`hf download {source}`) or give a directory written by save_pretrained, or a "
                          f"built-in name: {', '.join(sorted(HF_VISION))}") from error
+    return config
+
+
+def _vlm_architecture(config) -> str | None:
+    return next((a for a in config.architectures or () if a in HF_VLM_CLASSES), None)
+
+
+def is_hf_vlm(source: str) -> bool:
+    """Whether ``hf:<source>`` names a saved (or cached) LLaVA or Qwen-VL model, which `vtr bench` times with
+    the VLM prefill benchmark (a source that does not load is no VLM: :func:`create_model` says why)."""
+    try:
+        return source not in HF_VISION and _vlm_architecture(_hf_config(source)) is not None
+    except ValueError:
+        return False
+
+
+def load_hf_vlm(source: str) -> nn.Module:
+    """The LLaVA or Qwen-VL model ``save_pretrained`` wrote to ``source`` (or cached from the Hub), float32 on
+    the CPU, in eval mode. Never downloads."""
+    import transformers
+
+    config = _hf_config(source)
+    architecture = _vlm_architecture(config)
+    if architecture is None:
+        found = ", ".join(config.architectures or ()) or f"model_type {config.model_type!r}"
+        raise ValueError(f"hf:{source}: {found} is not a VLM the benchmark runs; it takes {', '.join(HF_VLM_CLASSES)}")
+    with torch.device("cpu"):
+        return getattr(transformers, architecture).from_pretrained(source, local_files_only=True,
+                                                                   dtype=torch.float32).eval()
+
+
+def load_hf(source: str, image_size: int | None = None) -> nn.Module:
+    """The transformers image model ``save_pretrained`` wrote to the directory ``source``, or the Hub
+    model ``source`` from the local cache; float32 on the CPU, in eval mode. An image-text model
+    (CLIPModel, SiglipModel) gives its image tower. Never downloads."""
+    import transformers
+
+    config = _hf_config(source)
     architecture = next((a for a in config.architectures or () if a in HF_CLASSES),
                         HF_BY_TYPE.get(config.model_type))
     if architecture is None:
         found = ", ".join(config.architectures or ()) or f"model_type {config.model_type!r}"
         raise ValueError(f"hf:{source}: {found} is not an image model the vtr command runs; it takes "
-                         f"{', '.join(HF_CLASSES)} (LLaVA: see benchmarks/bench_llava.py)")
+                         f"{', '.join(HF_CLASSES)}" + (" (a LLaVA or Qwen-VL model: vtr bench runs its VLM prefill "
+                                                         "benchmark)" if _vlm_architecture(config) else ""))
     with torch.device("cpu"):   # from_pretrained loads weights: never under a meta-device context
         model = getattr(transformers, architecture).from_pretrained(source, local_files_only=True,
                                                                     dtype=torch.float32)

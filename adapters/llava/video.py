@@ -1,0 +1,160 @@
+"""LLaVA-OneVision and LLaVA-NeXT-Video: each image and each video keeps ``budget`` visual tokens, before the
+language model (``vtr.adapters.vlm.items``); ``generate()`` unchanged.
+
+Videos (``pixel_values_videos``, ``[videos, frames, channels, height, width]``): each frame's tokens are its
+pooled patch grid (OneVision: bilinear to ``ceil(side/2)`` squared; NeXT-Video: its resampler's stride), frame
+after frame. A video's budget is split across its frames (``frames=``), after an optional merge across
+neighbouring frames (``temporal=``), and each frame reduced by the method (``vtr.adapters.vlm.video``);
+OneVision's newline token after a video always stays and counts in the budget.
+
+Images: each image's packed tokens (the base image, the AnyRes crops and their newlines, as the model's own
+``get_image_features`` gives them) are reduced as one set to the budget: no split by crops as on LLaVA-NeXT,
+and newline tokens are ordinary tokens here.
+
+Positions: as on LLaVA, the compacted prompt is numbered as usual (kept tokens get consecutive positions).
+Imports ``common``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vtr.core import run as runs
+from vtr.core.plan import Reduction
+from vtr.core.signals import Need
+
+from ..vlm import calls
+from ..vlm.calls import Compacted, Family
+from ..vlm.items import compact_items, reduce_items, report_fields, split_items
+from ..vlm.language import language_cost, prefill_macs
+from ..vlm.prompt import pad_id, row_queries
+from ..vlm.run import opened
+from ..vlm.video import VideoSettings
+from .common import LlavaReport
+
+WHERE = "before the language model (projector output, per image or video)"
+IMAGE_KEYS = ("image_sizes", "vision_aspect_ratio", "batch_num_images")
+SHARED_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
+
+
+def video_classes() -> tuple:
+    try:
+        from transformers import LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+    except ImportError:  # transformers is optional for vtr
+        return ()
+    return LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration
+
+
+def is_video_model(model: nn.Module) -> bool:
+    """``model`` is LLaVA-OneVision or LLaVA-NeXT-Video (images and videos, each of its own count)."""
+    return isinstance(model, video_classes())
+
+
+def is_onevision(model: nn.Module) -> bool:
+    classes = video_classes()
+    return bool(classes) and isinstance(model, classes[0])
+
+
+def reference_side(model: nn.Module) -> int:
+    """Rows (= cols) of one image's (or frame's) patch grid at the tower's own size."""
+    vision = model.config.vision_config
+    return vision.image_size // vision.patch_size
+
+
+def frame_grid(model: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of one video frame's tokens as the model pools them."""
+    side = reference_side(model)
+    if is_onevision(model):
+        return math.ceil(side / 2), math.ceil(side / 2)
+    stride = model.config.spatial_pool_stride
+    return side // stride, side // stride
+
+
+def cost(model: nn.Module, metric: str = "x"):
+    """Language-model MACs of a reference image's visual tokens (one image at the tower's own size), per layer."""
+    return language_cost(model, reference_side(model) ** 2, 0, has_cls=False)
+
+
+def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: bool) -> Compacted:
+    """Encode the images and videos, reduce each, compact the prompt, record the report (in this call's run)."""
+    if input_ids is None:
+        raise ValueError("a vtr-patched LLaVA-OneVision / NeXT-Video needs input_ids with pixel values: the visual "
+                         "tokens are found from config.image_token_id / video_token_id in input_ids")
+    config, reduction = model.config, model._vtr
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    shared = {key: inputs[key] for key in SHARED_KEYS if key in inputs}
+    placeholders = {"image": input_ids == config.image_token_id, "video": input_ids == config.video_token_id}
+    with opened(model) as run:
+        outputs, items = {}, []
+        if inputs.get("pixel_values") is not None:
+            if inputs.get("image_sizes") is None:
+                raise ValueError("image_sizes ([images, 2] height and width of each image, as the processor returns "
+                                 "them) is needed with pixel_values")
+            images = {key: inputs[key] for key in IMAGE_KEYS if key in inputs}
+            outputs["image"] = model.model.get_image_features(inputs["pixel_values"], return_dict=True, **images,
+                                                              **shared)
+            features = list(outputs["image"].pooler_output)
+            items += split_items(features, [None] * len(features), placeholders["image"], "image")
+        if inputs.get("pixel_values_videos") is not None:
+            videos = inputs["pixel_values_videos"]
+            outputs["video"] = model.model.get_video_features(videos, return_dict=True, **shared)
+            frames, (rows, cols) = videos.shape[1], frame_grid(model)
+            tokens = frames * rows * cols
+            pooled = outputs["video"].pooler_output
+            suffixes = [video[tokens:] for video in pooled] if pooled.shape[1] > tokens else None
+            items += split_items([video[:tokens] for video in pooled], [(frames, rows, cols)] * len(pooled),
+                                 placeholders["video"], "video", suffixes)
+        rows_of = torch.tensor([item.row for item in items], dtype=torch.long)
+        queries = None
+        relevance = VideoSettings.of(reduction.arguments).frames == "relevance" and "video" in outputs
+        if Need.QUERY in reduction.reducer.needs or relevance:
+            queries = row_queries(model, input_ids, mask, placeholders["image"] | placeholders["video"], rows_of,
+                                  run.query)
+        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))
+        ids, new_mask, kept_positions = compact_items(input_ids, mask, placeholders, items, reduced,
+                                                      pad_id(model, config.image_token_id, config.video_token_id), left)
+        if "image" in outputs:
+            outputs["image"].pooler_output = [r.features for item, r in zip(items, reduced) if item.kind == "image"]
+        if "video" in outputs:
+            outputs["video"].pooler_output = _stacked([r.features for item, r in zip(items, reduced)
+                                                       if item.kind == "video"])
+        visual = (ids == config.image_token_id) | (ids == config.video_token_id)
+        runs.record(reduction, LlavaReport(
+            where=WHERE, visual_tokens_before=(placeholders["image"] | placeholders["video"]).sum(1),
+            visual_tokens_after=visual.sum(1), kept_positions=kept_positions,
+            prefill_macs=prefill_macs(model, new_mask.sum(1)), prefill_macs_unreduced=prefill_macs(model, mask.sum(1)),
+            reducer_macs=reducer_macs, **report_fields(items, reduced)))
+        return Compacted(ids, kept_positions, dict(attention_mask=new_mask.to(mask.dtype), mm_encoder_outputs=outputs))
+
+
+def _stacked(videos: list[Tensor]) -> Tensor:
+    """The videos' features as the model's own ``[videos, tokens, D]`` (every video of a batch keeps as many: the
+    same frames and budget)."""
+    counts = {len(v) for v in videos}
+    if len(counts) != 1:
+        raise ValueError(f"the videos of one call kept different numbers of tokens {sorted(counts)}; the model takes "
+                         "them as one tensor, so they must have as many frames of one size")
+    return torch.stack(videos)
+
+
+FAMILY = Family(prepare, ("pixel_values", "pixel_values_videos", "attention_mask", *IMAGE_KEYS, *SHARED_KEYS),
+                LlavaReport, WHERE, "LLaVA-OneVision / NeXT-Video")
+
+
+def generate(model: nn.Module, generate_fn: Callable, inputs: Optional[Tensor], *args, **kwargs):
+    return calls.generate(model, FAMILY, generate_fn, inputs, *args, **kwargs)
+
+
+def forward(model: nn.Module, original_forward: Callable, arguments: dict):
+    return calls.forward(model, FAMILY, original_forward, arguments)
+
+
+def check_reduction(reduction: Reduction) -> None:
+    """What the video models cannot do (patch time)."""
+    if reduction.arguments.get("layers") is not None:
+        raise ValueError("in-LLM pruning (layers=) is not available on LLaVA-OneVision / NeXT-Video; leave out layers= "
+                         "to reduce each image and video before the language model")

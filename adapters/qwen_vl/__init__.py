@@ -1,0 +1,168 @@
+"""Hugging Face Qwen2-VL / Qwen2.5-VL adapter: fewer visual tokens reach the language model; ``generate()`` unchanged.
+
+``vtr.patch(model, method, budget=B)`` keeps ``min(B, its own count)`` visual tokens of each image and
+each video, reduced on the vision tower's output after its patch merger; the prompt is compacted and
+every kept token keeps its M-RoPE position (``before_lm``). ``pool`` takes ``factor=`` instead: each
+image keeps what the factor leaves of its own grid. ``layers=[K]`` (or ``[K1, K2, ...]``) prunes inside
+the language model instead, FastV-style, as on LLaVA (``in_llm``): each image keeps ``min(B, its count)``
+after the last stage.
+
+The package: this front (the :class:`QwenVL` adapter and the class mixed into the model) imports
+``before_lm`` and ``in_llm``, which import ``common`` (which models, the call's images and videos,
+positions, costs, the report); the run, prompt compaction, reduction steps and in-LLM pruning are shared
+with LLaVA (``vtr.adapters.vlm``).
+
+Limits: ``forward()`` with pixel values returns logits over the compacted prompt
+(``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts come as
+``input_ids`` with ``mm_token_type_ids`` (as the processor returns them); ``pool`` reduces before the
+language model only; ``metric='x'`` only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from vtr.budget.cost import EncoderCost
+from vtr.budget.schedule import Schedule
+from vtr.core.plan import Reduction
+from vtr.reducers.base import Reducer
+from vtr.reducers.pool import GridPool
+
+from .. import steps
+from ..base import Adapter, restore_class, swap_class
+from ..errors import UnsupportedModelError
+from ..vlm import in_llm as pruning
+from ..vlm.front import ReducingVlm
+from ..vlm.reduce import reduction_steps
+from ..vlm import items, video
+from ..vlm.run import VlmRun
+from ..vlm.video import VIDEO_OPTIONS, VideoSettings
+from . import before_lm, in_llm
+from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes, reference_tokens
+
+SUPPORTED = "Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and Qwen2VLForConditionalGeneration (Qwen2-VL)"
+
+
+class ReducingQwenVL(ReducingVlm):
+    """Mixed in before the model's own class: ``forward`` and ``generate`` take the path chosen at patch time."""
+
+    _vtr: Reduction
+
+    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        if pruning.stages_of(self) is not None:
+            return pruning.forward(self, run, original_forward, arguments)
+        return before_lm.forward(self, original_forward, arguments)
+
+    def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
+        if pruning.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
+            pruning.check_generate(self, kwargs)
+            in_llm.remember(run, self, inputs, kwargs)
+            return generate(inputs, *args, **kwargs)
+        return before_lm.generate(self, generate, inputs, *args, **kwargs)
+
+
+class QwenVL(Adapter):
+    """transformers ``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``."""
+
+    name = "qwen_vl"
+    # vtr.patch(model, method, budget=64): visual tokens kept per image / video; frames= and temporal= say how
+    # a video spends its budget (vtr.adapters.vlm.video)
+    amounts = ("budget", *VIDEO_OPTIONS)
+    metrics = ("x",)               # visual tokens are compared by their merged features
+
+    def matches(self, model: nn.Module) -> bool:
+        """Any Qwen-VL model of transformers (bare models and Qwen3-VL too), so that those vtr does not
+        support get a clear error."""
+        families = tuple(f"transformers.models.{family}." for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                                                                           "qwen3_vl_moe"))
+        return any(cls.__module__.startswith(families) for cls in type(model).__mro__)
+
+    def check(self, model: nn.Module) -> None:
+        kind = type(model).__name__
+        if not isinstance(model, qwen_classes()):
+            raise UnsupportedModelError(
+                f"vtr's Qwen-VL adapter supports transformers' {SUPPORTED}; got {kind}, which is not supported. "
+                "For a bare Qwen2_5_VLModel / Qwen2VLModel, patch the ...ForConditionalGeneration that holds it")
+        for key in ("image_token_id", "video_token_id"):
+            if getattr(model.config, key, None) is None:
+                raise UnsupportedModelError(f"{kind}.config.{key} is not set: vtr finds the visual tokens from it")
+
+    def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
+        return cost(model, metric)
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        """The language model's decoder layers: where the visual tokens cost."""
+        return model.model.language_model.layers
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        """The reference image of the analytic counts: 16 x 16 tokens after the merger (448 x 448 at patch 14).
+        Qwen-VL takes any size; each image's own count is used at run time."""
+        side = REFERENCE_SIDE * model.config.vision_config.patch_size * merge_size(model)
+        return (model.config.vision_config.in_channels, side, side)
+
+    def default_input(self, model: nn.Module, batch: int = 1, device: Union[str, torch.device] = "cpu") -> Tensor:
+        raise ValueError(f"cannot make an input for {type(model).__name__}: it takes a prompt (input_ids with image "
+                         "tokens, mm_token_type_ids) and image_grid_thw as well as pixel_values; pass inputs=")
+
+    def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
+                      metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
+                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
+        """``budget=`` (visual tokens kept per image or video) as reduction steps on the reference image;
+        at run time each image takes its own count's steps. ``frames=`` / ``temporal=``: how a video spends it."""
+        others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
+        if others:
+            raise ValueError(f"the Qwen-VL adapter takes budget= (visual tokens kept per image or video), not "
+                             f"{', '.join(o + '=' for o in others)}")
+        video.check(reducer, VideoSettings(frames or "uniform", temporal))
+        reference = reference_tokens(model)
+        if layers is not None and (frames is not None or temporal is not None):
+            raise ValueError("frames= and temporal= split a video's budget before the language model: leave them out "
+                             "with layers= (in-LLM pruning ranks all of a video's tokens at once)")
+        if layers is not None:
+            if isinstance(reducer, GridPool):
+                raise ValueError("method 'pool' reduces before the language model on Qwen-VL: leave out layers=")
+            num_stages = len(pruning.stage_layers(layers, len(model.model.language_model.layers)))
+            if reducer.max_step != 0.0 and budget is not None:
+                counts = budget if isinstance(budget, (list, tuple)) else [budget]
+                if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in counts):
+                    raise ValueError(f"budget must be an int >= 1 or a list of {num_stages} (visual tokens kept per "
+                                     f"image after each layer in layers=), got {budget!r}")
+                largest = max(reference, *counts)
+                budgets = pruning.stage_budgets(budget, largest, 0, num_stages)   # checks a list's length and order
+                steps, entering = [], reference
+                for kept in budgets:
+                    steps += reduction_steps(entering, min(kept, reference), reducer, 0)
+                    entering = min(kept, reference)
+                return Schedule("r", tuple(steps) or (0,))
+        return items.schedule(reducer, budget, REFERENCE_SIDE)
+
+    def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
+        """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no
+        text), the reducer's own decisions included; the vision tower is the same either way."""
+        stages = pruning.stages_of(model)
+        if reduction is not None and stages is not None:
+            return pruning.expected_flops(model, reduction, stages)
+        return items.expected_flops(model, reduction, cost(model))
+
+    def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
+        if reduction.metric != "x":
+            raise ValueError("the Qwen-VL adapter compares visual tokens by their merged features: use metric='x'")
+        if reduction.arguments.get("layers") is not None:
+            if "sliding_attention" in (model.config.text_config.layer_types or ()):
+                raise UnsupportedModelError("in-LLM pruning (layers=) rebuilds each segment's causal mask and does "
+                                            "not reproduce sliding-window layers (use_sliding_window=True); reduce "
+                                            "before the language model (no layers=)")
+            pruning.install(model, reduction, in_llm.QwenVisuals())
+        model._vtr = reduction
+        swap_class(model, ReducingQwenVL)
+
+    def unpatch(self, model: nn.Module) -> None:
+        pruning.uninstall(model)
+        restore_class(model)
+        del model._vtr
+
+
+__all__: Sequence[str] = ["QwenVL", "QwenVLReport", "ReducingQwenVL"]

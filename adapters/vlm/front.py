@@ -1,0 +1,54 @@
+"""The class vtr mixes into a vision-language model: ``forward`` and ``generate`` open the call's run and take
+the family's path; everything else (``save_pretrained`` included) is the model's own."""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from ..base import Swapped
+from .run import VlmRun, opened
+
+
+class ReducingVlm(Swapped):
+    """Base of each family's mixin, which says what a call does: ``vtr_forward(run, original_forward, arguments)``
+    (``arguments``: the call's arguments by name) and ``vtr_generate(run, generate, inputs, *args, **kwargs)``
+    (``generate``: the model's own)."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        original = cls.__dict__.get("_vtr_original")
+        if original is not None:   # the class (a family's mixin, a model class): forward with the original's signature
+            original_forward = original.forward
+
+            @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
+            def forward(self, *args, **kwargs):
+                bound = inspect.signature(original_forward).bind(self, *args, **kwargs)
+                arguments = dict(bound.arguments)
+                arguments.pop("self")
+                arguments |= arguments.pop("kwargs", {})
+                with opened(self) as run:
+                    return self.vtr_forward(run, original_forward, arguments)
+
+            cls.forward = forward
+
+    def vtr_forward(self, run: VlmRun, original_forward: Callable, arguments: dict):
+        raise NotImplementedError
+
+    def vtr_generate(self, run: VlmRun, generate: Callable, inputs: Optional[Tensor], *args, **kwargs):
+        raise NotImplementedError
+
+    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
+        with opened(self) as run:      # one run for the prefill and every decode step
+            return self.vtr_generate(run, super().generate, inputs, *args, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        """Saved as the original class (``config.architectures`` names it): the unpatched model's checkpoint,
+        weights untouched. Through a view of the same modules, so the model itself stays patched throughout
+        (other threads may be calling it)."""
+        view = object.__new__(type(self)._vtr_original)
+        object.__setattr__(view, "__dict__", self.__dict__)
+        return view.save_pretrained(*args, **kwargs)
+

@@ -1,0 +1,216 @@
+"""The images and videos of one call, reduced each to its own budget before the language model, and the prompt
+compacted around them (Qwen-VL; LLaVA-OneVision and LLaVA-NeXT-Video).
+
+An *item* is one image or video: its features as the language model would read them, where its
+placeholders sit in the prompt, and, if its tokens form one, its (frames, rows, cols) grid. Images keep
+``min(budget, their count)`` tokens (``pool``: what its factor leaves of their grid); videos spend their
+budget frame by frame (``vtr.adapters.vlm.video``). Tokens reach the language model in the raster order of
+their representatives (the first original token each carries).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from vtr.budget.cost import EncoderCost
+from vtr.budget.schedule import Schedule
+from vtr.core.plan import Reduction
+from vtr.core.state import TokenState
+from vtr.reducers.pool import GridPool
+
+from .language import prefill_macs
+from .prompt import compact, kept_placeholders
+from .reduce import in_source_order, padded, reduce_group, reduction_steps, step_counts
+from .video import VideoSettings, reduce_video
+
+
+def schedule(reducer, budget, side: int) -> Schedule:
+    """``budget=`` (visual tokens kept per image or video, any int >= 1: each item keeps ``min(budget, its count)``)
+    as reduction steps on a reference image of ``side x side`` tokens; ``pool`` takes ``factor=`` instead, and
+    ``none`` no budget."""
+    reference = side * side
+    if reducer.max_step == 0.0:  # the 'none' method (with temporal=: only merging across frames)
+        if budget is not None:
+            raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget=")
+        return Schedule("r", (0,))
+    if isinstance(reducer, GridPool):
+        if budget is not None:
+            raise ValueError("method 'pool' keeps what its factor leaves of each image's own grid "
+                             "(ceil(rows/f) * ceil(cols/f) tokens), so it takes factor=, not budget=")
+        rows, cols = reducer.pooled_grid((side, side))
+        return Schedule("r", (reference - rows * cols,))
+    if budget is None:
+        raise ValueError(f"method {reducer.name!r} needs budget= (visual tokens kept per image or video, >= 1)")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an int >= 1 (visual tokens kept per image or video; an image with fewer "
+                         f"passes untouched), got {budget!r}")
+    return Schedule("r", tuple(reduction_steps(reference, min(budget, reference), reducer, 0)) or (0,))
+
+
+def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: EncoderCost) -> tuple[float, float]:
+    """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no text, its
+    ``cost.num_tokens``), the reducer's own decisions included; the vision tower is the same either way."""
+    reference = cost.num_tokens
+    if reduction is None:
+        unreduced = float(prefill_macs(model, torch.tensor([reference])))
+        return unreduced, unreduced
+    tokens = step_counts(reference, list(reduction.schedule.amounts))
+    decisions = sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
+    reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], reference])).tolist()
+    return reduced + decisions, unreduced
+
+
+@dataclass
+class Visual:
+    """One image or video of a call, as the language model reads it.
+
+    grid: (frames, rows, cols) of its tokens, or None when they form no grid (a packed AnyRes image).
+    columns: ``[N + S]`` prompt column of each of its placeholders, in order (row ``row``).
+    suffix: ``[S, D]`` tokens after its own that always stay (LLaVA-OneVision's newline after a video).
+    """
+
+    kind: str            # "image" or "video"
+    grid: Optional[tuple]
+    features: Tensor     # [N, D], raster order: frame by frame, row by row
+    row: int
+    columns: Tensor
+    suffix: Optional[Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_suffix(self) -> int:
+        return 0 if self.suffix is None else self.suffix.shape[0]
+
+
+def split_items(features: list[Tensor], grids: list, placeholder: Tensor, kind: str,
+                suffixes: Optional[list] = None) -> list[Visual]:
+    """The call's images (or videos) from their features, grids and placeholders ``[B, L]``.
+
+    transformers fills placeholders with the features in row-major order, item after item, so the
+    placeholders split by the items' counts give each item's row and columns.
+    """
+    suffixes = suffixes or [None] * len(features)
+    counts = [len(f) + (0 if s is None else len(s)) for f, s in zip(features, suffixes)]
+    found = int(placeholder.sum())
+    if found != sum(counts):
+        raise ValueError(f"the prompt has {found} {kind} tokens but the {len(counts)} {kind}s give {sum(counts)} "
+                         "features")
+    rows, columns = placeholder.nonzero(as_tuple=True)
+    items = []
+    for f, grid, suffix, r, c in zip(features, grids, suffixes, rows.split(counts), columns.split(counts)):
+        if len(set(r.tolist())) != 1:
+            raise ValueError(f"the placeholders of one {kind} span several prompt rows: each {kind} must sit in one row")
+        items.append(Visual(kind, grid, f, int(r[0]), c, suffix))
+    return items
+
+
+@dataclass
+class Reduced:
+    """One item's reduced tokens, in the order the language model reads them (its suffix last)."""
+
+    features: Tensor       # [K + S, D]
+    assignment: Tensor     # [N] index of the output token carrying each original one, -1 dropped
+    size: Tensor           # [K] original tokens each output token stands for
+    first: Tensor          # [K] its representative: the first original token it carries
+    tokens: list           # tokens entering each reducer step, then kept
+
+
+def budget_of(reduction: Reduction, item: Visual) -> int:
+    """Tokens an image keeps: ``min(budget, its count)`` (its suffix counts in the budget); pool: what its factor
+    leaves of the image's grid."""
+    if isinstance(reduction.reducer, GridPool):
+        if item.grid is None:
+            raise ValueError("method 'pool' pools an image's patch grid, and these images' tokens form none (packed "
+                             "AnyRes crops with newlines): choose a method that takes budget=")
+        if item.grid[0] != 1:
+            return item.num_tokens
+        pooled_rows, pooled_cols = reduction.reducer.pooled_grid(item.grid[1:])
+        return pooled_rows * pooled_cols
+    budget = reduction.arguments.get("budget")
+    return item.num_tokens if budget is None else max(1, min(budget - item.num_suffix, item.num_tokens))
+
+
+def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[list],
+                 cost: EncoderCost) -> tuple[list[Reduced], float]:
+    """Each item reduced to its own budget (``cost`` prices the reducer's decisions). Images of one grid (or, with
+    none, of one count) are reduced together (each row of a reducer is independent of the others); query-conditioned
+    reducers run image by image (each its row's query); videos one by one, frame by frame."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        key = i if queries is not None or item.kind == "video" else (item.grid, item.num_tokens)
+        groups.setdefault(key, []).append(i)
+    reduced: list = [None] * len(items)
+    macs = 0.0
+    for members in groups.values():
+        first = items[members[0]]
+        query = None if queries is None else queries[members[0]]
+        if first.kind == "video":
+            budget = reduction.arguments.get("budget")
+            video = reduce_video(reduction, first.features, first.grid,
+                                 None if budget is None else max(1, budget - first.num_suffix),
+                                 VideoSettings.of(reduction.arguments), cost, query)
+            state, tokens, macs = video.state, video.tokens, macs + video.reducer_macs
+        else:
+            budget = budget_of(reduction, first)
+            features = torch.stack([items[i].features for i in members])
+            if budget >= first.num_tokens:
+                state, tokens = TokenState.start(features), [first.num_tokens]
+            else:
+                spatial = first.grid[1:] if first.grid is not None and first.grid[0] == 1 else None
+                state, tokens = reduce_group(reduction, features, budget, 0, query=query, grid=spatial)
+            macs += len(members) * sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]))
+        state, firsts = in_source_order(state)
+        for g, i in enumerate(members):
+            suffix = items[i].suffix
+            features = state.x[g] if suffix is None else torch.cat([state.x[g], suffix.to(state.x.dtype)])
+            reduced[i] = Reduced(features, state.assignment[g], state.size[g], firsts[g], tokens)
+    return reduced, macs
+
+
+def compact_items(input_ids: Tensor, attention_mask: Tensor, placeholders: dict, items: list[Visual],
+                  reduced: list[Reduced], pad: int, left: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The prompt with each item's placeholders cut to its kept count (``placeholders``: kind -> ``[B, L]``)."""
+    keep = attention_mask.bool()
+    for kind, placeholder in placeholders.items():
+        keep &= ~placeholder
+        chosen = [(len(item.columns), len(r.features)) for item, r in zip(items, reduced) if item.kind == kind]
+        if chosen:
+            counts, kept = torch.tensor(chosen, device=input_ids.device).T
+            keep |= kept_placeholders(placeholder, counts, kept)
+    return compact(input_ids, keep, pad, left)
+
+
+def report_fields(items: list[Visual], reduced: list[Reduced]) -> dict:
+    """What a report says of the items: tokens (every step if all items took the same, else [most before, most
+    kept]), provenance and sizes, rows, counts, grids, kinds, and the tokens each frame kept."""
+    steps = {tuple(r.tokens) for r in reduced}
+    tokens = list(steps.pop()) if len(steps) == 1 else [max(i.num_tokens for i in items),
+                                                          max(len(r.first) for r in reduced)]
+    grids = [item.grid for item in items]
+    frame_tokens = []
+    for item, r in zip(items, reduced):
+        if item.grid is None:
+            frame_tokens.append([len(r.first)])
+            continue
+        per_frame = item.grid[1] * item.grid[2]
+        frame_tokens.append(torch.bincount(r.first.clamp_max(item.num_tokens - 1) // per_frame,
+                                           minlength=item.grid[0]).tolist())
+    return dict(
+        tokens=tokens,
+        assignment=padded([r.assignment.detach() for r in reduced], -1),
+        size=padded([r.size.detach() for r in reduced], 0.0),
+        num_protected=0,
+        grid=grids[0][1:] if len(set(grids)) == 1 and grids[0] is not None and grids[0][0] == 1 else None,
+        image_rows=torch.tensor([item.row for item in items], dtype=torch.long),
+        image_tokens_before=torch.tensor([item.num_tokens + item.num_suffix for item in items]),
+        image_tokens_after=torch.tensor([len(r.features) for r in reduced]),
+        grids=grids,
+        kinds=[item.kind for item in items],
+        frame_tokens=frame_tokens,
+    )

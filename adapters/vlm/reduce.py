@@ -1,0 +1,116 @@
+"""Reducing one set of visual tokens to a budget, in as many reducer steps as the budget needs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vtr.core.plan import Reduction
+from vtr.core.signals import Signals
+from vtr.core.state import TokenState
+from vtr.reducers.base import Reducer
+
+
+def reduction_steps(num_tokens: int, budget: int, reducer: Reducer, num_protected: int) -> list[int]:
+    """Tokens each step removes to go from ``num_tokens`` to ``budget`` within the reducer's ``max_step``."""
+    steps, n = [], num_tokens
+    while n > budget:
+        removable = reducer.max_removable(n, num_protected)
+        if removable == 0:
+            raise ValueError(
+                f"method {reducer.name!r} cannot remove tokens, so it cannot keep budget={budget} of {num_tokens}"
+            )
+        kept = max(budget, n - removable)
+        steps.append(n - kept)
+        n = kept
+    return steps
+
+
+def step_counts(num_tokens: int, steps: list[int]) -> list[int]:
+    """Token count entering each step (tokens removed per step), then the count kept."""
+    tokens = [num_tokens]
+    for remove in steps:
+        tokens.append(tokens[-1] - remove)
+    return tokens
+
+
+def reduce_group(reduction: Reduction, features: Tensor, budget: int, num_protected: int = 0, *,
+                 attention: Optional[Tensor] = None, query: Optional[Tensor] = None,
+                 grid: Optional[tuple] = None) -> tuple[TokenState, list[int]]:
+    """Reduce ``features [G, N, D]`` (G token sets of one size) to ``budget`` tokens each.
+
+    Takes as many steps as the reducer's ``max_step`` needs (:func:`reduction_steps`); ``attention``
+    ``[G, N]`` is the CLS attention to the original tokens, ``grid`` their (rows, cols). Returns the
+    state and the token count entering each step, then the count kept.
+    """
+    return reduce_state(reduction, TokenState.start(features, num_protected), budget, attention=attention,
+                        query=query, grid=grid)
+
+
+def reduce_state(reduction: Reduction, state: TokenState, budget: int, *, attention: Optional[Tensor] = None,
+                 query: Optional[Tensor] = None, grid: Optional[tuple] = None) -> tuple[TokenState, list[int]]:
+    """:func:`reduce_group` from a state that may already be reduced (its sizes weigh its merges): the steps run on
+    its current tokens, then compose with its provenance. ``attention`` ``[G, n]``: to the current tokens;
+    ``grid``: their (rows, cols) if they are one's untouched patches."""
+    steps = reduction_steps(state.num_tokens, budget, reduction.reducer, state.num_protected)
+    tokens = step_counts(state.num_tokens, steps)
+    if not steps:
+        return state, tokens
+    current = TokenState(x=state.x, size=state.size, num_protected=state.num_protected, padded=state.padded,
+                         assignment=torch.arange(state.num_tokens, device=state.x.device).expand_as(state.size))
+    for step, remove in enumerate(steps):
+        signals = Signals(
+            metric=current.x, layer=step, num_layers=len(steps),
+            cls_attention=None if attention is None else carried(attention, current),
+            query=query, grid=None if current.is_reduced else grid,
+        )
+        current = reduction.reducer(current, current.num_tokens - remove, signals)
+    return compose(state, current), tokens
+
+
+def compose(outer: TokenState, inner: TokenState) -> TokenState:
+    """``inner`` (a reduction of ``outer``'s current tokens, taken as its originals) with ``outer``'s provenance."""
+    assignment = inner.assignment.gather(1, outer.assignment.clamp_min(0))
+    return TokenState(x=inner.x, size=inner.size, num_protected=inner.num_protected, padded=inner.padded,
+                      assignment=torch.where(outer.assignment >= 0, assignment, -1))
+
+
+def carried(attention: Tensor, state: TokenState) -> Tensor:
+    """Attention to each current token: the sum over the original tokens it carries."""
+    if not state.is_reduced:
+        return attention
+    index = state.assignment.clamp_min(0)
+    weights = attention.float() * (state.assignment >= 0)
+    return weights.new_zeros(state.size.shape).scatter_add_(1, index, weights)
+
+
+def padded(rows: list[Tensor], fill) -> Tensor:
+    """Per-image 1-D tensors as one ``[I, longest]`` tensor, ``fill`` past each one's end."""
+    width = max((len(r) for r in rows), default=0)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=fill) for r in rows]) if rows \
+        else torch.zeros(0, 0)
+
+
+def first_carried(state: TokenState) -> Tensor:
+    """``[G, K]`` index of the first original token each current token carries (``N0`` for one that carries none)."""
+    first = torch.full(state.size.shape, state.num_original, dtype=torch.long, device=state.x.device)
+    index = torch.arange(state.num_original, device=state.x.device).expand_as(state.assignment)
+    carried_by = state.assignment >= 0
+    return first.scatter_reduce_(1, state.assignment.clamp_min(0), torch.where(carried_by, index, state.num_original),
+                                 "amin")
+
+
+def in_source_order(state: TokenState) -> tuple[TokenState, Tensor]:
+    """The same tokens reordered by the first original token each carries, and those firsts ``[G, K]``.
+
+    Reducers may emit tokens in any order (bipartite merging emits one set, then the other); a language
+    model that gives visual tokens positions by where they came from reads them best in that order.
+    """
+    first = first_carried(state)
+    first, order = first.sort(dim=1, stable=True)
+    rank = order.argsort(dim=1)                       # new index of each current token
+    assignment = torch.where(state.assignment >= 0, rank.gather(1, state.assignment.clamp_min(0)), -1)
+    x = state.x.gather(1, order[..., None].expand_as(state.x))
+    return TokenState(x=x, size=state.size.gather(1, order), assignment=assignment,
+                      num_protected=state.num_protected, padded=state.padded), first

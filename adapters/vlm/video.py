@@ -1,0 +1,130 @@
+"""A video's budget: merged across neighbouring frames first (``temporal=``), then split across its frames
+(``frames=``), each frame reduced to its share by the method on its own.
+
+``vtr.patch(model, method, budget=B, frames="novelty", temporal=0.5)`` on a video-capable model:
+
+1. ``temporal=f`` (optional): ``vtr.reducers.video.TemporalMerge`` merges the tokens that repeat the previous
+   frame's at their place until ``round(f * N)`` of the video's N tokens remain (never below one frame's).
+2. ``frames=``: the budget ``min(B, tokens left)`` is split across the frames, each at least one token while
+   the budget allows: ``"uniform"``, ``"novelty"`` (by how much a frame differs from the previous one) or
+   ``"relevance"`` (by its tokens' similarity to the prompt's text, QuoTA-style); see
+   ``vtr.reducers.video.frame_weights``. A token merged across frames belongs to its first frame.
+3. Each frame's tokens are reduced by the method to the frame's share (with the frame's grid while the
+   frame is untouched, so ``pool`` and grid-aware methods work per frame).
+
+What the language model reads is frame after frame, each frame's tokens in raster order of their
+representatives (the first original token each carries).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vtr.budget.cost import EncoderCost
+from vtr.core.plan import Reduction
+from vtr.core.signals import Signals
+from vtr.core.state import TokenState
+from vtr.reducers.pool import GridPool
+from vtr.reducers.video import FRAME_SPLITS, TemporalMerge, frame_budgets, frame_weights
+
+from .reduce import first_carried, reduce_state
+
+VIDEO_OPTIONS = ("frames", "temporal")
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """How a video's budget is spent (``vtr.patch(..., frames=, temporal=)``), checked."""
+
+    frames: str = "uniform"
+    temporal: Optional[float] = None
+
+    @classmethod
+    def of(cls, arguments: dict) -> "VideoSettings":
+        return cls(arguments.get("frames") or "uniform", arguments.get("temporal"))
+
+    def __post_init__(self) -> None:
+        if self.frames not in FRAME_SPLITS:
+            raise ValueError(f"frames must be one of {', '.join(FRAME_SPLITS)} (how a video's budget is split across "
+                             f"its frames), got {self.frames!r}")
+        if self.temporal is not None and (isinstance(self.temporal, bool) or not isinstance(self.temporal, (int, float))
+                                          or not 0.0 < self.temporal <= 1.0):
+            raise ValueError(f"temporal must be a fraction in (0, 1] (of a video's tokens kept after merging across "
+                             f"frames), got {self.temporal!r}")
+
+
+def check(reducer, settings: VideoSettings) -> None:
+    """What cannot be combined, refused at patch time."""
+    if settings.temporal is not None and isinstance(reducer, GridPool):
+        raise ValueError("method 'pool' pools each frame's grid, which merging across frames (temporal=) breaks up: "
+                         "leave out temporal=")
+
+
+@dataclass
+class ReducedVideo:
+    state: TokenState            # [1, K]: the video's tokens, frame after frame
+    tokens: list                 # N, after the temporal merge (if any), then kept
+    frame_budgets: list          # tokens each frame kept
+    reducer_macs: float
+
+
+def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Optional[int],
+                 settings: VideoSettings, cost: EncoderCost, query: Optional[Tensor] = None) -> ReducedVideo:
+    """Reduce one video's tokens ``features`` ``[N, D]`` (``grid``: frames, rows, cols) to ``budget``
+    (None: the method's own count, for ``pool``); ``cost`` prices the reducers' decisions."""
+    frames, rows, cols = grid
+    per_frame = rows * cols
+    state = TokenState.start(features[None])
+    tokens, macs = [state.num_tokens], 0.0
+    if settings.temporal is not None and frames > 1:
+        target = max(per_frame, round(settings.temporal * state.num_tokens))
+        if target < state.num_tokens:
+            partition = torch.arange(frames, device=features.device).repeat_interleave(per_frame)[None]
+            merge = TemporalMerge()
+            state = merge(state, target, Signals(metric=state.x, partition=partition))
+            tokens.append(target)
+            macs += merge.extra_macs(tokens[0], cost)
+    frame_of = first_carried(state)[0] // per_frame
+    present = torch.bincount(frame_of, minlength=frames)
+    if isinstance(reduction.reducer, GridPool):
+        shares = [None] * frames
+    else:
+        total = state.num_tokens if budget is None else min(budget, state.num_tokens)
+        weights = frame_weights(features.view(frames, per_frame, -1), settings.frames, query)
+        shares = frame_budgets(total, present, weights).tolist()
+    parts = []
+    for frame, share in enumerate(shares):
+        members = (frame_of == frame).nonzero()[:, 0]
+        part = TokenState(x=state.x[:, members], size=state.size[:, members], num_protected=0,
+                          assignment=torch.arange(len(members), device=features.device)[None])
+        untouched = len(members) == per_frame and bool((part.size == 1).all())
+        if share is None:   # pool: what its factor leaves of the frame's grid
+            pooled = reduction.reducer.pooled_grid((rows, cols))
+            share = pooled[0] * pooled[1] if untouched else len(members)
+        if share == 0:      # fewer tokens than frames: this frame keeps none
+            part = TokenState(x=part.x[:, :0], size=part.size[:, :0], num_protected=0,
+                              assignment=torch.full_like(part.assignment, -1))
+        elif share < len(members):
+            part, steps = reduce_state(reduction, part, share, query=query, grid=(rows, cols) if untouched else None)
+            macs += sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(steps[:-1], steps[1:]))
+        parts.append((members, part))
+    state = _joined(state, parts)
+    tokens.append(state.num_tokens)
+    return ReducedVideo(state, tokens, [part.num_tokens for _, part in parts], macs)
+
+
+def _joined(state: TokenState, parts: list) -> TokenState:
+    """``state`` with each part of its tokens (``members``) replaced by that part's reduction, parts in order."""
+    dest = torch.full((state.num_tokens,), -1, dtype=torch.long, device=state.x.device)
+    offset = 0
+    for members, part in parts:
+        own = part.assignment[0]
+        dest[members] = torch.where(own >= 0, own + offset, -1)
+        offset += part.num_tokens
+    assignment = torch.where(state.assignment >= 0, dest[state.assignment.clamp_min(0)], -1)
+    return TokenState(x=torch.cat([part.x for _, part in parts], dim=1),
+                      size=torch.cat([part.size for _, part in parts], dim=1),
+                      assignment=assignment, num_protected=0)

@@ -1,0 +1,81 @@
+"""`vtr bench --model llava:<shape> | qwen-vl:<shape> | hf:<VLM directory>`: the VLM prefill benchmark end to
+end on tiny shapes (a smoke test of the command and of ``vtr.tools.bench_vlm``, not a timing)."""
+import json
+
+import pytest
+
+from vtr.cli import main
+from vtr.tools import bench_vlm
+
+FAST = ["--reps", "1", "--threads", "1", "--decode-tokens", "1"]
+
+
+pytestmark = pytest.mark.usefixtures("threads_restored")   # tests/tools/conftest.py
+
+
+def test_llava_table_has_the_macs_ratio_beside_the_speedup(capsys):
+    assert main(["bench", "--model", "llava:tiny", "--methods", "tome,fastv", "--keep", "0.25", *FAST]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == bench_vlm.HEADER.splitlines()[0]
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [r[0] for r in rows] == ["| tome (25%)", "| fastv (25%)"]
+    for row in rows:
+        assert row[1] == "before LM" and row[2] == "4"    # 16 visual tokens, a quarter kept
+        ratio, bound = row[3].split()
+        assert 0 < float(ratio) < 1 and bound == f"({1 / float(ratio):.2f}x)"
+        assert row[5].endswith("x") and float(row[5][:-1]) > 0
+    assert "llava:tiny" in captured.err and "(16 visual)" in captured.err
+
+
+def test_qwen_vl_json_rows(capsys):
+    assert main(["bench", "--model", "qwen-vl:tiny", "--methods", "tome", "--budget", "8,4", "--batch", "2",
+                 "--json", *FAST]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["kept"], r["visual"], r["batch"]) for r in rows] == [("tome", 8, 16, 2), ("tome", 4, 16, 2)]
+    assert 0 < rows[1]["macs_ratio"] < rows[0]["macs_ratio"] < 1
+    assert all(r["speedup"] > 0 and r["prefill_s"] > 0 and r["decode_ms"] > 0 for r in rows)
+
+
+def test_qwen_vl_video(capsys):
+    assert main(["bench", "--model", "qwen-vl:tiny", "--methods", "tome", "--video-frames", "4", "--img-size", "56",
+                 "--keep", "0.5", "--json", *FAST]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["visual"] == 8 and row["kept"] == 4   # 2 temporal patches x 2 x 2 merged tokens
+
+
+@pytest.mark.parametrize("shape", ["llava:tiny", "qwen-vl:tiny"])
+def test_a_saved_vlm_directory_runs_the_vlm_benchmark(shape, tmp_path, capsys):
+    bench_vlm.build(shape).save_pretrained(tmp_path)
+    assert main(["bench", "--model", f"hf:{tmp_path}", "--methods", "fastv", "--budget", "8", "--json",
+                 *(["--img-size", "112"] if shape.startswith("qwen") else []), *FAST]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["kept"] == 8 and row["visual"] == 16
+
+
+MISTAKES = [
+    (["--model", "llava:13b"], "--model", "unknown VLM shape 'llava:13b'; the built-in shapes are llava:1.5-7b, "
+                                          "llava:next-7b, llava:tiny"),
+    (["--model", "qwen-vl:nope"], "--model", "qwen-vl:2.5-7b, qwen-vl:tiny"),
+    (["--model", "llava:tiny", "--flops", "0.5"], "--flops", "--keep fractions or --budget"),
+    (["--model", "llava:tiny", "--plot", "f.png"], "--plot", "image-model benchmarks only"),
+    (["--model", "llava:tiny", "--batch", "1,2"], "--batch", "one batch size"),
+    (["--model", "llava:tiny", "--budget", "17"], "--budget", "more than the 16 visual tokens"),
+    (["--model", "llava:tiny", "--keep", "0.5", "--budget", "4"], "--budget", "not allowed with argument --keep"),
+    (["--model", "llava:tiny", "--img-size", "112"], "--img-size", "takes 56x56 images"),
+    (["--model", "llava:tiny", "--video-frames", "4"], "--video-frames", "videos are benchmarked on Qwen-VL"),
+    (["--model", "qwen-vl:tiny", "--img-size", "100"], "--img-size", "multiple of 28"),
+    (["--model", "vit_tiny_patch16_224", "--keep", "0.5"], "--keep", "is for the VLM prefill benchmark"),
+    (["--model", "vit_tiny_patch16_224", "--lm-layers", "1"], "--lm-layers", "is for the VLM prefill benchmark"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, says", MISTAKES, ids=[" ".join(m[0]) for m in MISTAKES])
+def test_mistakes_exit_2_with_one_line(argv, flag, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out == ""
+    errors = [line for line in captured.err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and flag in errors[0] and says in errors[0], captured.err

@@ -1,0 +1,348 @@
+"""The VLM prefill benchmark (`vtr bench --model llava:<shape>` / `qwen-vl:<shape>` / `hf:<VLM directory>`,
+``benchmarks/bench_llava.py``, ``benchmarks/bench_vlm.py``): the unreduced and the reduced model, each timed in
+three parts per batch of prompts (one image or video plus text tokens each):
+
+- vision: vision tower + projector/merger, plus (reduced before the LM) the reducer, prompt compaction and
+  positions, seconds;
+- prefill: the language model on the prompt it really sees, seconds, and its speed-up;
+- MACs: the reduced/unreduced ratio of vtr's analytic LM prefill count and, in brackets, its inverse, which
+  bounds the prefill speed-up: with V visual tokens, b kept and T text tokens about (V + T) / (b + T);
+- decode: milliseconds per generated token (the KV cache is as short as the kept prompt).
+
+Built-in shapes have a 7B model's widths with random weights and the depth scaled down to fit a CPU
+(``vision_layers``, ``lm_layers``); the unreduced and reduced runs alternate so both see the same machine load.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from ..adapters import family, is_patched, settings
+from ..adapters.llava import before_lm as llava_before_lm
+from ..adapters.qwen_vl import before_lm as qwen_before_lm
+from ..api import patch, report, unpatch
+from .models import load_hf_vlm
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A VLM built from configs with random weights: transformers' config and model class names and their
+    keywords (``{vision_layers}``/``{lm_layers}`` set the depth); ``image_size`` is the default input side."""
+    description: str
+    model_cls: str
+    config_cls: str
+    vision: dict
+    text: dict
+    tokens: dict
+    image_size: int
+
+
+_CLIP_L336 = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14,
+                  projection_dim=768)
+_LLAMA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                 num_key_value_heads=32, pad_token_id=0)
+_LLAVA = dict(image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+              image_seq_length=576)
+_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+_QWEN_MERGE = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+_QWEN_TOKENS = dict(image_token_id=31990, video_token_id=31991, vision_start_token_id=31992, vision_end_token_id=31993)
+_QWEN_TEXT = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
+
+SHAPES = {
+    "llava:1.5-7b": Shape("LLaVA-1.5-7B-shaped (CLIP ViT-L/14 at 336 px: 576 visual tokens; Llama-7B)",
+                          "LlavaForConditionalGeneration", "LlavaConfig", _CLIP_L336, _LLAMA_7B, _LLAVA, 336),
+    "llava:next-7b": Shape("LLaVA-NeXT-7B-shaped (AnyRes: a 672x672 image as the base view and 2x2 crops)",
+                           "LlavaNextForConditionalGeneration", "LlavaNextConfig", _CLIP_L336, _LLAMA_7B,
+                           dict(_LLAVA, image_grid_pinpoints=_PINPOINTS), 672),
+    "llava:tiny": Shape("tiny LLaVA (56 px: 16 visual tokens; LM hidden 64), for tests",
+                        "LlavaForConditionalGeneration", "LlavaConfig",
+                        dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=56, patch_size=14),
+                        dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                             num_key_value_heads=2, pad_token_id=0),
+                        dict(image_token_index=99, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_seq_length=16), 56),
+    # The vocabulary is trimmed to 32000: only the last position's head runs at prefill.
+    "qwen-vl:2.5-7b": Shape("Qwen2.5-VL-7B-shaped (vision hidden 1280, windows of 112 px; LM hidden 3584, 4 KV heads, "
+                            "M-RoPE)", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
+                            dict(hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                                 window_size=112, **_QWEN_MERGE),
+                            dict(vocab_size=32000, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                                 num_key_value_heads=4, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                                 **_QWEN_TEXT), _QWEN_TOKENS, 448),
+    "qwen-vl:tiny": Shape("tiny Qwen2.5-VL (vision hidden 32, windows of 56 px; LM hidden 64), for tests",
+                          "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
+                          dict(hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, window_size=56,
+                               **_QWEN_MERGE),
+                          dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                               num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                               **_QWEN_TEXT),
+                          dict(image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93),
+                          112),
+}
+FAMILIES = ("llava", "qwen-vl")
+
+
+def is_vlm_name(name: str) -> bool:
+    """``llava:<shape>`` or ``qwen-vl:<shape>`` (``hf:<directory>`` of a VLM: :func:`vtr.tools.models.is_hf_vlm`)."""
+    return name.partition(":")[0] in FAMILIES
+
+
+def build(name: str, vision_layers: int = 2, lm_layers: int = 2) -> nn.Module:
+    """The shape ``name`` of :data:`SHAPES` with random weights (seed 0), ``vision_layers`` / ``lm_layers`` deep;
+    ``hf:<directory or Hub id>`` loads a saved LLaVA or Qwen-VL instead (its own depth)."""
+    if name.startswith("hf:"):
+        return load_hf_vlm(name[3:])
+    if name not in SHAPES:
+        kind = name.partition(":")[0]
+        known = [n for n in SHAPES if n.startswith(kind + ":")] or list(SHAPES)
+        raise ValueError(f"unknown VLM shape {name!r}; the built-in shapes are {', '.join(known)} (or hf:<directory "
+                         "written by save_pretrained>)")
+    import transformers
+
+    shape = SHAPES[name]
+    if shape.config_cls.startswith("Qwen"):
+        vision = dict(shape.vision, depth=vision_layers, fullatt_block_indexes=[vision_layers - 1])
+    else:
+        vision = transformers.CLIPVisionConfig(**shape.vision, num_hidden_layers=vision_layers)
+    text = dict(shape.text, num_hidden_layers=lm_layers)
+    if not shape.config_cls.startswith("Qwen"):
+        text = transformers.LlamaConfig(**text)
+    config = getattr(transformers, shape.config_cls)(vision_config=vision, text_config=text, **shape.tokens)
+    torch.manual_seed(0)
+    return getattr(transformers, shape.model_cls)._from_config(config, attn_implementation="sdpa").eval()
+
+
+# -- prompts: batch copies of text, one image (or video), text; random pixels ----------------------------------
+
+@dataclass
+class Workload:
+    """What one benchmark call feeds the model: keywords of ``model(...)`` and what they hold."""
+    inputs: dict
+    visual: int         # visual tokens per prompt
+    description: str
+    patch: dict         # extra keywords of vtr.patch for this input (a video's frame split)
+
+
+def _text_ids(count: int, below: int) -> list:
+    """``count`` ordinary token ids (none of the model's special ones, which all lie at or above ``below``)."""
+    return [1 + i % (below - 2) for i in range(count)]
+
+
+def workload(model: nn.Module, text: int = 40, batch: int = 1, image_size: Optional[int] = None,
+             video_frames: int = 0, frames: Optional[str] = None) -> Workload:
+    """``batch`` copies of one prompt for ``model``: ``text`` text tokens around one image of ``image_size``
+    (default the model's), or for Qwen-VL a ``video_frames``-frame video of that side."""
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    half = text // 2
+    if family(model) == "llava":
+        if video_frames:
+            raise ValueError("videos are benchmarked on Qwen-VL; a LLaVA prompt holds one image")
+        token = config.image_token_index
+        side = config.vision_config.image_size
+        next_ = "Next" in type(config).__name__
+        full = 2 * side if next_ else side   # NeXT: a base view and 2 x 2 crops of the tower's size
+        if image_size is not None and image_size != full:
+            raise ValueError(f"this LLaVA takes {full}x{full} images (its vision tower's size), got {image_size}")
+        if next_:   # the base view plus 4 crops; the model says how many tokens that packs into
+            pixels = torch.randn(batch, 5, 3, side, side, generator=generator)
+            vision = {"image_sizes": torch.tensor([[full, full]] * batch)}
+            with torch.inference_mode():
+                visual = len(model.model.get_image_features(pixels[:1], vision["image_sizes"][:1]).pooler_output[0])
+        else:
+            pixels, vision, visual = torch.randn(batch, 3, side, side, generator=generator), {}, config.image_seq_length
+        ids = _text_ids(text, min(token, config.text_config.vocab_size))
+        row = ids[:half] + [token] * visual + ids[half:]
+        return Workload({"input_ids": torch.tensor([row] * batch), "pixel_values": pixels, **vision}, visual,
+                        f"a {full}x{full} image", {})
+    vision_config = config.vision_config
+    patch_size, merge, temporal = (vision_config.patch_size, vision_config.spatial_merge_size,
+                                   vision_config.temporal_patch_size)
+    side = image_size or (224 if video_frames else 448)
+    if side % (patch_size * merge):
+        raise ValueError(f"a Qwen-VL image side is a multiple of {patch_size * merge} (patch {patch_size} x merge "
+                         f"{merge}), got {side}")
+    kind = "video" if video_frames else "image"
+    grid = (max(video_frames // temporal, 1) if video_frames else 1, side // patch_size, side // patch_size)
+    visual = grid[0] * (grid[1] // merge) * (grid[2] // merge)
+    special = (config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id)
+    ids = _text_ids(max(text - 2, 0), min(*special, config.text_config.vocab_size))
+    token = config.image_token_id if kind == "image" else config.video_token_id
+    row = ids[:half] + [config.vision_start_token_id] + [token] * visual + [config.vision_end_token_id] + ids[half:]
+    input_ids = torch.tensor([row] * batch)
+    pixels = torch.randn(batch * grid[0] * grid[1] * grid[2], 3 * temporal * patch_size ** 2, generator=generator)
+    shown = (f"a {side}x{side} image" if kind == "image" else
+             f"a {video_frames}-frame video of {side}x{side} ({grid[0]} temporal patches)")
+    return Workload({"input_ids": input_ids,
+                     "mm_token_type_ids": (input_ids == config.image_token_id).long()
+                     + 2 * (input_ids == config.video_token_id).long(),
+                     "pixel_values" if kind == "image" else "pixel_values_videos": pixels,
+                     f"{kind}_grid_thw": torch.tensor([grid] * batch)},
+                    visual, shown, {"frames": frames} if video_frames and frames else {})
+
+
+# -- timing ---------------------------------------------------------------------------------------------------
+
+def timed(fn: Callable) -> float:
+    """Seconds of one call, on torch.utils.benchmark's clock (it synchronises CUDA before reading the time)."""
+    start = benchmark.timer()
+    fn()
+    return benchmark.timer() - start
+
+
+def _llava_prompt(model: nn.Module, inputs: dict, before: bool):
+    """(vision seconds, prefill keywords, positions of decode step i) for the model as it is now."""
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    mask = torch.ones_like(ids)
+    vision = {k: v for k, v in inputs.items() if k == "image_sizes"}
+    if before:   # vision tower + reducer + compaction: what the patched model does before its language model
+        prepare = lambda: llava_before_lm.prepare(model, ids, mask, pixels, left=True, **vision)  # noqa: E731
+        seconds, prepared = timed(prepare), prepare()
+        ids, mask, image = prepared.input_ids, prepared.attention_mask, prepared.image_outputs
+    else:
+        encode = lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True, **vision)  # noqa: E731
+        seconds, image = timed(encode), encode()
+    length = ids.shape[1]
+    return (seconds, dict(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}),
+            lambda step: torch.full((ids.shape[0], 1), length + step, device=ids.device))
+
+
+def _qwen_prompt(model: nn.Module, inputs: dict, before: bool):
+    ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
+    mask = torch.ones_like(ids)
+    vision = {k: v for k, v in inputs.items() if k.startswith(("pixel", "image_grid", "video_grid"))}
+    if before:   # vision tower + reducer + compaction + M-RoPE positions
+        prepare = lambda: qwen_before_lm.prepare(model, ids, mask, types, None, left=True, **vision)  # noqa: E731
+        seconds, prepared = timed(prepare), prepare()
+        ids, mask, positions = prepared.input_ids, prepared.attention_mask, prepared.position_ids
+        outputs, types = prepared.encoder_outputs, prepared.mm_token_type_ids
+    else:
+        def encode() -> dict:
+            outputs = {}
+            if "pixel_values" in vision:
+                outputs["image"] = model.model.get_image_features(vision["pixel_values"], vision["image_grid_thw"],
+                                                                  return_dict=True)
+            if "pixel_values_videos" in vision:
+                outputs["video"] = model.model.get_video_features(vision["pixel_values_videos"],
+                                                                  vision["video_grid_thw"], return_dict=True)
+            return outputs
+        seconds, outputs = timed(encode), encode()
+        rope, _ = model.model.get_rope_index(ids, types, image_grid_thw=inputs.get("image_grid_thw"),
+                                             video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
+        text = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        positions = torch.cat([text[None], rope])
+    last = positions.amax(dim=(0, 2))   # each decode step is one past the prompt's last position
+    return (seconds, dict(input_ids=ids, attention_mask=mask, position_ids=positions, mm_token_type_ids=types,
+                          mm_encoder_outputs=outputs),
+            lambda step: (last + 1 + step).view(1, -1, 1).expand(4, -1, -1))
+
+
+@torch.inference_mode()
+def measure(model: nn.Module, inputs: dict, decode_tokens: int = 8) -> dict:
+    """One timing of each part for the model as it is now (patched or not): ``vision`` and ``prefill`` seconds,
+    ``decode_ms`` per token; patched, also the report's LM prefill ``macs``/``macs_unreduced`` and ``kept``."""
+    patched = is_patched(model)
+    before = patched and settings(model).arguments.get("layers") is None
+    prompt = _llava_prompt if family(model) == "llava" else _qwen_prompt
+    vision, prefill_inputs, step_positions = prompt(model, inputs, before)
+    prefill_inputs.update(logits_to_keep=1, use_cache=True)
+    prefill = timed(lambda: model(**prefill_inputs))
+
+    # Decode: prefill once, then single-token steps on the cache that prefill left (in-LLM pruning: each step
+    # continues the pruning the prefill made on that cache).
+    out = model(**prefill_inputs)
+    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    batch, length = prefill_inputs["input_ids"].shape
+    seconds = 0.0
+    for step in range(decode_tokens):
+        mask = torch.ones(batch, length + step + 1, dtype=torch.long, device=token.device)
+        seconds += timed(lambda: model(input_ids=token, cache=cache, attention_mask=mask,
+                                       position_ids=step_positions(step), use_cache=True))
+    result = {"vision": vision, "prefill": prefill, "decode_ms": 1000 * seconds / max(decode_tokens, 1)}
+    if patched:
+        run = report(model)
+        result.update(macs=float(run.prefill_macs.sum()), macs_unreduced=float(run.prefill_macs_unreduced.sum()),
+                      kept=int(run.visual_tokens_after[0]))
+    return result
+
+
+def interleaved(model: nn.Module, measure: Callable, rounds: int, **patch_kwargs) -> tuple[dict, dict]:
+    """``measure(model)`` of the unreduced model and of ``vtr.patch(model, **patch_kwargs)``, alternating
+    ``rounds`` times; the medians of each (the reduced one with what ``measure`` read from the report)."""
+    base, reduced = [], []
+    for _ in range(rounds):
+        base.append(measure(model))
+        patch(model, **patch_kwargs)
+        try:
+            reduced.append(measure(model))
+        finally:
+            unpatch(model)
+    median = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return ({k: median(base, k) for k in ("vision", "prefill", "decode_ms")},
+            {k: median(reduced, k) for k in reduced[0]})
+
+
+# -- rows -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    method: str                 # with the kept fraction asked for, e.g. "tome (25%)"
+    where: str                  # "before LM" or "LM layer <n>"
+    visual: int                 # visual tokens per prompt
+    kept: int                   # visual tokens kept (first prompt)
+    macs_ratio: float           # analytic LM prefill MACs, reduced / unreduced
+    prefill_s: float            # median per batch
+    prefill_unreduced_s: float
+    speedup: float              # prefill, unreduced / reduced
+    vision_s: float
+    vision_unreduced_s: float
+    decode_ms: float            # per generated token
+    decode_unreduced_ms: float
+    batch: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+HEADER = ("| method | where | visual kept | LM prefill MACs (bound) | prefill s (unreduced) | prefill speed-up "
+          "| vision+reduce s (unreduced) | decode ms/token (unreduced) |\n|---|---|---|---|---|---|---|---|")
+
+
+def make_row(method: str, where: str, visual: int, base: dict, reduced: dict, batch: int = 1) -> Row:
+    return Row(method, where, visual, int(reduced["kept"]), reduced["macs"] / reduced["macs_unreduced"],
+               reduced["prefill"], base["prefill"], base["prefill"] / reduced["prefill"], reduced["vision"],
+               base["vision"], reduced["decode_ms"], base["decode_ms"], batch)
+
+
+def format_row(row: Row) -> str:
+    """One table row: the MACs ratio beside its bound on the prefill speed-up (its inverse)."""
+    return (f"| {row.method} | {row.where} | {row.kept} | {row.macs_ratio:.3f} ({1 / row.macs_ratio:.2f}x) | "
+            f"{row.prefill_s:.3f} ({row.prefill_unreduced_s:.3f}) | {row.speedup:.2f}x | "
+            f"{row.vision_s:.3f} ({row.vision_unreduced_s:.3f}) | {row.decode_ms:.1f} ({row.decode_unreduced_ms:.1f}) |")
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    return "\n".join([HEADER, *map(format_row, rows)])
+
+
+def run(model: nn.Module, load: Workload, variants: Sequence[tuple[str, dict]], rounds: int = 3,
+        decode_tokens: int = 8, device: str = "cpu", on_row: Optional[Callable[[Row], None]] = None) -> list[Row]:
+    """Each ``(label, patch keywords)`` variant against the unreduced model on ``load``, interleaved over
+    ``rounds``, after one warm-up call; ``on_row`` sees each row as it is measured."""
+    model.to(device)
+    inputs = {k: v.to(device) for k, v in load.inputs.items()}
+    measure(model, inputs, 1)   # warm-up
+    rows = []
+    for label, kwargs in variants:
+        kwargs = dict(load.patch, **kwargs) if not kwargs.get("layers") else kwargs
+        base, reduced = interleaved(model, lambda m: measure(m, inputs, decode_tokens), rounds, **kwargs)
+        where = f"LM layer {kwargs['layers'][0]}" if kwargs.get("layers") else "before LM"
+        rows.append(make_row(label, where, load.visual, base, reduced, inputs["input_ids"].shape[0]))
+        if on_row:
+            on_row(rows[-1])
+    return rows
