@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import Schedule
+from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
@@ -74,6 +75,9 @@ class ReducingLlava(Swapped):
             cls.forward = forward
 
     def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
+        if runs.active(self._vtr) is None and runs.skips(self._vtr, self.training):
+            with runs.switched_off(self._vtr):   # vtr.disabled, or eval mode under active="train"
+                return super().generate(inputs, *args, **kwargs)
         with opened(self):      # one run for the prefill and every decode step
             if in_llm.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
                 in_llm.check_generate(self, kwargs)
@@ -119,6 +123,9 @@ def pool_factor(model: nn.Module, reduction: Reduction) -> Reduction:
 
 
 def _forward(model: nn.Module, original_forward, *args, **kwargs):
+    if runs.active(model._vtr) is None and runs.skips(model._vtr, model.training):
+        with runs.switched_off(model._vtr):   # vtr.disabled, or eval mode under active="train": the unpatched model
+            return original_forward(model, *args, **kwargs)
     bound = inspect.signature(original_forward).bind(model, *args, **kwargs)
     arguments = dict(bound.arguments)
     arguments.pop("self")
@@ -134,6 +141,7 @@ class Llava(Adapter):
 
     name = "llava"
     amounts = ("budget",)          # vtr.patch(model, method, budget=64): visual tokens kept per image
+    learned_reducers = False       # not yet: budgets are per image, learned modules per block of an encoder
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""
