@@ -47,7 +47,8 @@ class KeepPredictor(nn.Module):
     that are still kept).
 
     ``prior``: the logit adds ``prior_scale * log(CLS attention)`` and the MLP's last layer starts at
-    zero, so before any training the module keeps exactly the tokens EViT keeps.
+    zero, so before any training the module keeps exactly the tokens EViT keeps. (A zero output layer
+    passes no gradient to the layers before it: the first step trains it and the scale, later steps all.)
     """
 
     def __init__(self, width: int, prior: bool):
@@ -151,7 +152,7 @@ class DynamicViT(Reducer):
         uniform = torch.rand_like(score).clamp(1e-6, 1 - 1e-6)
         noisy = (score + uniform.log() - (-uniform).log1p()) / self.temperature   # + logistic noise
         soft = noisy.sigmoid()
-        keep = keep * ((noisy > 0).to(soft.dtype) + soft - soft.detach())
+        keep = keep * ((noisy > 0).to(soft.dtype) + (soft - soft.detach()))   # exactly 0 or 1 forward
         mask = torch.cat([keep.new_ones(keep.shape[0], protected), keep], dim=1)
         return state.masked(mask, num_kept)
 
