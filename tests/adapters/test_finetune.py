@@ -299,3 +299,52 @@ def test_learned_reducers_are_refused_on_llava_with_a_clear_error():
     with pytest.raises(ValueError, match=r"method 'sit' is a learned reducer, and the llava adapter does not take "
                                          r"learned reducers yet"):
         vtr.patch(tiny_llava(), "sit", budget=4)
+
+
+# -- the losses, on known answers --------------------------------------------------------------------
+
+def test_logit_distillation_is_zero_at_the_teacher_and_kl_otherwise():
+    teacher = torch.tensor([[2.0, 0.0, -1.0]])
+    assert vtr.losses.logit_distillation(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-7)
+    student = torch.zeros(1, 3)
+    p = teacher.softmax(-1)
+    expected = (p * (p.log() - torch.full((3,), 1 / 3).log())).sum()
+    assert vtr.losses.logit_distillation(student, teacher).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert vtr.losses.logit_distillation(student, teacher, temperature=2.0).item() == pytest.approx(
+        4 * F.kl_div((student / 2).log_softmax(-1), (teacher / 2).log_softmax(-1), reduction="batchmean",
+                     log_target=True).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="student and teacher logits must have one shape"):
+        vtr.losses.logit_distillation(torch.zeros(1, 3), torch.zeros(1, 4))
+
+
+def test_keep_ratio_is_the_mean_squared_gap_to_the_schedule():
+    kept = [vtr.core.run.Decision(1, torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]), 0.5),
+            vtr.core.run.Decision(2, torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), 0.25)]
+    # step 1: rows keep 0.5 and 0.25 -> (0 + 0.0625) / 2; step 2: 0.25 and 0 -> (0 + 0.0625) / 2
+    assert vtr.losses.keep_ratio(kept).item() == pytest.approx(0.03125)
+    with pytest.raises(ValueError, match="decisions is empty"):
+        vtr.losses.keep_ratio([])
+
+
+def test_token_distillation_compares_each_token_with_the_mean_of_what_it_carries():
+    teacher = torch.arange(5.0)[None, :, None].expand(1, 5, 2)          # token i has features (i, i)
+    report = vtr.Report(tokens=[5, 3], assignment=torch.tensor([[0, 1, 1, 2, -1]]), size=torch.ones(1, 3),
+                        num_protected=1)
+    target = torch.tensor([[[0.0, 0.0], [1.5, 1.5], [3.0, 3.0]]])          # token 4 was dropped
+    assert vtr.losses.token_distillation(target, teacher, report).item() == 0.0
+    moved = target + torch.tensor([0.0, 0.0, 1.0])[None, :, None]          # the last token off by 1 per channel
+    assert vtr.losses.token_distillation(moved, teacher, report).item() == pytest.approx(1 / 3)
+    masked = vtr.Report(tokens=[5, 5], assignment=torch.arange(5)[None], size=torch.ones(1, 5), num_protected=1,
+                        mask=torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]]))
+    off = teacher + torch.tensor([0.0, 0.0, 5.0, 5.0, 0.0])[None, :, None]  # only masked tokens are off
+    assert vtr.losses.token_distillation(off, teacher, masked).item() == 0.0
+
+
+def test_clip_contrastive_is_symmetric_cross_entropy_of_scaled_cosines():
+    image, text = torch.eye(3), torch.eye(3)
+    scale = torch.tensor(0.0)                                             # exp(0) = 1
+    logits = torch.eye(3)
+    expected = F.cross_entropy(logits, torch.arange(3))
+    assert vtr.losses.clip_contrastive(image, text, scale).item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match=r"image and text must both be \[B, D\] embeddings"):
+        vtr.losses.clip_contrastive(torch.zeros(2, 3), torch.zeros(3, 3), scale)

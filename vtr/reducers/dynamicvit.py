@@ -58,7 +58,7 @@ class KeepPredictor(nn.Module):
         self.embed = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
         self.score = nn.Sequential(nn.Linear(width, half), nn.GELU(), nn.Linear(half, quarter), nn.GELU(),
                                    nn.Linear(quarter, 1))
-        self.prior_scale = nn.Parameter(torch.ones(())) if prior else None
+        self.prior_scale = nn.Parameter(torch.ones(1)) if prior else None   # 1-D: FSDP2 shards no scalars
         if prior:
             nn.init.zeros_(self.score[-1].weight)
             nn.init.zeros_(self.score[-1].bias)

@@ -36,7 +36,9 @@ class Slimming(nn.Module):
         super().__init__()
         self.outputs = outputs
         hidden = max(width // 2, 1)
-        self.score = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, outputs))
+        # No bias on the last layer: a softmax over the inputs ignores a constant per output.
+        self.score = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(),
+                                   nn.Linear(hidden, outputs, bias=False))
 
     @staticmethod
     def macs(width: int, num_inputs: int, outputs: int) -> float:
