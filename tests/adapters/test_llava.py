@@ -18,6 +18,9 @@ from conftest import THREADS, call_state, check_threads
 from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, PAD, FeatureCapture, assert_each_row_equals_it_alone,
                            generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, tiny_llava)
 
+LEARNED = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].learned}   # refused on LLaVA (issue 12)
+
+
 def test_zero_reduction_matches_unpatched_tokens_and_logits():
     model = tiny_llava()
     ids, mask, pixels = mixed_batch()
@@ -311,7 +314,7 @@ def test_compact_prompt_keeps_order_and_counts(data):
         starts += images
 
 
-@pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none", "pool"}))
+@pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none", "pool"} - LEARNED))
 def test_every_method_reduces_llava_images_to_the_budget(method):
     """Each registered method, fed the signals the LLaVA adapter has, lands on the budget per image."""
     model = tiny_llava()
