@@ -30,6 +30,7 @@ class Adapter:
     name: ClassVar[str] = ""              # the family, as :func:`family` reports it
     amounts: ClassVar[tuple[str, ...]] = ()   # amounts of its own besides r/keep/flops (LLaVA: budget)
     metrics: ClassVar[tuple[str, ...]] = METRICS  # the metric= values it can feed reducers, default first
+    learned_reducers: ClassVar[bool] = True   # takes learned reducers (its cost gives the token width)
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
@@ -131,11 +132,23 @@ def find_adapter(model: nn.Module) -> Adapter:
     return claiming[0]
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model vtr patches inside a wrapper: peft's ``PeftModel`` (and its tuner, e.g. ``LoraModel``) wraps
+    the model it adapts, whose LoRA-wrapped layers stay in place. Any other module is itself. (DDP and FSDP
+    wrap a model that is patched first.)"""
+    while type(model).__module__.startswith("peft."):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            break
+        model = inner
+    return model
+
+
 def family(model: nn.Module) -> Optional[str]:
     """The model family vtr sees in ``model`` (``"timm"``, ``"open_clip"``, ``"hf_vision"``, ``"llava"``, ``"qwen_vl"``),
     or None when no adapter takes it. The one place model families are told apart."""
     try:
-        return find_adapter(model).name
+        return find_adapter(unwrap(model)).name
     except (UnsupportedModelError, TypeError):
         return None
 

@@ -167,6 +167,7 @@ def _cost(model: nn.Module, metric: str = "x") -> EncoderCost:
         metric_dim=attention.q_proj.out_features // heads if metric == "keys" else width,
         grid=(grid, grid),
         has_cls=_num_prefix(visual) == 1,
+        width=width,
     )
 
 
@@ -190,8 +191,8 @@ class ReducingTower(Swapped):
                                                               original.__module__)
 
     def forward(self, pixel_values: Optional[Tensor] = None, *args, **kwargs):
-        with runs.opened(self._vtr) as run:
-            if pixel_values is not None:
+        with runs.opened(self._vtr, self.training) as run:   # None: runs unreduced (vtr.disabled, active="train")
+            if run is not None and pixel_values is not None:
                 steps.condition(run, pixel_values.shape[0], self.embedding_width(), type(self).__name__,
                                 self.project_tokens)
                 # This call's patch grid, from its pixels (interpolate_pos_encoding takes any size): layer 0

@@ -129,6 +129,7 @@ def _cost(model: nn.Module, metric: str = "x") -> EncoderCost:
         per_final_token=per_final_token,
         metric_dim=width // attn.num_heads if metric == "keys" else width,
         grid=tuple(int(g) for g in visual.grid_size),
+        width=width,
     )
 
 
@@ -228,7 +229,9 @@ class ReducingVisionTransformer(Swapped):
         return tokens @ self.proj if self.proj is not None else tokens
 
     def forward(self, x: Tensor):
-        with runs.opened(self._vtr) as run:
+        with runs.opened(self._vtr, self.training) as run:
+            if run is None:   # vtr.disabled, or eval mode under active="train": the unpatched tower
+                return super().forward(x)
             grid = steps.conv_grid(self.conv1, *x.shape[-2:])   # this call's patches, not the default grid_size
             x = self._embeds(x)
             state = TokenState.start(x, num_protected=1)

@@ -14,13 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from vtr.core.plan import Reduction
-from vtr.core.run import Run, bound
+from vtr.core.run import Decision, Run, bound
 from vtr.core.signals import Signals, cls_attention
 from vtr.core.state import TokenState
 
 
 def num_kept(reduction: Reduction, state: TokenState, layer: int) -> int:
-    n, protected = state.num_tokens, state.num_protected
+    """Tokens after ``layer``'s step; under training-time masking, counted from the count the masks aim at."""
+    n, protected = state.num_scheduled, state.num_protected
     return reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
 
 
@@ -41,7 +42,7 @@ def reduce(run: Run, state: TokenState, x: Tensor, layer: int, *,
     if before_attention != reduction.reducer.acts_before_blocks:
         return state.with_x(x)
     kept = num_kept(reduction, state, layer)
-    if kept == state.num_tokens:
+    if kept == state.num_scheduled:
         return state.with_x(x)
     metric = k.mean(dim=1) if reduction.metric == "keys" and k is not None else x  # keys: head mean [B, N, D]
     attention = None
@@ -50,7 +51,12 @@ def reduce(run: Run, state: TokenState, x: Tensor, layer: int, *,
     signals = Signals(metric=metric, layer=layer, num_layers=run.num_layers, cls_attention=attention,
                       query=run.query, grid=None if state.is_reduced else run.grid,
                       query_projection=run.query_projection)
-    return reduction.reducer(state.with_x(x), kept, signals)
+    reduced = reduction.reducer(state.with_x(x), kept, signals)
+    if reduced.mask is not None and reduced.mask is not state.mask and run.decisions is not None:
+        protected = state.num_protected
+        run.decisions.append(Decision(layer, reduced.mask[:, protected:],
+                                      (kept - protected) / max(state.num_original - protected, 1)))
+    return reduced
 
 
 def dropping_as_published(reduction: Reduction) -> Reduction:

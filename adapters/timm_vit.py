@@ -74,6 +74,7 @@ def _cost(model: VisionTransformer, metric: str = "x") -> EncoderCost:
         metric_dim=block.attn.head_dim if metric == "keys" else model.embed_dim,
         has_cls=bool(model.has_class_token),
         grid=tuple(model.patch_embed.grid_size),
+        width=model.embed_dim,
     )
 
 
@@ -144,13 +145,16 @@ class ReducingViT(Swapped):
     _vtr: Reduction
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        with runs.opened(self._vtr):   # one run for the features and the head of this call
+        # One run for the features and the head of this call (none when the call runs unreduced).
+        with runs.opened(self._vtr, self.training):
             return super().forward(x, attn_mask=attn_mask, **_causal(is_causal))
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        if is_causal:
-            raise ValueError("is_causal=True is not supported on a model patched by vtr")
-        with runs.opened(self._vtr) as run:
+        with runs.opened(self._vtr, self.training) as run:
+            if run is None:   # vtr.disabled, or eval mode under active="train": the unpatched model
+                return super().forward_features(x, attn_mask=attn_mask, **_causal(is_causal))
+            if is_causal:
+                raise ValueError("is_causal=True is not supported on a model patched by vtr")
             image_size = tuple(x.shape[-2:])
             x = self.patch_embed(x)
             grid = _call_grid(self.patch_embed, image_size, x)

@@ -5,13 +5,14 @@
 
 The facade: the only module that imports every layer (core, reducers, budget, adapters, api, tools).
 """
-from . import adapters, kernels, reducers
+from . import adapters, kernels, losses, reducers
 from ._version import __version__
 from .adapters import UnsupportedModelError, family
 from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
 from .budget.schedule import Schedule
 from .core import Need, Reduction, Report, Signals, TokenState
 from .reducers import Reducer
+from .training import decisions, disabled, trainable
 from .tools import clip  # text-conditioned CLIP helpers: vtr.clip.text_query, vtr.clip.zero_shot
 from .tools import zoo
 from .tools.profile import profile_model
@@ -20,7 +21,7 @@ from .tools.visualize import visualize
 
 __all__ = [
     "patch", "unpatch", "conditioned", "methods", "report", "is_patched", "make_reducer", "expected_tokens",
-    "expected_flops", "family", "TokenState", "Reducer", "Signals", "Need", "Schedule", "Reduction", "Report",
+    "expected_flops", "family", "disabled", "trainable", "decisions", "losses", "TokenState", "Reducer", "Signals", "Need", "Schedule", "Reduction", "Report",
     "UnsupportedModelError", "adapters", "kernels", "reducers", "clip", "zoo", "profile_model", "visualize",
     "save_reduction", "load_reduction",
 ]

@@ -8,13 +8,16 @@ from typing import Iterator, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from . import model_zoo
-from .adapters import find_adapter, is_patched, settings
+from .adapters import find_adapter, is_patched, settings, unwrap
 from .budget.schedule import RSpec
 from .core import run as runs
 from .core.numbers import plain, plain_scalar
-from .core.plan import METRICS, Reduction
+from .core.plan import ACTIVE, METRICS, Reduction
 from .core.run import Report
 from .reducers import REDUCERS, Reducer
+
+
+REDUCER_NAME = "_vtr_reducer"   # where a learned reducer sits in the patched model (see attach_reducer)
 
 
 def methods() -> dict[str, str]:
@@ -59,6 +62,7 @@ def patch(
     layers: Optional[Sequence[int]] = None,
     metric: Optional[str] = None,
     prop_attn: Optional[bool] = None,
+    active: str = "always",
     preset: Optional[str] = None,
     **options,
 ) -> nn.Module:
@@ -71,19 +75,24 @@ def patch(
     outputs closer to the unreduced ones in our measurements) or ``"keys"`` (attention keys, as in
     ToMe). ``prop_attn`` adds log(size) to attention logits (default True). Left out (None), both take
     the method's own defaults where it has some (``pitome`` with ``variant="paper"``: keys, no
-    proportional attention), else vtr's. Other keywords go to the method.
-    Weights, ``state_dict`` keys and hooks are untouched; ``vtr.unpatch`` undoes it.
+    proportional attention), else vtr's. ``active="train"`` reduces in training mode only: cheaper
+    training steps, the unreduced model in eval mode (Attentive Mask CLIP, FLIP). Other keywords go to
+    the method. Weights, ``state_dict`` keys and hooks are untouched; ``vtr.unpatch`` undoes it. A
+    learned method (``dynamicvit``, ``sit``) adds its own modules to the model, under ``_vtr_reducer``
+    (see :func:`attach_reducer`). A peft ``PeftModel`` is patched through to its base model.
     ``preset`` names a model-zoo entry (``vtr.zoo.entries()``) whose method and settings apply;
     arguments given here override it (an amount replaces the preset's amount).
     """
     if preset is not None:
         given = {"method": method, "r": r, "keep": keep, "flops": flops, "layers": layers,
-                 "metric": metric, "prop_attn": prop_attn, "options": options}
+                 "metric": metric, "prop_attn": prop_attn,
+                 "active": None if active == "always" else active, "options": options}
         return patch(model, **model_zoo.preset_arguments(preset, model, given))
     method = "tome" if method is None else method
     # numpy / 0-d tensor scalars as Python numbers, for every adapter's checks and for describe().
     r, keep, flops, layers = plain(r, "r"), plain(keep, "keep"), plain(flops, "flops"), plain(layers, "layers")
     prop_attn = plain(prop_attn, "prop_attn")
+    wrapper, model = model, unwrap(model)
     if is_patched(model):
         raise ValueError(
             f"model is already patched with {settings(model).describe()}; call vtr.unpatch(model) before "
@@ -93,19 +102,51 @@ def patch(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if prop_attn is not None and not isinstance(prop_attn, bool):
         raise ValueError(f"prop_attn must be True or False, got {prop_attn!r}")
+    if active not in ACTIVE:
+        raise ValueError(f"active must be one of {ACTIVE} (reduce on every call, or in training mode only), "
+                         f"got {active!r}")
     adapter = find_adapter(model)
     adapter.check(model)
     own = {k: plain(options.pop(k), k) for k in adapter.amounts if k in options}   # e.g. LLaVA's budget=
     reducer = make_reducer(method, **options)
+    if reducer.learned and not adapter.learned_reducers:
+        raise ValueError(f"method {method!r} is a learned reducer, and the {adapter.name} adapter does not take "
+                         "learned reducers yet; use a training-free method (see vtr.methods())")
     metric, prop_attn = patch_settings(reducer, adapter.metrics, metric, prop_attn)
     cost = adapter.cost(model, metric)
     schedule = adapter.make_schedule(model, reducer, r=r, keep=keep, flops=flops, layers=layers, metric=metric,
                                      **own)
+    if reducer.learned:
+        reducer.build(cost.width, schedule.token_counts(reducer, cost.num_tokens, cost.num_protected),
+                      cost.num_protected)
     given = {"r": r, "keep": keep, "flops": flops, "layers": layers} | own
     arguments = {k: v for k, v in given.items() if v is not None} | options
+    if active != "always":
+        arguments["active"] = active
     adapter.patch(model, Reduction(method=method, reducer=reducer, schedule=schedule, metric=metric,
-                                   prop_attn=prop_attn, arguments=arguments, has_cls=cost.has_cls))
-    return model
+                                   prop_attn=prop_attn, arguments=arguments, has_cls=cost.has_cls, active=active))
+    attach_reducer(model, reducer)
+    return wrapper
+
+
+def attach_reducer(model: nn.Module, reducer: Reducer) -> None:
+    """Make a learned reducer part of the patched model: the submodule ``_vtr_reducer``.
+
+    The frozen settings (``model._vtr``) still name the reducer, and are what the forward pass reads;
+    registering the same module object on the model is what makes its parameters the model's own:
+    ``model.parameters()`` and optimizers see them, ``state_dict`` saves them under ``_vtr_reducer.``
+    (so a checkpoint loads ``strict=True`` into a fresh model patched the same way), ``.to()``/``.half()``,
+    ``train()``/``eval()``, DDP and FSDP reach them, and deepcopy/pickle keep one object in both places.
+    It is created on the model's device and dtype. Training-free reducers have no parameters and are
+    not registered: patching them leaves ``state_dict`` keys and module traversal as they were.
+    """
+    if not reducer.learned:
+        return
+    weights = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weights is not None:
+        reducer.to(device=weights.device, dtype=weights.dtype)
+    reducer.train(model.training)
+    setattr(model, REDUCER_NAME, reducer)
 
 
 def patch_settings(reducer: Reducer, metrics: Sequence[str], metric: Optional[str] = None,
@@ -120,10 +161,12 @@ def patch_settings(reducer: Reducer, metrics: Sequence[str], metric: Optional[st
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original classes, no hooks, outputs identical to before patching."""
+    """Undo :func:`patch`: original classes, no hooks, no learned reducer, outputs identical to before patching."""
+    wrapper, model = model, unwrap(model)
     settings(model)
     find_adapter(model).unpatch(model)
-    return model
+    model._modules.pop(REDUCER_NAME, None)
+    return wrapper
 
 
 def report(model: nn.Module) -> Report:
@@ -137,11 +180,13 @@ def report(model: nn.Module) -> Report:
 
 def expected_tokens(model: nn.Module) -> list[int]:
     """Tokens entering each block (and after the last) at the model's default input size."""
+    model = unwrap(model)
     return find_adapter(model).expected_tokens(model, settings(model))
 
 
 def expected_flops(model: nn.Module) -> tuple[float, float]:
     """Analytic (reduced, unreduced) MACs per image at the model's default input size."""
+    model = unwrap(model)
     return find_adapter(model).expected_flops(model, model._vtr if is_patched(model) else None)
 
 

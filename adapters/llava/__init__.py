@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import Schedule
+from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
@@ -119,6 +120,7 @@ class Llava(Adapter):
     # also take frames= and temporal= (how a video spends its budget, vtr.adapters.vlm.video)
     amounts = ("budget", *VIDEO_OPTIONS)
     metrics = ("x",)               # visual tokens are compared by their projected features
+    learned_reducers = False       # not yet: budgets are per image, learned modules per block of an encoder
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""

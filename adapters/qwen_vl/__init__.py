@@ -71,6 +71,7 @@ class QwenVL(Adapter):
     # a video spends its budget (vtr.adapters.vlm.video)
     amounts = ("budget", *VIDEO_OPTIONS)
     metrics = ("x",)               # visual tokens are compared by their merged features
+    learned_reducers = False       # not yet: budgets are per image, learned modules per block of an encoder
 
     def matches(self, model: nn.Module) -> bool:
         """Any Qwen-VL model of transformers (bare models and Qwen3-VL too), so that those vtr does not

@@ -8,6 +8,8 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
+from vtr.core import run as runs
+
 from ..base import Swapped
 from .run import VlmRun, opened
 
@@ -25,6 +27,9 @@ class ReducingVlm(Swapped):
 
             @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
             def forward(self, *args, **kwargs):
+                if runs.active(self._vtr) is None and runs.skips(self._vtr, self.training):
+                    with runs.switched_off(self._vtr):   # vtr.disabled, or eval mode under active="train"
+                        return original_forward(self, *args, **kwargs)
                 bound = inspect.signature(original_forward).bind(self, *args, **kwargs)
                 arguments = dict(bound.arguments)
                 arguments.pop("self")
@@ -41,6 +46,9 @@ class ReducingVlm(Swapped):
         raise NotImplementedError
 
     def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
+        if runs.active(self._vtr) is None and runs.skips(self._vtr, self.training):
+            with runs.switched_off(self._vtr):   # vtr.disabled, or eval mode under active="train"
+                return super().generate(inputs, *args, **kwargs)
         with opened(self) as run:      # one run for the prefill and every decode step
             return self.vtr_generate(run, super().generate, inputs, *args, **kwargs)
 

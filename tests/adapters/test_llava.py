@@ -19,6 +19,9 @@ from llava_models import (GENERATE, check_loss_on_kept_positions, IMAGE_TOKEN, I
                            generate, held_tensors, left_padded, logits, mixed_batch, pooled, prompt_row, text_labels,
                            tiny_llava)
 
+LEARNED = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].learned}   # refused on LLaVA (issue 12)
+
+
 def test_zero_reduction_matches_unpatched_tokens_and_logits():
     model = tiny_llava()
     ids, mask, pixels = mixed_batch()
@@ -338,7 +341,7 @@ def test_compact_prompt_keeps_order_and_counts(data):
         starts += images
 
 
-@pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none", "pool"}))
+@pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none", "pool"} - LEARNED))
 def test_every_method_reduces_llava_images_to_the_budget(method):
     """Each registered method, fed the signals the LLaVA adapter has, lands on the budget per image."""
     model = tiny_llava()

@@ -340,7 +340,8 @@ def test_every_budget_method_runs_on_llava_next():
     """Each registered method that takes a budget lands on it exactly, image by image."""
     model = model_for()
     ids, mask, pixel_values, image_sizes = batch(model, MIXED)
-    for method in sorted(set(REDUCERS) - {"none", "pool"} - {m for m in REDUCERS if m.startswith("_")}):
+    learned = {m for m, cls in REDUCERS.items() if cls.learned}   # refused on LLaVA (issue 12)
+    for method in sorted(set(REDUCERS) - {"none", "pool"} - {m for m in REDUCERS if m.startswith("_")} - learned):
         vtr.patch(model, method, budget=7)
         run(model, ids, mask, pixel_values, image_sizes, max_new_tokens=1)
         assert vtr.report(model).visual_tokens_after.tolist() == [14, 7, 0], method

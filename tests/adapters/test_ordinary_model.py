@@ -137,6 +137,8 @@ METHODS = {
     "evit_keys": ("evit", {"keep": 0.75, "metric": "keys"}),
     "fastv": ("fastv", {"keep": 0.75}),
     "hired": ("hired", {"keep": 0.75}),
+    "dynamicvit": ("dynamicvit", {"keep": 0.75}),   # learned reducers: modules of the model (issue 12)
+    "sit": ("sit", {"keep": 0.75}),
 }
 
 
@@ -179,6 +181,7 @@ THREAD_CASES = [
     ("timm_avg", "evit"),
     ("open_clip", "tome"), ("open_clip", "evit"), ("open_clip_custom", "evit"),
     ("hf_clip", "tome"), ("hf_clip", "evit_keys"), ("hf_siglip", "evit"), ("hf_siglip", "tome_keys"),
+    ("timm", "dynamicvit"), ("open_clip_custom", "dynamicvit"), ("hf_clip", "sit"),
 ]
 
 
@@ -225,6 +228,7 @@ GRAPH_CASES = [
     ("open_clip_custom", "tome_keys", False), ("open_clip_custom", "evit", False),
     ("hf_clip", "tome", False), ("hf_clip_model", "tome_keys", False),
     ("hf_siglip", "evit", False), ("hf_siglip", "tome_keys", False),
+    ("timm", "sit", False), ("timm", "sit", True), ("open_clip", "sit", False), ("hf_siglip", "sit", False),
 ]
 
 
@@ -332,7 +336,8 @@ def layout(model: nn.Module) -> list:
 
 
 COPY_CASES = [("timm", "tome"), ("timm_avg", "evit"), ("open_clip", "tome"), ("open_clip_custom", "tome_keys"),
-              ("hf_clip", "tome"), ("hf_siglip", "tome"), ("hf_clip_model", "tome_keys")]
+              ("hf_clip", "tome"), ("hf_siglip", "tome"), ("hf_clip_model", "tome_keys"),
+               ("timm", "dynamicvit"), ("hf_clip_model", "sit")]
 
 
 @pytest.mark.parametrize("family,method", COPY_CASES, ids=ids(COPY_CASES))
@@ -392,7 +397,8 @@ def _torch_roundtrip(model: nn.Module) -> nn.Module:
 ROUND_TRIPS = {"pickle": lambda model: pickle.loads(pickle.dumps(model)), "torch.save": _torch_roundtrip}
 PICKLE_CASES = [("timm", "tome_keys"), ("open_clip", "tome_keys"), ("open_clip_custom", "tome_keys"),
                 ("open_clip_model", "tome"), ("open_clip_model_custom", "tome_keys"), ("hf_clip", "tome_keys"),
-                ("hf_clip_model", "tome_keys"), ("hf_siglip", "tome_keys"), ("hf_vit", "tome_keys")]
+                ("hf_clip_model", "tome_keys"), ("hf_siglip", "tome_keys"), ("hf_vit", "tome_keys"),
+                ("timm", "sit"), ("open_clip_model", "dynamicvit"), ("hf_clip_model", "dynamicvit")]
 
 
 @pytest.mark.parametrize("family,method", PICKLE_CASES, ids=ids(PICKLE_CASES))

@@ -29,6 +29,8 @@ LAYERS: dict[str, int] = {
     "vtr.budget": 3,       # cost model, schedule solver
     "vtr.adapters": 4,
     "vtr.api": 5,
+    "vtr.training": 5,     # disabled, trainable, decisions: switches for fine-tuning a patched model
+    "vtr.losses": 5,       # distillation, keep-ratio and CLIP losses
     "vtr.tools": 6,        # profile, bench, latency, visualize, calibrate, fidelity, zoo, clip, models, saving
     "vtr.model_zoo": 5,    # zoo entries and presets, which vtr.patch(preset=...) reads
     "vtr.cli": 7,

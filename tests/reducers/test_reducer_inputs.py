@@ -15,7 +15,8 @@ from conftest import make_state
 # What each method really takes (its own __init__), or nothing.
 OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fastv": "fuse",
            "hired": "fuse, allocate_layer", "none": "none", "pitome": "margin, alpha, variant", "pool": "factor",
-           "query": "relevance_weight, projection, fuse", "random": "seed", "tome": "none"}
+           "query": "relevance_weight, projection, fuse", "random": "seed", "tome": "none",
+           "dynamicvit": "init, temperature, threshold", "sit": "temperature"}
 
 
 def test_every_method_is_listed_here():
@@ -60,6 +61,8 @@ def test_every_reducer_returns_an_empty_state_for_an_empty_batch(method):
     num_kept = 1 + 4 if method == "pool" else 9   # pool: 4x4 grid, factor 2
     if method == "none":
         num_kept = 17
+    reducer.build(8, [17, 9], 1)   # learned reducers: a module for block 0 (layer 0 in _signals)
+    reducer.eval()                 # as in an eval-mode model (dynamicvit masks in training mode)
     out = reducer(state, num_kept, _signals(state))
     assert out.x.shape == (0, num_kept, 8) and out.size.shape == (0, num_kept)
     assert out.assignment.shape == (0, 17)

@@ -72,3 +72,66 @@ def test_a_training_loop_on_reduced_tokens_learns_and_updates_every_parameter():
     assert losses[-1] < 0.5 * losses[0]
     unchanged = [name for name, p in model.named_parameters() if torch.equal(p, start[name])]
     assert unchanged == []
+
+
+# -- FSDP2: learned reducers shard and train like the model's own weights (issue 12) ----------------
+
+def fsdp_vit(method: str) -> torch.nn.Module:
+    """A tiny ViT (16 patches + CLS, width 32) with a learned reducer at block 1."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, depth=3, embed_dim=32, num_heads=2,
+                              num_classes=3, drop_rate=0.0)
+    return vtr.patch(model, method, keep=0.5, layers=[1]).train()
+
+
+def _fsdp_steps(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 2) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+
+def _fsdp_rank(rank: int, rendezvous: str, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        images, labels = batch()
+        part = slice(rank * len(images) // WORLD, (rank + 1) * len(images) // WORLD)
+        found = {}
+        for method in ("sit", "dynamicvit"):
+            model = fsdp_vit(method)
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)          # the root group holds what no block holds: the reducer's modules
+            shards = {name: (type(p).__name__, tuple(p.to_local().shape), tuple(p.shape))
+                      for name, p in model._vtr_reducer.named_parameters()}
+            before = {name: p.full_tensor() for name, p in model._vtr_reducer.named_parameters()}
+            _fsdp_steps(model, images[part], labels[part])
+            after = {name: p.full_tensor() for name, p in model._vtr_reducer.named_parameters()}
+            found[method] = {"shards": shards, "moved": [n for n in before if not torch.equal(before[n], after[n])],
+                             "weights": {k: v.full_tensor() for k, v in model.state_dict().items()}}
+        torch.save(found, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_shards_and_trains_learned_reducers_like_one_process(tmp_path):
+    """fully_shard on 2 CPU ranks (gloo): the learned modules' parameters are sharded DTensors, train, and
+    sit's final weights equal one process's on the whole batch (dynamicvit samples its training decisions,
+    so its ranks cannot match one process draw for draw; its modules must shard and move)."""
+    images, labels = batch()
+    mp.spawn(_fsdp_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path / "rank")), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(WORLD)]
+    for method in ("sit", "dynamicvit"):
+        shards = ranks[0][method]["shards"]
+        assert shards and all(kind == "DTensor" for kind, _, _ in shards.values()), method
+        assert any(local[0] < full[0] for _, local, full in shards.values()), method   # split across ranks
+        moved = ranks[0][method]["moved"]
+        assert moved and ("sit" != method or len(moved) == len(shards)), method
+    model = fsdp_vit("sit")
+    _fsdp_steps(model, images, labels)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(ranks[0]["sit"]["weights"][name], value, rtol=1e-5, atol=1e-6)

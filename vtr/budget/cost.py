@@ -29,6 +29,7 @@ class EncoderCost:
     metric_dim: int = 0      # width of the similarity metric the reducer compares
     grid: Optional[tuple] = None   # patch grid (rows, cols) at the default input size, if known
     has_cls: bool = True           # the first token is a CLS token (CLS-attention signals exist)
+    width: int = 0                 # channels of the tokens (learned reducers size their modules by it); 0: unknown
 
     def block(self, tokens_in: int, tokens_out: int) -> float:
         return (self.attn_linear * tokens_in + 2 * self.attn_dim * tokens_in**2

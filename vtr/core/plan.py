@@ -15,6 +15,7 @@ if TYPE_CHECKING:   # types only: the reducer and schedule layers sit above core
     from ..reducers.base import Reducer
 
 METRICS = ("x", "keys")
+ACTIVE = ("always", "train")   # when a patched model reduces: every call, or in training mode only
 
 
 @dataclass(frozen=True, eq=False)   # eq=False: hashed by identity, the key of per-thread reports
@@ -28,10 +29,15 @@ class Reduction:
     prop_attn: bool = True          # proportional attention: log(size) added to attention logits
     arguments: dict = field(default_factory=dict)   # what the user passed, for describe()
     has_cls: bool = True            # first token is a CLS token (cls_attention exists)
+    active: str = "always"          # "train": reduce in training mode only (eval runs the unreduced model)
 
     @property
     def reduces(self) -> bool:
         return any(a != (0 if self.schedule.kind == "r" else 1.0) for a in self.schedule.amounts)
+
+    def reduces_in(self, training: bool) -> bool:
+        """Whether a call in this mode reduces (``active="train"``: training mode only)."""
+        return self.active == "always" or training
 
     @property
     def wants_cls_attention(self) -> bool:

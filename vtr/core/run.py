@@ -6,6 +6,11 @@ pass produces (the token state between blocks, the q/k a reducer reads, the quer
 variable and closes. What outlives the call is a detached :class:`Report`, kept per thread (and per
 asyncio task) in another context variable. So concurrent callers never see each other's tokens, and
 no autograd graph stays on the model after the call.
+
+Two more per-thread switches live here, beside ``vtr.conditioned``'s query: a model switched off
+(``vtr.disabled``, and eval-mode calls of a model patched with ``active="train"``) runs as the unpatched
+model, and ``vtr.decisions`` collects a pass's training-time keep decisions, with their gradient, for
+a loss. Both are context variables, never attributes of the model.
 """
 from __future__ import annotations
 
@@ -35,6 +40,21 @@ class Report:
     size: Tensor
     num_protected: int
     grid: Optional[tuple[int, int]] = None  # patch grid (rows, cols) when the model has one
+    mask: Optional[Tensor] = None           # [B, N] final keep decisions under training-time masking
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One training-time keep decision of a pass (DynamicViT), for the keep-ratio loss.
+
+    keep: ``[B, U]`` cumulative keep decisions over the unprotected tokens (0 or 1, with a
+        straight-through gradient to the predictor). target: the fraction of the original unprotected
+        tokens the schedule keeps after this step (what eval mode keeps exactly).
+    """
+
+    layer: int
+    keep: Tensor
+    target: float
 
 
 @dataclass(eq=False)
@@ -49,6 +69,7 @@ class Run:
     grid: Optional[tuple] = None
     num_layers: int = 0
     captured: dict = field(default_factory=dict)   # (layer, "q" | "k") -> tensor, kept by KeepQK hooks
+    decisions: Optional[list] = None               # where vtr.decisions collects this call's Decisions
 
     def begin(self, state: TokenState, num_layers: int, grid: Optional[tuple] = None) -> TokenState:
         self.state, self.num_layers, self.grid = state, num_layers, grid
@@ -69,7 +90,8 @@ class Run:
         if report is None:
             state = self.state
             report = Report(tokens=list(self.tokens), assignment=state.assignment.detach(),
-                            size=state.size.detach(), num_protected=state.num_protected, grid=self.grid)
+                            size=state.size.detach(), num_protected=state.num_protected, grid=self.grid,
+                            mask=None if state.mask is None else state.mask.detach())
         self.captured.clear()
         record(self.reduction, report)
         return report
@@ -78,6 +100,8 @@ class Run:
 _ACTIVE: ContextVar[Optional[Run]] = ContextVar("vtr_active_run", default=None)
 _REPORTS: ContextVar[Optional[weakref.WeakKeyDictionary]] = ContextVar("vtr_reports", default=None)
 _QUERIES: ContextVar[Optional[dict]] = ContextVar("vtr_queries", default=None)
+_OFF: ContextVar[frozenset] = ContextVar("vtr_off", default=frozenset())
+_DECISIONS: ContextVar[Optional[dict]] = ContextVar("vtr_decisions", default=None)
 
 
 def active(reduction: Optional[Reduction] = None) -> Optional[Run]:
@@ -89,18 +113,65 @@ def active(reduction: Optional[Reduction] = None) -> Optional[Run]:
 
 
 @contextmanager
-def opened(reduction: Reduction) -> Iterator[Run]:
-    """The run of this forward pass: the one already open for this model, or a new one for the call."""
+def opened(reduction: Reduction, training: bool = True) -> Iterator[Optional[Run]]:
+    """The run of this forward pass: the one already open for this model, or a new one for the call.
+
+    None when the call must not reduce (``vtr.disabled``, or an eval-mode call of a model patched with
+    ``active="train"``): the caller then runs the unpatched model's own code, and everything the call
+    reaches (blocks, pooling) sees the model switched off.
+    """
     run = active(reduction)
     if run is not None:
         yield run
         return
-    run = Run(reduction, query=query_of(reduction))
+    if skips(reduction, training):
+        with switched_off(reduction):
+            yield None
+        return
+    run = Run(reduction, query=query_of(reduction), decisions=(_DECISIONS.get() or {}).get(reduction))
     token = _ACTIVE.set(run)
     try:
         yield run
     finally:
         _ACTIVE.reset(token)
+
+
+def skips(reduction: Reduction, training: bool) -> bool:
+    """A call of the model in this mode runs unreduced (switched off here, or eval under ``active="train"``)."""
+    return reduction in _OFF.get() or not reduction.reduces_in(training)
+
+
+def is_off(reduction: Reduction) -> bool:
+    return reduction in _OFF.get()
+
+
+@contextmanager
+def switched_off(reduction: Reduction) -> Iterator[None]:
+    """Calls of this model inside the block run as the unpatched model, in this thread only.
+
+    No run is active inside (not even another model's), so every patched block falls back to its
+    original forward.
+    """
+    token = _OFF.set(_OFF.get() | {reduction})
+    active_token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(active_token)
+        _OFF.reset(token)
+
+
+@contextmanager
+def collecting(reduction: Reduction) -> Iterator[list]:
+    """Collect the :class:`Decision` of every training-time step of this model's calls inside the block."""
+    found: list = []
+    table = dict(_DECISIONS.get() or {})
+    table[reduction] = found
+    token = _DECISIONS.set(table)
+    try:
+        yield found
+    finally:
+        _DECISIONS.reset(token)
 
 
 @contextmanager
@@ -176,20 +247,24 @@ def final_sizes(reduction: Reduction, x: Tensor) -> Optional[Tensor]:
     From the run in progress, or, when the head is called on its own after the features
     (``forward_features`` then ``forward_head``), from this thread's last report.
     """
+    if is_off(reduction):
+        return None
     run = active(reduction)
     if run is not None and run.state is not None:
-        size, num_original = run.state.size, run.state.num_original
-        padded = run.state.padded
+        size, num_original = run.state.weight(), run.state.num_original
+        padded, masked = run.state.padded, run.state.mask is not None
     else:
         report = last_report(reduction)
         if report is None:
             raise RuntimeError("a vtr-patched model pools the tokens of its own forward pass; run the model "
                                "(or its forward_features) first")
         size, num_original = report.size, report.assignment.shape[1]
-        padded = bool((size == 0).any())
+        padded, masked = bool((size == 0).any()), report.mask is not None
+        if masked:
+            size = size * report.mask
     if tuple(size.shape) != tuple(x.shape[:2]):
         raise RuntimeError(f"a vtr-patched model pools the tokens of its own last forward pass: it ended with "
                            f"{tuple(size.shape)} tokens, the head got {tuple(x.shape[:2])}")
-    if size.shape[1] == num_original and not padded:
+    if size.shape[1] == num_original and not padded and not masked:
         return None
     return size

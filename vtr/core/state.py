@@ -15,6 +15,8 @@ from torch import Tensor
 
 from .. import kernels
 
+MASK_FLOOR = 1e-6   # attention weight left to a masked token (see TokenState.attention_bias)
+
 
 @dataclass
 class TokenState:
@@ -31,6 +33,12 @@ class TokenState:
             dropped and keep their positions.
         padded: the sequence may hold padding. Set once at the start so no step has to ask the
             device (a host sync per block on CUDA); padding only ever leaves.
+        mask: ``[B, N]`` keep decisions of training-time masking (DynamicViT), or None. Under masking
+            the batch keeps its shape and every row its own choice: a token with mask 0 stays in the
+            sequence, but the others attend to it (and pooling weighs it) as if it were gone. Values
+            are 0 or 1 with a straight-through gradient to the decision that set them.
+        scheduled_tokens: under masking, the token count the decisions aim at (what the unmasked,
+            eval-mode model has here); the schedule reads it instead of the sequence length.
     """
 
     x: Tensor
@@ -38,6 +46,8 @@ class TokenState:
     assignment: Tensor
     num_protected: int
     padded: bool = False
+    mask: Optional[Tensor] = None
+    scheduled_tokens: Optional[int] = None
 
     @classmethod
     def start(cls, x: Tensor, num_protected: int = 0, padding_mask: Optional[Tensor] = None) -> "TokenState":
@@ -70,6 +80,11 @@ class TokenState:
         return self.assignment.shape[1]
 
     @property
+    def num_scheduled(self) -> int:
+        """The token count the schedule sees: the sequence length, or under masking the count aimed at."""
+        return self.num_tokens if self.scheduled_tokens is None else self.scheduled_tokens
+
+    @property
     def is_reduced(self) -> bool:
         """True once any step has removed tokens (the point where sizes start to matter)."""
         return self.num_tokens < self.num_original
@@ -77,19 +92,35 @@ class TokenState:
     def with_x(self, x: Tensor) -> "TokenState":
         return replace(self, x=x)
 
+    def masked(self, mask: Tensor, scheduled_tokens: int) -> "TokenState":
+        """The same tokens under new keep decisions ``mask`` ``[B, N]`` aiming at ``scheduled_tokens``."""
+        if mask.shape != self.size.shape:
+            raise ValueError(f"mask must be [batch, tokens] = {tuple(self.size.shape)}, got {tuple(mask.shape)}")
+        return replace(self, mask=mask, scheduled_tokens=scheduled_tokens)
+
+    def weight(self) -> Tensor:
+        """``[B, N]`` what each token counts for in pooling: its size, times its keep decision under masking."""
+        return self.size if self.mask is None else self.size * self.mask
+
     def attention_bias(self, proportional: bool) -> Optional[Tensor]:
         """Additive key bias ``[B, 1, 1, N]`` for scaled_dot_product_attention, or None.
 
         Proportional attention (ToMe) adds ``log(size)``: a token that stands for s tokens gets
         the attention s copies would get. Size-0 padding gets ``-inf`` either way. Before any
         reduction (and without padding) this returns None so the model runs its exact kernel.
+
+        Under masking, ``log(MASK_FLOOR + (1 - MASK_FLOOR) * mask)`` is added: attention to a masked
+        token is scaled by ``MASK_FLOOR`` (1e-6), never by exactly 0, so the gradient of what the
+        model would gain by keeping it (DynamicViT's masked softmax) still reaches its decision.
         """
-        if not self.padded and not (proportional and self.is_reduced):
+        if self.mask is None and not self.padded and not (proportional and self.is_reduced):
             return None
         if proportional:
             bias = self.size.log()
         else:
             bias = torch.zeros_like(self.size).masked_fill(self.size == 0, float("-inf"))
+        if self.mask is not None:
+            bias = bias + (MASK_FLOOR + (1 - MASK_FLOOR) * self.mask.float()).log()
         return bias.to(self.x.dtype)[:, None, None, :]
 
     def reduce(self, dest: Tensor, num_kept: int, weight: Optional[Tensor] = None) -> "TokenState":
@@ -106,6 +137,8 @@ class TokenState:
         size with them.
         """
         batch, num_tokens, channels = self.x.shape
+        if self.mask is not None:
+            raise ValueError("a masked token state (training-time masking) keeps its length: it cannot be reduced")
         if dest.shape != (batch, num_tokens):
             raise ValueError(f"dest must be [batch, tokens] = {(batch, num_tokens)}, got {tuple(dest.shape)}")
         by_size, weight = weight is None, self.size if weight is None else weight

@@ -1,7 +1,7 @@
 """What every reducer shares: the base class, the registry and the destination-map helpers."""
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,9 @@ class Reducer(nn.Module):
     # attention and MLP. Schedules still list the count before each step; block i runs on the count
     # after it. Such a step sees ``signals.metric`` = the hidden states and no cls_attention.
     acts_before_blocks: ClassVar[bool] = False
+    # True for reducers with parameters (dynamicvit, sit): vtr.patch calls build() with the model's
+    # sizes and registers the reducer on the model, so its weights train, save and move with it.
+    learned: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -60,6 +63,12 @@ class Reducer(nn.Module):
         """Per-layer tokens removed when the reducer's own options fix them (``pool``'s factor), else
         None. ``cost`` is the adapter's EncoderCost, ``layers`` the user's validated layer list or None."""
         return None
+
+    def build(self, width: int, counts: Sequence[int], num_protected: int) -> None:
+        """Create the parameters of a learned reducer for one model: tokens ``width`` channels wide,
+        ``counts`` tokens entering each block and after the last at the model's default input size
+        (a block reduces where the count drops), ``num_protected`` leading tokens. Training-free
+        reducers have nothing to build."""
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         """Check the budget, then let the method decide; a step that keeps everything is a no-op."""
