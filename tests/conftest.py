@@ -463,3 +463,11 @@ def assert_kept_top_k_by_projected_cosine(kept: list[list[int]], tokens: Tensor,
         gap = float(scores.values[k - 1] - scores.values[k])
         assert gap > margin, f"row {row}: a near-tie at the k-th score (gap {gap:.2e}); pick another seed"
         assert sorted(positions[protected:]) == sorted((scores.indices[:k] + protected).tolist())
+
+
+@pytest.fixture
+def threads_restored():
+    """`vtr bench --threads` sets torch's thread count for the process; put it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
