@@ -15,7 +15,7 @@ from conftest import make_state
 # What each method really takes (its own __init__), or nothing.
 OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fastv": "fuse", "hired": "fuse",
            "none": "none", "pitome": "margin, alpha", "pool": "factor", "query": "relevance_weight, projection, fuse",
-           "random": "seed", "tome": "none", "dynamicvit": "init, temperature, threshold", "sit": "temperature"}
+           "random": "seed", "tome": "none", "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature"}
 
 
 def test_every_method_is_listed_here():
