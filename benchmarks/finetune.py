@@ -31,12 +31,15 @@ LEARNED = ("dynamicvit", "sit")
 RECIPES = ("reducer", "full")
 
 
-def reducing_layers(method: str, target: float, depth: int):
-    """Where attention-scored and learned methods reduce: blocks 1.. at 35% (block 0's CLS attention has not looked
-    at the image), every block at 25% (no schedule that spares block 0 reaches 25% on a 6-block, 65-token model).
-    Merging methods keep their default (every block)."""
+def reducing_layers(method: str, target: float, depth: int, sit_layers: str = "all"):
+    """Where methods reduce. Merging methods: their default, every block. Attention-scored ones (evit, and dynamicvit,
+    which starts from the CLS attention): blocks 1.. at 35% (block 0's CLS attention has not looked at the image),
+    every block at 25% (no schedule that spares block 0 reaches 25% on a 6-block, 65-token model). sit reads no
+    attention: every block (``sit_layers="after_first"``: as dynamicvit)."""
     if method in ("tome", "pitome"):
         return None
+    if method == "sit" and sit_layers == "all":
+        return list(range(depth))
     return list(range(0 if target < 0.3 else 1, depth))
 
 
@@ -50,14 +53,14 @@ def flops_fraction(model: nn.Module, base: float, x: torch.Tensor) -> float:
 
 
 def fine_tune(model: nn.Module, method: str, target: float, recipe: str, train: tuple, epochs: float, batch: int,
-              log) -> tuple[nn.Module, float]:
+              log, options: dict, sit_layers: str = "all") -> tuple[nn.Module, float]:
     """The recipe: cross-entropy + KL to the unreduced model (+ DynamicViT's keep-ratio loss, weight 2), AdamW with a
     cosine schedule. ``reducer``: the backbone frozen, the teacher is the same model under ``vtr.disabled``;
     ``full``: every weight trains (backbone at a tenth of the reducer's learning rate), the teacher is a frozen copy
     of the original."""
     teacher = model
-    student = vtr.patch(copy.deepcopy(model), method, flops=target, layers=reducing_layers(method, target,
-                                                                                            len(model.blocks)))
+    student = vtr.patch(copy.deepcopy(model), method, flops=target,
+                        layers=reducing_layers(method, target, len(model.blocks), sit_layers), **options)
     vtr.trainable(student, "reducer" if recipe == "reducer" else "all")
     reducer_params = list(student._vtr_reducer.parameters())
     own = {id(p) for p in reducer_params}
@@ -112,13 +115,12 @@ def run_accuracy(args) -> None:
     data = fidelity.batches(images, labels, 250)
     train = fidelity.make_images(task, training.train_images, seed=training.seed + 1)   # the model's training set
     base = count_macs(model, images[:1]).total
-    rows = []
     if "free" in args.recipes:
-        rows.append({"kind": "accuracy", "method": "none", "recipe": "-", "target": 1.0, "flops": 1.0,
-                     "top1": accuracy(model, data), "seconds": 0.0})
+        append(args.out, [{"kind": "accuracy", "method": "none", "recipe": "-", "target": 1.0, "flops": 1.0,
+                           "top1": accuracy(model, data), "seconds": 0.0}])
         for target in args.targets:
             for method in TRAINING_FREE + LEARNED:   # learned methods untrained: where training starts
-                layers = reducing_layers(method, target, len(model.blocks))
+                layers = reducing_layers(method, target, len(model.blocks), args.sit_layers)
                 variants = [layers] + ([None] if method == "evit" and layers is not None else [])
                 for chosen in variants:
                     row = {"kind": "accuracy", "method": method, "recipe": "untrained" if method in LEARNED else "free",
@@ -126,28 +128,29 @@ def run_accuracy(args) -> None:
                     try:
                         vtr.patch(model, method, flops=target, layers=chosen)
                     except ValueError as error:
-                        rows.append(row | {"status": str(error).split(";")[0]})
-                        log(f"{method} @ {target:.0%} ({row['layers']}): {rows[-1]['status']}")
+                        row["status"] = str(error).split(";")[0]
+                        append(args.out, [row])
+                        log(f"{method} @ {target:.0%} ({row['layers']}): {row['status']}")
                         continue
                     row |= {"top1": accuracy(model, data), "flops": flops_fraction(model, base, images),
                             "tokens": vtr.expected_tokens(model)}
                     vtr.unpatch(model)
-                    rows.append(row)
+                    append(args.out, [row])
                     log(f"{method} @ {target:.0%} ({row['layers']}): top-1 {row['top1']:.4f}, FLOPs {row['flops']:.3f}")
     for target in args.targets:
         for method in args.methods:
             for recipe in [r for r in args.recipes if r in RECIPES]:
-                student, seconds = fine_tune(model, method, target, recipe, train, args.epochs, args.batch, log)
-                row = {"kind": "accuracy", "method": method, "recipe": recipe, "target": target,
-                       "layers": reducing_layers(method, target, len(model.blocks)), "epochs": args.epochs,
+                options = args.options.get(method, {})
+                student, seconds = fine_tune(model, method, target, recipe, train, args.epochs, args.batch, log,
+                                             options, args.sit_layers)
+                row = {"kind": "accuracy", "method": method, "recipe": recipe, "target": target, "options": options,
+                       "layers": reducing_layers(method, target, len(model.blocks), args.sit_layers),
+                       "epochs": args.epochs,
                        "top1": accuracy(student, data), "flops": flops_fraction(student, base, images),
                        "tokens": vtr.expected_tokens(student), "seconds": seconds}
-                rows.append(row)
                 log(f"{method}/{recipe} @ {target:.0%}: top-1 {row['top1']:.4f}, FLOPs {row['flops']:.3f}, "
                     f"trained {seconds:.0f}s")
                 append(args.out, [row])
-                rows.pop()
-    append(args.out, rows)
 
 
 # -- training-step speed-up ---------------------------------------------------------------------------
@@ -224,7 +227,8 @@ def run_table(args) -> None:
                   f"{row['status']} | | |")
             continue
         seconds = f"{row['seconds']:.0f} s" if row["seconds"] else "-"
-        print(f"| {row['method']} | {row['recipe']} | {row['target']:.0%} | {row.get('layers', '-')} | "
+        method = row["method"] + "".join(f", {k}={v}" for k, v in row.get("options", {}).items())
+        print(f"| {method} | {row['recipe']} | {row['target']:.0%} | {row.get('layers', '-')} | "
               f"{row['flops']:.1%} | {row['top1']:.2%} | {seconds} |")
     print()
     print("| model | batch | tokens per block (reduced) | FLOPs ratio | step unreduced | step reduced | speed-up |")
@@ -249,6 +253,10 @@ def main() -> None:
     acc.add_argument("--epochs", type=float, default=2.0)
     acc.add_argument("--batch", type=int, default=64)
     acc.add_argument("--eval-images", type=int, default=2000)
+    acc.add_argument("--sit-layers", choices=("all", "after_first"), default="all",
+                     help="where sit slims: every block, or from block 1 on as dynamicvit")
+    acc.add_argument("--options", type=json.loads, default={},
+                     help='method options as JSON, e.g. \'{"dynamicvit": {"noise": 1.0}}\'')
     speed = sub.add_parser("speed", help="training-step speed-up of active='train' at 50%% tokens")
     speed.add_argument("--batch", type=int, default=16)
     speed.add_argument("--reps", type=int, default=3)

@@ -348,3 +348,19 @@ def test_clip_contrastive_is_symmetric_cross_entropy_of_scaled_cosines():
     assert vtr.losses.clip_contrastive(image, text, scale).item() == pytest.approx(expected.item())
     with pytest.raises(ValueError, match=r"image and text must both be \[B, D\] embeddings"):
         vtr.losses.clip_contrastive(torch.zeros(2, 3), torch.zeros(3, 3), scale)
+
+
+def test_disabled_and_active_train_on_llava_run_the_unpatched_model():
+    from llava_models import generate, mixed_batch, tiny_llava
+    ids, mask, pixels = mixed_batch()
+    expected = generate(tiny_llava(), ids, mask, pixel_values=pixels)
+    model = vtr.patch(tiny_llava(), "tome", budget=4)
+    with vtr.disabled(model):
+        assert torch.equal(generate(model, ids, mask, pixel_values=pixels).sequences, expected.sequences)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        assert logits.shape[1] == ids.shape[1]                       # the whole prompt: nothing compacted
+    generate(model, ids, mask, pixel_values=pixels)
+    assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
+    trained = vtr.patch(tiny_llava(), "tome", budget=4, active="train")
+    assert torch.equal(generate(trained, ids, mask, pixel_values=pixels).sequences, expected.sequences)

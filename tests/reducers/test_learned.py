@@ -52,10 +52,22 @@ def test_dynamicvit_eval_keeps_the_top_predicted_tokens_per_row():
         assert logit[row][kept].min() > logit[row][~kept].max()
 
 
-@pytest.mark.parametrize("init", ["random", "cls_attention"])
-def test_dynamicvit_training_masks_keep_shape_and_let_each_row_choose(init):
+def test_dynamicvit_training_keeps_what_eval_keeps_by_default():
+    """No noise (the default): each row's training mask keeps exactly the tokens eval keeps (well-separated
+    scores: the untrained module ranks by CLS attention)."""
+    reducer = built(DynamicViT())
+    state = make_state(batch=3, tokens=TOKENS, channels=WIDTH, padding=2)
+    signals = Signals(metric=state.x, cls_attention=distinct_attention(3, TOKENS, seed=4))
+    masked = reducer.train()(state, 9, signals)
+    kept = reducer.eval()(state, 9, signals)
+    assert torch.equal(masked.mask.bool(), kept.assignment >= 0)
+    assert masked.mask.sum(1).tolist() == [9.0] * 3
+
+
+@pytest.mark.parametrize("init,noise", [("random", 0.0), ("cls_attention", 0.0), ("cls_attention", 1.0)])
+def test_dynamicvit_training_masks_keep_shape_and_let_each_row_choose(init, noise):
     torch.manual_seed(0)
-    reducer = built(DynamicViT(init=init), counts=(TOKENS, 9, 5)).train()
+    reducer = built(DynamicViT(init=init, noise=noise), counts=(TOKENS, 9, 5)).train()
     state = make_state(batch=4, tokens=TOKENS, channels=WIDTH, padding=3)
     signals = Signals(metric=state.x, cls_attention=distinct_attention(4, TOKENS))
     first = reducer(state, 9, signals)
@@ -128,6 +140,7 @@ def test_sit_refuses_another_token_count_than_it_learned():
     ("dynamicvit", {"init": "evit"}, r"dynamicvit: init must be one of \('random', 'cls_attention'\)"),
     ("dynamicvit", {"threshold": "half"}, r"dynamicvit: threshold must be one of \('budget', 'zero'\)"),
     ("dynamicvit", {"temperature": 0}, r"dynamicvit: temperature must be a finite number > 0, got 0"),
+    ("dynamicvit", {"noise": -1}, r"dynamicvit: noise must be a finite number >= 0 .*got -1"),
     ("sit", {"temperature": float("nan")}, r"sit: temperature must be a finite number > 0, got nan"),
 ])
 def test_bad_options_name_the_option_and_what_it_takes(method, options, message):

@@ -2,6 +2,9 @@
 
 Settings only. Nothing a forward pass produces is kept here (see :mod:`vtr.core.run`), so a
 patched model can be shared by threads, deep-copied, pickled and moved like any other model.
+A learned reducer's parameters are weights, not settings: the same reducer object is also a submodule
+of the patched model (``_vtr_reducer``, see ``vtr.api.attach_reducer``), so they train, save and move
+with the model while this object keeps naming them.
 """
 from __future__ import annotations
 
