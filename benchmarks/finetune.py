@@ -228,7 +228,8 @@ def run_table(args) -> None:
             continue
         seconds = f"{row['seconds']:.0f} s" if row["seconds"] else "-"
         method = row["method"] + "".join(f", {k}={v}" for k, v in row.get("options", {}).items())
-        print(f"| {method} | {row['recipe']} | {row['target']:.0%} | {row.get('layers', '-')} | "
+        recipe = row["recipe"] + (f", {row['epochs']:g} epochs" if "epochs" in row else "")
+        print(f"| {method} | {recipe} | {row['target']:.0%} | {row.get('layers', '-')} | "
               f"{row['flops']:.1%} | {row['top1']:.2%} | {seconds} |")
     print()
     print("| model | batch | tokens per block (reduced) | FLOPs ratio | step unreduced | step reduced | speed-up |")

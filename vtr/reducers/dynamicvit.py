@@ -140,9 +140,10 @@ class DynamicViT(Reducer):
         logit = predictor(state.x[:, protected:], state.weight()[:, protected:])
         prior = attention_scores(self, state, signals) if predictor.prior_scale is not None else None
         if self.training:
+            score = logit.float()
             if prior is not None:
-                logit = logit.float() + predictor.prior_scale * prior.clamp_min(torch.finfo(torch.float32).tiny).log()
-            return self._sample(state, num_kept, logit.float())
+                score = score + predictor.prior_scale * prior.clamp_min(torch.finfo(torch.float32).tiny).log()
+            return self._sample(state, num_kept, score)
         # Eval: in float64, where log is injective on float32 scores, so the untrained module's order is
         # exactly the CLS attention's (ties included) and it keeps EViT's tokens.
         score = logit.double()
@@ -152,7 +153,8 @@ class DynamicViT(Reducer):
         return state.reduce(dest_from_choice(state, kept), num_kept)
 
     def _sample(self, state: TokenState, num_kept: int, score: Tensor) -> TokenState:
-        """Hard Gumbel-sigmoid decisions with a straight-through gradient, folded into the state's mask."""
+        """Hard decisions (with Gumbel noise if ``noise``) and a straight-through gradient, folded into the mask.
+        A score tied with its row's cutoff is not kept (learned float scores rarely tie)."""
         protected = state.num_protected
         keep = real_tokens(state).to(score.dtype)
         if state.mask is not None:
