@@ -49,13 +49,13 @@ from vtr.reducers.base import Reducer
 from vtr.reducers.pool import GridPool
 
 from .. import steps
-from ..base import Adapter, restore_class, swap_class
+from ..base import restore_class, swap_class
 from ..errors import UnsupportedModelError
-from ..vlm.front import ReducingVlm
+from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.run import VlmRun
 from ..vlm import items
 from ..vlm import video as vlm_video
-from ..vlm.video import VIDEO_OPTIONS, VideoSettings
+from ..vlm.video import VideoSettings
 from . import anyres, before_lm, in_llm, video
 from .common import (LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, prefill_macs,
                      reduction_steps)
@@ -112,15 +112,10 @@ def pool_factor(model: nn.Module, reduction: Reduction) -> Reduction:
     return dataclasses.replace(reduction, reducer=GridPool(factor=counts[budget]))
 
 
-class Llava(Adapter):
+class Llava(VlmAdapter):
     """transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5) and ``LlavaNextForConditionalGeneration``."""
 
     name = "llava"
-    # vtr.patch(model, method, budget=64): visual tokens kept per image (or video); OneVision and NeXT-Video
-    # also take frames= and temporal= (how a video spends its budget, vtr.adapters.vlm.video)
-    amounts = ("budget", *VIDEO_OPTIONS)
-    metrics = ("x",)               # visual tokens are compared by their projected features
-    learned_reducers = False       # not yet: budgets are per image, learned modules per block of an encoder
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""

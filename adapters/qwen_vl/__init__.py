@@ -31,14 +31,14 @@ from vtr.reducers.base import Reducer
 from vtr.reducers.pool import GridPool
 
 from .. import steps
-from ..base import Adapter, restore_class, swap_class
+from ..base import restore_class, swap_class
 from ..errors import UnsupportedModelError
 from ..vlm import in_llm as pruning
-from ..vlm.front import ReducingVlm
+from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.reduce import reduction_steps
 from ..vlm import items, video
 from ..vlm.run import VlmRun
-from ..vlm.video import VIDEO_OPTIONS, VideoSettings
+from ..vlm.video import VideoSettings
 from . import before_lm, in_llm
 from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes, reference_tokens
 
@@ -63,15 +63,10 @@ class ReducingQwenVL(ReducingVlm):
         return before_lm.generate(self, generate, inputs, *args, **kwargs)
 
 
-class QwenVL(Adapter):
+class QwenVL(VlmAdapter):
     """transformers ``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``."""
 
     name = "qwen_vl"
-    # vtr.patch(model, method, budget=64): visual tokens kept per image / video; frames= and temporal= say how
-    # a video spends its budget (vtr.adapters.vlm.video)
-    amounts = ("budget", *VIDEO_OPTIONS)
-    metrics = ("x",)               # visual tokens are compared by their merged features
-    learned_reducers = False       # not yet: budgets are per image, learned modules per block of an encoder
 
     def matches(self, model: nn.Module) -> bool:
         """Any Qwen-VL model of transformers (bare models and Qwen3-VL too), so that those vtr does not

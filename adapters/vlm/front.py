@@ -10,8 +10,9 @@ from torch import Tensor
 
 from vtr.core import run as runs
 
-from ..base import Swapped
+from ..base import Adapter, Swapped
 from .run import VlmRun, opened
+from .video import VIDEO_OPTIONS
 
 
 class ReducingVlm(Swapped):
@@ -60,3 +61,13 @@ class ReducingVlm(Swapped):
         object.__setattr__(view, "__dict__", self.__dict__)
         return view.save_pretrained(*args, **kwargs)
 
+
+class VlmAdapter(Adapter):
+    """What every vision-language family's adapter shares: ``budget=`` visual tokens kept per image or video
+    (``frames=`` and ``temporal=`` say how a video spends it, :mod:`vtr.adapters.vlm.video`), visual tokens
+    compared by their features, and no learned reducers yet (budgets are per image, learned modules per
+    block of an encoder)."""
+
+    amounts = ("budget", *VIDEO_OPTIONS)
+    metrics = ("x",)
+    learned_reducers = False
