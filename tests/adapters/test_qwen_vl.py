@@ -135,18 +135,25 @@ def test_generate_equals_the_unpatched_model_on_the_compacted_prompt(method):
         torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
 
 
+def rows_equal_each_row_alone(model):
+    """Generate the mixed batch, then each row alone: each row's logits equal its own call's. Returns the
+    batched call's report."""
+    data = mixed_batch()
+    batched = generate(model, data.inputs())
+    report = vtr.report(model)
+    for row in range(3):
+        alone = generate(model, data.inputs([row]))
+        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
+    return report
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", ["tome", "pitome", "query"])
 def test_each_row_of_a_left_padded_batch_equals_the_row_alone(attn, method):
     """Rows hold two images of different sizes, one image, and text only; each row's logits (prefill and
     decode) equal the row's own call, unpadded, with its own images."""
-    model = vtr.patch(tiny_qwen(attn), method, budget=5)
-    data = mixed_batch()
-    batched = generate(model, data.inputs())
-    assert vtr.report(model).visual_tokens_after.tolist() == [10, 5, 0]
-    for row in range(3):
-        alone = generate(model, data.inputs([row]))
-        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
+    report = rows_equal_each_row_alone(vtr.patch(tiny_qwen(attn), method, budget=5))
+    assert report.visual_tokens_after.tolist() == [10, 5, 0]
 
 
 def test_beam_search_and_several_sequences_per_prompt():
@@ -362,13 +369,8 @@ def test_in_llm_pruning_equals_the_unpatched_layers_on_the_kept_tokens(method, l
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method, layers", [("fastv", [1]), ("tome", [1, 2])])
 def test_in_llm_each_row_of_a_left_padded_batch_equals_the_row_alone(attn, method, layers):
-    model = vtr.patch(tiny_qwen(attn), method, budget=5, layers=layers)
-    data = mixed_batch()
-    batched = generate(model, data.inputs())
-    assert vtr.report(model).image_tokens_after.tolist() == [5, 5, 5]
-    for row in range(3):
-        alone = generate(model, data.inputs([row]))
-        torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
+    report = rows_equal_each_row_alone(vtr.patch(tiny_qwen(attn), method, budget=5, layers=layers))
+    assert report.image_tokens_after.tolist() == [5, 5, 5]
 
 
 def test_in_llm_pruning_with_beams_and_a_static_cache():
