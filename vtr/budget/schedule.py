@@ -202,7 +202,8 @@ def make_schedule(
     if len(given) > 1:
         raise ValueError(f"give one amount, r=, keep= or flops=; got {' and '.join(given)}")
     num_layers = cost.num_layers
-    if layers is None:   # the method's own default (EViT's layers, ATF's filter before block 0), else every block
+    defaults = layers is None
+    if defaults:   # the method's own default (EViT's layers, ATF's filter before block 0), else every block
         layers = reducer.default_layers(num_layers)
     chosen = chosen_layers(layers, num_layers)
     nothing = asks_for_nothing(r, keep, flops)
@@ -222,7 +223,25 @@ def make_schedule(
         return Schedule("keep", _keep_amounts(keep, reducer, num_layers, chosen))
     if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops <= 1.0:
         raise ValueError(f"flops must be a fraction in (0, 1] of the unreduced model's FLOPs, got {flops!r}")
+    if defaults:
+        return _solve_over_default_layers(float(flops), reducer, cost, chosen)
     return solve_flops(float(flops), reducer, cost, chosen)
+
+
+def _solve_over_default_layers(target: float, reducer: Reducer, cost: EncoderCost, chosen: list[int]) -> Schedule:
+    """A flops= target over the method's default layers, or over its layers for deeper targets when the
+    defaults would need a keep ratio below the one they were chosen for (``reducer.lowest_keep``), or
+    cannot reach the target at all."""
+    deeper = reducer.deeper_target_layers(cost.num_layers)
+    if deeper is None or reducer.lowest_keep is None:
+        return solve_flops(target, reducer, cost, chosen)
+    try:
+        schedule = solve_flops(target, reducer, cost, chosen)
+    except ValueError:   # out of reach of the defaults: the deeper layers say how far they reach
+        schedule = None
+    if schedule is not None and min(schedule.amounts) >= reducer.lowest_keep:
+        return schedule
+    return solve_flops(target, reducer, cost, deeper)
 
 
 def _fixed_schedule(reducer: Reducer, fixed: tuple, given: list, nothing: bool, amounts: dict) -> Schedule:

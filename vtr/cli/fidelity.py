@@ -24,7 +24,8 @@ from .usage import (UsageError, device, existing_dir, existing_file, fractions, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", type=method_list, default=None,
-                        help="comma-separated methods (default: every registered one)")
+                        help="comma-separated methods (default: every training-free one; "
+                             "dynamicvit and sit run untrained only when named)")
     parser.add_argument("--targets", type=fractions, default="0.7,0.5,0.35",
                         help="comma-separated FLOPs fractions in (0, 1] (default: %(default)s)")
     parser.add_argument("--test-images", type=positive_int, default=2000,

@@ -59,6 +59,14 @@ class Reducer(nn.Module):
         """Where the method reduces when ``layers=`` is not given: None means every block."""
         return None
 
+    # The lowest keep ratio per step the default layers were chosen for (EViT's 0.5); None: no limit.
+    # A flops= target that needs less at those layers reduces at ``deeper_target_layers`` instead.
+    lowest_keep: ClassVar[Optional[float]] = None
+
+    def deeper_target_layers(self, num_layers: int) -> Optional[list[int]]:
+        """Default layers for a flops= target past ``lowest_keep`` at :meth:`default_layers`."""
+        return None
+
     def fixed_amounts(self, cost, layers: Optional[list], flops: Optional[float]) -> Optional[tuple]:
         """Per-layer tokens removed when the reducer's own options fix them (``pool``'s factor), else
         None. ``cost`` is the adapter's EncoderCost, ``layers`` the user's validated layer list or None."""

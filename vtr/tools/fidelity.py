@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .. import api
 from ..adapters import UnsupportedModelError
+from ..reducers.base import REDUCERS
 from .profile import default_input, profile_model
 
 TARGETS = (0.7, 0.5, 0.35)
@@ -243,7 +244,9 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
              targets: Sequence[float] = TARGETS, options: Optional[dict] = None, log=print) -> list[Result]:
     """Top-1, agreement and output cosine vs measured FLOPs for each method at each target.
 
-    ``data``: ``(images, labels)`` batches on the model's device. ``methods`` default: every registered method.
+    ``data``: ``(images, labels)`` batches on the model's device. ``methods`` default: every training-free
+    registered method (a learned one, ``dynamicvit``/``sit``, is measured untrained only when named: its
+    score before training says nothing about the method).
     ``options``: per-method keyword arguments (``{"random": {"seed": 1}}``). A method that cannot
     reach a target, or cannot run on this model, gets a row saying why.
     """
@@ -255,7 +258,7 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
     base = profile_model(model, default_input(model, device=_device(model))).macs
     results = [Result("none", 1.0, flops=1.0, top1=_top1(reference, labels), agreement=1.0, cosine=1.0,
                       tokens=_unreduced_tokens(model))]
-    methods = [m for m in (methods or api.methods()) if m != "none"]
+    methods = [m for m in (methods or training_free_methods()) if m != "none"]
     for method in methods:
         for target in targets:
             result = Result(method, float(target))
@@ -284,6 +287,10 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
             log(f"{method:>10} @ {target:.0%}: top-1 {result.top1:.3f}, agreement {result.agreement:.3f}, "
                 f"cosine {result.cosine:.4f}, FLOPs {result.flops:.3f}")
     return results
+
+
+def training_free_methods() -> list[str]:
+    return [name for name in api.methods() if not REDUCERS[name].learned]
 
 
 def _device(model: nn.Module) -> torch.device:
