@@ -116,14 +116,14 @@ def run_accuracy(args) -> None:
     train = fidelity.make_images(task, training.train_images, seed=training.seed + 1)   # the model's training set
     base = count_macs(model, images[:1]).total
     if "free" in args.recipes:
-        append(args.out, [{"kind": "accuracy", "method": "none", "recipe": "-", "target": 1.0, "flops": 1.0,
+        append(args.out, [{"kind": "accuracy", "depth": len(model.blocks), "method": "none", "recipe": "-", "target": 1.0, "flops": 1.0,
                            "top1": accuracy(model, data), "seconds": 0.0}])
         for target in args.targets:
             for method in TRAINING_FREE + LEARNED:   # learned methods untrained: where training starts
                 layers = reducing_layers(method, target, len(model.blocks), args.sit_layers)
                 variants = [layers] + ([None] if method == "evit" and layers is not None else [])
                 for chosen in variants:
-                    row = {"kind": "accuracy", "method": method, "recipe": "untrained" if method in LEARNED else "free",
+                    row = {"kind": "accuracy", "depth": len(model.blocks), "method": method, "recipe": "untrained" if method in LEARNED else "free",
                            "target": target, "layers": chosen if chosen is not None else "default", "seconds": 0.0}
                     try:
                         vtr.patch(model, method, flops=target, layers=chosen)
@@ -143,7 +143,7 @@ def run_accuracy(args) -> None:
                 options = args.options.get(method, {})
                 student, seconds = fine_tune(model, method, target, recipe, train, args.epochs, args.batch, log,
                                              options, args.sit_layers)
-                row = {"kind": "accuracy", "method": method, "recipe": recipe, "target": target, "options": options,
+                row = {"kind": "accuracy", "depth": len(model.blocks), "method": method, "recipe": recipe, "target": target, "options": options,
                        "layers": reducing_layers(method, target, len(model.blocks), args.sit_layers),
                        "epochs": args.epochs,
                        "top1": accuracy(student, data), "flops": flops_fraction(student, base, images),
@@ -219,17 +219,18 @@ def append(path: str, rows: list) -> None:
 
 def run_table(args) -> None:
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
-    print("| method | recipe | target | layers | measured FLOPs | top-1 | training time |")
-    print("|---|---|---|---|---|---|---|")
+    print("| depth | method | recipe | target | layers | measured FLOPs | top-1 | training time |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in (r for r in rows if r["kind"] == "accuracy"):
+        depth = row.get("depth", 6)   # rows without one were measured on the 6-block model
         if "status" in row:
-            print(f"| {row['method']} | {row['recipe']} | {row['target']:.0%} | {row.get('layers', '-')} | "
+            print(f"| {depth} | {row['method']} | {row['recipe']} | {row['target']:.0%} | {row.get('layers', '-')} | "
                   f"{row['status']} | | |")
             continue
         seconds = f"{row['seconds']:.0f} s" if row["seconds"] else "-"
         method = row["method"] + "".join(f", {k}={v}" for k, v in row.get("options", {}).items())
         recipe = row["recipe"] + (f", {row['epochs']:g} epochs" if "epochs" in row else "")
-        print(f"| {method} | {recipe} | {row['target']:.0%} | {row.get('layers', '-')} | "
+        print(f"| {depth} | {method} | {recipe} | {row['target']:.0%} | {row.get('layers', '-')} | "
               f"{row['flops']:.1%} | {row['top1']:.2%} | {seconds} |")
     print()
     print("| model | batch | tokens per block (reduced) | FLOPs ratio | step unreduced | step reduced | speed-up |")
