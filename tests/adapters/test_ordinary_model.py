@@ -556,8 +556,10 @@ VLMS = {
 }
 VLM_CASES = [("qwen_vl", "tome", {"budget": 5}), ("qwen_vl", "pool", {"factor": 2}),
              ("onevision", "tome", {"budget": 5, "frames": "novelty"}), ("onevision", "query", {"budget": 5}),
-             ("next_video", "tome", {"budget": 5, "temporal": 0.5}), ("next_video", "fastv", {"budget": 5})]
-VLM_IDS = [f"{vlm}-{method}" for vlm, method, _ in VLM_CASES]
+             ("onevision", "fastv", {"budget": 5, "layers": [1]}),
+             ("next_video", "tome", {"budget": 5, "temporal": 0.5}), ("next_video", "fastv", {"budget": 5}),
+             ("next_video", "tome", {"budget": 5, "layers": [0, 1]})]
+VLM_IDS = [f"{vlm}-{method}" + ("-in-llm" if "layers" in amount else "") for vlm, method, amount in VLM_CASES]
 FIRST_VLM_CASES = [next(case for case in VLM_CASES if case[0] == vlm) for vlm in VLMS]
 
 
