@@ -203,8 +203,9 @@ def encoded(model: nn.Module, arguments: dict) -> dict:
         if arguments.get("image_sizes") is None:
             raise ValueError(IMAGE_SIZES)
         images = {key: arguments.pop(key) for key in IMAGE_KEYS if key in arguments}
-        outputs["image"] = model.model.get_image_features(arguments.pop("pixel_values"), return_dict=True,
-                                                          **{k: v for k, v in images.items() if v is not None}, **shared)
+        images = {key: value for key, value in images.items() if value is not None}
+        outputs["image"] = model.model.get_image_features(arguments.pop("pixel_values"), return_dict=True, **images,
+                                                          **shared)
     if arguments.get("pixel_values_videos") is not None:
         outputs["video"] = model.model.get_video_features(arguments.pop("pixel_values_videos"), return_dict=True,
                                                           **shared)

@@ -561,6 +561,7 @@ VLM_CASES = [("qwen_vl", "tome", {"budget": 5}), ("qwen_vl", "pool", {"factor": 
              ("next_video", "tome", {"budget": 5, "layers": [0, 1]})]
 VLM_IDS = [f"{vlm}-{method}" + ("-in-llm" if "layers" in amount else "") for vlm, method, amount in VLM_CASES]
 FIRST_VLM_CASES = [next(case for case in VLM_CASES if case[0] == vlm) for vlm in VLMS]
+IN_LLM_VLM_CASES = [case for case in VLM_CASES if "layers" in case[2]]
 
 
 def _vlm_call(model, inputs: dict) -> tuple:
@@ -602,10 +603,12 @@ def test_vlm_pickle_and_deepcopy_stay_patched(vlm, method, amount):
     assert all(torch.equal(a, b) for a, b in zip(_vlm_call(model, inputs), expected))
 
 
-@pytest.mark.parametrize("vlm, method, amount", FIRST_VLM_CASES, ids=list(VLMS))
+@pytest.mark.parametrize("vlm, method, amount", FIRST_VLM_CASES + IN_LLM_VLM_CASES,
+                         ids=list(VLMS) + [f"{case[0]}-in-llm" for case in IN_LLM_VLM_CASES])
 def test_vlm_holds_no_tensor_of_a_call(vlm, method, amount):
     """Nothing a call computes stays on a patched VLM (generate, conditioned generate, a grad-enabled forward
-    and its backward), except what the unpatched model's own forward keeps too (Qwen-VL: ``model.model.rope_deltas``)."""
+    and its backward), except what the unpatched model's own forward keeps too (Qwen-VL:
+    ``model.model.rope_deltas``)."""
     reference = VLMS[vlm].build()
     inputs = VLMS[vlm].inputs(reference, 0)
     with torch.no_grad():

@@ -35,7 +35,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"timm name, open_clip:<name> (image tower), hf:<name> (random weights), or hf:<directory "
                         f"written by save_pretrained or Hub id in the local cache> (default {DEFAULT_MODEL}); a VLM: "
-                        f"{', '.join(bench_vlm.SHAPES)}, or hf:<directory of a saved LLaVA, LLaVA-OneVision or Qwen-VL>")
+                        f"{', '.join(bench_vlm.SHAPES)}, or hf:<directory of a saved LLaVA, LLaVA-OneVision or "
+                        "Qwen-VL>")
     p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
     p.add_argument("--methods", type=method_list_or_all, default="tome,pitome",
                    help=f"comma-separated methods (available: {', '.join(methods())}; 'all' for every one; "

@@ -3,8 +3,8 @@
 ``benchmarks/bench_llava.py``, ``benchmarks/bench_vlm.py``): the unreduced and the reduced model, each timed in
 three parts per batch of prompts (one image or video plus text tokens each):
 
-- vision: vision tower + projector/merger (OneVision: and its frame pooling), plus (reduced before the LM) the reducer, prompt compaction and
-  positions, seconds;
+- vision: vision tower + projector/merger (OneVision: and its frame pooling), plus (reduced before the LM) the
+  reducer, prompt compaction and positions, seconds;
 - prefill: the language model on the prompt it really sees, seconds, and its speed-up;
 - MACs: the reduced/unreduced ratio of vtr's analytic LM prefill count and, in brackets, its inverse, which
   bounds the prefill speed-up: with V visual tokens, b kept and T text tokens about (V + T) / (b + T);
@@ -232,7 +232,8 @@ def _video_workload(model: nn.Module, text: int, batch: int, image_size: Optiona
             raise ValueError(f"this model takes {side}x{side} frames (its vision tower's size), got {image_size}")
         rows, cols = llava_video.frame_grid(model)
         visual = video_frames * rows * cols + llava_video.is_onevision(model)
-        token, shown = config.video_token_id, f"a {video_frames}-frame video of {side}x{side} ({rows}x{cols} tokens a frame)"
+        token = config.video_token_id
+        shown = f"a {video_frames}-frame video of {side}x{side} ({rows}x{cols} tokens a frame)"
         vision = {"pixel_values_videos": torch.randn(batch, video_frames, 3, side, side, generator=generator)}
     else:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -244,7 +245,8 @@ def _video_workload(model: nn.Module, text: int, batch: int, image_size: Optiona
         with torch.inference_mode():
             visual = len(model.model.get_image_features(vision["pixel_values"][:1],
                                                         vision["image_sizes"][:1]).pooler_output[0])
-        token, shown = config.image_token_id, f"a {full}x{full} image (the base view and {views - 1} crop{'s' * (views > 2)})"
+        token = config.image_token_id
+        shown = f"a {full}x{full} image (the base view and {views - 1} crop{'s' * (views > 2)})"
     ids = _text_ids(text, min(config.image_token_id, config.video_token_id, config.text_config.vocab_size))
     row = ids[:text // 2] + [token] * visual + ids[text // 2:]
     return Workload({"input_ids": torch.tensor([row] * batch), **vision}, visual, shown,

@@ -88,8 +88,9 @@ def _vlm_architecture(config) -> str | None:
 
 
 def is_hf_vlm(source: str) -> bool:
-    """Whether ``hf:<source>`` names a saved (or cached) LLaVA (any of ``HF_VLM_CLASSES``) or Qwen-VL model, which `vtr bench` times with
-    the VLM prefill benchmark (a source that does not load is no VLM: :func:`create_model` says why)."""
+    """Whether ``hf:<source>`` names a saved (or cached) VLM of ``HF_VLM_CLASSES`` (LLaVA, OneVision, Qwen-VL),
+    which `vtr bench` times with the VLM prefill benchmark (a source that does not load is no VLM:
+    :func:`create_model` says why)."""
     try:
         return source not in HF_VISION and _vlm_architecture(_hf_config(source)) is not None
     except ValueError:
