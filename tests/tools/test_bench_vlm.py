@@ -65,6 +65,15 @@ def test_a_smaller_onevision_tower_takes_smaller_frames():
     assert row.kept == 9
 
 
+def test_onevision_in_llm_pruning():
+    model = bench_vlm.build("onevision:tiny", 1, 2)
+    load = bench_vlm.workload(model, video_frames=4)
+    (row,) = bench_vlm.run(model, load, [("fastv", {"method": "fastv", "budget": 6, "layers": [1]})], rounds=1,
+                           decode_tokens=2)
+    assert (row.where, row.visual, row.kept) == ("LM layer 1", 17, 6)
+    assert 0 < row.macs_ratio < 1 and row.decode_ms > 0
+
+
 @pytest.mark.parametrize("shape", ["llava:tiny", "qwen-vl:tiny", "onevision:tiny"])
 def test_a_saved_vlm_directory_runs_the_vlm_benchmark(shape, tmp_path, capsys):
     bench_vlm.build(shape).save_pretrained(tmp_path)
