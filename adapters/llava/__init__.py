@@ -28,8 +28,8 @@ Limits: ``prop_attn`` has no effect here (the language model's attention is not 
 token counts once); ``forward()`` with ``pixel_values`` returns logits over the compacted prompt
 (``vtr.report(model).kept_positions`` maps them back; ``labels`` are compacted alike, on both paths)
 and refuses ``position_ids``; prompts must come as ``input_ids``; ``image_sizes`` is for LLaVA-NeXT only.
-LLaVA-OneVision and LLaVA-NeXT-Video (images and videos, each of its own count, before the language model
-only) take the path of ``video``.
+LLaVA-OneVision and LLaVA-NeXT-Video (images and videos, each of its own count) take the path of ``video``
+before the language model, and ``in_llm`` with ``video.VideoVisuals`` inside it.
 """
 from __future__ import annotations
 
@@ -68,18 +68,20 @@ class ReducingLlava(ReducingVlm):
     _vtr: Reduction
 
     def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        if in_llm.stages_of(self) is not None:
+            if video.is_video_model(self):
+                arguments = video.encoded(self, arguments)
+            return in_llm.forward(self, run, original_forward, arguments)
         if video.is_video_model(self):
             return video.forward(self, original_forward, arguments)
-        if in_llm.stages_of(self) is not None:
-            return in_llm.forward(self, run, original_forward, arguments)
         return before_lm.forward(self, original_forward, arguments)
 
     def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
-        if video.is_video_model(self):
-            return video.generate(self, generate, inputs, *args, **kwargs)
         if in_llm.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
             in_llm.check_generate(self, kwargs)
             return generate(inputs, *args, **kwargs)
+        if video.is_video_model(self):
+            return video.generate(self, generate, inputs, *args, **kwargs)
         return before_lm.generate(self, generate, inputs, *args, **kwargs)
 
 
@@ -180,6 +182,9 @@ class Llava(VlmAdapter):
                              f"{', '.join(o + '=' for o in others)}")
         if video.is_video_model(model):
             vlm_video.check(reducer, VideoSettings(frames or "uniform", temporal))
+            if layers is not None:
+                return in_llm.any_size_schedule(reducer, budget, layers, len(model.model.language_model.layers),
+                                                video.reference_side(model), video.NAME, frames, temporal)
             return items.schedule(reducer, budget, video.reference_side(model))
         if frames is not None or temporal is not None:
             raise ValueError(f"frames= and temporal= split a video's budget; {type(model).__name__} takes no videos")
@@ -212,14 +217,14 @@ class Llava(VlmAdapter):
         """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
         the reducer's own decisions included (in-LLM: each stage's scoring too); the vision tower is the
         same either way. LLaVA-NeXT: of the largest image."""
+        stages = in_llm.stages_of(model)
+        if reduction is not None and stages is not None:
+            return in_llm.expected_flops(model, reduction, stages)
         if video.is_video_model(model):
             return items.expected_flops(model, reduction, video.cost(model))
         if reduction is None:
             unreduced = float(prefill_macs(model, torch.tensor([image_tokens(model)[0]])))
             return unreduced, unreduced
-        stages = in_llm.stages_of(model)
-        if stages is not None:
-            return in_llm.expected_flops(model, reduction, stages)
         return before_lm.expected_flops(model, reduction)
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
@@ -227,7 +232,8 @@ class Llava(VlmAdapter):
         if reduction.metric != "x":
             raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
         if video.is_video_model(model):
-            video.check_reduction(reduction)
+            if reduction.arguments.get("layers") is not None:
+                in_llm.install(model, reduction, video.VideoVisuals())
             model._vtr = reduction
             swap_class(model, ReducingLlava)
             return

@@ -1,5 +1,6 @@
 """In-LLM pruning on LLaVA (``layers=[K]`` or ``[K1, K2, ...]``): the shared machinery of
-``vtr.adapters.vlm.in_llm``, told what a LLaVA prompt looks like.
+``vtr.adapters.vlm.in_llm``, told what a LLaVA prompt looks like (LLaVA-OneVision / NeXT-Video:
+``video.VideoVisuals``).
 
 LLaVA-1.5: every image has the model's own count (its square patch grid). LLaVA-NeXT: each image's
 count is the length of its features as the model's own ``get_image_features`` gives them (generate()
@@ -20,8 +21,8 @@ from torch import Tensor, nn
 from vtr.core.plan import Reduction
 
 from ..vlm import in_llm
-from ..vlm.in_llm import (Item, Visuals, expected_flops, forward, image_budgets, split_placeholders,  # noqa: F401
-                          stage_budgets, stage_layers, stages_of, uninstall)
+from ..vlm.in_llm import (Item, Visuals, any_size_schedule, expected_flops, forward, image_budgets,  # noqa: F401
+                          split_placeholders, stage_budgets, stage_layers, stages_of, uninstall)
 from ..vlm.run import VlmRun
 from .common import LlavaReport, check_image_sizes, image_tokens, is_next, layout
 
@@ -56,8 +57,9 @@ class LlavaVisuals(Visuals):
             check_image_sizes(kwargs["pixel_values"], kwargs["image_sizes"])  # ... one per image
 
 
-def install(model: nn.Module, reduction: Reduction) -> None:
-    in_llm.install(model, reduction, LlavaVisuals())
+def install(model: nn.Module, reduction: Reduction, visuals: Optional[Visuals] = None) -> None:
+    """Stages and hooks on ``model``; ``visuals``: what its prompts look like (default LLaVA's)."""
+    in_llm.install(model, reduction, visuals or LlavaVisuals())
 
 
 def check_generate(model: nn.Module, kwargs: dict) -> None:

@@ -1,5 +1,6 @@
 """LLaVA-OneVision and LLaVA-NeXT-Video: each image and each video keeps ``budget`` visual tokens, before the
-language model (``vtr.adapters.vlm.items``); ``generate()`` unchanged.
+language model (``vtr.adapters.vlm.items``) or, with ``layers=``, inside it (``vtr.adapters.vlm.in_llm``, told
+what these prompts look like by :class:`VideoVisuals`); ``generate()`` unchanged.
 
 Videos (``pixel_values_videos``, ``[videos, frames, channels, height, width]``): each frame's tokens are its
 pooled patch grid (OneVision: bilinear to ``ceil(side/2)`` squared; NeXT-Video: its resampler's stride), frame
@@ -12,7 +13,11 @@ Images: each image's packed tokens (the base image, the AnyRes crops and their n
 and newline tokens are ordinary tokens here.
 
 Positions: as on LLaVA, the compacted prompt is numbered as usual (kept tokens get consecutive positions).
-Imports ``common``.
+
+In-LLM pruning (``layers=``): each image and each video is one item of as many tokens as its features (as
+``generate()`` pre-encodes them; a direct forward's pixel values are encoded the same way first, which is what the
+model would do itself); its tokens are ranked all at once (no frame split, no ``frames=`` / ``temporal=``), and
+newline tokens are ordinary tokens there, as on LLaVA-NeXT. Imports ``common``.
 """
 from __future__ import annotations
 
@@ -23,11 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from vtr.core import run as runs
-from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 
 from ..vlm import calls
 from ..vlm.calls import Compacted, Family
+from ..vlm.in_llm import Item, Visuals, split_placeholders
 from ..vlm.items import compact_items, reduce_items, report_fields, split_items
 from ..vlm.language import language_cost, prefill_macs
 from ..vlm.prompt import pad_id, row_queries
@@ -36,6 +41,9 @@ from ..vlm.video import VideoSettings
 from .common import LlavaReport
 
 WHERE = "before the language model (projector output, per image or video)"
+NAME = "LLaVA-OneVision / NeXT-Video"
+IMAGE_SIZES = ("image_sizes ([images, 2] height and width of each image, as the processor returns them) is needed "
+               "with pixel_values")
 IMAGE_KEYS = ("image_sizes", "vision_aspect_ratio", "batch_num_images")
 SHARED_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
 
@@ -92,8 +100,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
         outputs, items = {}, []
         if inputs.get("pixel_values") is not None:
             if inputs.get("image_sizes") is None:
-                raise ValueError("image_sizes ([images, 2] height and width of each image, as the processor returns "
-                                 "them) is needed with pixel_values")
+                raise ValueError(IMAGE_SIZES)
             images = {key: inputs[key] for key in IMAGE_KEYS if key in inputs}
             outputs["image"] = model.model.get_image_features(inputs["pixel_values"], return_dict=True, **images,
                                                               **shared)
@@ -142,7 +149,7 @@ def _stacked(videos: list[Tensor]) -> Tensor:
 
 
 FAMILY = Family(prepare, ("pixel_values", "pixel_values_videos", "attention_mask", *IMAGE_KEYS, *SHARED_KEYS),
-                LlavaReport, WHERE, "LLaVA-OneVision / NeXT-Video")
+                LlavaReport, WHERE, NAME)
 
 
 def generate(model: nn.Module, generate_fn: Callable, inputs: Optional[Tensor], *args, **kwargs):
@@ -153,8 +160,55 @@ def forward(model: nn.Module, original_forward: Callable, arguments: dict):
     return calls.forward(model, FAMILY, original_forward, arguments)
 
 
-def check_reduction(reduction: Reduction) -> None:
-    """What the video models cannot do (patch time)."""
-    if reduction.arguments.get("layers") is not None:
-        raise ValueError("in-LLM pruning (layers=) is not available on LLaVA-OneVision / NeXT-Video; leave out layers= "
-                         "to reduce each image and video before the language model")
+# -- in-LLM pruning -----------------------------------------------------------------------------------------
+
+class VideoVisuals(Visuals):
+    """In-LLM pruning's view of a OneVision / NeXT-Video prompt: the images (each its packed tokens), then the
+    videos (each its frames' pooled tokens, and OneVision's newline), each as long as its encoded features."""
+
+    report_kind = LlavaReport
+
+    def tokens(self, model: nn.Module) -> tuple[int, int]:
+        return reference_side(model) ** 2, 0
+
+    def placeholder(self, model: nn.Module, input_ids: Tensor) -> Tensor:
+        return (input_ids == model.config.image_token_id) | (input_ids == model.config.video_token_id)
+
+    def items(self, model: nn.Module, input_ids: Tensor, arguments: dict, run) -> list[Item]:
+        encoded, found = arguments.get("mm_encoder_outputs") or {}, []
+        for kind, token in (("image", model.config.image_token_id), ("video", model.config.video_token_id)):
+            placeholder = input_ids == token
+            if not bool(placeholder.any()):
+                continue
+            if encoded.get(kind) is None:
+                raise ValueError(f"the prompt holds {kind} tokens but the call has no {kind} pixel values: in-LLM "
+                                 f"pruning on {NAME} counts each {kind}'s tokens from its features")
+            found += split_placeholders(placeholder, [len(f) for f in encoded[kind].pooler_output], None, kind)
+        return found
+
+    def check_generate(self, model: nn.Module, kwargs: dict) -> None:
+        if kwargs.get("pixel_values") is not None and kwargs.get("image_sizes") is None:
+            raise ValueError(IMAGE_SIZES)
+
+    def report_fields(self, items: list[Item]) -> dict:
+        return {"kinds": [item.kind for item in items], "grids": [None] * len(items)}
+
+
+def encoded(model: nn.Module, arguments: dict) -> dict:
+    """A forward's keywords with its pixel values encoded into ``mm_encoder_outputs``, as ``generate()`` hands them
+    to its forwards: in-LLM pruning reads each image's and video's token count from its features."""
+    outputs = dict(arguments.get("mm_encoder_outputs") or {})
+    shared = {key: arguments[key] for key in SHARED_KEYS if arguments.get(key) is not None}
+    if arguments.get("pixel_values") is not None:
+        if arguments.get("image_sizes") is None:
+            raise ValueError(IMAGE_SIZES)
+        images = {key: arguments.pop(key) for key in IMAGE_KEYS if key in arguments}
+        images = {key: value for key, value in images.items() if value is not None}
+        outputs["image"] = model.model.get_image_features(arguments.pop("pixel_values"), return_dict=True, **images,
+                                                          **shared)
+    if arguments.get("pixel_values_videos") is not None:
+        outputs["video"] = model.model.get_video_features(arguments.pop("pixel_values_videos"), return_dict=True,
+                                                          **shared)
+    if outputs:
+        arguments["mm_encoder_outputs"] = outputs
+    return arguments

@@ -28,19 +28,17 @@ from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
 from vtr.reducers.base import Reducer
-from vtr.reducers.pool import GridPool
 
 from .. import steps
 from ..base import restore_class, swap_class
 from ..errors import UnsupportedModelError
 from ..vlm import in_llm as pruning
 from ..vlm.front import ReducingVlm, VlmAdapter
-from ..vlm.reduce import reduction_steps
 from ..vlm import items, video
 from ..vlm.run import VlmRun
 from ..vlm.video import VideoSettings
 from . import before_lm, in_llm
-from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes, reference_tokens
+from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes
 
 SUPPORTED = "Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and Qwen2VLForConditionalGeneration (Qwen2-VL)"
 
@@ -112,26 +110,9 @@ class QwenVL(VlmAdapter):
             raise ValueError(f"the Qwen-VL adapter takes budget= (visual tokens kept per image or video), not "
                              f"{', '.join(o + '=' for o in others)}")
         video.check(reducer, VideoSettings(frames or "uniform", temporal))
-        reference = reference_tokens(model)
-        if layers is not None and (frames is not None or temporal is not None):
-            raise ValueError("frames= and temporal= split a video's budget before the language model: leave them out "
-                             "with layers= (in-LLM pruning ranks all of a video's tokens at once)")
         if layers is not None:
-            if isinstance(reducer, GridPool):
-                raise ValueError("method 'pool' reduces before the language model on Qwen-VL: leave out layers=")
-            num_stages = len(pruning.stage_layers(layers, len(model.model.language_model.layers)))
-            if reducer.max_step != 0.0 and budget is not None:
-                counts = budget if isinstance(budget, (list, tuple)) else [budget]
-                if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in counts):
-                    raise ValueError(f"budget must be an int >= 1 or a list of {num_stages} (visual tokens kept per "
-                                     f"image after each layer in layers=), got {budget!r}")
-                largest = max(reference, *counts)
-                budgets = pruning.stage_budgets(budget, largest, 0, num_stages)   # checks a list's length and order
-                steps, entering = [], reference
-                for kept in budgets:
-                    steps += reduction_steps(entering, min(kept, reference), reducer, 0)
-                    entering = min(kept, reference)
-                return Schedule("r", tuple(steps) or (0,))
+            return pruning.any_size_schedule(reducer, budget, layers, len(model.model.language_model.layers),
+                                             REFERENCE_SIDE, "Qwen-VL", frames, temporal)
         return items.schedule(reducer, budget, REFERENCE_SIDE)
 
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:

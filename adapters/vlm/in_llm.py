@@ -57,12 +57,17 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from vtr.budget.schedule import Schedule
 from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.signals import Signals, cls_attention
 from vtr.core.state import TokenState
 
+from vtr.reducers.base import Reducer
+from vtr.reducers.pool import GridPool
+
 from ..base import remove_hooks
+from . import items
 from .language import language_cost, prefill_macs
 from .prompt import kept_columns
 from .reduce import carried, padded, reduction_steps, step_counts
@@ -131,6 +136,33 @@ def image_budgets(budget: Union[int, Sequence[int]], num_tokens: int, num_protec
     if num_tokens <= budget:
         return [num_tokens] * num_stages
     return stage_budgets(budget, num_tokens, num_protected, num_stages)
+
+
+def any_size_schedule(reducer: Reducer, budget, layers, num_layers: int, side: int, family: str,
+                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
+    """``budget=`` of in-LLM pruning where images and videos have any count (Qwen-VL, LLaVA-OneVision /
+    NeXT-Video) as reduction steps on the family's reference image of ``side x side`` tokens; at run time each
+    image or video takes its own count's steps. ``frames=`` / ``temporal=`` split a video's budget before the
+    language model, and ``pool`` pools there: both are refused with ``layers=``."""
+    if frames is not None or temporal is not None:
+        raise ValueError("frames= and temporal= split a video's budget before the language model: leave them out "
+                         "with layers= (in-LLM pruning ranks all of a video's tokens at once)")
+    if isinstance(reducer, GridPool):
+        raise ValueError(f"method 'pool' reduces before the language model on {family}: leave out layers=")
+    num_stages = len(stage_layers(layers, num_layers))
+    if reducer.max_step == 0.0 or budget is None:   # 'none', or a missing budget: refused as without layers=
+        return items.schedule(reducer, budget, side)
+    counts = budget if isinstance(budget, (list, tuple)) else [budget]
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in counts):
+        raise ValueError(f"budget must be an int >= 1 or a list of {num_stages} (visual tokens kept per image or "
+                         f"video after each layer in layers=), got {budget!r}")
+    reference = side * side
+    budgets = stage_budgets(budget, max(reference, *counts), 0, num_stages)   # checks a list's length and order
+    steps, entering = [], reference
+    for kept in budgets:
+        steps += reduction_steps(entering, min(kept, reference), reducer, 0)
+        entering = min(kept, reference)
+    return Schedule("r", tuple(steps) or (0,))
 
 
 # -- what a family's prompt looks like ------------------------------------------------------------------

@@ -1,27 +1,31 @@
 """LLaVA-OneVision and LLaVA-NeXT-Video: a budget per image and per video before the language model, split across
-each video's frames; exact when nothing is reduced; each row of a left-padded batch equals the row alone."""
+each video's frames, or inside it (``layers=``); exact when nothing is reduced; each row of a left-padded batch
+equals the row alone; without a KV cache generate() gives what it gives with one."""
 import pytest
 import torch
 
 import vtr
 
-from llava_video_models import ROWS, VIDEO_ROWS, inputs, tiny_next_video, tiny_onevision
+from llava_video_models import IMAGE, ROWS, VIDEO, VIDEO_ROWS, inputs, tiny_next_video, tiny_onevision
 from qwen_vl_models import generate, logits
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 BUILDERS = {"onevision": tiny_onevision, "next-video": tiny_next_video}
+IN_LLM = {"fastv-1": dict(method="fastv", layers=[1]), "tome-0-1": dict(method="tome", layers=[0, 1])}
+WHERE = {"before-lm": dict(method="tome", frames="novelty"), **IN_LLM}
 
 
+@pytest.mark.parametrize("where", ["before-lm", "fastv-1"])
 @pytest.mark.parametrize("family", BUILDERS)
-def test_a_budget_that_keeps_every_token_equals_the_unpatched_model(family):
+def test_a_budget_that_keeps_every_token_equals_the_unpatched_model(family, where):
     model = BUILDERS[family]()
     batch = inputs(model, ROWS)
     expected = generate(model, batch)
-    vtr.patch(model, "tome", budget=1000, frames="novelty")
+    vtr.patch(model, budget=1000, **WHERE[where])
     out = generate(model, batch)
     assert torch.equal(out.sequences, expected.sequences) and torch.equal(logits(out), logits(expected))
     assert vtr.report(model).kinds == ["image", "video", "video"]
-    vtr.patch(vtr.unpatch(model), "tome", budget=4)
+    vtr.patch(vtr.unpatch(model), budget=4, **WHERE[where])
     assert not torch.equal(logits(generate(model, batch)), logits(expected))
     vtr.unpatch(model)
     assert not vtr.is_patched(model) and type(model) is BUILDERS[family]().__class__
@@ -59,9 +63,10 @@ def test_onevision_keeps_each_videos_newline_last():
     assert torch.equal(videos[:, -1], model.model.image_newline.expand(2, -1))
 
 
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("family", BUILDERS)
-def test_each_row_of_a_left_padded_batch_equals_the_row_alone(family):
-    model = vtr.patch(BUILDERS[family](), "tome", budget=5, frames="novelty")
+def test_each_row_of_a_left_padded_batch_equals_the_row_alone(family, where):
+    model = vtr.patch(BUILDERS[family](), budget=5, **WHERE[where])
     batch = inputs(model, ROWS)
     batched = generate(model, batch)
     for row in range(len(ROWS)):
@@ -92,8 +97,12 @@ def test_beam_search_keeps_the_callers_prompt():
 
 def test_what_the_video_models_refuse():
     model = tiny_onevision()
-    with pytest.raises(ValueError, match="in-LLM pruning .* not available on LLaVA-OneVision"):
-        vtr.patch(model, "fastv", budget=4, layers=[1])
+    with pytest.raises(ValueError, match="leave them out with layers="):
+        vtr.patch(model, "fastv", budget=4, layers=[1], frames="novelty")
+    with pytest.raises(ValueError, match="reduces before the language model on LLaVA-OneVision / NeXT-Video"):
+        vtr.patch(model, "pool", factor=2, layers=[1])
+    with pytest.raises(ValueError, match="layers must be language-model layers"):
+        vtr.patch(model, "fastv", budget=4, layers=[2])
     with pytest.raises(ValueError, match="takes factor=, not budget="):
         vtr.patch(model, "pool", budget=4)
     assert not vtr.is_patched(model)
@@ -112,3 +121,47 @@ def test_pool_pools_video_frames_and_refuses_packed_images():
     assert vtr.report(model).frame_tokens == [[1, 1, 1, 1]] * 2
     with pytest.raises(ValueError, match="these images' tokens form none"):
         generate(model, inputs(model, ROWS))
+
+
+# -- in-LLM pruning (layers=) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", IN_LLM)
+@pytest.mark.parametrize("family", BUILDERS)
+def test_in_llm_pruning_keeps_each_images_and_videos_budget(family, where):
+    model = vtr.patch(BUILDERS[family](), budget=5, **IN_LLM[where])
+    batch = inputs(model, ROWS)
+    out = generate(model, batch)
+    assert torch.equal(out.sequences[:, :batch["input_ids"].shape[1]], batch["input_ids"])
+    report = vtr.report(model)
+    layers = IN_LLM[where]["layers"]
+    assert report.where == f"in the language model at layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))}"
+    assert report.image_tokens_after.tolist() == [5, 5, 5]
+    assert report.visual_tokens_after.tolist() == [5, 5, 5, 0]
+    assert report.stage_layers == layers and report.kinds == ["image", "video", "video"]
+
+
+@pytest.mark.parametrize("where", IN_LLM)
+@pytest.mark.parametrize("family", BUILDERS)
+def test_in_llm_generate_without_a_cache_equals_the_cached_run(family, where):
+    """use_cache=False sends the prompt (and its pixel values) and every generated token in each forward: they
+    keep what the prefill decided from the prompt, so the tokens and logits are the cached run's."""
+    model = vtr.patch(BUILDERS[family](), budget=5, **IN_LLM[where])
+    batch = inputs(model, ROWS)
+    visual = [IMAGE, VIDEO]   # a random model may generate a placeholder id, which no prompt may hold unpaired
+    cached = generate(model, batch, suppress_tokens=visual)
+    uncached = generate(model, batch, suppress_tokens=visual, use_cache=False)
+    assert torch.equal(uncached.sequences, cached.sequences)
+    torch.testing.assert_close(logits(uncached), logits(cached), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_in_llm_forward_encodes_the_pixel_values_as_generate_does(family):
+    """A forward with pixel values gives the logits generate()'s prefill gives (which encodes them first)."""
+    model = vtr.patch(BUILDERS[family](), "fastv", budget=5, layers=[1])
+    batch = inputs(model, ROWS)
+    first = logits(generate(model, batch))[:, 0]
+    with torch.inference_mode():
+        out = model(**batch)
+    assert vtr.report(model).image_tokens_after.tolist() == [5, 5, 5]
+    assert out.logits.shape[:2] == vtr.report(model).kept_positions.shape
+    torch.testing.assert_close(out.logits[:, -1], first, atol=1e-5, rtol=0)

@@ -5,7 +5,8 @@ Regression tests for what users do with any ``nn.Module`` and expect to keep wor
 train it without leaking the autograd graph (activation checkpointing included), deepcopy it (EMA),
 pickle / ``torch.save`` it, hook its blocks, change its dtype and mode, and call
 ``forward_features`` / ``forward_head`` by hand. This is the one home of these checks for every
-family (timm, open_clip, transformers); the harnesses (``check_threads``, ``call_state``,
+family (timm, open_clip, transformers, and the VLMs Qwen-VL, LLaVA-OneVision and LLaVA-NeXT-Video;
+LLaVA's own are in test_llava.py); the harnesses (``check_threads``, ``call_state``,
 ``reachable``) live in ``tests/conftest.py``.
 
 Calls go through the public API (``vtr.patch``, ``vtr.unpatch``, ``vtr.report``, ``vtr.is_patched``,
@@ -40,6 +41,7 @@ from vtr.core import run as runs
 from vtr.core.plan import Reduction
 
 from conftest import THREADS, call_state, check_threads, probe, reachable
+from llava_video_models import ROWS as VIDEO_MODEL_ROWS, inputs as video_model_inputs, tiny_next_video, tiny_onevision
 from qwen_vl_models import batch as qwen_batch, generate as qwen_generate, logits as qwen_logits, tiny_qwen
 
 hf_logging.set_verbosity_error()
@@ -518,17 +520,9 @@ def test_timm_forward_features_then_forward_head(family, method):
     assert torch.equal(split, whole)
 
 
-# -- 7. vision-language models: Qwen-VL (LLaVA's are in test_llava.py) --------------------------------
+# -- 7. vision-language models: Qwen-VL, LLaVA-OneVision, LLaVA-NeXT-Video (LLaVA's are in test_llava.py) -
 
-QWEN_METHODS = [("tome", {"budget": 5}), ("pool", {"factor": 2})]
-
-
-def _qwen_call(model, inputs: dict) -> tuple:
-    out = qwen_generate(model, inputs)
-    return out.sequences, qwen_logits(out)
-
-
-def _qwen_inputs(thread: int) -> dict:
+def _qwen_inputs(model: nn.Module, thread: int) -> dict:
     """Each thread its own prompts, image sizes and pixels."""
     rows = [[[1, 5, ("image", 0), 6, ("image", 1), 7], [1, 9, ("image", 2), 8], [1, 20, 21]],
             [[1, 5, 6, ("image", 0), 7, 8, 9]],
@@ -538,53 +532,126 @@ def _qwen_inputs(thread: int) -> dict:
     return qwen_batch(rows, image_grids=grids, seed=10 + thread).inputs()
 
 
-@pytest.mark.parametrize("method, amount", QWEN_METHODS)
-def test_qwen_vl_threads_share_one_patched_model(method, amount):
-    """Threads sharing one patched Qwen2.5-VL, each generating from its own prompts and images, get the tokens,
+def _video_inputs(model: nn.Module, thread: int) -> dict:
+    """Each thread its own prompts (videos, images of different sizes, text only) and pixels."""
+    rows = [VIDEO_MODEL_ROWS,
+            [[1, 5, "video", 6, 7]],
+            [[1, ("image", (56, 100)), 4, 4, 4], [1, 2, 3, 30, "video", 9]],
+            [[1, 40, 41], [1, 50, ("image", (112, 56)), 51, 52]]][thread]
+    return video_model_inputs(model, rows, seed=10 + thread)
+
+
+@dataclass(frozen=True)
+class Vlm:
+    build: Callable[[], nn.Module]
+    inputs: Callable[[nn.Module, int], dict]   # thread t's own generate()/forward() keywords
+    tower: Callable[[nn.Module], nn.Module]
+    own_state: tuple = ()   # attributes the unpatched model's own forward leaves on ``model.model``
+
+
+VLMS = {
+    "qwen_vl": Vlm(tiny_qwen, _qwen_inputs, lambda m: m.model.visual, ("rope_deltas",)),
+    "onevision": Vlm(tiny_onevision, _video_inputs, lambda m: m.model.vision_tower),
+    "next_video": Vlm(tiny_next_video, _video_inputs, lambda m: m.model.vision_tower),
+}
+VLM_CASES = [("qwen_vl", "tome", {"budget": 5}), ("qwen_vl", "pool", {"factor": 2}),
+             ("onevision", "tome", {"budget": 5, "frames": "novelty"}), ("onevision", "query", {"budget": 5}),
+             ("onevision", "fastv", {"budget": 5, "layers": [1]}),
+             ("next_video", "tome", {"budget": 5, "temporal": 0.5}), ("next_video", "fastv", {"budget": 5}),
+             ("next_video", "tome", {"budget": 5, "layers": [0, 1]})]
+VLM_IDS = [f"{vlm}-{method}" + ("-in-llm" if "layers" in amount else "") for vlm, method, amount in VLM_CASES]
+FIRST_VLM_CASES = [next(case for case in VLM_CASES if case[0] == vlm) for vlm in VLMS]
+IN_LLM_VLM_CASES = [case for case in VLM_CASES if "layers" in case[2]]
+
+
+def _vlm_call(model, inputs: dict) -> tuple:
+    out = qwen_generate(model, inputs)
+    return out.sequences, qwen_logits(out)
+
+
+@pytest.mark.parametrize("vlm, method, amount", VLM_CASES, ids=VLM_IDS)
+def test_vlm_threads_share_one_patched_model(vlm, method, amount):
+    """Threads sharing one patched VLM, each generating from its own prompts, images and videos, get the tokens,
     logits and report of their own call, bitwise what the call gives alone."""
-    model = vtr.patch(tiny_qwen(), method, **amount)
-    calls = [functools.partial(_qwen_call, model, _qwen_inputs(thread)) for thread in range(THREADS)]
+    model = vtr.patch(VLMS[vlm].build(), method, **amount)
+    calls = [functools.partial(_vlm_call, model, VLMS[vlm].inputs(model, thread)) for thread in range(THREADS)]
     check_threads(model, [[call] * 3 for call in calls])
 
 
-@pytest.mark.parametrize("method, amount", QWEN_METHODS)
-def test_qwen_vl_pickle_and_deepcopy_stay_patched(method, amount):
+@pytest.mark.parametrize("vlm, method, amount", VLM_CASES, ids=VLM_IDS)
+def test_vlm_pickle_and_deepcopy_stay_patched(vlm, method, amount):
     """pickle (before the first call: transformers then adds output-capturing closures no model pickles with)
     and deepcopy give a patched model of its own: same outputs, its own reports, and unpatching it gives the
     unpatched model's outputs; the original stays patched."""
-    inputs = _qwen_inputs(0)
-    unpatched = _qwen_call(tiny_qwen(), inputs)
-    model = vtr.patch(tiny_qwen(), method, **amount)
+    build = VLMS[vlm].build
+    inputs = VLMS[vlm].inputs(build(), 0)
+    unpatched = _vlm_call(build(), inputs)
+    model = vtr.patch(build(), method, **amount)
     pickled = pickle.loads(pickle.dumps(model))
-    expected = _qwen_call(model, inputs)
+    expected = _vlm_call(model, inputs)
+    assert not torch.equal(expected[1], unpatched[1])
     for clone in (pickled, copy.deepcopy(model)):
         assert vtr.is_patched(clone) and type(clone) is type(model) and clone._vtr is not model._vtr
         with pytest.raises(ValueError, match="no forward pass"):
             vtr.report(clone)
-        assert all(torch.equal(a, b) for a, b in zip(_qwen_call(clone, inputs), expected))
+        assert all(torch.equal(a, b) for a, b in zip(_vlm_call(clone, inputs), expected))
         assert torch.equal(vtr.report(clone).kept_positions, vtr.report(model).kept_positions)
         vtr.unpatch(clone)
-        assert all(torch.equal(a, b) for a, b in zip(_qwen_call(clone, inputs), unpatched))
+        assert type(clone) is type(build())
+        assert all(torch.equal(a, b) for a, b in zip(_vlm_call(clone, inputs), unpatched))
     assert vtr.is_patched(model)
-    assert all(torch.equal(a, b) for a, b in zip(_qwen_call(model, inputs), expected))
+    assert all(torch.equal(a, b) for a, b in zip(_vlm_call(model, inputs), expected))
 
 
-def test_qwen_vl_holds_no_tensor_of_a_call():
-    """Nothing a call computes stays on a patched Qwen-VL (generate, conditioned generate, a grad-enabled forward
-    and its backward), except what the unpatched model's own forward keeps too: ``model.model.rope_deltas``."""
-    reference = tiny_qwen()
-    inputs = _qwen_inputs(0)
+@pytest.mark.parametrize("vlm, method, amount", FIRST_VLM_CASES + IN_LLM_VLM_CASES,
+                         ids=list(VLMS) + [f"{case[0]}-in-llm" for case in IN_LLM_VLM_CASES])
+def test_vlm_holds_no_tensor_of_a_call(vlm, method, amount):
+    """Nothing a call computes stays on a patched VLM (generate, conditioned generate, a grad-enabled forward
+    and its backward), except what the unpatched model's own forward keeps too (Qwen-VL:
+    ``model.model.rope_deltas``)."""
+    reference = VLMS[vlm].build()
+    inputs = VLMS[vlm].inputs(reference, 0)
     with torch.no_grad():
         reference(**inputs)
-    assert isinstance(reference.model.rope_deltas, torch.Tensor)    # transformers' own per-call attribute
-    model = vtr.patch(tiny_qwen(), "tome", budget=4)
+    assert all(isinstance(getattr(reference.model, name), torch.Tensor) for name in VLMS[vlm].own_state)
+    model = vtr.patch(VLMS[vlm].build(), method, **amount)
     before = {id(t) for t, _ in reachable(model) if isinstance(t, torch.Tensor)}
     qwen_generate(model, inputs)
-    with vtr.conditioned(model, torch.randn(3, 64)):
+    with vtr.conditioned(model, torch.randn(inputs["input_ids"].shape[0], 64)):
         qwen_generate(model, inputs)
     model(**inputs).logits.sum().backward()
     model.zero_grad(set_to_none=True)
     after = {id(t): path for t, path in reachable(model) if isinstance(t, torch.Tensor)}
-    kept = [path for key, path in after.items() if key not in before and not path.endswith(".rope_deltas")]
+    kept = [path for key, path in after.items()
+            if key not in before and not path.endswith(tuple("." + name for name in VLMS[vlm].own_state))]
     assert not kept, kept
     assert call_state(model) == []
+
+
+@pytest.mark.parametrize("vlm, method, amount", FIRST_VLM_CASES, ids=list(VLMS))
+def test_vlm_hooks_fire_as_on_the_unpatched_model(vlm, method, amount):
+    """Forward hooks on the vision tower, the language model and each decoder layer fire as often as on the
+    unpatched model (once per forward; the tower once per images and once per videos); the decoder layers see
+    the compacted prompt (``report.kept_positions``), the unpatched ones the caller's."""
+    def hooked(model) -> dict:
+        seen = {"tower": [], "language": [], "layers": [[] for _ in model.model.language_model.layers]}
+        VLMS[vlm].tower(model).register_forward_hook(lambda *args: seen["tower"].append(1))
+        model.model.language_model.register_forward_hook(lambda *args: seen["language"].append(1))
+        for i, layer in enumerate(model.model.language_model.layers):
+            layer.register_forward_hook(
+                lambda module, args, kwargs, output, i=i: seen["layers"][i].append(_tokens_of(args, kwargs, output)),
+                with_kwargs=True)
+        return seen
+
+    unpatched = VLMS[vlm].build()
+    model = vtr.patch(VLMS[vlm].build(), method, **amount)
+    inputs = VLMS[vlm].inputs(model, 0)
+    expected, seen = hooked(unpatched), hooked(model)
+    with torch.no_grad():
+        for _ in range(2):
+            unpatched(**inputs), model(**inputs)
+    compacted = tuple(vtr.report(model).kept_positions.shape)
+    assert len(seen["tower"]) == len(expected["tower"]) > 0 and len(seen["language"]) == len(expected["language"]) == 2
+    assert seen["layers"] == [[compacted] * 2] * len(seen["layers"])
+    assert expected["layers"] == [[tuple(inputs["input_ids"].shape)] * 2] * len(seen["layers"])
+    assert compacted[1] < inputs["input_ids"].shape[1]

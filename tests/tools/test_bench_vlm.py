@@ -1,5 +1,5 @@
-"""`vtr bench --model llava:<shape> | qwen-vl:<shape> | hf:<VLM directory>`: the VLM prefill benchmark end to
-end on tiny shapes (a smoke test of the command and of ``vtr.tools.bench_vlm``, not a timing)."""
+"""`vtr bench --model llava:<shape> | qwen-vl:<shape> | onevision:<shape> | hf:<VLM directory>`: the VLM prefill
+benchmark end to end on tiny shapes (a smoke test of the command and of ``vtr.tools.bench_vlm``, not a timing)."""
 import json
 
 import pytest
@@ -44,13 +44,43 @@ def test_qwen_vl_video(capsys):
     assert row["visual"] == 8 and row["kept"] == 4   # 2 temporal patches x 2 x 2 merged tokens
 
 
-@pytest.mark.parametrize("shape", ["llava:tiny", "qwen-vl:tiny"])
+@pytest.mark.parametrize("video, visual", [(0, 36), (4, 17)])
+def test_onevision_image_and_video(video, visual, capsys):
+    """An image: the base view (4 x 4) and one crop (4 x 4 and a newline per row); a video: 4 frames pooled to
+    2 x 2 and one newline."""
+    assert main(["bench", "--model", "onevision:tiny", "--methods", "tome,fastv", "--keep", "0.5", "--json",
+                 *(["--video-frames", str(video)] if video else []), *FAST]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["visual"], r["kept"]) for r in rows] == [(m, visual, round(visual / 2))
+                                                                      for m in ("tome (50%)", "fastv (50%)")]
+    assert all(0 < r["macs_ratio"] < 1 and r["speedup"] > 0 for r in rows)
+
+
+def test_a_smaller_onevision_tower_takes_smaller_frames():
+    model = bench_vlm.build("onevision:tiny", 1, 1, tower_size=112)
+    load = bench_vlm.workload(model, video_frames=2, frames="novelty")
+    assert load.visual == 2 * 4 * 4 + 1 and load.inputs["pixel_values_videos"].shape == (1, 2, 3, 112, 112)
+    assert load.patch == {"frames": "novelty"}
+    (row,) = bench_vlm.run(model, load, [("tome", {"method": "tome", "budget": 9})], rounds=1, decode_tokens=1)
+    assert row.kept == 9
+
+
+def test_onevision_in_llm_pruning():
+    model = bench_vlm.build("onevision:tiny", 1, 2)
+    load = bench_vlm.workload(model, video_frames=4)
+    (row,) = bench_vlm.run(model, load, [("fastv", {"method": "fastv", "budget": 6, "layers": [1]})], rounds=1,
+                           decode_tokens=2)
+    assert (row.where, row.visual, row.kept) == ("LM layer 1", 17, 6)
+    assert 0 < row.macs_ratio < 1 and row.decode_ms > 0
+
+
+@pytest.mark.parametrize("shape", ["llava:tiny", "qwen-vl:tiny", "onevision:tiny"])
 def test_a_saved_vlm_directory_runs_the_vlm_benchmark(shape, tmp_path, capsys):
     bench_vlm.build(shape).save_pretrained(tmp_path)
     assert main(["bench", "--model", f"hf:{tmp_path}", "--methods", "fastv", "--budget", "8", "--json",
                  *(["--img-size", "112"] if shape.startswith("qwen") else []), *FAST]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["kept"] == 8 and row["visual"] == 16
+    assert row["kept"] == 8 and row["visual"] == (36 if shape.startswith("onevision") else 16)   # OneVision: crops
 
 
 MISTAKES = [
@@ -65,6 +95,9 @@ MISTAKES = [
     (["--model", "llava:tiny", "--img-size", "112"], "--img-size", "takes 56x56 images"),
     (["--model", "llava:tiny", "--video-frames", "4"], "--video-frames", "videos are benchmarked on Qwen-VL"),
     (["--model", "qwen-vl:tiny", "--img-size", "100"], "--img-size", "multiple of 28"),
+    (["--model", "onevision:7", "--video-frames", "4"], "--model", "onevision:7b, onevision:tiny"),
+    (["--model", "onevision:tiny", "--video-frames", "4", "--img-size", "112"], "--video-frames",
+     "takes 56x56 frames"),
     (["--model", "vit_tiny_patch16_224", "--keep", "0.5"], "--keep", "is for the VLM prefill benchmark"),
     (["--model", "vit_tiny_patch16_224", "--lm-layers", "1"], "--lm-layers", "is for the VLM prefill benchmark"),
 ]

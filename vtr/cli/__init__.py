@@ -31,11 +31,12 @@ DEFAULT_MODEL = "vit_base_patch16_224"
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed-up vs FLOPs of each method on a timm ViT (random weights), or "
-                                         "a VLM's prefill speed-up (llava:, qwen-vl:)")
+                                         "a VLM's prefill speed-up (llava:, qwen-vl:, onevision:)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"timm name, open_clip:<name> (image tower), hf:<name> (random weights), or hf:<directory "
                         f"written by save_pretrained or Hub id in the local cache> (default {DEFAULT_MODEL}); a VLM: "
-                        f"{', '.join(bench_vlm.SHAPES)}, or hf:<directory of a saved LLaVA or Qwen-VL>")
+                        f"{', '.join(bench_vlm.SHAPES)}, or hf:<directory of a saved LLaVA, LLaVA-OneVision or "
+                        "Qwen-VL>")
     p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
     p.add_argument("--methods", type=method_list_or_all, default="tome,pitome",
                    help=f"comma-separated methods (available: {', '.join(methods())}; 'all' for every one; "
@@ -57,8 +58,9 @@ def _bench_parser(sub) -> None:
                    help="also draw into PNG: throughput against FLOPs per method, or, with several --batch "
                         "sizes, throughput against batch size per method")
     vlm = p.add_argument_group(
-        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape> (built-in shapes: "
-        f"{', '.join(bench_vlm.SHAPES)}; random weights) or hf:<directory of a saved LLaVA or Qwen-VL>: vision, "
+        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape>, onevision:<shape> (built-in shapes: "
+        f"{', '.join(bench_vlm.SHAPES)}; random weights) or hf:<directory of a saved LLaVA, LLaVA-OneVision or "
+        "Qwen-VL>: vision, "
         "LM prefill and decode timed unreduced and reduced, the prefill speed-up beside the analytic MACs ratio")
     amount = vlm.add_mutually_exclusive_group()
     amount.add_argument("--keep", type=fractions, default=None,
@@ -71,14 +73,15 @@ def _bench_parser(sub) -> None:
                      help="language model depth of a built-in shape (default: 2)")
     vlm.add_argument("--text", type=positive_int, default=None, help="text tokens around the image (default: 40)")
     vlm.add_argument("--video-frames", type=positive_int, default=None,
-                     help="Qwen-VL: a video of this many frames instead of an image (--img-size: the frame side)")
+                     help="Qwen-VL, LLaVA-OneVision / NeXT-Video: a video of this many frames instead of an image "
+                          "(--img-size: the frame side)")
     vlm.add_argument("--decode-tokens", type=positive_int, default=None,
                      help="generated tokens timed per decode (default: 8)")
     p.set_defaults(func=_bench)
 
 
 _VLM_ONLY = ("keep", "budget", "vision_layers", "lm_layers", "text", "video_frames", "decode_tokens")
-VLM_MODELS = "llava:<shape>, qwen-vl:<shape> or hf:<directory of a saved LLaVA or Qwen-VL>"
+VLM_MODELS = "llava:<shape>, qwen-vl:<shape>, onevision:<shape> or hf:<directory of a saved VLM>"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -113,7 +116,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_vlm(args: argparse.Namespace) -> int:
-    """`vtr bench --model llava:<shape> | qwen-vl:<shape> | hf:<VLM directory>`: tools.bench_vlm's table."""
+    """`vtr bench --model llava:<shape> | qwen-vl:<shape> | onevision:<shape> | hf:<VLM directory>`: tools.bench_vlm's
+    table."""
     for flag, given, why in (("--flops", args.flops, "a VLM keeps --keep fractions or --budget visual tokens"),
                              ("--plot", args.plot, "draws image-model benchmarks only"),
                              ("--batch", args.batch and len(args.batch) > 1, "takes one batch size with a VLM")):

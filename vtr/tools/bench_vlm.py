@@ -1,9 +1,10 @@
-"""The VLM prefill benchmark (`vtr bench --model llava:<shape>` / `qwen-vl:<shape>` / `hf:<VLM directory>`,
+"""The VLM prefill benchmark (`vtr bench --model llava:<shape>` / `qwen-vl:<shape>` / `onevision:<shape>` /
+`hf:<VLM directory>`,
 ``benchmarks/bench_llava.py``, ``benchmarks/bench_vlm.py``): the unreduced and the reduced model, each timed in
 three parts per batch of prompts (one image or video plus text tokens each):
 
-- vision: vision tower + projector/merger, plus (reduced before the LM) the reducer, prompt compaction and
-  positions, seconds;
+- vision: vision tower + projector/merger (OneVision: and its frame pooling), plus (reduced before the LM) the
+  reducer, prompt compaction and positions, seconds;
 - prefill: the language model on the prompt it really sees, seconds, and its speed-up;
 - MACs: the reduced/unreduced ratio of vtr's analytic LM prefill count and, in brackets, its inverse, which
   bounds the prefill speed-up: with V visual tokens, b kept and T text tokens about (V + T) / (b + T);
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from ..adapters import family, is_patched, settings
-from ..adapters.llava import before_lm as llava_before_lm
+from ..adapters.llava import before_lm as llava_before_lm, video as llava_video
 from ..adapters.qwen_vl import before_lm as qwen_before_lm
 from ..api import patch, report, unpatch
 from .models import load_hf_vlm
@@ -40,6 +41,8 @@ class Shape:
     text: dict
     tokens: dict
     image_size: int
+    vision_config: str = "CLIPVisionConfig"   # the sub-config classes of a LLaVA-style model
+    text_config: str = "LlamaConfig"
 
 
 _CLIP_L336 = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14,
@@ -52,6 +55,13 @@ _PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 _QWEN_MERGE = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
 _QWEN_TOKENS = dict(image_token_id=31990, video_token_id=31991, vision_start_token_id=31992, vision_end_token_id=31993)
 _QWEN_TEXT = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
+# LLaVA-OneVision-Qwen2-7B: SigLIP-so400m at 384 px (27 x 27 patches, a video frame pooled to 14 x 14) and Qwen2-7B.
+_SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, image_size=384, patch_size=14,
+                      vision_use_head=False)
+_QWEN2_7B = dict(vocab_size=32000, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                 num_key_value_heads=4, rope_theta=1e6, **_QWEN_TEXT)
+_ONEVISION = dict(image_token_index=31998, video_token_index=31999, vision_feature_layer=-1,
+                  vision_feature_select_strategy="full")
 
 SHAPES = {
     "llava:1.5-7b": Shape("LLaVA-1.5-7B-shaped (CLIP ViT-L/14 at 336 px: 576 visual tokens; Llama-7B)",
@@ -83,18 +93,34 @@ SHAPES = {
                                **_QWEN_TEXT),
                           dict(image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93),
                           112),
+    "onevision:7b": Shape("LLaVA-OneVision-Qwen2-7B-shaped (SigLIP-so400m at 384 px: 729 patches a view, a video "
+                          "frame pooled to 196 tokens; Qwen2-7B, 4 KV heads)", "LlavaOnevisionForConditionalGeneration",
+                          "LlavaOnevisionConfig", _SIGLIP_SO400M, _QWEN2_7B, _ONEVISION, 384,
+                          "SiglipVisionConfig", "Qwen2Config"),
+    "onevision:tiny": Shape("tiny LLaVA-OneVision (56 px: 16 patches a view, a frame pooled to 4 tokens; LM hidden "
+                            "64), for tests", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig",
+                            dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=56,
+                                 patch_size=14),
+                            dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=2, **_QWEN_TEXT),
+                            dict(_ONEVISION, image_token_index=98, video_token_index=99,
+                                 image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]]), 56,
+                            "SiglipVisionConfig", "Qwen2Config"),
 }
-FAMILIES = ("llava", "qwen-vl")
+FAMILIES = ("llava", "qwen-vl", "onevision")
 
 
 def is_vlm_name(name: str) -> bool:
-    """``llava:<shape>`` or ``qwen-vl:<shape>`` (``hf:<directory>`` of a VLM: :func:`vtr.tools.models.is_hf_vlm`)."""
+    """``llava:<shape>``, ``qwen-vl:<shape>`` or ``onevision:<shape>`` (``hf:<directory>`` of a VLM:
+    :func:`vtr.tools.models.is_hf_vlm`)."""
     return name.partition(":")[0] in FAMILIES
 
 
-def build(name: str, vision_layers: int = 2, lm_layers: int = 2) -> nn.Module:
+def build(name: str, vision_layers: int = 2, lm_layers: int = 2, tower_size: Optional[int] = None) -> nn.Module:
     """The shape ``name`` of :data:`SHAPES` with random weights (seed 0), ``vision_layers`` / ``lm_layers`` deep;
-    ``hf:<directory or Hub id>`` loads a saved LLaVA or Qwen-VL instead (its own depth)."""
+    ``hf:<directory or Hub id>`` loads a saved LLaVA, LLaVA-OneVision or Qwen-VL instead (its own depth).
+    ``tower_size`` changes a LLaVA-style tower's input side: OneVision's video frames are that size, so smaller
+    frames (a cheaper CPU run) need a smaller tower."""
     if name.startswith("hf:"):
         return load_hf_vlm(name[3:])
     if name not in SHAPES:
@@ -105,13 +131,16 @@ def build(name: str, vision_layers: int = 2, lm_layers: int = 2) -> nn.Module:
     import transformers
 
     shape = SHAPES[name]
+    text = dict(shape.text, num_hidden_layers=lm_layers)
     if shape.config_cls.startswith("Qwen"):
+        if tower_size is not None:
+            raise ValueError("a Qwen-VL tower takes images of any size; give the image size instead of tower_size")
         vision = dict(shape.vision, depth=vision_layers, fullatt_block_indexes=[vision_layers - 1])
     else:
-        vision = transformers.CLIPVisionConfig(**shape.vision, num_hidden_layers=vision_layers)
-    text = dict(shape.text, num_hidden_layers=lm_layers)
-    if not shape.config_cls.startswith("Qwen"):
-        text = transformers.LlamaConfig(**text)
+        vision = dict(shape.vision, num_hidden_layers=vision_layers)
+        vision["image_size"] = tower_size or vision["image_size"]
+        vision = getattr(transformers, shape.vision_config)(**vision)
+        text = getattr(transformers, shape.text_config)(**text)
     config = getattr(transformers, shape.config_cls)(vision_config=vision, text_config=text, **shape.tokens)
     torch.manual_seed(0)
     return getattr(transformers, shape.model_cls)._from_config(config, attn_implementation="sdpa").eval()
@@ -136,13 +165,17 @@ def _text_ids(count: int, below: int) -> list:
 def workload(model: nn.Module, text: int = 40, batch: int = 1, image_size: Optional[int] = None,
              video_frames: int = 0, frames: Optional[str] = None) -> Workload:
     """``batch`` copies of one prompt for ``model``: ``text`` text tokens around one image of ``image_size``
-    (default the model's), or for Qwen-VL a ``video_frames``-frame video of that side."""
+    (default the model's), or for Qwen-VL, LLaVA-OneVision and NeXT-Video a ``video_frames``-frame video of that
+    side."""
     config = model.config
     generator = torch.Generator().manual_seed(0)
     half = text // 2
+    if llava_video.is_video_model(model):
+        return _video_workload(model, text, batch, image_size, video_frames, frames)
     if family(model) == "llava":
         if video_frames:
-            raise ValueError("videos are benchmarked on Qwen-VL; a LLaVA prompt holds one image")
+            raise ValueError("videos are benchmarked on Qwen-VL or LLaVA-OneVision / NeXT-Video; a LLaVA prompt "
+                             "holds one image")
         token = config.image_token_index
         side = config.vision_config.image_size
         next_ = "Next" in type(config).__name__
@@ -186,6 +219,40 @@ def workload(model: nn.Module, text: int = 40, batch: int = 1, image_size: Optio
                     visual, shown, {"frames": frames} if video_frames and frames else {})
 
 
+def _video_workload(model: nn.Module, text: int, batch: int, image_size: Optional[int], video_frames: int,
+                    frames: Optional[str]) -> Workload:
+    """LLaVA-OneVision / NeXT-Video: a video's frames are the tower's size, each pooled to a grid of tokens
+    (OneVision adds one newline token per video); an image of any side is the base view and its AnyRes crops, as
+    many tokens as the model's own ``get_image_features`` packs it into."""
+    config = model.config
+    side = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(0)
+    if video_frames:
+        if image_size is not None and image_size != side:
+            raise ValueError(f"this model takes {side}x{side} frames (its vision tower's size), got {image_size}")
+        rows, cols = llava_video.frame_grid(model)
+        visual = video_frames * rows * cols + llava_video.is_onevision(model)
+        token = config.video_token_id
+        shown = f"a {video_frames}-frame video of {side}x{side} ({rows}x{cols} tokens a frame)"
+        vision = {"pixel_values_videos": torch.randn(batch, video_frames, 3, side, side, generator=generator)}
+    else:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        full = image_size or side
+        views = image_size_to_num_patches((full, full), config.image_grid_pinpoints, side)   # base view + crops
+        vision = {"pixel_values": torch.randn(batch, views, 3, side, side, generator=generator),
+                  "image_sizes": torch.tensor([[full, full]] * batch)}
+        with torch.inference_mode():
+            visual = len(model.model.get_image_features(vision["pixel_values"][:1],
+                                                        vision["image_sizes"][:1]).pooler_output[0])
+        token = config.image_token_id
+        shown = f"a {full}x{full} image (the base view and {views - 1} crop{'s' * (views > 2)})"
+    ids = _text_ids(text, min(config.image_token_id, config.video_token_id, config.text_config.vocab_size))
+    row = ids[:text // 2] + [token] * visual + ids[text // 2:]
+    return Workload({"input_ids": torch.tensor([row] * batch), **vision}, visual, shown,
+                    {"frames": frames} if video_frames and frames else {})
+
+
 # -- timing ---------------------------------------------------------------------------------------------------
 
 def timed(fn: Callable) -> float:
@@ -209,6 +276,32 @@ def _llava_prompt(model: nn.Module, inputs: dict, before: bool):
         seconds, image = timed(encode), encode()
     length = ids.shape[1]
     return (seconds, dict(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}),
+            lambda step: torch.full((ids.shape[0], 1), length + step, device=ids.device))
+
+
+def _video_prompt(model: nn.Module, inputs: dict, before: bool):
+    """LLaVA-OneVision / NeXT-Video: as :func:`_llava_prompt`, images and videos each through the model's own
+    encoder (unreduced) or the adapter's ``prepare`` (reduced before the LM)."""
+    ids = inputs["input_ids"]
+    mask = torch.ones_like(ids)
+    vision = {k: v for k, v in inputs.items() if k != "input_ids"}
+    if before:   # vision tower + pooling + reducer + compaction
+        prepare = lambda: llava_video.prepare(model, ids, dict(vision, attention_mask=mask), True)  # noqa: E731
+        seconds, compacted = timed(prepare), prepare()
+        ids, mask = compacted.input_ids, compacted.model_inputs["attention_mask"]
+        outputs = compacted.model_inputs["mm_encoder_outputs"]
+    else:
+        def encode() -> dict:
+            outputs = {}
+            if "pixel_values" in vision:
+                outputs["image"] = model.model.get_image_features(vision["pixel_values"], vision["image_sizes"],
+                                                                  return_dict=True)
+            if "pixel_values_videos" in vision:
+                outputs["video"] = model.model.get_video_features(vision["pixel_values_videos"], return_dict=True)
+            return outputs
+        seconds, outputs = timed(encode), encode()
+    length = ids.shape[1]
+    return (seconds, dict(input_ids=ids, attention_mask=mask, mm_encoder_outputs=outputs),
             lambda step: torch.full((ids.shape[0], 1), length + step, device=ids.device))
 
 
@@ -248,7 +341,8 @@ def measure(model: nn.Module, inputs: dict, decode_tokens: int = 8) -> dict:
     ``decode_ms`` per token; patched, also the report's LM prefill ``macs``/``macs_unreduced`` and ``kept``."""
     patched = is_patched(model)
     before = patched and settings(model).arguments.get("layers") is None
-    prompt = _llava_prompt if family(model) == "llava" else _qwen_prompt
+    prompt = (_video_prompt if llava_video.is_video_model(model) else
+              _llava_prompt if family(model) == "llava" else _qwen_prompt)
     vision, prefill_inputs, step_positions = prompt(model, inputs, before)
     prefill_inputs.update(logits_to_keep=1, use_cache=True)
     prefill = timed(lambda: model(**prefill_inputs))

@@ -28,7 +28,8 @@ HF_BY_TYPE = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel", "sigl
               "siglip_vision_model": "SiglipVisionModel", "vit": "ViTModel"}
 # Saved vision-language models `vtr bench` times with the VLM prefill benchmark (vtr.tools.bench_vlm).
 HF_VLM_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                  "Qwen2_5_VLForConditionalGeneration")
+                  "Qwen2_5_VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+                  "LlavaNextVideoForConditionalGeneration")
 MODEL_NAMES = "a timm name, open_clip:<name> or hf:<name, directory or Hub id>"
 
 
@@ -87,8 +88,9 @@ def _vlm_architecture(config) -> str | None:
 
 
 def is_hf_vlm(source: str) -> bool:
-    """Whether ``hf:<source>`` names a saved (or cached) LLaVA or Qwen-VL model, which `vtr bench` times with
-    the VLM prefill benchmark (a source that does not load is no VLM: :func:`create_model` says why)."""
+    """Whether ``hf:<source>`` names a saved (or cached) VLM of ``HF_VLM_CLASSES`` (LLaVA, OneVision, Qwen-VL),
+    which `vtr bench` times with the VLM prefill benchmark (a source that does not load is no VLM:
+    :func:`create_model` says why)."""
     try:
         return source not in HF_VISION and _vlm_architecture(_hf_config(source)) is not None
     except ValueError:
@@ -96,7 +98,7 @@ def is_hf_vlm(source: str) -> bool:
 
 
 def load_hf_vlm(source: str) -> nn.Module:
-    """The LLaVA or Qwen-VL model ``save_pretrained`` wrote to ``source`` (or cached from the Hub), float32 on
+    """The LLaVA-family or Qwen-VL model ``save_pretrained`` wrote to ``source`` (or cached from the Hub), float32 on
     the CPU, in eval mode. Never downloads."""
     import transformers
 
