@@ -10,7 +10,7 @@ from vtr.tools import bench_vlm
 FAST = ["--reps", "1", "--threads", "1", "--decode-tokens", "1"]
 
 
-pytestmark = pytest.mark.usefixtures("threads_restored")   # tests/tools/conftest.py
+pytestmark = pytest.mark.usefixtures("threads_restored")   # tests/conftest.py
 
 
 def test_llava_table_has_the_macs_ratio_beside_the_speedup(capsys):

@@ -14,7 +14,7 @@ from vtr.tools import bench
 TINY = "vit_tiny_patch16_224"
 
 
-pytestmark = pytest.mark.usefixtures("threads_restored")   # tests/tools/conftest.py
+pytestmark = pytest.mark.usefixtures("threads_restored")   # tests/conftest.py
 
 
 def test_bench_prints_a_row_per_method(capsys):
