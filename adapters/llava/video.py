@@ -198,6 +198,10 @@ def encoded(model: nn.Module, arguments: dict) -> dict:
     """A forward's keywords with its pixel values encoded into ``mm_encoder_outputs``, as ``generate()`` hands them
     to its forwards: in-LLM pruning reads each image's and video's token count from its features."""
     outputs = dict(arguments.get("mm_encoder_outputs") or {})
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if arguments.get(key) is not None and outputs.get(kind) is not None:
+            raise ValueError(f"give {key} or mm_encoder_outputs[{kind!r}], not both: which features the {kind}s "
+                             "have would be ambiguous")
     shared = {key: arguments[key] for key in SHARED_KEYS if arguments.get(key) is not None}
     if arguments.get("pixel_values") is not None:
         if arguments.get("image_sizes") is None:

@@ -110,6 +110,11 @@ def test_what_the_video_models_refuse():
     batch = inputs(model, ROWS)
     with pytest.raises(ValueError, match="image_sizes"):
         generate(model, {k: v for k, v in batch.items() if k != "image_sizes"})
+    vtr.patch(vtr.unpatch(model), "fastv", budget=4, layers=[1])   # in-LLM: a forward encodes the pixels itself
+    with torch.no_grad():
+        features = model.model.get_video_features(batch["pixel_values_videos"], return_dict=True)
+    with pytest.raises(ValueError, match=r"pixel_values_videos or mm_encoder_outputs\['video'\], not both"):
+        model(**batch, mm_encoder_outputs={"video": features})
     from llava_models import tiny_llava
     with pytest.raises(ValueError, match="takes no videos"):
         vtr.patch(tiny_llava(), "tome", budget=4, frames="novelty")
