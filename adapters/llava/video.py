@@ -183,7 +183,10 @@ class VideoVisuals(Visuals):
             if encoded.get(kind) is None:
                 raise ValueError(f"the prompt holds {kind} tokens but the call has no {kind} pixel values: in-LLM "
                                  f"pruning on {NAME} counts each {kind}'s tokens from its features")
-            found += split_placeholders(placeholder, [len(f) for f in encoded[kind].pooler_output], None, kind)
+            counts = [len(f) for f in encoded[kind].pooler_output]
+            per_frame = math.prod(frame_grid(model))
+            frames = [count // per_frame for count in counts] if kind == "video" else None
+            found += split_placeholders(placeholder, counts, None, kind, frames)
         return found
 
     def check_generate(self, model: nn.Module, kwargs: dict) -> None:

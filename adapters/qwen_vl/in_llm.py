@@ -42,13 +42,14 @@ class QwenVisuals(Visuals):
                 shapes = [(t, h // merge, w // merge) for t, h, w in grids]
                 counts = [t * h * w for t, h, w in shapes]
                 spatial = [(h, w) if t == 1 else None for t, h, w in shapes]
+                frames = [t for t, _, _ in shapes] if kind == "video" else None
             else:   # pre-encoded features without their grids: counts only
                 encoded = (arguments.get("mm_encoder_outputs") or {}).get(kind)
                 if encoded is None:
                     raise ValueError(f"in-LLM pruning on Qwen-VL needs {kind}_grid_thw with the {kind}s (as the "
                                      "processor returns it): each image's token count comes from it")
-                counts, spatial = [len(f) for f in encoded.pooler_output], None
-            items += split_placeholders(placeholder, counts, spatial, kind)
+                counts, spatial, frames = [len(f) for f in encoded.pooler_output], None, None
+            items += split_placeholders(placeholder, counts, spatial, kind, frames)
         return items
 
     def check_generate(self, model: nn.Module, kwargs: dict) -> None:

@@ -175,6 +175,7 @@ class Item:
     columns: Tensor                 # [n] prompt column of each of its placeholders, in order
     grid: Optional[tuple] = None    # (rows, cols) while the tokens are its untouched patches in raster order
     kind: str = "image"             # or "video"
+    frames: Optional[int] = None    # a video's frames (its tokens frame after frame, then any newline)
 
 
 class Visuals:
@@ -206,14 +207,32 @@ class Visuals:
 
 
 def split_placeholders(placeholder: Tensor, counts: list[int], grids: Optional[list] = None,
-                       kind: str = "image") -> list[Item]:
-    """Items of ``counts`` tokens each, filling ``placeholder`` in row-major order, item after item."""
+                       kind: str = "image", frames: Optional[list] = None) -> list[Item]:
+    """Items of ``counts`` tokens each, filling ``placeholder`` in row-major order, item after item
+    (``frames``: each video's frame count, for the report's tokens per frame)."""
     rows, columns = placeholder.nonzero(as_tuple=True)
     if sum(counts) != rows.numel():
         raise ValueError(f"the prompt has {rows.numel()} {kind} tokens but its {len(counts)} {kind}s give "
                          f"{sum(counts)} features")
     grids = grids or [None] * len(counts)
-    return [Item(int(r[0]), c, grid, kind) for r, c, grid in zip(rows.split(counts), columns.split(counts), grids)]
+    frames = frames or [None] * len(counts)
+    return [Item(int(r[0]), c, grid, kind, f)
+            for r, c, grid, f in zip(rows.split(counts), columns.split(counts), grids, frames)]
+
+
+def frame_tokens(assignment: Tensor, frames: Optional[int]) -> list[int]:
+    """Tokens an item kept from each of its frames (``assignment``: ``[n]`` kept token of each of its original
+    tokens, -1 if dropped); a token merged across frames counts in the frame of its first member, a trailing
+    newline in the last frame. Without frames: one count, all of them."""
+    kept = int(assignment.max()) + 1 if assignment.numel() and bool((assignment >= 0).any()) else 0
+    if not frames:
+        return [kept]
+    original = torch.arange(assignment.numel(), device=assignment.device)
+    first = torch.full((kept,), assignment.numel(), dtype=torch.long, device=assignment.device)
+    first = first.scatter_reduce(0, assignment.clamp_min(0), original.masked_fill(assignment < 0, assignment.numel()),
+                                 "amin") if kept else first
+    frame = (first // max(assignment.numel() // frames, 1)).clamp_max(frames - 1)
+    return torch.bincount(frame, minlength=frames).tolist()
 
 
 # -- settings: what patching decides --------------------------------------------------------------------
@@ -607,6 +626,7 @@ class Pruning:
             reducer_macs=self.reducer_macs + scoring,
             image_tokens_before=torch.tensor([state.num_original for state, _ in states]),
             image_tokens_after=torch.tensor([state.num_tokens for state, _ in states]),
+            frame_tokens=[frame_tokens(state.assignment[g], item.frames) for (state, g), item in zip(states, self.items)],
             **self.stages.visuals.report_fields(self.items),
         ))
 

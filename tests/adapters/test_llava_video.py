@@ -143,6 +143,9 @@ def test_in_llm_pruning_keeps_each_images_and_videos_budget(family, where):
     assert report.image_tokens_after.tolist() == [5, 5, 5]
     assert report.visual_tokens_after.tolist() == [5, 5, 5, 0]
     assert report.stage_layers == layers and report.kinds == ["image", "video", "video"]
+    # Tokens kept per frame (4 frames a video; an image is one count), 5 in all for each.
+    assert [len(f) for f in report.frame_tokens] == [1, 4, 4]
+    assert [sum(f) for f in report.frame_tokens] == [5, 5, 5]
 
 
 @pytest.mark.parametrize("where", IN_LLM)
@@ -170,3 +173,12 @@ def test_in_llm_forward_encodes_the_pixel_values_as_generate_does(family):
     assert vtr.report(model).image_tokens_after.tolist() == [5, 5, 5]
     assert out.logits.shape[:2] == vtr.report(model).kept_positions.shape
     torch.testing.assert_close(out.logits[:, -1], first, atol=1e-5, rtol=0)
+
+
+def test_frame_tokens_count_each_kept_token_in_its_first_members_frame():
+    from vtr.adapters.vlm.in_llm import frame_tokens
+    assert frame_tokens(torch.tensor([0, 0, 1, -1, 2, 2, 2, 3]), 2) == [2, 2]
+    assert frame_tokens(torch.tensor([0, 1, 1, 0]), 2) == [2, 0]          # merged across frames: the first's frame
+    assert frame_tokens(torch.tensor([0, 1, 2, 3, 4]), 2) == [2, 3]       # a trailing newline: the last frame
+    assert frame_tokens(torch.tensor([1, 0, -1]), None) == [2]            # an image: one count
+    assert frame_tokens(torch.tensor([-1, -1]), 2) == [0, 0]
