@@ -110,26 +110,32 @@ def test_flops_is_solved_over_the_methods_own_layers(method, layers):
     assert [i for i, a in enumerate(model._vtr.schedule.amounts) if a != 1.0] == [1, 2]
 
 
-def test_evit_adds_a_step_at_block_1_for_targets_past_its_papers_keep_ratios():
+@pytest.mark.parametrize("method", ["evit", "dynamicvit"])
+def test_evit_adds_a_step_at_block_1_for_targets_past_its_papers_keep_ratios(method):
     """EViT's layers were chosen for keep ratios of 0.5-0.9; at 35% FLOPs they would leave 2 tokens
     (72.5% top-1 on the fidelity task, 88% with a step at block 1). Within the paper's range, and
-    whenever the user gives layers=, the layers stay as given."""
+    whenever the user gives layers=, the layers stay as given. dynamicvit starts as evit: the same."""
     model = build_timm("tiny", depth=12)
 
     def reducing() -> list[int]:
         return [i for i, a in enumerate(model._vtr.schedule.amounts) if a != 1.0]
 
     for flops, layers in ((0.7, [3, 6, 9]), (0.35, [1, 3, 6, 9]), (0.2, [1, 3, 6, 9])):
-        vtr.patch(model, "evit", flops=flops)
+        vtr.patch(model, method, flops=flops)
         assert reducing() == layers, flops
         vtr.unpatch(model)
     with pytest.raises(ValueError, match=r"only layers \[1, 3, 6, 9\] reduce"):
-        vtr.patch(model, "evit", flops=0.1)
-    vtr.patch(model, "evit", flops=0.35, layers=[3, 6, 9])   # the user's layers= win
+        vtr.patch(model, method, flops=0.1)
+    vtr.patch(model, method, flops=0.35, layers=[3, 6, 9])   # the user's layers= win
     assert reducing() == [3, 6, 9]
     vtr.unpatch(model)
-    vtr.patch(model, "evit", keep=0.3)                        # keep= is per step: the paper's layers
+    vtr.patch(model, method, keep=0.3)                        # keep= is per step: the paper's layers
     assert reducing() == [3, 6, 9]
+    vtr.unpatch(model)
+    vtr.patch(model, method, flops=0.35)
+    model(vit_images(1, size=224))                            # a learned reducer builds a module per step
+    if method == "dynamicvit":
+        assert sorted(map(int, model._vtr_reducer.predictors)) == [1, 3, 6, 9]
 
 
 def test_a_target_out_of_reach_of_the_default_layers_says_which_layers_reduce():

@@ -40,6 +40,20 @@ def once_after_mixing(num_layers: int) -> list[int]:
     return [min(max(1, num_layers // 6), num_layers - 1)]
 
 
+class EvitLayers:
+    """Where EViT-style methods reduce by default: EViT's layers (:func:`after_mixing`), chosen for keep
+    ratios of 0.5 to 0.9 per step; a ``flops=`` target that needs less there adds a step at block 1, the
+    first whose CLS attention has seen the image. Mixed in before :class:`Reducer`."""
+
+    lowest_keep = 0.5
+
+    def default_layers(self, num_layers: int) -> Optional[list[int]]:
+        return after_mixing(num_layers)
+
+    def deeper_target_layers(self, num_layers: int) -> Optional[list[int]]:
+        return sorted({min(1, num_layers - 1), *after_mixing(num_layers)})
+
+
 class AttentionScored(Reducer):
     """Reducers that rank tokens by the CLS attention row (or its no-CLS fallback) and then drop,
     fuse or merge the tokens they do not keep (``fuse``)."""
@@ -54,12 +68,10 @@ class AttentionScored(Reducer):
         kept = (num_tokens + cost.num_protected) // 2 if num_kept is None else num_kept
         return scoring + fusion_macs(num_tokens, kept, cost, self.fuse)
 
-    def default_layers(self, num_layers: int) -> Optional[list[int]]:
-        return after_mixing(num_layers)
 
 
 @register
-class EViT(AttentionScored):
+class EViT(EvitLayers, AttentionScored):
     """Keep the top tokens by CLS attention; fuse all the others into one extra token (EViT,
     Liang et al., "Not All Patches are What You Need").
 
@@ -73,7 +85,7 @@ class EViT(AttentionScored):
     never fused; if no real token is left to fuse, the fused token is padding (size 0).
     By default it reduces at EViT's layers (:func:`after_mixing`). EViT chose them for keep ratios of 0.5
     to 0.9 per step (about 50-90% of the FLOPs); a ``flops=`` target that needs less adds a step at block 1
-    (:meth:`deeper_target_layers`): on the fidelity task at 35% FLOPs, EViT's three layers alone leave 2
+    (:class:`EvitLayers`): on the fidelity task at 35% FLOPs, EViT's three layers alone leave 2
     tokens (72.5% top-1) and one more step at block 1 keeps 88% (``benchmarks/RESULTS-fidelity.md``).
     """
 
@@ -81,10 +93,6 @@ class EViT(AttentionScored):
     description = "keep the tokens the CLS token attends to most, fuse the rest into them (EViT)"
     needs = frozenset({"cls_attention"})
     max_step = 1.0
-    lowest_keep = 0.5
-
-    def deeper_target_layers(self, num_layers: int) -> Optional[list[int]]:
-        return sorted({min(1, num_layers - 1), *after_mixing(num_layers)})
 
     def __init__(self, fuse: str = "nearest", fuse_weight: str = "attention"):
         super().__init__(fuse)

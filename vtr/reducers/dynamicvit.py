@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..core.signals import Need
 from ..core.state import TokenState
 from .base import Reducer, Signals, dest_from_choice, register
-from .drop import after_mixing
+from .drop import EvitLayers
 from .learned import INITS, check_width, stage_module, stages
 from .select import attention_scores, real_tokens, top_scores
 
@@ -83,7 +83,7 @@ class KeepPredictor(nn.Module):
 
 
 @register
-class DynamicViT(Reducer):
+class DynamicViT(EvitLayers, Reducer):
     """Learned keep scores; see the module docstring.
 
     ``init``: ``"cls_attention"`` (default) adds the CLS attention row to the learned score (a learned
@@ -130,9 +130,6 @@ class DynamicViT(Reducer):
     def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         scoring = float(num_tokens * cost.attn_dim) if Need.CLS_ATTENTION in self.needs and cost.has_cls else 0.0
         return (num_tokens - cost.num_protected) * KeepPredictor.macs(cost.width) + scoring
-
-    def default_layers(self, num_layers: int) -> Optional[list[int]]:
-        return after_mixing(num_layers)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         predictor = stage_module(self, self.predictors, signals.layer)
