@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -255,11 +255,12 @@ def _video_workload(model: nn.Module, text: int, batch: int, image_size: Optiona
 
 # -- timing ---------------------------------------------------------------------------------------------------
 
-def timed(fn: Callable) -> float:
-    """Seconds of one call, on torch.utils.benchmark's clock (it synchronises CUDA before reading the time)."""
+def timed(fn: Callable) -> tuple[float, Any]:
+    """(seconds, result) of one call, on torch.utils.benchmark's clock (it synchronises CUDA before reading the
+    time)."""
     start = benchmark.timer()
-    fn()
-    return benchmark.timer() - start
+    result = fn()
+    return benchmark.timer() - start, result
 
 
 def _llava_prompt(model: nn.Module, inputs: dict, before: bool):
@@ -269,11 +270,11 @@ def _llava_prompt(model: nn.Module, inputs: dict, before: bool):
     vision = {k: v for k, v in inputs.items() if k == "image_sizes"}
     if before:   # vision tower + reducer + compaction: what the patched model does before its language model
         prepare = lambda: llava_before_lm.prepare(model, ids, mask, pixels, left=True, **vision)  # noqa: E731
-        seconds, prepared = timed(prepare), prepare()
+        seconds, prepared = timed(prepare)
         ids, mask, image = prepared.input_ids, prepared.attention_mask, prepared.image_outputs
     else:
         encode = lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True, **vision)  # noqa: E731
-        seconds, image = timed(encode), encode()
+        seconds, image = timed(encode)
     length = ids.shape[1]
     return (seconds, dict(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}),
             lambda step: torch.full((ids.shape[0], 1), length + step, device=ids.device))
@@ -287,7 +288,7 @@ def _video_prompt(model: nn.Module, inputs: dict, before: bool):
     vision = {k: v for k, v in inputs.items() if k != "input_ids"}
     if before:   # vision tower + pooling + reducer + compaction
         prepare = lambda: llava_video.prepare(model, ids, dict(vision, attention_mask=mask), True)  # noqa: E731
-        seconds, compacted = timed(prepare), prepare()
+        seconds, compacted = timed(prepare)
         ids, mask = compacted.input_ids, compacted.model_inputs["attention_mask"]
         outputs = compacted.model_inputs["mm_encoder_outputs"]
     else:
@@ -299,7 +300,7 @@ def _video_prompt(model: nn.Module, inputs: dict, before: bool):
             if "pixel_values_videos" in vision:
                 outputs["video"] = model.model.get_video_features(vision["pixel_values_videos"], return_dict=True)
             return outputs
-        seconds, outputs = timed(encode), encode()
+        seconds, outputs = timed(encode)
     length = ids.shape[1]
     return (seconds, dict(input_ids=ids, attention_mask=mask, mm_encoder_outputs=outputs),
             lambda step: torch.full((ids.shape[0], 1), length + step, device=ids.device))
@@ -311,7 +312,7 @@ def _qwen_prompt(model: nn.Module, inputs: dict, before: bool):
     vision = {k: v for k, v in inputs.items() if k.startswith(("pixel", "image_grid", "video_grid"))}
     if before:   # vision tower + reducer + compaction + M-RoPE positions
         prepare = lambda: qwen_before_lm.prepare(model, ids, mask, types, None, left=True, **vision)  # noqa: E731
-        seconds, prepared = timed(prepare), prepare()
+        seconds, prepared = timed(prepare)
         ids, mask, positions = prepared.input_ids, prepared.attention_mask, prepared.position_ids
         outputs, types = prepared.encoder_outputs, prepared.mm_token_type_ids
     else:
@@ -324,7 +325,7 @@ def _qwen_prompt(model: nn.Module, inputs: dict, before: bool):
                 outputs["video"] = model.model.get_video_features(vision["pixel_values_videos"],
                                                                   vision["video_grid_thw"], return_dict=True)
             return outputs
-        seconds, outputs = timed(encode), encode()
+        seconds, outputs = timed(encode)
         rope, _ = model.model.get_rope_index(ids, types, image_grid_thw=inputs.get("image_grid_thw"),
                                              video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
         text = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
@@ -345,18 +346,17 @@ def measure(model: nn.Module, inputs: dict, decode_tokens: int = 8) -> dict:
               _llava_prompt if family(model) == "llava" else _qwen_prompt)
     vision, prefill_inputs, step_positions = prompt(model, inputs, before)
     prefill_inputs.update(logits_to_keep=1, use_cache=True)
-    prefill = timed(lambda: model(**prefill_inputs))
+    prefill, out = timed(lambda: model(**prefill_inputs))
 
-    # Decode: prefill once, then single-token steps on the cache that prefill left (in-LLM pruning: each step
-    # continues the pruning the prefill made on that cache).
-    out = model(**prefill_inputs)
+    # Decode: single-token steps on the cache that prefill left (in-LLM pruning: each step continues the pruning
+    # the prefill made on that cache).
     cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
     batch, length = prefill_inputs["input_ids"].shape
     seconds = 0.0
     for step in range(decode_tokens):
         mask = torch.ones(batch, length + step + 1, dtype=torch.long, device=token.device)
         seconds += timed(lambda: model(input_ids=token, cache=cache, attention_mask=mask,
-                                       position_ids=step_positions(step), use_cache=True))
+                                       position_ids=step_positions(step), use_cache=True))[0]
     result = {"vision": vision, "prefill": prefill, "decode_ms": 1000 * seconds / max(decode_tokens, 1)}
     if patched:
         run = report(model)
