@@ -184,9 +184,9 @@ class VideoVisuals(Visuals):
                 raise ValueError(f"the prompt holds {kind} tokens but the call has no {kind} pixel values: in-LLM "
                                  f"pruning on {NAME} counts each {kind}'s tokens from its features")
             counts = [len(f) for f in encoded[kind].pooler_output]
-            per_frame = math.prod(frame_grid(model))
-            frames = [count // per_frame for count in counts] if kind == "video" else None
-            found += split_placeholders(placeholder, counts, None, kind, frames)
+            rows, cols = frame_grid(model)
+            videos = [(count // (rows * cols), rows, cols) for count in counts] if kind == "video" else None
+            found += split_placeholders(placeholder, counts, None, kind, videos)
         return found
 
     def check_generate(self, model: nn.Module, kwargs: dict) -> None:
@@ -194,7 +194,7 @@ class VideoVisuals(Visuals):
             raise ValueError(IMAGE_SIZES)
 
     def report_fields(self, items: list[Item]) -> dict:
-        return {"kinds": [item.kind for item in items], "grids": [None] * len(items)}
+        return {"kinds": [item.kind for item in items], "grids": [item.video_grid for item in items]}
 
 
 def encoded(model: nn.Module, arguments: dict) -> dict:

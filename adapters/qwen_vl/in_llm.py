@@ -42,14 +42,14 @@ class QwenVisuals(Visuals):
                 shapes = [(t, h // merge, w // merge) for t, h, w in grids]
                 counts = [t * h * w for t, h, w in shapes]
                 spatial = [(h, w) if t == 1 else None for t, h, w in shapes]
-                frames = [t for t, _, _ in shapes] if kind == "video" else None
+                videos = shapes if kind == "video" else None
             else:   # pre-encoded features without their grids: counts only
                 encoded = (arguments.get("mm_encoder_outputs") or {}).get(kind)
                 if encoded is None:
                     raise ValueError(f"in-LLM pruning on Qwen-VL needs {kind}_grid_thw with the {kind}s (as the "
                                      "processor returns it): each image's token count comes from it")
-                counts, spatial, frames = [len(f) for f in encoded.pooler_output], None, None
-            items += split_placeholders(placeholder, counts, spatial, kind, frames)
+                counts, spatial, videos = [len(f) for f in encoded.pooler_output], None, None
+            items += split_placeholders(placeholder, counts, spatial, kind, videos)
         return items
 
     def check_generate(self, model: nn.Module, kwargs: dict) -> None:
@@ -59,7 +59,7 @@ class QwenVisuals(Visuals):
 
     def report_fields(self, items: list[Item]) -> dict:
         return {"kinds": [item.kind for item in items],
-                "grids": [None if item.grid is None else (1, *item.grid) for item in items]}
+                "grids": [item.video_grid or (None if item.grid is None else (1, *item.grid)) for item in items]}
 
 
 def remember(run: VlmRun, model: nn.Module, inputs: Optional[Tensor], kwargs: dict) -> None:

@@ -175,7 +175,11 @@ class Item:
     columns: Tensor                 # [n] prompt column of each of its placeholders, in order
     grid: Optional[tuple] = None    # (rows, cols) while the tokens are its untouched patches in raster order
     kind: str = "image"             # or "video"
-    frames: Optional[int] = None    # a video's frames (its tokens frame after frame, then any newline)
+    video_grid: Optional[tuple] = None   # a video's (frames, rows, cols): its tokens frame after frame, then any newline
+
+    @property
+    def frames(self) -> Optional[int]:
+        return None if self.video_grid is None else self.video_grid[0]
 
 
 class Visuals:
@@ -207,17 +211,17 @@ class Visuals:
 
 
 def split_placeholders(placeholder: Tensor, counts: list[int], grids: Optional[list] = None,
-                       kind: str = "image", frames: Optional[list] = None) -> list[Item]:
+                       kind: str = "image", video_grids: Optional[list] = None) -> list[Item]:
     """Items of ``counts`` tokens each, filling ``placeholder`` in row-major order, item after item
-    (``frames``: each video's frame count, for the report's tokens per frame)."""
+    (``video_grids``: each video's (frames, rows, cols), for the report's grids and tokens per frame)."""
     rows, columns = placeholder.nonzero(as_tuple=True)
     if sum(counts) != rows.numel():
         raise ValueError(f"the prompt has {rows.numel()} {kind} tokens but its {len(counts)} {kind}s give "
                          f"{sum(counts)} features")
     grids = grids or [None] * len(counts)
-    frames = frames or [None] * len(counts)
-    return [Item(int(r[0]), c, grid, kind, f)
-            for r, c, grid, f in zip(rows.split(counts), columns.split(counts), grids, frames)]
+    video_grids = video_grids or [None] * len(counts)
+    return [Item(int(r[0]), c, grid, kind, v)
+            for r, c, grid, v in zip(rows.split(counts), columns.split(counts), grids, video_grids)]
 
 
 def frame_tokens(assignment: Tensor, frames: Optional[int]) -> list[int]:

@@ -144,6 +144,7 @@ def test_in_llm_pruning_keeps_each_images_and_videos_budget(family, where):
     assert report.visual_tokens_after.tolist() == [5, 5, 5, 0]
     assert report.stage_layers == layers and report.kinds == ["image", "video", "video"]
     # Tokens kept per frame (4 frames a video; an image is one count), 5 in all for each.
+    assert report.grids[1:] == [(4, 2, 2)] * 2
     assert [len(f) for f in report.frame_tokens] == [1, 4, 4]
     assert [sum(f) for f in report.frame_tokens] == [5, 5, 5]
 

@@ -486,7 +486,8 @@ def test_in_llm_pruning_of_videos_keeps_each_ones_budget():
     batched = generate(model, data.inputs())
     report = vtr.report(model)
     assert report.kinds == ["image", "video", "video"] and report.image_tokens_after.tolist() == [5, 5, 5]
-    assert [len(f) for f in report.frame_tokens] == [1, 4, 2]          # per frame (videos of 4 and 2 frames)
+    assert report.grids == [(1, 2, 3), (4, 2, 2), (2, 3, 2)]           # (frames, rows, cols) after the merger
+    assert [len(f) for f in report.frame_tokens] == [1, 4, 2]          # per frame
     assert [sum(f) for f in report.frame_tokens] == [5, 5, 5]
     for row in range(2):
         alone = generate(model, data.inputs([row]))
