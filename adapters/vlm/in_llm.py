@@ -70,7 +70,8 @@ from ..base import remove_hooks
 from . import items
 from .language import language_cost, prefill_macs
 from .prompt import kept_columns
-from .reduce import carried, padded, reduction_steps, step_counts
+from .reduce import carried, first_carried, padded, reduction_steps, step_counts
+from .video import tokens_per_frame
 from .report import VlmReport, text_only_report
 from .run import VlmRun
 
@@ -177,10 +178,6 @@ class Item:
     kind: str = "image"             # or "video"
     video_grid: Optional[tuple] = None   # a video's (frames, rows, cols): its tokens frame after frame, then any newline
 
-    @property
-    def frames(self) -> Optional[int]:
-        return None if self.video_grid is None else self.video_grid[0]
-
 
 class Visuals:
     """What in-LLM pruning needs to know of a family's prompts; a family subclasses it (settings only: a
@@ -222,21 +219,6 @@ def split_placeholders(placeholder: Tensor, counts: list[int], grids: Optional[l
     video_grids = video_grids or [None] * len(counts)
     return [Item(int(r[0]), c, grid, kind, v)
             for r, c, grid, v in zip(rows.split(counts), columns.split(counts), grids, video_grids)]
-
-
-def frame_tokens(assignment: Tensor, frames: Optional[int]) -> list[int]:
-    """Tokens an item kept from each of its frames (``assignment``: ``[n]`` kept token of each of its original
-    tokens, -1 if dropped); a token merged across frames counts in the frame of its first member, a trailing
-    newline in the last frame. Without frames: one count, all of them."""
-    kept = int(assignment.max()) + 1 if assignment.numel() and bool((assignment >= 0).any()) else 0
-    if not frames:
-        return [kept]
-    original = torch.arange(assignment.numel(), device=assignment.device)
-    first = torch.full((kept,), assignment.numel(), dtype=torch.long, device=assignment.device)
-    first = first.scatter_reduce(0, assignment.clamp_min(0), original.masked_fill(assignment < 0, assignment.numel()),
-                                 "amin") if kept else first
-    frame = (first // max(assignment.numel() // frames, 1)).clamp_max(frames - 1)
-    return torch.bincount(frame, minlength=frames).tolist()
 
 
 # -- settings: what patching decides --------------------------------------------------------------------
@@ -630,9 +612,17 @@ class Pruning:
             reducer_macs=self.reducer_macs + scoring,
             image_tokens_before=torch.tensor([state.num_original for state, _ in states]),
             image_tokens_after=torch.tensor([state.num_tokens for state, _ in states]),
-            frame_tokens=[frame_tokens(state.assignment[g], item.frames) for (state, g), item in zip(states, self.items)],
+            frame_tokens=[frame_counts(state, g, item) for (state, g), item in zip(states, self.items)],
             **self.stages.visuals.report_fields(self.items),
         ))
+
+
+def frame_counts(state: TokenState, row: int, item: Item) -> list[int]:
+    """Tokens ``item`` (row ``row`` of its group's ``state``) kept from each of its frames; an image: one count."""
+    if item.video_grid is None:
+        return [state.num_tokens]
+    frames, rows, cols = item.video_grid
+    return tokens_per_frame(first_carried(state)[row], frames, rows * cols)
 
 
 def _real_columns(real: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from vtr.reducers.pool import GridPool
 from .language import prefill_macs
 from .prompt import compact, kept_placeholders
 from .reduce import in_source_order, padded, reduce_group, reduction_steps, step_counts
-from .video import VideoSettings, reduce_video
+from .video import VideoSettings, reduce_video, tokens_per_frame
 
 
 def schedule(reducer, budget, side: int) -> Schedule:
@@ -198,9 +198,7 @@ def report_fields(items: list[Visual], reduced: list[Reduced]) -> dict:
         if item.grid is None:
             frame_tokens.append([len(r.first)])
             continue
-        per_frame = item.grid[1] * item.grid[2]
-        frame_tokens.append(torch.bincount(r.first.clamp_max(item.num_tokens - 1) // per_frame,
-                                           minlength=item.grid[0]).tolist())
+        frame_tokens.append(tokens_per_frame(r.first, item.grid[0], item.grid[1] * item.grid[2]))
     return dict(
         tokens=tokens,
         assignment=padded([r.assignment.detach() for r in reduced], -1),

@@ -71,6 +71,13 @@ class ReducedVideo:
     reducer_macs: float
 
 
+def tokens_per_frame(first: Tensor, frames: int, per_frame: int) -> list[int]:
+    """Tokens kept from each of ``frames`` frames of ``per_frame`` tokens, from the first original token each kept
+    token carries (``[K]``): a token merged across frames counts in its first's frame, a token past the last
+    frame (OneVision's newline) in the last."""
+    return torch.bincount((first // per_frame).clamp_max(frames - 1), minlength=frames).tolist()
+
+
 def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Optional[int],
                  settings: VideoSettings, cost: EncoderCost, query: Optional[Tensor] = None) -> ReducedVideo:
     """Reduce one video's tokens ``features`` ``[N, D]`` (``grid``: frames, rows, cols) to ``budget``

@@ -177,9 +177,8 @@ def test_in_llm_forward_encodes_the_pixel_values_as_generate_does(family):
 
 
 def test_frame_tokens_count_each_kept_token_in_its_first_members_frame():
-    from vtr.adapters.vlm.in_llm import frame_tokens
-    assert frame_tokens(torch.tensor([0, 0, 1, -1, 2, 2, 2, 3]), 2) == [2, 2]
-    assert frame_tokens(torch.tensor([0, 1, 1, 0]), 2) == [2, 0]          # merged across frames: the first's frame
-    assert frame_tokens(torch.tensor([0, 1, 2, 3, 4]), 2) == [2, 3]       # a trailing newline: the last frame
-    assert frame_tokens(torch.tensor([1, 0, -1]), None) == [2]            # an image: one count
-    assert frame_tokens(torch.tensor([-1, -1]), 2) == [0, 0]
+    from vtr.adapters.vlm.video import tokens_per_frame
+    assert tokens_per_frame(torch.tensor([0, 2, 4, 7]), 2, 4) == [2, 2]
+    assert tokens_per_frame(torch.tensor([0, 1]), 2, 2) == [2, 0]        # merged across frames: the first's frame
+    assert tokens_per_frame(torch.tensor([0, 1, 2, 3, 4]), 2, 2) == [2, 3]   # a trailing newline: the last frame
+    assert tokens_per_frame(torch.tensor([], dtype=torch.long), 2, 2) == [0, 0]
