@@ -162,6 +162,36 @@ def test_gradients_reach_every_learned_parameter(family, method, options):
 
 
 @pytest.mark.parametrize("method", LEARNED)
+@pytest.mark.parametrize("depth,amount", [(3, {"flops": 0.7}), (4, {"flops": 0.7}), (4, {"flops": 0.5}),
+                                          (4, {"keep": 0.5}), (6, {"flops": 0.5}), (12, {"flops": 0.35})])
+def test_every_parameter_a_patch_adds_learns_at_the_default_layers(method, depth, amount):
+    """Regression (issue 19): at its default layers, ``vit_tiny depth=4, flops=0.5`` put a dynamicvit
+    stage in the last block, whose decisions reach nothing after it: its parameters never got a gradient.
+    Now every parameter a patch adds gets a finite one, and every stage's module a non-zero one."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=depth, embed_dim=32,
+                              num_heads=2, num_classes=5)
+    model = vtr.patch(model, method, **amount)
+    modules = model._vtr_reducer.predictors if method == "dynamicvit" else model._vtr_reducer.slimmers
+    assert modules and max(int(layer) for layer in modules) < depth - 1
+    with vtr.decisions(model) as kept:
+        loss = model.train()(torch.randn(2, 3, 32, 32)).logsumexp(-1).mean()
+    (loss + (vtr.losses.keep_ratio(kept) if kept else 0)).backward()
+    for name, p in model._vtr_reducer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for layer, module in modules.items():
+        assert any(p.grad.abs().sum() > 0 for p in module.parameters()), f"block {layer}'s module learns nothing"
+
+
+@pytest.mark.parametrize("method", LEARNED)
+def test_a_learned_step_in_the_last_block_is_refused(method):
+    with pytest.raises(ValueError, match=r"reduces at block 3, the model's last.*never learn"):
+        vtr.patch(timm_vit(), method, keep=0.5, layers=[1, 3])
+    with pytest.raises(ValueError, match=r"block 3, the model's last"):
+        vtr.patch(timm_vit(), method, r=[0, 4, 0, 4])
+
+
+@pytest.mark.parametrize("method", LEARNED)
 @pytest.mark.parametrize("family", ["timm", "hf_clip"])
 @pytest.mark.parametrize("target", [0.6, 0.5])
 def test_eval_flops_land_within_2_percent_by_torch_flop_counter(family, method, target):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from importlib import resources
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from hypothesis import strategies as st
 
 import vtr
 from vtr import kernels
+from vtr._data import data_folder
+from vtr.kernels.merge import CUDA_SOURCES
 from vtr.core.state import TokenState
 
 
@@ -39,7 +40,7 @@ def test_kernels_stay_off_on_cpu_when_disabled_and_when_autograd_records():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_merge_kernel_source_compiles_for_every_dtype(tmp_path):
-    source = resources.files("vtr.kernels").joinpath("merge.cu")
+    source = data_folder(CUDA_SOURCES, "kernels").joinpath("merge.cu")
     ptx = tmp_path / "merge.ptx"
     result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_80", "--ptx", str(source), "-o", str(ptx)],
                             capture_output=True, text=True)

@@ -22,7 +22,9 @@ def distinct_attention(batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
 
 
 def built(reducer, counts=(TOKENS, 9), protected=1):
-    reducer.build(WIDTH, list(counts), protected)
+    """Built for a model whose blocks reduce as ``counts`` say, plus one block after them (a learned
+    reducer never reduces at the last block)."""
+    reducer.build(WIDTH, [*counts, counts[-1]], protected)
     return reducer
 
 

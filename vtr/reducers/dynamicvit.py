@@ -34,7 +34,7 @@ from ..core.signals import Need
 from ..core.state import TokenState
 from .base import Reducer, Signals, dest_from_choice, register
 from .drop import EvitLayers
-from .learned import INITS, check_width, stage_module, stages
+from .learned import INITS, before_last_block, check_width, learnable_stages, stage_module
 from .select import attention_scores, real_tokens, top_scores
 
 THRESHOLDS = ("budget", "zero")
@@ -93,7 +93,8 @@ class DynamicViT(EvitLayers, Reducer):
     training decision's score must beat, ``"budget"`` (its row's cutoff for the scheduled count) or
     ``"zero"``. ``noise``: the scale of the Gumbel (logistic) noise added in training, 0 (default: each row
     keeps its exact top-k, as in eval) or 1 (the paper's Gumbel-softmax sampling).
-    By default it reduces at EViT's (and DynamicViT's) layers: a quarter, half and three quarters in.
+    By default it reduces at EViT's (and DynamicViT's) layers: a quarter, half and three quarters in,
+    never at the last block (where a decision reaches nothing that learns from it).
     """
 
     name = "dynamicvit"
@@ -125,7 +126,13 @@ class DynamicViT(EvitLayers, Reducer):
     def build(self, width: int, counts: Sequence[int], num_protected: int) -> None:
         width = check_width(self, width)
         self.predictors = nn.ModuleDict({str(layer): KeepPredictor(width, self.init == "cls_attention")
-                                         for layer, _, _ in stages(counts)})
+                                         for layer, _, _ in learnable_stages(self, counts)})
+
+    def default_layers(self, num_layers: int) -> Optional[list[int]]:
+        return before_last_block(super().default_layers(num_layers), num_layers)
+
+    def deeper_target_layers(self, num_layers: int) -> Optional[list[int]]:
+        return before_last_block(super().deeper_target_layers(num_layers), num_layers)
 
     def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         scoring = float(num_tokens * cost.attn_dim) if Need.CLS_ATTENTION in self.needs and cost.has_cls else 0.0

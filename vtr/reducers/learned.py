@@ -3,7 +3,7 @@ say so. Their parameters belong to the patched model (``vtr.patch`` registers th
 ``_vtr_reducer``), so they train, save, load, move and shard like the model's own weights."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 
@@ -16,6 +16,27 @@ def stages(counts: Sequence[int]) -> list[tuple[int, int, int]]:
     """``(layer, tokens in, tokens out)`` of every block whose count drops, from the counts entering each
     block and after the last."""
     return [(layer, n, m) for layer, (n, m) in enumerate(zip(counts[:-1], counts[1:])) if m < n]
+
+
+def before_last_block(layers: Optional[list[int]], num_layers: int) -> list[int]:
+    """A learned reducer's default layers: never the last block (at least the one before it).
+
+    What a learned step decides reaches the loss only through the blocks after it (a training decision
+    is a mask that later blocks' attention reads; a slimmed token is read by the next block's attention),
+    so a module at the last block would get no gradient, or a zero one, and never learn."""
+    layers = list(range(num_layers)) if layers is None else layers
+    return [layer for layer in layers if layer < num_layers - 1] or [max(num_layers - 2, 0)]
+
+
+def learnable_stages(reducer: Reducer, counts: Sequence[int]) -> list[tuple[int, int, int]]:
+    """:func:`stages`, refusing a step at the last block (see :func:`before_last_block`)."""
+    found = stages(counts)
+    last = len(counts) - 2
+    if any(layer == last for layer, _, _ in found):
+        raise ValueError(f"{reducer.name}: this schedule reduces at block {last}, the model's last; a learned step there "
+                         "reaches no later block, so it would never learn. Leave the last block out of layers= "
+                         "(or of a per-layer r= / keep= list), or use the method's default layers")
+    return found
 
 
 def check_width(reducer: Reducer, width: int) -> int:

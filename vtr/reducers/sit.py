@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..core.state import TokenState
 from .base import Reducer, Signals, register
 from .drop import after_mixing
-from .learned import check_width, stage_module, stages
+from .learned import before_last_block, check_width, learnable_stages, stage_module
 from .select import real_tokens
 
 
@@ -57,7 +57,7 @@ class Slimming(nn.Module):
 class SiT(Reducer):
     """Learned soft slimming; see the module docstring. ``temperature`` divides the logits before the
     softmax (lower: each output draws on fewer inputs). By default it slims at a quarter, half and three
-    quarters of the depth, as ``dynamicvit`` and ``evit``."""
+    quarters of the depth, as ``dynamicvit`` and ``evit``, never at the last block."""
 
     name = "sit"
     description = "learned slimming: every output token is a learned soft mix of all input tokens (SiT; trainable)"
@@ -75,7 +75,7 @@ class SiT(Reducer):
     def build(self, width: int, counts: Sequence[int], num_protected: int) -> None:
         width = check_width(self, width)
         self.slimmers = nn.ModuleDict({str(layer): Slimming(width, kept - num_protected)
-                                       for layer, _, kept in stages(counts)})
+                                       for layer, _, kept in learnable_stages(self, counts)})
 
     def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         unprotected = num_tokens - cost.num_protected
@@ -83,7 +83,7 @@ class SiT(Reducer):
         return Slimming.macs(cost.width, unprotected, outputs)
 
     def default_layers(self, num_layers: int) -> Optional[list[int]]:
-        return after_mixing(num_layers)
+        return before_last_block(after_mixing(num_layers), num_layers)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         slimming = stage_module(self, self.slimmers, signals.layer)

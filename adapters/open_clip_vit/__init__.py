@@ -41,9 +41,9 @@ from vtr.core.plan import Reduction
 from vtr.core.run import Run
 from vtr.core.state import TokenState
 
-from . import steps
-from .base import Adapter, Swapped, is_patched, remove_hooks, restore_class, swap_class
-from .errors import UnsupportedModelError
+from .. import steps
+from ..base import Adapter, Swapped, is_patched, remove_hooks, restore_class, swap_class
+from ..errors import UnsupportedModelError
 
 
 def _tower(model: nn.Module) -> nn.Module:

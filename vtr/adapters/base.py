@@ -6,7 +6,8 @@ is and what input it expects. Defaults cover a plain ViT encoder; an adapter ove
 Adapters never implement a reduction: they feed reducers the signals the model has and follow the
 token state through the model.
 
-Adding a family is one adapter file plus one ``register(...)`` line in ``adapters/__init__.py``.
+Adding a family is one folder in the top-level ``adapters/`` plus one ``register(...)`` line in
+``vtr/adapters/__init__.py`` (and its ``package-dir`` line in pyproject.toml).
 """
 from __future__ import annotations
 

@@ -9,11 +9,15 @@ numbers every run. The bookkeeping around it (which sources go where) stays in t
 from __future__ import annotations
 
 import functools
-from importlib import resources
 
 import torch
 from torch import Tensor
 
+from .._data import data_folder
+
+# The CUDA sources live in the repository's top-level kernels/ folder (no Python there, so it never
+# shadows the `kernels` distribution transformers depends on); they install as vtr.kernels.cuda.
+CUDA_SOURCES = "vtr.kernels.cuda"
 _KERNEL = "merge_tokens"
 _TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 THREADS = 128   # threads per output token (channels are strided over them)
@@ -37,7 +41,7 @@ def segments(flat_dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
 def _module():
     import cupy
 
-    source = resources.files(__package__).joinpath("merge.cu").read_text()
+    source = data_folder(CUDA_SOURCES, "kernels").joinpath("merge.cu").read_text()
     names = [f"{_KERNEL}<{t}>" for t in _TYPES.values()]
     return cupy.RawModule(code=source, options=("-std=c++17",), name_expressions=names)
 

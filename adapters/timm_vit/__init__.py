@@ -21,9 +21,9 @@ from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.state import TokenState
 
-from . import steps
-from .base import Adapter, Swapped, remove_hooks, restore_class, swap_class
-from .errors import UnsupportedModelError
+from .. import steps
+from ..base import Adapter, Swapped, remove_hooks, restore_class, swap_class
+from ..errors import UnsupportedModelError
 
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map", "")
 

@@ -1,7 +1,8 @@
 """The model zoo: supported configurations with their recommended reduction and measured figures.
 
-Entries are the TOML files in this folder, installed as the package data of ``vtr.model_zoo``
-(so nothing lands at the top of site-packages). One file per entry:
+Entries are the TOML files in the repository's top-level ``model_zoo/`` folder, installed as the
+package data of ``vtr.model_zoo.entries`` (no Python there, so nothing in the checkout is importable
+under a name another distribution could own). One file per entry:
 
     name = "timm/vit_base_patch16_224"      # what vtr.patch(model, preset=...) takes
     description = "..."
@@ -16,10 +17,10 @@ model and listing the zoo are tools (``vtr.tools.zoo``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 
 from torch import nn
 
+from .._data import data_folder
 from ..adapters import find_adapter
 
 try:
@@ -27,6 +28,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+ENTRIES = "vtr.model_zoo.entries"   # the top-level model_zoo/ folder, installed as package data
 AMOUNTS = ("r", "keep", "flops")
 REDUCTION_KEYS = ("method", *AMOUNTS, "layers", "metric", "prop_attn", "options")
 
@@ -65,10 +67,7 @@ def _parse(text: str, source: str) -> Entry:
 
 def entries() -> dict[str, Entry]:
     """Every zoo entry by name."""
-    try:
-        folder = resources.files("vtr.model_zoo")
-    except ModuleNotFoundError as error:  # an editable install made before model_zoo/ was mapped
-        raise RuntimeError("vtr.model_zoo is not installed; reinstall vtr (pip install -e .)") from error
+    folder = data_folder(ENTRIES, "model_zoo")
     found: dict[str, Entry] = {}
     for item in sorted(folder.iterdir(), key=lambda p: p.name):
         if item.name.endswith(".toml"):

@@ -42,9 +42,9 @@ from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.state import TokenState
 
-from . import steps
-from .base import Adapter, Swapped, is_patched, restore_class, swap_class
-from .errors import UnsupportedModelError
+from .. import steps
+from ..base import Adapter, Swapped, is_patched, restore_class, swap_class
+from ..errors import UnsupportedModelError
 
 FAMILIES = (clip, siglip, vit)
 SUPPORTED = (clip.CLIPModel, clip.CLIPVisionModel, clip.CLIPVisionModelWithProjection, siglip.SiglipModel,
