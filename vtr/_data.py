@@ -2,9 +2,9 @@
 
 The design card's top-level ``kernels/`` (CUDA sources) and ``model_zoo/`` (TOML entries) hold no
 Python, so nothing in the checkout is importable under a name another distribution owns. A wheel
-installs them as the namespace packages ``vtr.kernels.cuda`` and ``vtr.model_zoo.entries``; an
-editable install's finder cannot map a namespace package below a regular one, so there the
-checkout's folder is read directly.
+installs them as data-only (namespace) packages inside ``vtr``: the folders vtr/kernels/cuda/ and
+vtr/model_zoo/entries/. An editable install's finder cannot map a namespace package below a regular
+one, so there the checkout's folder is read directly.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ placeholders as it kept tokens, padding is rebuilt, and the reduced features go 
 attention kernel, every row of a batch computes what it computes alone).
 
 M-RoPE positions: the positions of the caller's whole prompt come from the model's own
-``get_rope_index`` (so they need ``mm_token_type_ids``, which the processor returns), and every token
+``get_rope_index`` (from ``mm_token_type_ids``, which the processor returns, or derived from ``input_ids``
+by the processor's rule when a call has none), and every token
 of the compacted prompt keeps the (temporal, height, width) position it had there: text keeps its
 own (text after an image still starts past the image's full extent, as the model was trained), a
 kept visual token its own, and a merged token its *representative's*, the first original token (in
@@ -50,7 +51,7 @@ from ..vlm.items import Reduced, Visual, compact_items, reduce_items, report_fie
 from ..vlm.prompt import pad_id, row_queries
 from ..vlm.run import opened
 from ..vlm.video import VideoSettings
-from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, check_token_types, cost, merge_size, prompt_positions,
+from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, cost, merge_size, prompt_positions, token_types,
                      visuals)
 
 
@@ -108,7 +109,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         if pixels is not None and grid is None:
             raise ValueError(f"{kind}_grid_thw is needed with the {kind} pixel values (as the processor returns it)")
     config = model.config
-    check_token_types(input_ids, mm_token_type_ids, config.image_token_id, config.video_token_id)
+    mm_token_type_ids = token_types(input_ids, mm_token_type_ids, config.image_token_id, config.video_token_id)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     reduction: Reduction = model._vtr

@@ -65,21 +65,24 @@ def visuals(features: list[Tensor], grid_thw: Tensor, placeholder: Tensor, kind:
     return split_items(features, grids, placeholder, kind)
 
 
-def check_token_types(input_ids: Tensor, mm_token_type_ids: Optional[Tensor], image_token_id: int,
-                      video_token_id: int) -> Tensor:
-    """``mm_token_type_ids`` (0 text, 1 image, 2 video, as the processor returns it), checked against the placeholders.
+def token_types(input_ids: Tensor, mm_token_type_ids: Optional[Tensor], image_token_id: int,
+                video_token_id: int) -> Tensor:
+    """``mm_token_type_ids`` (0 text, 1 image, 2 video): the caller's, checked against the placeholders, or,
+    when the call has none, derived from ``input_ids`` by the processor's rule.
 
-    vtr gives each kept token the M-RoPE position the model's own ``get_rope_index`` computes from it;
-    without it transformers falls back to 1-D positions (Qwen2.5-VL) or refuses (Qwen2-VL).
+    vtr gives each kept token the M-RoPE position the model's own ``get_rope_index`` computes from these
+    ids. Without them the unpatched model behaves differently by version: Qwen2-VL refuses the call, and
+    Qwen2.5-VL (transformers 5.x) skips ``get_rope_index`` and runs the whole prompt, images included, on
+    1-D text positions, which is not how the model was trained. The patched model uses the ids the
+    processor would have returned, so its positions are the model's real 3-D ones either way.
     """
-    if mm_token_type_ids is None:
-        raise ValueError("a vtr-patched Qwen-VL needs mm_token_type_ids with pixel_values / pixel_values_videos (the "
-                         "processor returns it: 0 text, 1 image, 2 video): each kept visual token keeps the 3-D "
-                         "(temporal, height, width) position get_rope_index computes from it")
     expected = (input_ids == image_token_id).long() + 2 * (input_ids == video_token_id).long()
+    if mm_token_type_ids is None:
+        return expected
     if tuple(mm_token_type_ids.shape) != tuple(input_ids.shape) or not torch.equal(mm_token_type_ids.long(), expected):
         raise ValueError("mm_token_type_ids must mark the image tokens 1, the video tokens 2 and every other token 0 "
-                         f"(as the processor builds it), with the shape of input_ids {tuple(input_ids.shape)}")
+                         f"(as the processor builds it), with the shape of input_ids {tuple(input_ids.shape)}; "
+                         "or leave it out and vtr derives it from input_ids")
     return mm_token_type_ids
 
 
@@ -110,5 +113,5 @@ class QwenVLReport(VlmReport):
     visual_positions: list = field(default_factory=list)
 
 
-__all__ = ["QwenVLReport", "Visual", "check_token_types", "cost", "merge_size", "prompt_positions", "qwen_classes",
+__all__ = ["QwenVLReport", "Visual", "token_types", "cost", "merge_size", "prompt_positions", "qwen_classes",
            "reference_tokens", "visuals"]

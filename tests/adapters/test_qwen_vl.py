@@ -297,12 +297,20 @@ def test_unsupported_models_are_clear_errors():
         vtr.patch(nn.Linear(2, 2), "tome", budget=4)
 
 
+def test_a_call_without_mm_token_type_ids_derives_them_as_the_processor_does():
+    """Regression (issue 19): the patched model refused a call without ``mm_token_type_ids`` that the unpatched
+    Qwen2.5-VL accepts; it now derives them from ``input_ids``, so the call equals the one with them."""
+    model = vtr.patch(tiny_qwen(), "tome", budget=4)
+    inputs = mixed_batch().inputs()
+    with_types = generate(model, inputs)
+    without_types = generate(model, {k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
+    assert torch.equal(with_types.sequences, without_types.sequences)
+    assert torch.equal(logits(with_types), logits(without_types))
+
+
 def test_bad_calls_are_clear_errors():
     model = vtr.patch(tiny_qwen(), "tome", budget=4)
     inputs = mixed_batch().inputs()
-    without_types = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
-    with pytest.raises(ValueError, match="needs mm_token_type_ids"):
-        generate(model, without_types)
     with pytest.raises(ValueError, match="mm_token_type_ids must mark"):
         generate(model, inputs | {"mm_token_type_ids": torch.zeros_like(inputs["input_ids"])})
     with pytest.raises(ValueError, match="image_grid_thw is needed"):

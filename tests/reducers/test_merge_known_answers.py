@@ -7,13 +7,7 @@ import torch
 
 from vtr.reducers import PiToMe, Signals, ToMe
 
-try:
-    from vtr import TokenState
-except ImportError:
-    try:
-        from vtr.core.state import TokenState
-    except ImportError:
-        from vtr.state import TokenState
+from vtr import TokenState
 
 
 def onehot(*rows, dim=6):

@@ -3,7 +3,7 @@
 The merge kernel (``merge.cu``) replaces the size-weighted scatter of :meth:`vtr.TokenState.reduce`
 on CUDA tensors when CuPy is installed (``pip install "vtr[cuda]"``) and kernels are enabled.
 Kernels are **off by default** until they have been checked on a GPU against the torch path
-(``tests/test_kernels.py`` does that; it is skipped without CUDA and CuPy): turn them on with
+(``tests/core/test_kernels.py`` does that; it is skipped without CUDA and CuPy): turn them on with
 ``vtr.kernels.enable()``, ``with vtr.kernels.enabled():`` or ``VTR_KERNELS=1``. They serve inference only: while autograd records
 or ``torch.compile`` traces, the torch path runs.
 """

@@ -50,7 +50,7 @@ class Reducer(nn.Module):
 
     def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
         """Multiply-accumulates the decision itself costs per image at a step from ``num_tokens`` to
-        ``num_kept`` tokens (similarity matrices); ``cost`` is the model's :class:`~vtr.cost.EncoderCost`
+        ``num_kept`` tokens (similarity matrices); ``cost`` is the model's :class:`~vtr.budget.cost.EncoderCost`
         (metric width, protected tokens, attention width, whether a CLS token exists). Without
         ``num_kept`` a cost that depends on it is counted at its largest."""
         return 0.0

@@ -1,7 +1,7 @@
 """Attention-guided dropping: keep the tokens the CLS token attends to (EViT, HiRED).
 
 Both read ``signals.cls_attention``: the adapter computes only the CLS row of the block's attention
-from its own q/k (``vtr.signals.cls_attention``, O(N d)), so the block keeps its fused kernel.
+from its own q/k (``vtr.core.signals.cls_attention``, O(N d)), so the block keeps its fused kernel.
 Models without a CLS token get the fallback score of :func:`~vtr.reducers.select.attention_scores`.
 
 What happens to the tokens a method does not keep is its ``fuse=`` option (:func:`fused_dest`):

@@ -1,8 +1,6 @@
 """Merging reducers: bipartite soft matching (ToMe) and energy-based merging (PiToMe)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import math
 from typing import Optional
 

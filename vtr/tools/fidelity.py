@@ -9,7 +9,7 @@ ViT is trained on it once on CPU (minutes) and cached in a user cache dir (``$VT
 
 :func:`evaluate` then measures, for every registered method at each FLOPs target, top-1 accuracy,
 top-1 agreement with the unreduced model and the cosine of their outputs, with the FLOPs fraction
-*measured* by the counter in :mod:`vtr.profile`. It takes any patchable model and any iterable of
+*measured* by the counter in :mod:`vtr.tools.profile`. It takes any patchable model and any iterable of
 ``(images, labels)`` batches, so a real checkpoint and an ImageFolder go through the same code.
 """
 from __future__ import annotations
