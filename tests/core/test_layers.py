@@ -23,6 +23,7 @@ import pytest
 # below it (``vtr.cli`` matches ``vtr.cli`` and ``vtr.cli.zoo``, not ``vtr.cli_zoo``); the longest wins.
 LAYERS: dict[str, int] = {
     "vtr._version": 0,     # __version__ alone (the facade re-exports it; the CLI's --version reads it)
+    "vtr._data": 0,        # where the top-level data folders (kernels/ sources, model_zoo/ entries) are found
     "vtr.kernels": 0,      # CuPy kernels and their torch fallbacks
     "vtr.core": 1,         # token state, signals, reduction plan/settings, per-call run and report
     "vtr.reducers": 2,
