@@ -1,6 +1,7 @@
 """The one-line API: ``vtr.patch(model, method, amount)`` and ``vtr.unpatch(model)``."""
 from __future__ import annotations
 
+import gc
 import inspect
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
@@ -107,6 +108,7 @@ def patch(
                          f"got {active!r}")
     adapter = find_adapter(model)
     adapter.check(model)
+    check_not_inside_a_vlm(model, adapter, method)
     own = {k: plain(options.pop(k), k) for k in adapter.amounts if k in options}   # e.g. LLaVA's budget=
     reducer = make_reducer(method, **options)
     if reducer.learned and not adapter.learned_reducers:
@@ -127,6 +129,57 @@ def patch(
                                    prop_attn=prop_attn, arguments=arguments, has_cls=cost.has_cls, active=active))
     attach_reducer(model, reducer)
     return wrapper
+
+
+def parents(module: nn.Module) -> list[nn.Module]:
+    """The modules that hold ``module`` as a child.
+
+    torch keeps no parent links. A child is a value of its parent's ``_modules`` dict, which sits in the
+    parent's ``__dict__``: the garbage collector's referrers lead from the child to the parent in three
+    scans (at patch time, never per call)."""
+    children = [d for d in gc.get_referrers(module) if isinstance(d, dict) and d
+                and all(isinstance(v, nn.Module) or v is None for v in d.values())]   # what _modules holds
+    if not children:
+        return []
+    attributes = [d for d in gc.get_referrers(*children)
+                  if isinstance(d, dict) and any(d.get("_modules") is c for c in children)]
+    if not attributes:
+        return []
+    return [m for m in gc.get_referrers(*attributes)
+            if isinstance(m, nn.Module) and any(m.__dict__ is a for a in attributes)]
+
+
+def check_not_inside_a_vlm(model: nn.Module, adapter, method: str) -> None:
+    """Refuse to reduce a part of a vision-language model on its own (its vision tower, say): the language
+    model would then get fewer image features than its prompt has image tokens. ``budget=`` on the whole
+    model is the way (its adapter reduces the visual tokens and shortens the prompt to match)."""
+    if not adapter.vision_tower_of_vlms:
+        return
+    vlm = outermost_vlm(model)
+    if vlm is not None:
+        raise ValueError(
+            f"this {type(model).__name__} is part of a {type(vlm).__name__}: reduced on its own, it would give the "
+            "language model fewer image features than the prompt has image tokens. Patch the whole model "
+            f"instead: vtr.patch(model, {method!r}, budget=N) keeps N visual tokens per image")
+
+
+def outermost_vlm(module: nn.Module) -> Optional[nn.Module]:
+    """The outermost module holding ``module`` that a vision-language adapter (one with ``budget=``) claims."""
+    def is_vlm(candidate: nn.Module) -> bool:
+        try:
+            return "budget" in find_adapter(candidate).amounts
+        except Exception:   # not a model vtr knows
+            return False
+
+    found, seen, frontier = None, {id(module)}, [module]
+    while frontier:
+        for parent in parents(frontier.pop()):
+            if id(parent) not in seen:
+                seen.add(id(parent))
+                frontier.append(parent)
+                if is_vlm(parent):
+                    found = parent
+    return found
 
 
 def attach_reducer(model: nn.Module, reducer: Reducer) -> None:

@@ -315,6 +315,7 @@ class HfVision(Adapter):
     """transformers CLIP, SigLIP and ViT image towers (see the module docstring)."""
 
     name = "hf_vision"
+    vision_tower_of_vlms = True   # LLaVA-family models hold a CLIP or SigLIP tower
 
     def matches(self, model: nn.Module) -> bool:
         return (isinstance(model, PreTrainedModel)

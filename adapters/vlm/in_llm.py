@@ -447,6 +447,13 @@ class Pruning:
         if not bool(mask2d[:, -1].all()):
             raise ValueError("in-LLM pruning needs the last column of the prompt to be a real token in every row "
                              "(pad on the left, as generate() expects)")
+        if bool(self.placeholder[:, -1].any()):
+            # The last prompt token scores the visual tokens and predicts the first new token: pruning it would
+            # make another position predict, and keeping it would break the image's exact budget.
+            rows = self.placeholder[:, -1].nonzero().flatten().tolist()
+            raise ValueError(f"in-LLM pruning needs the prompt to end with a text token, but row(s) {rows} end with a "
+                             "visual token: the last prompt token chooses the visual tokens and predicts the first new "
+                             "token, so it must stay; put the question (or any text) after the image")
         real = mask2d.bool()
         self.columns = _real_columns(real)
         self.length, self.prompt = input_ids.shape[1], (input_ids, real)

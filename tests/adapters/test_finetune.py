@@ -186,6 +186,8 @@ def test_every_parameter_a_patch_adds_learns_at_the_default_layers(method, depth
 def test_a_learned_step_in_the_last_block_is_refused(method):
     with pytest.raises(ValueError, match=r"reduces at block 3, the model's last.*never learn"):
         vtr.patch(timm_vit(), method, keep=0.5, layers=[1, 3])
+    with pytest.raises(ValueError, match=r"block 3, the model's last"):
+        vtr.patch(timm_vit(), method, r=[0, 4, 0, 4])
 
 
 @pytest.mark.parametrize("method", LEARNED)

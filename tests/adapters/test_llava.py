@@ -258,6 +258,18 @@ def test_unsupported_families_are_clear_errors():
     # LLaVA-NeXT-Video and LLaVA-OneVision: tests/adapters/test_llava_video.py
 
 
+def test_patching_the_vision_tower_alone_is_refused_with_the_way_to_do_it():
+    """Regression (issue 26, case 10): ``vtr.patch(llava.model.vision_tower, "tome", keep=.6)`` then
+    ``llava.generate(...)`` failed inside transformers ("Image features and image tokens do not match")."""
+    model = tiny_llava()
+    with pytest.raises(ValueError, match=r"CLIPVisionModel is part of a LlavaForConditionalGeneration: .*"
+                                         r"vtr.patch\(model, 'tome', budget=N\)"):
+        vtr.patch(model.model.vision_tower, "tome", keep=0.6)
+    assert not vtr.is_patched(model.model.vision_tower)
+    tower = copy.deepcopy(model.model.vision_tower)   # the same tower on its own patches as any CLIP tower
+    assert vtr.is_patched(vtr.patch(tower, "tome", keep=0.6))
+
+
 def test_bad_calls_are_clear_errors():
     model = tiny_llava()
     ids, mask, pixels = mixed_batch()

@@ -182,6 +182,28 @@ def test_right_padding_is_a_clear_error():
         model(input_ids=ids.flip(1), attention_mask=mask.flip(1), pixel_values=torch.randn(2, 3, 56, 56))
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_a_prompt_that_ends_in_visual_tokens_is_a_clear_error(family):
+    """Regression (issue 26, case 6): with ``[1] + [99] * 16`` the last prompt position (a visual token) was
+    pruned, so the first new token was predicted from another position. The last prompt token scores the
+    visual tokens and predicts: a prompt that ends in one is refused, for every family (shared code)."""
+    if family == "llava":
+        model = vtr.patch(tiny_llava(), "fastv", budget=4, layers=[1])
+        ids, mask = left_padded([prompt_row([1], 1, []), prompt_row([1], 1, [7])])
+        inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 56, 56))
+    else:
+        from qwen_vl_models import batch, tiny_qwen
+        model = vtr.patch(tiny_qwen(), "fastv", budget=4, layers=[1])
+        prompts = batch([[1, ("image", 0)], [1, 5, ("image", 1), 7]], image_grids=[(1, 8, 8), (1, 8, 8)])
+        # row 0 without its <vision_end>: the prompt ends with the image's last token
+        prompts.input_ids[0] = torch.cat([prompts.input_ids[0, :1], prompts.input_ids[0, :-1]])
+        prompts.attention_mask[0] = torch.cat([prompts.attention_mask[0, :1] * 0, prompts.attention_mask[0, :-1]])
+        inputs = prompts.inputs()
+    with pytest.raises(ValueError, match=r"end with a text token, but row\(s\) \[0\] end with a visual token"):
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
 def test_tome_stage_budget_it_can_reach_is_checked_at_patch_time():
     """The 'full' strategy protects the CLS feature: budgets start at 2, and a list budget obeys it too."""
     model = tiny_llava(strategy="full")

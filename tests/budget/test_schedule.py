@@ -76,6 +76,30 @@ def test_per_layer_lists_and_layers():
     assert tokens[1] == 1 + 98 and tokens[-1] == 99
 
 
+@pytest.mark.parametrize("method", ["evit", "fastv", "hired", "atf", "dynamicvit", "tome"])
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_a_per_layer_list_is_the_schedule_outside_the_default_layers_too(method, data):
+    """Regression (issue 26, cases 1-2): ``evit keep=[0.5] * 4`` was scheduled (1, .5, .5, .5) and ``fastv
+    r=[3] * 4`` (0, 3, 0, 0): entries outside the method's default layers were rewritten. Any list is now
+    taken as given, at every layer."""
+    reducer = vtr.make_reducer(method)
+    if data.draw(st.booleans(), label="as r"):
+        values = data.draw(st.lists(st.integers(0, 30), min_size=12, max_size=12), label="r")
+        assert make_schedule(reducer, VIT_B, r=values).amounts == tuple(values)
+    else:
+        values = data.draw(st.lists(st.sampled_from([0.5, 0.75, 1.0]), min_size=12, max_size=12), label="keep")
+        assert make_schedule(reducer, VIT_B, keep=values).amounts == tuple(values)
+
+
+def test_a_per_layer_list_that_contradicts_layers_is_refused():
+    with pytest.raises(ValueError, match=r"keep=\[0.5, 0.5.*reduces at block\(s\) \[0, 3, 4.*outside layers=\[1, 2\]"):
+        counts("evit", keep=[0.5] * 12, layers=[1, 2])
+    with pytest.raises(ValueError, match=r"r=.*outside layers=\[2\].*set those entries to 0"):
+        counts("fastv", r=[3] * 12, layers=[2])
+    assert counts("fastv", r=[0, 0, 3] + [0] * 9, layers=[2])[2:4] == [197, 194]   # agreeing: fine
+
+
 def test_keep_is_a_fraction_of_unprotected_tokens():
     assert counts("random", keep=0.25)[1] == 1 + 49
     assert counts("tome", keep=1.0) == [197] * 13

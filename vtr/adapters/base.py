@@ -32,6 +32,9 @@ class Adapter:
     amounts: ClassVar[tuple[str, ...]] = ()   # amounts of its own besides r/keep/flops (LLaVA: budget)
     metrics: ClassVar[tuple[str, ...]] = METRICS  # the metric= values it can feed reducers, default first
     learned_reducers: ClassVar[bool] = True   # takes learned reducers (its cost gives the token width)
+    # Its models also serve as the vision towers of vision-language families (HF CLIP/SigLIP in LLaVA):
+    # vtr.patch then refuses one that sits inside such a model (see vtr.api.check_not_inside_a_vlm).
+    vision_tower_of_vlms: ClassVar[bool] = False
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError

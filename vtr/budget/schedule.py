@@ -59,9 +59,20 @@ def chosen_layers(layers: Optional[Sequence[int]], num_layers: int) -> list[int]
 
 
 def _per_layer(values: Sequence, num_layers: int, chosen: list[int], name: str, off) -> tuple:
+    """A per-layer list is the user's schedule, taken as it is. With ``layers=`` beside it, an entry
+    that reduces outside those layers is a contradiction, refused (never rewritten to ``off``)."""
     if len(values) != num_layers:
         raise ValueError(f"{name} as a list needs one value per layer ({num_layers}), got {len(values)}")
-    return tuple(v if i in chosen else off for i, v in enumerate(values))
+    outside = [i for i, v in enumerate(values) if i not in chosen and v != off]
+    if outside:
+        raise ValueError(f"{name}={list(values)} reduces at block(s) {outside}, outside layers={chosen}: a per-layer "
+                         f"list is the schedule itself, so leave out layers= or set those entries to {off}")
+    return tuple(values)
+
+
+def _is_per_layer(r, keep) -> bool:
+    """``r=`` / ``keep=`` given as one value per layer (``r=(r, inflect)`` is not: it is a rule)."""
+    return isinstance(r, (list, range)) or (keep is not None and not isinstance(keep, (int, float)))
 
 
 def inflected(r: int, inflect: float, num_layers: int) -> list[int]:
@@ -203,7 +214,9 @@ def make_schedule(
         raise ValueError(f"give one amount, r=, keep= or flops=; got {' and '.join(given)}")
     num_layers = cost.num_layers
     defaults = layers is None
-    if defaults:   # the method's own default (EViT's layers, ATF's filter before block 0), else every block
+    # The method's own default layers (EViT's, ATF's filter before block 0), else every block; a per-layer
+    # list of amounts says itself where it reduces.
+    if defaults and not _is_per_layer(r, keep):
         layers = reducer.default_layers(num_layers)
     chosen = chosen_layers(layers, num_layers)
     nothing = asks_for_nothing(r, keep, flops)
