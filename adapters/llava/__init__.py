@@ -216,7 +216,8 @@ class Llava(VlmAdapter):
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
         the reducer's own decisions included (in-LLM: each stage's scoring too); the vision tower is the
-        same either way. LLaVA-NeXT: of the largest image."""
+        same either way. LLaVA-NeXT: of the largest image. In-LLM: the image and one text token after it (the
+        shortest prompt in-LLM pruning takes)."""
         stages = in_llm.stages_of(model)
         if reduction is not None and stages is not None:
             return in_llm.expected_flops(model, reduction, stages)

@@ -301,21 +301,22 @@ def check_generate(model: nn.Module, kwargs: dict) -> None:
 
 
 def expected_flops(model: nn.Module, reduction: Reduction, stages: Stages) -> tuple[float, float]:
-    """(reduced, unreduced) prefill MACs of the largest image's visual tokens alone: each segment on
+    """(reduced, unreduced) prefill MACs of the largest image's visual tokens followed by one text token (the
+    shortest prompt in-LLM pruning takes: its last token scores the visual tokens and predicts): each segment on
     its stage's count, plus every stage's scoring and the reducer's decisions."""
     num_tokens, protected = stages.visuals.tokens(model)
     reducer, image_cost = reduction.reducer, language_cost(model, num_tokens, protected)
     counts, decisions = [num_tokens], 0.0
     for layer, budget in zip(stages.layers, stages.budgets):
-        decisions += _scoring_macs(model, layer, torch.tensor([counts[-1]]))
+        decisions += _scoring_macs(model, layer, torch.tensor([counts[-1] + 1]))
         steps = reduction_steps(counts[-1], budget, reducer, protected) if reduction.reduces else []
         step_tokens = step_counts(counts[-1], steps)
         for n, m in zip(step_tokens[:-1], step_tokens[1:]):
             decisions += reducer.extra_macs(n, image_cost, m)
         counts.append(counts[-1] - sum(steps))
-    kept = [torch.tensor([n]) for n in counts[1:]]
-    reduced = prefill_macs(model, torch.tensor([num_tokens]), kept, list(stages.layers))
-    return float(reduced) + decisions, float(prefill_macs(model, torch.tensor([num_tokens])))
+    kept = [torch.tensor([n + 1]) for n in counts[1:]]
+    reduced = prefill_macs(model, torch.tensor([num_tokens + 1]), kept, list(stages.layers))
+    return float(reduced) + decisions, float(prefill_macs(model, torch.tensor([num_tokens + 1])))
 
 
 # -- one call: what the prefill decides and the decode steps follow --------------------------------------

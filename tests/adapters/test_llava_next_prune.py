@@ -178,9 +178,10 @@ def test_static_cache_equals_the_dynamic_cache():
 
 
 def test_expected_flops_equal_the_report_of_a_prompt_of_the_largest_image():
-    """vtr.expected_flops counts the largest image's tokens alone, as a call on it reports."""
+    """vtr.expected_flops counts the largest image's tokens and the text token that scores them, as a call on
+    them reports."""
     model = model_for()
-    ids, mask, pixel_values, image_sizes = batch(model, [([], [(112, 112)], [])])
+    ids, mask, pixel_values, image_sizes = batch(model, [([], [(112, 112)], [7])])
     vtr.patch(model, "fastv", budget=20, layers=[1, 3])
     run(model, ids, mask, pixel_values, image_sizes, max_new_tokens=1)
     report = vtr.report(model)

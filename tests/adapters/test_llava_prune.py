@@ -259,10 +259,11 @@ def test_report_macs_per_segment_and_scoring_per_stage():
 
 @pytest.mark.parametrize("method, layers, budget", [("fastv", [1], 4), ("fastv", [1, 3], 4), ("tome", [0, 2], [8, 3])])
 def test_expected_flops_equal_the_report_of_a_prompt_of_one_image(method, layers, budget):
-    """vtr.expected_flops counts one image's tokens alone: segments, scoring and decisions, as a call does."""
+    """vtr.expected_flops counts one image's tokens and the text token that scores them (the shortest prompt
+    in-LLM pruning takes): segments, scoring and decisions, as a call does."""
     model = tiny_llava()
     vtr.patch(model, method, budget=budget, layers=layers)
-    ids = torch.tensor([prompt_row([], 1, [])])
+    ids = torch.tensor([prompt_row([], 1, [7])])
     generate(model, ids, torch.ones_like(ids), pixel_values=mixed_batch()[2][:1])
     report = vtr.report(model)
     reduced, unreduced = vtr.expected_flops(model)

@@ -52,8 +52,9 @@ def test_numpy_and_tensor_amounts_patch_like_python_numbers():
     x = vit_images()
     for given, plain in [({"keep": np.float32(0.7)}, {"keep": 0.7}), ({"r": np.int64(4)}, {"r": 4}),
                          ({"flops": torch.tensor(0.6)}, {"flops": 0.6}),
-                         ({"r": [np.int64(3)] * 4, "layers": [np.int64(1), torch.tensor(2)]},
-                          {"r": [3] * 4, "layers": [1, 2]})]:
+                         ({"r": [np.int64(0), np.int64(3), np.int64(3), np.int64(0)],
+                           "layers": [np.int64(1), torch.tensor(2)]},
+                          {"r": [0, 3, 3, 0], "layers": [1, 2]})]:
         outputs, tokens = [], []
         for amount in (given, plain):
             model = vtr.patch(tiny_vit(), "tome", **amount)
