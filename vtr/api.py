@@ -26,6 +26,12 @@ def methods() -> dict[str, str]:
     return {name: cls.description for name, cls in sorted(REDUCERS.items())}
 
 
+def is_identity(method: str) -> bool:
+    """Whether ``method`` keeps every token (the unreduced reference, ``"none"``): asked of the reducer's
+    ``identity`` capability, never of its name."""
+    return method in REDUCERS and REDUCERS[method].identity
+
+
 def make_reducer(method: str, **options) -> Reducer:
     """Build a registered reducer; unknown names and options are errors that list what exists.
 

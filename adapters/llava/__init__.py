@@ -46,7 +46,6 @@ from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
-from vtr.reducers.pool import GridPool
 
 from .. import steps
 from ..base import restore_class, swap_class
@@ -85,10 +84,10 @@ class ReducingLlava(ReducingVlm):
         return before_lm.generate(self, generate, inputs, *args, **kwargs)
 
 
-def pool_factor(model: nn.Module, reduction: Reduction) -> Reduction:
-    """``pool`` on LLaVA-1.5: its factor sets the count, so ``budget=`` picks the factor (the smallest that
-    keeps exactly ``budget`` tokens per image) or, met by none or contradicting a given ``factor=``, is
-    refused here, at patch time, with the budgets pool can keep on this model."""
+def fixed_count_budget(model: nn.Module, reduction: Reduction) -> Reduction:
+    """A ``fixed_count`` reducer (``pool``) on LLaVA-1.5: its options set the count, so ``budget=`` picks them (the
+    reducer's :meth:`~vtr.reducers.Reducer.for_budget`) or, met by none or contradicting the options given, is
+    refused here, at patch time, with the budgets it can keep on this model."""
     budget, layers = reduction.arguments.get("budget"), reduction.arguments.get("layers")
     if isinstance(budget, bool) or not isinstance(budget, int) or (layers is not None and len(layers) != 1):
         return reduction        # per-stage budgets (in-LLM): pool pools once, at the first stage
@@ -96,22 +95,9 @@ def pool_factor(model: nn.Module, reduction: Reduction) -> Reduction:
     side = math.isqrt(num_tokens - protected)
     if side * side != num_tokens - protected:
         return reduction        # no square grid: pool refuses at the call
-    grid = (side, side)
-    counts = GridPool.budgets(grid, protected)
-    rule = (f"pool keeps {'1 + ' if protected else ''}ceil({side}/f)^2 tokens per image for factor f "
-            f"(f=1: none pooled), so budget must be one of {', '.join(map(str, counts))}")
-    if "factor" in reduction.arguments:
-        factor = reduction.reducer.factor
-        kept = protected + math.prod(reduction.reducer.pooled_grid(grid))
-        if kept != budget:
-            raise ValueError(f"budget={budget} disagrees with factor={factor}, which keeps {kept} visual tokens "
-                             f"per image: {rule} (or leave out budget= or factor=)")
-        return reduction
-    if budget not in counts:
-        raise ValueError(f"method 'pool' cannot keep budget={budget} visual tokens per image on this model: {rule}")
-    if counts[budget] == 1:
-        return reduction        # budget is every token: the schedule does not reduce
-    return dataclasses.replace(reduction, reducer=GridPool(factor=counts[budget]))
+    options_given = bool(set(reduction.arguments) - {"budget", "layers", "active"})
+    reducer = reduction.reducer.for_budget((side, side), protected, budget, options_given)
+    return reduction if reducer is reduction.reducer else dataclasses.replace(reduction, reducer=reducer)
 
 
 class Llava(VlmAdapter):
@@ -192,13 +178,13 @@ class Llava(VlmAdapter):
         low = anyres.MIN_BUDGET if is_next(model) else protected + 1
         if layers is not None:
             num_stages = len(in_llm.stage_layers(layers, len(model.model.language_model.layers)))
-            if reducer.max_step != 0.0 and budget is not None:
+            if not reducer.identity and budget is not None:
                 budgets = in_llm.stage_budgets(budget, num_tokens, protected, num_stages)
                 steps = []
                 for entering, kept in zip([num_tokens] + budgets, budgets):
                     steps += reduction_steps(entering, kept, reducer, protected)
                 return Schedule("r", tuple(steps) or (0,))
-        if reducer.max_step == 0.0:  # the 'none' method
+        if reducer.identity:
             if budget not in (None, num_tokens):
                 raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget= (or set "
                                  f"budget={num_tokens})")
@@ -240,8 +226,8 @@ class Llava(VlmAdapter):
             return
         if is_next(model):
             anyres.check_reduction(model, reduction)
-        elif isinstance(reduction.reducer, GridPool):
-            reduction = pool_factor(model, reduction)
+        elif reduction.reducer.fixed_count:
+            reduction = fixed_count_budget(model, reduction)
         if Need.CLS_ATTENTION in reduction.reducer.needs:
             feature_attention(model)   # fail at patch time, not at the first call
             before_lm.allocation_attention(model, reduction)

@@ -64,7 +64,6 @@ from vtr.core.signals import Signals, cls_attention
 from vtr.core.state import TokenState
 
 from vtr.reducers.base import Reducer
-from vtr.reducers.pool import GridPool
 
 from ..base import remove_hooks
 from . import items
@@ -148,10 +147,11 @@ def any_size_schedule(reducer: Reducer, budget, layers, num_layers: int, side: i
     if frames is not None or temporal is not None:
         raise ValueError("frames= and temporal= split a video's budget before the language model: leave them out "
                          "with layers= (in-LLM pruning ranks all of a video's tokens at once)")
-    if isinstance(reducer, GridPool):
-        raise ValueError(f"method 'pool' reduces before the language model on {family}: leave out layers=")
+    if reducer.fixed_count:
+        raise ValueError(f"method {reducer.name!r} keeps a count set by its options, before the language model on "
+                         f"{family}: leave out layers=")
     num_stages = len(stage_layers(layers, num_layers))
-    if reducer.max_step == 0.0 or budget is None:   # 'none', or a missing budget: refused as without layers=
+    if reducer.identity or budget is None:   # 'none', or a missing budget: refused as without layers=
         return items.schedule(reducer, budget, side)
     counts = budget if isinstance(budget, (list, tuple)) else [budget]
     if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in counts):
@@ -577,7 +577,7 @@ class Pruning:
     def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int) -> TokenState:
         """The reducer's steps from the state's tokens down to ``budget`` (scores: attention to each token)."""
         reducer, protected = self.reduction.reducer, state.num_protected
-        steps = reduction_steps(state.num_tokens, budget, reducer, protected) if reducer.max_step > 0 else []
+        steps = reduction_steps(state.num_tokens, budget, reducer, protected) if not reducer.identity else []
         # Spatial grid only while the tokens are the image's untouched patches (the first stage).
         grid = group.grid if not state.is_reduced else None
         image_cost = language_cost(self.model, *self.stages.visuals.tokens(self.model))

@@ -19,7 +19,6 @@ from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
 from vtr.core.state import TokenState
-from vtr.reducers.pool import GridPool
 
 from .language import prefill_macs
 from .prompt import compact, kept_placeholders
@@ -32,15 +31,15 @@ def schedule(reducer, budget, side: int) -> Schedule:
     as reduction steps on a reference image of ``side x side`` tokens; ``pool`` takes ``factor=`` instead, and
     ``none`` no budget."""
     reference = side * side
-    if reducer.max_step == 0.0:  # the 'none' method (with temporal=: only merging across frames)
+    if reducer.identity:  # the 'none' method (with temporal=: only merging across frames)
         if budget is not None:
             raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget=")
         return Schedule("r", (0,))
-    if isinstance(reducer, GridPool):
+    if reducer.fixed_count:
         if budget is not None:
             raise ValueError("method 'pool' keeps what its factor leaves of each image's own grid "
                              "(ceil(rows/f) * ceil(cols/f) tokens), so it takes factor=, not budget=")
-        rows, cols = reducer.pooled_grid((side, side))
+        rows, cols = reducer.kept_grid((side, side))
         return Schedule("r", (reference - rows * cols,))
     if budget is None:
         raise ValueError(f"method {reducer.name!r} needs budget= (visual tokens kept per image or video, >= 1)")
@@ -124,13 +123,13 @@ class Reduced:
 def budget_of(reduction: Reduction, item: Visual) -> int:
     """Tokens an image keeps: ``min(budget, its count)`` (its suffix counts in the budget); pool: what its factor
     leaves of the image's grid."""
-    if isinstance(reduction.reducer, GridPool):
+    if reduction.reducer.fixed_count:
         if item.grid is None:
             raise ValueError("method 'pool' pools an image's patch grid, and these images' tokens form none (packed "
                              "AnyRes crops with newlines): choose a method that takes budget=")
         if item.grid[0] != 1:
             return item.num_tokens
-        pooled_rows, pooled_cols = reduction.reducer.pooled_grid(item.grid[1:])
+        pooled_rows, pooled_cols = reduction.reducer.kept_grid(item.grid[1:])
         return pooled_rows * pooled_cols
     budget = reduction.arguments.get("budget")
     return item.num_tokens if budget is None else max(1, min(budget - item.num_suffix, item.num_tokens))

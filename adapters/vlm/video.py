@@ -27,7 +27,6 @@ from vtr.budget.cost import EncoderCost
 from vtr.core.plan import Reduction
 from vtr.core.signals import Signals
 from vtr.core.state import TokenState
-from vtr.reducers.pool import GridPool
 from vtr.reducers.video import FRAME_SPLITS, TemporalMerge, frame_budgets, frame_weights
 
 from .reduce import first_carried, reduce_state
@@ -58,7 +57,7 @@ class VideoSettings:
 
 def check(reducer, settings: VideoSettings) -> None:
     """What cannot be combined, refused at patch time."""
-    if settings.temporal is not None and isinstance(reducer, GridPool):
+    if settings.temporal is not None and reducer.fixed_count:
         raise ValueError("method 'pool' pools each frame's grid, which merging across frames (temporal=) breaks up: "
                          "leave out temporal=")
 
@@ -96,7 +95,7 @@ def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Op
             macs += merge.extra_macs(tokens[0], cost)
     frame_of = first_carried(state)[0] // per_frame
     present = torch.bincount(frame_of, minlength=frames)
-    if isinstance(reduction.reducer, GridPool):
+    if reduction.reducer.fixed_count:
         shares = [None] * frames
     else:
         total = state.num_tokens if budget is None else min(budget, state.num_tokens)
@@ -109,7 +108,7 @@ def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Op
                           assignment=torch.arange(len(members), device=features.device)[None])
         untouched = len(members) == per_frame and bool((part.size == 1).all())
         if share is None:   # pool: what its factor leaves of the frame's grid
-            pooled = reduction.reducer.pooled_grid((rows, cols))
+            pooled = reduction.reducer.kept_grid((rows, cols))
             share = pooled[0] * pooled[1] if untouched else len(members)
         if share == 0:      # fewer tokens than frames: this frame keeps none
             part = TokenState(x=part.x[:, :0], size=part.size[:, :0], num_protected=0,

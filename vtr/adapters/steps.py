@@ -68,10 +68,10 @@ def dropping_as_published(reduction: Reduction) -> Reduction:
     a language model nothing has measured it, so the published rule holds there.
     """
     reducer = reduction.reducer
-    if getattr(reducer, "fuse", None) is None or "fuse" in reduction.arguments:
+    if reducer.published_fuse is None or "fuse" in reduction.arguments:
         return reduction
     published = copy.copy(reducer)
-    published.fuse = "one" if reduction.method == "evit" else "drop"
+    published.fuse = reducer.published_fuse
     return dataclasses.replace(reduction, reducer=published)
 
 

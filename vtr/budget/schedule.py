@@ -220,7 +220,7 @@ def make_schedule(
         layers = reducer.default_layers(num_layers)
     chosen = chosen_layers(layers, num_layers)
     nothing = asks_for_nothing(r, keep, flops)
-    if reducer.max_step == 0.0:  # the 'none' method
+    if reducer.identity:  # the 'none' method
         if given and not nothing:
             raise ValueError(f"method {reducer.name!r} does not reduce; leave out {given[0]}= (or set r=0)")
         return Schedule("r", (0,) * num_layers)

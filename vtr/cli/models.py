@@ -140,8 +140,8 @@ def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
     with usage(flag):   # a target out of the method's reach, an amount missing or not allowed
         if args.preset:
             api.patch(model, args.method, preset=args.preset, **amounts, **options)   # --method overrides
-        elif args.method and args.method != "none":
+        elif args.method and api.is_identity(args.method):   # the unreduced reference takes no options
+            api.patch(model, args.method, **amounts)
+        elif args.method:
             api.patch(model, args.method, **amounts, **options)
-        elif args.method == "none":
-            api.patch(model, "none", **amounts)
     return model

@@ -45,6 +45,7 @@ class ATF(Reducer):
 
     name = "atf"
     description = "filter tokens before the encoder by a calibrated attention prior and a per-image score (ATF)"
+    published_fuse = "drop"   # ATF keeps the filtered tokens and drops the rest
     needs = frozenset({"metric"})
     max_step = 1.0
     acts_before_blocks = True

@@ -30,6 +30,12 @@ class Reducer(nn.Module):
     # True for reducers with parameters (dynamicvit, sit): vtr.patch calls build() with the model's
     # sizes and registers the reducer on the model, so its weights train, save and move with it.
     learned: ClassVar[bool] = False
+    # What a reducer is, for model families and tools to ask (never its class or name):
+    identity: ClassVar[bool] = False       # keeps every token (the 'none' method): no budget, nothing to do
+    fixed_count: ClassVar[bool] = False    # its options set how many tokens it keeps (pool's factor), not a budget
+    # A dropping method's published rule for the tokens it does not keep ("drop", or EViT's "one"), where vtr's
+    # default (merge each into its nearest kept token) is unmeasured: before or inside a language model.
+    published_fuse: ClassVar[Optional[str]] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -71,6 +77,16 @@ class Reducer(nn.Module):
         """Per-layer tokens removed when the reducer's own options fix them (``pool``'s factor), else
         None. ``cost`` is the adapter's EncoderCost, ``layers`` the user's validated layer list or None."""
         return None
+
+    def kept_grid(self, grid: tuple) -> tuple[int, int]:
+        """What a ``fixed_count`` reducer leaves of a (rows, cols) ``grid`` of tokens."""
+        raise TypeError(f"{self.name} keeps the count it is given (a budget), not one set by its options")
+
+    def for_budget(self, grid: tuple, num_protected: int, budget: int, options_given: bool) -> "Reducer":
+        """A ``fixed_count`` reducer set to keep exactly ``budget`` tokens of ``grid`` (with ``num_protected``
+        leading ones), or a ValueError that lists the counts it can keep. ``options_given``: the user set the
+        options that fix the count (pool's ``factor=``), so the budget must agree with them."""
+        raise TypeError(f"{self.name} keeps the count it is given (a budget), not one set by its options")
 
     def build(self, width: int, counts: Sequence[int], num_protected: int) -> None:
         """Create the parameters of a learned reducer for one model: tokens ``width`` channels wide,

@@ -15,6 +15,7 @@ class NoReduction(Reducer):
     name = "none"
     description = "no reduction (reference: identical output to the unpatched model)"
     max_step = 0.0
+    identity = True
 
     def forward(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         return state  # its max_step is 0: nothing to check, nothing to do

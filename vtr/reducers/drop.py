@@ -58,6 +58,8 @@ class AttentionScored(Reducer):
     """Reducers that rank tokens by the CLS attention row (or its no-CLS fallback) and then drop,
     fuse or merge the tokens they do not keep (``fuse``)."""
 
+    published_fuse = "drop"   # FastV, HiRED: the unkept tokens are dropped
+
     def __init__(self, fuse: str = "nearest"):
         super().__init__()
         self.fuse = check_fuse(self, fuse)
@@ -91,6 +93,7 @@ class EViT(EvitLayers, AttentionScored):
 
     name = "evit"
     description = "keep the tokens the CLS token attends to most, fuse the rest into them (EViT)"
+    published_fuse = "one"
     needs = frozenset({"cls_attention"})
     max_step = 1.0
 

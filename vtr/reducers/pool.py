@@ -41,6 +41,7 @@ class GridPool(Reducer):
     name = "pool"
     description = "average-pool the patch grid by an integer factor (baseline; count set by factor)"
     max_step = 1.0
+    fixed_count = True
 
     def __init__(self, factor: int = 2):
         super().__init__()
@@ -50,6 +51,24 @@ class GridPool(Reducer):
 
     def pooled_grid(self, grid: tuple) -> tuple[int, int]:
         return math.ceil(grid[0] / self.factor), math.ceil(grid[1] / self.factor)
+
+    kept_grid = pooled_grid
+
+    def for_budget(self, grid: tuple, num_protected: int, budget: int, options_given: bool) -> "GridPool":
+        """The pool that keeps exactly ``budget`` tokens of ``grid`` (the smallest factor that does), this one if
+        ``factor=`` was given and agrees, else a ValueError with the budgets pooling can keep."""
+        counts = self.budgets(grid, num_protected)
+        rule = (f"pool keeps {'1 + ' if num_protected else ''}ceil({grid[0]}/f) * ceil({grid[1]}/f) tokens per image "
+                f"for factor f (f=1: none pooled), so budget must be one of {', '.join(map(str, counts))}")
+        if options_given:
+            kept = num_protected + math.prod(self.pooled_grid(grid))
+            if kept != budget:
+                raise ValueError(f"budget={budget} disagrees with factor={self.factor}, which keeps {kept} visual "
+                                 f"tokens per image: {rule} (or leave out budget= or factor=)")
+            return self
+        if budget not in counts:
+            raise ValueError(f"method 'pool' cannot keep budget={budget} visual tokens per image on this model: {rule}")
+        return self if counts[budget] == 1 else GridPool(factor=counts[budget])
 
     @staticmethod
     def budgets(grid: tuple, num_protected: int = 0) -> dict[int, int]:

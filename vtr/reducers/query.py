@@ -42,6 +42,7 @@ class QueryPrune(Reducer):
 
     name = "query"
     description = "keep tokens relevant to a query and diverse among themselves (Script/DivPrune-style)"
+    published_fuse = "drop"   # query-conditioned pruning as published (Script) drops the unkept tokens
     needs = frozenset({"metric", "query"})
     max_step = 1.0
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from ..adapters import find_adapter, settings
-from ..api import expected_flops, is_patched, patch, report
+from ..api import expected_flops, is_identity, is_patched, patch, report
 from .plotting import frontier, lines
 from .profile import default_input
 
@@ -203,7 +203,7 @@ def plot_sweep(rows: Sequence[Row], path: str) -> None:
     """Throughput against batch size, one line per method and setting (rows of :func:`sweep`)."""
     series: dict = {}
     for row in rows:
-        label = "unreduced" if row.method == "none" else f"{row.method} ({row.setting})"
+        label = "unreduced" if is_identity(row.method) else f"{row.method} ({row.setting})"
         series.setdefault(label, []).append((row.batch, _throughput(row)))
     lines(series, path, "batch size (images per forward pass)", "throughput (images/s)", log_x=True)
 

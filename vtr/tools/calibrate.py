@@ -45,7 +45,7 @@ def calibrate(model: nn.Module, images: Tensor, layers: Optional[Sequence[int]] 
     model; a 'none' patch is restored afterwards). Models without a CLS token use the same fallback
     score as the dropping reducers. Returns ``[P]``, one value per patch position in token order.
     """
-    was_none = is_patched(model) and settings(model).method == "none"
+    was_none = is_patched(model) and settings(model).reducer.identity
     if is_patched(model) and not was_none:
         raise ValueError(f"atf.calibrate needs an unpatched model (or one patched with 'none'); this one is "
                          f"patched with {settings(model).describe()}: call vtr.unpatch(model) first")

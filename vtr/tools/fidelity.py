@@ -318,10 +318,10 @@ def _reason(error: Exception) -> str:
 
 def accuracy_series(results: Sequence[Result]) -> dict:
     """``{method: [(measured FLOPs, top-1), ...]}`` of the measured rows, each from the unreduced point."""
-    unreduced = next(r for r in results if r.method == "none")
+    unreduced = next(r for r in results if api.is_identity(r.method))
     series: dict = {}
     for r in results:
-        if r.method != "none" and r.status == "ok":
+        if not api.is_identity(r.method) and r.status == "ok":
             series.setdefault(r.method, [(1.0, unreduced.top1)]).append((r.flops, r.top1))
     return series
 
