@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from vtr.core.plan import Reduction
+from vtr.core.state import TokenState
 from vtr.reducers.base import Reducer
 from vtr.reducers.drop import allocate
 
@@ -229,9 +230,7 @@ def reduce_image(model: nn.Module, reduction: Reduction, x: Tensor, geometry: An
         first_kept = geometry.rows - split.newlines_kept
         return _keep(x, ~newline | (newline.cumsum(0) > first_kept)) + (split, 0.0)
 
-    outputs, sizes, macs = [], [], 0.0
-    assignment = torch.full((geometry.num_tokens,), -1, dtype=torch.long, device=x.device)
-    kept = 0
+    parts, macs = [], 0.0   # (positions in the image, their reduction), joined in order
     for part, part_budget in enumerate([split.base_kept] + split.crop_budgets):
         if part_budget == 0:
             continue                                  # a crop given nothing (or unpadded away) is dropped
@@ -242,17 +241,13 @@ def reduce_image(model: nn.Module, reduction: Reduction, x: Tensor, geometry: An
             reduction, x[positions][None], part_budget,
             attention=None if attention is None else attention[part, within.to(attention.device)][None],
             query=query, grid=geometry.grid(part))
-        carried = state.assignment[0]
-        assignment[positions] = torch.where(carried >= 0, carried + kept, -1)
-        kept += state.num_tokens
-        outputs.append(state.x[0])
-        sizes.append(state.size[0])
+        parts.append((positions, state))
         macs += decision_macs(model, reduction, tokens)
-    if split.newlines_kept:
-        assignment[-1] = kept                         # the final newline closes the image
-        outputs.append(x[-1:])
-        sizes.append(torch.ones(1, device=x.device))
-    return torch.cat(outputs), assignment, torch.cat(sizes), split, macs
+    if split.newlines_kept:                           # the final newline closes the image
+        last = torch.tensor([geometry.num_tokens - 1], device=x.device)
+        parts.append((last, TokenState.start(x[None, -1:])))
+    image = TokenState.start(x[None]).joined(parts)
+    return image.x[0], image.assignment[0], image.size[0], split, macs
 
 
 def _keep(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:

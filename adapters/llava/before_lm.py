@@ -221,10 +221,7 @@ def _reduce(model: nn.Module, reduction: Reduction, features: Tensor, attention:
                                      attention=None if attention is None else attention[group],
                                      query=None if query is None else query[i], grid=grid)
         states.append(state)
-    state = states[0] if len(states) == 1 else TokenState(
-        x=torch.cat([s.x for s in states]), size=torch.cat([s.size for s in states]),
-        assignment=torch.cat([s.assignment for s in states]), num_protected=protected)
-    return state, tokens, features.shape[0] * decision_macs(model, reduction, tokens)
+    return TokenState.stacked(states), tokens, features.shape[0] * decision_macs(model, reduction, tokens)
 
 
 def _reduce_images(model: nn.Module, reduction: Reduction, features: list[Tensor], attention: Optional[Tensor],

@@ -69,7 +69,7 @@ from ..base import remove_hooks
 from . import items
 from .language import language_cost, prefill_macs
 from .prompt import kept_columns
-from .reduce import carried, first_carried, padded, reduction_steps, step_counts
+from .reduce import carried, padded, reduction_steps, step_counts
 from .video import tokens_per_frame
 from .report import VlmReport, text_only_report
 from .run import VlmRun
@@ -148,8 +148,8 @@ def any_size_schedule(reducer: Reducer, budget, layers, num_layers: int, side: i
         raise ValueError("frames= and temporal= split a video's budget before the language model: leave them out "
                          "with layers= (in-LLM pruning ranks all of a video's tokens at once)")
     if reducer.fixed_count:
-        raise ValueError(f"method {reducer.name!r} keeps a count set by its options, before the language model on "
-                         f"{family}: leave out layers=")
+        raise ValueError(f"method {reducer.name!r} keeps a count set by its options: it reduces before the language "
+                         f"model on {family}: leave out layers=")
     num_stages = len(stage_layers(layers, num_layers))
     if reducer.identity or budget is None:   # 'none', or a missing budget: refused as without layers=
         return items.schedule(reducer, budget, side)
@@ -516,12 +516,12 @@ class Pruning:
             if group.state is None:
                 group.state = TokenState.start(hidden[rows, group.columns], self.protected)
                 group.tokens, group.stage_tokens = [group.state.num_tokens], [group.state.num_tokens]
-            current = slot[rows, _first_columns(group.state, group.columns, length)]   # [G, n] slot of each token
+            current = slot[rows, group.state.first_carried(group.columns, length)]   # [G, n] slot of each token
             group.state = self._reduce(group, group.state.with_x(hidden[rows, current]), scores[rows, current],
                                        group.budgets[stage])
             group.stage_tokens.append(group.state.num_tokens)
             # Each output token sits at the first prompt column it carries; text stays, padding goes.
-            first = _first_columns(group.state, group.columns, length)
+            first = group.state.first_carried(group.columns, length)
             out_rows = rows.expand_as(first)
             hidden[out_rows, slot[out_rows, first]] = group.state.x.to(hidden.dtype)
             keep[out_rows, first] = True
@@ -582,8 +582,7 @@ class Pruning:
         grid = group.grid if not state.is_reduced else None
         image_cost = language_cost(self.model, *self.stages.visuals.tokens(self.model))
         # Steps run on the stage's tokens as if they were original (sizes kept), then compose.
-        reduced = TokenState(x=state.x, size=state.size, num_protected=protected,
-                             assignment=torch.arange(state.num_tokens, device=state.x.device).expand_as(state.size))
+        reduced = state.restarted()
         for step, remove in enumerate(steps):
             signals = Signals(metric=reduced.x, layer=step, num_layers=len(steps),
                               cls_attention=carried(scores, reduced), grid=None if reduced.is_reduced else grid)
@@ -591,9 +590,7 @@ class Pruning:
                                                                           reduced.num_tokens - remove)
             reduced = reducer(reduced, reduced.num_tokens - remove, signals)
             group.tokens.append(reduced.num_tokens)
-        assignment = reduced.assignment.gather(1, state.assignment.clamp_min(0))
-        return TokenState(x=reduced.x, size=reduced.size, num_protected=state.num_protected,
-                          assignment=torch.where(state.assignment >= 0, assignment, -1))
+        return state.then(reduced)
 
     def _record(self, keep: Tensor) -> None:
         """The call's report, detached, for ``vtr.report`` in this thread."""
@@ -630,7 +627,7 @@ def frame_counts(state: TokenState, row: int, item: Item) -> list[int]:
     if item.video_grid is None:
         return [state.num_tokens]
     frames, rows, cols = item.video_grid
-    return tokens_per_frame(first_carried(state)[row], frames, rows * cols)
+    return tokens_per_frame(state.first_carried()[row], frames, rows * cols)
 
 
 def _real_columns(real: Tensor) -> Tensor:
@@ -667,13 +664,6 @@ def _padding_mask(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor
         diagonal = attention_mask[:, 0, :, :input_ids.shape[1]].diagonal(dim1=-2, dim2=-1)
         return (diagonal if diagonal.dtype == torch.bool else diagonal == 0).long()
     return attention_mask
-
-
-def _first_columns(state: TokenState, image_columns: Tensor, length: int) -> Tensor:
-    """``[I, n]`` first prompt column among the original tokens each current token carries."""
-    first = torch.full(state.size.shape, length, dtype=torch.long, device=state.x.device)
-    carried = state.assignment >= 0
-    return first.scatter_reduce_(1, state.assignment.clamp_min(0), torch.where(carried, image_columns, length), "amin")
 
 
 def last_token_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor) -> Tensor:

@@ -57,8 +57,7 @@ def reduce_state(reduction: Reduction, state: TokenState, budget: int, *, attent
     tokens = step_counts(state.num_tokens, steps)
     if not steps:
         return state, tokens
-    current = TokenState(x=state.x, size=state.size, num_protected=state.num_protected, padded=state.padded,
-                         assignment=torch.arange(state.num_tokens, device=state.x.device).expand_as(state.size))
+    current = state.restarted()
     for step, remove in enumerate(steps):
         signals = Signals(
             metric=current.x, layer=step, num_layers=len(steps),
@@ -66,14 +65,7 @@ def reduce_state(reduction: Reduction, state: TokenState, budget: int, *, attent
             query=query, grid=None if current.is_reduced else grid,
         )
         current = reduction.reducer(current, current.num_tokens - remove, signals)
-    return compose(state, current), tokens
-
-
-def compose(outer: TokenState, inner: TokenState) -> TokenState:
-    """``inner`` (a reduction of ``outer``'s current tokens, taken as its originals) with ``outer``'s provenance."""
-    assignment = inner.assignment.gather(1, outer.assignment.clamp_min(0))
-    return TokenState(x=inner.x, size=inner.size, num_protected=inner.num_protected, padded=inner.padded,
-                      assignment=torch.where(outer.assignment >= 0, assignment, -1))
+    return state.then(current), tokens
 
 
 def carried(attention: Tensor, state: TokenState) -> Tensor:
@@ -92,22 +84,13 @@ def padded(rows: list[Tensor], fill) -> Tensor:
         else torch.zeros(0, 0)
 
 
-def first_carried(state: TokenState) -> Tensor:
-    """``[G, K]`` index of the first original token each current token carries (``N0`` for one that carries none)."""
-    first = torch.full(state.size.shape, state.num_original, dtype=torch.long, device=state.x.device)
-    index = torch.arange(state.num_original, device=state.x.device).expand_as(state.assignment)
-    carried_by = state.assignment >= 0
-    return first.scatter_reduce_(1, state.assignment.clamp_min(0), torch.where(carried_by, index, state.num_original),
-                                 "amin")
-
-
 def in_source_order(state: TokenState) -> tuple[TokenState, Tensor]:
     """The same tokens reordered by the first original token each carries, and those firsts ``[G, K]``.
 
     Reducers may emit tokens in any order (bipartite merging emits one set, then the other); a language
     model that gives visual tokens positions by where they came from reads them best in that order.
     """
-    first = first_carried(state)
+    first = state.first_carried()
     first, order = first.sort(dim=1, stable=True)
     rank = order.argsort(dim=1)                       # new index of each current token
     assignment = torch.where(state.assignment >= 0, rank.gather(1, state.assignment.clamp_min(0)), -1)

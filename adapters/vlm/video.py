@@ -29,7 +29,7 @@ from vtr.core.signals import Signals
 from vtr.core.state import TokenState
 from vtr.reducers.video import FRAME_SPLITS, TemporalMerge, frame_budgets, frame_weights
 
-from .reduce import first_carried, reduce_state
+from .reduce import reduce_state
 
 VIDEO_OPTIONS = ("frames", "temporal")
 
@@ -93,7 +93,7 @@ def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Op
             state = merge(state, target, Signals(metric=state.x, partition=partition))
             tokens.append(target)
             macs += merge.extra_macs(tokens[0], cost)
-    frame_of = first_carried(state)[0] // per_frame
+    frame_of = state.first_carried()[0] // per_frame
     present = torch.bincount(frame_of, minlength=frames)
     if reduction.reducer.fixed_count:
         shares = [None] * frames
@@ -117,20 +117,6 @@ def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Op
             part, steps = reduce_state(reduction, part, share, query=query, grid=(rows, cols) if untouched else None)
             macs += sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(steps[:-1], steps[1:]))
         parts.append((members, part))
-    state = _joined(state, parts)
+    state = state.joined(parts)
     tokens.append(state.num_tokens)
     return ReducedVideo(state, tokens, [part.num_tokens for _, part in parts], macs)
-
-
-def _joined(state: TokenState, parts: list) -> TokenState:
-    """``state`` with each part of its tokens (``members``) replaced by that part's reduction, parts in order."""
-    dest = torch.full((state.num_tokens,), -1, dtype=torch.long, device=state.x.device)
-    offset = 0
-    for members, part in parts:
-        own = part.assignment[0]
-        dest[members] = torch.where(own >= 0, own + offset, -1)
-        offset += part.num_tokens
-    assignment = torch.where(state.assignment >= 0, dest[state.assignment.clamp_min(0)], -1)
-    return TokenState(x=torch.cat([part.x for _, part in parts], dim=1),
-                      size=torch.cat([part.size for _, part in parts], dim=1),
-                      assignment=assignment, num_protected=0)

@@ -8,7 +8,7 @@ once; applying it is one size-weighted scatter.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -164,6 +164,61 @@ class TokenState:
             num_protected=self.num_protected,
             padded=self.padded,
         )
+
+    # -- the algebra of states: what adapters compose instead of editing ``assignment`` by hand ---------------
+
+    def restarted(self) -> "TokenState":
+        """The same tokens (sizes kept) taken as the originals of what follows: a reduction of them composes
+        back onto this state's provenance with :meth:`then` (in-LLM stages, a reduction in several steps)."""
+        identity = torch.arange(self.num_tokens, device=self.x.device).expand_as(self.size)
+        return replace(self, assignment=identity, mask=None, scheduled_tokens=None)
+
+    def then(self, after: "TokenState") -> "TokenState":
+        """``after``, a reduction of this state's current tokens taken as originals (:meth:`restarted`), with this
+        state's provenance: each original token goes where the token that carried it went."""
+        assignment = after.assignment.gather(1, self.assignment.clamp_min(0))
+        return replace(after, assignment=torch.where(self.assignment >= 0, assignment, -1))
+
+    def joined(self, parts: Sequence[tuple[Tensor, "TokenState"]]) -> "TokenState":
+        """This state with its current tokens split into parts, each reduced on its own (crops of an image,
+        frames of a video), the parts' tokens concatenated in order.
+
+        ``parts``: ``(members, reduced)`` with ``members`` ``[n]`` indices of current tokens and ``reduced`` a
+        state whose originals are those members in that order. Current tokens in no part are dropped; the
+        parts hold no protected tokens.
+        """
+        batch, device = self.x.shape[0], self.x.device
+        dest = torch.full((batch, self.num_tokens), -1, dtype=torch.long, device=device)
+        offset = 0
+        for members, reduced in parts:
+            own = reduced.assignment
+            dest[:, members.to(device)] = torch.where(own >= 0, own + offset, -1)
+            offset += reduced.num_tokens
+        assignment = torch.where(self.assignment >= 0, dest.gather(1, self.assignment.clamp_min(0)), -1)
+        return TokenState(x=torch.cat([reduced.x for _, reduced in parts], dim=1),
+                          size=torch.cat([reduced.size for _, reduced in parts], dim=1),
+                          assignment=assignment, num_protected=0, padded=self.padded)
+
+    @staticmethod
+    def stacked(states: Sequence["TokenState"]) -> "TokenState":
+        """States of the same shape (images reduced one by one) as one batch."""
+        first = states[0]
+        if len(states) == 1:
+            return first
+        return TokenState(x=torch.cat([s.x for s in states]), size=torch.cat([s.size for s in states]),
+                          assignment=torch.cat([s.assignment for s in states]), num_protected=first.num_protected,
+                          padded=any(s.padded for s in states))
+
+    def first_carried(self, values: Optional[Tensor] = None, missing: Optional[int] = None) -> Tensor:
+        """``[B, K]`` the first original token each current token carries: its index, or its entry of ``values``
+        (``[B, N0]`` or ``[N0]``, non-decreasing along the originals, e.g. prompt columns). A token that
+        carries none gets ``missing`` (default ``N0``)."""
+        missing = self.num_original if missing is None else missing
+        index = torch.arange(self.num_original, device=self.x.device) if values is None else values
+        carried = self.assignment >= 0
+        first = torch.full(self.size.shape, missing, dtype=torch.long, device=self.x.device)
+        return first.scatter_reduce_(1, self.assignment.clamp_min(0),
+                                     torch.where(carried, index.expand_as(self.assignment), missing), "amin")
 
 
 def _merge(x: Tensor, weight: Tensor, flat_dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
