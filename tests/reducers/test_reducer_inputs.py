@@ -61,7 +61,8 @@ def test_every_reducer_returns_an_empty_state_for_an_empty_batch(method):
     num_kept = 1 + 4 if method == "pool" else 9   # pool: 4x4 grid, factor 2
     if method == "none":
         num_kept = 17
-    reducer.build(8, [17, 9], 1)   # learned reducers: a module for block 0 (layer 0 in _signals)
+    # learned reducers: a module for block 0 (layer 0 in _signals), of two blocks (never the last one)
+    reducer.build(8, [17, 9, 9], 1)
     reducer.eval()                 # as in an eval-mode model (dynamicvit masks in training mode)
     out = reducer(state, num_kept, _signals(state))
     assert out.x.shape == (0, num_kept, 8) and out.size.shape == (0, num_kept)
