@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from . import model_zoo
-from .adapters import find_adapter, is_patched, settings, unwrap
+from .adapters import find_adapter, is_patched, settings, thread_settings, unwrap
 from .budget.schedule import RSpec
 from .core import run as runs
 from .core.numbers import plain, plain_scalar
@@ -230,7 +230,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def report(model: nn.Module) -> Report:
     """Tokens per layer and provenance from this thread's last forward pass of the patched model."""
-    found = runs.last_report(settings(model))
+    found = runs.last_report(thread_settings(model))
     if found is None:
         raise ValueError("no forward pass of this model yet in this thread: run the patched model once, then "
                          "read vtr.report(model)")
@@ -259,7 +259,7 @@ def conditioned(model: nn.Module, query: Tensor) -> Iterator[nn.Module]:
         with vtr.conditioned(model, text_embeddings):
             features = model(images)
     """
-    reduction = settings(model)
+    reduction = thread_settings(model)
     if not isinstance(query, Tensor) or query.dim() not in (2, 3):
         shape = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
         raise ValueError(f"query must be a tensor [B, D] or [B, Q, D], got {shape}")

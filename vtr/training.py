@@ -8,7 +8,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .adapters import settings, unwrap
+from .adapters import settings, thread_settings
 from .core import run as runs
 from .core.run import Decision
 
@@ -26,7 +26,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
     ``vtr.report(model)`` still describes the last reduced call.
     """
-    with runs.switched_off(settings(unwrap(model))):
+    with runs.switched_off(thread_settings(model)):
         yield model
 
 
@@ -36,7 +36,7 @@ def trainable(model: nn.Module, which: str) -> nn.Module:
     if which not in TRAINABLE:
         raise ValueError(f"which must be one of {TRAINABLE} (the learned reducer alone, or every parameter), "
                          f"got {which!r}")
-    reduction = settings(unwrap(model))
+    reduction = settings(model)
     own = {id(p) for p in reduction.reducer.parameters()}
     if which == "reducer" and not own:
         raise ValueError(f"method {reduction.method!r} has no parameters to train; trainable(model, 'reducer') needs "
@@ -58,5 +58,5 @@ def decisions(model: nn.Module) -> Iterator[list[Decision]]:
     Only reducers that mask in training (``dynamicvit``) make decisions; the list is dropped with the
     block, so no graph outlives the step.
     """
-    with runs.collecting(settings(unwrap(model))) as found:
+    with runs.collecting(thread_settings(model)) as found:
         yield found

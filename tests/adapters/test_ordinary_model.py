@@ -3,11 +3,11 @@
 Regression tests for what users do with any ``nn.Module`` and expect to keep working after
 ``vtr.patch``: share it between threads (each thread with its own input, or its own query),
 train it without leaking the autograd graph (activation checkpointing included), deepcopy it (EMA),
-pickle / ``torch.save`` it, hook its blocks, change its dtype and mode, and call
-``forward_features`` / ``forward_head`` by hand. This is the one home of these checks for every
-family (timm, open_clip, transformers, and the VLMs Qwen-VL, LLaVA-OneVision and LLaVA-NeXT-Video;
-LLaVA's own are in test_llava.py); the harnesses (``check_threads``, ``call_state``,
-``reachable``) live in ``tests/conftest.py``.
+pickle / ``torch.save`` it, hook its blocks, change its dtype and mode, call
+``forward_features`` / ``forward_head`` by hand, and hand vtr its DataParallel or DistributedDataParallel
+wrapper. This is the one home of these checks for every family (timm, open_clip, transformers, and the
+VLMs Qwen-VL, LLaVA-OneVision and LLaVA-NeXT-Video; LLaVA's own are in test_llava.py); the harnesses
+(``check_threads``, ``call_state``, ``reachable``) live in ``tests/conftest.py``.
 
 Calls go through the public API (``vtr.patch``, ``vtr.unpatch``, ``vtr.report``, ``vtr.is_patched``,
 ``vtr.conditioned``); checks look inside only where that is their point: how many settings objects
@@ -520,7 +520,60 @@ def test_timm_forward_features_then_forward_head(family, method):
     assert torch.equal(split, whole)
 
 
-# -- 7. vision-language models: Qwen-VL, LLaVA-OneVision, LLaVA-NeXT-Video (LLaVA's are in test_llava.py) -
+# -- 7. DataParallel and DistributedDataParallel: vtr sees through them ----------------------------
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A process group of one CPU process (gloo), which DistributedDataParallel needs."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+PARALLEL = {"data_parallel": nn.DataParallel, "distributed_data_parallel": nn.parallel.DistributedDataParallel}
+
+
+@pytest.mark.parametrize("wrapper", sorted(PARALLEL))
+def test_parallel_wrappers_are_seen_through(wrapper, request):
+    """A training script holds the wrapper, not the model: ``vtr.patch``, ``vtr.report``, ``vtr.disabled``,
+    ``vtr.expected_tokens``, ``vtr.is_patched`` and ``vtr.unpatch`` given a DataParallel (on the CPU it calls its
+    module) or a DistributedDataParallel act on its ``.module``, as on peft's base model (they said "not
+    patched")."""
+    if wrapper == "distributed_data_parallel":
+        request.getfixturevalue("one_process_group")
+    model = FAMILIES["timm"].build()
+    wrapped = PARALLEL[wrapper](model)
+    if len(getattr(wrapped, "device_ids", None) or []) > 1:
+        pytest.skip("DataParallel over several GPUs runs in threads of its own (see the test after this one)")
+    x = pixels("timm").to(next(model.parameters()).device)
+    with torch.no_grad():
+        reference = wrapped(x)
+        assert vtr.patch(wrapped, "tome", r=4) is wrapped and vtr.is_patched(model) and vtr.is_patched(wrapped)
+        reduced = wrapped(x)
+        assert vtr.report(wrapped) is vtr.report(model)
+        assert vtr.report(wrapped).tokens == vtr.expected_tokens(wrapped) and reduced.shape == reference.shape
+        with vtr.disabled(wrapped):
+            assert torch.equal(wrapped(x), reference)
+        assert vtr.unpatch(wrapped) is wrapped and not vtr.is_patched(model)
+        assert torch.equal(wrapped(x), reference)
+
+
+def test_data_parallel_over_several_devices_is_refused_where_vtr_works_per_thread():
+    """DataParallel over several GPUs runs its replicas in threads of its own, which vtr.disabled (per thread)
+    never reaches: a teacher would silently run reduced. Patching through it is fine; the per-thread
+    functions say what works instead. (The device list is set by hand: no GPU is needed to check this.)"""
+    wrapped = nn.DataParallel(patched("timm", "tome"))
+    wrapped.device_ids = [0, 1]
+    for per_thread in (lambda: vtr.report(wrapped), lambda: vtr.disabled(wrapped).__enter__(),
+                       lambda: vtr.decisions(wrapped).__enter__(),
+                       lambda: vtr.conditioned(wrapped, torch.zeros(2, 8)).__enter__()):
+        with pytest.raises(ValueError, match="DataParallel over 2 devices runs the model in threads of its own.*"
+                                             "use DistributedDataParallel"):
+            per_thread()
+    assert vtr.is_patched(wrapped) and vtr.unpatch(wrapped) is wrapped and not vtr.is_patched(wrapped.module)
+
+
+# -- 8. vision-language models: Qwen-VL, LLaVA-OneVision, LLaVA-NeXT-Video (LLaVA's are in test_llava.py) -
 
 def _qwen_inputs(model: nn.Module, thread: int) -> dict:
     """Each thread its own prompts, image sizes and pixels."""

@@ -1,5 +1,7 @@
 """Amounts as users really pass them (issue 11): a no-op amount schedules nothing, layer indices are
 integers, numpy and 0-d tensor scalars are the numbers they hold, non-scalar arrays are errors."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,12 @@ def test_bools_are_not_numbers_even_as_numpy_or_tensor_scalars():
             schedule("tome", keep=value)
     with pytest.raises(ValueError, match=r"keep must be a fraction in \[0.5, 1\] for 'tome'"):
         schedule("tome", keep=[True] * 12)
+
+
+@pytest.mark.parametrize("keep", ["a", "0.5", "abcdefghijkl", {"a": 1}], ids=repr)
+def test_keep_that_is_no_number_nor_list_says_it_must_be_a_fraction(keep):
+    """Only a list (tuple, range) is one keep per layer: a string is one wrong value, not a list of characters
+    (issue 26; ``keep="a"`` said "keep as a list needs one value per layer (12), got 1")."""
+    says = rf"keep must be a fraction in \[0.5, 1\] for 'tome' .*got {re.escape(repr(keep))}"
+    with pytest.raises(ValueError, match=says):
+        schedule("tome", keep=keep)

@@ -1,6 +1,7 @@
 """Reducers on real use (issue 11): options named from the real signature, numpy option values,
 an empty batch, non-finite priors/projections/options refused at construction, pool's grid errors."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -61,7 +62,8 @@ def test_every_reducer_returns_an_empty_state_for_an_empty_batch(method):
     num_kept = 1 + 4 if method == "pool" else 9   # pool: 4x4 grid, factor 2
     if method == "none":
         num_kept = 17
-    reducer.build(8, [17, 9, 9], 1)   # learned reducers: a module for block 0 (layer 0 in _signals) of two
+    # learned reducers: a module for block 0 (layer 0 in _signals), of two blocks (never the last one)
+    reducer.build(8, [17, 9, 9], 1)
     reducer.eval()                 # as in an eval-mode model (dynamicvit masks in training mode)
     out = reducer(state, num_kept, _signals(state))
     assert out.x.shape == (0, num_kept, 8) and out.size.shape == (0, num_kept)
@@ -126,3 +128,46 @@ def test_pool_after_another_reduction_blames_the_order():
     with pytest.raises(ValueError, match=r"pool needs signals.grid, and these tokens are no longer the patch "
                                          r"grid.*first reduction step"):
         GridPool(2)(reduced, 5, Signals(metric=reduced.x))
+
+
+# -- options of the wrong type name the option and what it takes (issue 26) -----------------------
+
+NUMBER_OPTIONS = [   # (method, option, what it takes, as the error says it)
+    ("random", "seed", "an integer"),
+    ("atf", "prior_weight", r"in \[0, 1\]"),
+    ("pitome", "margin", r"in \[0, 1\)"),
+    ("pitome", "alpha", "a finite number > 0"),
+    ("query", "relevance_weight", r"in \[0, 1\]"),
+    ("hired", "allocate_layer", "a vision-tower layer index >= 0"),
+    ("pool", "factor", "an integer >= 2"),
+    ("dynamicvit", "temperature", "a finite number > 0"),
+    ("dynamicvit", "noise", r"a finite number >= 0 \(the scale of the Gumbel noise in training\)"),
+    ("sit", "temperature", "a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize("method, option, allowed", NUMBER_OPTIONS)
+@pytest.mark.parametrize("bad", ["a", "0.5", True, [0.5]], ids=repr)
+def test_an_option_that_is_no_number_names_the_option_and_what_it_takes(method, option, allowed, bad):
+    """Never Python's own words ("invalid literal for int()", "'<=' not supported"), never a bool as 1."""
+    with pytest.raises(ValueError, match=rf"^{method}: {option} must be {allowed}, got {re.escape(repr(bad))}$"):
+        vtr.make_reducer(method, **{option: bad})
+
+
+@pytest.mark.parametrize("method, option", [("random", "seed"), ("hired", "allocate_layer"), ("pool", "factor")])
+def test_an_integer_option_is_never_truncated(method, option):
+    with pytest.raises(ValueError, match=rf"^{method}: {option} must be .*, got 2.5$"):
+        vtr.make_reducer(method, **{option: 2.5})
+
+
+def test_every_integer_seed_works():
+    """torch's manual_seed takes [-2**63, 2**64) and reads a negative seed modulo 2**64; the random method's seed
+    is taken modulo 2**64 too, so a larger seed runs (it failed inside the forward pass) and every seed that
+    ran before draws what it drew."""
+    state = make_state(tokens=17)
+
+    def kept(seed):
+        return vtr.make_reducer("random", seed=seed)(state, 9, Signals(metric=state.x, layer=1)).assignment
+
+    assert torch.equal(kept(2**70), kept(0))   # 2**70 * 10007 is 0 modulo 2**64
+    assert torch.equal(kept(-3), kept(2**64 - 3))

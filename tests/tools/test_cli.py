@@ -47,7 +47,8 @@ def test_bench_builds_clip_towers_by_name(capsys):
 
 
 # -- user mistakes: (argv, the flag the error line names, what else it must say) -----------------------
-# "{tmp}" stands for a folder holding "text.txt", a file that is neither an image nor a checkpoint, and
+# "{tmp}" stands for a folder holding "text.txt", "notes.txt" and "hi.txt", files that are neither an image nor a
+# checkpoint (torch's unpickler trips over them with UnpicklingError, IndexError and KeyError), and
 # "bert/config.json", the config of a model that is no image model.
 MISTAKES = [
     # bench
@@ -99,7 +100,15 @@ MISTAKES = [
     (["profile", "--model", TINY, "--method", "pitome", "--flops", "0.5", "--option", "margin=2"], "--option",
      "margin must be in [0, 1)"),
     (["profile", "--model", TINY, "--method", "pitome", "--flops", "0.5", "--option", "margin=abc"], "--option",
-     "margin='abc'"),
+     "pitome: margin must be in [0, 1), got 'abc'"),
+    (["profile", "--model", TINY, "--method", "random", "--keep", "0.6", "--option", "seed=a"], "--option",
+     "random: seed must be an integer, got 'a'"),
+    (["profile", "--model", TINY, "--method", "random", "--keep", "0.6", "--option", "seed=1.5"], "--option",
+     "random: seed must be an integer, got 1.5"),
+    (["profile", "--model", TINY, "--method", "atf", "--flops", "0.8", "--option", "prior=[1,2]"], "--option",
+     "atf: prior has 2 positions but the input has 196 patch tokens"),
+    (["profile", "--model", TINY, "--method", "atf", "--flops", "0.8", "--option", "prior=abc"], "--option",
+     "atf: prior must be numbers, an importance per patch position"),
     (["profile", "--model", TINY, "--method", "tome", "--flops", "0.5", "--option", "foo"], "--option",
      "KEY=VALUE"),
     (["profile", "--model", TINY, "--option", "seed=1"], "--option", "needs --method or --preset"),
@@ -110,6 +119,10 @@ MISTAKES = [
     (["profile", "--preset", "nope"], "--preset", "the model zoo has: "),
     (["profile", "--model", TINY, "--checkpoint", "missing.pt"], "--checkpoint", "no such file"),
     (["profile", "--model", TINY, "--checkpoint", "{tmp}/text.txt"], "--checkpoint", "no state dict"),
+    (["profile", "--model", TINY, "--checkpoint", "{tmp}/notes.txt"], "--checkpoint",
+     "notes.txt is no state dict torch.load(weights_only=True) can read (IndexError)"),
+    (["profile", "--model", TINY, "--checkpoint", "{tmp}/hi.txt"], "--checkpoint",
+     "hi.txt is no state dict torch.load(weights_only=True) can read (KeyError)"),
     # visualize
     (["visualize", "--model", TINY, "--image", "nope.png"], "--image", "astronaut, chelsea"),
     (["visualize", "--model", TINY, "--image", "{tmp}/text.txt"], "--image", "cannot identify image"),
@@ -142,6 +155,8 @@ MISTAKES = [
 @pytest.mark.parametrize("argv, flag, says", MISTAKES, ids=[" ".join(m[0]) for m in MISTAKES])
 def test_user_mistakes_exit_2_with_one_line_naming_the_flag(argv, flag, says, tmp_path, capsys):
     (tmp_path / "text.txt").write_text("not an image, not a checkpoint\n")
+    (tmp_path / "notes.txt").write_text("buy milk\n")
+    (tmp_path / "hi.txt").write_text("hi\n")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -198,6 +213,64 @@ def test_every_option_has_help():
                for action in sub._actions
                if not isinstance(action, argparse._HelpAction) and action.help in (None, "", argparse.SUPPRESS)]
     assert not missing, f"options without help: {missing}"
+
+
+def test_every_subcommand_takes_json():
+    """As the README says: every subcommand takes --json, a switch that prints JSON to stdout."""
+    root = parser()
+    commands = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        switch = next((a for a in sub._actions if "--json" in a.option_strings), None)
+        assert isinstance(switch, argparse._StoreTrueAction), f"vtr {name} takes no --json switch"
+
+
+def test_visualize_json(tmp_path, capsys):
+    png = tmp_path / "groups.png"
+    assert main(["visualize", "--model", TINY, "--img-size", "32", "--out", str(png), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["out"] == str(png) and printed["tokens"][0] == 5 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_counts_a_data_dependent_reduction_on_real_inputs(capsys):
+    """hired decides shapes from token values (its partitions), which the meta device does not have: vtr profile
+    counts it on a real random batch, as --real does, and says so on stderr (no traceback)."""
+    argv = ["profile", "--model", TINY, "--img-size", "64", "--method", "hired", "--keep", "0.5", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "counting on real random inputs (as --real)" in captured.err and "Traceback" not in captured.err
+    counted = json.loads(captured.out)
+    tokens = [row["tokens_in"] for row in counted["rows"] if row["tokens_in"] is not None]
+    assert tokens[:4] == [17, 17, 17, 9]   # 4x4 patches + CLS, halved once at block 2 (a sixth of 12)
+    assert main([*argv, "--real"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] == counted["macs"]
+
+
+BROKEN_SAVED = {   # how to break the reduction saved beside a model -> what the error line says after the file
+    "not JSON": lambda d: (d / "vtr_reduction.json").write_text("{"),
+    "arguments an array": lambda d: (d / "vtr_reduction.json").write_text(
+        json.dumps(json.loads((d / "vtr_reduction.json").read_text()) | {"arguments": [1]})),
+    "no metric": lambda d: (d / "vtr_reduction.json").write_text(
+        json.dumps({k: v for k, v in json.loads((d / "vtr_reduction.json").read_text()).items() if k != "metric"})),
+    "a corrupt sidecar": lambda d: (d / "vtr_reduction.pt").write_bytes(b"not a torch file\n"),
+}
+BROKEN_SAYS = {"not JSON": "vtr_reduction.json is not JSON",
+               "arguments an array": "vtr_reduction.json: field 'arguments' must be an object",
+               "no metric": "vtr_reduction.json: field 'metric' is missing",
+               "a corrupt sidecar": "vtr_reduction.pt is no tensor file"}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_SAVED))
+def test_a_broken_saved_reduction_beside_the_model_is_a_usage_error(broken, tmp_path, capsys):
+    model = vtr.patch(saved_clip(tmp_path), "atf", keep=0.5, prior=torch.full((16,), 1 / 16))   # 4x4 patches
+    vtr.save_reduction(model, tmp_path)
+    BROKEN_SAVED[broken](tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--model", f"hf:{tmp_path}"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("vtr profile: error: argument --model: " + str(tmp_path)), errors[0]
+    assert BROKEN_SAYS[broken] in errors[0], errors[0]
 
 
 def test_the_library_refuses_what_the_cli_refuses():

@@ -1,6 +1,7 @@
 """vtr.save_reduction / vtr.load_reduction: a patched Hugging Face model through save_pretrained and
 from_pretrained, re-patched from what was saved, computes exactly what it computed before."""
 import json
+import re
 
 import pytest
 import timm
@@ -86,3 +87,65 @@ def test_refusals(tmp_path):
     vtr.patch(model, "query", keep=0.5, layers=[1], projection=torch.nn.Identity())
     with pytest.raises(ValueError, match="cannot save option projection=Identity"):
         vtr.save_reduction(model, tmp_path / "other")
+
+
+# -- a saved reduction that is not what save_reduction writes (issue 26) ----------------------------
+
+def _saved_tome(tmp_path) -> dict:
+    """A tiny CLIP's reduction saved in ``tmp_path``; returns the JSON document, to be broken."""
+    vtr.save_reduction(vtr.patch(tiny_clip(), "tome", r=2), tmp_path)
+    return json.loads((tmp_path / "vtr_reduction.json").read_text())
+
+
+def _without(document: dict, field: str) -> dict:
+    return {k: v for k, v in document.items() if k != field}
+
+
+# (what to write instead of the JSON, given the saved document) -> what the error says after the file name
+BROKEN_FILES = {
+    "not JSON": (lambda d: "{method: tome", r" is not JSON \(Expecting property name"),
+    "empty": (lambda d: "", r" is empty; write it again with vtr.save_reduction"),
+    "an array": (lambda d: "[]", r" must hold a JSON object \(fields vtr_reduction, method, arguments, metric, "
+                                 r"prop_attn\), got an array"),
+    "no format": (lambda d: json.dumps(_without(d, "vtr_reduction")), r": field 'vtr_reduction' must be 1 .*got null"),
+    "no arguments": (lambda d: json.dumps(_without(d, "arguments")),
+                     r": field 'arguments' is missing; it must be an object of vtr.patch arguments"),
+    "no metric": (lambda d: json.dumps(_without(d, "metric")), r": field 'metric' is missing; it must be a string"),
+    "arguments an array": (lambda d: json.dumps(d | {"arguments": [1]}),
+                           r": field 'arguments' must be an object of vtr.patch arguments, got an array"),
+    "prop_attn a string": (lambda d: json.dumps(d | {"prop_attn": "yes"}),
+                           r": field 'prop_attn' must be true or false, got a string"),
+    "a tuple of no list": (lambda d: json.dumps(d | {"arguments": {"r": {"tuple": 5}}}),
+                           r": argument 'r' must be a number, string, list, .*got \{\"tuple\": 5\}"),
+    "a value patch refuses": (lambda d: json.dumps(d | {"method": "tomee"}), r": unknown method 'tomee'"),
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_FILES))
+def test_a_broken_saved_reduction_is_a_value_error_naming_the_file_and_the_field(tmp_path, broken):
+    write, says = BROKEN_FILES[broken]
+    file = tmp_path / "vtr_reduction.json"
+    file.write_text(write(_saved_tome(tmp_path)))
+    model = tiny_clip()
+    with pytest.raises(ValueError, match=re.escape(str(file)) + says):
+        vtr.load_reduction(model, tmp_path)
+    assert not vtr.is_patched(model)
+
+
+@pytest.mark.parametrize("sidecar, says", [
+    (b"not a torch file\n", r"vtr_reduction.pt is no tensor file torch.load\(weights_only=True\) can read "
+                            r"\(UnpicklingError\)"),
+    (b"a", r"vtr_reduction.pt is no tensor file torch.load\(weights_only=True\) can read \(IndexError\)"),
+    (None, r"vtr_reduction.pt must hold a dict of tensors by option name .*got Tensor"),
+])
+def test_a_broken_tensor_sidecar_is_a_value_error_naming_it(tmp_path, sidecar, says):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    vtr.save_reduction(vtr.patch(model, "atf", keep=0.5, prior=torch.full((16,), 1 / 16)), tmp_path)
+    vtr.unpatch(model)
+    if sidecar is None:
+        torch.save(torch.ones(16), tmp_path / "vtr_reduction.pt")   # a torch file, but not the sidecar's dict
+    else:
+        (tmp_path / "vtr_reduction.pt").write_bytes(sidecar)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*" + says):
+        vtr.load_reduction(model, tmp_path)
+    assert not vtr.is_patched(model)

@@ -1,5 +1,6 @@
 """Model zoo: every entry builds, takes its preset and reproduces its recorded figures."""
 import argparse
+import json
 
 import pytest
 import torch
@@ -97,3 +98,17 @@ def test_cli_zoo(capsys):
     args = parser.parse_args(["zoo", "timm/vit_base_patch16_224"])
     args.func(args)
     assert "gmacs: 8.784" in capsys.readouterr().out
+
+
+def test_cli_zoo_json(capsys):
+    """`vtr zoo --json`: every entry with all its fields; with a name, that entry alone."""
+    from vtr.cli import main
+
+    assert main(["zoo", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [entry["name"] for entry in listed] == list(zoo.entries())
+    assert main(["zoo", "timm/vit_base_patch16_224", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry == next(e for e in listed if e["name"] == "timm/vit_base_patch16_224")
+    assert entry["reduction"] == zoo.get("timm/vit_base_patch16_224").reduction
+    assert entry["measured"]["gmacs"] == zoo.get("timm/vit_base_patch16_224").measured["gmacs"]

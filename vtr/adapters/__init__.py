@@ -7,7 +7,7 @@ transformers are imported only when a model of theirs is seen.
 from __future__ import annotations
 
 from .base import (Adapter, Swapped, family, find_adapter, is_patched, register, registered, remove_hooks,
-                   restore_class, settings, swap_class, unwrap)
+                   restore_class, settings, swap_class, thread_settings, unwrap)
 from .errors import UnsupportedModelError
 
 register("vtr.adapters.timm_vit:TimmViT", "timm", supports="timm VisionTransformer")
@@ -17,4 +17,5 @@ register("vtr.adapters.llava:Llava", "transformers", supports="transformers LLaV
 register("vtr.adapters.qwen_vl:QwenVL", "transformers", supports="transformers Qwen2-VL and Qwen2.5-VL")
 
 __all__ = ["Adapter", "Swapped", "UnsupportedModelError", "family", "find_adapter", "is_patched", "register",
-           "registered", "remove_hooks", "restore_class", "settings", "swap_class", "unwrap"]
+           "registered", "remove_hooks", "restore_class", "settings", "swap_class", "thread_settings",
+           "unwrap"]

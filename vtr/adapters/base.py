@@ -136,12 +136,22 @@ def find_adapter(model: nn.Module) -> Adapter:
     return claiming[0]
 
 
+# Wrappers that run the module they hold (``.module``) unchanged: the patched model is that module.
+PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model vtr patches inside a wrapper: peft's ``PeftModel`` (and its tuner, e.g. ``LoraModel``) wraps
-    the model it adapts, whose LoRA-wrapped layers stay in place. Any other module is itself. (DDP and FSDP
-    wrap a model that is patched first.)"""
-    while type(model).__module__.startswith("peft."):
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", None)
+    the model it adapts, whose LoRA-wrapped layers stay in place; ``DataParallel`` and
+    ``DistributedDataParallel`` call their ``.module``. A user hands vtr whichever they hold, so every vtr
+    function looks through them. Any other module is itself."""
+    while True:
+        if isinstance(model, PARALLEL_WRAPPERS):
+            inner = model.module
+        elif type(model).__module__.startswith("peft."):
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", None)
+        else:
+            break
         if not isinstance(inner, nn.Module) or inner is model:
             break
         model = inner
@@ -158,14 +168,28 @@ def family(model: nn.Module) -> Optional[str]:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "_vtr", None), Reduction)
+    """Whether vtr patched ``model`` (or the model inside its wrapper, see :func:`unwrap`)."""
+    return isinstance(getattr(unwrap(model), "_vtr", None), Reduction)
 
 
 def settings(model: nn.Module) -> Reduction:
-    """The reduction a patched model applies; a clear error for a model vtr has not patched."""
+    """The reduction a patched model (or the model inside its wrapper) applies; a clear error for a model vtr
+    has not patched."""
     if not is_patched(model):
         raise ValueError("model is not patched by vtr; call vtr.patch(model, ...) first")
-    return model._vtr
+    return unwrap(model)._vtr
+
+
+def thread_settings(model: nn.Module) -> Reduction:
+    """:func:`settings`, for the switches and records that hold per thread (``vtr.report``, ``vtr.disabled``,
+    ``vtr.decisions``, ``vtr.conditioned``). ``DataParallel`` over several devices runs its replicas in threads
+    of its own, which those never reach (a teacher under ``vtr.disabled`` would run reduced without a word),
+    so that is an error saying what works instead."""
+    if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+        raise ValueError(f"DataParallel over {len(model.device_ids)} devices runs the model in threads of its own, "
+                         "where vtr.report, vtr.disabled, vtr.decisions and vtr.conditioned (per thread) do not reach; "
+                         "use DistributedDataParallel (one process per device), or DataParallel on one device")
+    return settings(model)
 
 
 # -- the one class-swap helper -------------------------------------------------------------------

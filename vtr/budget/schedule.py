@@ -112,11 +112,12 @@ def _r_amounts(r: RSpec, num_layers: int, chosen: list[int]) -> tuple:
 
 
 def _keep_amounts(keep, reducer: Reducer, num_layers: int, chosen: list[int]) -> tuple:
-    """Per-layer keep fractions, checked before any float(): ``float(True)`` would be a silent 1.0."""
-    if isinstance(keep, (int, float)):
-        values = tuple(keep if i in chosen else 1.0 for i in range(num_layers))
-    else:
+    """Per-layer keep fractions, checked before any float(): ``float(True)`` would be a silent 1.0. Only a
+    list (or tuple, range) is one value per layer: a string is no list of characters."""
+    if isinstance(keep, (list, tuple, range)):
         values = _per_layer(list(keep), num_layers, chosen, "keep", 1.0)
+    else:
+        values = tuple(keep if i in chosen else 1.0 for i in range(num_layers))
     _check_keep(values, reducer)
     return tuple(float(v) for v in values)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import pickle
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import api
-from ..adapters import find_adapter, settings
+from ..adapters import find_adapter, is_patched, settings
 from ..tools import saving, zoo
 from ..tools.models import create_model
 from .usage import UsageError, existing_file, fraction, method, non_negative_int, positive_int, usage
@@ -63,13 +62,8 @@ def _options(pairs: list) -> dict:
 def load_checkpoint(model: nn.Module, path: str, flag: str = "--checkpoint") -> None:
     """Load the state dict at ``path`` (or its ``"model"`` entry) into ``model``; a file that is no
     state dict, or not one for this model, is a UsageError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(flag, f"no such file: {path!r}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        raise UsageError(flag, f"{path!r} is no state dict torch.load(weights_only=True) can read "
-                               f"({type(error).__name__})") from error
+    with usage(flag):
+        state = saving.load_torch_file(path, "state dict")
     if isinstance(state, dict) and "model" in state:
         state = state["model"]
     try:
@@ -133,6 +127,7 @@ def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
     if saved is not None:
         with usage("--model"):
             saving.load_reduction(model, saved.parent)
+            check_input(model)
         print(f"applied the reduction saved in {saved}: {settings(model).describe()} (--method none for the "
               "unreduced model)", file=sys.stderr)
         return model
@@ -144,4 +139,21 @@ def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
             api.patch(model, args.method, **amounts)
         elif args.method:
             api.patch(model, args.method, **amounts, **options)
+<<<<<<< HEAD
+=======
+        elif args.method == "none":
+            api.patch(model, "none", **amounts)
+    with usage("--option" if options else flag):
+        check_input(model)
+>>>>>>> issue26-a
     return model
+
+
+def check_input(model: nn.Module) -> None:
+    """The reduction's options against the input the command runs the model on, the model's own size (ATF's
+    prior: one value per patch position), before anything runs: a mismatch is the user's to fix, and a
+    failing forward pass would report it as a crash (see :meth:`vtr.Reducer.check_input`)."""
+    if is_patched(model):
+        reduction = settings(model)
+        cost = find_adapter(model).cost(model, reduction.metric)
+        reduction.reducer.check_input(cost.num_tokens, cost.num_protected)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .models import add_model_arguments, build_model
 from .usage import device, positive_int
@@ -28,13 +29,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tools.profile import default_input
+    """Count on the meta device where the shapes do not depend on data, else on a real random batch: a
+    reduction that decides shapes from token values (``hired``) cannot be counted without them, so it is
+    counted as ``--real`` would, with a note on stderr."""
+    from ..tools.profile import MetaDeviceError, default_input
 
     real = args.real or args.counter == "fvcore" or args.batch != 1 or args.device != "cpu"
-    model = build_model(args, device="cpu" if real else "meta")
+    if not real:
+        try:
+            result = profile_model(build_model(args, device="meta"), counter=args.counter)
+        except MetaDeviceError:
+            print("note: this reduction decides shapes from token values, which the meta device does not have: "
+                  "counting on real random inputs (as --real)", file=sys.stderr)
+            real = True
     if real:
-        model.to(args.device)
-    inputs = default_input(model, batch=args.batch, device=args.device) if real else None
-    result = profile_model(model, inputs, counter=args.counter)
+        model = build_model(args).to(args.device)
+        result = profile_model(model, default_input(model, batch=args.batch, device=args.device), counter=args.counter)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0

@@ -3,6 +3,7 @@ patches, and the tokens entering each block, titled with model, method, amount a
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -31,6 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--image", type=image_arg, default="astronaut",
                         help=f"image file, or a scikit-image sample: {', '.join(SAMPLE_IMAGES)} (default: %(default)s)")
     parser.add_argument("--out", type=output_file, default="vtr-groups.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON to stdout instead of text: the PNG written and the tokens per block")
     parser.set_defaults(func=run)
     return parser
 
@@ -46,5 +49,7 @@ def run(args: argparse.Namespace) -> int:
             image = Image.open(image).convert("RGB")
     model = build_model(args)
     visualize(model, image, args.out, name=args.model or args.preset)
-    print(f"wrote {args.out}; tokens per block: {vtr_report(model).tokens}")
+    tokens = vtr_report(model).tokens
+    print(json.dumps({"out": args.out, "tokens": tokens}) if args.json
+          else f"wrote {args.out}; tokens per block: {tokens}")
     return 0

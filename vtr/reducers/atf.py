@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, check_finite, register, unit
+from .base import Reducer, Signals, check_finite, check_number, register, unit
 from .select import check_fuse, check_signal, fused_dest, fusion_macs, num_chosen, real_tokens, top_scores
 
 
@@ -53,10 +53,13 @@ class ATF(Reducer):
     def __init__(self, prior: Optional[Tensor] = None, prior_weight: float = 0.5, fuse: str = "nearest"):
         super().__init__()
         self.fuse = check_fuse(self, fuse)
-        if not 0.0 <= prior_weight <= 1.0:
-            raise ValueError(f"atf: prior_weight must be in [0, 1], got {prior_weight}")
+        prior_weight = check_number(self, "prior_weight", prior_weight, "in [0, 1]", lambda w: 0 <= w <= 1)
         if prior is not None:
-            prior = torch.as_tensor(prior, dtype=torch.float32).flatten()
+            try:
+                prior = torch.as_tensor(prior, dtype=torch.float32).flatten()
+            except (TypeError, ValueError, RuntimeError):   # torch's words name no option
+                raise ValueError(f"atf: prior must be numbers, an importance per patch position (a tensor, array or "
+                                 f"list, e.g. from vtr.tools.calibrate.calibrate), got {prior!r}") from None
             check_finite(self, "prior", prior, "an importance per patch position")
         self.prior, self.prior_weight = prior, float(prior_weight)
 
@@ -82,13 +85,16 @@ class ATF(Reducer):
         """ATF filters once, before the encoder: every block runs on the filtered tokens."""
         return [0]
 
-    def _current_prior(self, state: TokenState) -> Tensor:
-        """``[B, U]`` prior of the current tokens: the sum over the original positions each carries."""
-        protected, positions = state.num_protected, state.num_original - state.num_protected
-        if self.prior.numel() != positions:
+    def check_input(self, num_tokens: int, num_protected: int) -> None:
+        positions = num_tokens - num_protected
+        if self.prior is not None and self.prior.numel() != positions:
             raise ValueError(f"atf: prior has {self.prior.numel()} positions but the input has {positions} "
                              "patch tokens; calibrate the prior at this input size")
-        carrier = state.assignment[:, protected:]
+
+    def _current_prior(self, state: TokenState) -> Tensor:
+        """``[B, U]`` prior of the current tokens: the sum over the original positions each carries."""
+        self.check_input(state.num_original, state.num_protected)
+        carrier = state.assignment[:, state.num_protected:]
         prior = self.prior.to(state.x.device).expand(carrier.shape[0], -1) * (carrier >= 0)
         current = prior.new_zeros(state.size.shape).scatter_add_(1, carrier.clamp_min(0), prior)
-        return current[:, protected:]
+        return current[:, state.num_protected:]

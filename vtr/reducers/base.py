@@ -1,12 +1,14 @@
 """What every reducer shares: the base class, the registry and the destination-map helpers."""
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+import math
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..core.numbers import plain_scalar
 from ..core.signals import Need, Signals, needs as _needs
 from ..core.state import TokenState
 
@@ -78,6 +80,7 @@ class Reducer(nn.Module):
         None. ``cost`` is the adapter's EncoderCost, ``layers`` the user's validated layer list or None."""
         return None
 
+<<<<<<< HEAD
     def kept_grid(self, grid: tuple) -> tuple[int, int]:
         """What a ``fixed_count`` reducer leaves of a (rows, cols) ``grid`` of tokens."""
         raise TypeError(f"{self.name} keeps the count it is given (a budget), not one set by its options")
@@ -87,6 +90,16 @@ class Reducer(nn.Module):
         leading ones), or a ValueError that lists the counts it can keep. ``options_given``: the user set the
         options that fix the count (pool's ``factor=``), so the budget must agree with them."""
         raise TypeError(f"{self.name} keeps the count it is given (a budget), not one set by its options")
+=======
+    def check_input(self, num_tokens: int, num_protected: int) -> None:
+        """Raise a ValueError if the options cannot serve an input of ``num_tokens`` tokens entering the
+        encoder, ``num_protected`` of them protected (ATF's prior holds one value per patch position).
+
+        A schedule serves any input size, so ``vtr.patch`` cannot check this: the step checks every
+        input it gets, and a tool that knows the input size (``vtr profile``, ``vtr visualize``) calls it
+        before running anything, so the mistake is reported as the user's, not as a failed forward pass.
+        """
+>>>>>>> issue26-a
 
     def build(self, width: int, counts: Sequence[int], num_protected: int) -> None:
         """Create the parameters of a learned reducer for one model: tokens ``width`` channels wide,
@@ -122,6 +135,24 @@ def check_budget(reducer: Reducer, state: TokenState, num_kept: int) -> None:
             f"{reducer.name}: num_kept must be in [{low}, {state.num_tokens}] for {state.num_tokens} tokens "
             f"with {state.num_protected} protected, got {num_kept}"
         )
+
+
+def check_number(reducer: Reducer, name: str, value, allowed: str,
+                 within: Callable[[Union[int, float]], bool] = lambda value: True,
+                 integer: bool = False) -> Union[int, float]:
+    """The option ``name`` as a Python number, or a ValueError ``"<method>: <name> must be <allowed>, got
+    <value>"``. It must be a real number (an int where ``integer``), finite, and ``within`` its range.
+
+    Checked before any ``int()``, ``float()`` or comparison: those would answer a string with Python's own
+    words, which name no option ("invalid literal for int()"), and quietly turn ``1.5`` into 1 or ``True``
+    into 1. numpy and 0-d tensor scalars are the numbers they hold, as in ``vtr.make_reducer``.
+    """
+    value = plain_scalar(value)
+    kinds = int if integer else (int, float)
+    if (isinstance(value, bool) or not isinstance(value, kinds)
+            or (isinstance(value, float) and not math.isfinite(value)) or not within(value)):
+        raise ValueError(f"{reducer.name}: {name} must be {allowed}, got {value!r}")
+    return value
 
 
 def check_finite(reducer: Reducer, name: str, values: Tensor, meaning: str = "") -> None:

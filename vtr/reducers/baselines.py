@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, dest_from_choice, register
+from .base import Reducer, Signals, check_number, dest_from_choice, register
 from .select import real_tokens
 
 
@@ -34,11 +34,13 @@ class RandomDrop(Reducer):
 
     def __init__(self, seed: int = 0):
         super().__init__()
-        self.seed = int(seed)
+        self.seed = check_number(self, "seed", seed, "an integer", integer=True)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         batch, unprotected = state.x.shape[0], state.num_tokens - state.num_protected
-        generator = torch.Generator().manual_seed(self.seed * 10007 + signals.layer)
+        # Modulo 2**64, the range manual_seed takes (a negative seed already wrapped to the same stream),
+        # so any integer seed works.
+        generator = torch.Generator().manual_seed((self.seed * 10007 + signals.layer) % 2**64)
         score = torch.rand(batch, unprotected, generator=generator).to(state.x.device)
         score = score.masked_fill(~real_tokens(state), -1.0)
         kept = score.topk(num_kept - state.num_protected, dim=1).indices.sort(dim=1).values

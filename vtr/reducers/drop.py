@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, register
+from .base import Reducer, Signals, check_number, register
 from .select import (attention_scores, check_fuse, check_signal, fused_dest, fusion_macs, keep_first, num_chosen,
                      real_tokens, top_scores)
 
@@ -187,9 +187,8 @@ class HiRED(AttentionScored):
 
     def __init__(self, fuse: str = "nearest", allocate_layer: int = 0):
         super().__init__(fuse)
-        if isinstance(allocate_layer, bool) or not isinstance(allocate_layer, int) or allocate_layer < 0:
-            raise ValueError(f"hired: allocate_layer must be a vision-tower layer index >= 0, got {allocate_layer!r}")
-        self.allocate_layer = allocate_layer
+        self.allocate_layer = check_number(self, "allocate_layer", allocate_layer, "a vision-tower layer index >= 0",
+                                           lambda layer: layer >= 0, integer=True)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         budget_total = num_chosen(state, num_kept, self.fuse)

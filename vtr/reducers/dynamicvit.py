@@ -24,7 +24,6 @@ summary of the image's tokens.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from ..core.signals import Need
 from ..core.state import TokenState
-from .base import Reducer, Signals, dest_from_choice, register
+from .base import Reducer, Signals, check_number, dest_from_choice, register
 from .drop import EvitLayers
 from .learned import INITS, before_last_block, check_width, learnable_stages, stage_module
 from .select import attention_scores, real_tokens, top_scores
@@ -113,12 +112,9 @@ class DynamicViT(EvitLayers, Reducer):
             raise ValueError(f"dynamicvit: threshold must be one of {THRESHOLDS} (a row's cutoff for the scheduled "
                              f"count, or 0 as in the paper), got {threshold!r}")
         self.threshold = threshold
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"dynamicvit: temperature must be a finite number > 0, got {temperature!r}")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
-            raise ValueError(f"dynamicvit: noise must be a finite number >= 0 (the scale of the Gumbel noise in "
-                             f"training), got {noise!r}")
+        temperature = check_number(self, "temperature", temperature, "a finite number > 0", lambda t: t > 0)
+        noise = check_number(self, "noise", noise, "a finite number >= 0 (the scale of the Gumbel noise in training)",
+                             lambda n: n >= 0)
         self.init, self.temperature, self.noise = init, float(temperature), float(noise)
         self.needs = frozenset({Need.CLS_ATTENTION}) if init == "cls_attention" else frozenset()
         self.predictors = nn.ModuleDict()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, dest_from_choice, register, unit
+from .base import Reducer, Signals, check_number, dest_from_choice, register, unit
 from .select import real_tokens
 
 
@@ -96,10 +96,8 @@ class PiToMe(Reducer):
             raise ValueError(f"pitome: variant must be one of {PITOME_VARIANTS}, got {variant!r}")
         if margin is None:
             margin = 0.75 if variant == "paper" else 0.9
-        if not 0.0 <= margin < 1.0:
-            raise ValueError(f"pitome: margin must be in [0, 1), got {margin}")
-        if not (math.isfinite(alpha) and alpha > 0):   # NaN passes a plain `alpha <= 0` check
-            raise ValueError(f"pitome: alpha must be a finite number > 0, got {alpha}")
+        margin = check_number(self, "margin", margin, "in [0, 1)", lambda m: 0 <= m < 1)
+        alpha = check_number(self, "alpha", alpha, "a finite number > 0", lambda a: a > 0)
         self.margin, self.alpha, self.variant = margin, alpha, variant
 
     def patch_defaults(self) -> dict:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, register
+from .base import Reducer, Signals, check_number, register
 
 
 # pool's count is fixed by its factor, so a flops= target can only pick the layer; further than this
@@ -45,9 +45,7 @@ class GridPool(Reducer):
 
     def __init__(self, factor: int = 2):
         super().__init__()
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
-            raise ValueError(f"pool: factor must be an integer >= 2, got {factor!r}")
-        self.factor = factor
+        self.factor = check_number(self, "factor", factor, "an integer >= 2", lambda f: f >= 2, integer=True)
 
     def pooled_grid(self, grid: tuple) -> tuple[int, int]:
         return math.ceil(grid[0] / self.factor), math.ceil(grid[1] / self.factor)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, check_finite, register, unit
+from .base import Reducer, Signals, check_finite, check_number, register, unit
 from .select import check_fuse, check_signal, fused_dest, fusion_macs, num_chosen, real_tokens, top_scores
 
 
@@ -51,8 +51,7 @@ class QueryPrune(Reducer):
                  fuse: str = "nearest"):
         super().__init__()
         self.fuse = check_fuse(self, fuse)
-        if not 0.0 <= relevance_weight <= 1.0:
-            raise ValueError(f"query: relevance_weight must be in [0, 1], got {relevance_weight}")
+        relevance_weight = check_number(self, "relevance_weight", relevance_weight, "in [0, 1]", lambda w: 0 <= w <= 1)
         if projection is not None and not (isinstance(projection, Tensor) or callable(projection)):
             raise ValueError(f"query: projection must be a [C, D] tensor or a callable, got {type(projection).__name__}")
         if isinstance(projection, Tensor) and projection.dim() != 2:

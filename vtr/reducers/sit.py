@@ -16,14 +16,13 @@ Sizes and provenance of a soft merge:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..core.state import TokenState
-from .base import Reducer, Signals, register
+from .base import Reducer, Signals, check_number, register
 from .drop import after_mixing
 from .learned import before_last_block, check_width, learnable_stages, stage_module
 from .select import real_tokens
@@ -66,9 +65,7 @@ class SiT(Reducer):
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"sit: temperature must be a finite number > 0, got {temperature!r}")
+        temperature = check_number(self, "temperature", temperature, "a finite number > 0", lambda t: t > 0)
         self.temperature = float(temperature)
         self.slimmers = nn.ModuleDict()
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import api
 from ..adapters import UnsupportedModelError
 from ..reducers.base import REDUCERS
-from .profile import default_input, profile_model
+from .profile import MetaDeviceError, default_input, profile_model
 
 TARGETS = (0.7, 0.5, 0.35)
 MEAN, STD = 0.5, 0.25  # the task's pixel normalisation
@@ -237,7 +237,7 @@ def _outputs(model: nn.Module, data: Sequence) -> Tensor:
 def _measured_flops(model: nn.Module, data: Sequence, base: float) -> float:
     try:
         macs = profile_model(model).macs  # meta device: shapes only
-    except ValueError:  # data-dependent reducer: average over real images
+    except MetaDeviceError:  # data-dependent reducer: average over real images
         macs = profile_model(model, [x for x, _ in data[:2]]).macs
     return macs / base
 

@@ -28,11 +28,16 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..adapters import family, find_adapter, is_patched, settings
+from ..adapters import family, find_adapter, is_patched, settings, unwrap
 from ..api import report
 from ..reducers import Signals
 
 COUNTERS = ("torch", "fvcore")
+
+
+class MetaDeviceError(ValueError):
+    """The model cannot be counted on the meta device: its shapes depend on tensor values (a data-dependent
+    reducer), which a weightless copy does not have. Count it on real inputs instead."""
 
 
 # --- formulas torch's counter misses --------------------------------------------------------------
@@ -165,7 +170,8 @@ def find_blocks(model: nn.Module) -> str:
     """Name of the model's stack of transformer blocks: the adapter's for a family vtr knows, else the
     longest ModuleList/Sequential of modules that all have the same class."""
     if family(model) is not None:
-        stack = find_adapter(model).blocks(model)
+        inner = unwrap(model)   # a wrapper's (DataParallel, peft) names lead to the same module
+        stack = find_adapter(inner).blocks(inner)
         for name, module in model.named_modules():
             if module is stack:
                 return name
@@ -185,6 +191,7 @@ def default_input(model: nn.Module, batch: int = 1, device: Union[str, torch.dev
         raise ValueError(f"cannot tell the input size of {type(model).__name__}; pass inputs=")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    model = unwrap(model)
     return find_adapter(model).default_input(model, batch, device)
 
 
@@ -208,8 +215,8 @@ class _MetaPredicates(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
-            raise ValueError("this model reads tensor values to decide shapes (a data-dependent reducer); "
-                             "profile it on real inputs: vtr.profile_model(model, inputs=[images, ...])")
+            raise MetaDeviceError("this model reads tensor values to decide shapes (a data-dependent reducer); "
+                                  "profile it on real inputs: vtr.profile_model(model, inputs=[images, ...])")
         return func(*args, **(kwargs or {}))
 
 
@@ -395,8 +402,8 @@ def profile_model(
         except (RuntimeError, NotImplementedError) as error:
             if device != "meta":
                 raise
-            raise ValueError(f"cannot profile on the meta device ({error}); the model's shapes depend on "
-                             "data: pass real inputs, vtr.profile_model(model, inputs=[images, ...])") from error
+            raise MetaDeviceError(f"cannot profile on the meta device ({error}); the model's shapes depend on "
+                                  "data: pass real inputs, vtr.profile_model(model, inputs=[images, ...])") from error
         total += macs
         images += batch[0].shape[0]
         for name, value in batch_counts.items():

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..adapters import family, find_adapter, settings
+from ..adapters import family, find_adapter, settings, unwrap
 from ..api import report
 from .plotting import new_figure
 
@@ -52,6 +52,7 @@ def input_size(model: nn.Module) -> tuple[int, int]:
     """(H, W) the model takes by default, from its adapter."""
     if family(model) is None:
         raise ValueError(f"cannot tell the input size of {type(model).__name__}; pass size=(H, W)")
+    model = unwrap(model)
     return tuple(find_adapter(model).input_size(model)[1:])
 
 
