@@ -132,7 +132,8 @@ def patch(
     if active != "always":
         arguments["active"] = active
     adapter.patch(model, Reduction(method=method, reducer=reducer, schedule=schedule, metric=metric,
-                                   prop_attn=prop_attn, arguments=arguments, has_cls=cost.has_cls, active=active))
+                                   prop_attn=prop_attn, arguments=arguments, has_cls=cost.has_cls, active=active,
+                                   visual=adapter.plan(layers=layers, **own)))
     attach_reducer(model, reducer)
     return wrapper
 

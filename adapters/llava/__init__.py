@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from vtr.budget.cost import EncoderCost
+from vtr.budget import visual
 from vtr.budget.schedule import Schedule
 from vtr.core import run as runs
 from vtr.core.plan import Reduction
@@ -53,11 +54,8 @@ from ..errors import UnsupportedModelError
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.run import VlmRun
 from ..vlm import items
-from ..vlm import video as vlm_video
-from ..vlm.video import VideoSettings
 from . import anyres, before_lm, in_llm, video
-from .common import (LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, prefill_macs,
-                     reduction_steps)
+from .common import LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, prefill_macs
 
 
 class ReducingLlava(ReducingVlm):
@@ -88,7 +86,7 @@ def fixed_count_budget(model: nn.Module, reduction: Reduction) -> Reduction:
     """A ``fixed_count`` reducer (``pool``) on LLaVA-1.5: its options set the count, so ``budget=`` picks them (the
     reducer's :meth:`~vtr.reducers.Reducer.for_budget`) or, met by none or contradicting the options given, is
     refused here, at patch time, with the budgets it can keep on this model."""
-    budget, layers = reduction.arguments.get("budget"), reduction.arguments.get("layers")
+    budget, layers = reduction.visual.budget, reduction.visual.layers
     if isinstance(budget, bool) or not isinstance(budget, int) or (layers is not None and len(layers) != 1):
         return reduction        # per-stage budgets (in-LLM): pool pools once, at the first stage
     num_tokens, protected = image_tokens(model)
@@ -166,38 +164,18 @@ class Llava(VlmAdapter):
         if others:
             raise ValueError(f"the LLaVA adapter takes budget= (visual tokens kept per image), not "
                              f"{', '.join(o + '=' for o in others)}")
+        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal)
+        num_layers = len(model.model.language_model.layers)
         if video.is_video_model(model):
-            vlm_video.check(reducer, VideoSettings(frames or "uniform", temporal))
-            if layers is not None:
-                return in_llm.any_size_schedule(reducer, budget, layers, len(model.model.language_model.layers),
-                                                video.reference_side(model), video.NAME, frames, temporal)
-            return items.schedule(reducer, budget, video.reference_side(model))
+            visual.check_video(reducer, plan)
+            return visual.schedule(reducer, plan, num_tokens=video.reference_side(model) ** 2, num_layers=num_layers,
+                                   any_size=True, family=video.NAME)
         if frames is not None or temporal is not None:
             raise ValueError(f"frames= and temporal= split a video's budget; {type(model).__name__} takes no videos")
         num_tokens, protected = image_tokens(model)
-        low = anyres.MIN_BUDGET if is_next(model) else protected + 1
-        if layers is not None:
-            num_stages = len(in_llm.stage_layers(layers, len(model.model.language_model.layers)))
-            if not reducer.identity and budget is not None:
-                budgets = in_llm.stage_budgets(budget, num_tokens, protected, num_stages)
-                steps = []
-                for entering, kept in zip([num_tokens] + budgets, budgets):
-                    steps += reduction_steps(entering, kept, reducer, protected)
-                return Schedule("r", tuple(steps) or (0,))
-        if reducer.identity:
-            if budget not in (None, num_tokens):
-                raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget= (or set "
-                                 f"budget={num_tokens})")
-            return Schedule("r", (0,))
-        if budget is None:
-            raise ValueError(f"method {reducer.name!r} needs budget= (visual tokens kept per image, "
-                             f"{low}..{num_tokens})")
-        if isinstance(budget, bool) or not isinstance(budget, int) or not low <= budget <= num_tokens:
-            raise ValueError(
-                f"budget must be an int in [{low}, {num_tokens}] (visual tokens kept per image; this model "
-                f"gives at most {num_tokens} per image), got {budget!r}"
-            )
-        return Schedule("r", tuple(reduction_steps(num_tokens, budget, reducer, protected)) or (0,))
+        return visual.schedule(reducer, plan, num_tokens=num_tokens, num_protected=protected, num_layers=num_layers,
+                               any_size=False, family="LLaVA",
+                               low=anyres.MIN_BUDGET if is_next(model) else protected + 1)
 
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
@@ -219,7 +197,7 @@ class Llava(VlmAdapter):
         if reduction.metric != "x":
             raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
         if video.is_video_model(model):
-            if reduction.arguments.get("layers") is not None:
+            if reduction.visual.in_llm:
                 in_llm.install(model, reduction, video.VideoVisuals())
             model._vtr = reduction
             swap_class(model, ReducingLlava)
@@ -231,7 +209,7 @@ class Llava(VlmAdapter):
         if Need.CLS_ATTENTION in reduction.reducer.needs:
             feature_attention(model)   # fail at patch time, not at the first call
             before_lm.allocation_attention(model, reduction)
-        if reduction.arguments.get("layers") is not None:
+        if reduction.visual.in_llm:
             in_llm.install(model, reduction)
         else:
             before_lm.install(model, reduction)

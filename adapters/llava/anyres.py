@@ -178,7 +178,7 @@ def reduce_images(model: nn.Module, reduction: Reduction, features: list[Tensor]
     parts = [g.num_crops + 1 for g in layouts]
     rows = [None] * len(layouts) if attention is None else attention.split(parts)
     splitting = rows if allocation is None else allocation.split(parts)
-    budget = reduction.arguments.get("budget") if reduction.reduces else None
+    budget = reduction.visual.budget if reduction.reduces else None
     results = [reduce_image(model, reduction, x, geometry, budget, rows[i], None if query is None else query[i],
                             splitting[i])
                for i, (x, geometry) in enumerate(zip(features, layouts))]

@@ -177,7 +177,7 @@ def expected_flops(model: nn.Module, reduction: Reduction) -> tuple[float, float
     known at run time)."""
     num_tokens, protected = image_tokens(model)
     if is_next(model) and reduction.reduces:
-        budget = reduction.arguments["budget"]
+        budget = reduction.visual.budget
         parts = anyres.expected_parts(model, budget)
         decisions = sum(decision_macs(model, reduction, step_counts(n, reduction_steps(n, b, reduction.reducer, 0)))
                         for n, b in parts)
@@ -209,7 +209,7 @@ def _reduce(model: nn.Module, reduction: Reduction, features: Tensor, attention:
     num_tokens, protected = features.shape[1], image_tokens(model)[1]
     budget = num_tokens - sum(reduction.schedule.amounts)
     if num_tokens != image_tokens(model)[0]:
-        budget = min(reduction.arguments.get("budget", num_tokens), num_tokens)
+        budget = min(num_tokens if reduction.visual.budget is None else reduction.visual.budget, num_tokens)
     if not reduction.reduces:
         budget = num_tokens
     side = int(round((num_tokens - protected) ** 0.5))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from vtr.budget.cost import EncoderCost
+from vtr.budget.visual import reduction_steps, step_counts
 from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 
@@ -24,7 +25,7 @@ from ..errors import UnsupportedModelError
 from ..vlm import report as vlm_report
 from ..vlm.language import language_cost, prefill_macs
 from ..vlm.prompt import compact_prompt, kept_columns
-from ..vlm.reduce import carried, padded, reduce_group, reduction_steps, step_counts
+from ..vlm.reduce import carried, padded, reduce_group
 from ..vlm.report import VlmReport
 from ..vlm.run import VlmRun, opened
 

@@ -21,8 +21,10 @@ from torch import Tensor, nn
 from vtr.core.plan import Reduction
 
 from ..vlm import in_llm
-from ..vlm.in_llm import (Item, Visuals, any_size_schedule, expected_flops, forward, image_budgets,  # noqa: F401
-                          split_placeholders, stage_budgets, stage_layers, stages_of, uninstall)
+from vtr.budget.visual import image_budgets, stage_budgets, stage_layers  # noqa: F401 (LLaVA's in-LLM API)
+
+from ..vlm.in_llm import (Item, Visuals, expected_flops, forward, split_placeholders, stages_of,  # noqa: F401
+                          uninstall)
 from ..vlm.run import VlmRun
 from .common import LlavaReport, check_image_sizes, image_tokens, is_next, layout
 

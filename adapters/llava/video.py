@@ -37,7 +37,6 @@ from ..vlm.items import compact_items, reduce_items, report_fields, split_items
 from ..vlm.language import language_cost, prefill_macs
 from ..vlm.prompt import pad_id, row_queries
 from ..vlm.run import opened
-from ..vlm.video import VideoSettings
 from .common import LlavaReport
 
 WHERE = "before the language model (projector output, per image or video)"
@@ -117,7 +116,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
                                  placeholders["video"], "video", suffixes)
         rows_of = torch.tensor([item.row for item in items], dtype=torch.long)
         queries = None
-        relevance = VideoSettings.of(reduction.arguments).frames == "relevance" and "video" in outputs
+        relevance = reduction.visual.frames == "relevance" and "video" in outputs
         if Need.QUERY in reduction.reducer.needs or relevance:
             queries = row_queries(model, input_ids, mask, placeholders["image"] | placeholders["video"], rows_of,
                                   run.query)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
+from vtr.budget import visual
 from vtr.reducers.base import Reducer
 
 from .. import steps
@@ -34,9 +35,8 @@ from ..base import restore_class, swap_class
 from ..errors import UnsupportedModelError
 from ..vlm import in_llm as pruning
 from ..vlm.front import ReducingVlm, VlmAdapter
-from ..vlm import items, video
+from ..vlm import items
 from ..vlm.run import VlmRun
-from ..vlm.video import VideoSettings
 from . import before_lm, in_llm
 from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes
 
@@ -109,11 +109,10 @@ class QwenVL(VlmAdapter):
         if others:
             raise ValueError(f"the Qwen-VL adapter takes budget= (visual tokens kept per image or video), not "
                              f"{', '.join(o + '=' for o in others)}")
-        video.check(reducer, VideoSettings(frames or "uniform", temporal))
-        if layers is not None:
-            return pruning.any_size_schedule(reducer, budget, layers, len(model.model.language_model.layers),
-                                             REFERENCE_SIDE, "Qwen-VL", frames, temporal)
-        return items.schedule(reducer, budget, REFERENCE_SIDE)
+        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal)
+        visual.check_video(reducer, plan)
+        return visual.schedule(reducer, plan, num_tokens=REFERENCE_SIDE ** 2,
+                               num_layers=len(model.model.language_model.layers), any_size=True, family="Qwen-VL")
 
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no
@@ -127,7 +126,7 @@ class QwenVL(VlmAdapter):
         reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
         if reduction.metric != "x":
             raise ValueError("the Qwen-VL adapter compares visual tokens by their merged features: use metric='x'")
-        if reduction.arguments.get("layers") is not None:
+        if reduction.visual.in_llm:
             if "sliding_attention" in (model.config.text_config.layer_types or ()):
                 raise UnsupportedModelError("in-LLM pruning (layers=) rebuilds each segment's causal mask and does "
                                             "not reproduce sliding-window layers (use_sliding_window=True); reduce "

@@ -50,7 +50,6 @@ from ..vlm.calls import Compacted, Family
 from ..vlm.items import Reduced, Visual, compact_items, reduce_items, report_fields
 from ..vlm.prompt import pad_id, row_queries
 from ..vlm.run import opened
-from ..vlm.video import VideoSettings
 from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, cost, merge_size, prompt_positions, token_types,
                      visuals)
 
@@ -127,7 +126,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         placeholder = image_placeholder | video_placeholder
         rows = torch.tensor([item.row for item in items], dtype=torch.long)
         queries = None
-        relevance = VideoSettings.of(reduction.arguments).frames == "relevance" and pixel_values_videos is not None
+        relevance = reduction.visual.frames == "relevance" and pixel_values_videos is not None
         if Need.QUERY in reduction.reducer.needs or relevance:
             queries = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
         reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))

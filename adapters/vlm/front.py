@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
+from vtr.budget.visual import VisualPlan
 from vtr.core import run as runs
 
 from ..base import Adapter, Swapped
@@ -71,3 +72,8 @@ class VlmAdapter(Adapter):
     amounts = ("budget", *VIDEO_OPTIONS)
     metrics = ("x",)
     learned_reducers = False
+
+    def plan(self, layers=None, budget=None, frames: Optional[str] = None,
+             temporal: Optional[float] = None) -> VisualPlan:
+        """The typed settings every call reads (never ``Reduction.arguments``, which is what the user typed)."""
+        return VisualPlan.given(budget=budget, layers=layers, frames=frames, temporal=temporal)

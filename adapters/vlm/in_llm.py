@@ -52,24 +52,22 @@ from __future__ import annotations
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from vtr.budget.schedule import Schedule
+from vtr.budget.visual import image_budgets, reduction_steps, stage_budgets, stage_layers, step_counts
 from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.signals import Signals, cls_attention
 from vtr.core.state import TokenState
 
-from vtr.reducers.base import Reducer
 
 from ..base import remove_hooks
-from . import items
 from .language import language_cost, prefill_macs
 from .prompt import kept_columns
-from .reduce import carried, padded, reduction_steps, step_counts
+from .reduce import carried, padded
 from .video import tokens_per_frame
 from .report import VlmReport, text_only_report
 from .run import VlmRun
@@ -84,86 +82,6 @@ _MULTI_TOKEN_OPTIONS = {
 }
 _WHY = ("in-LLM pruning decides which visual tokens stay from the last prompt token in one forward of the whole "
         "prompt on an empty cache, then needs one new token per forward")
-
-
-def stage_layers(layers, num_layers: int) -> list[int]:
-    """``layers=`` as a list of strictly increasing decoder layers in ``[0, num_layers)``."""
-    chosen = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-    valid = bool(chosen) and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < num_layers
-                                 for k in chosen)
-    if not valid or any(b <= a for a, b in zip(chosen[:-1], chosen[1:])):
-        raise ValueError(f"layers must be language-model layers [K] or strictly increasing [K1, K2, ...] with each "
-                         f"K in [0, {num_layers - 1}] (where in-LLM pruning happens), got {layers!r}")
-    return chosen
-
-
-def stage_budgets(budget: Union[int, Sequence[int]], num_tokens: int, num_protected: int,
-                  num_stages: int) -> list[int]:
-    """Visual tokens kept per image after each stage.
-
-    An int is the count after the last stage; the stages before decay geometrically towards it
-    (p-MoD): after stage i, ``round(N * (B / N) ** (i / m))``. A list gives every stage's count.
-    """
-    low = num_protected + 1
-
-    def is_count(b) -> bool:
-        return isinstance(b, int) and not isinstance(b, bool) and low <= b <= num_tokens
-
-    if isinstance(budget, (list, tuple)):
-        counts = list(budget)
-        if not (len(counts) == num_stages and all(map(is_count, counts))
-                and all(b <= a for a, b in zip(counts[:-1], counts[1:]))):
-            raise ValueError(
-                f"budget as a list must give one count per layer in layers= ({num_stages}), non-increasing, each an "
-                f"int in [{low}, {num_tokens}] (visual tokens kept per image after that layer), got {budget!r}")
-        return counts
-    if not is_count(budget):
-        raise ValueError(f"budget must be an int in [{low}, {num_tokens}] (visual tokens kept per image after the "
-                         f"last layer; this model gives at most {num_tokens} per image), or a list of {num_stages}, "
-                         f"got {budget!r}")
-    return [max(budget, round(num_tokens * (budget / num_tokens) ** (i / num_stages)))
-            for i in range(1, num_stages + 1)]
-
-
-def image_budgets(budget: Union[int, Sequence[int]], num_tokens: int, num_protected: int,
-                  num_stages: int) -> list[int]:
-    """Visual tokens one image of ``num_tokens`` keeps after each stage (``budget`` already checked
-    against the largest image): a list's counts capped at the image's own; an int is the count after
-    the last stage, the stages before decaying from the image's own count (:func:`stage_budgets`);
-    an image with at most ``budget`` tokens keeps them all."""
-    if isinstance(budget, (list, tuple)):
-        return [min(count, num_tokens) for count in budget]
-    if num_tokens <= budget:
-        return [num_tokens] * num_stages
-    return stage_budgets(budget, num_tokens, num_protected, num_stages)
-
-
-def any_size_schedule(reducer: Reducer, budget, layers, num_layers: int, side: int, family: str,
-                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
-    """``budget=`` of in-LLM pruning where images and videos have any count (Qwen-VL, LLaVA-OneVision /
-    NeXT-Video) as reduction steps on the family's reference image of ``side x side`` tokens; at run time each
-    image or video takes its own count's steps. ``frames=`` / ``temporal=`` split a video's budget before the
-    language model, and ``pool`` pools there: both are refused with ``layers=``."""
-    if frames is not None or temporal is not None:
-        raise ValueError("frames= and temporal= split a video's budget before the language model: leave them out "
-                         "with layers= (in-LLM pruning ranks all of a video's tokens at once)")
-    if reducer.fixed_count:
-        raise ValueError(f"method {reducer.name!r} keeps a count set by its options: it reduces before the language "
-                         f"model on {family}: leave out layers=")
-    num_stages = len(stage_layers(layers, num_layers))
-    if reducer.identity or budget is None:   # 'none', or a missing budget: refused as without layers=
-        return items.schedule(reducer, budget, side)
-    counts = budget if isinstance(budget, (list, tuple)) else [budget]
-    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in counts):
-        raise ValueError(f"budget must be an int >= 1 or a list of {num_stages} (visual tokens kept per image or "
-                         f"video after each layer in layers=), got {budget!r}")
-    reference = side * side
-    budgets = stage_budgets(budget, max(reference, *counts), 0, num_stages)   # checks a list's length and order
-    steps, entering = [], reference
-    for kept in budgets:
-        steps += reduction_steps(entering, min(kept, reference), reducer, 0)
-        entering = min(kept, reference)
-    return Schedule("r", tuple(steps) or (0,))
 
 
 # -- what a family's prompt looks like ------------------------------------------------------------------
@@ -243,9 +161,9 @@ class Stages:
 
 
 def make_stages(model: nn.Module, reduction: Reduction, visuals: Visuals) -> Stages:
-    layers = stage_layers(reduction.arguments["layers"], len(model.model.language_model.layers))
+    layers = stage_layers(reduction.visual.layers, len(model.model.language_model.layers))
     num_tokens, protected = visuals.tokens(model)
-    budget = reduction.arguments.get("budget")
+    budget = reduction.visual.budget
     # Stage budgets of the largest image, or of one the size of the budget where images have no largest (Qwen-VL).
     largest = max([num_tokens, *(budget if isinstance(budget, (list, tuple)) else [budget or 0])])
     budgets = stage_budgets(num_tokens if budget is None else budget, largest, protected, len(layers))

@@ -16,37 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from vtr.budget.cost import EncoderCost
-from vtr.budget.schedule import Schedule
+from vtr.budget import visual
+from vtr.budget.visual import step_counts
 from vtr.core.plan import Reduction
 from vtr.core.state import TokenState
 
 from .language import prefill_macs
 from .prompt import compact, kept_placeholders
-from .reduce import in_source_order, padded, reduce_group, reduction_steps, step_counts
-from .video import VideoSettings, reduce_video, tokens_per_frame
-
-
-def schedule(reducer, budget, side: int) -> Schedule:
-    """``budget=`` (visual tokens kept per image or video, any int >= 1: each item keeps ``min(budget, its count)``)
-    as reduction steps on a reference image of ``side x side`` tokens; ``pool`` takes ``factor=`` instead, and
-    ``none`` no budget."""
-    reference = side * side
-    if reducer.identity:  # the 'none' method (with temporal=: only merging across frames)
-        if budget is not None:
-            raise ValueError(f"method {reducer.name!r} does not reduce; leave out budget=")
-        return Schedule("r", (0,))
-    if reducer.fixed_count:
-        if budget is not None:
-            raise ValueError("method 'pool' keeps what its factor leaves of each image's own grid "
-                             "(ceil(rows/f) * ceil(cols/f) tokens), so it takes factor=, not budget=")
-        rows, cols = reducer.kept_grid((side, side))
-        return Schedule("r", (reference - rows * cols,))
-    if budget is None:
-        raise ValueError(f"method {reducer.name!r} needs budget= (visual tokens kept per image or video, >= 1)")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be an int >= 1 (visual tokens kept per image or video; an image with fewer "
-                         f"passes untouched), got {budget!r}")
-    return Schedule("r", tuple(reduction_steps(reference, min(budget, reference), reducer, 0)) or (0,))
+from .reduce import in_source_order, padded, reduce_group
+from .video import reduce_video, tokens_per_frame
 
 
 def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: EncoderCost) -> tuple[float, float]:
@@ -121,18 +99,9 @@ class Reduced:
 
 
 def budget_of(reduction: Reduction, item: Visual) -> int:
-    """Tokens an image keeps: ``min(budget, its count)`` (its suffix counts in the budget); pool: what its factor
-    leaves of the image's grid."""
-    if reduction.reducer.fixed_count:
-        if item.grid is None:
-            raise ValueError("method 'pool' pools an image's patch grid, and these images' tokens form none (packed "
-                             "AnyRes crops with newlines): choose a method that takes budget=")
-        if item.grid[0] != 1:
-            return item.num_tokens
-        pooled_rows, pooled_cols = reduction.reducer.kept_grid(item.grid[1:])
-        return pooled_rows * pooled_cols
-    budget = reduction.arguments.get("budget")
-    return item.num_tokens if budget is None else max(1, min(budget - item.num_suffix, item.num_tokens))
+    """Tokens an image keeps: ``min(budget, its count)``, its suffix counted in the budget (see
+    :func:`vtr.budget.visual.item_budget`)."""
+    return visual.item_budget(reduction.visual, reduction.reducer, item.num_tokens, item.num_suffix, item.grid)
 
 
 def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[list],
@@ -150,10 +119,9 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
         first = items[members[0]]
         query = None if queries is None else queries[members[0]]
         if first.kind == "video":
-            budget = reduction.arguments.get("budget")
+            budget = reduction.visual.budget
             video = reduce_video(reduction, first.features, first.grid,
-                                 None if budget is None else max(1, budget - first.num_suffix),
-                                 VideoSettings.of(reduction.arguments), cost, query)
+                                 None if budget is None else max(1, budget - first.num_suffix), cost, query)
             state, tokens, macs = video.state, video.tokens, macs + video.reducer_macs
         else:
             budget = budget_of(reduction, first)

@@ -6,33 +6,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vtr.budget.visual import reduction_steps, step_counts
 from vtr.core.plan import Reduction
 from vtr.core.signals import Signals
 from vtr.core.state import TokenState
-from vtr.reducers.base import Reducer
-
-
-def reduction_steps(num_tokens: int, budget: int, reducer: Reducer, num_protected: int) -> list[int]:
-    """Tokens each step removes to go from ``num_tokens`` to ``budget`` within the reducer's ``max_step``."""
-    steps, n = [], num_tokens
-    while n > budget:
-        removable = reducer.max_removable(n, num_protected)
-        if removable == 0:
-            raise ValueError(
-                f"method {reducer.name!r} cannot remove tokens, so it cannot keep budget={budget} of {num_tokens}"
-            )
-        kept = max(budget, n - removable)
-        steps.append(n - kept)
-        n = kept
-    return steps
-
-
-def step_counts(num_tokens: int, steps: list[int]) -> list[int]:
-    """Token count entering each step (tokens removed per step), then the count kept."""
-    tokens = [num_tokens]
-    for remove in steps:
-        tokens.append(tokens[-1] - remove)
-    return tokens
 
 
 def reduce_group(reduction: Reduction, features: Tensor, budget: int, num_protected: int = 0, *,

@@ -27,39 +27,11 @@ from vtr.budget.cost import EncoderCost
 from vtr.core.plan import Reduction
 from vtr.core.signals import Signals
 from vtr.core.state import TokenState
-from vtr.reducers.video import FRAME_SPLITS, TemporalMerge, frame_budgets, frame_weights
+from vtr.reducers.video import TemporalMerge, frame_budgets, frame_weights
 
 from .reduce import reduce_state
 
 VIDEO_OPTIONS = ("frames", "temporal")
-
-
-@dataclass(frozen=True)
-class VideoSettings:
-    """How a video's budget is spent (``vtr.patch(..., frames=, temporal=)``), checked."""
-
-    frames: str = "uniform"
-    temporal: Optional[float] = None
-
-    @classmethod
-    def of(cls, arguments: dict) -> "VideoSettings":
-        return cls(arguments.get("frames") or "uniform", arguments.get("temporal"))
-
-    def __post_init__(self) -> None:
-        if self.frames not in FRAME_SPLITS:
-            raise ValueError(f"frames must be one of {', '.join(FRAME_SPLITS)} (how a video's budget is split across "
-                             f"its frames), got {self.frames!r}")
-        if self.temporal is not None and (isinstance(self.temporal, bool) or not isinstance(self.temporal, (int, float))
-                                          or not 0.0 < self.temporal <= 1.0):
-            raise ValueError(f"temporal must be a fraction in (0, 1] (of a video's tokens kept after merging across "
-                             f"frames), got {self.temporal!r}")
-
-
-def check(reducer, settings: VideoSettings) -> None:
-    """What cannot be combined, refused at patch time."""
-    if settings.temporal is not None and reducer.fixed_count:
-        raise ValueError("method 'pool' pools each frame's grid, which merging across frames (temporal=) breaks up: "
-                         "leave out temporal=")
 
 
 @dataclass
@@ -78,13 +50,14 @@ def tokens_per_frame(first: Tensor, frames: int, per_frame: int) -> list[int]:
 
 
 def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Optional[int],
-                 settings: VideoSettings, cost: EncoderCost, query: Optional[Tensor] = None) -> ReducedVideo:
+                 cost: EncoderCost, query: Optional[Tensor] = None) -> ReducedVideo:
     """Reduce one video's tokens ``features`` ``[N, D]`` (``grid``: frames, rows, cols) to ``budget``
     (None: the method's own count, for ``pool``); ``cost`` prices the reducers' decisions."""
     frames, rows, cols = grid
     per_frame = rows * cols
     state = TokenState.start(features[None])
     tokens, macs = [state.num_tokens], 0.0
+    settings = reduction.visual
     if settings.temporal is not None and frames > 1:
         target = max(per_frame, round(settings.temporal * state.num_tokens))
         if target < state.num_tokens:

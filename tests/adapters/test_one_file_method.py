@@ -1,7 +1,9 @@
 """A method costs one file: a reducer written outside the library (:class:`EveryOther`, under 25 lines) runs
 unchanged before the language model and inside it on every VLM family vtr patches (LLaVA, LLaVA-NeXT,
 Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video): batched, every image kept to exactly its budget, and each
-row of a left-padded batch computing what it computes alone."""
+row of a left-padded batch computing what it computes alone. And a call reads only the typed settings of the
+patch (``Reduction.visual``, solved in ``vtr.budget.visual``), never ``Reduction.arguments`` (what the user
+typed, for ``describe()``)."""
 from __future__ import annotations
 
 import pytest
@@ -29,6 +31,15 @@ class EveryOther(Reducer):   # ---- the whole method: this class and its registr
         order = torch.cat([torch.arange(0, unprotected, 2), torch.arange(1, unprotected, 2)])
         kept = order[:num_kept - state.num_protected].sort().values.to(state.x.device)
         return state.reduce(dest_from_choice(state, kept.expand(state.x.shape[0], -1)), num_kept)
+
+
+class Untouchable(dict):
+    """``Reduction.arguments`` during a call: any read is a test failure."""
+
+    def _read(self, *args, **kwargs):
+        raise AssertionError("a call read Reduction.arguments: run-time settings must come from typed fields")
+
+    __getitem__ = __contains__ = __iter__ = __len__ = get = keys = items = values = _read
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +103,8 @@ def run(model, inputs: dict):
 def test_a_method_written_outside_the_library_runs_on_every_vlm_family(family, layers):
     build, rows, num_rows = FAMILIES[family]
     model = vtr.patch(build(), "every_other", budget=4, layers=layers)
+    arguments = model._vtr.arguments
+    object.__setattr__(model._vtr, "arguments", Untouchable())   # frozen settings: swapped for the calls only
     batched = run(model, rows(model))
     report = vtr.report(model)
     assert report.image_tokens_after.tolist() == [min(4, n) for n in report.image_tokens_before.tolist()]
@@ -101,4 +114,5 @@ def test_a_method_written_outside_the_library_runs_on_every_vlm_family(family, l
         torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
         prompt = rows(model, row)["input_ids"].shape[1]
         assert torch.equal(batched.sequences[row, -GENERATE["max_new_tokens"]:], alone.sequences[0, prompt:])
+    object.__setattr__(model._vtr, "arguments", arguments)
     vtr.unpatch(model)

@@ -64,6 +64,10 @@ class Adapter:
         """A random image batch of the default size, for profiling and benchmarks."""
         return torch.randn(batch, *self.input_size(model), device=device)
 
+    def plan(self, layers=None, **amounts):
+        """Typed settings of this family's own amounts (``amounts``), beside the schedule; None: it has none."""
+        return None
+
     def make_schedule(self, model: nn.Module, reducer: Reducer, *, r: Optional[RSpec] = None,
                       keep=None, flops: Optional[float] = None, layers: Optional[Sequence[int]] = None,
                       metric: str = "x", **amounts) -> Schedule:

@@ -139,13 +139,8 @@ def build_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
             api.patch(model, args.method, **amounts)
         elif args.method:
             api.patch(model, args.method, **amounts, **options)
-<<<<<<< HEAD
-=======
-        elif args.method == "none":
-            api.patch(model, "none", **amounts)
     with usage("--option" if options else flag):
         check_input(model)
->>>>>>> issue26-a
     return model
 
 

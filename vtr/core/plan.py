@@ -9,12 +9,13 @@ with the model while this object keeps naming them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from .signals import Need
 
 if TYPE_CHECKING:   # types only: the reducer and schedule layers sit above core
     from ..budget.schedule import Schedule
+    from ..budget.visual import VisualPlan
     from ..reducers.base import Reducer
 
 METRICS = ("x", "keys")
@@ -33,6 +34,8 @@ class Reduction:
     arguments: dict = field(default_factory=dict)   # what the user passed, for describe()
     has_cls: bool = True            # first token is a CLS token (cls_attention exists)
     active: str = "always"          # "train": reduce in training mode only (eval runs the unreduced model)
+    # Vision-language models: the visual-token budget, in-LLM layers and video split (typed; None elsewhere).
+    visual: Optional["VisualPlan"] = None
 
     @property
     def reduces(self) -> bool:

@@ -80,7 +80,6 @@ class Reducer(nn.Module):
         None. ``cost`` is the adapter's EncoderCost, ``layers`` the user's validated layer list or None."""
         return None
 
-<<<<<<< HEAD
     def kept_grid(self, grid: tuple) -> tuple[int, int]:
         """What a ``fixed_count`` reducer leaves of a (rows, cols) ``grid`` of tokens."""
         raise TypeError(f"{self.name} keeps the count it is given (a budget), not one set by its options")
@@ -90,7 +89,7 @@ class Reducer(nn.Module):
         leading ones), or a ValueError that lists the counts it can keep. ``options_given``: the user set the
         options that fix the count (pool's ``factor=``), so the budget must agree with them."""
         raise TypeError(f"{self.name} keeps the count it is given (a budget), not one set by its options")
-=======
+
     def check_input(self, num_tokens: int, num_protected: int) -> None:
         """Raise a ValueError if the options cannot serve an input of ``num_tokens`` tokens entering the
         encoder, ``num_protected`` of them protected (ATF's prior holds one value per patch position).
@@ -99,7 +98,6 @@ class Reducer(nn.Module):
         input it gets, and a tool that knows the input size (``vtr profile``, ``vtr visualize``) calls it
         before running anything, so the mistake is reported as the user's, not as a failed forward pass.
         """
->>>>>>> issue26-a
 
     def build(self, width: int, counts: Sequence[int], num_protected: int) -> None:
         """Create the parameters of a learned reducer for one model: tokens ``width`` channels wide,
