@@ -23,8 +23,8 @@ from vtr.core.plan import Reduction
 from ..vlm import in_llm
 from vtr.budget.visual import image_budgets, stage_budgets, stage_layers  # noqa: F401 (LLaVA's in-LLM API)
 
-from ..vlm.in_llm import (Item, Visuals, expected_flops, forward, split_placeholders, stages_of,  # noqa: F401
-                          uninstall)
+from ..vlm.in_llm import expected_flops, forward, stages_of, uninstall  # noqa: F401 (LLaVA's in-LLM API)
+from ..vlm.visuals import Item, Visuals, split_placeholders
 from ..vlm.run import VlmRun
 from .common import LlavaReport, check_image_sizes, image_tokens, is_next, layout
 

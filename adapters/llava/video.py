@@ -32,7 +32,7 @@ from vtr.core.signals import Need
 
 from ..vlm import calls
 from ..vlm.calls import Compacted, Family
-from ..vlm.in_llm import Item, Visuals, split_placeholders
+from ..vlm.visuals import Item, Visuals, split_placeholders
 from ..vlm.items import compact_items, reduce_items, report_fields, split_items
 from ..vlm.language import language_cost, prefill_macs
 from ..vlm.prompt import pad_id, row_queries

@@ -14,7 +14,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..vlm.in_llm import Item, Visuals, split_placeholders
+from ..vlm.visuals import Item, Visuals, split_placeholders
 from ..vlm.run import VlmRun
 from .common import QwenVLReport, merge_size, reference_tokens
 

@@ -18,7 +18,7 @@ class VlmRun(Run):
 
     Besides what :class:`vtr.core.run.Run` holds (the call's query from ``vtr.conditioned``, the vision
     tower's q/k kept by ``KeepQK`` hooks), in-LLM pruning keeps its pruning of the prompt here
-    (``vtr.adapters.vlm.in_llm.Pruning``), and ``vision`` what ``generate()`` was given about its images
+    (``vtr.adapters.vlm.pruning.Pruning``), and ``vision`` what ``generate()`` was given about its images
     that its forwards no longer see (it pre-encodes them and drops Qwen-VL's grids). Dropped when the call ends; only the detached report outlives it.
     """
 
