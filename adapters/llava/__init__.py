@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from vtr.budget.cost import EncoderCost
 from vtr.budget import visual
 from vtr.budget.schedule import Schedule
-from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
@@ -58,28 +57,52 @@ from . import anyres, before_lm, in_llm, video
 from .common import LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, prefill_macs
 
 
+# The path a patched model takes is chosen once, at patch time, by the class mixed in before the model's own:
+# ``forward`` and ``generate`` open the call's run (``ReducingVlm``) and go one way; all else is the model's own.
+
 class ReducingLlava(ReducingVlm):
-    """Mixed in before the model's own class: ``forward`` and ``generate`` open the call's run and take
-    the path chosen at patch time; everything else is the model's own."""
+    """Images reduced before the language model, the prompt compacted (LLaVA-1.5; LLaVA-NeXT's AnyRes crops)."""
 
     _vtr: Reduction
 
     def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
-        if in_llm.stages_of(self) is not None:
-            if video.is_video_model(self):
-                arguments = video.encoded(self, arguments)
-            return in_llm.forward(self, run, original_forward, arguments)
-        if video.is_video_model(self):
-            return video.forward(self, original_forward, arguments)
         return before_lm.forward(self, original_forward, arguments)
 
     def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
-        if in_llm.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
-            in_llm.check_generate(self, kwargs)
-            return generate(inputs, *args, **kwargs)
-        if video.is_video_model(self):
-            return video.generate(self, generate, inputs, *args, **kwargs)
         return before_lm.generate(self, generate, inputs, *args, **kwargs)
+
+
+class ReducingLlavaVideo(ReducingVlm):
+    """Images and videos, each of its own count, reduced before the language model (OneVision, NeXT-Video)."""
+
+    _vtr: Reduction
+
+    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        return video.forward(self, original_forward, arguments)
+
+    def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
+        return video.generate(self, generate, inputs, *args, **kwargs)
+
+
+class PruningLlava(ReducingVlm):
+    """Visual tokens pruned inside the language model (``layers=``): hooks on its decoder layers do the work."""
+
+    _vtr: Reduction
+
+    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        return in_llm.forward(self, run, original_forward, arguments)
+
+    def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
+        in_llm.check_generate(self, kwargs)
+        return generate(inputs, *args, **kwargs)
+
+
+class PruningLlavaVideo(PruningLlava):
+    """In-LLM pruning on OneVision / NeXT-Video: a forward with pixels encodes them first (the counts come from
+    the features)."""
+
+    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        return super().vtr_forward(run, original_forward, video.encoded(self, arguments))
 
 
 def fixed_count_budget(model: nn.Module, reduction: Reduction) -> Reduction:
@@ -200,7 +223,7 @@ class Llava(VlmAdapter):
             if reduction.visual.in_llm:
                 in_llm.install(model, reduction, video.VideoVisuals())
             model._vtr = reduction
-            swap_class(model, ReducingLlava)
+            swap_class(model, PruningLlavaVideo if reduction.visual.in_llm else ReducingLlavaVideo)
             return
         if is_next(model):
             anyres.check_reduction(model, reduction)
@@ -214,7 +237,7 @@ class Llava(VlmAdapter):
         else:
             before_lm.install(model, reduction)
         model._vtr = reduction
-        swap_class(model, ReducingLlava)
+        swap_class(model, PruningLlava if reduction.visual.in_llm else ReducingLlava)
 
     def unpatch(self, model: nn.Module) -> None:
         in_llm.uninstall(model)
@@ -223,4 +246,5 @@ class Llava(VlmAdapter):
         del model._vtr
 
 
-__all__: Sequence[str] = ["Llava", "LlavaReport", "ReducingLlava"]
+__all__: Sequence[str] = ["Llava", "LlavaReport", "PruningLlava", "PruningLlavaVideo", "ReducingLlava",
+                          "ReducingLlavaVideo"]
