@@ -486,6 +486,60 @@ def test_block_hooks_fire_once_with_the_blocks_own_tokens(family, method, checkp
         assert vtr.report(model).tokens == tokens
 
 
+
+def _first_norm(block: nn.Module) -> nn.Module:
+    """The block's first LayerNorm (timm ``norm1``, open_clip ``ln_1``, transformers ``layer_norm1`` /
+    ``layernorm_before``): the first module to read the block's input."""
+    return next(m for m in block.modules() if isinstance(m, nn.LayerNorm))
+
+
+RETURNING_CASES = [(family, method, False) for family in ("timm", "open_clip", "open_clip_custom", "hf_clip", "hf_vit")
+                   for method in ("none", "tome")]
+RETURNING_CASES += [("timm", "tome", True), ("open_clip", "tome", True)]
+
+
+@pytest.mark.parametrize("family,method,checkpointing", RETURNING_CASES, ids=ids(RETURNING_CASES))
+def test_block_hooks_that_return_a_value_replace_the_blocks_input_or_output(family, method, checkpointing):
+    """As on any module, a forward pre-hook that returns a value replaces the block's input and a forward
+    hook that returns a value replaces its output (issue 26: the timm and open_clip adapters dropped what a
+    block returned and ran on with their own tokens). Block 1 reads exactly the tensor its pre-hook
+    returned, block 2 gets exactly the tensor block 1's hook returned; with nothing to reduce the output
+    is the unpatched model's with the same hooks, bit for bit. A hook that changes the number of tokens
+    is an error (the token sizes are the block's)."""
+    def hooked(model: nn.Module) -> dict:
+        blocks, seen = FAMILIES[family].blocks(model), {}
+
+        def replace_input(module, args):
+            seen["input"] = args[0] * 0.5
+            return (seen["input"], *args[1:])
+
+        def replace_output(module, args, output):
+            seen["output"] = output.flip(-1)   # the same tokens, other values
+            return seen["output"]
+
+        blocks[1].register_forward_pre_hook(replace_input)
+        _first_norm(blocks[1]).register_forward_pre_hook(lambda module, args: seen.update(read=args[0]))
+        blocks[1].register_forward_hook(replace_output)
+        blocks[2].register_forward_pre_hook(lambda module, args: seen.update(next=args[0]))
+        return seen
+
+    model = patched(family, method, checkpointing)
+    seen, x = hooked(model), pixels(family)
+    with torch.set_grad_enabled(checkpointing):   # checkpointing runs the blocks only under grad
+        out = FAMILIES[family].run(model, x)
+    assert seen["read"] is seen["input"], "block 1 did not read what its pre-hook returned"
+    assert seen["next"] is seen["output"], "block 2 did not get what block 1's hook returned"
+    if method == "none":
+        reference = FAMILIES[family].build()
+        hooked(reference)
+        with torch.set_grad_enabled(checkpointing):
+            assert torch.equal(out, FAMILIES[family].run(reference, x))
+    else:
+        assert vtr.report(model).tokens[-1] < vtr.report(model).tokens[0]
+    FAMILIES[family].blocks(model)[1].register_forward_hook(lambda module, args, output: output[:, :-1])
+    with pytest.raises(RuntimeError, match="tokens"), torch.no_grad():
+        FAMILIES[family].run(model, x)
+
 # -- 5. dtype, device and mode changes ------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["timm", "open_clip", "hf_clip"])

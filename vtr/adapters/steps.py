@@ -136,15 +136,24 @@ def run_blocks(blocks: nn.Module, run: Run, checkpointing: bool) -> TokenState:
     """Call each block as a module (so hooks on blocks fire) on the run's tokens; return the final state.
 
     A reducing block reads its token state from the active run and leaves the state after its step
-    there. Under activation checkpointing a block is recomputed after the call, so its input state
-    travels with it as an argument and the run is made active again for the recomputation.
+    there. The next block gets what the call returned, not the tokens the block left in the run: as on
+    any module, a forward hook that returns a value replaces the block's output (and a forward pre-hook
+    that returns one replaces its input, which the block reads from its argument). A hook may change
+    the tokens' values, not their count: the sizes are the block's. Under activation checkpointing a
+    block is recomputed after the call, so its input state travels with it as an argument and the run
+    is made active again for the recomputation.
     """
-    for block in blocks:
+    for i, block in enumerate(blocks):
         if checkpointing and torch.is_grad_enabled():
-            torch.utils.checkpoint.checkpoint(_recomputable, block, run.state.x, run.state, run,
-                                              use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(_recomputable, block, run.state.x, run.state, run,
+                                                  use_reentrant=False)
         else:
-            block(run.state.x)
+            x = block(run.state.x)
+        if tuple(x.shape[:2]) != tuple(run.state.size.shape):
+            raise RuntimeError(f"block {i} of a vtr-patched model returned {tuple(x.shape[:2])} tokens but left "
+                               f"{tuple(run.state.size.shape)} in the model's token state: a forward hook on a block "
+                               "may change its output's values, not its number of tokens")
+        run.state = run.state.with_x(x)
     return run.state
 
 
