@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from vtr.core.plan import Reduction
 from vtr.core.run import Decision, Run, bound
@@ -20,9 +21,19 @@ from vtr.core.state import TokenState
 
 
 def num_kept(reduction: Reduction, state: TokenState, layer: int) -> int:
-    """Tokens after ``layer``'s step; under training-time masking, counted from the count the masks aim at."""
+    """Tokens after ``layer``'s step; under training-time masking, counted from the count the masks aim at.
+
+    A static count, also under ``torch.compile``: when a compiled function runs again with other
+    settings (another method or amount patched into a model under one compiled wrapper, or a second
+    patched model), dynamo's automatic dynamic shapes would make the settings that changed symbolic, and
+    with them every token count after them: tracing a reducer on symbolic counts took minutes where a
+    fresh compile takes seconds. ``guard_scalar`` makes the count a constant of the graph, guarded on the
+    settings it came from (eager: the int itself). Under ``torch.jit.trace`` (fvcore's counter) sizes are
+    traced tensors, left as they are.
+    """
     n, protected = state.num_scheduled, state.num_protected
-    return reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
+    count = reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
+    return count if isinstance(count, Tensor) else guard_scalar(count)
 
 
 def reduce(run: Run, state: TokenState, x: Tensor, layer: int, *,
