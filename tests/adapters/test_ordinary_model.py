@@ -21,6 +21,7 @@ import copy
 import functools
 import io
 import pickle
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -572,6 +573,70 @@ def test_timm_forward_features_then_forward_head(family, method):
         whole = model(x)
         split = model.forward_head(model.forward_features(x))
     assert torch.equal(split, whole)
+
+
+def _in_another_thread(call: Callable) -> BaseException:
+    """What ``call`` raises in a thread of its own (None if nothing)."""
+    raised = []
+
+    def run():
+        try:
+            call()
+        except BaseException as error:   # noqa: BLE001 - handed back to the test
+            raised.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize("family,method", [("timm_avg", "tome"), ("timm_avg", "evit")])
+def test_timm_forward_head_pools_the_features_of_the_last_call_only(family, method):
+    """``forward_head`` on its own pools reduced tokens by the sizes of the call that produced them (issue 26:
+    after a second ``forward_features`` it pooled the first call's features with the second call's sizes,
+    checking only their shape). This thread's last features, or a detached alias of them, give
+    ``model(x)``; those of an earlier call, a copy, or another thread's call are refused with an error that
+    says what to do; features of an unreduced call (``vtr.disabled``) pool as the unpatched model does."""
+    model = patched(family, method)
+    x1, x2 = pixels(family, seed=1), pixels(family, seed=2)
+    refused = "call the model as a whole"
+    with torch.no_grad():
+        whole = model(x1)
+        first = model.forward_features(x1)
+        assert torch.equal(model.forward_head(first), whole)
+        assert torch.equal(model.forward_head(first.detach()), whole)
+        second = model.forward_features(x2)
+        assert second.shape == first.shape     # the shape cannot tell them apart
+        with pytest.raises(RuntimeError, match=refused):
+            model.forward_head(first)
+        with pytest.raises(RuntimeError, match=refused):
+            model.forward_head(second.clone())
+        error = _in_another_thread(lambda: (model.forward_features(x1), model.forward_head(second)))
+        assert isinstance(error, RuntimeError) and refused in str(error)
+        assert torch.equal(model.forward_head(second), model(x2))
+        with vtr.disabled(model):
+            unreduced = model.forward_features(x1)
+        assert torch.equal(model.forward_head(unreduced), FAMILIES[family].build()(x1))
+
+
+def test_timm_forward_head_of_a_cls_token_takes_any_calls_features():
+    """A class-token head reads the CLS token alone, whatever the other tokens stand for: the features of
+    an earlier call give that call's output."""
+    model = patched("timm", "tome")
+    x1, x2 = pixels("timm", seed=1), pixels("timm", seed=2)
+    with torch.no_grad():
+        first, whole = model.forward_features(x1), model(x1)
+        model.forward_features(x2)
+        assert torch.equal(model.forward_head(first), whole)
+
+
+def test_timm_forward_features_then_forward_head_in_eval_under_active_train():
+    """Eval mode under ``active="train"`` runs the unpatched model, split into its halves too."""
+    model = vtr.patch(FAMILIES["timm_avg"].build(), "tome", r=4, active="train")
+    x = pixels("timm_avg")
+    with torch.no_grad():
+        assert torch.equal(model.forward_head(model.forward_features(x)), FAMILIES["timm_avg"].build()(x))
 
 
 # -- 7. vision-language models: Qwen-VL, LLaVA-OneVision, LLaVA-NeXT-Video (LLaVA's are in test_llava.py) -
