@@ -230,12 +230,20 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def report(model: nn.Module) -> Report:
-    """Tokens per layer and provenance from this thread's last forward pass of the patched model."""
-    found = runs.last_report(thread_settings(model))
+    """Tokens per layer and provenance from this thread's last forward pass of the patched model.
+
+    A last call that ran unreduced (``vtr.disabled``, eval mode under ``active="train"``) is an error: the
+    report always describes the last call, never an earlier one as if it were it.
+    """
+    found = runs.last_call(thread_settings(model))
     if found is None:
         raise ValueError("no forward pass of this model yet in this thread: run the patched model once, then "
                          "read vtr.report(model)")
-    return found
+    if found.report is None:
+        raise ValueError("the last forward pass of this model in this thread ran unreduced (inside vtr.disabled, or "
+                         "in eval mode under active='train'), so it has no reduction to report: read "
+                         "vtr.report(model) after a reduced call")
+    return found.report
 
 
 def expected_tokens(model: nn.Module) -> list[int]:

@@ -24,7 +24,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         with vtr.disabled(model), torch.no_grad():
             teacher = model(images)
 
-    ``vtr.report(model)`` still describes the last reduced call.
+    After a call inside the block, ``vtr.report(model)`` says that the last call ran unreduced (an error)
+    until the next reduced call.
     """
     with runs.switched_off(thread_settings(model)):
         yield model

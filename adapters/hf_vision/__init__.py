@@ -300,7 +300,7 @@ class ReducingPoolingHead(Swapped):
 
     def forward(self, hidden_state: Tensor) -> Tensor:
         run = runs.active()
-        size = None if run is None else runs.final_sizes(run.reduction, hidden_state)
+        size = None if run is None else runs.final_sizes(run.reduction, hidden_state, self.training)
         if size is None:
             return super().forward(hidden_state)
         probe = self.probe.repeat(hidden_state.shape[0], 1, 1)

@@ -249,7 +249,7 @@ class ReducingVisionTransformer(Swapped):
         return pooled
 
     def _pool(self, x: Tensor):
-        size = runs.final_sizes(self._vtr, x)
+        size = runs.final_sizes(self._vtr, x, self.training)
         if size is None:
             return super()._pool(x)
         bias = steps.key_bias(size, x.dtype)

@@ -14,11 +14,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 from timm.layers import Attention, AttentionPoolLatent
-from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from vtr.budget.cost import EncoderCost
 from vtr.core import run as runs
 from vtr.core.plan import Reduction
+from vtr.core.run import Run
 from vtr.core.state import TokenState
 
 from .. import steps
@@ -152,32 +153,38 @@ class ReducingViT(Swapped):
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         with runs.opened(self._vtr, self.training) as run:
             if run is None:   # vtr.disabled, or eval mode under active="train": the unpatched model
-                return super().forward_features(x, attn_mask=attn_mask, **_causal(is_causal))
-            if is_causal:
-                raise ValueError("is_causal=True is not supported on a model patched by vtr")
-            image_size = tuple(x.shape[-2:])
-            x = self.patch_embed(x)
-            grid = _call_grid(self.patch_embed, image_size, x)
-            x = self._pos_embed(x)
-            x = self.patch_drop(x)
-            x = self.norm_pre(x)
-            state = TokenState.start(x, self.num_prefix_tokens, padding_mask=_key_padding(attn_mask, x))
-            run.begin(state, len(self.blocks), steps.grid_of(grid, self.num_prefix_tokens, state.num_original))
-            state = steps.run_blocks(self.blocks, run, self.grad_checkpointing)
-            run.finish()
-            return self.norm(state.x)
+                features = super().forward_features(x, attn_mask=attn_mask, **_causal(is_causal))
+            else:
+                features = self._reduced_features(run, x, attn_mask, is_causal)
+        # forward_head, called on its own, pools these tokens by this call's sizes, and refuses others.
+        return runs.returned(self._vtr, features)
+
+    def _reduced_features(self, run: Run, x: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        if is_causal:
+            raise ValueError("is_causal=True is not supported on a model patched by vtr")
+        image_size = tuple(x.shape[-2:])
+        x = self.patch_embed(x)
+        grid = _call_grid(self.patch_embed, image_size, x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        state = TokenState.start(x, self.num_prefix_tokens, padding_mask=_key_padding(attn_mask, x))
+        run.begin(state, len(self.blocks), steps.grid_of(grid, self.num_prefix_tokens, state.num_original))
+        state = steps.run_blocks(self.blocks, run, self.grad_checkpointing)
+        run.finish()
+        return self.norm(state.x)
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-        size = runs.final_sizes(self._vtr, x)
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if self.attn_pool is None and pool_type in ("token", ""):
+            return super().pool(x, pool_type)   # the CLS token, or every token: no sizes involved
+        size = runs.final_sizes(self._vtr, x, self.training)
         if size is None:
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         if self.attn_pool is not None:
             # A token that stands for s patches gets the attention s copies would get.
             return self.attn_pool(x[:, start:], attn_mask=size[:, start:].log().to(x.dtype)[:, None, None, :])
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type in ("token", ""):
-            return global_pool_nlc(x, pool_type=pool_type)
         x, weight = x[:, start:], size[:, start:, None].to(x.dtype)
         mean = (x * weight).sum(1) / weight.sum(1)
         if pool_type == "avg":

@@ -30,7 +30,7 @@ class ReducingVlm(Swapped):
             @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
             def forward(self, *args, **kwargs):
                 if runs.active(self._vtr) is None and runs.skips(self._vtr, self.training):
-                    with runs.switched_off(self._vtr):   # vtr.disabled, or eval mode under active="train"
+                    with runs.unreduced(self._vtr):   # vtr.disabled, or eval mode under active="train"
                         return original_forward(self, *args, **kwargs)
                 bound = inspect.signature(original_forward).bind(self, *args, **kwargs)
                 arguments = dict(bound.arguments)
@@ -49,7 +49,7 @@ class ReducingVlm(Swapped):
 
     def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
         if runs.active(self._vtr) is None and runs.skips(self._vtr, self.training):
-            with runs.switched_off(self._vtr):   # vtr.disabled, or eval mode under active="train"
+            with runs.unreduced(self._vtr):   # vtr.disabled, or eval mode under active="train"
                 return super().generate(inputs, *args, **kwargs)
         with opened(self) as run:      # one run for the prefill and every decode step
             return self.vtr_generate(run, super().generate, inputs, *args, **kwargs)

@@ -273,6 +273,27 @@ def test_disabled_holds_for_the_calling_thread_only():
     assert seen["tokens"][-1] < seen["tokens"][0]
 
 
+@pytest.mark.parametrize("family", ["timm", "open_clip_model", "hf_clip_model"])
+def test_report_after_a_disabled_call_says_it_ran_unreduced(family):
+    """``vtr.report`` describes the last call (issue 26: after a call inside ``vtr.disabled`` it still gave
+    the reduced call before it, as if it were the last): after an unreduced call it is an error saying
+    so, and the next reduced call is reported again."""
+    model = vtr.patch(FAMILIES[family][0](), "tome", r=6)
+    x = images(family)
+    with torch.no_grad():
+        output(family, model, x)
+        tokens = vtr.report(model).tokens
+        assert tokens[-1] < tokens[0]
+        with vtr.disabled(model):
+            output(family, model, images(family, batch=3, seed=1))
+            with pytest.raises(ValueError, match=r"ran unreduced \(inside vtr.disabled"):
+                vtr.report(model)
+        with pytest.raises(ValueError, match="ran unreduced"):
+            vtr.report(model)
+        output(family, model, x)
+    assert vtr.report(model).tokens == tokens
+
+
 # -- training-time reduction -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,amount", [("evit", {"keep": 0.5, "layers": [1]}), ("tome", {"r": 6}),
@@ -292,7 +313,8 @@ def test_active_train_reduces_in_training_mode_only(family, method, amount):
     assert tokens[-1] < tokens[0]                                        # train: reduced
     with torch.no_grad():
         assert torch.equal(output(family, model.eval(), x), reference)
-    assert vtr.report(model).tokens == tokens                            # an unreduced call records nothing
+    with pytest.raises(ValueError, match="ran unreduced"):              # the last call, not the one before
+        vtr.report(model)
 
 
 def test_active_must_be_a_known_mode():
@@ -384,11 +406,14 @@ def test_disabled_and_active_train_on_llava_run_the_unpatched_model():
     ids, mask, pixels = mixed_batch()
     expected = generate(tiny_llava(), ids, mask, pixel_values=pixels)
     model = vtr.patch(tiny_llava(), "tome", budget=4)
+    generate(model, ids, mask, pixel_values=pixels)
     with vtr.disabled(model):
         assert torch.equal(generate(model, ids, mask, pixel_values=pixels).sequences, expected.sequences)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
         assert logits.shape[1] == ids.shape[1]                       # the whole prompt: nothing compacted
+    with pytest.raises(ValueError, match="ran unreduced"):           # the report is of the last call
+        vtr.report(model)
     generate(model, ids, mask, pixel_values=pixels)
     assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
     trained = vtr.patch(tiny_llava(), "tome", budget=4, active="train")

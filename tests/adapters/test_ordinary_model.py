@@ -21,6 +21,7 @@ import copy
 import functools
 import io
 import pickle
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -486,6 +487,60 @@ def test_block_hooks_fire_once_with_the_blocks_own_tokens(family, method, checkp
         assert vtr.report(model).tokens == tokens
 
 
+
+def _first_norm(block: nn.Module) -> nn.Module:
+    """The block's first LayerNorm (timm ``norm1``, open_clip ``ln_1``, transformers ``layer_norm1`` /
+    ``layernorm_before``): the first module to read the block's input."""
+    return next(m for m in block.modules() if isinstance(m, nn.LayerNorm))
+
+
+RETURNING_CASES = [(family, method, False) for family in ("timm", "open_clip", "open_clip_custom", "hf_clip", "hf_vit")
+                   for method in ("none", "tome")]
+RETURNING_CASES += [("timm", "tome", True), ("open_clip", "tome", True)]
+
+
+@pytest.mark.parametrize("family,method,checkpointing", RETURNING_CASES, ids=ids(RETURNING_CASES))
+def test_block_hooks_that_return_a_value_replace_the_blocks_input_or_output(family, method, checkpointing):
+    """As on any module, a forward pre-hook that returns a value replaces the block's input and a forward
+    hook that returns a value replaces its output (issue 26: the timm and open_clip adapters dropped what a
+    block returned and ran on with their own tokens). Block 1 reads exactly the tensor its pre-hook
+    returned, block 2 gets exactly the tensor block 1's hook returned; with nothing to reduce the output
+    is the unpatched model's with the same hooks, bit for bit. A hook that changes the number of tokens
+    is an error (the token sizes are the block's)."""
+    def hooked(model: nn.Module) -> dict:
+        blocks, seen = FAMILIES[family].blocks(model), {}
+
+        def replace_input(module, args):
+            seen["input"] = args[0] * 0.5
+            return (seen["input"], *args[1:])
+
+        def replace_output(module, args, output):
+            seen["output"] = output.flip(-1)   # the same tokens, other values
+            return seen["output"]
+
+        blocks[1].register_forward_pre_hook(replace_input)
+        _first_norm(blocks[1]).register_forward_pre_hook(lambda module, args: seen.update(read=args[0]))
+        blocks[1].register_forward_hook(replace_output)
+        blocks[2].register_forward_pre_hook(lambda module, args: seen.update(next=args[0]))
+        return seen
+
+    model = patched(family, method, checkpointing)
+    seen, x = hooked(model), pixels(family)
+    with torch.set_grad_enabled(checkpointing):   # checkpointing runs the blocks only under grad
+        out = FAMILIES[family].run(model, x)
+    assert seen["read"] is seen["input"], "block 1 did not read what its pre-hook returned"
+    assert seen["next"] is seen["output"], "block 2 did not get what block 1's hook returned"
+    if method == "none":
+        reference = FAMILIES[family].build()
+        hooked(reference)
+        with torch.set_grad_enabled(checkpointing):
+            assert torch.equal(out, FAMILIES[family].run(reference, x))
+    else:
+        assert vtr.report(model).tokens[-1] < vtr.report(model).tokens[0]
+    FAMILIES[family].blocks(model)[1].register_forward_hook(lambda module, args, output: output[:, :-1])
+    with pytest.raises(RuntimeError, match="tokens"), torch.no_grad():
+        FAMILIES[family].run(model, x)
+
 # -- 5. dtype, device and mode changes ------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["timm", "open_clip", "hf_clip"])
@@ -518,6 +573,70 @@ def test_timm_forward_features_then_forward_head(family, method):
         whole = model(x)
         split = model.forward_head(model.forward_features(x))
     assert torch.equal(split, whole)
+
+
+def _in_another_thread(call: Callable) -> BaseException:
+    """What ``call`` raises in a thread of its own (None if nothing)."""
+    raised = []
+
+    def run():
+        try:
+            call()
+        except BaseException as error:   # noqa: BLE001 - handed back to the test
+            raised.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize("family,method", [("timm_avg", "tome"), ("timm_avg", "evit")])
+def test_timm_forward_head_pools_the_features_of_the_last_call_only(family, method):
+    """``forward_head`` on its own pools reduced tokens by the sizes of the call that produced them (issue 26:
+    after a second ``forward_features`` it pooled the first call's features with the second call's sizes,
+    checking only their shape). This thread's last features, or a detached alias of them, give
+    ``model(x)``; those of an earlier call, a copy, or another thread's call are refused with an error that
+    says what to do; features of an unreduced call (``vtr.disabled``) pool as the unpatched model does."""
+    model = patched(family, method)
+    x1, x2 = pixels(family, seed=1), pixels(family, seed=2)
+    refused = "call the model as a whole"
+    with torch.no_grad():
+        whole = model(x1)
+        first = model.forward_features(x1)
+        assert torch.equal(model.forward_head(first), whole)
+        assert torch.equal(model.forward_head(first.detach()), whole)
+        second = model.forward_features(x2)
+        assert second.shape == first.shape     # the shape cannot tell them apart
+        with pytest.raises(RuntimeError, match=refused):
+            model.forward_head(first)
+        with pytest.raises(RuntimeError, match=refused):
+            model.forward_head(second.clone())
+        error = _in_another_thread(lambda: (model.forward_features(x1), model.forward_head(second)))
+        assert isinstance(error, RuntimeError) and refused in str(error)
+        assert torch.equal(model.forward_head(second), model(x2))
+        with vtr.disabled(model):
+            unreduced = model.forward_features(x1)
+        assert torch.equal(model.forward_head(unreduced), FAMILIES[family].build()(x1))
+
+
+def test_timm_forward_head_of_a_cls_token_takes_any_calls_features():
+    """A class-token head reads the CLS token alone, whatever the other tokens stand for: the features of
+    an earlier call give that call's output."""
+    model = patched("timm", "tome")
+    x1, x2 = pixels("timm", seed=1), pixels("timm", seed=2)
+    with torch.no_grad():
+        first, whole = model.forward_features(x1), model(x1)
+        model.forward_features(x2)
+        assert torch.equal(model.forward_head(first), whole)
+
+
+def test_timm_forward_features_then_forward_head_in_eval_under_active_train():
+    """Eval mode under ``active="train"`` runs the unpatched model, split into its halves too."""
+    model = vtr.patch(FAMILIES["timm_avg"].build(), "tome", r=4, active="train")
+    x = pixels("timm_avg")
+    with torch.no_grad():
+        assert torch.equal(model.forward_head(model.forward_features(x)), FAMILIES["timm_avg"].build()(x))
 
 
 # -- 7. DataParallel and DistributedDataParallel: vtr sees through them ----------------------------

@@ -191,6 +191,47 @@ def test_torch_compile_fixed_schedule():
         torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
 
 
+def _symbolic(value) -> bool:
+    """A value dynamo traced symbolically: a SymInt or SymFloat, or a tensor with a symbolic dimension."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)
+
+
+def test_torch_compile_sweep_of_methods_recompiles_once_each_with_static_shapes():
+    """Methods patched in turn into a model under one compiled wrapper (issue 26): each patch recompiles
+    the blocks once, into a graph with static token counts. Dynamo's automatic dynamic shapes made the
+    settings that changed symbolic, and with them the token counts: tracing ``query`` then took over
+    three minutes instead of seconds. Every step of the sweep keeps the same tokens ([17, 13, 9]), so
+    nothing else about the call changes and only the blocks recompile."""
+    torch._dynamo.reset()   # dynamo remembers, per function and process-wide, which values have changed
+    graphs = []
+
+    def counting(graph, example_inputs):   # a backend: the number of symbolic values in each graph it gets
+        graphs.append(sum(_symbolic(node.meta.get("example_value")) for node in graph.graph.nodes))
+        return graph.forward
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=64).eval()
+    compiled = torch.compile(model, backend=counting)
+    x = torch.randn(2, 3, 64, 64)
+    sweep = [("tome", {"r": 4}), ("tome", {"keep": [0.75, 0.67]}), ("query", {"keep": [0.75, 0.67]})]
+    try:
+        for step, (method, amount) in enumerate(sweep):
+            vtr.patch(model, method, **amount)
+            before = len(graphs)
+            with torch.no_grad():
+                expected = model(x)
+                torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+            assert vtr.report(model).tokens == [17, 13, 9], method
+            new = graphs[before:]
+            assert not any(new), f"{method} {amount}: new graphs with {new} symbolic values"
+            assert step == 0 or len(new) == 1, f"{method} {amount}: {len(new)} new graphs, want the blocks' alone"
+            vtr.unpatch(model)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name, kwargs, message", [
     ("vit_base_patch16_rpn_224", {"depth": 2}, r"blocks\[0\] is ResPostBlock"),
     ("vit_small_patch16_18x2_224", {"depth": 2}, r"blocks\[0\] is ParallelThingsBlock"),

@@ -104,6 +104,19 @@ def test_patched_profile_drops_at_reducing_layers():
     assert prof.macs == pytest.approx(vtr.expected_flops(model)[0], rel=1e-6)
 
 
+def test_profile_in_eval_under_active_train_counts_the_unreduced_model():
+    """Eval mode under ``active="train"`` runs the unpatched model: its profile is the unpatched model's, with
+    the tokens the blocks saw (issue 26: tokens per block came from ``vtr.report``, which described no call
+    or an earlier one)."""
+    x = torch.randn(2, 3, 32, 32)
+    base = profile_model(tiny_vit(), x)
+    model = vtr.patch(tiny_vit(), "tome", r=4, active="train")
+    for inputs in (x, None):   # on the model, and on a weightless copy
+        prof = profile_model(model, inputs)
+        assert [(row.tokens_in, row.tokens_out) for row in prof.blocks] == [(17, 17)] * 4
+        assert prof.macs == pytest.approx(base.macs, rel=1e-9)
+
+
 DATA_DEPENDENT = {"hired"}  # its budget split reads score values on the host
 
 

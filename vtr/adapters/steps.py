@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from vtr.core.plan import Reduction
 from vtr.core.run import Decision, Run, bound
@@ -20,9 +21,19 @@ from vtr.core.state import TokenState
 
 
 def num_kept(reduction: Reduction, state: TokenState, layer: int) -> int:
-    """Tokens after ``layer``'s step; under training-time masking, counted from the count the masks aim at."""
+    """Tokens after ``layer``'s step; under training-time masking, counted from the count the masks aim at.
+
+    A static count, also under ``torch.compile``: when a compiled function runs again with other
+    settings (another method or amount patched into a model under one compiled wrapper, or a second
+    patched model), dynamo's automatic dynamic shapes would make the settings that changed symbolic, and
+    with them every token count after them: tracing a reducer on symbolic counts took minutes where a
+    fresh compile takes seconds. ``guard_scalar`` makes the count a constant of the graph, guarded on the
+    settings it came from (eager: the int itself). Under ``torch.jit.trace`` (fvcore's counter) sizes are
+    traced tensors, left as they are.
+    """
     n, protected = state.num_scheduled, state.num_protected
-    return reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
+    count = reduction.schedule.num_kept(layer, n, protected, reduction.reducer.max_removable(n, protected))
+    return count if isinstance(count, Tensor) else guard_scalar(count)
 
 
 def reduce(run: Run, state: TokenState, x: Tensor, layer: int, *,
@@ -136,15 +147,24 @@ def run_blocks(blocks: nn.Module, run: Run, checkpointing: bool) -> TokenState:
     """Call each block as a module (so hooks on blocks fire) on the run's tokens; return the final state.
 
     A reducing block reads its token state from the active run and leaves the state after its step
-    there. Under activation checkpointing a block is recomputed after the call, so its input state
-    travels with it as an argument and the run is made active again for the recomputation.
+    there. The next block gets what the call returned, not the tokens the block left in the run: as on
+    any module, a forward hook that returns a value replaces the block's output (and a forward pre-hook
+    that returns one replaces its input, which the block reads from its argument). A hook may change
+    the tokens' values, not their count: the sizes are the block's. Under activation checkpointing a
+    block is recomputed after the call, so its input state travels with it as an argument and the run
+    is made active again for the recomputation.
     """
-    for block in blocks:
+    for i, block in enumerate(blocks):
         if checkpointing and torch.is_grad_enabled():
-            torch.utils.checkpoint.checkpoint(_recomputable, block, run.state.x, run.state, run,
-                                              use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(_recomputable, block, run.state.x, run.state, run,
+                                                  use_reentrant=False)
         else:
-            block(run.state.x)
+            x = block(run.state.x)
+        if tuple(x.shape[:2]) != tuple(run.state.size.shape):
+            raise RuntimeError(f"block {i} of a vtr-patched model returned {tuple(x.shape[:2])} tokens but left "
+                               f"{tuple(run.state.size.shape)} in the model's token state: a forward hook on a block "
+                               "may change its output's values, not its number of tokens")
+        run.state = run.state.with_x(x)
     return run.state
 
 

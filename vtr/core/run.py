@@ -4,8 +4,9 @@ A patched model keeps only its settings (:class:`~vtr.core.plan.Reduction`). Eve
 pass produces (the token state between blocks, the q/k a reducer reads, the query set by
 ``vtr.conditioned``) lives in a :class:`Run` that the pass opens, hands down through a context
 variable and closes. What outlives the call is a detached :class:`Report`, kept per thread (and per
-asyncio task) in another context variable. So concurrent callers never see each other's tokens, and
-no autograd graph stays on the model after the call.
+asyncio task) in another context variable, with a weak reference to the tokens the call returned (a
+head called on its own pools them by their sizes). So concurrent callers never see each other's
+tokens, and no autograd graph stays on the model after the call.
 
 Two more per-thread switches live here, beside ``vtr.conditioned``'s query: a model switched off
 (``vtr.disabled``, and eval-mode calls of a model patched with ``active="train"``) runs as the unpatched
@@ -17,7 +18,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional
 
 from torch import Tensor
@@ -55,6 +56,31 @@ class Decision:
     layer: int
     keep: Tensor
     target: float
+
+
+@dataclass(frozen=True)
+class LastCall:
+    """What this thread keeps of its last call of a patched model.
+
+    report: the call's :class:`Report`, or None when it ran unreduced (``vtr.disabled``, or eval mode under
+        ``active="train"``): ``vtr.report`` then says so rather than describe an earlier call as this one.
+    features: a weak reference to the tokens the call returned to its caller (timm ``forward_features``),
+        so a head called on its own knows they are this call's tokens and pools them by this call's sizes.
+        Weak: it keeps no tensor, and no graph, alive.
+    """
+
+    report: Optional[Report]
+    features: Optional[weakref.ref] = None
+
+    def returned(self, x: Tensor) -> bool:
+        """``x`` is the tokens this call returned, or all of them under another name (``features.detach()``,
+        ``.data``: the same memory in the same layout). While they are alive no other tensor has their memory."""
+        features = None if self.features is None else self.features()
+        if features is None:
+            return False
+        return x is features or (x.device == features.device and x.device.type != "meta" and x.numel() > 0
+                                 and x.data_ptr() == features.data_ptr() and x.shape == features.shape
+                                 and x.stride() == features.stride())
 
 
 @dataclass(eq=False)
@@ -98,7 +124,7 @@ class Run:
 
 
 _ACTIVE: ContextVar[Optional[Run]] = ContextVar("vtr_active_run", default=None)
-_REPORTS: ContextVar[Optional[weakref.WeakKeyDictionary]] = ContextVar("vtr_reports", default=None)
+_LAST: ContextVar[Optional[weakref.WeakKeyDictionary]] = ContextVar("vtr_last_calls", default=None)
 _QUERIES: ContextVar[Optional[dict]] = ContextVar("vtr_queries", default=None)
 _OFF: ContextVar[frozenset] = ContextVar("vtr_off", default=frozenset())
 _DECISIONS: ContextVar[Optional[dict]] = ContextVar("vtr_decisions", default=None)
@@ -125,7 +151,7 @@ def opened(reduction: Reduction, training: bool = True) -> Iterator[Optional[Run
         yield run
         return
     if skips(reduction, training):
-        with switched_off(reduction):
+        with unreduced(reduction):
             yield None
         return
     run = Run(reduction, query=query_of(reduction), decisions=(_DECISIONS.get() or {}).get(reduction))
@@ -139,10 +165,6 @@ def opened(reduction: Reduction, training: bool = True) -> Iterator[Optional[Run
 def skips(reduction: Reduction, training: bool) -> bool:
     """A call of the model in this mode runs unreduced (switched off here, or eval under ``active="train"``)."""
     return reduction in _OFF.get() or not reduction.reduces_in(training)
-
-
-def is_off(reduction: Reduction) -> bool:
-    return reduction in _OFF.get()
 
 
 @contextmanager
@@ -159,6 +181,15 @@ def switched_off(reduction: Reduction) -> Iterator[None]:
     finally:
         _ACTIVE.reset(active_token)
         _OFF.reset(token)
+
+
+@contextmanager
+def unreduced(reduction: Reduction) -> Iterator[None]:
+    """A call of the model that must not reduce: switched off (:func:`switched_off`) while it runs, and once it
+    has returned, this thread's last call of the model is an unreduced one (``vtr.report`` says so)."""
+    with switched_off(reduction):
+        yield
+    _keep(reduction, LastCall(None))
 
 
 @contextmanager
@@ -185,16 +216,28 @@ def bound(run: Run) -> Iterator[Run]:
 
 
 def record(reduction: Reduction, report: Report) -> None:
-    """Keep ``report`` as this thread's last report of the model patched with ``reduction``."""
-    reports = _REPORTS.get()
-    reports = weakref.WeakKeyDictionary() if reports is None else reports.copy()   # copy: contexts stay apart
-    reports[reduction] = report
-    _REPORTS.set(reports)
+    """Keep ``report`` as this thread's last call of the model patched with ``reduction``."""
+    _keep(reduction, LastCall(report))
 
 
-def last_report(reduction: Reduction) -> Optional[Report]:
-    reports = _REPORTS.get()
-    return None if reports is None else reports.get(reduction)
+def returned(reduction: Reduction, features: Tensor) -> Tensor:
+    """Note ``features`` as the tokens this thread's last call of the model returned (see :class:`LastCall`)."""
+    last = last_call(reduction)
+    if last is not None:
+        _keep(reduction, replace(last, features=weakref.ref(features)))
+    return features
+
+
+def last_call(reduction: Reduction) -> Optional[LastCall]:
+    calls = _LAST.get()
+    return None if calls is None else calls.get(reduction)
+
+
+def _keep(reduction: Reduction, last: LastCall) -> None:
+    calls = _LAST.get()
+    calls = weakref.WeakKeyDictionary() if calls is None else calls.copy()   # copy: contexts stay apart
+    calls[reduction] = last
+    _LAST.set(calls)
 
 
 @contextmanager
@@ -240,24 +283,37 @@ class KeepQK:
             run.captured[(self.layer, self.which)] = output
 
 
-def final_sizes(reduction: Reduction, x: Tensor) -> Optional[Tensor]:
+def final_sizes(reduction: Reduction, x: Tensor, training: bool) -> Optional[Tensor]:
     """Sizes ``[B, N]`` of the final tokens ``x`` when pooling must weigh by them, or None when the
     model's own pooling is exact (nothing reduced, no padding).
 
     From the run in progress, or, when the head is called on its own after the features
-    (``forward_features`` then ``forward_head``), from this thread's last report.
+    (``forward_features`` then ``forward_head``), from the call that returned ``x``: this thread's last
+    call of the model. The tokens of any other call (an earlier one, another thread's) have sizes the
+    model no longer knows, and their shape cannot tell them apart, so they are refused; unless the model
+    runs unreduced here (``vtr.disabled``, eval mode under ``active="train"``, ``training`` being the
+    model's mode), where the head is the unpatched model's.
     """
-    if is_off(reduction):
-        return None
     run = active(reduction)
     if run is not None and run.state is not None:
         size, num_original = run.state.weight(), run.state.num_original
         padded, masked = run.state.padded, run.state.mask is not None
     else:
-        report = last_report(reduction)
-        if report is None:
-            raise RuntimeError("a vtr-patched model pools the tokens of its own forward pass; run the model "
-                               "(or its forward_features) first")
+        last = last_call(reduction)
+        if last is None or not last.returned(x):
+            if skips(reduction, training):
+                return None
+            if last is None:
+                raise RuntimeError("a vtr-patched model pools the tokens of its own forward pass; run the model "
+                                   "(or its forward_features) first")
+            raise RuntimeError(
+                "a vtr-patched model pools reduced tokens by the sizes of the call that produced them, and these "
+                "are not the tokens this thread's last call of the model returned (an earlier call's, or another "
+                "thread's): call the model as a whole (model(x)), or pass the head the features that "
+                "forward_features just returned")
+        report = last.report
+        if report is None:   # an unreduced call returned them: the model's own pooling is exact
+            return None
         size, num_original = report.size, report.assignment.shape[1]
         padded, masked = bool((size == 0).any()), report.mask is not None
         if masked:

@@ -29,7 +29,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..adapters import family, find_adapter, is_patched, settings, unwrap
-from ..api import report
+from ..core import run as runs
 from ..reducers import Signals
 
 COUNTERS = ("torch", "fvcore")
@@ -429,8 +429,10 @@ def _mean(values: list) -> Optional[float]:
 
 
 def _tokens_per_block(model: nn.Module, num_blocks: int, seen: list) -> list:
-    """(tokens in, tokens out) per block: from vtr.report on a patched model, else from the hooks."""
-    counts = report(model).tokens if is_patched(model) else []
+    """(tokens in, tokens out) per block: from the report of a patched model's reduced call, else (an unpatched
+    model, or a call that ran unreduced: eval mode under ``active="train"``) from the hooks."""
+    last = runs.last_call(settings(model)) if is_patched(model) else None
+    counts = last.report.tokens if last is not None and last.report is not None else []
     if len(counts) == num_blocks + 1:
         return [(counts[i], counts[i + 1]) for i in range(num_blocks)]
     entering = dict(seen)
