@@ -53,7 +53,7 @@ from ..errors import UnsupportedModelError
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.run import VlmRun
 from ..vlm import items
-from . import anyres, before_lm, in_llm, video
+from . import anyres, before_lm, bench, in_llm, video
 from .common import LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, prefill_macs
 
 
@@ -238,6 +238,12 @@ class Llava(VlmAdapter):
             before_lm.install(model, reduction)
         model._vtr = reduction
         swap_class(model, PruningLlava if reduction.visual.in_llm else ReducingLlava)
+
+    def benchmark_workload(self, model: nn.Module, *args) -> tuple[dict, int, str, dict]:
+        return bench.workload(model, *args)
+
+    def benchmark_prompt(self, model: nn.Module, inputs: dict, before: bool, timed):
+        return bench.prompt(model, inputs, before, timed)
 
     def unpatch(self, model: nn.Module) -> None:
         in_llm.uninstall(model)

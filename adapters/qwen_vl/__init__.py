@@ -37,7 +37,7 @@ from ..vlm import in_llm as pruning
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm import items
 from ..vlm.run import VlmRun
-from . import before_lm, in_llm
+from . import before_lm, bench, in_llm
 from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes
 
 SUPPORTED = "Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and Qwen2VLForConditionalGeneration (Qwen2-VL)"
@@ -134,6 +134,12 @@ class QwenVL(VlmAdapter):
             pruning.install(model, reduction, in_llm.QwenVisuals())
         model._vtr = reduction
         swap_class(model, ReducingQwenVL)
+
+    def benchmark_workload(self, model: nn.Module, *args) -> tuple[dict, int, str, dict]:
+        return bench.workload(model, *args)
+
+    def benchmark_prompt(self, model: nn.Module, inputs: dict, before: bool, timed):
+        return bench.prompt(model, inputs, before, timed)
 
     def unpatch(self, model: nn.Module) -> None:
         pruning.uninstall(model)

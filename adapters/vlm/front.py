@@ -6,7 +6,7 @@ import functools
 import inspect
 from typing import Callable, Optional
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from vtr.budget.visual import VisualPlan
 from vtr.core import run as runs
@@ -77,3 +77,15 @@ class VlmAdapter(Adapter):
              temporal: Optional[float] = None) -> VisualPlan:
         """The typed settings every call reads (never ``Reduction.arguments``, which is what the user typed)."""
         return VisualPlan.given(budget=budget, layers=layers, frames=frames, temporal=temporal)
+
+    # The family's hooks for the VLM prefill benchmark (vtr.tools.bench_vlm), so the tool needs no family's internals.
+    def benchmark_workload(self, model: nn.Module, text: int, batch: int, image_size: Optional[int],
+                           video_frames: int, frames: Optional[str]) -> tuple[dict, int, str, dict]:
+        """(inputs, visual tokens per prompt, description, extra ``vtr.patch`` keywords) of ``batch`` copies of
+        one prompt of ``text`` text tokens and one image (or ``video_frames``-frame video) with random pixels."""
+        raise NotImplementedError(f"the {self.name} adapter has no benchmark prompts")
+
+    def benchmark_prompt(self, model: nn.Module, inputs: dict, before: bool, timed: Callable):
+        """(vision seconds, prefill keywords, positions of decode step i) of ``inputs`` for the model as it is
+        now; ``before``: it reduces before the language model (timed, with ``timed``, as the vision part)."""
+        raise NotImplementedError(f"the {self.name} adapter has no benchmark prompts")

@@ -23,9 +23,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from ..adapters import family, is_patched, settings
-from ..adapters.llava import before_lm as llava_before_lm, video as llava_video
-from ..adapters.qwen_vl import before_lm as qwen_before_lm
+from ..adapters import find_adapter, is_patched, settings
 from ..api import patch, report, unpatch
 from .models import load_hf_vlm
 
@@ -157,100 +155,12 @@ class Workload:
     patch: dict         # extra keywords of vtr.patch for this input (a video's frame split)
 
 
-def _text_ids(count: int, below: int) -> list:
-    """``count`` ordinary token ids (none of the model's special ones, which all lie at or above ``below``)."""
-    return [1 + i % (below - 2) for i in range(count)]
-
-
 def workload(model: nn.Module, text: int = 40, batch: int = 1, image_size: Optional[int] = None,
              video_frames: int = 0, frames: Optional[str] = None) -> Workload:
     """``batch`` copies of one prompt for ``model``: ``text`` text tokens around one image of ``image_size``
     (default the model's), or for Qwen-VL, LLaVA-OneVision and NeXT-Video a ``video_frames``-frame video of that
-    side."""
-    config = model.config
-    generator = torch.Generator().manual_seed(0)
-    half = text // 2
-    if llava_video.is_video_model(model):
-        return _video_workload(model, text, batch, image_size, video_frames, frames)
-    if family(model) == "llava":
-        if video_frames:
-            raise ValueError("videos are benchmarked on Qwen-VL or LLaVA-OneVision / NeXT-Video; a LLaVA prompt "
-                             "holds one image")
-        token = config.image_token_index
-        side = config.vision_config.image_size
-        next_ = "Next" in type(config).__name__
-        full = 2 * side if next_ else side   # NeXT: a base view and 2 x 2 crops of the tower's size
-        if image_size is not None and image_size != full:
-            raise ValueError(f"this LLaVA takes {full}x{full} images (its vision tower's size), got {image_size}")
-        if next_:   # the base view plus 4 crops; the model says how many tokens that packs into
-            pixels = torch.randn(batch, 5, 3, side, side, generator=generator)
-            vision = {"image_sizes": torch.tensor([[full, full]] * batch)}
-            with torch.inference_mode():
-                visual = len(model.model.get_image_features(pixels[:1], vision["image_sizes"][:1]).pooler_output[0])
-        else:
-            pixels, vision, visual = torch.randn(batch, 3, side, side, generator=generator), {}, config.image_seq_length
-        ids = _text_ids(text, min(token, config.text_config.vocab_size))
-        row = ids[:half] + [token] * visual + ids[half:]
-        return Workload({"input_ids": torch.tensor([row] * batch), "pixel_values": pixels, **vision}, visual,
-                        f"a {full}x{full} image", {})
-    vision_config = config.vision_config
-    patch_size, merge, temporal = (vision_config.patch_size, vision_config.spatial_merge_size,
-                                   vision_config.temporal_patch_size)
-    side = image_size or (224 if video_frames else 448)
-    if side % (patch_size * merge):
-        raise ValueError(f"a Qwen-VL image side is a multiple of {patch_size * merge} (patch {patch_size} x merge "
-                         f"{merge}), got {side}")
-    kind = "video" if video_frames else "image"
-    grid = (max(video_frames // temporal, 1) if video_frames else 1, side // patch_size, side // patch_size)
-    visual = grid[0] * (grid[1] // merge) * (grid[2] // merge)
-    special = (config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id)
-    ids = _text_ids(max(text - 2, 0), min(*special, config.text_config.vocab_size))
-    token = config.image_token_id if kind == "image" else config.video_token_id
-    row = ids[:half] + [config.vision_start_token_id] + [token] * visual + [config.vision_end_token_id] + ids[half:]
-    input_ids = torch.tensor([row] * batch)
-    pixels = torch.randn(batch * grid[0] * grid[1] * grid[2], 3 * temporal * patch_size ** 2, generator=generator)
-    shown = (f"a {side}x{side} image" if kind == "image" else
-             f"a {video_frames}-frame video of {side}x{side} ({grid[0]} temporal patches)")
-    return Workload({"input_ids": input_ids,
-                     "mm_token_type_ids": (input_ids == config.image_token_id).long()
-                     + 2 * (input_ids == config.video_token_id).long(),
-                     "pixel_values" if kind == "image" else "pixel_values_videos": pixels,
-                     f"{kind}_grid_thw": torch.tensor([grid] * batch)},
-                    visual, shown, {"frames": frames} if video_frames and frames else {})
-
-
-def _video_workload(model: nn.Module, text: int, batch: int, image_size: Optional[int], video_frames: int,
-                    frames: Optional[str]) -> Workload:
-    """LLaVA-OneVision / NeXT-Video: a video's frames are the tower's size, each pooled to a grid of tokens
-    (OneVision adds one newline token per video); an image of any side is the base view and its AnyRes crops, as
-    many tokens as the model's own ``get_image_features`` packs it into."""
-    config = model.config
-    side = config.vision_config.image_size
-    generator = torch.Generator().manual_seed(0)
-    if video_frames:
-        if image_size is not None and image_size != side:
-            raise ValueError(f"this model takes {side}x{side} frames (its vision tower's size), got {image_size}")
-        rows, cols = llava_video.frame_grid(model)
-        visual = video_frames * rows * cols + llava_video.is_onevision(model)
-        token = config.video_token_id
-        shown = f"a {video_frames}-frame video of {side}x{side} ({rows}x{cols} tokens a frame)"
-        vision = {"pixel_values_videos": torch.randn(batch, video_frames, 3, side, side, generator=generator)}
-    else:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        full = image_size or side
-        views = image_size_to_num_patches((full, full), config.image_grid_pinpoints, side)   # base view + crops
-        vision = {"pixel_values": torch.randn(batch, views, 3, side, side, generator=generator),
-                  "image_sizes": torch.tensor([[full, full]] * batch)}
-        with torch.inference_mode():
-            visual = len(model.model.get_image_features(vision["pixel_values"][:1],
-                                                        vision["image_sizes"][:1]).pooler_output[0])
-        token = config.image_token_id
-        shown = f"a {full}x{full} image (the base view and {views - 1} crop{'s' * (views > 2)})"
-    ids = _text_ids(text, min(config.image_token_id, config.video_token_id, config.text_config.vocab_size))
-    row = ids[:text // 2] + [token] * visual + ids[text // 2:]
-    return Workload({"input_ids": torch.tensor([row] * batch), **vision}, visual, shown,
-                    {"frames": frames} if video_frames and frames else {})
+    side; built by the family (``Adapter.benchmark_workload``)."""
+    return Workload(*find_adapter(model).benchmark_workload(model, text, batch, image_size, video_frames, frames))
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
@@ -263,88 +173,13 @@ def timed(fn: Callable) -> tuple[float, Any]:
     return benchmark.timer() - start, result
 
 
-def _llava_prompt(model: nn.Module, inputs: dict, before: bool):
-    """(vision seconds, prefill keywords, positions of decode step i) for the model as it is now."""
-    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
-    mask = torch.ones_like(ids)
-    vision = {k: v for k, v in inputs.items() if k == "image_sizes"}
-    if before:   # vision tower + reducer + compaction: what the patched model does before its language model
-        prepare = lambda: llava_before_lm.prepare(model, ids, mask, pixels, left=True, **vision)  # noqa: E731
-        seconds, prepared = timed(prepare)
-        ids, mask, image = prepared.input_ids, prepared.attention_mask, prepared.image_outputs
-    else:
-        encode = lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True, **vision)  # noqa: E731
-        seconds, image = timed(encode)
-    length = ids.shape[1]
-    return (seconds, dict(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}),
-            lambda step: torch.full((ids.shape[0], 1), length + step, device=ids.device))
-
-
-def _video_prompt(model: nn.Module, inputs: dict, before: bool):
-    """LLaVA-OneVision / NeXT-Video: as :func:`_llava_prompt`, images and videos each through the model's own
-    encoder (unreduced) or the adapter's ``prepare`` (reduced before the LM)."""
-    ids = inputs["input_ids"]
-    mask = torch.ones_like(ids)
-    vision = {k: v for k, v in inputs.items() if k != "input_ids"}
-    if before:   # vision tower + pooling + reducer + compaction
-        prepare = lambda: llava_video.prepare(model, ids, dict(vision, attention_mask=mask), True)  # noqa: E731
-        seconds, compacted = timed(prepare)
-        ids, mask = compacted.input_ids, compacted.model_inputs["attention_mask"]
-        outputs = compacted.model_inputs["mm_encoder_outputs"]
-    else:
-        def encode() -> dict:
-            outputs = {}
-            if "pixel_values" in vision:
-                outputs["image"] = model.model.get_image_features(vision["pixel_values"], vision["image_sizes"],
-                                                                  return_dict=True)
-            if "pixel_values_videos" in vision:
-                outputs["video"] = model.model.get_video_features(vision["pixel_values_videos"], return_dict=True)
-            return outputs
-        seconds, outputs = timed(encode)
-    length = ids.shape[1]
-    return (seconds, dict(input_ids=ids, attention_mask=mask, mm_encoder_outputs=outputs),
-            lambda step: torch.full((ids.shape[0], 1), length + step, device=ids.device))
-
-
-def _qwen_prompt(model: nn.Module, inputs: dict, before: bool):
-    ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
-    mask = torch.ones_like(ids)
-    vision = {k: v for k, v in inputs.items() if k.startswith(("pixel", "image_grid", "video_grid"))}
-    if before:   # vision tower + reducer + compaction + M-RoPE positions
-        prepare = lambda: qwen_before_lm.prepare(model, ids, mask, types, None, left=True, **vision)  # noqa: E731
-        seconds, prepared = timed(prepare)
-        ids, mask, positions = prepared.input_ids, prepared.attention_mask, prepared.position_ids
-        outputs, types = prepared.encoder_outputs, prepared.mm_token_type_ids
-    else:
-        def encode() -> dict:
-            outputs = {}
-            if "pixel_values" in vision:
-                outputs["image"] = model.model.get_image_features(vision["pixel_values"], vision["image_grid_thw"],
-                                                                  return_dict=True)
-            if "pixel_values_videos" in vision:
-                outputs["video"] = model.model.get_video_features(vision["pixel_values_videos"],
-                                                                  vision["video_grid_thw"], return_dict=True)
-            return outputs
-        seconds, outputs = timed(encode)
-        rope, _ = model.model.get_rope_index(ids, types, image_grid_thw=inputs.get("image_grid_thw"),
-                                             video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
-        text = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        positions = torch.cat([text[None], rope])
-    last = positions.amax(dim=(0, 2))   # each decode step is one past the prompt's last position
-    return (seconds, dict(input_ids=ids, attention_mask=mask, position_ids=positions, mm_token_type_ids=types,
-                          mm_encoder_outputs=outputs),
-            lambda step: (last + 1 + step).view(1, -1, 1).expand(4, -1, -1))
-
-
 @torch.inference_mode()
 def measure(model: nn.Module, inputs: dict, decode_tokens: int = 8) -> dict:
     """One timing of each part for the model as it is now (patched or not): ``vision`` and ``prefill`` seconds,
     ``decode_ms`` per token; patched, also the report's LM prefill ``macs``/``macs_unreduced`` and ``kept``."""
     patched = is_patched(model)
-    before = patched and settings(model).arguments.get("layers") is None
-    prompt = (_video_prompt if llava_video.is_video_model(model) else
-              _llava_prompt if family(model) == "llava" else _qwen_prompt)
-    vision, prefill_inputs, step_positions = prompt(model, inputs, before)
+    before = patched and not settings(model).visual.in_llm
+    vision, prefill_inputs, step_positions = find_adapter(model).benchmark_prompt(model, inputs, before, timed)
     prefill_inputs.update(logits_to_keep=1, use_cache=True)
     prefill, out = timed(lambda: model(**prefill_inputs))
 
