@@ -50,7 +50,6 @@ crops), and newline tokens are ordinary tokens there (kept, merged or dropped li
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,7 +59,7 @@ from torch import Tensor, nn
 from vtr.core.plan import Reduction
 from vtr.core.state import TokenState
 from vtr.reducers.base import Reducer
-from vtr.reducers.drop import allocate
+from vtr.budget.visual import split_budget
 
 from ..errors import UnsupportedModelError
 from .common import AnyresLayout, ReducedImages, decision_macs, layout, reduce_group
@@ -111,22 +110,6 @@ def crop_importance(geometry: AnyresLayout, base_attention: Tensor) -> Tensor:
     rows, cols = geometry.map_position(crops.nonzero()[:, 0])
     mass = torch.zeros(geometry.num_crops, dtype=torch.float64)
     return mass.index_add_(0, geometry.part[crops] - 1, density[rows, cols])
-
-
-def split_budget(available: int, base_tokens: int, crop_tokens: list[int],
-                 crop_weights: Tensor) -> tuple[int, list[int]]:
-    """(base budget, budget per crop) summing to ``available`` tokens (the image's budget less its newline).
-
-    The base's share follows its token count (at least 1, leaving at least 1 for the crops); the
-    crops split the rest by ``crop_weights``, capped at their tokens (largest remainder, exact).
-    """
-    content = base_tokens + sum(crop_tokens)
-    if not 2 <= available < content:
-        raise ValueError(f"split_budget: available must be in [2, {content - 1}], got {available}")
-    base = min(max(1, math.floor(available * base_tokens / content + 0.5)), available - 1)
-    capacity = torch.tensor([crop_tokens], dtype=torch.float64)
-    crops = allocate(crop_weights.double().reshape(1, -1), capacity, torch.tensor([available - base]))
-    return base, crops[0].tolist()
 
 
 @dataclass
@@ -267,4 +250,4 @@ def expected_parts(model: nn.Module, budget: int) -> list[tuple[int, int]]:
 
 
 __all__ = ["AnyresSplit", "MIN_BUDGET", "check", "check_reduction", "crop_importance", "expected_parts", "plan",
-           "reduce_images", "split_budget"]
+           "reduce_images"]

@@ -27,7 +27,8 @@ from vtr.budget.cost import EncoderCost
 from vtr.core.plan import Reduction
 from vtr.core.signals import Signals
 from vtr.core.state import TokenState
-from vtr.reducers.video import TemporalMerge, frame_budgets, frame_weights
+from vtr.budget.visual import frame_budgets
+from vtr.reducers.video import TemporalMerge, frame_weights
 
 from .reduce import reduce_state
 

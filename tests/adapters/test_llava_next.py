@@ -7,7 +7,8 @@ from hypothesis import example, given, settings, strategies as st
 
 import vtr
 from vtr.adapters.llava import anyres
-from vtr.adapters.llava.anyres import crop_importance, split_budget
+from vtr.adapters.llava.anyres import crop_importance
+from vtr.budget.visual import split_budget
 from vtr.adapters.llava.common import largest_image_tokens, layout
 from vtr.reducers import REDUCERS
 

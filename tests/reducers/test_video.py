@@ -4,7 +4,8 @@ import torch
 
 from vtr.core.signals import Signals
 from vtr.core.state import TokenState
-from vtr.reducers.video import TemporalMerge, frame_budgets, frame_weights
+from vtr.budget.visual import frame_budgets
+from vtr.reducers.video import TemporalMerge, frame_weights
 
 
 def video(frames: list[torch.Tensor]) -> tuple[TokenState, Signals]:

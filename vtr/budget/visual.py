@@ -9,6 +9,8 @@ typed settings a patched VLM holds, beside its schedule) and, from it, every cou
 - inside the language model (``layers=[K1, ..., Km]``), B is the count after the last stage and the stages before
   decay geometrically towards it (:func:`stage_budgets`, p-MoD), or a list gives every stage's count; images of
   any size take their own (:func:`image_budgets`);
+- an AnyRes image's budget is shared by its thumbnail and crops (:func:`split_budget`), a video's by its frames
+  (:func:`frame_budgets`);
 - each count is reached in as many reducer steps as the reducer's ``max_step`` allows (:func:`reduction_steps`).
 
 The schedule a patched VLM reports is these steps on a reference image (:func:`schedule`). Nothing here knows a
@@ -16,10 +18,15 @@ model family: the adapters say how many tokens an image has and where they go.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import torch
+from torch import Tensor
+
 from ..reducers.base import Reducer
+from ..reducers.drop import allocate
 from ..reducers.video import FRAME_SPLITS
 from .schedule import Schedule
 
@@ -164,6 +171,40 @@ def image_budgets(budget: Budget, num_tokens: int, num_protected: int, num_stage
     if num_tokens <= budget:
         return [num_tokens] * num_stages
     return stage_budgets(budget, num_tokens, num_protected, num_stages)
+
+
+# -- how one image's or video's budget is shared by its parts ----------------------------------------------
+
+def split_budget(available: int, base_tokens: int, crop_tokens: list[int],
+                 crop_weights: Tensor) -> tuple[int, list[int]]:
+    """(base budget, budget per crop) summing to ``available`` tokens (the image's budget less its newline).
+
+    The base's share follows its token count (at least 1, leaving at least 1 for the crops); the
+    crops split the rest by ``crop_weights``, capped at their tokens (largest remainder, exact).
+    """
+    content = base_tokens + sum(crop_tokens)
+    if not 2 <= available < content:
+        raise ValueError(f"split_budget: available must be in [2, {content - 1}], got {available}")
+    base = min(max(1, math.floor(available * base_tokens / content + 0.5)), available - 1)
+    capacity = torch.tensor([crop_tokens], dtype=torch.float64)
+    crops = allocate(crop_weights.double().reshape(1, -1), capacity, torch.tensor([available - base]))
+    return base, crops[0].tolist()
+
+
+def frame_budgets(budget: int, frame_tokens: Tensor, weights: Tensor) -> Tensor:
+    """``[T]`` tokens each frame keeps: ``budget`` in all (at most the tokens there are), every frame at least
+    one while the budget allows (temporal coverage), the rest in proportion to ``weights``, capped at each
+    frame's ``frame_tokens`` (``vtr.reducers.drop.allocate``: exact, largest remainder)."""
+    frame_tokens = frame_tokens.long()
+    total = min(int(budget), int(frame_tokens.sum()))
+    present = frame_tokens > 0
+    if total < int(present.sum()):   # fewer tokens than frames: the heaviest frames get one each
+        order = weights.masked_fill(~present, -1.0).argsort(descending=True, stable=True)[:total]
+        return torch.zeros_like(frame_tokens).scatter_(0, order, 1)
+    floor = present.long()
+    rest = allocate(weights[None].clamp_min(0.0), (frame_tokens - floor)[None].double(),
+                    torch.tensor([total - int(floor.sum())]))[0]
+    return floor + rest.to(floor.device)
 
 
 # -- the schedule a patched VLM reports: the steps of a reference image --------------------------------

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from ..core.state import TokenState
 from .base import Reducer, Signals, unit
-from .drop import allocate
 from .select import check_signal
 
 FRAME_SPLITS = ("uniform", "novelty", "relevance")
@@ -107,19 +106,3 @@ def frame_weights(frames: Tensor, split: str, query: Optional[Tensor] = None) ->
         raise ValueError("frames='relevance' needs a query (the prompt's text, or vtr.conditioned)")
     query = unit(query.reshape(-1, query.shape[-1]).to(frames.dtype))
     return (tokens @ query.T).amax(-1).mean(-1).clamp_min(0.0).double()
-
-
-def frame_budgets(budget: int, frame_tokens: Tensor, weights: Tensor) -> Tensor:
-    """``[T]`` tokens each frame keeps: ``budget`` in all (at most the tokens there are), every frame at least
-    one while the budget allows (temporal coverage), the rest in proportion to ``weights``, capped at each
-    frame's ``frame_tokens`` (``vtr.reducers.drop.allocate``: exact, largest remainder)."""
-    frame_tokens = frame_tokens.long()
-    total = min(int(budget), int(frame_tokens.sum()))
-    present = frame_tokens > 0
-    if total < int(present.sum()):   # fewer tokens than frames: the heaviest frames get one each
-        order = weights.masked_fill(~present, -1.0).argsort(descending=True, stable=True)[:total]
-        return torch.zeros_like(frame_tokens).scatter_(0, order, 1)
-    floor = present.long()
-    rest = allocate(weights[None].clamp_min(0.0), (frame_tokens - floor)[None].double(),
-                    torch.tensor([total - int(floor.sum())]))[0]
-    return floor + rest.to(floor.device)
