@@ -215,10 +215,11 @@ class TokenState:
         carries none gets ``missing`` (default ``N0``)."""
         missing = self.num_original if missing is None else missing
         index = torch.arange(self.num_original, device=self.x.device) if values is None else values
-        carried = self.assignment >= 0
-        first = torch.full(self.size.shape, missing, dtype=torch.long, device=self.x.device)
-        return first.scatter_reduce_(1, self.assignment.clamp_min(0),
-                                     torch.where(carried, index.expand_as(self.assignment), missing), "amin")
+        none = torch.iinfo(torch.long).max   # the identity of "amin": a token no original reaches keeps it
+        first = torch.full(self.size.shape, none, dtype=torch.long, device=self.x.device)
+        carried = torch.where(self.assignment >= 0, index.expand_as(self.assignment), none)
+        first.scatter_reduce_(1, self.assignment.clamp_min(0), carried, "amin")
+        return first.masked_fill(first == none, missing)
 
 
 def _merge(x: Tensor, weight: Tensor, flat_dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
