@@ -36,8 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default="cpu",
                         help="cpu or cuda (cuda:N): where the model is evaluated (default: %(default)s; the task "
                              "model's first training runs on the CPU)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smaller task and model (trained once in about a minute, cached; 500 test images)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true",
+                       help="a smaller task and model (trained once in about a minute, cached; 500 test images)")
+    which.add_argument("--second", action="store_true",
+                       help="the second task model: 6 blocks, 8 px patches, 48 px images (defaults must hold on both)")
     parser.add_argument("--retrain", action="store_true", help="train the task model again, ignoring the cache")
     parser.add_argument("--cache", default=None, help="checkpoint cache dir (default: $VTR_CACHE or ~/.cache/vtr)")
     real = parser.add_argument_group("your own model and data")
@@ -96,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         model, data = _own_model(args)
         setting = {"checkpoint": args.checkpoint, "model": args.model, "data": args.data}
     else:
-        task, training = (fidelity.QUICK_TASK, fidelity.QUICK_TRAINING) if args.quick else (fidelity.Task(), fidelity.Training())
+        task, training = ((fidelity.QUICK_TASK, fidelity.QUICK_TRAINING) if args.quick else
+                          (fidelity.SECOND_TASK, fidelity.SECOND_TRAINING) if args.second else
+                          (fidelity.Task(), fidelity.Training()))
         root = Path(args.cache) if args.cache else None
         model = fidelity.trained_model(task, training, root=root, retrain=args.retrain, log=log)
         count = min(args.test_images, 500) if args.quick else args.test_images

@@ -43,7 +43,8 @@ def once_after_mixing(num_layers: int) -> list[int]:
 class EvitLayers:
     """Where EViT-style methods reduce by default: EViT's layers (:func:`after_mixing`), chosen for keep
     ratios of 0.5 to 0.9 per step; a ``flops=`` target that needs less there adds a step at block 1, the
-    first whose CLS attention has seen the image. Mixed in before :class:`Reducer`."""
+    first whose CLS attention has seen the image, and one that needs less even then (a shallow model) takes
+    the single step at block 1 when that keeps more tokens to the end. Mixed in before :class:`Reducer`."""
 
     lowest_keep = 0.5
 

@@ -127,6 +127,12 @@ class Training:
 QUICK_TASK = Task(clutter=12, num_classes=4)
 QUICK_TRAINING = Training(embed_dim=32, depth=4, num_heads=2, train_images=4000, epochs=8, lr=1.5e-3)
 
+# `vtr fidelity --second`: a second trained ViT on which the methods' defaults must hold too (issue 21), unlike the
+# default one in depth (6 blocks, not 12), patch size (8 px, not 4: a glyph spans 1-4 tokens, not 4-9) and task
+# (48 px images with more clutter: 36 patch tokens, not 64).
+SECOND_TASK = Task(image_size=48, patch_size=8, clutter=40, num_classes=8)
+SECOND_TRAINING = Training(embed_dim=64, depth=6, num_heads=4, train_images=12000, epochs=16, lr=2e-3)
+
 
 def build_model(task: Task, training: Training) -> nn.Module:
     import timm
