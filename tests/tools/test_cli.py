@@ -137,6 +137,7 @@ MISTAKES = [
     (["fidelity", "--quick", "--batch", "0"], "--batch", "positive integer"),
     (["fidelity", "--quick", "--batch-size", "10"], "--batch-size", "unrecognized arguments"),
     (["fidelity", "--quick", "--test-images", "0"], "--test-images", "positive integer"),
+    (["fidelity", "--quick", "--second"], "--second", "not allowed with argument --quick"),
     (["fidelity", "--quick", "--json", "out.json"], "out.json", "unrecognized arguments"),   # a switch now
     (["fidelity", "--quick", "--out", "/nonexistent-dir/r.json"], "--out", "no such directory"),
     (["fidelity", "--quick", "--out", "acc.png"], "--out", "draw a picture with --plot"),
