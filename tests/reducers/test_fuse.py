@@ -113,14 +113,16 @@ def test_flops_is_solved_over_the_methods_own_layers(method, layers):
 @pytest.mark.parametrize("method", ["evit", "dynamicvit"])
 def test_evit_adds_a_step_at_block_1_for_targets_past_its_papers_keep_ratios(method):
     """EViT's layers were chosen for keep ratios of 0.5-0.9; at 35% FLOPs they would leave 2 tokens
-    (72.5% top-1 on the fidelity task, 88% with a step at block 1). Within the paper's range, and
-    whenever the user gives layers=, the layers stay as given. dynamicvit starts as evit: the same."""
+    (72.5% top-1 on the fidelity task, 88% with a step at block 1). Past that range even with block 1 (20%),
+    one step at block 1 alone keeps more tokens to the end (fidelity ViT at 30%: 87.95% against 82.55% for
+    blocks 1, 3, 6, 9). Within the paper's range, and whenever the user gives layers=, the layers stay as
+    given. dynamicvit starts as evit: the same."""
     model = build_timm("tiny", depth=12)
 
     def reducing() -> list[int]:
         return [i for i, a in enumerate(model._vtr.schedule.amounts) if a != 1.0]
 
-    for flops, layers in ((0.7, [3, 6, 9]), (0.35, [1, 3, 6, 9]), (0.2, [1, 3, 6, 9])):
+    for flops, layers in ((0.7, [3, 6, 9]), (0.35, [1, 3, 6, 9]), (0.2, [1])):
         vtr.patch(model, method, flops=flops)
         assert reducing() == layers, flops
         vtr.unpatch(model)
