@@ -7,10 +7,10 @@ tokens before the first block, so every block runs on the filtered sequence.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core.state import TokenState
 from .base import Reducer, Signals, check_finite, check_number, register, unit
