@@ -114,3 +114,25 @@ def fused_dest(state: TokenState, kept: Tensor, num_kept: int, fuse: str, metric
     into = dest.clone()
     into[:, protected:] = into[:, protected:].scatter(1, others, protected + nearest)
     return torch.where(rest, into, dest)
+
+
+def check_decision_inputs(reducer: Reducer, state: TokenState, **signals: Optional[Tensor]) -> None:
+    """The signals a decision reads (a score, a metric) must be finite on the real tokens: top-k, argmax and
+    greedy selection on NaN pick arbitrary, even repeated, tokens without a word. One host sync per step."""
+    real = state.size > 0
+    for name, value in signals.items():
+        if value is None:
+            continue
+        values = value[real] if value.shape[:2] == real.shape else value
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise ValueError(f"{reducer.name}: signals.{name} must be finite on the real tokens, got {bad} NaN or Inf "
+                             f"of {values.numel()} values")
+
+
+def unit_rows(metric: Tensor) -> Tensor:
+    """Rows scaled to unit length for cosine similarity: float64 stays float64 (a reference test's decisions then
+    never hinge on float32 rounding), anything else is computed in float32 (:func:`~vtr.reducers.base.unit`)."""
+    if metric.dtype == torch.float64:
+        return torch.nn.functional.normalize(metric, dim=-1, eps=1e-6)
+    return unit(metric)
