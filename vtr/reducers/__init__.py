@@ -1,9 +1,10 @@
 """Reducers: model-agnostic modules that turn a token state into a smaller one."""
 from .base import REDUCERS, Reducer, Signals, check_budget, dest_from_choice
-from . import (atf, baselines, drop, dynamicvit, fastervlm, fastv, merge, pool, query, sit, video)  # noqa: F401  (registers the methods)
+from . import (atf, baselines, divprune, drop, dynamicvit, fastervlm, fastv, merge, pool, query, sit, video)  # noqa: F401  (registers the methods)
 from .atf import ATF
 from .baselines import NoReduction, RandomDrop
 from .drop import EViT, HiRED
+from .divprune import DivPrune
 from .dynamicvit import DynamicViT
 from .fastervlm import FasterVLM
 from .fastv import FastV
@@ -15,4 +16,4 @@ from .video import TemporalMerge
 
 __all__ = ["REDUCERS", "Reducer", "Signals", "check_budget", "dest_from_choice",
            "NoReduction", "RandomDrop", "PiToMe", "ToMe", "EViT", "HiRED", "ATF", "QueryPrune", "GridPool", "FastV",
-           "TemporalMerge", "DynamicViT", "SiT", "FasterVLM"]
+           "TemporalMerge", "DynamicViT", "SiT", "DivPrune", "FasterVLM"]
