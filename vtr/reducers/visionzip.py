@@ -77,11 +77,11 @@ class VisionZip(Reducer):
         return last_layer(num_layers)
 
     def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
-        """The [CLS] row (with a [CLS] token) and the cosine of every merged token with every target."""
+        """The [CLS] row (with a [CLS] token) and the cosine of every unprotected token with every target."""
         kept = (num_tokens + cost.num_protected) // 2 if num_kept is None else num_kept
         dominant, contextual = split_budget(kept - cost.num_protected, self.contextual)
-        merged = max(num_tokens - cost.num_protected - dominant - contextual, 0) if contextual else 0
-        return (float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0) + float(merged * contextual * cost.metric_dim)
+        unprotected = num_tokens - cost.num_protected
+        return (float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0) + float(unprotected * contextual * cost.metric_dim)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         if signals.metric is None:
@@ -99,9 +99,15 @@ class VisionZip(Reducer):
         kept = keep_first((dominant | target).float() * 2 + (~valid).float(), num_kept - protected)
         dest = dest_from_choice(state, kept)
 
-        tokens = unit_rows(metric[:, protected:])
-        similarity = (tokens @ tokens.transpose(1, 2)).masked_fill(~target[:, None, :], float("-inf"))
-        into = similarity.argmax(dim=-1)                                    # [B, U]: the most similar target
+        # Each token's most similar target (first in position order on a tie, as argmax over the code's targets).
+        into = torch.zeros_like(valid, dtype=torch.long)                    # [B, U]; read for merged tokens only
+        if num_contextual:
+            tokens = unit_rows(metric[:, protected:])
+            targets = keep_first(target.float(), num_contextual)           # [B, C]; fillers where a row has fewer
+            chosen = tokens.gather(1, targets[..., None].expand(-1, -1, tokens.shape[-1]))
+            similarity = (tokens @ chosen.transpose(1, 2)).masked_fill(~target.gather(1, targets)[:, None, :],
+                                                                      float("-inf"))
+            into = targets.gather(1, similarity.argmax(dim=-1))
         rel = dest[:, protected:]
         dest = torch.cat([dest[:, :protected], torch.where(merged, rel.gather(1, into), rel)], dim=1)
         if self.merge == "mean":
