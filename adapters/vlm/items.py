@@ -105,10 +105,11 @@ def budget_of(reduction: Reduction, item: Visual) -> int:
 
 
 def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[list],
-                 cost: EncoderCost) -> tuple[list[Reduced], float]:
+                 cost: EncoderCost, received: Optional[list] = None) -> tuple[list[Reduced], float]:
     """Each item reduced to its own budget (``cost`` prices the reducer's decisions). Images of one grid (or, with
     none, of one count) are reduced together (each row of a reducer is independent of the others); query-conditioned
-    reducers run image by image (each its row's query); videos one by one, frame by frame."""
+    reducers run image by image (each its row's query); videos one by one, frame by frame. ``received``: per item,
+    the attention each of its tokens receives in the vision tower (``[N]``), where the family computes it."""
     groups: dict = {}
     for i, item in enumerate(items):
         key = i if queries is not None or item.kind == "video" else (item.grid, item.num_tokens)
@@ -121,7 +122,8 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
         if first.kind == "video":
             budget = reduction.visual.budget
             video = reduce_video(reduction, first.features, first.grid,
-                                 None if budget is None else max(1, budget - first.num_suffix), cost, query)
+                                 None if budget is None else max(1, budget - first.num_suffix), cost, query,
+                                 None if received is None else received[members[0]])
             state, tokens, macs = video.state, video.tokens, macs + video.reducer_macs
         else:
             budget = budget_of(reduction, first)
@@ -130,7 +132,8 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
                 state, tokens = TokenState.start(features), [first.num_tokens]
             else:
                 spatial = first.grid[1:] if first.grid is not None and first.grid[0] == 1 else None
-                state, tokens = reduce_group(reduction, features, budget, 0, query=query, grid=spatial)
+                together = None if received is None else torch.stack([received[i] for i in members])
+                state, tokens = reduce_group(reduction, features, budget, 0, query=query, grid=spatial, received=together)
             macs += len(members) * sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]))
         state, firsts = in_source_order(state)
         for g, i in enumerate(members):

@@ -15,8 +15,13 @@ from test_one_file_method import FAMILIES, run
 METHODS = ["visionzip", "divprune", "vispruner", "fastervlm"]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method", METHODS)
+# LLaVA-OneVision's SigLIP tower has no [CLS] token and vtr's LLaVA-NeXT-Video path offers no [CLS] row: there only
+# DivPrune (features alone) runs; the others are a clear error (test_families_without_the_towers_attention_...).
+CASES = [(m, f) for m in METHODS for f in FAMILIES
+         if m == "divprune" or f not in ("llava-onevision", "llava-next-video")]
+
+
+@pytest.mark.parametrize("method, family", CASES)
 def test_runs_before_the_lm_on_every_family_batched_and_row_by_row(family, method):
     build, rows, num_rows = FAMILIES[family]
     model = vtr.patch(build(), method, budget=4)
@@ -74,3 +79,66 @@ def test_on_towers_they_reduce_once_at_the_last_block():
         vtr.unpatch(model)
         with pytest.raises(ValueError, match=r"flops=0.5 is out of reach .* only layers \[3\] reduce"):
             vtr.patch(model, method, flops=0.5)
+
+
+# -- Qwen-VL: no [CLS] token, the attention each token receives in the tower's last block ---------------------
+
+def eager_received(model, pixels: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Per image, the attention each merged token receives in the last vision block (mean over heads and queries,
+    its 2x2 patches summed), in the tower's output order: from the eager attention weights themselves, and the
+    window order read off the block's input (which patch-embedding row each of its rows is)."""
+    from transformers import AttentionInterface
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+    visual, last, seen, embedded, entered = model.model.visual, model.model.visual.blocks[-1].attn, [], [], []
+
+    def recording(module, *args, **kwargs):
+        out, weights = eager_attention_forward(module, *args, **kwargs)
+        if module is last:
+            seen.append(weights[0].mean(dim=0).mean(dim=0))                # [n]: mean over heads, then queries
+        return out, weights
+
+    AttentionInterface.register("vtr_test_recording", recording)
+    visual.config._attn_implementation = "vtr_test_recording"
+    hooks = [visual.patch_embed.register_forward_hook(lambda m, a, out: embedded.append(out)),
+             visual.blocks[0].register_forward_pre_hook(lambda m, args: entered.append(args[0]))]
+    try:
+        with torch.no_grad():
+            visual(pixels, grid_thw=grid_thw)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        visual.config._attn_implementation = "sdpa"
+    per_patch = torch.cat(seen)                                                   # block (window) order
+    source = (entered[0][:, None, :] == embedded[0][None, :, :]).all(-1).float().argmax(dim=1)   # raster patch
+    raster = torch.zeros_like(per_patch).index_add_(0, source, per_patch)
+    per_token = raster.view(-1, 4).sum(dim=1)
+    return list(per_token.split((grid_thw.prod(-1) // 4).tolist()))
+
+
+@pytest.mark.parametrize("qwen", ["qwen2.5-vl", "qwen2-vl"])
+def test_on_qwen_fastervlm_keeps_the_tokens_that_receive_most_attention(qwen):
+    from qwen_vl_models import mixed_batch as qwen_batch, tiny_qwen, tiny_qwen2
+    model = (tiny_qwen if qwen == "qwen2.5-vl" else tiny_qwen2)()
+    inputs = qwen_batch().inputs()
+    reference = eager_received(model, inputs["pixel_values"], inputs["image_grid_thw"])
+    vtr.patch(model, "fastervlm", budget=4)
+    run(model, inputs)
+    report = vtr.report(model)
+    for image, received in enumerate(reference):
+        kept = set((report.assignment[image, :len(received)] >= 0).nonzero()[:, 0].tolist())
+        assert kept == set(received.topk(4).indices.tolist()), image
+    vtr.unpatch(model)
+    assert not any(type(h).__name__ == "KeepReceived" for m in model.modules() for h in m._forward_hooks.values())
+
+
+@pytest.mark.parametrize("family", ["llava-onevision", "llava-next-video"])
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "fastervlm"])
+def test_families_without_the_towers_attention_are_a_clear_error(family, method):
+    """LLaVA-OneVision (SigLIP: no [CLS] token) and vtr's LLaVA-NeXT-Video path offer neither a [CLS] row nor the
+    attention each token receives: these methods refuse rather than rank by something their papers never used."""
+    build, rows, _ = FAMILIES[family]
+    model = vtr.patch(build(), method, budget=4)
+    with pytest.raises(ValueError, match=rf"{method} ranks visual tokens by the vision tower's \[CLS\] attention"):
+        run(model, rows(model))
+    vtr.unpatch(model)

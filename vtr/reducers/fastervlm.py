@@ -8,7 +8,7 @@ from typing import Optional
 from ..core.state import TokenState
 from .base import Signals, register
 from .drop import AttentionScored
-from .select import attention_scores, check_decision_inputs, fused_dest, num_chosen, real_tokens, top_scores
+from .select import check_decision_inputs, fused_dest, num_chosen, real_tokens, top_scores, tower_importance
 
 
 def last_layer(num_layers: int) -> list[int]:
@@ -28,21 +28,23 @@ class FasterVLM(AttentionScored):
     vtr's ``"nearest"`` is the default, as for every dropping method). The budget is the caller's (the paper
     keeps 144, 58 or 29 of LLaVA-1.5's 576). Unlike ``fastv`` before the language model (the same score) it
     reduces at the tower's last block by default, and it never reads a language model's attention. Without a
-    [CLS] token (Qwen2.5-VL, SigLIP towers) the score is vtr's no-CLS fallback, the norm of each token's
-    features (:func:`~vtr.reducers.select.attention_scores`): FasterVLM's code defines no other.
+    [CLS] token (Qwen2-VL, Qwen2.5-VL) the score is the attention each token receives in the tower's last layer
+    (the rule of its follow-up VisPruner for SigLIP towers); a model that offers neither is an error
+    (:func:`~vtr.reducers.select.tower_importance`).
     """
 
     name = "fastervlm"
     description = "keep the tokens the vision tower's [CLS] token attends to most, drop the rest (FasterVLM)"
     paper = "FasterVLM (Zhang et al., arXiv 2412.01818 v1)"
     stages = ("tower", "before_lm")
-    needs = frozenset({"cls_attention"})
+    needs = frozenset({"cls_attention", "attention_received"})
 
     def default_layers(self, num_layers: int) -> Optional[list[int]]:
         return last_layer(num_layers)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        check_decision_inputs(self, state, cls_attention=signals.cls_attention, metric=signals.metric)
-        score = attention_scores(self, state, signals)
+        check_decision_inputs(self, state, cls_attention=signals.cls_attention,
+                              attention_received=signals.attention_received, metric=signals.metric)
+        score = tower_importance(self, state, signals)
         kept = top_scores(score, real_tokens(state), num_chosen(state, num_kept, self.fuse))
         return state.reduce(fused_dest(state, kept, num_kept, self.fuse, signals.metric), num_kept)

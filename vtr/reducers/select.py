@@ -60,6 +60,24 @@ def attention_scores(reducer: Reducer, state: TokenState, signals: Signals) -> T
     return score / score.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def tower_importance(reducer: Reducer, state: TokenState, signals: Signals) -> Tensor:
+    """``[B, U]`` importance by the vision tower's attention, for methods defined on it (VisionZip, VisPruner,
+    FasterVLM): the [CLS] row, or, in a tower without a [CLS] token, the attention each token receives
+    (``signals.attention_received``, VisPruner's rule for SigLIP towers). Non-negative, 0 for padding, summing to 1.
+
+    Neither offered is an error, not a guess: these methods have no published rule on other signals.
+    """
+    if signals.cls_attention is not None:
+        return attention_scores(reducer, state, signals)
+    if signals.attention_received is None:
+        raise ValueError(f"{reducer.name} ranks visual tokens by the vision tower's [CLS] attention or, in a tower "
+                         "without a [CLS] token, by the attention each token receives; this model offers neither "
+                         "here (see the README's list of families and towers that give them)")
+    score = check_signal(reducer, "attention_received", signals.attention_received, state)
+    score = score[:, state.num_protected:].float().masked_fill(~real_tokens(state), 0.0)
+    return score / score.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 # -- what happens to the tokens a dropping reducer does not keep ---------------------------------
 
 FUSE = ("drop", "one", "nearest")

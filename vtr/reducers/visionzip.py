@@ -11,7 +11,7 @@ from torch import Tensor
 from ..core.state import TokenState
 from .base import Reducer, Signals, check_number, dest_from_choice, register
 from .fastervlm import last_layer
-from .select import (attention_scores, check_decision_inputs, check_signal, keep_first, real_tokens, top_scores,
+from .select import (check_decision_inputs, check_signal, keep_first, real_tokens, top_scores, tower_importance,
                      unit_rows)
 
 MERGES = ("add", "mean")
@@ -49,15 +49,16 @@ class VisionZip(Reducer):
     ``merge="add"`` is the code's contextual token, the target's feature plus the mean of the tokens merged into
     it (size-weighted, all sizes are 1 there); ``merge="mean"`` is vtr's size-weighted mean of all of them.
     Sizes always add up. Tokens come out in position order (the code puts the dominant ones first). Without a
-    [CLS] token (Qwen2.5-VL, SigLIP towers) dominance is vtr's no-CLS fallback, the norm of each token's
-    features (:func:`~vtr.reducers.select.attention_scores`).
+    [CLS] token (Qwen2-VL, Qwen2.5-VL) dominance is the attention each token receives in the tower's last layer
+    (VisPruner's rule for SigLIP towers); a model that offers neither is an error
+    (:func:`~vtr.reducers.select.tower_importance`).
     """
 
     name = "visionzip"
     description = "dominant tokens by [CLS] attention plus contextual tokens that absorb the rest (VisionZip)"
     paper = "VisionZip (Yang et al., CVPR 2025, arXiv 2412.04467)"
     stages = ("tower", "before_lm")
-    needs = frozenset({"cls_attention", "metric"})
+    needs = frozenset({"cls_attention", "attention_received", "metric"})
     max_step = 1.0
 
     def __init__(self, contextual: float = 10 / 64, merge: str = "add"):
@@ -87,10 +88,11 @@ class VisionZip(Reducer):
         if signals.metric is None:
             raise ValueError("visionzip needs signals.metric (the keys its contextual tokens are matched by)")
         metric = check_signal(self, "metric", signals.metric, state)
-        check_decision_inputs(self, state, cls_attention=signals.cls_attention, metric=metric)
+        check_decision_inputs(self, state, cls_attention=signals.cls_attention,
+                              attention_received=signals.attention_received, metric=metric)
         protected = state.num_protected
         num_dominant, num_contextual = split_budget(num_kept - protected, self.contextual)
-        score, valid = attention_scores(self, state, signals), real_tokens(state)
+        score, valid = tower_importance(self, state, signals), real_tokens(state)
         dominant = torch.zeros_like(valid).scatter_(1, top_scores(score, valid, num_dominant), True) & valid
         remaining = valid & ~dominant
         target = contextual_targets(remaining, num_contextual)

@@ -12,8 +12,8 @@ from ..core.state import TokenState
 from .base import Signals, check_number, register
 from .drop import AttentionScored
 from .fastervlm import last_layer
-from .select import (attention_scores, check_decision_inputs, check_signal, fused_dest, fusion_macs, keep_first,
-                     num_chosen, real_tokens, unit_rows)
+from .select import (check_decision_inputs, check_signal, fused_dest, fusion_macs, keep_first,
+                     num_chosen, real_tokens, tower_importance, unit_rows)
 
 PER_PASS = 8   # near-duplicates removed per pass at most (VisPruner's code: r = min(8, R - T_div))
 
@@ -67,16 +67,17 @@ class VisPruner(AttentionScored):
     layer LLaVA reads (on a bare ViT tower: its last block), the unkept tokens dropped (its published rule
     before a language model; on a vision encoder vtr's ``fuse="nearest"`` is the default). Its code compares
     the tower's own features, before the projector; vtr's vision-language families compare the features the
-    language model reads (the projector's output). Without a [CLS] token (Qwen2.5-VL, SigLIP towers) the
-    importance is vtr's no-CLS fallback, the norm of each token's features
-    (:func:`~vtr.reducers.select.attention_scores`).
+    language model reads (the projector's output). Without a [CLS] token the importance is the attention each
+    token receives in the tower's last layer, averaged over queries and heads: the code's rule for SigLIP
+    towers, given by vtr's Qwen2-VL / Qwen2.5-VL family; a model that offers neither is an error
+    (:func:`~vtr.reducers.select.tower_importance`).
     """
 
     name = "vispruner"
     description = "important tokens by [CLS] attention plus diverse ones left after removing near-duplicates (VisPruner)"
     paper = "VisPruner (Zhang et al., ICCV 2025, arXiv 2412.01818)"
     stages = ("tower", "before_lm")
-    needs = frozenset({"cls_attention", "metric"})
+    needs = frozenset({"cls_attention", "attention_received", "metric"})
 
     def __init__(self, important_ratio: float = 0.5, fuse: str = "nearest"):
         super().__init__(fuse)
@@ -98,8 +99,9 @@ class VisPruner(AttentionScored):
         if signals.metric is None:
             raise ValueError("vispruner needs signals.metric (the token features it removes near-duplicates by)")
         metric = check_signal(self, "metric", signals.metric, state)
-        check_decision_inputs(self, state, cls_attention=signals.cls_attention, metric=metric)
-        score, valid = attention_scores(self, state, signals), real_tokens(state)
+        check_decision_inputs(self, state, cls_attention=signals.cls_attention,
+                              attention_received=signals.attention_received, metric=metric)
+        score, valid = tower_importance(self, state, signals), real_tokens(state)
         kept = self.choose(score, valid, metric[:, state.num_protected:], num_chosen(state, num_kept, self.fuse))
         return state.reduce(fused_dest(state, kept, num_kept, self.fuse, signals.metric), num_kept)
 
