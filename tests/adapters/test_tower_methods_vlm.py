@@ -142,3 +142,22 @@ def test_families_without_the_towers_attention_are_a_clear_error(family, method)
     with pytest.raises(ValueError, match=rf"{method} ranks visual tokens by the vision tower's \[CLS\] attention"):
         run(model, rows(model))
     vtr.unpatch(model)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "fastervlm"])
+def test_methods_of_the_tower_refuse_in_llm_layers(method):
+    """Inside the language model the only attention row is the last prompt token's (FastV's signal): these methods,
+    whose ``stages`` are the tower and before the LM, refuse layers= instead of quietly becoming FastV."""
+    with pytest.raises(ValueError, match=rf"method '{method}' applies in the vision tower and before the language "
+                                         r"model, not inside the language model: leave out layers="):
+        vtr.patch(tiny_llava(), method, budget=4, layers=[1])
+
+
+def test_divprune_runs_inside_the_lm_too():
+    """DivPrune's code takes the LLM layer to prune at (its LAYER_INDEX; its runs use 0, before the LLM): with
+    layers= it compares the hidden states of that layer."""
+    ids, mask, pixels = mixed_batch()
+    model = vtr.patch(tiny_llava(), "divprune", budget=4, layers=[1])
+    run(model, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels))
+    assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
+    vtr.unpatch(model)

@@ -61,7 +61,9 @@ class DivPrune(Reducer):
     (github.com/vbdi/divprune): the features the language model reads (the projector output, layer 0 of the
     LLM), the unkept tokens dropped (its published rule before or inside a language model; on a vision
     encoder vtr's ``fuse="nearest"`` is the default), on a bare ViT tower its last block. The paper's retained
-    ratio, 0.098 of the visual tokens (56 of LLaVA-1.5's 576), is an amount: give ``budget=`` or ``keep=``.
+    ratio, 0.098 of the visual tokens (56 of LLaVA-1.5's 576), is an amount: give ``budget=`` or ``keep=``. Its
+    code names the LLM layer to prune at (``LAYER_INDEX``, 0 in its runs): with ``layers=`` it prunes inside the
+    language model, on that layer's hidden states.
     """
 
     name = "divprune"
