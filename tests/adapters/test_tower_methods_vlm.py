@@ -161,3 +161,37 @@ def test_divprune_runs_inside_the_lm_too():
     run(model, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels))
     assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
     vtr.unpatch(model)
+
+
+def test_on_llava_visionzip_merges_by_the_feature_layers_keys():
+    """Each merged token joins the target whose feature-layer key (head mean, as VisionZip's code) is most similar,
+    not the one whose projected feature is: the two differ on these images, and the report follows the keys."""
+    ids, mask, pixels = mixed_batch()
+    model = tiny_llava()
+    attention = model.model.vision_tower.encoder.layers[0].self_attn   # feature layer -2 of 2
+    keys, projected = [], []
+    hooks = [attention.k_proj.register_forward_hook(lambda m, a, out: keys.append(out)),
+             model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))]
+    vtr.patch(model, "visionzip", budget=8, contextual=0.5)          # 4 dominant, 4 targets, 8 merged
+    run(model, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels))
+    for hook in hooks:
+        hook.remove()
+    report = vtr.report(model)
+    head_mean = keys[0].view(3, 17, 4, -1).mean(dim=2)[:, 1:]
+    cls_row = eager_cls_row(pixels)
+    differ = 0
+    for image in range(3):
+        assignment = report.assignment[image]
+        dominant = set(cls_row[image].topk(4).indices.tolist())
+        rest = [i for i in range(16) if i not in dominant]
+        targets = rest[0::3][:4]                                   # step 12 // 4, as the code
+        merged = [i for i in rest if i not in targets]
+        expected = {}
+        for name, vectors in (("keys", head_mean[image]), ("projected", projected[0][image])):
+            unit = torch.nn.functional.normalize(vectors.double(), dim=-1)
+            expected[name] = {m: targets[int((unit[targets] @ unit[m]).argmax())] for m in merged}
+        assert all(assignment[m] == assignment[t] for m, t in expected["keys"].items()), image
+        assert len(set(assignment[targets].tolist())) == 4
+        differ += expected["keys"] != expected["projected"]
+    assert len(merged) == 8 and differ > 0
+    vtr.unpatch(model)

@@ -43,9 +43,10 @@ class VisionZip(Reducer):
 
     Defaults from the paper and its code (github.com/dvlab-research/VisionZip): ``contextual=10/64`` (54 + 10
     of 64 tokens, 108 + 20 of 128, 162 + 30 of 192; the code keeps LLaVA's [CLS] feature among the dominant
-    ones, vtr's LLaVA gives the language model no [CLS] feature, so all 54 are patches), keys of the feature
-    layer as the metric on ViT towers (``metric="keys"``; vision-language families offer only the features the
-    language model reads, ``metric="x"``, and that is what they compare), on a bare ViT tower its last block.
+    ones, vtr's LLaVA gives the language model no [CLS] feature, so all 54 are patches), the keys of the feature
+    layer (head mean) as the similarity: ``signals.keys`` where a family gives them (LLaVA, LLaVA-NeXT), else the
+    metric, ``metric="keys"`` by default on a ViT tower (on Qwen-VL, which gives no keys, the merged features); on
+    a bare ViT tower its last block.
     ``merge="add"`` is the code's contextual token, the target's feature plus the mean of the tokens merged into
     it (size-weighted, all sizes are 1 there); ``merge="mean"`` is vtr's size-weighted mean of all of them.
     Sizes always add up. Tokens come out in position order (the code puts the dominant ones first). Without a
@@ -58,7 +59,7 @@ class VisionZip(Reducer):
     description = "dominant tokens by [CLS] attention plus contextual tokens that absorb the rest (VisionZip)"
     paper = "VisionZip (Yang et al., CVPR 2025, arXiv 2412.04467)"
     stages = ("tower", "before_lm")
-    needs = frozenset({"cls_attention", "attention_received", "metric"})
+    needs = frozenset({"cls_attention", "attention_received", "keys", "metric"})
     max_step = 1.0
 
     def __init__(self, contextual: float = 10 / 64, merge: str = "add"):
@@ -85,11 +86,14 @@ class VisionZip(Reducer):
         return (float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0) + float(unprotected * contextual * cost.metric_dim)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
-        if signals.metric is None:
-            raise ValueError("visionzip needs signals.metric (the keys its contextual tokens are matched by)")
-        metric = check_signal(self, "metric", signals.metric, state)
+        # The tower's keys where the family gives them apart from the metric (before a language model), else the
+        # metric (on a ViT tower metric="keys", this method's default).
+        name, similar = ("keys", signals.keys) if signals.keys is not None else ("metric", signals.metric)
+        if similar is None:
+            raise ValueError("visionzip needs signals.keys or signals.metric (what its contextual tokens are matched by)")
+        metric = check_signal(self, name, similar, state)
         check_decision_inputs(self, state, cls_attention=signals.cls_attention,
-                              attention_received=signals.attention_received, metric=metric)
+                              attention_received=signals.attention_received, **{name: metric})
         protected = state.num_protected
         num_dominant, num_contextual = split_budget(num_kept - protected, self.contextual)
         score, valid = tower_importance(self, state, signals), real_tokens(state)
