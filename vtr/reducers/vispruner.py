@@ -31,27 +31,30 @@ def remove_duplicates(residual: Tensor, tokens: Tensor, num_diverse: int) -> Ten
     Each pass splits the current list alternately into A (even places) and B (odd places), scores each A token
     by its best cosine with B, and removes the ``min(8, R - num_diverse)`` A tokens that score highest (fewer if
     A is shorter); the list becomes the rest of A (best score first) followed by B. Ties: the earlier place.
+    The cosines of the residual tokens are computed once (R x R) and each pass reads its A x B block from them.
     """
+    if num_diverse <= 0:
+        return residual[:, :0]
     width = tokens.shape[-1]
-    while num_diverse > 0:
-        count = residual.shape[1]
+    chosen = tokens.gather(1, residual[..., None].expand(-1, -1, width))
+    cosine = chosen @ chosen.transpose(1, 2)                                   # [G, R, R], in residual's order
+    place = torch.arange(residual.shape[1], device=residual.device).expand_as(residual)   # rows of ``cosine``
+    while True:
+        count = place.shape[1]
         remove = min(PER_PASS, count - num_diverse)
         if remove <= 0:
             break
-        current = tokens.gather(1, residual[..., None].expand(-1, -1, width))
-        scores = (current[:, ::2] @ current[:, 1::2].transpose(1, 2)).amax(dim=-1)       # [G, ceil(R / 2)]
-        distinct = scores.argsort(dim=1, descending=True, stable=True)[:, remove:]
-        residual = torch.cat([residual[:, ::2].gather(1, distinct), residual[:, 1::2]], dim=1)
-    return residual[:, :num_diverse]   # exactly num_diverse after the passes; none if there are none to keep
+        a, b = place[:, ::2], place[:, 1::2]
+        block = cosine.gather(1, a[..., None].expand(-1, -1, cosine.shape[-1])).gather(
+            2, b[:, None, :].expand(-1, a.shape[1], -1))                      # [G, |A|, |B|]
+        distinct = block.amax(dim=-1).argsort(dim=1, descending=True, stable=True)[:, remove:]
+        place = torch.cat([a.gather(1, distinct), b], dim=1)
+    return residual.gather(1, place)
 
 
 def pass_macs(num_residual: int, num_diverse: int, width: int) -> float:
-    """Multiply-accumulates of :func:`remove_duplicates`: the A x B cosines of every pass."""
-    macs, count = 0.0, num_residual
-    while num_diverse > 0 and count - num_diverse > 0:
-        macs += ((count + 1) // 2) * (count // 2) * width
-        count -= min(PER_PASS, count - num_diverse, (count + 1) // 2)
-    return macs
+    """Multiply-accumulates of :func:`remove_duplicates`: the cosines of the residual tokens, once."""
+    return float(num_residual * num_residual * width) if num_diverse > 0 and num_residual > num_diverse else 0.0
 
 
 @register
