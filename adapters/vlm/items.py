@@ -105,11 +105,13 @@ def budget_of(reduction: Reduction, item: Visual) -> int:
 
 
 def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[list],
-                 cost: EncoderCost, received: Optional[list] = None) -> tuple[list[Reduced], float]:
+                 cost: EncoderCost, received: Optional[list] = None,
+                 attention: Optional[list] = None) -> tuple[list[Reduced], float]:
     """Each item reduced to its own budget (``cost`` prices the reducer's decisions). Images of one grid (or, with
     none, of one count) are reduced together (each row of a reducer is independent of the others); query-conditioned
-    reducers run image by image (each its row's query); videos one by one, frame by frame. ``received``: per item,
-    the attention each of its tokens receives in the vision tower (``[N]``), where the family computes it."""
+    reducers run image by image (each its row's query); videos one by one, frame by frame. ``received``,
+    ``attention``: per item, the attention each of its tokens receives in the vision tower, and the CLS attention
+    it carries (``[N]`` each), where the family computes them."""
     groups: dict = {}
     for i, item in enumerate(items):
         key = i if queries is not None or item.kind == "video" else (item.grid, item.num_tokens)
@@ -123,7 +125,8 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
             budget = reduction.visual.budget
             video = reduce_video(reduction, first.features, first.grid,
                                  None if budget is None else max(1, budget - first.num_suffix), cost, query,
-                                 None if received is None else received[members[0]])
+                                 None if received is None else received[members[0]],
+                                 None if attention is None else attention[members[0]])
             state, tokens, macs = video.state, video.tokens, macs + video.reducer_macs
         else:
             budget = budget_of(reduction, first)
@@ -132,8 +135,9 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
                 state, tokens = TokenState.start(features), [first.num_tokens]
             else:
                 spatial = first.grid[1:] if first.grid is not None and first.grid[0] == 1 else None
-                together = None if received is None else torch.stack([received[i] for i in members])
-                state, tokens = reduce_group(reduction, features, budget, 0, query=query, grid=spatial, received=together)
+                stacked = lambda signal: None if signal is None else torch.stack([signal[i] for i in members])  # noqa: E731
+                state, tokens = reduce_group(reduction, features, budget, 0, query=query, grid=spatial,
+                                             received=stacked(received), attention=stacked(attention))
             macs += len(members) * sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]))
         state, firsts = in_source_order(state)
         for g, i in enumerate(members):

@@ -15,10 +15,9 @@ from test_one_file_method import FAMILIES, run
 METHODS = ["visionzip", "divprune", "vispruner", "fastervlm"]
 
 
-# LLaVA-OneVision's SigLIP tower has no [CLS] token and vtr's LLaVA-NeXT-Video path offers no [CLS] row: there only
+# LLaVA-OneVision's SigLIP tower has no [CLS] token and vtr computes no received attention for it: there only
 # DivPrune (features alone) runs; the others are a clear error (test_families_without_the_towers_attention_...).
-CASES = [(m, f) for m in METHODS for f in FAMILIES
-         if m == "divprune" or f not in ("llava-onevision", "llava-next-video")]
+CASES = [(m, f) for m in METHODS for f in FAMILIES if m == "divprune" or f != "llava-onevision"]
 
 
 @pytest.mark.parametrize("method, family", CASES)
@@ -132,11 +131,11 @@ def test_on_qwen_fastervlm_keeps_the_tokens_that_receive_most_attention(qwen):
     assert not any(type(h).__name__ == "KeepReceived" for m in model.modules() for h in m._forward_hooks.values())
 
 
-@pytest.mark.parametrize("family", ["llava-onevision", "llava-next-video"])
+@pytest.mark.parametrize("family", ["llava-onevision"])
 @pytest.mark.parametrize("method", ["visionzip", "vispruner", "fastervlm"])
 def test_families_without_the_towers_attention_are_a_clear_error(family, method):
-    """LLaVA-OneVision (SigLIP: no [CLS] token) and vtr's LLaVA-NeXT-Video path offer neither a [CLS] row nor the
-    attention each token receives: these methods refuse rather than rank by something their papers never used."""
+    """LLaVA-OneVision (SigLIP: no [CLS] token; vtr computes no received attention for its packed, interpolated
+    tokens yet) offers neither signal: these methods refuse rather than rank by something their papers never used."""
     build, rows, _ = FAMILIES[family]
     model = vtr.patch(build(), method, budget=4)
     with pytest.raises(ValueError, match=rf"{method} ranks visual tokens by the vision tower's \[CLS\] attention"):
@@ -194,4 +193,39 @@ def test_on_llava_visionzip_merges_by_the_feature_layers_keys():
         assert len(set(assignment[targets].tolist())) == 4
         differ += expected["keys"] != expected["projected"]
     assert len(merged) == 8 and differ > 0
+    vtr.unpatch(model)
+
+
+def test_on_llava_next_video_fastervlm_keeps_the_top_cls_attention_of_each_frame_and_image():
+    """Videos: each pooled token carries its 2x2 window's CLS attention, each frame keeps its share (1 of budget 4
+    over 4 frames) by it. Images: each packed token the CLS attention of its patch (newlines 0)."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+    from llava_video_models import ROWS, inputs as video_inputs, tiny_next_video
+    from vtr.adapters.llava.common import layout
+
+    model = tiny_next_video()
+    eager = LlavaNextVideoForConditionalGeneration._from_config(model.config, attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    data = video_inputs(model, ROWS)
+
+    def cls_row(pixels):
+        with torch.no_grad():
+            out = eager.model.vision_tower(pixels, output_attentions=True)
+        return out.attentions[-2][:, :, 0, 1:].mean(dim=1)                   # [pictures, 16]
+
+    videos = data["pixel_values_videos"]
+    frames = cls_row(videos.flatten(0, 1)).view(len(videos), -1, 1, 4, 4)
+    per_frame = torch.nn.functional.avg_pool2d(frames.flatten(0, 1), 2).view(len(videos), -1, 4)   # [V, F, 4]
+    geometry = layout(model, data["image_sizes"][0].tolist())
+    parts = cls_row(data["pixel_values"][0, :geometry.num_crops + 1]).flatten()
+    packed = torch.where(geometry.source >= 0, parts[geometry.source.clamp_min(0)], -1.0)
+
+    vtr.patch(model, "fastervlm", budget=4)
+    run(model, data)
+    report = vtr.report(model)
+    for video in range(len(videos)):                                         # items: the images, then the videos
+        kept = (report.assignment[1 + video, :16] >= 0).view(-1, 4)
+        assert torch.equal(kept.nonzero()[:, 1], per_frame[video].argmax(dim=1))
+    kept = set((report.assignment[0, :geometry.num_tokens] >= 0).nonzero()[:, 0].tolist())
+    assert kept == set(packed.topk(4).indices.tolist())
     vtr.unpatch(model)
