@@ -98,6 +98,11 @@ class Reduced:
     tokens: list           # tokens entering each reducer step, then kept
 
 
+def _stacked(signal: Optional[list], members: list[int]) -> Optional[Tensor]:
+    """The members' per-item signals as one ``[G, N]`` tensor, or None."""
+    return None if signal is None else torch.stack([signal[i] for i in members])
+
+
 def budget_of(reduction: Reduction, item: Visual) -> int:
     """Tokens an image keeps: ``min(budget, its count)``, its suffix counted in the budget (see
     :func:`vtr.budget.visual.item_budget`)."""
@@ -135,9 +140,9 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
                 state, tokens = TokenState.start(features), [first.num_tokens]
             else:
                 spatial = first.grid[1:] if first.grid is not None and first.grid[0] == 1 else None
-                stacked = lambda signal: None if signal is None else torch.stack([signal[i] for i in members])  # noqa: E731
                 state, tokens = reduce_group(reduction, features, budget, 0, query=query, grid=spatial,
-                                             received=stacked(received), attention=stacked(attention))
+                                             received=_stacked(received, members),
+                                             attention=_stacked(attention, members))
             macs += len(members) * sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]))
         state, firsts = in_source_order(state)
         for g, i in enumerate(members):

@@ -185,7 +185,8 @@ def padded_batch(seed: int, tokens: int, padding: int, protected: int = 1):
     mask = torch.ones(2, tokens + padding, dtype=torch.bool)
     mask[0, tokens:] = False
     batch = TokenState.start(torch.cat([pad(alone.x), other.x]), protected, padding_mask=mask)
-    signals = Signals(metric=torch.cat([pad(keys), other_keys]), cls_attention=torch.cat([pad(attention), other_attention]))
+    signals = Signals(metric=torch.cat([pad(keys), other_keys]),
+                      cls_attention=torch.cat([pad(attention), other_attention]))
     return alone, Signals(metric=keys, cls_attention=attention), batch, signals
 
 
@@ -228,7 +229,8 @@ def test_nan_signals_are_refused(method, signal):
     state, keys, attention = inputs(0)
     signals = Signals(metric=keys.clone(), cls_attention=attention.clone())
     getattr(signals, signal)[0, 3] = float("nan")
-    with pytest.raises(ValueError, match=rf"{method}: signals.{signal} must be finite on the real tokens, got \d+ NaN or Inf of"):
+    message = rf"{method}: signals.{signal} must be finite on the real tokens, got \d+ NaN or Inf of"
+    with pytest.raises(ValueError, match=message):
         vtr.make_reducer(method)(state, 8, signals)
 
 

@@ -224,8 +224,9 @@ def schedule(reducer: Reducer, plan: VisualPlan, *, num_tokens: int, num_protect
     budget = plan.budget
     if plan.in_llm:
         if reducer.stages and "in_lm" not in reducer.stages:   # () says nothing: the method runs wherever it is put
-            raise ValueError(f"method {reducer.name!r} applies {' and '.join(_STAGE_WORDS[s] for s in reducer.stages)}, "
-                             "not inside the language model: leave out layers=")
+            where = " and ".join(_STAGE_WORDS[stage] for stage in reducer.stages)
+            raise ValueError(f"method {reducer.name!r} applies {where}, not inside the language model: "
+                             "leave out layers=")
         if plan.video_options_given:
             raise ValueError("frames= and temporal= split a video's budget before the language model: leave them out "
                              "with layers= (in-LLM pruning ranks all of a video's tokens at once)")

@@ -1,7 +1,7 @@
 """Reducers: model-agnostic modules that turn a token state into a smaller one."""
 from .base import REDUCERS, Reducer, Signals, check_budget, dest_from_choice
-from . import (atf, baselines, divprune, drop, dynamicvit, fastervlm, fastv, merge, pool, query, sit, video,  # noqa: F401
-               visionzip, vispruner)  # (registers the methods)
+from . import (atf, baselines, divprune, drop, dynamicvit, fastervlm, fastv, merge, pool,  # noqa: F401
+               query, sit, video, visionzip, vispruner)  # (registers the methods)
 from .atf import ATF
 from .baselines import NoReduction, RandomDrop
 from .drop import EViT, HiRED

@@ -83,14 +83,15 @@ class VisionZip(Reducer):
         kept = (num_tokens + cost.num_protected) // 2 if num_kept is None else num_kept
         dominant, contextual = split_budget(kept - cost.num_protected, self.contextual)
         unprotected = num_tokens - cost.num_protected
-        return (float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0) + float(unprotected * contextual * cost.metric_dim)
+        scoring = float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
+        return scoring + float(unprotected * contextual * cost.metric_dim)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         # The tower's keys where the family gives them apart from the metric (before a language model), else the
         # metric (on a ViT tower metric="keys", this method's default).
         name, similar = ("keys", signals.keys) if signals.keys is not None else ("metric", signals.metric)
         if similar is None:
-            raise ValueError("visionzip needs signals.keys or signals.metric (what its contextual tokens are matched by)")
+            raise ValueError("visionzip needs signals.keys or signals.metric (what contextual tokens are matched by)")
         metric = check_signal(self, name, similar, state)
         check_decision_inputs(self, state, cls_attention=signals.cls_attention,
                               attention_received=signals.attention_received, **{name: metric})

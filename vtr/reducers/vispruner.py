@@ -77,7 +77,7 @@ class VisPruner(AttentionScored):
     """
 
     name = "vispruner"
-    description = "important tokens by [CLS] attention plus diverse ones left after removing near-duplicates (VisPruner)"
+    description = "important tokens by [CLS] attention plus diverse ones left after removing duplicates (VisPruner)"
     paper = "VisPruner (Zhang et al., ICCV 2025, arXiv 2412.01818)"
     stages = ("tower", "before_lm")
     needs = frozenset({"cls_attention", "attention_received", "metric"})
@@ -95,8 +95,9 @@ class VisPruner(AttentionScored):
         chosen = kept - cost.num_protected
         important = important_count(chosen, self.important_ratio)
         residual = num_tokens - cost.num_protected - important
-        return (float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0) + fusion_macs(num_tokens, kept, cost, self.fuse) \
-            + pass_macs(residual, chosen - important, cost.metric_dim)
+        scoring = float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
+        return scoring + fusion_macs(num_tokens, kept, cost, self.fuse) + pass_macs(residual, chosen - important,
+                                                                                    cost.metric_dim)
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         if signals.metric is None:
