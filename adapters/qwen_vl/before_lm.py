@@ -117,17 +117,19 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
     reduction: Reduction = model._vtr
     image_placeholder, video_placeholder = input_ids == config.image_token_id, input_ids == config.video_token_id
     with opened(model) as run:
-        outputs, items, attention = {}, [], []
+        outputs, items, attention, attention_macs = {}, [], [], 0.0
         if pixel_values is not None:
             outputs["image"] = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
             items += visuals(list(outputs["image"].pooler_output), image_grid_thw, image_placeholder, "image",
                              merge_size(model))
-            attention.append(received.take(model, run, image_grid_thw))
+            found, macs = received.take(model, run, image_grid_thw)
+            attention, attention_macs = attention + [found], attention_macs + macs
         if pixel_values_videos is not None:
             outputs["video"] = model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
             items += visuals(list(outputs["video"].pooler_output), video_grid_thw, video_placeholder, "video",
                              merge_size(model))
-            attention.append(received.take(model, run, video_grid_thw))
+            found, macs = received.take(model, run, video_grid_thw)
+            attention, attention_macs = attention + [found], attention_macs + macs
         per_item = None if not attention or any(a is None for a in attention) else sum(attention, [])
         placeholder = image_placeholder | video_placeholder
         rows = torch.tensor([item.row for item in items], dtype=torch.long)
@@ -136,6 +138,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         if Need.QUERY in reduction.reducer.needs or relevance:
             queries = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
         reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric), per_item)
+        reducer_macs += attention_macs   # the attention each token receives: a pass the tower's fused kernel skips
         ids, mask, kept_positions = compact_items(
             input_ids, attention_mask, {"image": image_placeholder, "video": video_placeholder}, items, reduced,
             pad_id(model, config.image_token_id, config.video_token_id), left)

@@ -37,8 +37,10 @@ class KeepReceived:
             return
         hidden = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
-            run.captured.setdefault(KEY, []).append(received_per_patch(module, hidden, kwargs["cu_seqlens"],
-                                                                       kwargs["position_embeddings"]))
+            received = received_per_patch(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+        lengths = kwargs["cu_seqlens"].diff().double()
+        macs = float((lengths * lengths).sum()) * module.qkv.in_features          # the q . k of every chunk
+        run.captured.setdefault(KEY, []).append((received, macs))
 
 
 def received_per_patch(attention: nn.Module, hidden: Tensor, cu_seqlens: Tensor, position_embeddings) -> Tensor:
@@ -72,13 +74,14 @@ def uninstall(model: nn.Module) -> None:
     remove_hooks(model, KeepReceived)
 
 
-def take(model: nn.Module, run, grid_thw: Tensor) -> Optional[list[Tensor]]:
+def take(model: nn.Module, run, grid_thw: Tensor) -> tuple[Optional[list[Tensor]], float]:
     """Per image (or video) of one tower call, ``[tokens]`` the attention each language-model token receives (its
-    merged patches' sum), in the tower's output order; None without the hook. Call once per tower call, in order."""
+    merged patches' sum), in the tower's output order, and the multiply-accumulates it cost (the q . k products of
+    the block's chunks); (None, 0) without the hook. Call once per tower call, in order."""
     kept = run.captured.get(KEY)
     if not kept:
-        return None
-    per_patch = kept.pop(0)
+        return None, 0.0
+    per_patch, macs = kept.pop(0)
     visual = model.model.visual
     unit = visual.spatial_merge_size ** 2
     per_token = per_patch.view(-1, unit).sum(dim=1)                    # the block's (window) order
@@ -86,7 +89,7 @@ def take(model: nn.Module, run, grid_thw: Tensor) -> Optional[list[Tensor]]:
     if window is not None:
         per_token = per_token[torch.argsort(window.to(per_token.device))]
     counts = (grid_thw.prod(dim=-1) // unit).tolist()
-    return list(per_token.split(counts))
+    return list(per_token.split(counts)), macs
 
 
 def window_index(visual: nn.Module, grid_thw: Tensor) -> Optional[Tensor]:

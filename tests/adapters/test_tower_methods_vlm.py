@@ -229,3 +229,12 @@ def test_on_llava_next_video_fastervlm_keeps_the_top_cls_attention_of_each_frame
     kept = set((report.assignment[0, :geometry.num_tokens] >= 0).nonzero()[:, 0].tolist())
     assert kept == set(packed.topk(4).indices.tolist())
     vtr.unpatch(model)
+
+
+def test_on_qwen_the_received_attention_is_counted_in_the_reducer_macs():
+    """fastervlm decides for free given the signal (no [CLS] row, nothing fused); the report counts the signal's own
+    pass: the q . k of every patch pair of each image in the last block (64, 24, 36 patches, width 32)."""
+    from qwen_vl_models import mixed_batch as qwen_batch, tiny_qwen
+    model = vtr.patch(tiny_qwen(), "fastervlm", budget=4)
+    run(model, qwen_batch().inputs())
+    assert vtr.report(model).reducer_macs == (64 ** 2 + 24 ** 2 + 36 ** 2) * 32
