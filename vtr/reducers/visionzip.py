@@ -46,8 +46,7 @@ class VisionZip(Reducer):
     ones, vtr's LLaVA gives the language model no [CLS] feature, so all 54 are patches), the keys of the feature
     layer (head mean) as the similarity: ``signals.keys`` where a family gives them (LLaVA, LLaVA-NeXT), else the
     metric, ``metric="keys"`` by default on a ViT tower (on Qwen-VL and LLaVA-NeXT-Video, which give no keys, the
-    features the language model reads); on
-    a bare ViT tower its last block.
+    features the language model reads); on a bare ViT tower its last block.
     ``merge="add"`` is the code's contextual token, the target's feature plus the mean of the tokens merged into
     it (size-weighted, all sizes are 1 there); ``merge="mean"`` is vtr's size-weighted mean of all of them.
     Sizes always add up. Tokens come out in position order (the code puts the dominant ones first). Without a
