@@ -17,7 +17,9 @@ from conftest import make_state
 OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fastv": "fuse",
            "hired": "fuse, allocate_layer", "none": "none", "pitome": "margin, alpha, variant", "pool": "factor",
            "query": "relevance_weight, projection, fuse", "random": "seed", "tome": "none",
-           "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature"}
+           "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature",
+           "visionzip": "contextual, merge", "divprune": "fuse", "vispruner": "important_ratio, fuse",
+           "fastervlm": "fuse"}
 
 
 def test_every_method_is_listed_here():

@@ -17,6 +17,8 @@ class Need(str, enum.Enum):
     QUERY = "query"
     PARTITION = "partition"
     GRID = "grid"
+    ATTENTION_RECEIVED = "attention_received"
+    KEYS = "keys"
 
     def __str__(self) -> str:
         return self.value
@@ -47,6 +49,12 @@ class Signals:
     partition: ``[B, N]`` int partition (crop) id per token for budget-allocating reducers.
     grid: ``(rows, cols)`` of the patch tokens while they are still in their original spatial
         order (no earlier step has reduced), else None.
+    attention_received: ``[B, N]`` the attention each token receives in a vision tower's last layer, averaged over
+        the queries and heads: what a tower without a CLS token offers as importance (VisPruner's rule for
+        SigLIP towers); None where the model does not compute it (it costs a pass over the full attention).
+    keys: ``[B, N, d]`` the attention keys, head mean, of the vision layer the importance comes from (VisionZip
+        matches its contextual tokens by them), where a family computes them apart from the metric (before a
+        language model); None elsewhere (on a ViT tower ``metric="keys"`` gives them as the metric).
     query_projection: maps token features ``[B, N, C]`` into the query's space ``[B, N, D]`` when
         the two differ (CLIP: each token as the image embedding it would give if it were the pooled
         token, i.e. the tower's final norm and projection); None when tokens and query share a space.
@@ -61,6 +69,8 @@ class Signals:
     partition: Optional[Tensor] = None
     grid: Optional[tuple] = None
     query_projection: Optional[Callable[[Tensor], Tensor]] = None
+    attention_received: Optional[Tensor] = None
+    keys: Optional[Tensor] = None
 
 
 def cls_attention(q: Tensor, k: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:

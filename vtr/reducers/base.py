@@ -22,6 +22,8 @@ class Reducer(nn.Module):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""             # short citation with its arXiv id ("... arXiv 2412.04467")
+    stages: ClassVar[tuple] = ()          # where the method applies: a subset of ("tower", "before_lm", "in_lm")
     needs: ClassVar[frozenset[Need]] = frozenset()   # vtr.core.signals.Need; strings are checked and converted
     max_step: ClassVar[float] = 1.0
     # True for filters that act on a block's *input* (ATF filters the embedded tokens before block 0):
