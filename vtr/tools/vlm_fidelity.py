@@ -7,7 +7,7 @@ question type too), agreement with the unreduced model's answers, and the prefil
 torch's counter (vision tower, reducer and language model: the whole ``forward``), as a fraction of the unreduced.
 
 Besides the methods two rows frame the result: ``oracle`` keeps the tokens under the objects that answer the
-question (:attr:`vtr.tools.vqa_task.Examples.relevant`), so the task's sensitivity to *which* tokens survive
+question (``relevant`` of :class:`vtr.tools.vqa_task.Examples`), so the task's sensitivity to *which* tokens survive
 shows, and ``random`` (a registered baseline) keeps a seeded random subset. Query-conditioned methods get the
 question the way a user's call gives it: the prompt's own text (``query`` reads its embedded words; ``fastv`` in the
 LM the last prompt token's attention). ``query (no question)`` is ``query`` with ``relevance_weight=0``: the same
@@ -76,10 +76,13 @@ def _oracle_registered() -> Iterator[None]:
 
 
 def oracle_scores(examples: "task.Examples") -> Tensor:
-    """``[N, 64]``: relevance first, then any object's cover, then earlier tokens (all ties broken, exactly)."""
-    order = torch.arange(task.GRID ** 2, 0, -1, dtype=torch.float64) / task.GRID ** 2   # in (0, 1]
+    """``[N, 64]`` distinct scores, exact in float32 (``k / 64``), ranking each example's tokens: those of the
+    answering objects first (more covered first), then the other objects' tokens, then the rest in order."""
     relevant, objects = examples.relevant.flatten(1).double(), examples.objects.flatten(1).double()
-    return relevant * 100 + objects * 10 + order * 1e-3
+    index = torch.arange(task.GRID ** 2, dtype=torch.float64)
+    key = (relevant > 0) * 1e6 + relevant * 1e4 + (objects > 0) * 1e3 + objects * 10 - index * 1e-4
+    rank = key.argsort(dim=1, descending=True).argsort(dim=1)
+    return (task.GRID ** 2 - rank).float() / task.GRID ** 2
 
 
 def default_methods() -> list[str]:
@@ -105,33 +108,31 @@ def evaluate(model: nn.Module, examples: "task.Examples", *, methods: Optional[S
     base = _prefill_flops(model, probe)
     rows = [_scored(VlmResult("none", "-", 1.0, tokens=visual, flops=1.0), reference, reference, examples)]
     log(_line(rows[0]))
-    chosen = [("oracle", "oracle", {})]
-    chosen += [(name, name, {}) for name in (methods or default_methods())]
-    chosen += [(label, method, dict(options)) for label, (method, options) in
+    # (row label, method, its options, the query it is given per example, the stages it runs at)
+    oracle = (Oracle.name, Oracle.name, {}, oracle_scores(examples), STAGES[:1])
+    chosen = [oracle] + [(name, name, {}, None, stages) for name in (methods or default_methods())]
+    chosen += [(label, method, dict(options), None, stages) for label, (method, options) in
                (VARIANTS if variants is None else variants).items() if methods is None or method in methods]
     with _oracle_registered():
-        for label, method, options in chosen:
-            for stage in stages:
-                if method == "oracle" and stage != STAGES[0]:
-                    continue
+        for label, method, options, query, at in chosen:
+            for stage in (stage for stage in stages if stage in at):
                 for budget in budgets:
                     result = VlmResult(label, stage, float(budget))
                     layers = {} if stage == STAGES[0] else {"layers": [in_llm_layer]}
                     kept = max(1, round(budget * visual))
                     rows.append(_measure(model, examples, probe, method, dict(options, budget=kept, **layers),
-                                         result, reference, base, batch_size))
+                                         query, result, reference, base, batch_size))
                     log(_line(rows[-1]))
     return rows
 
 
-def _measure(model, examples, probe, method, options, result, reference, base, batch_size) -> VlmResult:
+def _measure(model, examples, probe, method, options, query, result, reference, base, batch_size) -> VlmResult:
     try:
         api.patch(model, method, **options)
     except (ValueError, TypeError, UnsupportedModelError) as error:
         result.status = _reason(error)
         return result
     try:
-        query = oracle_scores(examples) if method == "oracle" else None
         answers, kept = [], []
         for start in range(0, len(examples), batch_size):
             part = slice(start, start + batch_size)
@@ -199,10 +200,10 @@ def chance_accuracy(examples: "task.Examples") -> float:
 
 def accuracy_series(results: Sequence[VlmResult]) -> dict:
     """``{"method (stage)": [(measured prefill FLOPs, accuracy), ...]}`` from the unreduced point."""
-    unreduced = next(r for r in results if r.method == "none")
+    unreduced = next(r for r in results if api.is_identity(r.method))
     series: dict = {}
     for r in results:
-        if r.method != "none" and r.status == "ok":
+        if not api.is_identity(r.method) and r.status == "ok":
             series.setdefault(f"{r.method} ({r.stage})", [(1.0, unreduced.accuracy)]).append((r.flops, r.accuracy))
     return series
 

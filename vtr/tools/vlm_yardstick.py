@@ -48,11 +48,12 @@ class VlmTraining:
     lm_layers: int = 3
     tower_images: int = 8000
     tower_epochs: int = 4
-    examples: int = 24000
+    tower_batch: int = 64
+    examples: int = 36000
     per_scene: int = 3           # questions per scene in one training sequence
-    epochs: int = 5
-    batch_size: int = 48         # scenes (tower stage: images) per step
-    lr: float = 2e-3
+    epochs: int = 8
+    batch_size: int = 16         # scenes per step: many small steps (retrieval by attention is learnt late)
+    lr: float = 1e-3
     seed: int = 0
 
     def __post_init__(self):
@@ -159,9 +160,13 @@ def answer_logits(model: nn.Module, examples: "task.Examples", batch_size: int =
 
 # --- stage 1: the vision tower --------------------------------------------------------------------
 
+_QUADRANT = ((torch.arange(task.GRID) // (task.GRID // 2))[:, None] * 2
+             + torch.arange(task.GRID) // (task.GRID // 2)).flatten()[None]   # each token's quadrant
+
+
 class TowerHeads(nn.Module):
     """Pretraining heads: per shape its colour (or absent) and quadrant (or absent), the object count, from the
-    pooled feature; per token the colour and shape under it, from the feature layer."""
+    pooled feature; per token the colour and shape under it and its quadrant, from the feature layer."""
 
     def __init__(self, pooled_width: int, token_width: int):
         super().__init__()
@@ -169,7 +174,7 @@ class TowerHeads(nn.Module):
         self.colour = nn.Linear(pooled_width, shapes * (len(task.COLOURS) + 1))
         self.place = nn.Linear(pooled_width, shapes * (len(task.PLACES) + 1))
         self.count = nn.Linear(pooled_width, len(task.COUNTS))
-        self.token = nn.Linear(token_width, len(task.COLOURS) + len(task.SHAPES) + 2)
+        self.token = nn.Linear(token_width, len(task.COLOURS) + len(task.SHAPES) + 2 + len(task.PLACES))
 
     def loss(self, pooled: Tensor, tokens: Tensor, examples: "task.Examples") -> Tensor:
         shapes, colours = len(task.SHAPES), len(task.COLOURS)
@@ -184,8 +189,9 @@ class TowerHeads(nn.Module):
                 + F.cross_entropy(self.count(pooled), count)
                 + F.cross_entropy(token[..., :colours + 1].flatten(0, 1),
                                   absent(examples.token_colour, colours).flatten())
-                + F.cross_entropy(token[..., colours + 1:].flatten(0, 1),
-                                  absent(examples.token_shape, shapes).flatten()))
+                + F.cross_entropy(token[..., colours + 1:colours + shapes + 2].flatten(0, 1),
+                                  absent(examples.token_shape, shapes).flatten())
+                + F.cross_entropy(token[..., colours + shapes + 2:].flatten(0, 1), _QUADRANT.expand(len(tokens), -1).flatten()))
 
 
 def tower_features(model: nn.Module, examples: "task.Examples") -> tuple[Tensor, Tensor]:
@@ -217,7 +223,7 @@ def pretrain_tower(model: nn.Module, training: VlmTraining, log=print) -> None:
     data = task.make_examples(training.tower_images, seed=training.seed + 1)
     parameters = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=training.lr, weight_decay=0.05)
-    steps = -(-len(data) // training.batch_size)
+    steps = -(-len(data) // training.tower_batch)
     schedule = _schedule(optimizer, steps * training.tower_epochs)
     generator = torch.Generator().manual_seed(training.seed)
     tower.train()
@@ -226,7 +232,7 @@ def pretrain_tower(model: nn.Module, training: VlmTraining, log=print) -> None:
         order = torch.randperm(len(data), generator=generator)
         total = 0.0
         for step in range(steps):
-            batch = data.subset(order[step * training.batch_size:(step + 1) * training.batch_size].tolist())
+            batch = data.subset(order[step * training.tower_batch:(step + 1) * training.tower_batch].tolist())
             loss = heads.loss(*tower_features(model, batch), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
