@@ -40,7 +40,8 @@ from ..vlm.run import VlmRun
 from . import before_lm, bench, in_llm
 from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes
 
-SUPPORTED = "Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and Qwen2VLForConditionalGeneration (Qwen2-VL)"
+SUPPORTED = ("Qwen3VLForConditionalGeneration (Qwen3-VL), Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and "
+             "Qwen2VLForConditionalGeneration (Qwen2-VL)")
 
 
 class ReducingQwenVL(ReducingVlm):
@@ -78,7 +79,7 @@ class QwenVL(VlmAdapter):
         if not isinstance(model, qwen_classes()):
             raise UnsupportedModelError(
                 f"vtr's Qwen-VL adapter supports transformers' {SUPPORTED}; got {kind}, which is not supported. "
-                "For a bare Qwen2_5_VLModel / Qwen2VLModel, patch the ...ForConditionalGeneration that holds it")
+                "For a bare Qwen3VLModel / Qwen2_5_VLModel / Qwen2VLModel, patch the ...ForConditionalGeneration that holds it")
         for key in ("image_token_id", "video_token_id"):
             if getattr(model.config, key, None) is None:
                 raise UnsupportedModelError(f"{kind}.config.{key} is not set: vtr finds the visual tokens from it")
@@ -127,10 +128,11 @@ class QwenVL(VlmAdapter):
         if reduction.metric != "x":
             raise ValueError("the Qwen-VL adapter compares visual tokens by their merged features: use metric='x'")
         if reduction.visual.in_llm:
-            if "sliding_attention" in (model.config.text_config.layer_types or ()):
+            if "sliding_attention" in (getattr(model.config.text_config, "layer_types", None) or ()):
                 raise UnsupportedModelError("in-LLM pruning (layers=) rebuilds each segment's causal mask and does "
                                             "not reproduce sliding-window layers (use_sliding_window=True); reduce "
                                             "before the language model (no layers=)")
+            in_llm.check_deepstack(model, reduction)
             pruning.install(model, reduction, in_llm.QwenVisuals())
         model._vtr = reduction
         swap_class(model, ReducingQwenVL)

@@ -31,6 +31,11 @@ def qwen_classes() -> tuple:
     """The ``...ForConditionalGeneration`` classes vtr supports (those this transformers has)."""
     classes = []
     try:
+        from transformers import Qwen3VLForConditionalGeneration
+        classes.append(Qwen3VLForConditionalGeneration)
+    except ImportError:  # transformers before Qwen3-VL
+        pass
+    try:
         from transformers import Qwen2_5_VLForConditionalGeneration
         classes.append(Qwen2_5_VLForConditionalGeneration)
     except ImportError:  # transformers is optional for vtr; older ones lack Qwen2.5-VL
