@@ -48,6 +48,12 @@ def qwen_classes() -> tuple:
     return tuple(classes)
 
 
+def timestamped_frames(model: nn.Module) -> bool:
+    """Qwen3-VL's prompts give each temporal patch of a video its own ``<t seconds> <vision_start> ... <vision_end>``
+    (its processor's layout, which its ``get_rope_index`` reads); Qwen2/2.5-VL put a video's tokens in one run."""
+    return getattr(model.config, "model_type", "") == "qwen3_vl"
+
+
 def merge_size(model: nn.Module) -> int:
     return int(model.config.vision_config.spatial_merge_size)
 
@@ -119,4 +125,4 @@ class QwenVLReport(VlmReport):
 
 
 __all__ = ["QwenVLReport", "Visual", "token_types", "cost", "merge_size", "prompt_positions", "qwen_classes",
-           "reference_tokens", "visuals"]
+           "reference_tokens", "timestamped_frames", "visuals"]

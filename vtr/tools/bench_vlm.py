@@ -51,6 +51,7 @@ _LLAVA = dict(image_token_index=32000, vision_feature_layer=-2, vision_feature_s
               image_seq_length=576)
 _PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 _QWEN_MERGE = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+_QWEN3_MERGE = dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
 _QWEN_TOKENS = dict(image_token_id=31990, video_token_id=31991, vision_start_token_id=31992, vision_end_token_id=31993)
 _QWEN_TEXT = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
 # LLaVA-OneVision-Qwen2-7B: SigLIP-so400m at 384 px (27 x 27 patches, a video frame pooled to 14 x 14) and Qwen2-7B.
@@ -91,6 +92,26 @@ SHAPES = {
                                **_QWEN_TEXT),
                           dict(image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93),
                           112),
+    # Qwen3-VL-8B: SigLIP-2-shaped tower at patch 16 (a 512 px image: 256 tokens), DeepStack from 3 tower layers
+    # (spread over the depth built), Qwen3-8B LM with q/k norms and interleaved M-RoPE.
+    "qwen-vl:3-8b": Shape("Qwen3-VL-8B-shaped (vision hidden 1152, patch 16, DeepStack from 3 tower layers; LM hidden "
+                          "4096, 8 KV heads, interleaved M-RoPE)", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig",
+                          dict(hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                               num_position_embeddings=2304, **_QWEN3_MERGE),
+                          dict(vocab_size=32000, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, rope_scaling={
+                                   "rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                               rope_theta=5e6, **_QWEN_TEXT), _QWEN_TOKENS, 512),
+    "qwen-vl:3-tiny": Shape("tiny Qwen3-VL (vision hidden 32, patch 16, DeepStack; LM hidden 64), for tests",
+                            "Qwen3VLForConditionalGeneration", "Qwen3VLConfig",
+                            dict(hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                                 num_position_embeddings=64, **_QWEN3_MERGE),
+                            dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, rope_scaling={
+                                     "rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                                 **_QWEN_TEXT),
+                            dict(image_token_id=90, video_token_id=91, vision_start_token_id=92,
+                                 vision_end_token_id=93), 128),
     "onevision:7b": Shape("LLaVA-OneVision-Qwen2-7B-shaped (SigLIP-so400m at 384 px: 729 patches a view, a video "
                           "frame pooled to 196 tokens; Qwen2-7B, 4 KV heads)", "LlavaOnevisionForConditionalGeneration",
                           "LlavaOnevisionConfig", _SIGLIP_SO400M, _QWEN2_7B, _ONEVISION, 384,
@@ -133,7 +154,11 @@ def build(name: str, vision_layers: int = 2, lm_layers: int = 2, tower_size: Opt
     if shape.config_cls.startswith("Qwen"):
         if tower_size is not None:
             raise ValueError("a Qwen-VL tower takes images of any size; give the image size instead of tower_size")
-        vision = dict(shape.vision, depth=vision_layers, fullatt_block_indexes=[vision_layers - 1])
+        vision = dict(shape.vision, depth=vision_layers)
+        if shape.config_cls == "Qwen3VLConfig":   # DeepStack at a third, two thirds and the end of Qwen3-VL-8B's 27
+            vision["deepstack_visual_indexes"] = sorted({vision_layers * k // 27 for k in (8, 16, 24)})
+        else:
+            vision["fullatt_block_indexes"] = [vision_layers - 1]
     else:
         vision = dict(shape.vision, num_hidden_layers=vision_layers)
         vision["image_size"] = tower_size or vision["image_size"]
