@@ -89,11 +89,19 @@ def test_onevision_in_llm_pruning():
     assert 0 < row.macs_ratio < 1 and row.decode_ms > 0
 
 
-@pytest.mark.parametrize("shape", ["llava:tiny", "qwen-vl:tiny", "onevision:tiny"])
+def test_gemma3_image(capsys):
+    assert main(["bench", "--model", "gemma3:tiny", "--methods", "tome,fastv", "--budget", "4", "--json", *FAST]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["visual"], r["kept"]) for r in rows] == [("tome", 16, 4), ("fastv", 16, 4)]
+    assert all(0 < r["macs_ratio"] < 1 and r["speedup"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("shape", ["llava:tiny", "qwen-vl:tiny", "qwen-vl:3-tiny", "onevision:tiny", "gemma3:tiny"])
 def test_a_saved_vlm_directory_runs_the_vlm_benchmark(shape, tmp_path, capsys):
     bench_vlm.build(shape).save_pretrained(tmp_path)
     assert main(["bench", "--model", f"hf:{tmp_path}", "--methods", "fastv", "--budget", "8", "--json",
-                 *(["--img-size", "112"] if shape.startswith("qwen") else []), *FAST]) == 0
+                 *(["--img-size", "128"] if shape.startswith("qwen-vl:3") else ["--img-size", "112"]
+                   if shape.startswith("qwen") else []), *FAST]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["kept"] == 8 and row["visual"] == (36 if shape.startswith("onevision") else 16)   # OneVision: crops
 

@@ -1,4 +1,5 @@
 """The VLM prefill benchmark (`vtr bench --model llava:<shape>` / `qwen-vl:<shape>` / `onevision:<shape>` /
+`gemma3:<shape>` /
 `hf:<VLM directory>`,
 ``benchmarks/bench_llava.py``, ``benchmarks/bench_vlm.py``): the unreduced and the reduced model, each timed in
 three parts per batch of prompts (one image or video plus text tokens each):
@@ -125,13 +126,29 @@ SHAPES = {
                             dict(_ONEVISION, image_token_index=98, video_token_index=99,
                                  image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]]), 56,
                             "SiglipVisionConfig", "Qwen2Config"),
+    # Gemma 3 4B: SigLIP-so400m at 896 px (64 x 64 patches of 14) average-pooled to 16 x 16 = 256 tokens; Gemma 3
+    # LM hidden 2560 (head_dim 256, 4 KV heads), five sliding-window layers (1024) per full one.
+    "gemma3:4b": Shape("Gemma-3-4B-shaped (SigLIP-so400m at 896 px pooled to 256 tokens; LM hidden 2560, 4 KV heads, "
+                       "sliding windows of 1024)", "Gemma3ForConditionalGeneration", "Gemma3Config",
+                       dict(_SIGLIP_SO400M, image_size=896),
+                       dict(vocab_size=32000, hidden_size=2560, intermediate_size=10240, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=256, sliding_window=1024, **_QWEN_TEXT),
+                       dict(mm_tokens_per_image=256, image_token_id=31990, boi_token_id=31991, eoi_token_id=31992),
+                       896, "SiglipVisionConfig", "Gemma3TextConfig"),
+    "gemma3:tiny": Shape("tiny Gemma 3 (64 px: 8 x 8 patches pooled to 16 tokens; LM hidden 64), for tests",
+                         "Gemma3ForConditionalGeneration", "Gemma3Config",
+                         dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=64, patch_size=8),
+                         dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, sliding_window=64, **_QWEN_TEXT),
+                         dict(mm_tokens_per_image=16, image_token_id=95, boi_token_id=96, eoi_token_id=97), 64,
+                         "SiglipVisionConfig", "Gemma3TextConfig"),
 }
-FAMILIES = ("llava", "qwen-vl", "onevision")
+FAMILIES = ("llava", "qwen-vl", "onevision", "gemma3")
 
 
 def is_vlm_name(name: str) -> bool:
-    """``llava:<shape>``, ``qwen-vl:<shape>`` or ``onevision:<shape>`` (``hf:<directory>`` of a VLM:
-    :func:`vtr.tools.models.is_hf_vlm`)."""
+    """``llava:<shape>``, ``qwen-vl:<shape>``, ``onevision:<shape>`` or ``gemma3:<shape>`` (``hf:<directory>`` of
+    a VLM: :func:`vtr.tools.models.is_hf_vlm`)."""
     return name.partition(":")[0] in FAMILIES
 
 
