@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from vtr.core.signals import cls_attention
 
+from .language import decoder
+
 
 def real_columns(real: Tensor) -> Tensor:
     """``[B, L]`` column of each position, -1 where ``real`` is False (padding)."""
@@ -87,6 +89,6 @@ def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def scoring_macs(model: nn.Module, layer: int, num_tokens: Tensor) -> float:
-    attn = model.model.language_model.layers[layer].self_attn
+    attn = decoder(model).layers[layer].self_attn
     per_row = attn.k_proj.in_features * (attn.k_proj.out_features * num_tokens.double() + attn.q_proj.out_features)
     return float(per_row.sum())

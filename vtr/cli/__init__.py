@@ -31,7 +31,7 @@ DEFAULT_MODEL = "vit_base_patch16_224"
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed-up vs FLOPs of each method on a timm ViT (random weights), or "
-                                         "a VLM's prefill speed-up (llava:, qwen-vl:, onevision:, gemma3:)")
+                                         "a VLM's prefill speed-up (llava:, qwen-vl:, onevision:, gemma3:, smolvlm:)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"timm name, open_clip:<name> (image tower), hf:<name> (random weights), or hf:<directory "
                         f"written by save_pretrained or Hub id in the local cache> (default {DEFAULT_MODEL}); a VLM: "
@@ -58,7 +58,7 @@ def _bench_parser(sub) -> None:
                    help="also draw into PNG: throughput against FLOPs per method, or, with several --batch "
                         "sizes, throughput against batch size per method")
     vlm = p.add_argument_group(
-        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape> "
+        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, smolvlm:<shape> "
         "(built-in shapes: "
         f"{', '.join(bench_vlm.SHAPES)}; random weights) or hf:<directory of a saved LLaVA, LLaVA-OneVision or "
         "Qwen-VL>: vision, "
@@ -82,7 +82,8 @@ def _bench_parser(sub) -> None:
 
 
 _VLM_ONLY = ("keep", "budget", "vision_layers", "lm_layers", "text", "video_frames", "decode_tokens")
-VLM_MODELS = "llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape> or hf:<directory of a saved VLM>"
+VLM_MODELS = ("llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, smolvlm:<shape> or hf:<directory "
+              "of a saved VLM>")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -134,12 +135,13 @@ def _bench_vlm(args: argparse.Namespace) -> int:
     if args.budget:
         variants = [(name, {"method": name, "budget": b}) for b in args.budget for name in names]
     else:
-        variants = [(f"{name} ({f:.0%})", {"method": name, "budget": max(1, round(f * load.visual))})
+        variants = [(f"{name} ({f:.0%})", {"method": name, "budget": max(1, round(f * load.budgeted))})
                     for f in args.keep or [0.25] for name in names]
     with usage("--budget" if args.budget else "--methods"):   # what patching refuses, before anything is timed
         for _, kwargs in variants:
-            if kwargs["budget"] > load.visual:
-                raise UsageError("--budget", f"{kwargs['budget']} is more than the {load.visual} visual tokens")
+            if kwargs["budget"] > load.budgeted:
+                per = "" if load.unit is None else " of a tile"
+                raise UsageError("--budget", f"{kwargs['budget']} is more than the {load.budgeted} visual tokens{per}")
             api.patch(model, **dict(load.patch, **kwargs))
             api.unpatch(model)
     torch.set_num_threads(args.threads)

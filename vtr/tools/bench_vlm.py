@@ -1,5 +1,5 @@
 """The VLM prefill benchmark (`vtr bench --model llava:<shape>` / `qwen-vl:<shape>` / `onevision:<shape>` /
-`gemma3:<shape>` /
+`gemma3:<shape>` / `smolvlm:<shape>` /
 `hf:<VLM directory>`,
 ``benchmarks/bench_llava.py``, ``benchmarks/bench_vlm.py``): the unreduced and the reduced model, each timed in
 three parts per batch of prompts (one image or video plus text tokens each):
@@ -142,13 +142,28 @@ SHAPES = {
                               num_key_value_heads=2, head_dim=16, sliding_window=64, **_QWEN_TEXT),
                          dict(mm_tokens_per_image=16, image_token_id=95, boi_token_id=96, eoi_token_id=97), 64,
                          "SiglipVisionConfig", "Gemma3TextConfig"),
+    # SmolVLM-2.2B: SigLIP-so400m at 384 px (27 x 27 patches of 14, 3 x 3 pixel shuffle: 81 tokens a tile) and a
+    # SmolLM2-1.7B LM (hidden 2048, 32 heads, no GQA); a prompt holds an image split into 2 x 2 tiles and its global view.
+    "smolvlm:2b": Shape("SmolVLM-2.2B-shaped (SigLIP-so400m at 384 px, 81 tokens a tile: an image of 2x2 tiles and a "
+                        "global view; LM hidden 2048)", "SmolVLMForConditionalGeneration", "SmolVLMConfig",
+                        dict(_SIGLIP_SO400M, image_size=378),
+                        dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                             num_key_value_heads=32, **_QWEN_TEXT),
+                        dict(scale_factor=3, image_token_id=31990), 378, "SmolVLMVisionConfig", "LlamaConfig"),
+    "smolvlm:tiny": Shape("tiny SmolVLM (64 px tiles: 8 x 8 patches shuffled to 16 tokens; LM hidden 64), for tests",
+                          "SmolVLMForConditionalGeneration", "SmolVLMConfig",
+                          dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=64,
+                               patch_size=8),
+                          dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                               num_key_value_heads=2, **_QWEN_TEXT),
+                          dict(scale_factor=2, image_token_id=95), 64, "SmolVLMVisionConfig", "LlamaConfig"),
 }
-FAMILIES = ("llava", "qwen-vl", "onevision", "gemma3")
+FAMILIES = ("llava", "qwen-vl", "onevision", "gemma3", "smolvlm")
 
 
 def is_vlm_name(name: str) -> bool:
-    """``llava:<shape>``, ``qwen-vl:<shape>``, ``onevision:<shape>`` or ``gemma3:<shape>`` (``hf:<directory>`` of
-    a VLM: :func:`vtr.tools.models.is_hf_vlm`)."""
+    """``llava:<shape>``, ``qwen-vl:<shape>``, ``onevision:<shape>``, ``gemma3:<shape>`` or ``smolvlm:<shape>``
+    (``hf:<directory>`` of a VLM: :func:`vtr.tools.models.is_hf_vlm`)."""
     return name.partition(":")[0] in FAMILIES
 
 
@@ -195,6 +210,12 @@ class Workload:
     visual: int         # visual tokens per prompt
     description: str
     patch: dict         # extra keywords of vtr.patch for this input (a video's frame split)
+    unit: Optional[int] = None   # visual tokens one budget= covers, when it is less than the prompt's (a tile)
+
+    @property
+    def budgeted(self) -> int:
+        """Visual tokens a ``budget=`` counts against: an image or video (the prompt's), or one tile (SmolVLM)."""
+        return self.unit or self.visual
 
 
 def workload(model: nn.Module, text: int = 40, batch: int = 1, image_size: Optional[int] = None,

@@ -30,7 +30,8 @@ HF_BY_TYPE = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel", "sigl
 HF_VLM_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
                   "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
                   "LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
-                  "Gemma3ForConditionalGeneration")
+                  "Gemma3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                  "Idefics3ForConditionalGeneration")
 MODEL_NAMES = "a timm name, open_clip:<name> or hf:<name, directory or Hub id>"
 
 
