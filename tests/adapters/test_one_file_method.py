@@ -1,8 +1,8 @@
 """A method costs one file: a reducer written outside the library (:class:`EveryOther`, under 25 lines) runs
 unchanged before the language model and inside it on every VLM family vtr patches (LLaVA, LLaVA-NeXT,
-Qwen2.5-VL, Qwen3-VL, Gemma 3 (before it only), SmolVLM, LLaVA-OneVision, LLaVA-NeXT-Video): batched, every image kept
-to exactly its budget, and each row of a left-padded batch computing what it computes alone. And a call reads
-only the typed settings of the patch (``Reduction.visual``, solved in ``vtr.budget.visual``), never
+Qwen2.5-VL, Qwen3-VL, Gemma 3 (before it only), SmolVLM, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video): batched,
+every image kept to exactly its budget, and each row of a left-padded batch computing what it computes alone. And
+a call reads only the typed settings of the patch (``Reduction.visual``, solved in ``vtr.budget.visual``), never
 ``Reduction.arguments`` (what the user typed, for ``describe()``)."""
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from qwen_vl_models import mixed_batch as qwen_batch, tiny_qwen
 from qwen3_vl_models import mixed_batch as qwen3_batch, tiny_qwen3
 from gemma3_models import inputs as gemma3_inputs, tiny_gemma3
 from smolvlm_models import inputs as smolvlm_inputs, tiny_smolvlm
+from internvl_models import inputs as internvl_inputs, tiny_internvl
 
 
 class EveryOther(Reducer):   # ---- the whole method: this class and its registration (the fixture) ----
@@ -94,6 +95,10 @@ def smolvlm_rows(model, only=None):
     return smolvlm_inputs(only=None if only is None else [only])
 
 
+def internvl_rows(model, only=None):
+    return internvl_inputs(only=None if only is None else [only])
+
+
 def video_rows(model, only=None):
     return video_inputs(model, ROWS, only=None if only is None else [only])
 
@@ -105,6 +110,7 @@ FAMILIES = {
     "qwen3-vl": (tiny_qwen3, qwen3_rows, 3),
     "gemma3": (tiny_gemma3, gemma3_rows, 3),
     "smolvlm": (tiny_smolvlm, smolvlm_rows, 3),
+    "internvl": (tiny_internvl, internvl_rows, 3),
     "llava-onevision": (tiny_onevision, video_rows, len(ROWS)),
     "llava-next-video": (tiny_next_video, video_rows, len(ROWS)),
 }

@@ -96,31 +96,33 @@ def test_gemma3_image(capsys):
     assert all(0 < r["macs_ratio"] < 1 and r["speedup"] > 0 for r in rows)
 
 
-def test_smolvlm_budgets_count_per_tile(capsys):
-    """An image of 2 x 2 tiles and its global view (5 tiles of 16 tokens): --keep 0.25 keeps 4 tokens of each tile,
-    before the LM and inside it; a budget past a tile's count is refused."""
-    assert main(["bench", "--model", "smolvlm:tiny", "--methods", "tome", "--keep", "0.25", "--json", *FAST]) == 0
+@pytest.mark.parametrize("family", ["smolvlm", "internvl"])
+def test_tiled_models_budgets_count_per_tile(family, capsys):
+    """An image of 2 x 2 tiles and its global view / thumbnail (5 tiles of 16 tokens): --keep 0.25 keeps 4 tokens
+    of each tile, before the LM and inside it; a budget past a tile's count is refused."""
+    assert main(["bench", "--model", f"{family}:tiny", "--methods", "tome", "--keep", "0.25", "--json", *FAST]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert (row["visual"], row["kept"]) == (80, 20) and 0 < row["macs_ratio"] < 1
-    model = bench_vlm.build("smolvlm:tiny", 1, 2)
+    model = bench_vlm.build(f"{family}:tiny", 1, 2)
     (row,) = bench_vlm.run(model, bench_vlm.workload(model), [("fastv", {"method": "fastv", "budget": 4,
                                                                           "layers": [1]})], rounds=1, decode_tokens=1)
     assert (row.where, row.visual, row.kept) == ("LM layer 1", 80, 20)
     with pytest.raises(SystemExit):
-        main(["bench", "--model", "smolvlm:tiny", "--methods", "tome", "--budget", "17", *FAST])
+        main(["bench", "--model", f"{family}:tiny", "--methods", "tome", "--budget", "17", *FAST])
     assert "17 is more than the 16 visual tokens of a tile" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("shape", ["llava:tiny", "qwen-vl:tiny", "qwen-vl:3-tiny", "onevision:tiny", "gemma3:tiny",
-                                   "smolvlm:tiny"])
+                                   "smolvlm:tiny", "internvl:tiny"])
 def test_a_saved_vlm_directory_runs_the_vlm_benchmark(shape, tmp_path, capsys):
     bench_vlm.build(shape).save_pretrained(tmp_path)
     assert main(["bench", "--model", f"hf:{tmp_path}", "--methods", "fastv", "--budget", "8", "--json",
                  *(["--img-size", "128"] if shape.startswith("qwen-vl:3") else ["--img-size", "112"]
                    if shape.startswith("qwen") else []), *FAST]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["kept"] == (40 if shape.startswith("smolvlm") else 8)   # SmolVLM: 8 per tile, 5 tiles
-    assert row["visual"] == {"onevision": 36, "smolvlm": 80}.get(shape.partition(":")[0], 16)   # OneVision: crops
+    tiled = shape.startswith(("smolvlm", "internvl"))
+    assert row["kept"] == (40 if tiled else 8)   # SmolVLM, InternVL: 8 per tile, 5 tiles
+    assert row["visual"] == (80 if tiled else 36 if shape.startswith("onevision") else 16)   # OneVision: crops
 
 
 MISTAKES = [

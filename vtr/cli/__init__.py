@@ -31,7 +31,7 @@ DEFAULT_MODEL = "vit_base_patch16_224"
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed-up vs FLOPs of each method on a timm ViT (random weights), or "
-                                         "a VLM's prefill speed-up (llava:, qwen-vl:, onevision:, gemma3:, smolvlm:)")
+                                         "a VLM's prefill speed-up (llava:, qwen-vl:, onevision:, gemma3:, smolvlm:, internvl:)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"timm name, open_clip:<name> (image tower), hf:<name> (random weights), or hf:<directory "
                         f"written by save_pretrained or Hub id in the local cache> (default {DEFAULT_MODEL}); a VLM: "
@@ -58,7 +58,8 @@ def _bench_parser(sub) -> None:
                    help="also draw into PNG: throughput against FLOPs per method, or, with several --batch "
                         "sizes, throughput against batch size per method")
     vlm = p.add_argument_group(
-        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, smolvlm:<shape> "
+        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, smolvlm:<shape>, "
+        "internvl:<shape> "
         "(built-in shapes: "
         f"{', '.join(bench_vlm.SHAPES)}; random weights) or hf:<directory of a saved LLaVA, LLaVA-OneVision or "
         "Qwen-VL>: vision, "
@@ -82,8 +83,8 @@ def _bench_parser(sub) -> None:
 
 
 _VLM_ONLY = ("keep", "budget", "vision_layers", "lm_layers", "text", "video_frames", "decode_tokens")
-VLM_MODELS = ("llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, smolvlm:<shape> or hf:<directory "
-              "of a saved VLM>")
+VLM_MODELS = ("llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, smolvlm:<shape>, internvl:<shape> "
+              "or hf:<directory of a saved VLM>")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """The VLM prefill benchmark (`vtr bench --model llava:<shape>` / `qwen-vl:<shape>` / `onevision:<shape>` /
-`gemma3:<shape>` / `smolvlm:<shape>` /
+`gemma3:<shape>` / `smolvlm:<shape>` / `internvl:<shape>` /
 `hf:<VLM directory>`,
 ``benchmarks/bench_llava.py``, ``benchmarks/bench_vlm.py``): the unreduced and the reduced model, each timed in
 three parts per batch of prompts (one image or video plus text tokens each):
@@ -157,13 +157,32 @@ SHAPES = {
                           dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                num_key_value_heads=2, **_QWEN_TEXT),
                           dict(scale_factor=2, image_token_id=95), 64, "SmolVLMVisionConfig", "LlamaConfig"),
+    # InternVL3-8B (transformers' format): InternViT-300M at 448 px (32 x 32 patches of 14, pixel-shuffled to 256
+    # tokens a tile) and Qwen2.5-7B; a prompt holds an image of 2 x 2 dynamic tiles and its thumbnail.
+    "internvl:8b": Shape("InternVL3-8B-shaped (InternViT-300M at 448 px, 256 tokens a tile: an image of 2x2 tiles and "
+                         "a thumbnail; LM hidden 3584, 4 KV heads)", "InternVLForConditionalGeneration",
+                         "InternVLConfig",
+                         dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=[448, 448],
+                              patch_size=[14, 14]),
+                         dict(vocab_size=32000, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                              num_key_value_heads=4, rope_theta=1e6, **_QWEN_TEXT),
+                         dict(image_token_id=31990, image_seq_length=256, downsample_ratio=0.5), 448,
+                         "InternVLVisionConfig", "Qwen2Config"),
+    "internvl:tiny": Shape("tiny InternVL (64 px tiles: 8 x 8 patches shuffled to 16 tokens; LM hidden 64), for tests",
+                           "InternVLForConditionalGeneration", "InternVLConfig",
+                           dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=[64, 64],
+                                patch_size=[8, 8]),
+                           dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                num_key_value_heads=2, **_QWEN_TEXT),
+                           dict(image_token_id=95, image_seq_length=16, downsample_ratio=0.5), 64,
+                           "InternVLVisionConfig", "Qwen2Config"),
 }
-FAMILIES = ("llava", "qwen-vl", "onevision", "gemma3", "smolvlm")
+FAMILIES = ("llava", "qwen-vl", "onevision", "gemma3", "smolvlm", "internvl")
 
 
 def is_vlm_name(name: str) -> bool:
-    """``llava:<shape>``, ``qwen-vl:<shape>``, ``onevision:<shape>``, ``gemma3:<shape>`` or ``smolvlm:<shape>``
-    (``hf:<directory>`` of a VLM: :func:`vtr.tools.models.is_hf_vlm`)."""
+    """``llava:<shape>``, ``qwen-vl:<shape>``, ``onevision:<shape>``, ``gemma3:<shape>``, ``smolvlm:<shape>`` or
+    ``internvl:<shape>`` (``hf:<directory>`` of a VLM: :func:`vtr.tools.models.is_hf_vlm`)."""
     return name.partition(":")[0] in FAMILIES
 
 

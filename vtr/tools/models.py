@@ -31,7 +31,7 @@ HF_VLM_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGener
                   "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
                   "LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
                   "Gemma3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
-                  "Idefics3ForConditionalGeneration")
+                  "Idefics3ForConditionalGeneration", "InternVLForConditionalGeneration")
 MODEL_NAMES = "a timm name, open_clip:<name> or hf:<name, directory or Hub id>"
 
 
