@@ -1,4 +1,5 @@
-"""Hugging Face Qwen2-VL / Qwen2.5-VL adapter: fewer visual tokens reach the language model; ``generate()`` unchanged.
+"""Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL adapter: fewer visual tokens reach the language model; ``generate()``
+unchanged.
 
 ``vtr.patch(model, method, budget=B)`` keeps ``min(B, its own count)`` visual tokens of each image and
 each video, reduced on the vision tower's output after its patch merger; the prompt is compacted and
@@ -11,6 +12,12 @@ The package: this front (the :class:`QwenVL` adapter and the class mixed into th
 ``before_lm`` and ``in_llm``, which import ``common`` (which models, the call's images and videos,
 positions, costs, the report); the run, prompt compaction, reduction steps and in-LLM pruning are shared
 with LLaVA (``vtr.adapters.vlm``).
+
+Qwen3-VL: its DeepStack features (several tower layers' features, added to the visual tokens' hidden states after
+each of the first language-model layers) follow the reduction before the LM level by level (``before_lm``: a kept
+token's own, a merged token's the mean of the same originals); in-LLM pruning starts after the last DeepStack layer
+(``in_llm.check_deepstack``). Its processor gives each temporal patch of a video its own timestamp and vision
+markers; the kept tokens of a frame stay between them (``vtr.adapters.vlm.items.kept_columns_by_span``).
 
 Limits: ``forward()`` with pixel values returns logits over the compacted prompt
 (``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts come as
@@ -63,12 +70,13 @@ class ReducingQwenVL(ReducingVlm):
 
 
 class QwenVL(VlmAdapter):
-    """transformers ``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``."""
+    """transformers ``Qwen3VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
+    ``Qwen2VLForConditionalGeneration``."""
 
     name = "qwen_vl"
 
     def matches(self, model: nn.Module) -> bool:
-        """Any Qwen-VL model of transformers (bare models and Qwen3-VL too), so that those vtr does not
+        """Any Qwen-VL model of transformers (bare models and Qwen3-VL-MoE too), so that those vtr does not
         support get a clear error."""
         families = tuple(f"transformers.models.{family}." for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl",
                                                                            "qwen3_vl_moe"))

@@ -232,3 +232,13 @@ def test_unsupported_models_name_the_supported_ones(model):
         vtr.patch(model.model, "tome", budget=4)
     with pytest.raises(vtr.UnsupportedModelError, match="supported: .*Qwen3-VL"):
         vtr.patch(nn.Linear(2, 2), "tome", budget=4)
+
+
+@pytest.mark.parametrize("method, amount", [("tome", {"budget": 1000}), ("fastv", {"budget": 1000, "layers": [2]})])
+def test_beam_search_at_a_budget_that_keeps_everything_equals_the_unpatched_model(model, method, amount):
+    data = mixed_batch().inputs()
+    beams = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    with torch.inference_mode():
+        expected = model.generate(**data, **beams)
+        vtr.patch(model, method, **amount)
+        assert torch.equal(model.generate(**data, **beams), expected)

@@ -146,3 +146,13 @@ def test_bad_settings_and_unsupported_models_are_clear_errors(model):
     with pytest.raises(vtr.UnsupportedModelError, match="supported: .*SmolVLM and Idefics3"):
         vtr.patch(nn.Linear(2, 2), "tome", budget=4)
     assert not vtr.is_patched(model)
+
+
+@pytest.mark.parametrize("method, amount", [("tome", {"budget": 1000}), ("fastv", {"budget": 1000, "layers": [1]})])
+def test_beam_search_at_a_budget_that_keeps_everything_equals_the_unpatched_model(model, method, amount):
+    data = inputs()
+    beams = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    with torch.inference_mode():
+        expected = model.generate(**data, **beams)
+        vtr.patch(model, method, **amount)
+        assert torch.equal(model.generate(**data, **beams), expected)
