@@ -87,7 +87,8 @@ class QwenVL(VlmAdapter):
         if not isinstance(model, qwen_classes()):
             raise UnsupportedModelError(
                 f"vtr's Qwen-VL adapter supports transformers' {SUPPORTED}; got {kind}, which is not supported. "
-                "For a bare Qwen3VLModel / Qwen2_5_VLModel / Qwen2VLModel, patch the ...ForConditionalGeneration that holds it")
+                "For a bare Qwen3VLModel / Qwen2_5_VLModel / Qwen2VLModel, patch the ...ForConditionalGeneration that "
+                "holds it")
         for key in ("image_token_id", "video_token_id"):
             if getattr(model.config, key, None) is None:
                 raise UnsupportedModelError(f"{kind}.config.{key} is not set: vtr finds the visual tokens from it")

@@ -28,4 +28,5 @@ class SmolVLMVisuals(Visuals):
         if found % per_tile:
             raise ValueError(f"the prompt has {found} image tokens, not a whole number of tiles of {per_tile}")
         count = found // per_tile
-        return split_placeholders(self.placeholder(model, input_ids), [per_tile] * count, [tile_grid(model)[1:]] * count)
+        return split_placeholders(self.placeholder(model, input_ids), [per_tile] * count,
+                                  [tile_grid(model)[1:]] * count)

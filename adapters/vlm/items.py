@@ -176,7 +176,8 @@ def kept_columns_by_span(item: Visual, reduced: Reduced) -> Tensor:
 
 
 def compact_items(input_ids: Tensor, attention_mask: Tensor, placeholders: dict, items: list[Visual],
-                  reduced: list[Reduced], pad: int, left: bool, by_span: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                  reduced: list[Reduced], pad: int, left: bool,
+                  by_span: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The prompt with each item's placeholders cut to its kept count (``placeholders``: kind -> ``[B, L]``);
     ``by_span``: each item's kept tokens in their own runs of placeholders (:func:`kept_columns_by_span`)."""
     keep = attention_mask.bool()

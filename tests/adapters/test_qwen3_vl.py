@@ -66,8 +66,9 @@ def test_every_deepstack_level_keeps_the_tokens_the_language_models_input_kept(m
     hook.remove()
     report = vtr.report(model)
     given = seen[0]
-    handed = [(given["image"].pooler_output[i], [level[i] for level in given["image"].deepstack_features])
-              for i in range(3)] + [(given["video"].pooler_output[0], [lv[0] for lv in given["video"].deepstack_features])]
+    image, video = given["image"], given["video"]
+    handed = [(image.pooler_output[i], [level[i] for level in image.deepstack_features]) for i in range(3)] + \
+        [(video.pooler_output[0], [level[0] for level in video.deepstack_features])]
     assert len(given["image"].deepstack_features) == 2
     for item, ((features, levels), (out, out_levels)) in enumerate(zip(original, handed)):
         count, kept = int(report.image_tokens_before[item]), int(report.image_tokens_after[item])

@@ -31,12 +31,13 @@ DEFAULT_MODEL = "vit_base_patch16_224"
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed-up vs FLOPs of each method on a timm ViT (random weights), or "
-                                         "a VLM's prefill speed-up (llava:, qwen-vl:, onevision:, gemma3:, smolvlm:, internvl:)")
+                                         "a VLM's prefill speed-up (llava:, qwen-vl:, onevision:, gemma3:, smolvlm:, "
+                                         "internvl:)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"timm name, open_clip:<name> (image tower), hf:<name> (random weights), or hf:<directory "
                         f"written by save_pretrained or Hub id in the local cache> (default {DEFAULT_MODEL}); a VLM: "
-                        f"{', '.join(bench_vlm.SHAPES)}, or hf:<directory of a saved LLaVA, LLaVA-OneVision or "
-                        "Qwen-VL>")
+                        f"{', '.join(bench_vlm.SHAPES)}, or hf:<directory of a saved LLaVA, LLaVA-OneVision, "
+                        "Qwen-VL, Gemma 3, SmolVLM or InternVL>")
     p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
     p.add_argument("--methods", type=method_list_or_all, default="tome,pitome",
                    help=f"comma-separated methods (available: {', '.join(methods())}; 'all' for every one; "
@@ -58,11 +59,10 @@ def _bench_parser(sub) -> None:
                    help="also draw into PNG: throughput against FLOPs per method, or, with several --batch "
                         "sizes, throughput against batch size per method")
     vlm = p.add_argument_group(
-        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, smolvlm:<shape>, "
-        "internvl:<shape> "
-        "(built-in shapes: "
-        f"{', '.join(bench_vlm.SHAPES)}; random weights) or hf:<directory of a saved LLaVA, LLaVA-OneVision or "
-        "Qwen-VL>: vision, "
+        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, "
+        "smolvlm:<shape>, internvl:<shape> (built-in shapes: "
+        f"{', '.join(bench_vlm.SHAPES)}; random weights) or hf:<directory of a saved LLaVA, LLaVA-OneVision, "
+        "Qwen-VL, Gemma 3, SmolVLM or InternVL>: vision, "
         "LM prefill and decode timed unreduced and reduced, the prefill speed-up beside the analytic MACs ratio")
     amount = vlm.add_mutually_exclusive_group()
     amount.add_argument("--keep", type=fractions, default=None,
