@@ -12,7 +12,8 @@ from torch import nn
 import vtr
 from vtr.adapters.vlm.sequence import last_token_attention
 
-from qwen3_vl_models import (END, IMAGE, SECONDS, START, VIDEO, generate, logits, mixed_batch, tiny_qwen3)
+from qwen3_vl_models import (END, IMAGE, PATCH_VALUES, SECONDS, START, VIDEO, generate, logits, mixed_batch,
+                             tiny_qwen3)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 LEARNED = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].learned}
@@ -243,3 +244,37 @@ def test_beam_search_at_a_budget_that_keeps_everything_equals_the_unpatched_mode
         expected = model.generate(**data, **beams)
         vtr.patch(model, method, **amount)
         assert torch.equal(model.generate(**data, **beams), expected)
+
+
+def _with_frames(inputs: dict, order: list[int]) -> dict:
+    """``inputs`` whose video's temporal patches are its patches ``order`` (e.g. [0, 0, 2]: the first shown twice)."""
+    grid = inputs["video_grid_thw"][0].tolist()
+    per_frame = grid[1] * grid[2]
+    pixels = inputs["pixel_values_videos"].view(grid[0], per_frame, -1)[order].reshape(-1, PATCH_VALUES)
+    return inputs | {"pixel_values_videos": pixels}
+
+
+@pytest.mark.parametrize("frames", ["uniform", "novelty", "relevance"])
+def test_frames_split_a_videos_budget_and_each_frame_keeps_its_share_in_its_own_span(model, frames):
+    vtr.patch(model, "tome", budget=6, frames=frames)
+    data = mixed_batch().inputs([1])
+    generate(model, data, max_new_tokens=1)
+    report = vtr.report(model)
+    shares = report.frame_tokens[1]
+    assert report.kinds == ["image", "video"] and sum(shares) == 6 and min(shares) >= 1
+    seen = data["input_ids"][0, report.kept_positions[0]].tolist()
+    spans = [seen[seen.index(SECONDS + f) + 2:] for f in range(3)]
+    assert [span.index(END) for span in spans] == shares and all(set(s[:s.index(END)]) == {VIDEO} for s in spans)
+
+
+def test_temporal_merges_a_repeated_frame_into_the_one_before_and_its_span_stays_empty(model):
+    """Temporal patches 0, 0, 2: the repeat merges into the patch before it (its tokens carried by patch 0's), so
+    patch 1 keeps no token; its timestamp and markers stay, with nothing between them."""
+    vtr.patch(model, "none", temporal=2 / 3)
+    data = _with_frames(mixed_batch().inputs([1]), [0, 0, 2])
+    out = generate(model, data, max_new_tokens=1)
+    report = vtr.report(model)
+    assert report.frame_tokens[1] == [4, 0, 4] and report.size[1, :8].tolist() == [2.0] * 4 + [1.0] * 4
+    seen = data["input_ids"][0, report.kept_positions[0]].tolist()
+    assert seen[seen.index(SECONDS + 1):seen.index(SECONDS + 1) + 3] == [SECONDS + 1, START, END]
+    assert torch.isfinite(logits(out)).all()
