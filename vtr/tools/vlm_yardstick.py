@@ -63,7 +63,7 @@ class VlmTraining:
 
 # `vtr fidelity --model llava-task --quick` and CI: narrower, shallower and trained on less, in about a minute.
 QUICK = dict(vision_width=32, vision_layers=3, lm_width=64, lm_layers=2, tower_images=3000, tower_epochs=3,
-             examples=8400, epochs=3)
+             examples=12000, epochs=6)
 
 
 # Qwen's tower sees 4x the patches (4 px, merged 2 x 2 into the 8 x 8 tokens): fewer pretraining images.
