@@ -53,5 +53,6 @@ def test_capabilities_say_what_each_reducer_is():
     fixed = {name for name, cls in REDUCERS.items() if cls.fixed_count}
     published = {name: cls.published_fuse for name, cls in REDUCERS.items() if cls.published_fuse}
     assert identity == {"none"} and fixed == {"pool"}
-    assert published == {"evit": "one", "fastv": "drop", "hired": "drop", "atf": "drop", "query": "drop"}
+    assert published == {"evit": "one", "fastv": "drop", "hired": "drop", "atf": "drop", "query": "drop",
+                         "pyramiddrop": "drop"}
     assert vtr.make_reducer("pool", factor=2).kept_grid((5, 4)) == (3, 2)

@@ -217,7 +217,8 @@ class Pruning:
             groups.append(ImageGroup(
                 images, torch.tensor([[self.items[i].row] for i in images], device=device),
                 torch.stack([self.items[i].columns for i in images]),
-                image_budgets(self.stages.budget, key[0], self.protected, len(self.stages.layers)), key[1]))
+                image_budgets(self.stages.budget, key[0], self.protected, len(self.stages.layers),
+                              self.reduction.reducer), key[1]))
         return groups
 
     def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int) -> TokenState:

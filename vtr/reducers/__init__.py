@@ -1,6 +1,6 @@
 """Reducers: model-agnostic modules that turn a token state into a smaller one."""
 from .base import REDUCERS, Reducer, Signals, check_budget, dest_from_choice
-from . import atf, baselines, drop, dynamicvit, fastv, merge, pool, query, sit, video  # noqa: F401  (registers the methods)
+from . import atf, baselines, drop, dynamicvit, fastv, merge, pool, pyramiddrop, query, sit, video  # noqa: F401  (registers the methods)
 from .atf import ATF
 from .baselines import NoReduction, RandomDrop
 from .drop import EViT, HiRED
@@ -8,10 +8,11 @@ from .dynamicvit import DynamicViT
 from .fastv import FastV
 from .merge import PiToMe, ToMe
 from .pool import GridPool
+from .pyramiddrop import PyramidDrop
 from .query import QueryPrune
 from .sit import SiT
 from .video import TemporalMerge
 
 __all__ = ["REDUCERS", "Reducer", "Signals", "check_budget", "dest_from_choice",
-           "NoReduction", "RandomDrop", "PiToMe", "ToMe", "EViT", "HiRED", "ATF", "QueryPrune", "GridPool", "FastV",
+           "NoReduction", "RandomDrop", "PiToMe", "ToMe", "EViT", "HiRED", "ATF", "QueryPrune", "GridPool", "FastV", "PyramidDrop",
            "TemporalMerge", "DynamicViT", "SiT"]

@@ -79,6 +79,12 @@ class Reducer(nn.Module):
         """Where the method reduces when ``layers=`` is not given: None means every block."""
         return None
 
+    def stage_counts(self, num_tokens: int, budget: int, num_stages: int) -> Optional[list[int]]:
+        """Visual tokens an image of ``num_tokens`` keeps after each of ``num_stages`` in-LM stages for an int
+        ``budget`` (the last count), when the method's paper fixes them (PyramidDrop's ratio per stage); None:
+        vtr's geometric decay towards the budget (:func:`vtr.budget.visual.stage_budgets`)."""
+        return None
+
     # The lowest keep ratio per step the default layers were chosen for (EViT's 0.5); None: no limit.
     # A flops= target that needs less at those layers reduces at ``deeper_target_layers`` instead.
     lowest_keep: ClassVar[Optional[float]] = None
