@@ -16,7 +16,7 @@ from conftest import make_state
 # What each method really takes (its own __init__), or nothing.
 OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fastv": "fuse",
            "hired": "fuse, allocate_layer", "none": "none", "pitome": "margin, alpha, variant", "pool": "factor",
-           "query": "relevance_weight, projection, fuse", "pyramiddrop": "ratio, fuse", "random": "seed", "tome": "none",
+           "query": "relevance_weight, projection, fuse", "pyramiddrop": "ratio, fuse", "cdpruner": "negate, fuse", "random": "seed", "tome": "none",
            "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature"}
 
 
