@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from vtr.budget.visual import image_budgets, reduction_steps
 from vtr.core import run as runs
-from vtr.core.signals import Signals
+from vtr.core.signals import Instruction, Need, Signals
 from vtr.core.state import TokenState
 
 from .language import language_cost, prefill_macs
@@ -19,8 +19,8 @@ from .prompt import kept_columns
 from .reduce import carried, padded
 from .report import text_only_report
 from .run import VlmRun
-from .sequence import (gather_slots, last_token_attention, padding_mask, real_columns, scoring_macs, segment_mask,
-                       slot_of_column)
+from .sequence import (gather_slots, last_token_attention, layer_keys, padding_mask, real_columns, scoring_macs,
+                       segment_mask, slot_of_column)
 from .stages import WHY, stages_of
 from .video import tokens_per_frame
 from .visuals import Item
@@ -155,6 +155,9 @@ class Pruning:
 
         if not self.groups:
             self.groups = self._image_groups()
+        needs = self.reduction.reducer.needs
+        keys = layer_keys(layer, hidden, cos, sin) if {Need.KEYS, Need.INSTRUCTION} & needs else None
+        entering = hidden
         hidden = hidden.clone()
         keep = (slot >= 0) & ~self.placeholder
         for group in self.groups:
@@ -163,8 +166,10 @@ class Pruning:
                 group.state = TokenState.start(hidden[rows, group.columns], self.protected)
                 group.tokens, group.stage_tokens = [group.state.num_tokens], [group.state.num_tokens]
             current = slot[rows, group.state.first_carried(group.columns, length)]   # [G, n] slot of each token
+            instruction = self._instruction(group, entering, keys, slot) if Need.INSTRUCTION in needs else None
             group.state = self._reduce(group, group.state.with_x(hidden[rows, current]), scores[rows, current],
-                                       group.budgets[stage])
+                                       group.budgets[stage], None if keys is None else keys[rows, current],
+                                       instruction)
             group.stage_tokens.append(group.state.num_tokens)
             # Each output token sits at the first prompt column it carries; text stays, padding goes.
             first = group.state.first_carried(group.columns, length)
@@ -221,8 +226,24 @@ class Pruning:
                               self.reduction.reducer), key[1]))
         return groups
 
-    def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int) -> TokenState:
-        """The reducer's steps from the state's tokens down to ``budget`` (scores: attention to each token)."""
+    def _instruction(self, group: ImageGroup, hidden: Tensor, keys: Optional[Tensor], slot: Tensor) -> Instruction:
+        """Each image's :class:`Instruction`: the real text tokens after its last placeholder, in prompt order, as
+        the current layer holds them (text is never pruned, so every one is still there)."""
+        rows = group.rows[:, 0]
+        columns = torch.arange(self.length, device=slot.device)
+        after = (columns[None] > group.columns.amax(dim=1, keepdim=True)) & ~self.placeholder[rows] & (slot[rows] >= 0)
+        count = int(after.sum(dim=1).max()) if after.numel() else 0
+        order = after.byte().argsort(dim=1, descending=True, stable=True)[:, :count]   # text columns first, in order
+        valid = after.gather(1, order)
+        where = slot[rows].gather(1, order).clamp_min(0)
+        pick = lambda values: values[rows[:, None], where]   # noqa: E731
+        return Instruction(hidden=pick(hidden), valid=valid, keys=None if keys is None else pick(keys),
+                           norm=self.model.model.language_model.norm)
+
+    def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int,
+                keys: Optional[Tensor] = None, instruction: Optional[Instruction] = None) -> TokenState:
+        """The reducer's steps from the state's tokens down to ``budget`` (scores: attention to each token; keys:
+        each token's attention keys and the text after the image, for the reducers that read them)."""
         reducer, protected = self.reduction.reducer, state.num_protected
         steps = reduction_steps(state.num_tokens, budget, reducer, protected) if not reducer.identity else []
         # Spatial grid only while the tokens are the image's untouched patches (the first stage).
@@ -232,7 +253,8 @@ class Pruning:
         reduced = state.restarted()
         for step, remove in enumerate(steps):
             signals = Signals(metric=reduced.x, layer=step, num_layers=len(steps),
-                              cls_attention=carried(scores, reduced), grid=None if reduced.is_reduced else grid)
+                              cls_attention=carried(scores, reduced), grid=None if reduced.is_reduced else grid,
+                              keys=None if keys is None else first_of(keys, reduced), instruction=instruction)
             self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost,
                                                                           reduced.num_tokens - remove)
             reduced = reducer(reduced, reduced.num_tokens - remove, signals)
@@ -275,3 +297,10 @@ def frame_counts(state: TokenState, row: int, item: Item) -> list[int]:
         return [state.num_tokens]
     frames, rows, cols = item.video_grid
     return tokens_per_frame(state.first_carried()[row], frames, rows * cols)
+
+
+def first_of(values: Tensor, state: TokenState) -> Tensor:
+    """``values`` ``[G, n, ...]`` of a stage's tokens, for each current token of ``state`` (restarted at the
+    stage): the value of the first token it carries (a kept token carries itself)."""
+    first = state.first_carried().clamp_min(0)
+    return values.gather(1, first.view(*first.shape, *[1] * (values.dim() - 2)).expand(-1, -1, *values.shape[2:]))

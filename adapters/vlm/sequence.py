@@ -48,6 +48,17 @@ def padding_mask(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
     return attention_mask
 
 
+def layer_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``[B, L, Hk * d]`` the attention keys the layer computes for every position (its input norm, ``k_proj`` and
+    rotary embedding; heads concatenated, as DART's code reads them)."""
+    attn = layer.self_attn
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    batch, length, _ = hidden.shape
+    k = attn.k_proj(layer.input_layernorm(hidden)).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    k = rotate(k, k, cos, sin)[0]
+    return k.transpose(1, 2).reshape(batch, length, -1)
+
+
 def last_token_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor) -> Tensor:
     """Head-mean attention of the last position to every position ``[B, L]``, from the layer's own
     norm, q/k projections and rotary embedding (what its attention computes, one query row only)."""

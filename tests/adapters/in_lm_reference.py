@@ -12,8 +12,8 @@ import torch
 
 from llava_models import IMAGE_TOKEN
 
-# rule(layer, hidden [1, L, D] entering it, present [L] prompt columns, image [L] bool, stage index, cos, sin)
-# -> the image columns that stay
+# rule(layer, hidden [1, L, D] entering it, present [L] prompt columns, image [L] bool, stage index, cos, sin,
+# language model) -> the image columns that stay
 Rule = Callable[..., torch.Tensor]
 
 
@@ -33,6 +33,16 @@ def queries_keys(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     k = attn.k_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
     q, k = rotate(q, k, cos, sin)
     return q[0], k[0].repeat_interleave(q.shape[1] // k.shape[1], dim=0)
+
+
+def keys_of(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[L, Hk * d]``: the layer's keys of every position after its rotary embedding, heads concatenated (the
+    key states DART's code reads), before any repetition over query groups."""
+    attn = layer.self_attn
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    k = attn.k_proj(layer.input_layernorm(hidden)).view(1, hidden.shape[1], -1, attn.head_dim).transpose(1, 2)
+    k = rotate(k, k, cos, sin)[0]
+    return k[0].transpose(0, 1).reshape(hidden.shape[1], -1)
 
 
 def attention(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -56,7 +66,7 @@ def stage_columns(model, ids: torch.Tensor, pixels: torch.Tensor, rules: dict[in
             cos, sin = language.rotary_emb(hidden, present[None])
             if index in rules:
                 image = ids[0, present] == IMAGE_TOKEN
-                chosen = rules[index](decoder, hidden, present, image, len(kept), cos, sin)
+                chosen = rules[index](decoder, hidden, present, image, len(kept), cos, sin, language)
                 wanted = torch.cat([present[~image], chosen]).sort().values
                 hidden, present = hidden[:, torch.searchsorted(present, wanted)], wanted
                 kept.append(present)

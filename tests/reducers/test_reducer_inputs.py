@@ -16,7 +16,7 @@ from conftest import make_state
 # What each method really takes (its own __init__), or nothing.
 OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fastv": "fuse",
            "hired": "fuse, allocate_layer", "none": "none", "pitome": "margin, alpha, variant", "pool": "factor",
-           "query": "relevance_weight, projection, fuse", "pyramiddrop": "ratio, fuse", "cdpruner": "negate, fuse", "random": "seed", "tome": "none",
+           "query": "relevance_weight, projection, fuse", "pyramiddrop": "ratio, fuse", "cdpruner": "negate, fuse", "dart": "pivot_image, pivot_text, fuse", "random": "seed", "tome": "none",
            "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature"}
 
 
@@ -52,7 +52,7 @@ def test_numpy_and_0d_tensor_option_values_are_numbers():
 def _signals(state: TokenState, **extra) -> Signals:
     batch, tokens = state.x.shape[:2]
     attention = torch.rand(batch, tokens).softmax(dim=-1)
-    return Signals(metric=state.x, cls_attention=attention, grid=(4, 4), **extra)
+    return Signals(metric=state.x, cls_attention=attention, grid=(4, 4), keys=state.x, **extra)
 
 
 @pytest.mark.parametrize("method", sorted(REDUCERS))

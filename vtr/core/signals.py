@@ -17,6 +17,8 @@ class Need(str, enum.Enum):
     QUERY = "query"
     PARTITION = "partition"
     GRID = "grid"
+    KEYS = "keys"
+    INSTRUCTION = "instruction"
 
     def __str__(self) -> str:
         return self.value
@@ -32,6 +34,23 @@ def needs(*names: str | Need) -> frozenset:
         except ValueError:
             raise ValueError(f"unknown signal {name!r} in needs; the signals are: {allowed}") from None
     return frozenset(result)
+
+
+@dataclass
+class Instruction:
+    """The prompt's text after an image, as a language model holds it at the decoder layer where in-LM pruning
+    acts (DART's text pivots, SparseVLM's raters). Rows pair with the image rows of the state.
+
+    hidden: ``[B, T, D]`` hidden states entering the layer of the real text tokens after the image, in prompt
+        order; ``valid``: ``[B, T]`` False past a row's own count (rows have different texts).
+    keys: ``[B, T, Dk]`` their attention keys at the layer (after the rotary embedding, heads concatenated).
+    norm: the language model's final norm (DART compares hidden states after it), or None.
+    """
+
+    hidden: Tensor
+    valid: Tensor
+    keys: Optional[Tensor] = None
+    norm: Optional[Callable[[Tensor], Tensor]] = None
 
 
 @dataclass
@@ -51,6 +70,9 @@ class Signals:
         the two differ (CLIP: each token as the image embedding it would give if it were the pooled
         token, i.e. the tower's final norm and projection); None when tokens and query share a space.
         A callable, so it costs nothing unless a reducer uses it.
+    keys: ``[B, N, Dk]`` each token's attention keys at this layer (inside a language model: after the rotary
+        embedding, heads concatenated), for methods that rank by key norms (DART); None where not offered.
+    instruction: the prompt's text after the image (:class:`Instruction`), inside a language model; else None.
     """
 
     metric: Optional[Tensor] = None
@@ -61,6 +83,8 @@ class Signals:
     partition: Optional[Tensor] = None
     grid: Optional[tuple] = None
     query_projection: Optional[Callable[[Tensor], Tensor]] = None
+    keys: Optional[Tensor] = None
+    instruction: Optional[Instruction] = None
 
 
 def cls_attention(q: Tensor, k: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:

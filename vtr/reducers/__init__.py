@@ -1,9 +1,10 @@
 """Reducers: model-agnostic modules that turn a token state into a smaller one."""
 from .base import REDUCERS, Reducer, Signals, check_budget, dest_from_choice
-from . import atf, baselines, cdpruner, drop, dynamicvit, fastv, merge, pool, pyramiddrop, query, sit, video  # noqa: F401  (registers the methods)
+from . import atf, baselines, cdpruner, dart, drop, dynamicvit, fastv, merge, pool, pyramiddrop, query, sit, video  # noqa: F401  (registers the methods)
 from .atf import ATF
 from .baselines import NoReduction, RandomDrop
 from .cdpruner import CDPruner
+from .dart import DART
 from .drop import EViT, HiRED
 from .dynamicvit import DynamicViT
 from .fastv import FastV
@@ -15,5 +16,5 @@ from .sit import SiT
 from .video import TemporalMerge
 
 __all__ = ["REDUCERS", "Reducer", "Signals", "check_budget", "dest_from_choice",
-           "NoReduction", "RandomDrop", "PiToMe", "ToMe", "EViT", "HiRED", "ATF", "QueryPrune", "GridPool", "FastV", "PyramidDrop", "CDPruner",
+           "NoReduction", "RandomDrop", "PiToMe", "ToMe", "EViT", "HiRED", "ATF", "QueryPrune", "GridPool", "FastV", "PyramidDrop", "CDPruner", "DART",
            "TemporalMerge", "DynamicViT", "SiT"]
