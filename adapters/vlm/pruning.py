@@ -19,8 +19,8 @@ from .prompt import kept_columns
 from .reduce import carried, padded
 from .report import text_only_report
 from .run import VlmRun
-from .sequence import (gather_slots, last_token_attention, layer_keys, padding_mask, real_columns, scoring_macs,
-                       segment_mask, slot_of_column)
+from .sequence import (gather_slots, last_token_attention, layer_keys, padding_mask, real_columns, rows_attention,
+                       scoring_macs, segment_mask, slot_of_column)
 from .stages import WHY, stages_of
 from .video import tokens_per_frame
 from .visuals import Item
@@ -166,7 +166,8 @@ class Pruning:
                 group.state = TokenState.start(hidden[rows, group.columns], self.protected)
                 group.tokens, group.stage_tokens = [group.state.num_tokens], [group.state.num_tokens]
             current = slot[rows, group.state.first_carried(group.columns, length)]   # [G, n] slot of each token
-            instruction = self._instruction(group, entering, keys, slot) if Need.INSTRUCTION in needs else None
+            instruction = self._instruction(group, layer, entering, keys, slot, current, cos, sin) \
+                if Need.INSTRUCTION in needs else None
             group.state = self._reduce(group, group.state.with_x(hidden[rows, current]), scores[rows, current],
                                        group.budgets[stage], None if keys is None else keys[rows, current],
                                        instruction)
@@ -226,9 +227,11 @@ class Pruning:
                               self.reduction.reducer), key[1]))
         return groups
 
-    def _instruction(self, group: ImageGroup, hidden: Tensor, keys: Optional[Tensor], slot: Tensor) -> Instruction:
+    def _instruction(self, group: ImageGroup, layer: nn.Module, hidden: Tensor, keys: Optional[Tensor], slot: Tensor,
+                     current: Tensor, cos: Tensor, sin: Tensor) -> Instruction:
         """Each image's :class:`Instruction`: the real text tokens after its last placeholder, in prompt order, as
-        the current layer holds them (text is never pruned, so every one is still there)."""
+        the current layer holds them (text is never pruned, so every one is still there), with the attention each
+        pays to the image's current tokens (``current``: their slots)."""
         rows = group.rows[:, 0]
         columns = torch.arange(self.length, device=slot.device)
         after = (columns[None] > group.columns.amax(dim=1, keepdim=True)) & ~self.placeholder[rows] & (slot[rows] >= 0)
@@ -237,8 +240,12 @@ class Pruning:
         valid = after.gather(1, order)
         where = slot[rows].gather(1, order).clamp_min(0)
         pick = lambda values: values[rows[:, None], where]   # noqa: E731
+        real = self.columns[rows] >= 0
+        attention = rows_attention(layer, hidden[rows], cos.expand(hidden.shape[0], *cos.shape[1:])[rows],
+                                   sin.expand(hidden.shape[0], *sin.shape[1:])[rows], real, where)   # [G, T, L']
         return Instruction(hidden=pick(hidden), valid=valid, keys=None if keys is None else pick(keys),
-                           norm=self.model.model.language_model.norm)
+                           norm=self.model.model.language_model.norm, attention=attention.gather(
+                               2, current[:, None, :].expand(-1, attention.shape[1], -1)))
 
     def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int,
                 keys: Optional[Tensor] = None, instruction: Optional[Instruction] = None) -> TokenState:

@@ -52,8 +52,12 @@ def attention(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return logits.softmax(dim=-1)
 
 
-def stage_columns(model, ids: torch.Tensor, pixels: torch.Tensor, rules: dict[int, Rule]) -> list[torch.Tensor]:
-    """Prompt columns kept after each stage (``rules``: decoder layer -> its rule), for one row ``ids`` ``[1, L]``."""
+def stage_columns(model, ids: torch.Tensor, pixels: torch.Tensor, rules: dict[int, Rule],
+                  last_logits: torch.Tensor = None) -> list[torch.Tensor]:
+    """Prompt columns kept after each stage (``rules``: decoder layer -> its rule), for one row ``ids`` ``[1, L]``;
+    a rule may also merge columns (it returns ``(kept, groups)``). ``last_logits``: filled with the last
+    position's logits (float32), if given."""
+    last_logits = torch.empty(model.config.text_config.vocab_size) if last_logits is None else last_logits
     model = copy.deepcopy(model).double()
     inner, language = model.model, model.model.language_model
     kept = []
@@ -67,12 +71,21 @@ def stage_columns(model, ids: torch.Tensor, pixels: torch.Tensor, rules: dict[in
             if index in rules:
                 image = ids[0, present] == IMAGE_TOKEN
                 chosen = rules[index](decoder, hidden, present, image, len(kept), cos, sin, language)
+                groups = []
+                if isinstance(chosen, tuple):    # (kept columns, groups of columns each merged into one token)
+                    chosen, groups = chosen
+                    hidden = hidden.clone()
+                    for group in groups:         # a merged token: the mean, at its first token's column
+                        slots = torch.searchsorted(present, torch.tensor(sorted(group)))
+                        hidden[:, slots[0]] = hidden[:, slots].mean(dim=1)
+                    chosen = torch.cat([chosen, torch.tensor([min(g) for g in groups], dtype=torch.long)])
                 wanted = torch.cat([present[~image], chosen]).sort().values
                 hidden, present = hidden[:, torch.searchsorted(present, wanted)], wanted
                 kept.append(present)
                 cos, sin = language.rotary_emb(hidden, present[None])
             hidden = decoder(hidden, attention_mask=causal(hidden.shape[1]), position_ids=present[None],
                              position_embeddings=(cos, sin))
+        last_logits[:] = model.lm_head(language.norm(hidden[:, -1]))[0].float()
     return kept
 
 

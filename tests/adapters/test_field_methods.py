@@ -10,7 +10,7 @@ from conftest import tiny_vit
 from llava_models import logits, tiny_llava
 from test_one_file_method import FAMILIES, GENERATE, run
 
-IN_LM = ["pyramiddrop", "dart"]
+IN_LM = ["pyramiddrop", "dart", "sparsevlm"]
 BEFORE_LM = ["cdpruner"]
 
 

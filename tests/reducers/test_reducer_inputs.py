@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vtr
+from vtr.core.signals import Instruction
 from vtr.core.state import TokenState
 from vtr.reducers import REDUCERS, GridPool, Signals
 
@@ -16,7 +17,7 @@ from conftest import make_state
 # What each method really takes (its own __init__), or nothing.
 OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fastv": "fuse",
            "hired": "fuse, allocate_layer", "none": "none", "pitome": "margin, alpha, variant", "pool": "factor",
-           "query": "relevance_weight, projection, fuse", "pyramiddrop": "ratio, fuse", "cdpruner": "negate, fuse", "dart": "pivot_image, pivot_text, fuse", "random": "seed", "tome": "none",
+           "query": "relevance_weight, projection, fuse", "pyramiddrop": "ratio, fuse", "cdpruner": "negate, fuse", "dart": "pivot_image, pivot_text, fuse", "sparsevlm": "recycle", "random": "seed", "tome": "none",
            "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature"}
 
 
@@ -52,7 +53,11 @@ def test_numpy_and_0d_tensor_option_values_are_numbers():
 def _signals(state: TokenState, **extra) -> Signals:
     batch, tokens = state.x.shape[:2]
     attention = torch.rand(batch, tokens).softmax(dim=-1)
-    return Signals(metric=state.x, cls_attention=attention, grid=(4, 4), keys=state.x, **extra)
+    text = torch.randn(batch, 3, state.x.shape[-1])   # the text after the image, for in-LM methods
+    instruction = Instruction(text, torch.ones(batch, 3, dtype=torch.bool), keys=text,
+                              attention=torch.rand(batch, 3, tokens))
+    return Signals(metric=state.x, cls_attention=attention, grid=(4, 4), keys=state.x, instruction=instruction,
+                   **extra)
 
 
 @pytest.mark.parametrize("method", sorted(REDUCERS))

@@ -45,12 +45,15 @@ class Instruction:
         order; ``valid``: ``[B, T]`` False past a row's own count (rows have different texts).
     keys: ``[B, T, Dk]`` their attention keys at the layer (after the rotary embedding, heads concatenated).
     norm: the language model's final norm (DART compares hidden states after it), or None.
+    attention: ``[B, T, N]`` the attention each text token pays to each of the state's tokens at the layer (its
+        softmax row over the whole causal prefix, head mean; SparseVLM's raters), or None.
     """
 
     hidden: Tensor
     valid: Tensor
     keys: Optional[Tensor] = None
     norm: Optional[Callable[[Tensor], Tensor]] = None
+    attention: Optional[Tensor] = None
 
 
 @dataclass

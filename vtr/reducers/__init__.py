@@ -1,6 +1,7 @@
 """Reducers: model-agnostic modules that turn a token state into a smaller one."""
 from .base import REDUCERS, Reducer, Signals, check_budget, dest_from_choice
-from . import atf, baselines, cdpruner, dart, drop, dynamicvit, fastv, merge, pool, pyramiddrop, query, sit, video  # noqa: F401  (registers the methods)
+from . import (atf, baselines, cdpruner, dart, drop, dynamicvit, fastv, merge, pool,  # noqa: F401  (registers the methods)
+               pyramiddrop, query, sit, sparsevlm, video)
 from .atf import ATF
 from .baselines import NoReduction, RandomDrop
 from .cdpruner import CDPruner
@@ -13,8 +14,9 @@ from .pool import GridPool
 from .pyramiddrop import PyramidDrop
 from .query import QueryPrune
 from .sit import SiT
+from .sparsevlm import SparseVLM
 from .video import TemporalMerge
 
 __all__ = ["REDUCERS", "Reducer", "Signals", "check_budget", "dest_from_choice",
-           "NoReduction", "RandomDrop", "PiToMe", "ToMe", "EViT", "HiRED", "ATF", "QueryPrune", "GridPool", "FastV", "PyramidDrop", "CDPruner", "DART",
+           "NoReduction", "RandomDrop", "PiToMe", "ToMe", "EViT", "HiRED", "ATF", "QueryPrune", "GridPool", "FastV", "PyramidDrop", "CDPruner", "DART", "SparseVLM",
            "TemporalMerge", "DynamicViT", "SiT"]
