@@ -127,12 +127,12 @@ class EveryMethod(list):
 
 
 def runnable(names: list[str], stages: tuple[str, ...]) -> list[str]:
-    """``names`` as given, or, when they came from ``all``, the training-free ones that act at one of ``stages``
-    (a ViT benchmark: the tower; a VLM benchmark: before or inside its language model)."""
+    """``names`` as given, or, when they came from ``all``, the ones that act at one of ``stages`` (a ViT benchmark:
+    the tower; a VLM benchmark: before or inside its language model, where learned reducers do not act)."""
     if not isinstance(names, EveryMethod):
         return list(names)
     details = methods(details=True)
-    return [m for m in names if not details[m].training and set(details[m].stages) & set(stages)]
+    return [m for m in names if set(details[m].stages) & set(stages)]
 
 
 def method_list(text: str, allow_all: bool = False) -> list[str]:
