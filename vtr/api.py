@@ -31,7 +31,8 @@ class MethodInfo:
     stages: where it can act, a subset of ("tower", "before_lm", "in_lm"): inside a vision tower (timm,
     open_clip, Hugging Face ViTs), on a VLM's visual tokens before its language model, or inside the language
     model (``layers=``). attention: it ranks tokens by attention (the CLS row in a tower, the last prompt
-    token's row in a language model). query: it reads a query (the prompt's text, or ``vtr.conditioned``).
+    token's or the prompt text's rows in a language model, computed from q/k). query: it reads the prompt's
+    text or a query (``vtr.conditioned``).
     training: it has parameters to train (a learned reducer). paper: short citation with its arXiv id.
     """
 
@@ -50,7 +51,8 @@ def methods(details: bool = False) -> Union[dict[str, str], dict[str, MethodInfo
     if not details:
         return {name: cls.description for name, cls in sorted(REDUCERS.items())}
     return {name: MethodInfo(name=name, description=cls.description, stages=tuple(cls.stages),
-                             attention=Need.CLS_ATTENTION in cls.needs, query=Need.QUERY in cls.needs,
+                             attention=bool({Need.CLS_ATTENTION, Need.TEXT_ATTENTION} & cls.needs),
+                             query=bool({Need.QUERY, Need.INSTRUCTION} & cls.needs),
                              training=bool(cls.learned), paper=cls.paper)
             for name, cls in sorted(REDUCERS.items())}
 

@@ -166,8 +166,9 @@ class Pruning:
                 group.state = TokenState.start(hidden[rows, group.columns], self.protected)
                 group.tokens, group.stage_tokens = [group.state.num_tokens], [group.state.num_tokens]
             current = slot[rows, group.state.first_carried(group.columns, length)]   # [G, n] slot of each token
-            instruction = self._instruction(group, layer, entering, keys, slot, current, cos, sin) \
-                if Need.INSTRUCTION in needs else None
+            instruction = self._instruction(group, layer, entering, keys, slot, current, cos, sin,
+                                            Need.TEXT_ATTENTION in needs) \
+                if {Need.INSTRUCTION, Need.TEXT_ATTENTION} & needs else None
             group.state = self._reduce(group, group.state.with_x(hidden[rows, current]), scores[rows, current],
                                        group.budgets[stage], None if keys is None else keys[rows, current],
                                        instruction)
@@ -228,10 +229,10 @@ class Pruning:
         return groups
 
     def _instruction(self, group: ImageGroup, layer: nn.Module, hidden: Tensor, keys: Optional[Tensor], slot: Tensor,
-                     current: Tensor, cos: Tensor, sin: Tensor) -> Instruction:
+                     current: Tensor, cos: Tensor, sin: Tensor, with_attention: bool) -> Instruction:
         """Each image's :class:`Instruction`: the real text tokens after its last placeholder, in prompt order, as
-        the current layer holds them (text is never pruned, so every one is still there), with the attention each
-        pays to the image's current tokens (``current``: their slots)."""
+        the current layer holds them (text is never pruned, so every one is still there), and ``with_attention``
+        the attention each pays to the image's current tokens (``current``: their slots)."""
         rows = group.rows[:, 0]
         columns = torch.arange(self.length, device=slot.device)
         after = (columns[None] > group.columns.amax(dim=1, keepdim=True)) & ~self.placeholder[rows] & (slot[rows] >= 0)
@@ -240,12 +241,14 @@ class Pruning:
         valid = after.gather(1, order)
         where = slot[rows].gather(1, order).clamp_min(0)
         pick = lambda values: values[rows[:, None], where]   # noqa: E731
-        real = self.columns[rows] >= 0
-        attention = rows_attention(layer, hidden[rows], cos.expand(hidden.shape[0], *cos.shape[1:])[rows],
-                                   sin.expand(hidden.shape[0], *sin.shape[1:])[rows], real, where)   # [G, T, L']
+        attention = None
+        if with_attention:
+            real = self.columns[rows] >= 0
+            attention = rows_attention(layer, hidden[rows], cos.expand(hidden.shape[0], *cos.shape[1:])[rows],
+                                       sin.expand(hidden.shape[0], *sin.shape[1:])[rows], real, where)   # [G, T, L']
+            attention = attention.gather(2, current[:, None, :].expand(-1, attention.shape[1], -1))
         return Instruction(hidden=pick(hidden), valid=valid, keys=None if keys is None else pick(keys),
-                           norm=self.model.model.language_model.norm, attention=attention.gather(
-                               2, current[:, None, :].expand(-1, attention.shape[1], -1)))
+                           norm=self.model.model.language_model.norm, attention=attention)
 
     def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int,
                 keys: Optional[Tensor] = None, instruction: Optional[Instruction] = None) -> TokenState:

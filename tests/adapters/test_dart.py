@@ -96,3 +96,17 @@ def test_without_keys_it_says_where_it_acts():
     x = torch.randn(1, 8, 4)
     with pytest.raises(ValueError, match=r"dart needs signals.metric \(hidden states\) and signals.keys"):
         vtr.make_reducer("dart")(TokenState.start(x), 4, Signals(metric=x))
+
+
+def test_it_gets_the_instruction_without_the_text_attention_it_does_not_read(monkeypatch):
+    """The text's attention rows cost T query rows over the sequence: only reducers that need "text_attention"
+    (SparseVLM) are handed them."""
+    from vtr.reducers.dart import DART
+    seen, step = [], DART.step
+    monkeypatch.setattr(DART, "step", lambda self, state, k, signals: seen.append(signals) or step(self, state, k, signals))
+    model = vtr.patch(tiny_llava(), "dart", budget=6)
+    ids, mask = left_padded([prompt_row([1, 5], 1, [7, 8, 9])])
+    generate(model, ids, mask, pixel_values=torch.randn(1, 3, 56, 56))
+    instruction = seen[0].instruction
+    assert instruction.attention is None and instruction.keys.shape[:2] == instruction.hidden.shape[:2] == (1, 3)
+    assert seen[0].keys.shape[:2] == (1, 16)

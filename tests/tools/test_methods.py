@@ -31,6 +31,8 @@ def test_details_say_stage_needs_and_paper():
     assert details["dynamicvit"].training and details["dynamicvit"].attention
     assert details["query"].query and not details["query"].attention and not details["query"].training
     assert details["fastv"].stages == STAGES and "2403.06764" in details["fastv"].paper
+    assert details["dart"].query and not details["dart"].attention                  # reads the prompt's text, keys
+    assert details["sparsevlm"].query and details["sparsevlm"].attention            # the text raters' attention
     for name, info in details.items():
         assert info.stages and set(info.stages) <= set(STAGES), name
         assert info.description == vtr.methods()[name]

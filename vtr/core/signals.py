@@ -19,6 +19,7 @@ class Need(str, enum.Enum):
     GRID = "grid"
     KEYS = "keys"
     INSTRUCTION = "instruction"
+    TEXT_ATTENTION = "text_attention"   # the instruction with its attention to the tokens (Instruction.attention)
 
     def __str__(self) -> str:
         return self.value
@@ -46,7 +47,8 @@ class Instruction:
     keys: ``[B, T, Dk]`` their attention keys at the layer (after the rotary embedding, heads concatenated).
     norm: the language model's final norm (DART compares hidden states after it), or None.
     attention: ``[B, T, N]`` the attention each text token pays to each of the state's tokens at the layer (its
-        softmax row over the whole causal prefix, head mean; SparseVLM's raters), or None.
+        softmax row over the whole causal prefix, head mean; SparseVLM's raters), for reducers that need
+        ``"text_attention"`` (it costs T query rows over the sequence); else None.
     """
 
     hidden: Tensor

@@ -47,7 +47,7 @@ class SparseVLM(Reducer):
     description = "text raters' attention ranks the visual tokens at several LM layers; the best pruned recycled (SparseVLM)"
     paper = "Zhang et al. 2024, arXiv 2410.04417"
     stages = ("in_lm",)
-    needs = frozenset({"metric", "instruction"})
+    needs = frozenset({"metric", "instruction", "text_attention"})
     max_step = 1.0
 
     def __init__(self, recycle: float = 0.3):
