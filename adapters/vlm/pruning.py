@@ -63,6 +63,7 @@ class Pruning:
         self.length = 0                             # columns of the current forward's input
         self.replaying = False                      # the current forward continues the prefill's prompt, no cache
         self.positions: Optional[Tensor] = None     # [B, L'] columns the last layers saw in the current forward
+        self.embedded: Optional[Tensor] = None      # [B, L, D] the language model's input of the prompt being prefilled
 
     def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], cache, arguments: dict,
                 run: VlmRun) -> None:
@@ -70,7 +71,7 @@ class Pruning:
         pruning; its images come from the family's :class:`Visuals`."""
         if input_ids is None:
             raise ValueError("in-LLM pruning on a vtr-patched model needs input_ids (to find the image tokens)")
-        self.shared, self.replaying, self.positions = {}, False, None
+        self.shared, self.replaying, self.positions, self.embedded = {}, False, None, None
         prefilled = self.placeholder is not None and self.stage_columns[-1] is not None
         past = int(cache.get_seq_length()) if cache is not None else 0
         if prefilled and not past and self._continues(input_ids, attention_mask):
@@ -107,6 +108,12 @@ class Pruning:
         self.groups, self.reducer_macs = [], 0.0
         self.real_counts = [real.sum(1)]
         self.stage_columns = [None] * len(self.stages.layers)
+
+    def record_input(self, hidden: Tensor) -> None:
+        """The language model's input during the prefill (``InputHook``), for reducers that read the prompt's text
+        as it entered the language model."""
+        if self.placeholder is not None and self.stage_columns[0] is None and hidden.shape[1] == self.length:
+            self.embedded = hidden
 
     def _continues(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> bool:
         """``input_ids`` is the prefill's prompt followed by new (real) tokens: a forward of
@@ -247,8 +254,11 @@ class Pruning:
             attention = rows_attention(layer, hidden[rows], cos.expand(hidden.shape[0], *cos.shape[1:])[rows],
                                        sin.expand(hidden.shape[0], *sin.shape[1:])[rows], real, where)   # [G, T, L']
             attention = attention.gather(2, current[:, None, :].expand(-1, attention.shape[1], -1))
+        embedded = self.embedded
         return Instruction(hidden=pick(hidden), valid=valid, keys=None if keys is None else pick(keys),
-                           norm=self.model.model.language_model.norm, attention=attention)
+                           norm=self.model.model.language_model.norm, attention=attention,
+                           input_text=None if embedded is None else embedded[rows[:, None], order],   # by column
+                           input_image=None if embedded is None else embedded[group.rows, group.columns])
 
     def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int,
                 keys: Optional[Tensor] = None, instruction: Optional[Instruction] = None) -> TokenState:

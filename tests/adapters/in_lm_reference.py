@@ -13,7 +13,7 @@ import torch
 from llava_models import IMAGE_TOKEN
 
 # rule(layer, hidden [1, L, D] entering it, present [L] prompt columns, image [L] bool, stage index, cos, sin,
-# language model) -> the image columns that stay
+# language model, embedded [1, L0, D]: the language model's input, every prompt column) -> the image columns that stay
 Rule = Callable[..., torch.Tensor]
 
 
@@ -66,11 +66,12 @@ def stage_columns(model, ids: torch.Tensor, pixels: torch.Tensor, rules: dict[in
         features = inner.get_image_features(pixel_values=pixels.double()).pooler_output
         hidden[ids == IMAGE_TOKEN] = torch.cat(list(features))
         present = torch.arange(ids.shape[1])
+        embedded = hidden.clone()
         for index, decoder in enumerate(language.layers):
             cos, sin = language.rotary_emb(hidden, present[None])
             if index in rules:
                 image = ids[0, present] == IMAGE_TOKEN
-                chosen = rules[index](decoder, hidden, present, image, len(kept), cos, sin, language)
+                chosen = rules[index](decoder, hidden, present, image, len(kept), cos, sin, language, embedded)
                 groups = []
                 if isinstance(chosen, tuple):    # (kept columns, groups of columns each merged into one token)
                     chosen, groups = chosen

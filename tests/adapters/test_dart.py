@@ -18,7 +18,7 @@ def dart_rule(budget: int, pivot_image: int = 4, pivot_text: int = 4):
     """The official step for one image at layer K: pivots by key L1 norm (image tokens; the tokens after the
     image), then, pivot by pivot, the candidates least similar (cosine after the final norm) to it. Per-pivot
     counts: the budget less the image pivots, shared in order (the official code: max_num_trunction // 8 each)."""
-    def rule(layer, hidden, present, image, stage, cos, sin, language):
+    def rule(layer, hidden, present, image, stage, cos, sin, language, embedded):
         keys = keys_of(layer, hidden, cos, sin)
         image_columns = image.nonzero().flatten()
         after = (~image & (torch.arange(len(present)) > image_columns.max())).nonzero().flatten()

@@ -15,7 +15,7 @@ def pyramiddrop_rule(counts):
     """The official code's rank-and-drop at a stage: the last instruction token's attention row of the layer
     (its input norm, q/k projections and rotary, softmax over the causal row), mean over heads, the image
     columns' top ``counts[stage]``."""
-    def rule(layer, hidden, present, image, stage, cos, sin, language):
+    def rule(layer, hidden, present, image, stage, cos, sin, language, embedded):
         last = attention(layer, hidden, cos, sin).mean(dim=0)[-1]
         return present[image][top(last[image], counts[stage])]
     return rule

@@ -27,14 +27,17 @@ def official_clusters(x: torch.Tensor, clusters: int) -> list[int]:
     return assignment.tolist()
 
 
-def sparsevlm_rule(counts):
-    """One stage of the official inference step, for one image."""
-    def rule(layer, hidden, present, image, stage, cos, sin, language):
+def sparsevlm_rule(counts, ids):
+    """One stage of the official inference step, for one image of the prompt ``ids``."""
+    def rule(layer, hidden, present, image, stage, cos, sin, language, embedded):
         columns = image.nonzero().flatten()       # slots of the image's tokens (present[slot]: its prompt column)
         after = (~image & (torch.arange(len(present)) > columns.max())).nonzero().flatten()
-        v, t = hidden[0, columns], hidden[0, after]
-        share = (v @ t.t()).softmax(dim=1).mean(dim=0)                 # m_v_t
-        raters = after[share > share.mean()]
+        # the raters, from the language model's input (the official code, once per prompt): m_v_t
+        image0 = ids[0] == IMAGE_TOKEN
+        after0 = (~image0 & (torch.arange(ids.shape[1]) > image0.nonzero().max())).nonzero().flatten()
+        share = (embedded[0, image0] @ embedded[0, after0].t()).softmax(dim=1).mean(dim=0)
+        raters = torch.searchsorted(present, after0[share > share.mean()])   # their slots now (text stays)
+        v = hidden[0, columns]
         relevance = attention(layer, hidden, cos, sin).mean(dim=0)[raters][:, columns].mean(dim=0)
         n, budget = len(columns), counts[stage]
         keep, clusters = split_budget(n, budget, 0.3)
@@ -62,7 +65,7 @@ def test_kept_and_recycled_tokens_equal_the_official_step(seed, budget):
     got = [c[0].tolist() for c in vtr.report(model).stage_positions]
     vtr.unpatch(model)
     expected_logits = torch.empty(100)
-    rule = sparsevlm_rule(counts)
+    rule = sparsevlm_rule(counts, ids)
     expected = stage_columns(model, ids, pixels, {layer: rule for layer in layers}, expected_logits)
     assert got == [c.tolist() for c in expected]
     assert [int((ids[0, torch.tensor(c)] == IMAGE_TOKEN).sum()) for c in got] == counts
@@ -98,3 +101,13 @@ def test_density_peaks_equal_the_official_clustering(seed, clusters):
     assignment, centers = density_peaks(x, clusters)
     assert assignment.tolist() == official_clusters(x, clusters)
     assert sorted(set(assignment.tolist())) == list(range(clusters))
+
+
+def test_unpatch_removes_the_input_hook():
+    model = tiny_llava()
+    first = model.model.language_model.layers[0]
+    before = len(first._forward_pre_hooks)
+    vtr.patch(model, "sparsevlm", budget=4)
+    assert len(first._forward_pre_hooks) == before + 1      # the LM's input, for the raters
+    vtr.unpatch(model)
+    assert len(first._forward_pre_hooks) == before

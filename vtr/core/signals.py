@@ -49,6 +49,8 @@ class Instruction:
     attention: ``[B, T, N]`` the attention each text token pays to each of the state's tokens at the layer (its
         softmax row over the whole causal prefix, head mean; SparseVLM's raters), for reducers that need
         ``"text_attention"`` (it costs T query rows over the sequence); else None.
+    input_text, input_image: ``[B, T, D]`` and ``[B, N0, D]`` the text's and the image's *original* tokens as they
+        entered the language model (SparseVLM picks its raters from them, once per prompt), or None.
     """
 
     hidden: Tensor
@@ -56,6 +58,8 @@ class Instruction:
     keys: Optional[Tensor] = None
     norm: Optional[Callable[[Tensor], Tensor]] = None
     attention: Optional[Tensor] = None
+    input_text: Optional[Tensor] = None
+    input_image: Optional[Tensor] = None
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Text-guided sparsification inside the language model (SparseVLM: Zhang et al., "SparseVLM: Visual Token
 Sparsification for Efficient Vision-Language Model Inference", arXiv 2410.04417; code github.com/Gumpest/SparseVLMs).
 
-Text *raters* are chosen among the prompt's text after the image: the tokens whose share of the visual tokens'
-attention (each visual token's softmax over the text of their dot products, averaged over the visual tokens) is
-above the mean. At each stage (layers 2, 6 and 15 of LLaVA-1.5's 32 in the official code, scaled to the depth)
+Text *raters* are chosen among the prompt's text after the image, once, from the language model's input: the
+tokens whose share of the visual tokens' attention (each visual token's softmax over the text of their dot
+products, averaged over the visual tokens) is above the mean. At each stage (layers 2, 6 and 15 of LLaVA-1.5's 32 in the official code, scaled to the depth)
 the raters' attention to the visual tokens (head mean, each rater's softmax over its whole causal row, averaged
 over the raters) ranks them: the best stay, and of the rest the best 30% are *recycled*: clustered by density
 peaks (DPC-kNN) into a tenth as many tokens, each the mean of its cluster, which stay too.
@@ -32,9 +32,10 @@ class SparseVLM(Reducer):
     most relevant are clustered into ``int(m / 10) + 1`` (the official ``0.3`` and ``/ 10``). ``recycle=0`` turns
     recycling off (pure top-k).
 
-    Where this differs from the official code, and why: the official code picks the raters once, from the
-    language model's input embeddings; here each stage picks them from the hidden states entering its layer (what
-    vtr's in-LM pruning holds there). It ranks with layer l's attention and drops after layer l; vtr ranks with
+    The raters come from the prompt as it entered the language model (``instruction.input_text`` and
+    ``input_image``, all of the image's original tokens), once per prompt, as the official code picks them; without
+    those, from the states entering the layer. Where this differs from the official code, and why: it ranks with
+    layer l's attention and drops after layer l; vtr ranks with
     layer l's projections and drops before it (its convention for every in-LM method). Stage counts: the official
     code reads them from a table per target (e.g. 300, 200, 110 for 192); here ``budget=`` is the count after the
     last stage and the stages before decay geometrically (vtr's default), or a list gives each. Density ties in the
@@ -74,8 +75,13 @@ class SparseVLM(Reducer):
                              "after the image): it acts inside a language model (layers=)")
         protected = state.num_protected
         hidden = signals.metric[:, protected:].float()
-        relevance = rated_relevance(hidden, instruction.hidden.float(), instruction.valid,
-                                    instruction.attention[:, :, protected:].float())
+        # raters from the prompt as it entered the language model (the official code), else from the layer's states
+        if instruction.input_text is not None and instruction.input_image is not None:
+            image, text = instruction.input_image.float(), instruction.input_text.float()
+        else:
+            image, text = hidden, instruction.hidden.float()
+        relevance = rated_relevance(image, text, instruction.valid, instruction.attention[:, :, protected:].float(),
+                                    real_tokens(state) if image is hidden else None)
         valid = real_tokens(state)
         k = num_kept - protected
         batch, unprotected = valid.shape
@@ -105,13 +111,20 @@ class SparseVLM(Reducer):
         return dest
 
 
-def rated_relevance(hidden: Tensor, text: Tensor, text_valid: Tensor, attention: Tensor) -> Tensor:
-    """``[B, U]``: the raters' mean attention to each visual token (raters: text tokens whose mean softmax share of
-    the visual tokens' dot products is above the mean share; with no text, every token 1)."""
+def rated_relevance(image: Tensor, text: Tensor, text_valid: Tensor, attention: Tensor,
+                    image_valid: Optional[Tensor] = None) -> Tensor:
+    """``[B, U]``: the raters' mean attention to each visual token (``attention`` ``[B, T, U]``). Raters: the text
+    tokens whose mean softmax share of the dot products with the ``image`` tokens ``[B, M, D]`` (``image_valid``:
+    the real ones) is above the mean share; with no text, every token 1."""
     if text.shape[1] == 0:
-        return torch.ones(hidden.shape[:2], device=hidden.device)
-    logits = (hidden @ text.transpose(1, 2)).masked_fill(~text_valid[:, None, :], float("-inf"))   # [B, U, T]
-    share = logits.softmax(dim=-1).mean(dim=1)                                                       # [B, T]
+        return torch.ones(attention.shape[0], attention.shape[2], device=attention.device)
+    logits = (image @ text.transpose(1, 2)).masked_fill(~text_valid[:, None, :], float("-inf"))   # [B, M, T]
+    shares = logits.softmax(dim=-1)
+    if image_valid is None:
+        share = shares.mean(dim=1)                                                                   # [B, T]
+    else:
+        weights = image_valid.float() / image_valid.sum(dim=1, keepdim=True).clamp_min(1)
+        share = (weights[:, :, None] * shares).sum(dim=1)
     mean = (share * text_valid).sum(dim=1, keepdim=True) / text_valid.sum(dim=1, keepdim=True).clamp_min(1)
     raters = (share > mean) & text_valid
     raters = torch.where(raters.any(dim=1, keepdim=True), raters, text_valid)   # all shares equal: every token rates
