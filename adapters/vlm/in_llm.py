@@ -4,7 +4,9 @@
 last prompt token pays to every token still present is recomputed from the layer's own
 ``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding (one query row: O(L d), and it
 works whatever kernel the layer uses: SDPA, eager, ...). It is given to the reducer as the
-``cls_attention`` signal of each image's tokens (the hidden states are the metric), and the
+``cls_attention`` signal of each image's tokens (the hidden states are the metric; reducers that ask
+for them also get the layer's keys, ``signals.keys``, and the text after the image, ``signals.instruction``:
+its states, keys, attention rows and the language model's input, from a hook on the first layer), and the
 reducer decides per image which of them stay (stage i keeps ``budgets[i]`` per image; one state
 per image carries sizes and provenance through all stages). Layers in ``[Ki, Ki+1)`` (a
 *segment*) then see stage i's sequence: hidden states, rotary embeddings and position ids gathered
