@@ -77,12 +77,15 @@ def check_stage(reducer: Reducer, method: str, where: str, adapter) -> None:
     """A method at a stage it does not list is refused at patch time, with the stages it has."""
     if where in reducer.stages:
         return
-    acts = " or ".join(STAGE_WORDS[stage] for stage in reducer.stages)
-    hint = {"in_lm": " (on a vision-language model: give layers=[K])",
-            "before_lm": " (on a vision-language model: leave out layers=)"}
-    hints = "".join(hint.get(stage, "") for stage in reducer.stages if stage != "tower")
-    raise ValueError(f"method {method!r} acts {acts}{hints}; the {adapter.name} adapter would run it "
-                     f"{STAGE_WORDS[where]} (see vtr.methods(details=True))")
+    applies = " and ".join(STAGE_WORDS[stage] for stage in reducer.stages)
+    if where == "in_lm":
+        hint = "leave out layers="
+    elif where == "before_lm":
+        hint = "give layers=[K] (decoder layers to prune at)"
+    else:
+        hint = "patch a vision-language model"
+    raise ValueError(f"method {method!r} applies {applies}, not {STAGE_WORDS[where]}: {hint} (the {adapter.name} "
+                     "adapter would run it there; see vtr.methods(details=True))")
 
 
 def is_identity(method: str) -> bool:

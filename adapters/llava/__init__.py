@@ -222,6 +222,8 @@ class Llava(VlmAdapter):
         if video.is_video_model(model):
             if reduction.visual.in_llm:
                 in_llm.install(model, reduction, video.VideoVisuals())
+            elif not video.is_onevision(model):   # NeXT-Video's CLIP tower has a CLS row (SigLIP's has none)
+                before_lm.install(model, reduction)
             model._vtr = reduction
             swap_class(model, PruningLlavaVideo if reduction.visual.in_llm else ReducingLlavaVideo)
             return

@@ -146,12 +146,14 @@ class AnyresSplit:
 
 
 def reduce_images(model: nn.Module, reduction: Reduction, features: list[Tensor], attention: Optional[Tensor],
-                  query: Optional[list], image_sizes, allocation: Optional[Tensor] = None) -> ReducedImages:
+                  query: Optional[list], image_sizes, allocation: Optional[Tensor] = None,
+                  keys: Optional[Tensor] = None) -> ReducedImages:
     """Reduce every image to the budget, image by image.
 
     ``attention``: ``[parts of all images, side * side]`` CLS attention rows of the base images and
     crops as the vision tower saw them (image after image), or None. ``allocation``: the same rows at
     the layer the method splits budgets by (HiRED's ``allocate_layer``), or None to split by ``attention``.
+    ``keys``: ``[parts of all images, side * side, d]`` the feature layer's keys (head mean), or None.
     """
     sizes = torch.as_tensor(image_sizes).view(-1, 2).tolist()
     if len(sizes) != len(features):
@@ -161,9 +163,10 @@ def reduce_images(model: nn.Module, reduction: Reduction, features: list[Tensor]
     parts = [g.num_crops + 1 for g in layouts]
     rows = [None] * len(layouts) if attention is None else attention.split(parts)
     splitting = rows if allocation is None else allocation.split(parts)
+    part_keys = [None] * len(layouts) if keys is None else keys.split(parts)
     budget = reduction.visual.budget if reduction.reduces else None
     results = [reduce_image(model, reduction, x, geometry, budget, rows[i], None if query is None else query[i],
-                            splitting[i])
+                            splitting[i], part_keys[i])
                for i, (x, geometry) in enumerate(zip(features, layouts))]
     splits = [r[3] for r in results]
     return ReducedImages(
@@ -197,7 +200,8 @@ def plan(geometry: AnyresLayout, budget: Optional[int], crop_weights: Optional[T
 
 
 def reduce_image(model: nn.Module, reduction: Reduction, x: Tensor, geometry: AnyresLayout, budget: Optional[int],
-                 attention: Optional[Tensor], query: Optional[Tensor], allocation: Optional[Tensor] = None):
+                 attention: Optional[Tensor], query: Optional[Tensor], allocation: Optional[Tensor] = None,
+                 keys: Optional[Tensor] = None):
     """One image ``x [N, D]`` to ``budget`` tokens: (features, assignment [N], size, AnyresSplit, reducer MACs).
 
     The crops share the budget by the thumbnail's row of ``allocation`` (default: of ``attention``)."""
@@ -223,7 +227,8 @@ def reduce_image(model: nn.Module, reduction: Reduction, x: Tensor, geometry: An
         state, tokens = reduce_group(
             reduction, x[positions][None], part_budget,
             attention=None if attention is None else attention[part, within.to(attention.device)][None],
-            query=query, grid=geometry.grid(part))
+            query=query, grid=geometry.grid(part),
+            keys=None if keys is None else keys[part, within.to(keys.device)][None])
         parts.append((positions, state))
         macs += decision_macs(model, reduction, tokens)
     if split.newlines_kept:                           # the final newline closes the image

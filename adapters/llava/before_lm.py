@@ -15,7 +15,8 @@ short from the first step, every attention implementation works, and each row of
 computes what it would compute alone, whatever each row kept. ``generate()`` returns the caller's
 own prompt followed by the new tokens, as the unpatched model does.
 
-A reducer that reads the CLS attention row gets it from the vision layer LLaVA reads: ``KeepQK``
+A reducer that reads the CLS attention row (or that layer's keys, head mean: ``Need.KEYS``) gets it from the
+vision layer LLaVA reads: ``KeepQK``
 hooks on that attention's q/k projections (installed at patch time, plain objects) hand the call's
 run the q and k the layer computes anyway; the run drops them when the call ends.
 
@@ -49,8 +50,9 @@ ALLOCATION_LAYER = -2   # ...and the q/k of the layer whose CLS attention splits
 
 
 def _wants_cls_attention(model: nn.Module, reduction: Reduction) -> bool:
-    """The reducer reads the CLS attention row, or LLaVA-NeXT splits budgets by the thumbnail's."""
-    return Need.CLS_ATTENTION in reduction.reducer.needs or (is_next(model) and reduction.reduces)
+    """The reducer reads the CLS attention row or the feature layer's keys, or LLaVA-NeXT splits budgets by the
+    thumbnail's row."""
+    return bool({Need.CLS_ATTENTION, Need.KEYS} & reduction.reducer.needs) or (is_next(model) and reduction.reduces)
 
 
 def install(model: nn.Module, reduction: Reduction) -> None:
@@ -137,6 +139,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         attention_mask = torch.ones_like(input_ids)
     with opened(model) as run:
         image_outputs = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision)
+        keys = _keys(model, run) if Need.KEYS in reduction.reducer.needs else None
         cls_row, allocation_row = _cls_row(model, run), _cls_row(model, run, ALLOCATION_LAYER)
         features = list(image_outputs.pooler_output)                    # [N_i, D] per image
         counts = torch.tensor([len(f) for f in features], dtype=torch.long, device=input_ids.device)
@@ -151,15 +154,16 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         query = None
         if Need.QUERY in reduction.reducer.needs:
             query = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
-        if cls_row is not None and image_tokens(model)[1] == 0:
-            cls_row = cls_row[:, 1:]      # the CLS token is not among the 'default' features
+        if image_tokens(model)[1] == 0:   # the CLS token is not among the 'default' features
+            cls_row = None if cls_row is None else cls_row[:, 1:]
+            keys = None if keys is None else keys[:, 1:]
         if next_:
             if allocation_row is not None:
                 allocation_row = allocation_row[:, 1:]   # LLaVA-NeXT reads 'default' features only
             images = anyres.reduce_images(model, reduction, features, cls_row, query, vision["image_sizes"],
-                                          allocation=allocation_row)
+                                          allocation=allocation_row, keys=keys)
         else:
-            images = _reduce_images(model, reduction, features, cls_row, query)
+            images = _reduce_images(model, reduction, features, cls_row, query, keys)
 
         kept = torch.tensor([len(f) for f in images.features], dtype=torch.long, device=input_ids.device)
         ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, counts, kept,
@@ -191,6 +195,16 @@ def expected_flops(model: nn.Module, reduction: Reduction) -> tuple[float, float
 
 # -- the parts ------------------------------------------------------------------------------------------
 
+def _keys(model: nn.Module, run: VlmRun) -> Optional[Tensor]:
+    """``[I, N, d]`` the feature layer's attention keys, head mean (VisionZip's similarity), from the k the
+    ``KeepQK`` hook kept in this run (left there for :func:`_cls_row`); None without the hook."""
+    k = run.captured.get((VISION_LAYER, "k"))
+    if k is None:
+        return None
+    heads = feature_attention(model).num_heads
+    return k.view(k.shape[0], k.shape[1], heads, -1).mean(dim=2)
+
+
 def _cls_row(model: nn.Module, run: VlmRun, key: int = VISION_LAYER) -> Optional[Tensor]:
     """``[I, N]`` head-mean attention of the CLS token to each token of the feature layer (or, with
     ``key=ALLOCATION_LAYER``, of the allocation layer), from the q/k the ``KeepQK`` hooks kept in this
@@ -204,7 +218,7 @@ def _cls_row(model: nn.Module, run: VlmRun, key: int = VISION_LAYER) -> Optional
 
 
 def _reduce(model: nn.Module, reduction: Reduction, features: Tensor, attention: Optional[Tensor],
-            query: Optional[list]) -> tuple[TokenState, list[int], float]:
+            query: Optional[list], keys: Optional[Tensor] = None) -> tuple[TokenState, list[int], float]:
     """Run the reducer's steps on every image ``[I, N, D]``; query-conditioned reducers run image by image."""
     num_tokens, protected = features.shape[1], image_tokens(model)[1]
     budget = num_tokens - sum(reduction.schedule.amounts)
@@ -219,15 +233,16 @@ def _reduce(model: nn.Module, reduction: Reduction, features: Tensor, attention:
     for i, group in enumerate(groups):
         state, tokens = reduce_group(reduction, features[group], budget, protected,
                                      attention=None if attention is None else attention[group],
-                                     query=None if query is None else query[i], grid=grid)
+                                     query=None if query is None else query[i], grid=grid,
+                                     keys=None if keys is None else keys[group])
         states.append(state)
     return TokenState.stacked(states), tokens, features.shape[0] * decision_macs(model, reduction, tokens)
 
 
 def _reduce_images(model: nn.Module, reduction: Reduction, features: list[Tensor], attention: Optional[Tensor],
-                   query: Optional[list]) -> ReducedImages:
+                   query: Optional[list], keys: Optional[Tensor] = None) -> ReducedImages:
     """LLaVA-1.5: every image has the same count and the same budget."""
-    state, tokens, reducer_macs = _reduce(model, reduction, torch.stack(features), attention, query)
+    state, tokens, reducer_macs = _reduce(model, reduction, torch.stack(features), attention, query, keys)
     side = int(round((state.num_original - state.num_protected) ** 0.5))
     return ReducedImages(
         features=list(state.x), assignment=list(state.assignment), size=list(state.size), tokens=tokens,

@@ -12,6 +12,10 @@ Images: each image's packed tokens (the base image, the AnyRes crops and their n
 ``get_image_features`` gives them) are reduced as one set to the budget: no split by crops as on LLaVA-NeXT,
 and newline tokens are ordinary tokens here.
 
+CLS attention (NeXT-Video, before the language model, for a reducer that reads it): the feature layer's CLS row
+from the q/k hooks LLaVA uses; a video's pooled token carries its pooling window's sum, an image's packed token its
+patch's value (newlines 0). OneVision's SigLIP tower has no CLS token: nothing is given there.
+
 Positions: as on LLaVA, the compacted prompt is numbered as usual (kept tokens get consecutive positions).
 
 In-LLM pruning (``layers=``): each image and each video is one item of as many tokens as its features (as
@@ -96,7 +100,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
     shared = {key: inputs[key] for key in SHARED_KEYS if key in inputs}
     placeholders = {"image": input_ids == config.image_token_id, "video": input_ids == config.video_token_id}
     with opened(model) as run:
-        outputs, items = {}, []
+        outputs, items, attention = {}, [], []
         if inputs.get("pixel_values") is not None:
             if inputs.get("image_sizes") is None:
                 raise ValueError(IMAGE_SIZES)
@@ -105,6 +109,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
                                                               **shared)
             features = list(outputs["image"].pooler_output)
             items += split_items(features, [None] * len(features), placeholders["image"], "image")
+            rows = cls_rows(model, run, shared)
+            attention.extend([None] * len(features) if rows is None else packed_attention(model, rows,
+                                                                                          inputs["image_sizes"]))
         if inputs.get("pixel_values_videos") is not None:
             videos = inputs["pixel_values_videos"]
             outputs["video"] = model.model.get_video_features(videos, return_dict=True, **shared)
@@ -114,13 +121,16 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
             suffixes = [video[tokens:] for video in pooled] if pooled.shape[1] > tokens else None
             items += split_items([video[:tokens] for video in pooled], [(frames, rows, cols)] * len(pooled),
                                  placeholders["video"], "video", suffixes)
+            rows = cls_rows(model, run, shared)
+            attention.extend([None] * len(pooled) if rows is None else pooled_attention(model, rows, len(pooled)))
         rows_of = torch.tensor([item.row for item in items], dtype=torch.long)
         queries = None
         relevance = reduction.visual.frames == "relevance" and "video" in outputs
         if Need.QUERY in reduction.reducer.needs or relevance:
             queries = row_queries(model, input_ids, mask, placeholders["image"] | placeholders["video"], rows_of,
                                   run.query)
-        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))
+        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric),
+                                             attention=None if None in attention else attention)
         ids, new_mask, kept_positions = compact_items(input_ids, mask, placeholders, items, reduced,
                                                       pad_id(model, config.image_token_id, config.video_token_id), left)
         if "image" in outputs:
@@ -135,6 +145,45 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
             prefill_macs=prefill_macs(model, new_mask.sum(1)), prefill_macs_unreduced=prefill_macs(model, mask.sum(1)),
             reducer_macs=reducer_macs, **report_fields(items, reduced)))
         return Compacted(ids, kept_positions, dict(attention_mask=new_mask.to(mask.dtype), mm_encoder_outputs=outputs))
+
+
+# -- LLaVA-NeXT-Video: the CLS row of the feature layer, carried to the tokens the language model reads --------------
+
+def cls_rows(model: nn.Module, run, shared: dict) -> Optional[Tensor]:
+    """``[images' parts or videos' frames, side * side]`` the feature layer's CLS row over the patches, from the q/k
+    this tower call left in the run (NeXT-Video, before the language model, for a reducer that reads it); None
+    without them or where the features are not the patches alone (``vision_feature_select_strategy="full"``)."""
+    from .before_lm import _cls_row
+
+    row = _cls_row(model, run)
+    strategy = shared.get("vision_feature_select_strategy", model.config.vision_feature_select_strategy)
+    if row is None or strategy != "default" or shared.get("vision_feature_layer") not in (
+            None, model.config.vision_feature_layer):
+        return None
+    return row[:, 1:]
+
+
+def packed_attention(model: nn.Module, rows: Tensor, image_sizes) -> list[Tensor]:
+    """Per image, ``[its packed tokens]`` the CLS attention of the patch each packed token is (0 for a newline), by
+    the model's own packing (:func:`vtr.adapters.llava.common.layout`)."""
+    from .common import layout
+
+    layouts = [layout(model, size) for size in torch.as_tensor(image_sizes).view(-1, 2).tolist()]
+    found = []
+    for geometry, parts in zip(layouts, rows.split([g.num_crops + 1 for g in layouts])):
+        source = geometry.source.to(parts.device)
+        found.append(torch.where(source >= 0, parts.flatten()[source.clamp_min(0)], 0.0))
+    return found
+
+
+def pooled_attention(model: nn.Module, rows: Tensor, videos: int) -> Optional[list[Tensor]]:
+    """Per video, ``[frames * rows * cols]`` the CLS attention each pooled token carries: the sum over its pooling
+    window (the resampler averages or takes the max of those patches); None for a learned (conv) resampler."""
+    if model.config.spatial_pool_mode not in ("average", "max"):
+        return None
+    side, stride = reference_side(model), model.config.spatial_pool_stride
+    pooled = torch.nn.functional.avg_pool2d(rows.view(-1, 1, side, side), stride, stride) * stride * stride
+    return list(pooled.reshape(videos, -1))
 
 
 def _stacked(videos: list[Tensor]) -> Tensor:

@@ -37,7 +37,7 @@ from ..vlm import in_llm as pruning
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm import items
 from ..vlm.run import VlmRun
-from . import before_lm, bench, in_llm
+from . import before_lm, bench, in_llm, received
 from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes
 
 SUPPORTED = "Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and Qwen2VLForConditionalGeneration (Qwen2-VL)"
@@ -132,6 +132,8 @@ class QwenVL(VlmAdapter):
                                             "not reproduce sliding-window layers (use_sliding_window=True); reduce "
                                             "before the language model (no layers=)")
             pruning.install(model, reduction, in_llm.QwenVisuals())
+        else:
+            received.install(model, reduction)
         model._vtr = reduction
         swap_class(model, ReducingQwenVL)
 
@@ -143,6 +145,7 @@ class QwenVL(VlmAdapter):
 
     def unpatch(self, model: nn.Module) -> None:
         pruning.uninstall(model)
+        received.uninstall(model)
         restore_class(model)
         del model._vtr
 

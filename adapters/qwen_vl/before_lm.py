@@ -28,7 +28,9 @@ continue from them. ``model.model.rope_deltas`` is set for the compacted prompt,
 sets it for its prompt (a decode step by hand on its cache, without position_ids, continues from it).
 
 Qwen's vision tower has no CLS token: methods that rank by CLS attention (``evit``, ``fastv``,
-``hired``) use their no-CLS score (the norm of each token's features, ``vtr.reducers.select``).
+``hired``) use their no-CLS score (the norm of each token's features, ``vtr.reducers.select``); methods defined on
+the tower's attention (``visionzip``, ``vispruner``, ``fastervlm``: ``Need.ATTENTION_RECEIVED``) get the attention
+each token receives in the tower's last block (``received``).
 Query-conditioned methods get each row's own text (the language model's input embeddings of its
 non-visual tokens), or the query from ``vtr.conditioned``.
 """
@@ -50,6 +52,7 @@ from ..vlm.calls import Compacted, Family
 from ..vlm.items import Reduced, Visual, compact_items, reduce_items, report_fields
 from ..vlm.prompt import pad_id, row_queries
 from ..vlm.run import opened
+from . import received
 from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, cost, merge_size, prompt_positions, token_types,
                      visuals)
 
@@ -114,22 +117,28 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
     reduction: Reduction = model._vtr
     image_placeholder, video_placeholder = input_ids == config.image_token_id, input_ids == config.video_token_id
     with opened(model) as run:
-        outputs, items = {}, []
+        outputs, items, attention, attention_macs = {}, [], [], 0.0
         if pixel_values is not None:
             outputs["image"] = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
             items += visuals(list(outputs["image"].pooler_output), image_grid_thw, image_placeholder, "image",
                              merge_size(model))
+            found, macs = received.take(model, run, image_grid_thw)
+            attention, attention_macs = attention + [found], attention_macs + macs
         if pixel_values_videos is not None:
             outputs["video"] = model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
             items += visuals(list(outputs["video"].pooler_output), video_grid_thw, video_placeholder, "video",
                              merge_size(model))
+            found, macs = received.take(model, run, video_grid_thw)
+            attention, attention_macs = attention + [found], attention_macs + macs
+        per_item = None if not attention or any(a is None for a in attention) else sum(attention, [])
         placeholder = image_placeholder | video_placeholder
         rows = torch.tensor([item.row for item in items], dtype=torch.long)
         queries = None
         relevance = reduction.visual.frames == "relevance" and pixel_values_videos is not None
         if Need.QUERY in reduction.reducer.needs or relevance:
             queries = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
-        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))
+        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric), per_item)
+        reducer_macs += attention_macs   # the attention each token receives: a pass the tower's fused kernel skips
         ids, mask, kept_positions = compact_items(
             input_ids, attention_mask, {"image": image_placeholder, "video": video_placeholder}, items, reduced,
             pad_id(model, config.image_token_id, config.video_token_id), left)

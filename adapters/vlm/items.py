@@ -98,6 +98,11 @@ class Reduced:
     tokens: list           # tokens entering each reducer step, then kept
 
 
+def _stacked(signal: Optional[list], members: list[int]) -> Optional[Tensor]:
+    """The members' per-item signals as one ``[G, N]`` tensor, or None."""
+    return None if signal is None else torch.stack([signal[i] for i in members])
+
+
 def budget_of(reduction: Reduction, item: Visual) -> int:
     """Tokens an image keeps: ``min(budget, its count)``, its suffix counted in the budget (see
     :func:`vtr.budget.visual.item_budget`)."""
@@ -105,10 +110,13 @@ def budget_of(reduction: Reduction, item: Visual) -> int:
 
 
 def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[list],
-                 cost: EncoderCost) -> tuple[list[Reduced], float]:
+                 cost: EncoderCost, received: Optional[list] = None,
+                 attention: Optional[list] = None) -> tuple[list[Reduced], float]:
     """Each item reduced to its own budget (``cost`` prices the reducer's decisions). Images of one grid (or, with
     none, of one count) are reduced together (each row of a reducer is independent of the others); query-conditioned
-    reducers run image by image (each its row's query); videos one by one, frame by frame."""
+    reducers run image by image (each its row's query); videos one by one, frame by frame. ``received``,
+    ``attention``: per item, the attention each of its tokens receives in the vision tower, and the CLS attention
+    it carries (``[N]`` each), where the family computes them."""
     groups: dict = {}
     for i, item in enumerate(items):
         key = i if queries is not None or item.kind == "video" else (item.grid, item.num_tokens)
@@ -121,7 +129,9 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
         if first.kind == "video":
             budget = reduction.visual.budget
             video = reduce_video(reduction, first.features, first.grid,
-                                 None if budget is None else max(1, budget - first.num_suffix), cost, query)
+                                 None if budget is None else max(1, budget - first.num_suffix), cost, query,
+                                 None if received is None else received[members[0]],
+                                 None if attention is None else attention[members[0]])
             state, tokens, macs = video.state, video.tokens, macs + video.reducer_macs
         else:
             budget = budget_of(reduction, first)
@@ -130,7 +140,9 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
                 state, tokens = TokenState.start(features), [first.num_tokens]
             else:
                 spatial = first.grid[1:] if first.grid is not None and first.grid[0] == 1 else None
-                state, tokens = reduce_group(reduction, features, budget, 0, query=query, grid=spatial)
+                state, tokens = reduce_group(reduction, features, budget, 0, query=query, grid=spatial,
+                                             received=_stacked(received, members),
+                                             attention=_stacked(attention, members))
             macs += len(members) * sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]))
         state, firsts = in_source_order(state)
         for g, i in enumerate(members):

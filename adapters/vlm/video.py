@@ -30,7 +30,7 @@ from vtr.core.state import TokenState
 from vtr.budget.visual import frame_budgets
 from vtr.reducers.video import TemporalMerge, frame_weights
 
-from .reduce import reduce_state
+from .reduce import carried, reduce_state
 
 VIDEO_OPTIONS = ("frames", "temporal")
 
@@ -51,9 +51,12 @@ def tokens_per_frame(first: Tensor, frames: int, per_frame: int) -> list[int]:
 
 
 def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Optional[int],
-                 cost: EncoderCost, query: Optional[Tensor] = None) -> ReducedVideo:
+                 cost: EncoderCost, query: Optional[Tensor] = None, received: Optional[Tensor] = None,
+                 attention: Optional[Tensor] = None) -> ReducedVideo:
     """Reduce one video's tokens ``features`` ``[N, D]`` (``grid``: frames, rows, cols) to ``budget``
-    (None: the method's own count, for ``pool``); ``cost`` prices the reducers' decisions."""
+    (None: the method's own count, for ``pool``); ``cost`` prices the reducers' decisions; ``received`` ``[N]``:
+    the attention each token receives in the vision tower, ``attention`` ``[N]`` the CLS attention it carries, where
+    the family computes them."""
     frames, rows, cols = grid
     per_frame = rows * cols
     state = TokenState.start(features[None])
@@ -88,7 +91,9 @@ def reduce_video(reduction: Reduction, features: Tensor, grid: tuple, budget: Op
             part = TokenState(x=part.x[:, :0], size=part.size[:, :0], num_protected=0,
                               assignment=torch.full_like(part.assignment, -1))
         elif share < len(members):
-            part, steps = reduce_state(reduction, part, share, query=query, grid=(rows, cols) if untouched else None)
+            own = lambda signal: None if signal is None else carried(signal[None], state)[:, members]  # noqa: E731
+            part, steps = reduce_state(reduction, part, share, query=query, grid=(rows, cols) if untouched else None,
+                                       received=own(received), attention=own(attention))
             macs += sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(steps[:-1], steps[1:]))
         parts.append((members, part))
     state = state.joined(parts)

@@ -35,10 +35,10 @@ def test_every_family_keeps_the_budget_and_rows_are_independent(method, family):
 @pytest.mark.parametrize("method", IN_LM + BEFORE_LM)
 def test_a_method_is_refused_where_it_does_not_act(method):
     where = "inside the language model" if method in IN_LM else "before the language model"
-    with pytest.raises(ValueError, match=f"method '{method}' acts {where}"):
+    with pytest.raises(ValueError, match=f"method '{method}' applies {where}, not in the vision tower"):
         vtr.patch(tiny_vit(), method, keep=0.5)
     if method in BEFORE_LM:
-        with pytest.raises(ValueError, match=f"method '{method}' acts {where}"):
+        with pytest.raises(ValueError, match=f"method '{method}' applies {where}, not inside the language model"):
             vtr.patch(tiny_llava(), method, budget=4, layers=[1])
     assert vtr.methods(details=True)[method].stages == (("in_lm",) if method in IN_LM else ("before_lm",))
 

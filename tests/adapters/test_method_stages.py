@@ -46,17 +46,16 @@ def registered():
 
 def test_an_in_lm_method_is_refused_on_a_vit_naming_where_it_acts():
     model = tiny_vit()
-    with pytest.raises(ValueError, match=r"method 'in_lm_only' acts inside the language model \(on a vision-language "
-                                         r"model: give layers=\[K\]\); the timm adapter would run it inside a "
-                                         r"vision tower"):
+    with pytest.raises(ValueError, match=r"method 'in_lm_only' applies inside the language model, not in the vision "
+                                         r"tower: patch a vision-language model \(the timm adapter would run it "
+                                         r"there"):
         vtr.patch(model, "in_lm_only", keep=0.5)
     assert not vtr.is_patched(model)
 
 
 def test_a_before_lm_method_is_refused_inside_the_language_model():
-    with pytest.raises(ValueError, match=r"method 'before_lm_only' acts before the language model \(on a "
-                                         r"vision-language model: leave out layers=\); the llava adapter would run "
-                                         r"it inside the language model"):
+    with pytest.raises(ValueError, match=r"method 'before_lm_only' applies before the language model, not inside the "
+                                         r"language model: leave out layers= \(the llava adapter would run it there"):
         vtr.patch(tiny_llava(), "before_lm_only", budget=4, layers=[1])
 
 

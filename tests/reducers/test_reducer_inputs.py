@@ -17,8 +17,11 @@ from conftest import make_state
 # What each method really takes (its own __init__), or nothing.
 OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fastv": "fuse",
            "hired": "fuse, allocate_layer", "none": "none", "pitome": "margin, alpha, variant", "pool": "factor",
-           "query": "relevance_weight, projection, fuse", "pyramiddrop": "ratio, fuse", "cdpruner": "negate, fuse", "dart": "pivot_image, pivot_text, fuse", "sparsevlm": "recycle", "random": "seed", "tome": "none",
-           "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature"}
+           "query": "relevance_weight, projection, fuse", "random": "seed", "tome": "none",
+           "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature",
+           "visionzip": "contextual, merge", "divprune": "fuse", "vispruner": "important_ratio, fuse",
+           "fastervlm": "fuse", "pyramiddrop": "ratio, fuse", "cdpruner": "negate, fuse",
+           "dart": "pivot_image, pivot_text, fuse", "sparsevlm": "recycle"}
 
 
 def test_every_method_is_listed_here():

@@ -149,6 +149,9 @@ MISTAKES = [
     (["fidelity", "--checkpoint", "{tmp}/text.txt", "--model", TINY, "--data", "{tmp}"], "--checkpoint",
      "no state dict"),
     (["fidelity", "--model", TINY], "--model", "needs --checkpoint"),
+    (["fidelity", "--model", "llava-task", "--second"], "--second", "does not apply to --model llava-task"),
+    (["fidelity", "--model", "qwen-task", "--stages", "after"], "--stages", "before and/or in"),
+    (["fidelity", "--model", "qwen-task", "--budgets", "0.5,1"], "--budgets", "fraction in (0, 1)"),
     (["fidelity", "--data", "/nonexistent-dir"], "--data", "no such directory"),
 ]
 

@@ -216,6 +216,9 @@ def frame_budgets(budget: int, frame_tokens: Tensor, weights: Tensor) -> Tensor:
 
 # -- the schedule a patched VLM reports: the steps of a reference image --------------------------------
 
+_STAGE_WORDS = {"tower": "in the vision tower", "before_lm": "before the language model", "in_lm": "inside it"}
+
+
 def schedule(reducer: Reducer, plan: VisualPlan, *, num_tokens: int, num_protected: int = 0, num_layers: int,
              any_size: bool, family: str, low: Optional[int] = None) -> Schedule:
     """``plan`` as reduction steps on a reference image of ``num_tokens`` visual tokens (``num_protected`` of
@@ -227,6 +230,10 @@ def schedule(reducer: Reducer, plan: VisualPlan, *, num_tokens: int, num_protect
     """
     budget = plan.budget
     if plan.in_llm:
+        if reducer.stages and "in_lm" not in reducer.stages:   # () says nothing: the method runs wherever it is put
+            where = " and ".join(_STAGE_WORDS[stage] for stage in reducer.stages)
+            raise ValueError(f"method {reducer.name!r} applies {where}, not inside the language model: "
+                             "leave out layers=")
         if plan.video_options_given:
             raise ValueError("frames= and temporal= split a video's budget before the language model: leave them out "
                              "with layers= (in-LLM pruning ranks all of a video's tokens at once)")

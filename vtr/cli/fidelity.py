@@ -1,7 +1,9 @@
 """`vtr fidelity` (also `python benchmarks/fidelity.py`): accuracy and agreement vs FLOPs per method.
 
 Default: the procedural task and its small ViT (trained once, cached). With ``--checkpoint`` and
-``--data`` it evaluates a user's own timm model on an ImageFolder instead.
+``--data`` it evaluates a user's own timm model on an ImageFolder instead. With ``--model llava-task`` or
+``--model qwen-task`` it measures the VLM yardstick instead: a tiny LLaVA / Qwen2.5-VL trained here on one-word
+questions about scenes (:mod:`vtr.tools.vlm_fidelity`), every method before and in the LM at visual-token budgets.
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..tools import fidelity
+from ..tools import fidelity, vlm_fidelity, vlm_yardstick, vqa_task
 from ..tools.models import create_model
-from ..tools.plotting import frontier
+from ..tools.plotting import frontier, lines
 from .models import _options, load_checkpoint
-from .usage import (UsageError, device, existing_dir, existing_file, fractions, json_file, method_list,
-                    output_file, positive_int, usage)
+from .usage import (UsageError, budget_fractions, device, existing_dir, existing_file, fractions, json_file,
+                    method_list, output_file, positive_int, usage)
 
 
 
@@ -43,10 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the second task model: 6 blocks, 8 px patches, 48 px images (defaults must hold on both)")
     parser.add_argument("--retrain", action="store_true", help="train the task model again, ignoring the cache")
     parser.add_argument("--cache", default=None, help="checkpoint cache dir (default: $VTR_CACHE or ~/.cache/vtr)")
+    vlm = parser.add_argument_group("the VLM yardstick (--model llava-task / qwen-task)")
+    vlm.add_argument("--budgets", type=budget_fractions, default="0.5,0.25,0.11",
+                     help="comma-separated fractions of the visual tokens kept, in (0, 1) (default: %(default)s)")
+    vlm.add_argument("--stages", default="before,in", type=_stages,
+                     help="before (the LM), in (the LM) or both, comma-separated (default: %(default)s)")
+    vlm.add_argument("--in-llm-layer", type=positive_int, default=1,
+                     help="decoder layer where in-LM pruning acts (default: %(default)s)")
     real = parser.add_argument_group("your own model and data")
     real.add_argument("--checkpoint", type=existing_file, default=None,
                       help="state dict of a timm model (with --model, --data)")
-    real.add_argument("--model", default=None, help="timm model name the checkpoint belongs to")
+    real.add_argument("--model", default=None,
+                      help="timm model name the checkpoint belongs to; or llava-task / qwen-task: the VLM yardstick")
     real.add_argument("--num-classes", type=positive_int, default=None, help="classes of the checkpoint's head")
     real.add_argument("--img-size", type=positive_int, default=None,
                       help="input size the checkpoint was trained at (default: the model's)")
@@ -90,10 +100,50 @@ def _own_model(args: argparse.Namespace):
     return model, data
 
 
+def _stages(text: str) -> tuple:
+    names = {"before": vlm_fidelity.STAGES[0], "in": vlm_fidelity.STAGES[1]}
+    stages = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not stages or any(stage not in names for stage in stages):
+        raise argparse.ArgumentTypeError(f"stages are before and/or in, comma-separated; got {text!r}")
+    return tuple(names[stage] for stage in stages)
+
+
+YARDSTICKS = {"llava-task": "llava", "qwen-task": "qwen"}
+
+
+def _run_vlm(args: argparse.Namespace, log) -> int:
+    if args.second or args.data:
+        raise UsageError("--second" if args.second else "--data", f"does not apply to --model {args.model}")
+    training = vlm_yardstick.recipe(YARDSTICKS[args.model], quick=args.quick)
+    model = vlm_yardstick.trained_model(training, root=Path(args.cache) if args.cache else None,
+                                        retrain=args.retrain, log=log).to(args.device)
+    count = min(args.test_images, 600) if args.quick else args.test_images
+    examples = vqa_task.make_examples(count, seed=10_000 + training.seed)
+    results = vlm_fidelity.evaluate(model, examples, methods=args.methods, budgets=args.budgets,
+                                    stages=args.stages, in_llm_layer=args.in_llm_layer, log=log)
+    table = vlm_fidelity.format_table(results)
+    setting = {"model": args.model, "training": asdict(training), "test_examples": count,
+               "in_llm_layer": args.in_llm_layer, "chance": vlm_fidelity.chance_accuracy(examples)}
+    document = {"setting": setting, "results": [asdict(r) for r in results]}
+    print(json.dumps(document, indent=2) if args.json else table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(document, indent=2))
+    if args.plot:
+        lines(vlm_fidelity.accuracy_series(results), args.plot, "prefill FLOPs (fraction of the unreduced, measured)",
+              "answer accuracy")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.checkpoint is None and (args.model or args.data):
-        raise UsageError("--model" if args.model else "--data", "needs --checkpoint (your model's state dict)")
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print   # stdout: the JSON alone
+    if args.model in YARDSTICKS and args.checkpoint is None:
+        torch.set_num_threads(args.threads)
+        return _run_vlm(args, log)
+    if args.checkpoint is None and (args.model or args.data):
+        raise UsageError("--model" if args.model else "--data", "needs --checkpoint (your model's state dict), "
+                         f"unless it names a VLM yardstick ({', '.join(YARDSTICKS)})")
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, data = _own_model(args)

@@ -114,6 +114,14 @@ def fractions(text: str) -> list[float]:
     return [fraction(item) for item in _items(text)]
 
 
+def budget_fractions(text: str) -> list[float]:
+    """A comma-separated list of fractions in (0, 1), e.g. ``0.5,0.25,0.11`` (1 would keep everything)."""
+    values = fractions(text)
+    if any(value >= 1 for value in values):
+        raise argparse.ArgumentTypeError(f"each budget must be a fraction in (0, 1) of the visual tokens, got {text!r}")
+    return values
+
+
 def method(text: str) -> str:
     """A registered reduction method (``none`` included)."""
     if text not in methods():

@@ -17,6 +17,7 @@ class Need(str, enum.Enum):
     QUERY = "query"
     PARTITION = "partition"
     GRID = "grid"
+    ATTENTION_RECEIVED = "attention_received"
     KEYS = "keys"
     INSTRUCTION = "instruction"
     TEXT_ATTENTION = "text_attention"   # the instruction with its attention to the tokens (Instruction.attention)
@@ -75,12 +76,18 @@ class Signals:
     partition: ``[B, N]`` int partition (crop) id per token for budget-allocating reducers.
     grid: ``(rows, cols)`` of the patch tokens while they are still in their original spatial
         order (no earlier step has reduced), else None.
+    attention_received: ``[B, N]`` the attention each token receives in a vision tower's last layer, averaged over
+        the queries and heads: what a tower without a CLS token offers as importance (VisPruner's rule for
+        SigLIP towers); None where the model does not compute it (it costs a pass over the full attention).
+    keys: the tokens' attention keys, where a family computes them apart from the metric. Before a language model:
+        ``[B, N, d]``, head mean, of the vision layer the importance comes from (VisionZip matches its contextual
+        tokens by them). Inside a language model: ``[B, N, Hk * d]``, the pruning layer's keys after the rotary
+        embedding, heads concatenated (DART ranks pivots by their L1 norm, as its code). None elsewhere (on a ViT
+        tower ``metric="keys"`` gives them as the metric).
     query_projection: maps token features ``[B, N, C]`` into the query's space ``[B, N, D]`` when
         the two differ (CLIP: each token as the image embedding it would give if it were the pooled
         token, i.e. the tower's final norm and projection); None when tokens and query share a space.
         A callable, so it costs nothing unless a reducer uses it.
-    keys: ``[B, N, Dk]`` each token's attention keys at this layer (inside a language model: after the rotary
-        embedding, heads concatenated), for methods that rank by key norms (DART); None where not offered.
     instruction: the prompt's text after the image (:class:`Instruction`), inside a language model; else None.
     """
 
@@ -92,6 +99,7 @@ class Signals:
     partition: Optional[Tensor] = None
     grid: Optional[tuple] = None
     query_projection: Optional[Callable[[Tensor], Tensor]] = None
+    attention_received: Optional[Tensor] = None
     keys: Optional[Tensor] = None
     instruction: Optional[Instruction] = None
 

@@ -16,7 +16,7 @@ from ..core.state import TokenState
 # on a vision-language model's visual tokens before its language model, or inside the language model
 # (``layers=`` on a VLM). Adapters refuse a method at a stage it does not list.
 STAGES = ("tower", "before_lm", "in_lm")
-STAGE_WORDS = {"tower": "inside a vision tower", "before_lm": "before the language model",
+STAGE_WORDS = {"tower": "in the vision tower", "before_lm": "before the language model",
                "in_lm": "inside the language model"}
 
 

@@ -60,6 +60,24 @@ def attention_scores(reducer: Reducer, state: TokenState, signals: Signals) -> T
     return score / score.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def tower_importance(reducer: Reducer, state: TokenState, signals: Signals) -> Tensor:
+    """``[B, U]`` importance by the vision tower's attention, for methods defined on it (VisionZip, VisPruner,
+    FasterVLM): the [CLS] row, or, in a tower without a [CLS] token, the attention each token receives
+    (``signals.attention_received``, VisPruner's rule for SigLIP towers). Non-negative, 0 for padding, summing to 1.
+
+    Neither offered is an error, not a guess: these methods have no published rule on other signals.
+    """
+    if signals.cls_attention is not None:
+        return attention_scores(reducer, state, signals)
+    if signals.attention_received is None:
+        raise ValueError(f"{reducer.name} ranks visual tokens by the vision tower's [CLS] attention or, in a tower "
+                         "without a [CLS] token, by the attention each token receives; this model offers neither "
+                         "here (see the README's list of families and towers that give them)")
+    score = check_signal(reducer, "attention_received", signals.attention_received, state)
+    score = score[:, state.num_protected:].float().masked_fill(~real_tokens(state), 0.0)
+    return score / score.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 # -- what happens to the tokens a dropping reducer does not keep ---------------------------------
 
 FUSE = ("drop", "one", "nearest")
@@ -114,3 +132,25 @@ def fused_dest(state: TokenState, kept: Tensor, num_kept: int, fuse: str, metric
     into = dest.clone()
     into[:, protected:] = into[:, protected:].scatter(1, others, protected + nearest)
     return torch.where(rest, into, dest)
+
+
+def check_decision_inputs(reducer: Reducer, state: TokenState, **signals: Optional[Tensor]) -> None:
+    """The signals a decision reads (a score, a metric) must be finite on the real tokens: top-k, argmax and
+    greedy selection on NaN pick arbitrary, even repeated, tokens without a word. One host sync per step."""
+    real = state.size > 0
+    for name, value in signals.items():
+        if value is None:
+            continue
+        values = value[real] if value.shape[:2] == real.shape else value
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise ValueError(f"{reducer.name}: signals.{name} must be finite on the real tokens, got {bad} NaN or Inf "
+                             f"of {values.numel()} values")
+
+
+def unit_rows(metric: Tensor) -> Tensor:
+    """Rows scaled to unit length for cosine similarity: float64 stays float64 (a reference test's decisions then
+    never hinge on float32 rounding), anything else is computed in float32 (:func:`~vtr.reducers.base.unit`)."""
+    if metric.dtype == torch.float64:
+        return torch.nn.functional.normalize(metric, dim=-1, eps=1e-6)
+    return unit(metric)
