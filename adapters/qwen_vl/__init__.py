@@ -1,4 +1,5 @@
-"""Hugging Face Qwen2-VL / Qwen2.5-VL adapter: fewer visual tokens reach the language model; ``generate()`` unchanged.
+"""Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL adapter: fewer visual tokens reach the language model; ``generate()``
+unchanged.
 
 ``vtr.patch(model, method, budget=B)`` keeps ``min(B, its own count)`` visual tokens of each image and
 each video, reduced on the vision tower's output after its patch merger; the prompt is compacted and
@@ -11,6 +12,12 @@ The package: this front (the :class:`QwenVL` adapter and the class mixed into th
 ``before_lm`` and ``in_llm``, which import ``common`` (which models, the call's images and videos,
 positions, costs, the report); the run, prompt compaction, reduction steps and in-LLM pruning are shared
 with LLaVA (``vtr.adapters.vlm``).
+
+Qwen3-VL: its DeepStack features (several tower layers' features, added to the visual tokens' hidden states after
+each of the first language-model layers) follow the reduction before the LM level by level (``before_lm``: a kept
+token's own, a merged token's the mean of the same originals); in-LLM pruning starts after the last DeepStack layer
+(``in_llm.check_deepstack``). Its processor gives each temporal patch of a video its own timestamp and vision
+markers; the kept tokens of a frame stay between them (``vtr.adapters.vlm.items.kept_columns_by_span``).
 
 Limits: ``forward()`` with pixel values returns logits over the compacted prompt
 (``vtr.report(model).kept_positions`` maps them back) and refuses ``position_ids``; prompts come as
@@ -40,7 +47,8 @@ from ..vlm.run import VlmRun
 from . import before_lm, bench, in_llm, received
 from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes
 
-SUPPORTED = "Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and Qwen2VLForConditionalGeneration (Qwen2-VL)"
+SUPPORTED = ("Qwen3VLForConditionalGeneration (Qwen3-VL), Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and "
+             "Qwen2VLForConditionalGeneration (Qwen2-VL)")
 
 
 class ReducingQwenVL(ReducingVlm):
@@ -62,12 +70,13 @@ class ReducingQwenVL(ReducingVlm):
 
 
 class QwenVL(VlmAdapter):
-    """transformers ``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``."""
+    """transformers ``Qwen3VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
+    ``Qwen2VLForConditionalGeneration``."""
 
     name = "qwen_vl"
 
     def matches(self, model: nn.Module) -> bool:
-        """Any Qwen-VL model of transformers (bare models and Qwen3-VL too), so that those vtr does not
+        """Any Qwen-VL model of transformers (bare models and Qwen3-VL-MoE too), so that those vtr does not
         support get a clear error."""
         families = tuple(f"transformers.models.{family}." for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl",
                                                                            "qwen3_vl_moe"))
@@ -78,7 +87,8 @@ class QwenVL(VlmAdapter):
         if not isinstance(model, qwen_classes()):
             raise UnsupportedModelError(
                 f"vtr's Qwen-VL adapter supports transformers' {SUPPORTED}; got {kind}, which is not supported. "
-                "For a bare Qwen2_5_VLModel / Qwen2VLModel, patch the ...ForConditionalGeneration that holds it")
+                "For a bare Qwen3VLModel / Qwen2_5_VLModel / Qwen2VLModel, patch the ...ForConditionalGeneration that "
+                "holds it")
         for key in ("image_token_id", "video_token_id"):
             if getattr(model.config, key, None) is None:
                 raise UnsupportedModelError(f"{kind}.config.{key} is not set: vtr finds the visual tokens from it")
@@ -127,10 +137,11 @@ class QwenVL(VlmAdapter):
         if reduction.metric != "x":
             raise ValueError("the Qwen-VL adapter compares visual tokens by their merged features: use metric='x'")
         if reduction.visual.in_llm:
-            if "sliding_attention" in (model.config.text_config.layer_types or ()):
+            if "sliding_attention" in (getattr(model.config.text_config, "layer_types", None) or ()):
                 raise UnsupportedModelError("in-LLM pruning (layers=) rebuilds each segment's causal mask and does "
                                             "not reproduce sliding-window layers (use_sliding_window=True); reduce "
                                             "before the language model (no layers=)")
+            in_llm.check_deepstack(model, reduction)
             pruning.install(model, reduction, in_llm.QwenVisuals())
         else:
             received.install(model, reduction)

@@ -49,7 +49,7 @@ from vtr.core.signals import Need
 from ..vlm.language import prefill_macs
 from ..vlm import calls
 from ..vlm.calls import Compacted, Family
-from ..vlm.items import Reduced, Visual, compact_items, reduce_items, report_fields
+from ..vlm.items import Reduced, Visual, compact_items, kept_columns_by_span, reduce_items, report_fields
 from ..vlm.prompt import pad_id, row_queries
 from ..vlm.run import opened
 from . import received
@@ -141,7 +141,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         reducer_macs += attention_macs   # the attention each token receives: a pass the tower's fused kernel skips
         ids, mask, kept_positions = compact_items(
             input_ids, attention_mask, {"image": image_placeholder, "video": video_placeholder}, items, reduced,
-            pad_id(model, config.image_token_id, config.video_token_id), left)
+            pad_id(model, config.image_token_id, config.video_token_id), left, by_span=True)
         full = prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw,
                                 second_per_grid_ts)
         positions = _kept_positions(full, input_ids.shape[1], items, reduced, kept_positions)
@@ -150,7 +150,12 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         # this prompt's cache, without position_ids, continues from the compacted prompt's last position.
         model.model.rope_deltas = positions.amax(dim=(0, 2))[:, None] + 1 - mask.sum(1, keepdim=True)
         for kind in outputs:
-            outputs[kind].pooler_output = [r.features for item, r in zip(items, reduced) if item.kind == kind]
+            own = [r for item, r in zip(items, reduced) if item.kind == kind]
+            outputs[kind].pooler_output = [r.features for r in own]
+            deepstack = getattr(outputs[kind], "deepstack_features", None)
+            if deepstack is not None:   # Qwen3-VL: every injected tower level keeps the very tokens the LM input kept
+                outputs[kind].deepstack_features = [[r.carried(level[i]) for i, r in enumerate(own)]
+                                                    for level in deepstack]
         runs.record(reduction, QwenVLReport(
             visual_tokens_before=placeholder.sum(1),
             visual_tokens_after=((ids == config.image_token_id) | (ids == config.video_token_id)).sum(1),
@@ -171,7 +176,7 @@ def _kept_positions(full: Tensor, length: int, items: list[Visual], reduced: lis
     source = torch.arange(length, device=kept_positions.device).expand(kept_positions.shape[0], -1).clone()
     for item, r in zip(items, reduced):
         first = r.first.clamp_max(item.num_tokens - 1)   # a token carrying nothing (empty fused token) sits last
-        source[item.row, item.columns[:len(first)]] = item.columns[first]
+        source[item.row, kept_columns_by_span(item, r)] = item.columns[first]
     source = source.gather(1, kept_positions.clamp_min(0))
     positions = full.gather(2, source[None].expand(3, -1, -1))
     return positions.masked_fill(kept_positions[None] < 0, 0)

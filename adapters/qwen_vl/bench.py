@@ -11,6 +11,7 @@ from torch import nn
 
 from ..vlm.bench import text_ids
 from . import before_lm
+from .common import timestamped_frames
 
 
 def workload(model: nn.Module, text: int, batch: int, image_size: Optional[int], video_frames: int,
@@ -33,7 +34,14 @@ def workload(model: nn.Module, text: int, batch: int, image_size: Optional[int],
     special = (config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id)
     ids = text_ids(max(text - 2, 0), min(*special, config.text_config.vocab_size))
     token = config.image_token_id if kind == "image" else config.video_token_id
-    row = ids[:half] + [config.vision_start_token_id] + [token] * visual + [config.vision_end_token_id] + ids[half:]
+    # Qwen3-VL gives each temporal patch its own <t seconds> <vision_start> tokens <vision_end> (a text id as <t>).
+    spans = grid[0] if kind == "video" and timestamped_frames(model) else 1
+    stamps = text_ids(spans, min(*special, config.text_config.vocab_size)) if spans > 1 else []
+    middle = []
+    for span in range(spans):
+        middle += stamps[span:span + 1] + [config.vision_start_token_id] + [token] * (visual // spans) + \
+            [config.vision_end_token_id]
+    row = ids[:half] + middle + ids[half:]
     input_ids = torch.tensor([row] * batch)
     pixels = torch.randn(batch * grid[0] * grid[1] * grid[2], 3 * temporal * patch_size ** 2, generator=generator)
     shown = (f"a {side}x{side} image" if kind == "image" else

@@ -6,6 +6,10 @@ in patches), ``get_image_features`` / ``get_video_features`` return them per ima
 language model reads them at the ``image_token_id`` / ``video_token_id`` placeholders of the prompt,
 with 3-D (temporal, height, width) rotary positions from ``get_rope_index``.
 
+Qwen3-VL adds what vtr keeps as well: ``get_image_features`` / ``get_video_features`` also return
+``deepstack_features`` (per tower level, per image), and its prompts give each temporal patch of a video its own
+``<t seconds> <vision_start> ... <vision_end>`` (:func:`timestamped_frames`), which its ``get_rope_index`` reads.
+
 Imports no other module of this package.
 """
 from __future__ import annotations
@@ -23,13 +27,18 @@ from ..vlm.language import language_cost
 from ..vlm.report import VlmReport
 
 WHERE = "before the language model (after the vision merger, per image or video)"
-REFERENCE_SIDE = 16    # expected_flops / expected_tokens: an image of 16 x 16 merged tokens (448 x 448 at patch 14)
+REFERENCE_SIDE = 16    # expected_flops / expected_tokens: 16 x 16 merged tokens (448 px at patch 14, 512 at 16)
 VISION_ARGUMENTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def qwen_classes() -> tuple:
     """The ``...ForConditionalGeneration`` classes vtr supports (those this transformers has)."""
     classes = []
+    try:
+        from transformers import Qwen3VLForConditionalGeneration
+        classes.append(Qwen3VLForConditionalGeneration)
+    except ImportError:  # transformers before Qwen3-VL
+        pass
     try:
         from transformers import Qwen2_5_VLForConditionalGeneration
         classes.append(Qwen2_5_VLForConditionalGeneration)
@@ -41,6 +50,12 @@ def qwen_classes() -> tuple:
     except ImportError:
         pass
     return tuple(classes)
+
+
+def timestamped_frames(model: nn.Module) -> bool:
+    """Qwen3-VL's prompts give each temporal patch of a video its own ``<t seconds> <vision_start> ... <vision_end>``
+    (its processor's layout, which its ``get_rope_index`` reads); Qwen2/2.5-VL put a video's tokens in one run."""
+    return getattr(model.config, "model_type", "") == "qwen3_vl"
 
 
 def merge_size(model: nn.Module) -> int:
@@ -114,4 +129,4 @@ class QwenVLReport(VlmReport):
 
 
 __all__ = ["QwenVLReport", "Visual", "token_types", "cost", "merge_size", "prompt_positions", "qwen_classes",
-           "reference_tokens", "visuals"]
+           "reference_tokens", "timestamped_frames", "visuals"]

@@ -14,6 +14,9 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from vtr.budget.visual import stage_layers
+from vtr.core.plan import Reduction
+
 from ..vlm.visuals import Item, Visuals, split_placeholders
 from ..vlm.run import VlmRun
 from .common import QwenVLReport, merge_size, reference_tokens
@@ -60,6 +63,18 @@ class QwenVisuals(Visuals):
     def report_fields(self, items: list[Item]) -> dict:
         return {"kinds": [item.kind for item in items],
                 "grids": [item.video_grid or (None if item.grid is None else (1, *item.grid)) for item in items]}
+
+
+def check_deepstack(model: nn.Module, reduction: Reduction) -> None:
+    """Qwen3-VL adds DeepStack features (from several tower layers) to the visual tokens' hidden states after each
+    of its first language-model layers, at the prompt's placeholders: pruning must start after the last of them."""
+    levels = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
+    first = stage_layers(reduction.visual.layers, len(model.model.language_model.layers))[0]
+    if first < levels:
+        raise ValueError(f"layers= on Qwen3-VL must be >= {levels}: DeepStack adds tower features to the visual "
+                         f"tokens after each of the first {levels} language-model layers, so in-LLM pruning starts "
+                         f"after them (got layer {first}); or reduce before the language model (no layers=), where "
+                         "every DeepStack level keeps the same tokens")
 
 
 def remember(run: VlmRun, model: nn.Module, inputs: Optional[Tensor], kwargs: dict) -> None:

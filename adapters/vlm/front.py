@@ -92,9 +92,10 @@ class VlmAdapter(Adapter):
 
     # The family's hooks for the VLM prefill benchmark (vtr.tools.bench_vlm), so the tool needs no family's internals.
     def benchmark_workload(self, model: nn.Module, text: int, batch: int, image_size: Optional[int],
-                           video_frames: int, frames: Optional[str]) -> tuple[dict, int, str, dict]:
+                           video_frames: int, frames: Optional[str]) -> tuple:
         """(inputs, visual tokens per prompt, description, extra ``vtr.patch`` keywords) of ``batch`` copies of
-        one prompt of ``text`` text tokens and one image (or ``video_frames``-frame video) with random pixels."""
+        one prompt of ``text`` text tokens and one image (or ``video_frames``-frame video) with random pixels; a
+        fifth value where ``budget=`` counts less than the prompt's visual tokens (SmolVLM: one tile's)."""
         raise NotImplementedError(f"the {self.name} adapter has no benchmark prompts")
 
     def benchmark_prompt(self, model: nn.Module, inputs: dict, before: bool, timed: Callable):

@@ -63,7 +63,7 @@ from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 
 from ..base import remove_hooks
-from .language import language_cost, prefill_macs
+from .language import decoder, language_cost, prefill_macs
 from .pruning import Pruning
 from .run import VlmRun
 from .sequence import scoring_macs
@@ -106,18 +106,18 @@ class InputHook:
 def install(model: nn.Module, reduction: Reduction, visuals: Visuals) -> None:
     """Settings and hooks of in-LLM pruning on ``model`` (patch time)."""
     stages = make_stages(model, reduction, visuals)
-    decoder = model.model.language_model.layers
+    layers = decoder(model).layers
     if {Need.INSTRUCTION, Need.TEXT_ATTENTION} & reduction.reducer.needs:
-        decoder[0].register_forward_pre_hook(InputHook(reduction), with_kwargs=True)
+        layers[0].register_forward_pre_hook(InputHook(reduction), with_kwargs=True)
     starts = {layer: index for index, layer in enumerate(stages.layers)}
-    for i in range(stages.layers[0], len(decoder)):
-        decoder[i].register_forward_pre_hook(StageHook(reduction, starts.get(i)), with_kwargs=True)
+    for i in range(stages.layers[0], len(layers)):
+        layers[i].register_forward_pre_hook(StageHook(reduction, starts.get(i)), with_kwargs=True)
     model._vtr_stages = stages
 
 
 def uninstall(model: nn.Module) -> None:
-    remove_hooks(model.model.language_model, StageHook)
-    remove_hooks(model.model.language_model, InputHook)
+    remove_hooks(decoder(model), StageHook)
+    remove_hooks(decoder(model), InputHook)
     model.__dict__.pop("_vtr_stages", None)
 
 

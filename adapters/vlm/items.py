@@ -97,6 +97,20 @@ class Reduced:
     first: Tensor          # [K] its representative: the first original token it carries
     tokens: list           # tokens entering each reducer step, then kept
 
+    def carried(self, values: Tensor) -> Tensor:
+        """``values`` ``[N, C]`` of the item's original tokens (another view of the same tokens: Qwen3-VL's
+        DeepStack features of a tower layer) taken through the same reduction: each output token the mean of
+        the originals it carries (a kept token its own; zero for a token carrying none), the suffix left out.
+
+        The reduction decided once, on ``features``; every other view of the tokens follows that decision, so
+        the language model never sees one token's feature beside another token's DeepStack feature."""
+        kept = len(self.size)
+        rows = torch.where(self.assignment >= 0, self.assignment, kept)
+        summed = values.new_zeros(kept + 1, values.shape[1]).index_add_(0, rows, values)[:kept]
+        counts = torch.zeros(kept + 1, dtype=values.dtype, device=values.device).index_add_(
+            0, rows, torch.ones_like(rows, dtype=values.dtype))[:kept]
+        return summed / counts.clamp_min(1)[:, None]
+
 
 def _stacked(signal: Optional[list], members: list[int]) -> Optional[Tensor]:
     """The members' per-item signals as one ``[G, N]`` tensor, or None."""
@@ -152,10 +166,39 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
     return reduced, macs
 
 
+def kept_columns_by_span(item: Visual, reduced: Reduced) -> Tensor:
+    """The prompt columns an item's kept tokens take, in order: in each run of adjacent placeholders (a *span*:
+    Qwen3-VL gives each video frame its own, between timestamp tokens), the first as many as the tokens whose
+    representative sits in it. An item in one span keeps its first ``K`` placeholders; a video's kept tokens
+    stay between their own frame's timestamps. Tokens are in their representatives' order, so the k-th kept
+    column is the k-th token's. No suffix."""
+    columns = item.columns
+    starts = torch.ones_like(columns, dtype=torch.bool)
+    starts[1:] = columns[1:] != columns[:-1] + 1
+    span = starts.long().cumsum(0) - 1                               # [N] span of each placeholder
+    offset = torch.arange(len(columns), device=columns.device)
+    rank = offset - offset[starts][span]                             # rank of each placeholder in its span
+    owner = span[reduced.first.clamp_max(len(columns) - 1)]          # span of each kept token's representative
+    wanted = torch.zeros(int(span[-1]) + 1, dtype=torch.long, device=columns.device).index_add_(
+        0, owner, torch.ones_like(owner))
+    chosen = columns[rank < wanted[span]]
+    if len(chosen) != len(reduced.first):
+        raise ValueError(f"cannot place {len(reduced.first)} kept {item.kind} tokens in their own placeholder runs")
+    return chosen
+
+
 def compact_items(input_ids: Tensor, attention_mask: Tensor, placeholders: dict, items: list[Visual],
-                  reduced: list[Reduced], pad: int, left: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The prompt with each item's placeholders cut to its kept count (``placeholders``: kind -> ``[B, L]``)."""
+                  reduced: list[Reduced], pad: int, left: bool,
+                  by_span: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The prompt with each item's placeholders cut to its kept count (``placeholders``: kind -> ``[B, L]``);
+    ``by_span``: each item's kept tokens in their own runs of placeholders (:func:`kept_columns_by_span`)."""
     keep = attention_mask.bool()
+    if by_span:
+        for placeholder in placeholders.values():
+            keep &= ~placeholder
+        for item, r in zip(items, reduced):
+            keep[item.row, kept_columns_by_span(item, r)] = True
+        return compact(input_ids, keep, pad, left)
     for kind, placeholder in placeholders.items():
         keep &= ~placeholder
         chosen = [(len(item.columns), len(r.features)) for item, r in zip(items, reduced) if item.kind == kind]

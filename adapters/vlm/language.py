@@ -10,13 +10,21 @@ from vtr.budget.cost import EncoderCost
 from ..steps import linear_macs
 
 
+def decoder(model: nn.Module) -> nn.Module:
+    """The model's language model (its ``layers`` are the decoder layers): ``model.model.language_model``, or
+    ``model.model.text_model`` on the families that call it so (SmolVLM, Idefics3)."""
+    inner = model.model
+    language = getattr(inner, "language_model", None)
+    return language if language is not None else inner.text_model
+
+
 def language_cost(model: nn.Module, num_tokens: int = 0, num_protected: int = 0, has_cls: bool = True) -> EncoderCost:
     """Language-model MACs per layer of ``num_tokens`` visual tokens (what a reduction saves).
 
-    ``model.model.language_model.layers`` are pre-norm decoder layers with ``self_attn.q_proj`` and an
+    :func:`decoder` ``(model).layers`` are pre-norm decoder layers with ``self_attn.q_proj`` and an
     ``mlp`` (LLaMA, Qwen2); ``has_cls``: the visual tokens start with a CLS feature (LLaVA's 'full').
     """
-    language = model.model.language_model
+    language = decoder(model)
     layer = language.layers[0]
     return EncoderCost(
         num_tokens=num_tokens,

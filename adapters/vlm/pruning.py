@@ -14,7 +14,7 @@ from vtr.core import run as runs
 from vtr.core.signals import Instruction, Need, Signals
 from vtr.core.state import TokenState
 
-from .language import language_cost, prefill_macs
+from .language import decoder, language_cost, prefill_macs
 from .prompt import kept_columns
 from .reduce import carried, padded
 from .report import text_only_report
@@ -256,7 +256,7 @@ class Pruning:
             attention = attention.gather(2, current[:, None, :].expand(-1, attention.shape[1], -1))
         embedded = self.embedded
         return Instruction(hidden=pick(hidden), valid=valid, keys=None if keys is None else pick(keys),
-                           norm=self.model.model.language_model.norm, attention=attention,
+                           norm=decoder(self.model).norm, attention=attention,
                            input_text=None if embedded is None else embedded[rows[:, None], order],   # by column
                            input_image=None if embedded is None else embedded[group.rows, group.columns])
 

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from vtr.core.signals import cls_attention
 
+from .language import decoder
+
 
 def real_columns(real: Tensor) -> Tensor:
     """``[B, L]`` column of each position, -1 where ``real`` is False (padding)."""
@@ -81,13 +83,17 @@ def rows_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, r
 
 def last_token_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor) -> Tensor:
     """Head-mean attention of the last position to every position ``[B, L]``, from the layer's own
-    norm, q/k projections and rotary embedding (what its attention computes, one query row only)."""
+    norm, q/k projections (and per-head q/k norms, where it has them) and rotary embedding (what its attention
+    computes, one query row only)."""
     attn = layer.self_attn
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     batch, length, _ = hidden.shape
     x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x[:, -1:]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(x[:, -1:]).view(batch, 1, -1, attn.head_dim)
+    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:   # Qwen3 (and Qwen3-VL): per-head RMSNorm of q and k before rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     q = rotate(q, q, cos[:, -1:], sin[:, -1:])[0]
     k = rotate(k, k, cos, sin)[0]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -114,6 +120,6 @@ def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def scoring_macs(model: nn.Module, layer: int, num_tokens: Tensor) -> float:
-    attn = model.model.language_model.layers[layer].self_attn
+    attn = decoder(model).layers[layer].self_attn
     per_row = attn.k_proj.in_features * (attn.k_proj.out_features * num_tokens.double() + attn.q_proj.out_features)
     return float(per_row.sum())

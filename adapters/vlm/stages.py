@@ -10,6 +10,7 @@ from torch import nn
 from vtr.budget.visual import stage_budgets, stage_layers
 from vtr.core.plan import Reduction
 
+from .language import decoder
 from .visuals import Visuals
 
 # generate() options that send the prompt in pieces or verify several candidate tokens per forward.
@@ -44,7 +45,7 @@ class Stages:
 
 
 def make_stages(model: nn.Module, reduction: Reduction, visuals: Visuals) -> Stages:
-    layers = stage_layers(reduction.visual.layers, len(model.model.language_model.layers))
+    layers = stage_layers(reduction.visual.layers, len(decoder(model).layers))
     num_tokens, protected = visuals.tokens(model)
     budget = reduction.visual.budget
     # Stage budgets of the largest image, or of one the size of the budget where images have no largest (Qwen-VL).

@@ -1,9 +1,9 @@
 """A method costs one file: a reducer written outside the library (:class:`EveryOther`, under 25 lines) runs
 unchanged before the language model and inside it on every VLM family vtr patches (LLaVA, LLaVA-NeXT,
-Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video): batched, every image kept to exactly its budget, and each
-row of a left-padded batch computing what it computes alone. And a call reads only the typed settings of the
-patch (``Reduction.visual``, solved in ``vtr.budget.visual``), never ``Reduction.arguments`` (what the user
-typed, for ``describe()``)."""
+Qwen2.5-VL, Qwen3-VL, Gemma 3 (before it only), SmolVLM, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video): batched,
+every image kept to exactly its budget, and each row of a left-padded batch computing what it computes alone. And
+a call reads only the typed settings of the patch (``Reduction.visual``, solved in ``vtr.budget.visual``), never
+``Reduction.arguments`` (what the user typed, for ``describe()``)."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +17,10 @@ from llava_models import logits, mixed_batch as llava_batch, tiny_llava
 from llava_next_models import batch as next_batch, tiny_llava_next
 from llava_video_models import ROWS, inputs as video_inputs, tiny_next_video, tiny_onevision
 from qwen_vl_models import mixed_batch as qwen_batch, tiny_qwen
+from qwen3_vl_models import mixed_batch as qwen3_batch, tiny_qwen3
+from gemma3_models import inputs as gemma3_inputs, tiny_gemma3
+from smolvlm_models import inputs as smolvlm_inputs, tiny_smolvlm
+from internvl_models import inputs as internvl_inputs, tiny_internvl
 
 
 class EveryOther(Reducer):   # ---- the whole method: this class and its registration (the fixture) ----
@@ -79,6 +83,22 @@ def qwen_rows(model, only=None):
     return qwen_batch().inputs(None if only is None else [only])
 
 
+def qwen3_rows(model, only=None):
+    return qwen3_batch().inputs(None if only is None else [only])
+
+
+def gemma3_rows(model, only=None):
+    return gemma3_inputs(only=None if only is None else [only])
+
+
+def smolvlm_rows(model, only=None):
+    return smolvlm_inputs(only=None if only is None else [only])
+
+
+def internvl_rows(model, only=None):
+    return internvl_inputs(only=None if only is None else [only])
+
+
 def video_rows(model, only=None):
     return video_inputs(model, ROWS, only=None if only is None else [only])
 
@@ -87,9 +107,15 @@ FAMILIES = {
     "llava": (tiny_llava, llava_rows, 3),
     "llava-next": (tiny_llava_next, llava_next_rows, 3),
     "qwen2.5-vl": (tiny_qwen, qwen_rows, 3),
+    "qwen3-vl": (tiny_qwen3, qwen3_rows, 3),
+    "gemma3": (tiny_gemma3, gemma3_rows, 3),
+    "smolvlm": (tiny_smolvlm, smolvlm_rows, 3),
+    "internvl": (tiny_internvl, internvl_rows, 3),
     "llava-onevision": (tiny_onevision, video_rows, len(ROWS)),
     "llava-next-video": (tiny_next_video, video_rows, len(ROWS)),
 }
+IN_THE_LM = {"qwen3-vl": [2]}    # after the layers DeepStack adds tower features to (0 and 1)
+BEFORE_THE_LM_ONLY = {"gemma3"}   # in-LLM pruning would drop its bidirectional image attention: refused
 GENERATE = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
 
 
@@ -98,11 +124,12 @@ def run(model, inputs: dict):
         return model.generate(**inputs, **GENERATE)
 
 
-@pytest.mark.parametrize("layers", [None, [1]], ids=["before-the-lm", "in-the-lm"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family, layers", [
+    pytest.param(family, layers, id=f"{'in' if layers else 'before'}-the-lm-{family}")
+    for layers in (None, [1]) for family in FAMILIES if not (layers and family in BEFORE_THE_LM_ONLY)])
 def test_a_method_written_outside_the_library_runs_on_every_vlm_family(family, layers):
     build, rows, num_rows = FAMILIES[family]
-    model = vtr.patch(build(), "every_other", budget=4, layers=layers)
+    model = vtr.patch(build(), "every_other", budget=4, layers=layers and IN_THE_LM.get(family, layers))
     arguments = model._vtr.arguments
     object.__setattr__(model._vtr, "arguments", Untouchable())   # frozen settings: swapped for the calls only
     batched = run(model, rows(model))

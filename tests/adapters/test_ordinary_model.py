@@ -44,6 +44,11 @@ from vtr.core.plan import Reduction
 from conftest import THREADS, call_state, check_threads, probe, reachable
 from llava_video_models import ROWS as VIDEO_MODEL_ROWS, inputs as video_model_inputs, tiny_next_video, tiny_onevision
 from qwen_vl_models import batch as qwen_batch, generate as qwen_generate, logits as qwen_logits, tiny_qwen
+from qwen3_vl_models import mixed_batch as qwen3_batch, tiny_qwen3
+from gemma3_models import inputs as gemma3_inputs, tiny_gemma3
+from smolvlm_models import inputs as smolvlm_inputs, tiny_smolvlm
+from internvl_models import inputs as internvl_inputs, tiny_internvl
+from vtr.adapters.vlm.language import decoder
 
 hf_logging.set_verbosity_error()
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -692,7 +697,8 @@ def test_data_parallel_over_several_devices_is_refused_where_vtr_works_per_threa
     assert vtr.is_patched(wrapped) and vtr.unpatch(wrapped) is wrapped and not vtr.is_patched(wrapped.module)
 
 
-# -- 8. vision-language models: Qwen-VL, LLaVA-OneVision, LLaVA-NeXT-Video (LLaVA's are in test_llava.py) -
+# -- 8. vision-language models: Qwen-VL, Qwen3-VL, Gemma 3, SmolVLM, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video
+# (LLaVA's are in test_llava.py) ---------------------------------------------------------------------------------
 
 def _qwen_inputs(model: nn.Module, thread: int) -> dict:
     """Each thread its own prompts, image sizes and pixels."""
@@ -713,6 +719,18 @@ def _video_inputs(model: nn.Module, thread: int) -> dict:
     return video_model_inputs(model, rows, seed=10 + thread)
 
 
+THREAD_ROWS = [None, [0], [1, 2], [1]]   # the newer families: each thread its own rows of the family's batch
+
+
+def _qwen3_inputs(model: nn.Module, thread: int) -> dict:
+    return qwen3_batch(seed=10 + thread).inputs(THREAD_ROWS[thread])
+
+
+def _tiled_inputs(make: Callable) -> Callable[[nn.Module, int], dict]:
+    """Gemma 3, SmolVLM, InternVL: thread t's rows of the family's batch, with its own pixels."""
+    return lambda model, thread: make(only=THREAD_ROWS[thread], seed=10 + thread)
+
+
 @dataclass(frozen=True)
 class Vlm:
     build: Callable[[], nn.Module]
@@ -725,12 +743,19 @@ VLMS = {
     "qwen_vl": Vlm(tiny_qwen, _qwen_inputs, lambda m: m.model.visual, ("rope_deltas",)),
     "onevision": Vlm(tiny_onevision, _video_inputs, lambda m: m.model.vision_tower),
     "next_video": Vlm(tiny_next_video, _video_inputs, lambda m: m.model.vision_tower),
+    "qwen3_vl": Vlm(tiny_qwen3, _qwen3_inputs, lambda m: m.model.visual, ("rope_deltas",)),
+    "gemma3": Vlm(tiny_gemma3, _tiled_inputs(gemma3_inputs), lambda m: m.model.vision_tower),
+    "smolvlm": Vlm(tiny_smolvlm, _tiled_inputs(smolvlm_inputs), lambda m: m.model.vision_model),
+    "internvl": Vlm(tiny_internvl, _tiled_inputs(internvl_inputs), lambda m: m.model.vision_tower),
 }
 VLM_CASES = [("qwen_vl", "tome", {"budget": 5}), ("qwen_vl", "pool", {"factor": 2}),
              ("onevision", "tome", {"budget": 5, "frames": "novelty"}), ("onevision", "query", {"budget": 5}),
              ("onevision", "fastv", {"budget": 5, "layers": [1]}),
              ("next_video", "tome", {"budget": 5, "temporal": 0.5}), ("next_video", "fastv", {"budget": 5}),
-             ("next_video", "tome", {"budget": 5, "layers": [0, 1]})]
+             ("next_video", "tome", {"budget": 5, "layers": [0, 1]}),
+             ("qwen3_vl", "tome", {"budget": 5}), ("qwen3_vl", "fastv", {"budget": 5, "layers": [2]}),
+             ("gemma3", "tome", {"budget": 5}), ("smolvlm", "tome", {"budget": 5}),
+             ("internvl", "pitome", {"budget": 5}), ("internvl", "fastv", {"budget": 5, "layers": [1]})]
 VLM_IDS = [f"{vlm}-{method}" + ("-in-llm" if "layers" in amount else "") for vlm, method, amount in VLM_CASES]
 FIRST_VLM_CASES = [next(case for case in VLM_CASES if case[0] == vlm) for vlm in VLMS]
 IN_LLM_VLM_CASES = [case for case in VLM_CASES if "layers" in case[2]]
@@ -806,10 +831,10 @@ def test_vlm_hooks_fire_as_on_the_unpatched_model(vlm, method, amount):
     unpatched model (once per forward; the tower once per images and once per videos); the decoder layers see
     the compacted prompt (``report.kept_positions``), the unpatched ones the caller's."""
     def hooked(model) -> dict:
-        seen = {"tower": [], "language": [], "layers": [[] for _ in model.model.language_model.layers]}
+        seen = {"tower": [], "language": [], "layers": [[] for _ in decoder(model).layers]}
         VLMS[vlm].tower(model).register_forward_hook(lambda *args: seen["tower"].append(1))
-        model.model.language_model.register_forward_hook(lambda *args: seen["language"].append(1))
-        for i, layer in enumerate(model.model.language_model.layers):
+        decoder(model).register_forward_hook(lambda *args: seen["language"].append(1))
+        for i, layer in enumerate(decoder(model).layers):
             layer.register_forward_hook(
                 lambda module, args, kwargs, output, i=i: seen["layers"][i].append(_tokens_of(args, kwargs, output)),
                 with_kwargs=True)

@@ -293,7 +293,7 @@ def test_unsupported_models_are_clear_errors():
     model = tiny_qwen()
     with pytest.raises(vtr.UnsupportedModelError, match="Qwen2_5_VLForConditionalGeneration"):
         vtr.patch(model.model, "tome", budget=4)
-    with pytest.raises(vtr.UnsupportedModelError, match="supported: .*Qwen2-VL and Qwen2.5-VL"):
+    with pytest.raises(vtr.UnsupportedModelError, match="supported: .*Qwen2-VL, Qwen2.5-VL and Qwen3-VL"):
         vtr.patch(nn.Linear(2, 2), "tome", budget=4)
 
 

@@ -44,6 +44,21 @@ def test_qwen_vl_video(capsys):
     assert row["visual"] == 8 and row["kept"] == 4   # 2 temporal patches x 2 x 2 merged tokens
 
 
+@pytest.mark.parametrize("video, visual", [(0, 16), (4, 8)])
+def test_qwen3_vl_image_and_timestamped_video(video, visual, capsys):
+    """Qwen3-VL: a 128 px image (8 x 8 patches of 16: 16 tokens); a 4-frame video of 64 px (2 temporal patches of
+    2 x 2 tokens, each between its own timestamp), reduced before the LM and inside it (after DeepStack's layers)."""
+    assert main(["bench", "--model", "qwen-vl:3-tiny", "--methods", "tome", "--keep", "0.5", "--json",
+                 *(["--video-frames", str(video), "--img-size", "64"] if video else []), *FAST]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["visual"], row["kept"]) == (visual, visual // 2) and 0 < row["macs_ratio"] < 1
+    model = bench_vlm.build("qwen-vl:3-tiny", 2, 3)
+    load = bench_vlm.workload(model, video_frames=video, image_size=64 if video else 128)
+    (row,) = bench_vlm.run(model, load, [("fastv", {"method": "fastv", "budget": 2, "layers": [2]})], rounds=1,
+                           decode_tokens=1)
+    assert (row.where, row.visual, row.kept) == ("LM layer 2", visual, 2)
+
+
 @pytest.mark.parametrize("video, visual", [(0, 36), (4, 17)])
 def test_onevision_image_and_video(video, visual, capsys):
     """An image: the base view (4 x 4) and one crop (4 x 4 and a newline per row); a video: 4 frames pooled to
@@ -74,19 +89,46 @@ def test_onevision_in_llm_pruning():
     assert 0 < row.macs_ratio < 1 and row.decode_ms > 0
 
 
-@pytest.mark.parametrize("shape", ["llava:tiny", "qwen-vl:tiny", "onevision:tiny"])
+def test_gemma3_image(capsys):
+    assert main(["bench", "--model", "gemma3:tiny", "--methods", "tome,fastv", "--budget", "4", "--json", *FAST]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["visual"], r["kept"]) for r in rows] == [("tome", 16, 4), ("fastv", 16, 4)]
+    assert all(0 < r["macs_ratio"] < 1 and r["speedup"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "internvl"])
+def test_tiled_models_budgets_count_per_tile(family, capsys):
+    """An image of 2 x 2 tiles and its global view / thumbnail (5 tiles of 16 tokens): --keep 0.25 keeps 4 tokens
+    of each tile, before the LM and inside it; a budget past a tile's count is refused."""
+    assert main(["bench", "--model", f"{family}:tiny", "--methods", "tome", "--keep", "0.25", "--json", *FAST]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["visual"], row["kept"]) == (80, 20) and 0 < row["macs_ratio"] < 1
+    model = bench_vlm.build(f"{family}:tiny", 1, 2)
+    (row,) = bench_vlm.run(model, bench_vlm.workload(model), [("fastv", {"method": "fastv", "budget": 4,
+                                                                          "layers": [1]})], rounds=1, decode_tokens=1)
+    assert (row.where, row.visual, row.kept) == ("LM layer 1", 80, 20)
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", f"{family}:tiny", "--methods", "tome", "--budget", "17", *FAST])
+    assert "17 is more than the 16 visual tokens of a tile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", ["llava:tiny", "qwen-vl:tiny", "qwen-vl:3-tiny", "onevision:tiny", "gemma3:tiny",
+                                   "smolvlm:tiny", "internvl:tiny"])
 def test_a_saved_vlm_directory_runs_the_vlm_benchmark(shape, tmp_path, capsys):
     bench_vlm.build(shape).save_pretrained(tmp_path)
     assert main(["bench", "--model", f"hf:{tmp_path}", "--methods", "fastv", "--budget", "8", "--json",
-                 *(["--img-size", "112"] if shape.startswith("qwen") else []), *FAST]) == 0
+                 *(["--img-size", "128"] if shape.startswith("qwen-vl:3") else ["--img-size", "112"]
+                   if shape.startswith("qwen") else []), *FAST]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["kept"] == 8 and row["visual"] == (36 if shape.startswith("onevision") else 16)   # OneVision: crops
+    tiled = shape.startswith(("smolvlm", "internvl"))
+    assert row["kept"] == (40 if tiled else 8)   # SmolVLM, InternVL: 8 per tile, 5 tiles
+    assert row["visual"] == (80 if tiled else 36 if shape.startswith("onevision") else 16)   # OneVision: crops
 
 
 MISTAKES = [
     (["--model", "llava:13b"], "--model", "unknown VLM shape 'llava:13b'; the built-in shapes are llava:1.5-7b, "
                                           "llava:next-7b, llava:tiny"),
-    (["--model", "qwen-vl:nope"], "--model", "qwen-vl:2.5-7b, qwen-vl:tiny"),
+    (["--model", "qwen-vl:nope"], "--model", "qwen-vl:2.5-7b, qwen-vl:tiny, qwen-vl:3-8b, qwen-vl:3-tiny"),
     (["--model", "llava:tiny", "--flops", "0.5"], "--flops", "--keep fractions or --budget"),
     (["--model", "llava:tiny", "--plot", "f.png"], "--plot", "image-model benchmarks only"),
     (["--model", "llava:tiny", "--batch", "1,2"], "--batch", "one batch size"),

@@ -172,8 +172,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def family(model: nn.Module) -> Optional[str]:
-    """The model family vtr sees in ``model`` (``"timm"``, ``"open_clip"``, ``"hf_vision"``, ``"llava"``, ``"qwen_vl"``),
-    or None when no adapter takes it. The one place model families are told apart."""
+    """The model family vtr sees in ``model`` (``"timm"``, ``"open_clip"``, ``"hf_vision"``, ``"llava"``, ``"qwen_vl"``,
+    ``"gemma3"``, ``"smolvlm"``, ``"internvl"``), or None when no adapter takes it. The one place model families are
+    told apart."""
     try:
         return find_adapter(unwrap(model)).name
     except (UnsupportedModelError, TypeError):

@@ -31,12 +31,13 @@ DEFAULT_MODEL = "vit_base_patch16_224"
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed-up vs FLOPs of each method on a timm ViT (random weights), or "
-                                         "a VLM's prefill speed-up (llava:, qwen-vl:, onevision:)")
+                                         "a VLM's prefill speed-up (llava:, qwen-vl:, onevision:, gemma3:, smolvlm:, "
+                                         "internvl:)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"timm name, open_clip:<name> (image tower), hf:<name> (random weights), or hf:<directory "
                         f"written by save_pretrained or Hub id in the local cache> (default {DEFAULT_MODEL}); a VLM: "
-                        f"{', '.join(bench_vlm.SHAPES)}, or hf:<directory of a saved LLaVA, LLaVA-OneVision or "
-                        "Qwen-VL>")
+                        f"{', '.join(bench_vlm.SHAPES)}, or hf:<directory of a saved LLaVA, LLaVA-OneVision, "
+                        "Qwen-VL, Gemma 3, SmolVLM or InternVL>")
     p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
     p.add_argument("--methods", type=method_list_or_all, default="tome,pitome",
                    help=f"comma-separated methods (available: {', '.join(methods())}; 'all' for every one; "
@@ -58,9 +59,10 @@ def _bench_parser(sub) -> None:
                    help="also draw into PNG: throughput against FLOPs per method, or, with several --batch "
                         "sizes, throughput against batch size per method")
     vlm = p.add_argument_group(
-        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape>, onevision:<shape> (built-in shapes: "
-        f"{', '.join(bench_vlm.SHAPES)}; random weights) or hf:<directory of a saved LLaVA, LLaVA-OneVision or "
-        "Qwen-VL>: vision, "
+        "VLM prefill benchmark", "with --model llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, "
+        "smolvlm:<shape>, internvl:<shape> (built-in shapes: "
+        f"{', '.join(bench_vlm.SHAPES)}; random weights) or hf:<directory of a saved LLaVA, LLaVA-OneVision, "
+        "Qwen-VL, Gemma 3, SmolVLM or InternVL>: vision, "
         "LM prefill and decode timed unreduced and reduced, the prefill speed-up beside the analytic MACs ratio")
     amount = vlm.add_mutually_exclusive_group()
     amount.add_argument("--keep", type=fractions, default=None,
@@ -81,7 +83,8 @@ def _bench_parser(sub) -> None:
 
 
 _VLM_ONLY = ("keep", "budget", "vision_layers", "lm_layers", "text", "video_frames", "decode_tokens")
-VLM_MODELS = "llava:<shape>, qwen-vl:<shape>, onevision:<shape> or hf:<directory of a saved VLM>"
+VLM_MODELS = ("llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, smolvlm:<shape>, internvl:<shape> "
+              "or hf:<directory of a saved VLM>")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -133,12 +136,13 @@ def _bench_vlm(args: argparse.Namespace) -> int:
     if args.budget:
         variants = [(name, {"method": name, "budget": b}) for b in args.budget for name in names]
     else:
-        variants = [(f"{name} ({f:.0%})", {"method": name, "budget": max(1, round(f * load.visual))})
+        variants = [(f"{name} ({f:.0%})", {"method": name, "budget": max(1, round(f * load.budgeted))})
                     for f in args.keep or [0.25] for name in names]
     with usage("--budget" if args.budget else "--methods"):   # what patching refuses, before anything is timed
         for _, kwargs in variants:
-            if kwargs["budget"] > load.visual:
-                raise UsageError("--budget", f"{kwargs['budget']} is more than the {load.visual} visual tokens")
+            if kwargs["budget"] > load.budgeted:
+                per = "" if load.unit is None else " of a tile"
+                raise UsageError("--budget", f"{kwargs['budget']} is more than the {load.budgeted} visual tokens{per}")
             api.patch(model, **dict(load.patch, **kwargs))
             api.unpatch(model)
     torch.set_num_threads(args.threads)

@@ -1,4 +1,5 @@
 """The VLM prefill benchmark (`vtr bench --model llava:<shape>` / `qwen-vl:<shape>` / `onevision:<shape>` /
+`gemma3:<shape>` / `smolvlm:<shape>` / `internvl:<shape>` /
 `hf:<VLM directory>`,
 ``benchmarks/bench_llava.py``, ``benchmarks/bench_vlm.py``): the unreduced and the reduced model, each timed in
 three parts per batch of prompts (one image or video plus text tokens each):
@@ -51,6 +52,7 @@ _LLAVA = dict(image_token_index=32000, vision_feature_layer=-2, vision_feature_s
               image_seq_length=576)
 _PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 _QWEN_MERGE = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+_QWEN3_MERGE = dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
 _QWEN_TOKENS = dict(image_token_id=31990, video_token_id=31991, vision_start_token_id=31992, vision_end_token_id=31993)
 _QWEN_TEXT = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
 # LLaVA-OneVision-Qwen2-7B: SigLIP-so400m at 384 px (27 x 27 patches, a video frame pooled to 14 x 14) and Qwen2-7B.
@@ -91,6 +93,26 @@ SHAPES = {
                                **_QWEN_TEXT),
                           dict(image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93),
                           112),
+    # Qwen3-VL-8B: SigLIP-2-shaped tower at patch 16 (a 512 px image: 256 tokens), DeepStack from 3 tower layers
+    # (spread over the depth built), Qwen3-8B LM with q/k norms and interleaved M-RoPE.
+    "qwen-vl:3-8b": Shape("Qwen3-VL-8B-shaped (vision hidden 1152, patch 16, DeepStack from 3 tower layers; LM hidden "
+                          "4096, 8 KV heads, interleaved M-RoPE)", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig",
+                          dict(hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                               num_position_embeddings=2304, **_QWEN3_MERGE),
+                          dict(vocab_size=32000, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, rope_scaling={
+                                   "rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                               rope_theta=5e6, **_QWEN_TEXT), _QWEN_TOKENS, 512),
+    "qwen-vl:3-tiny": Shape("tiny Qwen3-VL (vision hidden 32, patch 16, DeepStack; LM hidden 64), for tests",
+                            "Qwen3VLForConditionalGeneration", "Qwen3VLConfig",
+                            dict(hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                                 num_position_embeddings=64, **_QWEN3_MERGE),
+                            dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, rope_scaling={
+                                     "rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                                 **_QWEN_TEXT),
+                            dict(image_token_id=90, video_token_id=91, vision_start_token_id=92,
+                                 vision_end_token_id=93), 128),
     "onevision:7b": Shape("LLaVA-OneVision-Qwen2-7B-shaped (SigLIP-so400m at 384 px: 729 patches a view, a video "
                           "frame pooled to 196 tokens; Qwen2-7B, 4 KV heads)", "LlavaOnevisionForConditionalGeneration",
                           "LlavaOnevisionConfig", _SIGLIP_SO400M, _QWEN2_7B, _ONEVISION, 384,
@@ -104,13 +126,63 @@ SHAPES = {
                             dict(_ONEVISION, image_token_index=98, video_token_index=99,
                                  image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]]), 56,
                             "SiglipVisionConfig", "Qwen2Config"),
+    # Gemma 3 4B: SigLIP-so400m at 896 px (64 x 64 patches of 14) average-pooled to 16 x 16 = 256 tokens; Gemma 3
+    # LM hidden 2560 (head_dim 256, 4 KV heads), five sliding-window layers (1024) per full one.
+    "gemma3:4b": Shape("Gemma-3-4B-shaped (SigLIP-so400m at 896 px pooled to 256 tokens; LM hidden 2560, 4 KV heads, "
+                       "sliding windows of 1024)", "Gemma3ForConditionalGeneration", "Gemma3Config",
+                       dict(_SIGLIP_SO400M, image_size=896),
+                       dict(vocab_size=32000, hidden_size=2560, intermediate_size=10240, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=256, sliding_window=1024, **_QWEN_TEXT),
+                       dict(mm_tokens_per_image=256, image_token_id=31990, boi_token_id=31991, eoi_token_id=31992),
+                       896, "SiglipVisionConfig", "Gemma3TextConfig"),
+    "gemma3:tiny": Shape("tiny Gemma 3 (64 px: 8 x 8 patches pooled to 16 tokens; LM hidden 64), for tests",
+                         "Gemma3ForConditionalGeneration", "Gemma3Config",
+                         dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=64, patch_size=8),
+                         dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, sliding_window=64, **_QWEN_TEXT),
+                         dict(mm_tokens_per_image=16, image_token_id=95, boi_token_id=96, eoi_token_id=97), 64,
+                         "SiglipVisionConfig", "Gemma3TextConfig"),
+    # SmolVLM-2.2B: SigLIP-so400m at 384 px (27 x 27 patches of 14, 3 x 3 pixel shuffle: 81 tokens a tile) and a
+    # SmolLM2-1.7B LM (hidden 2048, 32 heads, no GQA); a prompt holds an image split into 2 x 2 tiles and its global view.
+    "smolvlm:2b": Shape("SmolVLM-2.2B-shaped (SigLIP-so400m at 384 px, 81 tokens a tile: an image of 2x2 tiles and a "
+                        "global view; LM hidden 2048)", "SmolVLMForConditionalGeneration", "SmolVLMConfig",
+                        dict(_SIGLIP_SO400M, image_size=378),
+                        dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                             num_key_value_heads=32, **_QWEN_TEXT),
+                        dict(scale_factor=3, image_token_id=31990), 378, "SmolVLMVisionConfig", "LlamaConfig"),
+    "smolvlm:tiny": Shape("tiny SmolVLM (64 px tiles: 8 x 8 patches shuffled to 16 tokens; LM hidden 64), for tests",
+                          "SmolVLMForConditionalGeneration", "SmolVLMConfig",
+                          dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=64,
+                               patch_size=8),
+                          dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                               num_key_value_heads=2, **_QWEN_TEXT),
+                          dict(scale_factor=2, image_token_id=95), 64, "SmolVLMVisionConfig", "LlamaConfig"),
+    # InternVL3-8B (transformers' format): InternViT-300M at 448 px (32 x 32 patches of 14, pixel-shuffled to 256
+    # tokens a tile) and Qwen2.5-7B; a prompt holds an image of 2 x 2 dynamic tiles and its thumbnail.
+    "internvl:8b": Shape("InternVL3-8B-shaped (InternViT-300M at 448 px, 256 tokens a tile: an image of 2x2 tiles and "
+                         "a thumbnail; LM hidden 3584, 4 KV heads)", "InternVLForConditionalGeneration",
+                         "InternVLConfig",
+                         dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=[448, 448],
+                              patch_size=[14, 14]),
+                         dict(vocab_size=32000, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                              num_key_value_heads=4, rope_theta=1e6, **_QWEN_TEXT),
+                         dict(image_token_id=31990, image_seq_length=256, downsample_ratio=0.5), 448,
+                         "InternVLVisionConfig", "Qwen2Config"),
+    "internvl:tiny": Shape("tiny InternVL (64 px tiles: 8 x 8 patches shuffled to 16 tokens; LM hidden 64), for tests",
+                           "InternVLForConditionalGeneration", "InternVLConfig",
+                           dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=[64, 64],
+                                patch_size=[8, 8]),
+                           dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                num_key_value_heads=2, **_QWEN_TEXT),
+                           dict(image_token_id=95, image_seq_length=16, downsample_ratio=0.5), 64,
+                           "InternVLVisionConfig", "Qwen2Config"),
 }
-FAMILIES = ("llava", "qwen-vl", "onevision")
+FAMILIES = ("llava", "qwen-vl", "onevision", "gemma3", "smolvlm", "internvl")
 
 
 def is_vlm_name(name: str) -> bool:
-    """``llava:<shape>``, ``qwen-vl:<shape>`` or ``onevision:<shape>`` (``hf:<directory>`` of a VLM:
-    :func:`vtr.tools.models.is_hf_vlm`)."""
+    """``llava:<shape>``, ``qwen-vl:<shape>``, ``onevision:<shape>``, ``gemma3:<shape>``, ``smolvlm:<shape>`` or
+    ``internvl:<shape>`` (``hf:<directory>`` of a VLM: :func:`vtr.tools.models.is_hf_vlm`)."""
     return name.partition(":")[0] in FAMILIES
 
 
@@ -133,7 +205,11 @@ def build(name: str, vision_layers: int = 2, lm_layers: int = 2, tower_size: Opt
     if shape.config_cls.startswith("Qwen"):
         if tower_size is not None:
             raise ValueError("a Qwen-VL tower takes images of any size; give the image size instead of tower_size")
-        vision = dict(shape.vision, depth=vision_layers, fullatt_block_indexes=[vision_layers - 1])
+        vision = dict(shape.vision, depth=vision_layers)
+        if shape.config_cls == "Qwen3VLConfig":   # DeepStack at a third, two thirds and the end of Qwen3-VL-8B's 27
+            vision["deepstack_visual_indexes"] = sorted({vision_layers * k // 27 for k in (8, 16, 24)})
+        else:
+            vision["fullatt_block_indexes"] = [vision_layers - 1]
     else:
         vision = dict(shape.vision, num_hidden_layers=vision_layers)
         vision["image_size"] = tower_size or vision["image_size"]
@@ -153,6 +229,12 @@ class Workload:
     visual: int         # visual tokens per prompt
     description: str
     patch: dict         # extra keywords of vtr.patch for this input (a video's frame split)
+    unit: Optional[int] = None   # visual tokens one budget= covers, when it is less than the prompt's (a tile)
+
+    @property
+    def budgeted(self) -> int:
+        """Visual tokens a ``budget=`` counts against: an image or video (the prompt's), or one tile (SmolVLM)."""
+        return self.unit or self.visual
 
 
 def workload(model: nn.Module, text: int = 40, batch: int = 1, image_size: Optional[int] = None,

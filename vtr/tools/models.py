@@ -28,8 +28,10 @@ HF_BY_TYPE = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel", "sigl
               "siglip_vision_model": "SiglipVisionModel", "vit": "ViTModel"}
 # Saved vision-language models `vtr bench` times with the VLM prefill benchmark (vtr.tools.bench_vlm).
 HF_VLM_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                  "Qwen2_5_VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
-                  "LlavaNextVideoForConditionalGeneration")
+                  "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+                  "LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
+                  "Gemma3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                  "Idefics3ForConditionalGeneration", "InternVLForConditionalGeneration")
 MODEL_NAMES = "a timm name, open_clip:<name> or hf:<name, directory or Hub id>"
 
 

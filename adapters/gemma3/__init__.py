@@ -1,0 +1,127 @@
+"""Hugging Face Gemma 3 adapter: fewer visual tokens reach the language model; ``generate()`` unchanged.
+
+``vtr.patch(model, method, budget=B)`` keeps ``min(B, mm_tokens_per_image)`` tokens of each image (each
+pan-and-scan crop is an image), reduced on the projector's output: SigLIP's patches already average-pooled to
+the fixed count the language model reads (``before_lm``). ``pool`` takes ``factor=`` and pools that grid again.
+Each image's kept tokens still attend to each other both ways in the language model, as Gemma 3 was trained:
+the compacted prompt's ``token_type_ids`` mark them as one image.
+
+Not supported: in-LLM pruning (``layers=``): the shared in-LLM path rebuilds causal masks for the layers past
+the pruning, which would drop both Gemma 3's bidirectional image attention and its sliding-window layers.
+
+The package: this front imports ``before_lm`` and ``bench``, which import ``common``.
+
+Limits: ``forward()`` with pixel values returns logits over the compacted prompt (``vtr.report(model).kept_positions``
+maps them back) and refuses ``position_ids``; prompts come as ``input_ids``; ``metric='x'`` only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from vtr.budget import visual
+from vtr.budget.cost import EncoderCost
+from vtr.budget.schedule import Schedule
+from vtr.core.plan import Reduction
+from vtr.reducers.base import Reducer
+
+from .. import steps
+from ..base import restore_class, swap_class
+from ..errors import UnsupportedModelError
+from ..vlm import items
+from ..vlm.front import ReducingVlm, VlmAdapter
+from ..vlm.run import VlmRun
+from . import before_lm, bench
+from .common import Gemma3Report, cost, gemma3_classes, image_tokens
+
+SUPPORTED = "Gemma3ForConditionalGeneration (Gemma 3)"
+
+
+class ReducingGemma3(ReducingVlm):
+    """Mixed in before the model's own class: ``forward`` and ``generate`` run on the compacted prompt."""
+
+    _vtr: Reduction
+
+    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        return before_lm.forward(self, original_forward, arguments)
+
+    def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
+        return before_lm.generate(self, generate, inputs, *args, **kwargs)
+
+
+class Gemma3(VlmAdapter):
+    """transformers ``Gemma3ForConditionalGeneration``."""
+
+    name = "gemma3"
+
+    def matches(self, model: nn.Module) -> bool:
+        """Any Gemma 3 model of transformers (bare ones too, so that they get a clear error)."""
+        return any(cls.__module__.startswith("transformers.models.gemma3.") for cls in type(model).__mro__)
+
+    def check(self, model: nn.Module) -> None:
+        kind = type(model).__name__
+        if not isinstance(model, gemma3_classes()):
+            raise UnsupportedModelError(f"vtr's Gemma 3 adapter supports transformers' {SUPPORTED}; got {kind}, which "
+                                        "is not supported (a text-only Gemma 3 has no visual tokens; for a bare "
+                                        "Gemma3Model, patch the Gemma3ForConditionalGeneration that holds it)")
+
+    def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
+        return cost(model, metric)
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        """The language model's decoder layers: where the visual tokens cost."""
+        return model.model.language_model.layers
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        vision = model.config.vision_config
+        return (vision.num_channels, vision.image_size, vision.image_size)
+
+    def default_input(self, model: nn.Module, batch: int = 1, device: Union[str, torch.device] = "cpu") -> Tensor:
+        raise ValueError(f"cannot make an input for {type(model).__name__}: it takes a prompt (input_ids with image "
+                         "tokens) as well as pixel_values; pass inputs=")
+
+    def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
+                      metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
+                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
+        """``budget=`` (visual tokens kept per image) as reduction steps on one image's pooled tokens."""
+        others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
+        if others:
+            raise ValueError(f"the Gemma 3 adapter takes budget= (visual tokens kept per image), not "
+                             f"{', '.join(o + '=' for o in others)}")
+        if layers is not None:
+            raise UnsupportedModelError(
+                "in-LLM pruning (layers=) is not supported on Gemma 3: the layers past the pruning would get causal "
+                "masks, dropping Gemma 3's bidirectional attention among an image's tokens and its sliding-window "
+                "layers; reduce before the language model (no layers=)")
+        if frames is not None or temporal is not None:
+            raise ValueError("Gemma 3 takes images only: leave out frames= and temporal=")
+        plan = self.plan(budget=budget)
+        return visual.schedule(reducer, plan, num_tokens=image_tokens(model),
+                               num_layers=len(model.model.language_model.layers), any_size=True, family="Gemma 3")
+
+    def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
+        """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text), the
+        reducer's own decisions included; the vision tower is the same either way."""
+        return items.expected_flops(model, reduction, cost(model))
+
+    def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        reduction = steps.dropping_as_published(reduction)
+        if reduction.metric != "x":
+            raise ValueError("the Gemma 3 adapter compares visual tokens by their pooled features: use metric='x'")
+        model._vtr = reduction
+        swap_class(model, ReducingGemma3)
+
+    def benchmark_workload(self, model: nn.Module, *args) -> tuple[dict, int, str, dict]:
+        return bench.workload(model, *args)
+
+    def benchmark_prompt(self, model: nn.Module, inputs: dict, before: bool, timed):
+        return bench.prompt(model, inputs, before, timed)
+
+    def unpatch(self, model: nn.Module) -> None:
+        restore_class(model)
+        del model._vtr
+
+
+__all__: Sequence[str] = ["Gemma3", "Gemma3Report", "ReducingGemma3"]

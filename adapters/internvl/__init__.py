@@ -1,0 +1,137 @@
+"""Hugging Face InternVL adapter (transformers' own format): fewer visual tokens reach (or go through) the language
+model; ``generate()`` unchanged.
+
+``vtr.patch(model, method, budget=B)`` keeps ``min(B, n)`` tokens of each *tile* (an image's dynamic tiles and its
+thumbnail; ``n`` tokens each after the pixel shuffle), on the projector's output before the language model
+(``before_lm``), each tile's in its own run of placeholders. The budget is per tile, not split over an image's
+tiles by its thumbnail (GlobalCom²-style): the prompt does not say how the tiles are laid out, which that needs.
+``layers=[K]`` (or ``[K1, K2, ...]``) prunes inside the language model instead, FastV-style, as on LLaVA
+(``in_llm``): each tile keeps ``min(B, n)`` after the last stage. ``pool`` takes ``factor=`` and pools each tile's
+grid.
+
+The package: this front imports ``before_lm``, ``in_llm`` and ``bench``, which import ``common``.
+
+Limits: ``forward()`` with pixel values returns logits over the compacted prompt (``vtr.report(model).kept_positions``
+maps them back) and refuses ``position_ids``; prompts come as ``input_ids``; ``metric='x'`` only. The report's
+images are the tiles.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from vtr.budget import visual
+from vtr.budget.cost import EncoderCost
+from vtr.budget.schedule import Schedule
+from vtr.core.plan import Reduction
+from vtr.reducers.base import Reducer
+
+from .. import steps
+from ..base import restore_class, swap_class
+from ..errors import UnsupportedModelError
+from ..vlm import in_llm as pruning
+from ..vlm import items
+from ..vlm.front import ReducingVlm, VlmAdapter
+from ..vlm.language import decoder
+from ..vlm.run import VlmRun
+from . import before_lm, bench, in_llm
+from .common import InternVLReport, cost, internvl_classes, tile_side, tile_tokens
+
+SUPPORTED = "InternVLForConditionalGeneration (InternVL, transformers' format)"
+
+
+class ReducingInternVL(ReducingVlm):
+    """Mixed in before the model's own class: ``forward`` and ``generate`` take the path chosen at patch time."""
+
+    _vtr: Reduction
+
+    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        if pruning.stages_of(self) is not None:
+            return pruning.forward(self, run, original_forward, arguments)
+        return before_lm.forward(self, original_forward, arguments)
+
+    def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
+        if pruning.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
+            pruning.check_generate(self, kwargs)
+            return generate(inputs, *args, **kwargs)
+        return before_lm.generate(self, generate, inputs, *args, **kwargs)
+
+
+class InternVL(VlmAdapter):
+    """transformers ``InternVLForConditionalGeneration``."""
+
+    name = "internvl"
+
+    def matches(self, model: nn.Module) -> bool:
+        """Any InternVL model of transformers (bare ones too, so that they get a clear error)."""
+        return any(cls.__module__.startswith("transformers.models.internvl.") for cls in type(model).__mro__)
+
+    def check(self, model: nn.Module) -> None:
+        kind = type(model).__name__
+        if not isinstance(model, internvl_classes()):
+            raise UnsupportedModelError(f"vtr's InternVL adapter supports transformers' {SUPPORTED}; got {kind}, "
+                                        "which is not supported (for a bare InternVLModel, patch the "
+                                        "InternVLForConditionalGeneration that holds it; the original remote-code "
+                                        "InternVL checkpoints need converting to transformers' format)")
+
+    def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
+        return cost(model, metric)
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        """The language model's decoder layers: where the visual tokens cost."""
+        return decoder(model).layers
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        """One tile (the analytic counts are per tile)."""
+        return (model.config.vision_config.num_channels, tile_side(model), tile_side(model))
+
+    def default_input(self, model: nn.Module, batch: int = 1, device: Union[str, torch.device] = "cpu") -> Tensor:
+        raise ValueError(f"cannot make an input for {type(model).__name__}: it takes a prompt (input_ids with image "
+                         "tokens) as well as pixel_values; pass inputs=")
+
+    def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
+                      metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
+                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
+        """``budget=`` (visual tokens kept per tile) as reduction steps on one tile's tokens."""
+        others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
+        if others:
+            raise ValueError(f"the InternVL adapter takes budget= (visual tokens kept per tile), not "
+                             f"{', '.join(o + '=' for o in others)}")
+        if frames is not None or temporal is not None:
+            raise ValueError("the InternVL adapter reduces images (tiles): leave out frames= and temporal=")
+        plan = self.plan(layers=layers, budget=budget)
+        return visual.schedule(reducer, plan, num_tokens=tile_tokens(model), num_layers=len(decoder(model).layers),
+                               any_size=True, family="InternVL")
+
+    def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
+        """(reduced, unreduced) language-model prefill MACs of one tile's visual tokens alone (no text), the
+        reducer's own decisions included; the vision tower is the same either way."""
+        stages = pruning.stages_of(model)
+        if reduction is not None and stages is not None:
+            return pruning.expected_flops(model, reduction, stages)
+        return items.expected_flops(model, reduction, cost(model))
+
+    def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        reduction = steps.dropping_as_published(reduction)
+        if reduction.metric != "x":
+            raise ValueError("the InternVL adapter compares visual tokens by their features: use metric='x'")
+        if reduction.visual.in_llm:
+            pruning.install(model, reduction, in_llm.InternVLVisuals())
+        model._vtr = reduction
+        swap_class(model, ReducingInternVL)
+
+    def benchmark_workload(self, model: nn.Module, *args) -> tuple[dict, int, str, dict]:
+        return bench.workload(model, *args)
+
+    def benchmark_prompt(self, model: nn.Module, inputs: dict, before: bool, timed):
+        return bench.prompt(model, inputs, before, timed)
+
+    def unpatch(self, model: nn.Module) -> None:
+        pruning.uninstall(model)
+        restore_class(model)
+        del model._vtr
+
+
+__all__: Sequence[str] = ["InternVL", "InternVLReport", "ReducingInternVL"]
