@@ -24,8 +24,9 @@ def quick_cache():
 
 @pytest.fixture(scope="session")
 def quick_rows(quick_cache):
-    model = vlm_yardstick.trained_model(vlm_yardstick.recipe("llava", quick=True), root=quick_cache)
-    examples = task.make_examples(600, seed=10_000)
+    training = vlm_yardstick.recipe("llava", quick=True)
+    model = vlm_yardstick.trained_model(training, root=quick_cache)
+    examples = task.make_examples(600, seed=10_000, types=training.types)   # how many objects
     rows = vlm_fidelity.evaluate(model, examples, methods=[*INFORMED, "random"], budgets=(0.25,), stages=(BEFORE,),
                                  variants={}, log=lambda *_: None)
     return {r.method: r for r in rows}, vlm_fidelity.chance_accuracy(examples)

@@ -118,7 +118,7 @@ def _run_vlm(args: argparse.Namespace, log) -> int:
     model = vlm_yardstick.trained_model(training, root=Path(args.cache) if args.cache else None,
                                         retrain=args.retrain, log=log).to(args.device)
     count = min(args.test_images, 600) if args.quick else args.test_images
-    examples = vqa_task.make_examples(count, seed=10_000 + training.seed)
+    examples = vqa_task.make_examples(count, seed=10_000 + training.seed, types=training.types)
     results = vlm_fidelity.evaluate(model, examples, methods=args.methods, budgets=args.budgets,
                                     stages=args.stages, in_llm_layer=args.in_llm_layer, log=log)
     table = vlm_fidelity.format_table(results)
