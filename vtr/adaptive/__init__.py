@@ -1,0 +1,148 @@
+"""Adaptive computation: methods that decide per token and per image how much of the model runs, without
+removing tokens (DyT: a token skips a block and comes back unchanged). They are not token reducers (no
+budget, no token state): each is patched with :func:`patch`, trains with the backbone frozen, and is
+undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
+``vtr.methods()`` (the reducers).
+
+    model = vtr.adaptive.patch(model, "dyt", dispatch="block", rate=0.5)
+    vtr.adaptive.trainable(model)                      # dispatchers and adapters only
+    with vtr.adaptive.complete(model), torch.no_grad():
+        teacher = model(images)                        # every token computed: the self-distillation teacher
+    with vtr.adaptive.decisions(model) as kept:
+        logits = model(images)
+    loss = ce(logits, labels) + kl(logits, teacher) + 2 * vtr.adaptive.rate_loss(kept)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters.base import restore_class, swap_class, unwrap
+from . import calls
+from .calls import Dispatch
+from .dyt import DispatchingBlock, DynamicTuning
+
+MODULE_NAME = "_vtr_adaptive"   # where the method's modules sit in the patched model
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a user needs to know of an adaptive method before patching it."""
+
+    description: str
+    stage: str       # where it acts: "tower" (inside a vision encoder's blocks)
+    trains: bool     # it has parameters that must be trained before it saves anything
+    paper: str
+
+
+METHODS = {
+    "dyt": Method("dynamic tuning: a learned dispatcher per block lets tokens skip the MLP (or the whole block) and "
+                  "come back unchanged; light adapters; trained with the backbone frozen (DyT)", "tower", True,
+                  "Zhao et al., Dynamic Tuning Towards Parameter and Inference Efficiency for ViT Adaptation, "
+                  "arXiv 2403.11808"),
+}
+
+
+def methods() -> dict[str, Method]:
+    """Adaptive-computation methods by name, for :func:`patch`."""
+    return dict(METHODS)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(unwrap(model), MODULE_NAME, None), nn.Module)
+
+
+def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
+    """Patch a timm ``VisionTransformer`` in place with an adaptive method (``"dyt"``; options: ``dispatch``,
+    ``rate``, ``bottleneck``, ``tau``, see :mod:`vtr.adaptive.dyt`). Its modules are created on the model's
+    device and dtype and registered as ``model._vtr_adaptive``. Returns ``model``."""
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    from ..adapters import is_patched as reduces
+
+    wrapper, model = model, unwrap(model)
+    if method not in METHODS:
+        raise ValueError(f"unknown adaptive method {method!r}; choose one of: {', '.join(METHODS)}")
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{method}: adaptive methods patch a timm VisionTransformer, got {type(model).__name__}")
+    if is_patched(model) or reduces(model):
+        raise ValueError(f"{method}: model is already patched by vtr; call vtr.unpatch(model) first")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            raise ValueError(f"{method}: model.blocks[{i}] is {type(block).__name__}; DyT supports timm's Block only")
+    allowed = ("dispatch", "rate", "bottleneck", "tau")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{method} takes no option {', '.join(unknown)}; its options: {', '.join(allowed)}")
+    modules = DynamicTuning(model.embed_dim, len(model.blocks), model.num_prefix_tokens, **options)
+    weights = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weights is not None:
+        modules.to(device=weights.device, dtype=weights.dtype)
+    modules.train(model.training)
+    for layer, block in enumerate(model.blocks):
+        block._vtr_layer = layer
+        block.__dict__["_vtr_dyt"] = modules   # a reference, not a submodule: one copy of the weights
+        swap_class(block, DispatchingBlock)
+    setattr(model, MODULE_NAME, modules)
+    return wrapper
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: original block classes, no adaptive modules (``vtr.unpatch`` calls it)."""
+    wrapper, model = model, unwrap(model)
+    if not is_patched(model):
+        raise ValueError("model is not patched by vtr.adaptive.patch")
+    for block in model.blocks:
+        restore_class(block)
+        del block._vtr_layer
+        del block.__dict__["_vtr_dyt"]
+    del model._modules[MODULE_NAME]
+    return wrapper
+
+
+def _modules(model: nn.Module) -> nn.Module:
+    if not is_patched(model):
+        raise ValueError("model is not patched by vtr.adaptive.patch; call vtr.adaptive.patch(model, 'dyt') first")
+    return getattr(unwrap(model), MODULE_NAME)
+
+
+def trainable(model: nn.Module) -> nn.Module:
+    """Freeze the backbone; the adaptive method's parameters (DyT: dispatchers and adapters) train."""
+    own = {id(p) for p in _modules(model).parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in own)
+    return model
+
+
+@contextmanager
+def complete(model: nn.Module) -> Iterator[nn.Module]:
+    """Calls of ``model`` inside the block compute every token (DyT's "complete model", adapters included):
+    the teacher of its self-distillation. This thread only."""
+    with calls.completed(_modules(model)):
+        yield model
+
+
+@contextmanager
+def decisions(model: nn.Module) -> Iterator[list[Dispatch]]:
+    """Collect every block's dispatch decisions of the calls inside the block (this thread only), with their
+    gradient in training, for :func:`rate_loss` or to count what ran."""
+    with calls.collecting(_modules(model)) as found:
+        yield found
+
+
+def rate_loss(found: list[Dispatch]) -> Tensor:
+    """DyT's rate loss: ``(mean activation - rate) ** 2`` over every block, image and unprotected token."""
+    if not found:
+        raise ValueError("rate_loss needs the decisions of a pass: call the model inside vtr.adaptive.decisions")
+    keep = torch.stack([d.keep[:, d.num_protected:].float() for d in found])
+    return (keep.mean() - found[0].rate) ** 2
+
+
+def activation_rate(found: list[Dispatch]) -> float:
+    """The fraction of (block, image, unprotected token) the model computed in the collected passes."""
+    total = sum(d.keep[:, d.num_protected:].numel() for d in found)
+    return sum(float(d.keep[:, d.num_protected:].detach().float().sum()) for d in found) / max(total, 1)
