@@ -116,7 +116,7 @@ def run_dyt(args) -> None:
         top1 = accuracy(model, data)
     row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": "dyt",
            "recipe": f"dispatchers+adapters, {args.epochs:g} epochs", "options": {"dispatch": args.dispatch,
-                                                                                 "rate": args.rate},
+                                                                                 "rate": args.rate, "lr": args.lr},
            "top1": top1, "flops": mean_macs(model, images, args.flops_images) / base,
            "activation": vtr.adaptive.activation_rate(kept), "seconds": seconds, "steps": steps}
     log(json.dumps(row))
