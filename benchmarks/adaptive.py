@@ -77,7 +77,7 @@ def run_dyt(args) -> None:
     model, task, training, data, images = setup(args.model, args.eval_images)
     base = count_macs(model, images[:1]).total
     train_x, train_y = fidelity.make_images(task, training.train_images, seed=training.seed + 1)
-    vtr.adaptive.patch(model, "dyt", dispatch=args.dispatch, rate=args.rate)
+    vtr.adaptive.patch(model, "dyt", dispatch=args.dispatch, rate=args.rate, noise=args.noise)
     vtr.adaptive.trainable(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
@@ -116,7 +116,8 @@ def run_dyt(args) -> None:
         top1 = accuracy(model, data)
     row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": "dyt",
            "recipe": f"dispatchers+adapters, {args.epochs:g} epochs", "options": {"dispatch": args.dispatch,
-                                                                                 "rate": args.rate, "lr": args.lr},
+                                                                                 "rate": args.rate, "lr": args.lr,
+                                                                                 "noise": args.noise},
            "top1": top1, "flops": mean_macs(model, images, args.flops_images) / base,
            "activation": vtr.adaptive.activation_rate(kept), "seconds": seconds, "steps": steps}
     log(json.dumps(row))
@@ -206,6 +207,7 @@ def main() -> None:
     dyt.add_argument("--epochs", type=float, default=2.0)
     dyt.add_argument("--batch", type=int, default=64)
     dyt.add_argument("--lr", type=float, default=1e-3)
+    dyt.add_argument("--noise", type=float, default=1.0)
     dyt.add_argument("--flops-images", type=int, default=100)
     speed = sub.add_parser("speed", help="eval speed-up of gathered dispatch, ViT-S/16 random weights")
     speed.add_argument("--reps", type=int, default=5)

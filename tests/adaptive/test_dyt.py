@@ -169,6 +169,23 @@ def test_training_gradient_reaches_dispatchers_and_adapters_only():
     assert 0.0 < vtr.adaptive.activation_rate(found) < 1.0
 
 
+def test_without_noise_training_makes_evals_decisions():
+    """noise=0: the training decision is eval's (logit > 0); with the paper's noise some differ. Block 0's: later
+    blocks' inputs differ by training's masked attention (skipped keys weigh 1e-6), so could flip a near-0 logit."""
+    images = vit_images(2)
+    decided = {}
+    for noise in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = dispatching(vtr.adaptive.patch(tiny_vit(), "dyt", dispatch="block", noise=noise), scale=0.5)
+        for mode in ("train", "eval"):
+            getattr(model, mode)()
+            with torch.no_grad(), vtr.adaptive.decisions(model) as found:
+                model(images)
+            decided[noise, mode] = found[0].keep.bool()
+    assert torch.equal(decided[0.0, "train"], decided[0.0, "eval"])
+    assert not torch.equal(decided[1.0, "train"], decided[1.0, "eval"])
+
+
 def test_state_dict_round_trip_and_unpatch():
     images = vit_images(2)
     with torch.no_grad():
@@ -200,6 +217,8 @@ def test_bad_options_and_double_patching_are_clear_errors():
         vtr.adaptive.patch(tiny_vit(), "dyt", rate=0)
     with pytest.raises(ValueError, match="tau must be"):
         vtr.adaptive.patch(tiny_vit(), "dyt", tau=-1.0)
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):
+        vtr.adaptive.patch(tiny_vit(), "dyt", noise=-1.0)
     with pytest.raises(ValueError, match="bottleneck must be"):
         vtr.adaptive.patch(tiny_vit(), "dyt", bottleneck=0)
     with pytest.raises(ValueError, match="takes no option keep"):

@@ -58,7 +58,7 @@ def is_patched(model: nn.Module) -> bool:
 
 def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place with an adaptive method (``"dyt"``; options: ``dispatch``,
-    ``rate``, ``bottleneck``, ``tau``, see :mod:`vtr.adaptive.dyt`). Its modules are created on the model's
+    ``rate``, ``bottleneck``, ``tau``, ``noise``, see :mod:`vtr.adaptive.dyt`). Its modules are created on the model's
     device and dtype and registered as ``model._vtr_adaptive``. Returns ``model``."""
     from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -74,7 +74,7 @@ def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     for i, block in enumerate(model.blocks):
         if type(block) is not Block:
             raise ValueError(f"{method}: model.blocks[{i}] is {type(block).__name__}; DyT supports timm's Block only")
-    allowed = ("dispatch", "rate", "bottleneck", "tau")
+    allowed = ("dispatch", "rate", "bottleneck", "tau", "noise")
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"{method} takes no option {', '.join(unknown)}; its options: {', '.join(allowed)}")

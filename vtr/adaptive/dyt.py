@@ -14,7 +14,7 @@ backbone stays frozen. The paper's defaults, from its released image code:
   only. This is what reaches 25% FLOPs.
 - The class token (every protected leading token) is always activated.
 - Training: Gumbel-sigmoid with temperature ``tau=5``, hard decisions (0 or 1) in the forward pass and a
-  straight-through gradient; a token skips by multiplying its update by 0, so it is unchanged exactly.
+  straight-through gradient (``noise=0`` leaves the logistic noise out: training then makes eval's decisions); a token skips by multiplying its update by 0, so it is unchanged exactly.
   The rate loss (:func:`vtr.adaptive.rate_loss`) pulls the mean activation rate to ``rate`` (0.5).
 - Inference: a token is activated when its logit is above 0 (sigmoid above 0.5); the block runs on the
   activated tokens **only** (gathered, computed, scattered back), so the FLOP counter counts a skipped
@@ -65,7 +65,7 @@ class DynamicTuning(nn.Module):
     name = "dyt"
 
     def __init__(self, width: int, num_layers: int, num_protected: int, dispatch: str = "mlp", rate: float = 0.5,
-                 bottleneck: Optional[int] = None, tau: float = 5.0):
+                 bottleneck: Optional[int] = None, tau: float = 5.0, noise: float = 1.0):
         super().__init__()
         if dispatch not in DISPATCH:
             raise ValueError(f"dyt: dispatch must be one of {DISPATCH} (skip the MLP, as the paper, or the whole "
@@ -75,10 +75,13 @@ class DynamicTuning(nn.Module):
                              f"which the rate loss aims at), got {rate!r}")
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"dyt: tau must be a finite number > 0 (the Gumbel-sigmoid temperature), got {tau!r}")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
+            raise ValueError(f"dyt: noise must be a finite number >= 0 (the scale of the Gumbel noise in training; "
+                             f"1 as the paper), got {noise!r}")
         bottleneck = max(width // 12, 1) if bottleneck is None else bottleneck
         if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
             raise ValueError(f"dyt: bottleneck must be an int >= 1 (the adapter's hidden width), got {bottleneck!r}")
-        self.dispatch, self.rate, self.tau = dispatch, float(rate), float(tau)
+        self.dispatch, self.rate, self.tau, self.noise = dispatch, float(rate), float(tau), float(noise)
         self.num_protected, self.bottleneck = num_protected, bottleneck
         self.dispatchers = nn.ModuleDict({str(i): nn.Linear(width, 1) for i in range(num_layers)})
         self.adapters = nn.ModuleDict({str(i): Adapter(width, bottleneck) for i in range(num_layers)})
@@ -91,13 +94,16 @@ class DynamicTuning(nn.Module):
         if not self.training:
             keep = logit > 0
             return torch.cat([keep.new_ones(keep.shape[0], protected), keep], dim=1)
-        uniform = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
-        soft = ((logit + uniform.log() - (-uniform).log1p()) / self.tau).sigmoid()   # logit + logistic noise
+        if self.noise:
+            uniform = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+            logit = logit + self.noise * (uniform.log() - (-uniform).log1p())   # + logistic noise: Gumbel-sigmoid
+        soft = (logit / self.tau).sigmoid()
         hard = (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
         return torch.cat([hard.new_ones(hard.shape[0], protected), hard], dim=1)
 
     def extra_repr(self) -> str:
-        return f"dispatch={self.dispatch!r}, rate={self.rate}, bottleneck={self.bottleneck}, tau={self.tau}"
+        return (f"dispatch={self.dispatch!r}, rate={self.rate}, bottleneck={self.bottleneck}, tau={self.tau}, "
+                f"noise={self.noise}")
 
 
 class DispatchingBlock(Swapped):
