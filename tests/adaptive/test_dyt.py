@@ -202,7 +202,7 @@ def test_state_dict_round_trip_and_unpatch():
         assert torch.equal(fresh(images), model(images))
         assert not torch.allclose(model(images), before, atol=1e-3)
     copied = copy.deepcopy(model)
-    assert copied.blocks[0].__dict__["_vtr_dyt"] is copied._vtr_adaptive
+    assert copied.blocks[0].__dict__["_vtr_adaptive_ref"] is copied._vtr_adaptive
     vtr.unpatch(model)
     assert not vtr.adaptive.is_patched(model) and not any(k.startswith("_vtr_") for k in model.state_dict())
     assert all(type(block).__name__ == "Block" for block in model.blocks)

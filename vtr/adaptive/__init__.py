@@ -16,15 +16,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..adapters.base import restore_class, swap_class, unwrap
-from . import calls
-from .calls import Dispatch
-from .dyt import DispatchingBlock, DynamicTuning
+from . import calls, dyt, smarttrim
+from .calls import Dispatch, Trim
 
 MODULE_NAME = "_vtr_adaptive"   # where the method's modules sit in the patched model
 
@@ -37,14 +36,25 @@ class Method:
     stage: str       # where it acts: "tower" (inside a vision encoder's blocks)
     trains: bool     # it has parameters that must be trained before it saves anything
     paper: str
+    options: tuple[str, ...] = ()
+    build: Optional[Callable[..., nn.Module]] = None      # (model, **options) -> its modules
+    block_mixin: Optional[type] = None                    # swapped into every timm Block
+    model_mixin: Optional[type] = None                    # swapped into the model, if it needs one
 
 
 METHODS = {
     "dyt": Method("dynamic tuning: a learned dispatcher per block lets tokens skip the MLP (or the whole block) and "
                   "come back unchanged; light adapters; trained with the backbone frozen (DyT)", "tower", True,
                   "Zhao et al., Dynamic Tuning Towards Parameter and Inference Efficiency for ViT Adaptation, "
-                  "arXiv 2403.11808"),
+                  "arXiv 2403.11808", ("dispatch", "rate", "bottleneck", "tau", "noise"), dyt.build,
+                  dyt.DispatchingBlock),
+    "smarttrim": Method("learned per-image trimmers in every block prune tokens (for good) and attention heads (cut out "
+                        "of the projections); trained with self-distillation from the untrimmed model (SmartTrim)",
+                        "tower", True, "Wang et al., SmartTrim: Adaptive Tokens and Attention Pruning for Efficient "
+                        "Vision-Language Models, arXiv 2305.15033", ("flops", "tau", "noise"), smarttrim.build,
+                        smarttrim.TrimmingBlock, smarttrim.TrimmingViT),
 }
+REFERENCE = "_vtr_adaptive_ref"   # each patched module's plain reference to the method's modules
 
 
 def methods() -> dict[str, Method]:
@@ -57,9 +67,11 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
-    """Patch a timm ``VisionTransformer`` in place with an adaptive method (``"dyt"``; options: ``dispatch``,
-    ``rate``, ``bottleneck``, ``tau``, ``noise``, see :mod:`vtr.adaptive.dyt`). Its modules are created on the model's
-    device and dtype and registered as ``model._vtr_adaptive``. Returns ``model``."""
+    """Patch a timm ``VisionTransformer`` in place with an adaptive method: ``"dyt"`` (options ``dispatch``, ``rate``,
+    ``bottleneck``, ``tau``, ``noise``; :mod:`vtr.adaptive.dyt`) or ``"smarttrim"`` (``flops``, ``tau``, ``noise``;
+    :mod:`vtr.adaptive.smarttrim`). Its modules are created on the model's device and dtype and registered as
+    ``model._vtr_adaptive``. Returns ``model``."""
+    from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
     from ..adapters import is_patched as reduces
@@ -72,21 +84,25 @@ def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     if is_patched(model) or reduces(model):
         raise ValueError(f"{method}: model is already patched by vtr; call vtr.unpatch(model) first")
     for i, block in enumerate(model.blocks):
-        if type(block) is not Block:
-            raise ValueError(f"{method}: model.blocks[{i}] is {type(block).__name__}; DyT supports timm's Block only")
-    allowed = ("dispatch", "rate", "bottleneck", "tau", "noise")
-    unknown = sorted(set(options) - set(allowed))
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise ValueError(f"{method}: model.blocks[{i}] is {type(block).__name__} with {type(block.attn).__name__}; "
+                             "adaptive methods support timm's Block with timm's Attention only")
+    spec = METHODS[method]
+    unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        raise ValueError(f"{method} takes no option {', '.join(unknown)}; its options: {', '.join(allowed)}")
-    modules = DynamicTuning(model.embed_dim, len(model.blocks), model.num_prefix_tokens, **options)
+        raise ValueError(f"{method} takes no option {', '.join(unknown)}; its options: {', '.join(spec.options)}")
+    modules = spec.build(model, **options)
     weights = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weights is not None:
         modules.to(device=weights.device, dtype=weights.dtype)
     modules.train(model.training)
     for layer, block in enumerate(model.blocks):
         block._vtr_layer = layer
-        block.__dict__["_vtr_dyt"] = modules   # a reference, not a submodule: one copy of the weights
-        swap_class(block, DispatchingBlock)
+        block.__dict__[REFERENCE] = modules   # a reference, not a submodule: one copy of the weights
+        swap_class(block, spec.block_mixin)
+    if spec.model_mixin is not None:
+        model.__dict__[REFERENCE] = modules
+        swap_class(model, spec.model_mixin)
     setattr(model, MODULE_NAME, modules)
     return wrapper
 
@@ -99,7 +115,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     for block in model.blocks:
         restore_class(block)
         del block._vtr_layer
-        del block.__dict__["_vtr_dyt"]
+        del block.__dict__[REFERENCE]
+    restore_class(model)
+    model.__dict__.pop(REFERENCE, None)
     del model._modules[MODULE_NAME]
     return wrapper
 
@@ -111,7 +129,8 @@ def _modules(model: nn.Module) -> nn.Module:
 
 
 def trainable(model: nn.Module) -> nn.Module:
-    """Freeze the backbone; the adaptive method's parameters (DyT: dispatchers and adapters) train."""
+    """Freeze the backbone; the adaptive method's parameters (DyT: dispatchers and adapters; SmartTrim: trimmers)
+    train."""
     own = {id(p) for p in _modules(model).parameters()}
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in own)
@@ -120,8 +139,8 @@ def trainable(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def complete(model: nn.Module) -> Iterator[nn.Module]:
-    """Calls of ``model`` inside the block compute every token (DyT's "complete model", adapters included):
-    the teacher of its self-distillation. This thread only."""
+    """Calls of ``model`` inside the block compute every token (DyT's "complete model", adapters included;
+    SmartTrim's untrimmed model): the teacher of their self-distillation. This thread only."""
     with calls.completed(_modules(model)):
         yield model
 
@@ -146,3 +165,13 @@ def activation_rate(found: list[Dispatch]) -> float:
     """The fraction of (block, image, unprotected token) the model computed in the collected passes."""
     total = sum(d.keep[:, d.num_protected:].numel() for d in found)
     return sum(float(d.keep[:, d.num_protected:].detach().float().sum()) for d in found) / max(total, 1)
+
+
+def flops_loss(found: list[Trim]) -> Tensor:
+    """SmartTrim's cost loss: ``(mean relative cost of the blocks - flops) ** 2``, the cost being each block's
+    (tokens x heads) share of its untrimmed cost, differentiable through the decisions; mean over images."""
+    trims = [d for d in found if isinstance(d, Trim)]
+    if not trims:
+        raise ValueError("flops_loss needs the trimming decisions of a pass: call a smarttrim-patched model inside "
+                         "vtr.adaptive.decisions")
+    return (torch.stack([d.spent for d in trims]).mean() - trims[0].target) ** 2

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 _COMPLETE: ContextVar[frozenset] = ContextVar("vtr_adaptive_complete", default=frozenset())
 _COLLECT: ContextVar[Optional[dict]] = ContextVar("vtr_adaptive_collect", default=None)
+_KEPT: ContextVar[Optional[dict]] = ContextVar("vtr_adaptive_kept", default=None)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,48 @@ class Dispatch:
     keep: Tensor
     rate: float
     num_protected: int
+
+
+@dataclass(frozen=True)
+class Trim:
+    """One block's trimming in one pass (SmartTrim): ``tokens`` ``[B, N]`` kept after its token trimmer (1), ``heads``
+    ``[B, H]`` kept heads, ``spent`` ``[B]`` the block's cost relative to the untrimmed block (differentiable in
+    training), ``target`` the cost the method aims at."""
+
+    layer: int
+    tokens: Tensor
+    heads: Tensor
+    spent: Tensor
+    target: float
+
+
+def record_trim(owner: nn.Module, layer: int, tokens: Tensor, heads: Tensor, spent: Tensor) -> None:
+    found = (_COLLECT.get() or {}).get(owner)
+    if found is not None:
+        found.append(Trim(layer, tokens, heads, spent, owner.flops))
+
+
+@contextmanager
+def kept_tokens(owner: nn.Module) -> Iterator[None]:
+    """One forward pass: the tokens kept so far travel from block to block here, and are dropped after it."""
+    table = dict(_KEPT.get() or {})
+    table[owner] = [None]
+    token = _KEPT.set(table)
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+
+
+def current_kept(owner: nn.Module) -> Optional[Tensor]:
+    cell = (_KEPT.get() or {}).get(owner)
+    return None if cell is None else cell[0]
+
+
+def set_kept(owner: nn.Module, kept: Tensor) -> None:
+    cell = (_KEPT.get() or {}).get(owner)
+    if cell is not None:
+        cell[0] = kept
 
 
 def complete(owner: nn.Module) -> bool:

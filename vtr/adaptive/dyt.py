@@ -107,14 +107,14 @@ class DynamicTuning(nn.Module):
 
 
 class DispatchingBlock(Swapped):
-    """Mixed in before timm's ``Block``: DyT's dispatch around its sublayers. ``_vtr_dyt`` is the model's
+    """Mixed in before timm's ``Block``: DyT's dispatch around its sublayers. ``_vtr_adaptive_ref`` is the model's
     :class:`DynamicTuning` (a plain reference, not a submodule: its weights are the model's, under
     ``_vtr_adaptive``), ``_vtr_layer`` the block's index."""
 
     _vtr_layer: int
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        dyt: DynamicTuning = self.__dict__["_vtr_dyt"]
+        dyt: DynamicTuning = self.__dict__["_vtr_adaptive_ref"]
         if is_causal:
             raise ValueError("dyt: is_causal=True is not supported on a model patched with DyT")
         complete = calls.complete(dyt)
@@ -165,3 +165,8 @@ class DispatchingBlock(Swapped):
             bias = bias[:, None, None, :]
         computed = torch.where(valid[..., None], self._whole(dyt, gathered, bias), gathered)
         return x.scatter(1, index, computed)
+
+
+def build(model: nn.Module, **options) -> DynamicTuning:
+    """DyT's modules for a timm ViT (``vtr.adaptive.patch`` checks the model first)."""
+    return DynamicTuning(model.embed_dim, len(model.blocks), model.num_prefix_tokens, **options)
