@@ -3,6 +3,7 @@ Results: benchmarks/RESULTS-finetune.md ("Adaptive computation").
 
     python benchmarks/adaptive.py free --model second --targets 0.5,0.25      # training-free rows
     python benchmarks/adaptive.py dyt --model second --dispatch block --rate 0.3 --epochs 2
+    python benchmarks/adaptive.py smarttrim --model second --flops 0.5 --recipe full --epochs 2
     python benchmarks/adaptive.py speed                                         # eval speed-up, ViT-S/16 random
 
 Rows are appended to ``--out`` (default ``benchmarks/finetune-results.jsonl``) with ``"kind": "adaptive"``.
@@ -70,17 +71,32 @@ def run_free(args) -> None:
     append(args.out, rows)
 
 
-def run_dyt(args) -> None:
-    """DyT's recipe (its released image code): backbone and head frozen; loss = CE(student) + CE(complete model)
-    + KL(student || complete, detached) + 2 * rate loss; AdamW (lr 1e-3, cosine, warm-up), batch 64, flips."""
+def run_train(args) -> None:
+    """Train an adaptive method on the fidelity model, then measure it. DyT's recipe (its released image code):
+    backbone and head frozen; loss = CE(student) + CE(complete model) + KL(student || complete, detached) + 2 x
+    rate loss. SmartTrim's: the same self-distillation from the untrimmed model (the same weights), plus
+    ``--cost-weight`` x flops loss, its target annealed from 1 to ``--flops`` over the first half (its curriculum);
+    ``--recipe full`` trains the backbone too (at a tenth of the learning rate). AdamW, cosine, batch 64, flips."""
     torch.set_num_threads(args.threads)
     model, task, training, data, images = setup(args.model, args.eval_images)
     base = count_macs(model, images[:1]).total
     train_x, train_y = fidelity.make_images(task, training.train_images, seed=training.seed + 1)
-    vtr.adaptive.patch(model, "dyt", dispatch=args.dispatch, rate=args.rate, noise=args.noise)
+    if args.command == "dyt":
+        options = {"dispatch": args.dispatch, "rate": args.rate, "noise": args.noise}
+    else:
+        options = {"flops": args.flops, "noise": args.noise}
+    vtr.adaptive.patch(model, args.command, **options)
     vtr.adaptive.trainable(model)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
+    own = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": own, "lr": args.lr}]
+    if args.recipe == "full":
+        ids = {id(p) for p in own}
+        backbone = [p for p in model.parameters() if id(p) not in ids]
+        for p in backbone:
+            p.requires_grad_(True)
+        groups.append({"params": backbone, "lr": args.lr / 10})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    base_lrs = [g["lr"] for g in groups]
     steps = int(math.ceil(args.epochs * len(train_x) / args.batch))
     for block in model.blocks:   # eager attention: its CPU backward is much faster at this size
         block.attn.fused_attn = False
@@ -89,8 +105,10 @@ def run_dyt(args) -> None:
     model.train()
     start = time.perf_counter()
     for step in range(steps):
-        optimizer.param_groups[0]["lr"] = args.lr * min(1.0, (step + 1) / max(1, steps // 20)) * 0.5 * (
-            1 + math.cos(math.pi * step / steps))
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        if args.command == "smarttrim":   # curriculum: the cost target falls from 1 to --flops over the first half
+            model._vtr_adaptive.flops = 1 - (1 - args.flops) * min(1.0, 2 * step / steps)
         index = torch.randint(0, len(train_x), (args.batch,), generator=generator)
         x, y = train_x[index], train_y[index]
         flip = torch.rand(len(x), generator=generator) < 0.5
@@ -100,13 +118,16 @@ def run_dyt(args) -> None:
         with vtr.adaptive.complete(model):
             teacher = model(x)
         kl = F.kl_div(logits.log_softmax(-1), teacher.detach().log_softmax(-1), reduction="batchmean", log_target=True)
-        rate = vtr.adaptive.rate_loss(kept)
-        loss = F.cross_entropy(logits, y) + F.cross_entropy(teacher, y) + kl + 2.0 * rate
+        cost = (2.0 * vtr.adaptive.rate_loss(kept) if args.command == "dyt"
+                else args.cost_weight * vtr.adaptive.flops_loss(kept))
+        loss = F.cross_entropy(logits, y) + F.cross_entropy(teacher, y) + kl + cost
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if (step + 1) % 25 == 0 or step + 1 == steps:
-            log(f"  step {step + 1}/{steps}: loss {loss.item():.3f}, rate {vtr.adaptive.activation_rate(kept):.3f} "
+            spent = (vtr.adaptive.activation_rate(kept) if args.command == "dyt"
+                     else float(torch.stack([d.spent.detach() for d in kept]).mean()))
+            log(f"  step {step + 1}/{steps}: loss {loss.item():.3f}, rate/cost {spent:.3f} "
                 f"({time.perf_counter() - start:.0f}s)")
     seconds = time.perf_counter() - start
     for block in model.blocks:
@@ -114,12 +135,13 @@ def run_dyt(args) -> None:
     model.eval()
     with vtr.adaptive.decisions(model) as kept:
         top1 = accuracy(model, data)
-    row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": "dyt",
-           "recipe": f"dispatchers+adapters, {args.epochs:g} epochs", "options": {"dispatch": args.dispatch,
-                                                                                 "rate": args.rate, "lr": args.lr,
-                                                                                 "noise": args.noise},
-           "top1": top1, "flops": mean_macs(model, images, args.flops_images) / base,
-           "activation": vtr.adaptive.activation_rate(kept), "seconds": seconds, "steps": steps}
+    row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": args.command,
+           "recipe": f"{'trimmers' if args.command == 'smarttrim' else 'dispatchers+adapters'}"
+                     f"{' + backbone' if args.recipe == 'full' else ''}, {args.epochs:g} epochs",
+           "options": options | {"lr": args.lr}, "top1": top1,
+           "flops": mean_macs(model, images, args.flops_images) / base, "seconds": seconds, "steps": steps}
+    if args.command == "dyt":
+        row["activation"] = vtr.adaptive.activation_rate(kept)
     log(json.dumps(row))
     append(args.out, [row])
 
@@ -204,22 +226,28 @@ def main() -> None:
     dyt = sub.add_parser("dyt", help="train DyT's dispatchers and adapters, then measure")
     dyt.add_argument("--dispatch", choices=("mlp", "block"), default="block")
     dyt.add_argument("--rate", type=float, default=0.5)
-    dyt.add_argument("--epochs", type=float, default=2.0)
-    dyt.add_argument("--batch", type=int, default=64)
-    dyt.add_argument("--lr", type=float, default=1e-3)
-    dyt.add_argument("--noise", type=float, default=1.0)
-    dyt.add_argument("--flops-images", type=int, default=100)
+    trim = sub.add_parser("smarttrim", help="train SmartTrim's trimmers (or the whole model), then measure")
+    trim.add_argument("--flops", type=float, default=0.5)
+    trim.add_argument("--cost-weight", type=float, default=5.0)
+    dyt.add_argument("--recipe", choices=("frozen", "full"), default="frozen")
+    trim.add_argument("--recipe", choices=("frozen", "full"), default="full")
+    for command in (dyt, trim):
+        command.add_argument("--epochs", type=float, default=2.0)
+        command.add_argument("--batch", type=int, default=64)
+        command.add_argument("--lr", type=float, default=1e-3)
+        command.add_argument("--noise", type=float, default=1.0)
+        command.add_argument("--flops-images", type=int, default=100)
     speed = sub.add_parser("speed", help="eval speed-up of gathered dispatch, ViT-S/16 random weights")
     speed.add_argument("--reps", type=int, default=5)
     speed.add_argument("--warmup", type=int, default=1)
-    for command in (free, dyt):
+    for command in (free, dyt, trim):
         command.add_argument("--model", choices=tuple(MODELS), default="second")
         command.add_argument("--eval-images", type=int, default=2000)
-    for command in (free, dyt, speed):
+    for command in (free, dyt, trim, speed):
         command.add_argument("--threads", type=int, default=1)
         command.add_argument("--out", default="benchmarks/finetune-results.jsonl")
     args = parser.parse_args()
-    {"free": run_free, "dyt": run_dyt, "speed": run_speed}[args.command](args)
+    {"free": run_free, "dyt": run_train, "smarttrim": run_train, "speed": run_speed}[args.command](args)
 
 
 if __name__ == "__main__":
