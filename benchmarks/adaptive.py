@@ -138,7 +138,8 @@ def run_train(args) -> None:
     row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": args.command,
            "recipe": f"{'trimmers' if args.command == 'smarttrim' else 'dispatchers+adapters'}"
                      f"{' + backbone' if args.recipe == 'full' else ''}, {args.epochs:g} epochs",
-           "options": options | {"lr": args.lr}, "top1": top1,
+           "options": options | {"lr": args.lr} | ({"cost_weight": args.cost_weight} if args.command == "smarttrim" else {}),
+           "top1": top1,
            "flops": mean_macs(model, images, args.flops_images) / base, "seconds": seconds, "steps": steps}
     if args.command == "dyt":
         row["activation"] = vtr.adaptive.activation_rate(kept)
