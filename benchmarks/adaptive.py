@@ -73,9 +73,9 @@ def run_free(args) -> None:
 
 def run_train(args) -> None:
     """Train an adaptive method on the fidelity model, then measure it. DyT's recipe (its released image code):
-    backbone and head frozen; loss = CE(student) + CE(complete model) + KL(student || complete, detached) + 2 x
-    rate loss. SmartTrim's: the same self-distillation from the untrimmed model (the same weights), plus
-    ``--cost-weight`` x flops loss, its target annealed from 1 to ``--flops`` over the first half (its curriculum);
+    backbone and head frozen; loss = CE(student) + CE(complete model) + KL(student || complete, detached) +
+    ``--cost-weight`` (2) x rate loss. SmartTrim's: the same self-distillation from the untrimmed model (the same
+    weights), plus ``--cost-weight`` x flops loss, its target annealed from 1 to ``--flops`` over the first half (its curriculum);
     ``--recipe full`` trains the backbone too (at a tenth of the learning rate). AdamW, cosine, batch 64, flips."""
     torch.set_num_threads(args.threads)
     model, task, training, data, images = setup(args.model, args.eval_images)
@@ -84,7 +84,7 @@ def run_train(args) -> None:
     if args.command == "dyt":
         options = {"dispatch": args.dispatch, "rate": args.rate, "noise": args.noise}
     else:
-        options = {"flops": args.flops, "noise": args.noise}
+        options = {"flops": args.flops, "noise": args.noise, "start": args.start}
     vtr.adaptive.patch(model, args.command, **options)
     vtr.adaptive.trainable(model)
     own = [p for p in model.parameters() if p.requires_grad]
@@ -118,7 +118,7 @@ def run_train(args) -> None:
         with vtr.adaptive.complete(model):
             teacher = model(x)
         kl = F.kl_div(logits.log_softmax(-1), teacher.detach().log_softmax(-1), reduction="batchmean", log_target=True)
-        cost = (2.0 * vtr.adaptive.rate_loss(kept) if args.command == "dyt"
+        cost = (args.cost_weight * vtr.adaptive.rate_loss(kept) if args.command == "dyt"
                 else args.cost_weight * vtr.adaptive.flops_loss(kept))
         loss = F.cross_entropy(logits, y) + F.cross_entropy(teacher, y) + kl + cost
         optimizer.zero_grad(set_to_none=True)
@@ -138,7 +138,7 @@ def run_train(args) -> None:
     row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": args.command,
            "recipe": f"{'trimmers' if args.command == 'smarttrim' else 'dispatchers+adapters'}"
                      f"{' + backbone' if args.recipe == 'full' else ''}, {args.epochs:g} epochs",
-           "options": options | {"lr": args.lr} | ({"cost_weight": args.cost_weight} if args.command == "smarttrim" else {}),
+           "options": options | {"lr": args.lr} | {"cost_weight": args.cost_weight},
            "top1": top1,
            "flops": mean_macs(model, images, args.flops_images) / base, "seconds": seconds, "steps": steps}
     if args.command == "dyt":
@@ -230,6 +230,8 @@ def main() -> None:
     trim = sub.add_parser("smarttrim", help="train SmartTrim's trimmers (or the whole model), then measure")
     trim.add_argument("--flops", type=float, default=0.5)
     trim.add_argument("--cost-weight", type=float, default=5.0)
+    trim.add_argument("--start", type=float, default=3.0)
+    dyt.add_argument("--cost-weight", type=float, default=2.0, help="the rate loss's weight (2, as DyT's code)")
     dyt.add_argument("--recipe", choices=("frozen", "full"), default="frozen")
     trim.add_argument("--recipe", choices=("frozen", "full"), default="full")
     for command in (dyt, trim):

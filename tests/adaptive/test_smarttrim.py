@@ -40,6 +40,9 @@ def test_untrained_is_the_backbone():
         assert torch.allclose(model(images), expected, atol=1e-5)
         with vtr.adaptive.complete(model):
             assert torch.allclose(model(images), expected, atol=1e-6)
+        low = vtr.adaptive.patch(tiny_vit(), "smarttrim", start=0.5)   # a lower first keep logit: still everything
+        assert float(low._vtr_adaptive.heads["0"].score[-1].bias[0]) == 0.5
+        assert torch.allclose(low(images), expected, atol=1e-5)
 
 
 def test_inference_with_heads_cut_out_equals_trainings_masks():
@@ -127,6 +130,8 @@ def test_state_dict_round_trip_unpatch_and_errors():
         assert torch.equal(model(images), before)
     with pytest.raises(ValueError, match=r"flops must be a number in \(0, 1\]"):
         vtr.adaptive.patch(tiny_vit(), "smarttrim", flops=1.5)
+    with pytest.raises(ValueError, match="start must be a finite number > 0"):
+        vtr.adaptive.patch(tiny_vit(), "smarttrim", start=0.0)
     with pytest.raises(ValueError, match="must pool its class token"):
         vtr.adaptive.patch(tiny_vit(global_pool="avg"), "smarttrim")
     with pytest.raises(ValueError, match="takes no option rate"):

@@ -51,7 +51,7 @@ METHODS = {
     "smarttrim": Method("learned per-image trimmers in every block prune tokens (for good) and attention heads (cut out "
                         "of the projections); trained with self-distillation from the untrimmed model (SmartTrim)",
                         "tower", True, "Wang et al., SmartTrim: Adaptive Tokens and Attention Pruning for Efficient "
-                        "Vision-Language Models, arXiv 2305.15033", ("flops", "tau", "noise"), smarttrim.build,
+                        "Vision-Language Models, arXiv 2305.15033", ("flops", "tau", "noise", "start"), smarttrim.build,
                         smarttrim.TrimmingBlock, smarttrim.TrimmingViT),
 }
 REFERENCE = "_vtr_adaptive_ref"   # each patched module's plain reference to the method's modules
@@ -68,7 +68,7 @@ def is_patched(model: nn.Module) -> bool:
 
 def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place with an adaptive method: ``"dyt"`` (options ``dispatch``, ``rate``,
-    ``bottleneck``, ``tau``, ``noise``; :mod:`vtr.adaptive.dyt`) or ``"smarttrim"`` (``flops``, ``tau``, ``noise``;
+    ``bottleneck``, ``tau``, ``noise``; :mod:`vtr.adaptive.dyt`) or ``"smarttrim"`` (``flops``, ``tau``, ``noise``, ``start``;
     :mod:`vtr.adaptive.smarttrim`). Its modules are created on the model's device and dtype and registered as
     ``model._vtr_adaptive``. Returns ``model``."""
     from timm.layers import Attention

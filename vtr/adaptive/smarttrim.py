@@ -19,7 +19,9 @@ computes. The self-distillation teacher is the same model untrimmed (``vtr.adapt
 
 Inference runs each image on its own (its kept tokens and kept heads differ from the next image's): exact
 FLOPs per image, rows independent, slower per image than a batch on a large machine.
-Trimmers start at "keep everything" (last layer zero, bias +3), so the untrained patched model is the backbone.
+Trimmers start at "keep everything" (last layer zero, bias ``start`` = 3: under the training noise sigmoid(3) =
+95% is kept), so the untrained patched model is the backbone. A lower ``start`` lets the cost fall sooner: AdamW
+moves the bias by about the learning rate per step.
 """
 from __future__ import annotations
 
@@ -34,23 +36,22 @@ from ..adapters.base import Swapped
 from . import calls
 
 MASK_FLOOR = 1e-6
-KEEP_BIAS = 3.0   # an untrained trimmer keeps (almost) everything: sigmoid(3) = 0.95 under noise, always in eval
 
 
-def _keep_all(linear: nn.Linear) -> None:
+def _keep_all(linear: nn.Linear, start: float) -> None:
     nn.init.zeros_(linear.weight)
-    nn.init.constant_(linear.bias, KEEP_BIAS)
+    nn.init.constant_(linear.bias, start)
 
 
 class TokenTrimmer(nn.Module):
     """Keep logit per token from ``[its features, the mean of the kept tokens]`` (an MLP of width/2)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, start: float):
         super().__init__()
         hidden = max(width // 2, 1)
         self.norm = nn.LayerNorm(width)
         self.score = nn.Sequential(nn.Linear(2 * width, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        _keep_all(self.score[-1])
+        _keep_all(self.score[-1], start)
 
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
         """``x`` ``[B, N, C]``, ``weight`` ``[B, N]`` (1: kept so far) -> logits ``[B, N]``."""
@@ -62,12 +63,12 @@ class TokenTrimmer(nn.Module):
 class HeadTrimmer(nn.Module):
     """Keep logit per attention head from the mean of the kept tokens."""
 
-    def __init__(self, width: int, num_heads: int):
+    def __init__(self, width: int, num_heads: int, start: float):
         super().__init__()
         hidden = max(width // 2, 1)
         self.score = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(),
                                    nn.Linear(hidden, num_heads))
-        _keep_all(self.score[-1])
+        _keep_all(self.score[-1], start)
 
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
         mean = (x * weight[..., None]).sum(1) / weight.sum(1)[:, None].clamp_min(1e-6)
@@ -81,19 +82,21 @@ class SmartTrim(nn.Module):
     name = "smarttrim"
 
     def __init__(self, width: int, num_layers: int, num_heads: int, num_protected: int, mlp_macs: float,
-                 attn_dim: int, flops: float = 0.5, tau: float = 1.0, noise: float = 1.0):
+                 attn_dim: int, flops: float = 0.5, tau: float = 1.0, noise: float = 1.0, start: float = 3.0):
         super().__init__()
         for option, value, allowed, ok in (("flops", flops, "a number in (0, 1] (the cost target)", 0 < flops <= 1),
                                            ("tau", tau, "a finite number > 0 (Gumbel-sigmoid temperature)", tau > 0),
                                            ("noise", noise, "a finite number >= 0 (the Gumbel noise's scale)",
-                                            noise >= 0)):
+                                            noise >= 0),
+                                           ("start", start, "a finite number > 0 (every trimmer's first keep logit: "
+                                            "the untrained model keeps everything)", start > 0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
                 raise ValueError(f"smarttrim: {option} must be {allowed}, got {value!r}")
         self.flops, self.tau, self.noise = float(flops), float(tau), float(noise)
         self.num_protected, self.num_heads = num_protected, num_heads
         self.width, self.mlp_macs, self.attn_dim = width, float(mlp_macs), attn_dim
-        self.tokens = nn.ModuleDict({str(i): TokenTrimmer(width) for i in range(num_layers)})
-        self.heads = nn.ModuleDict({str(i): HeadTrimmer(width, num_heads) for i in range(num_layers)})
+        self.tokens = nn.ModuleDict({str(i): TokenTrimmer(width, start) for i in range(num_layers)})
+        self.heads = nn.ModuleDict({str(i): HeadTrimmer(width, num_heads, start) for i in range(num_layers)})
 
     def hard(self, logit: Tensor) -> Tensor:
         """Training decision: 0/1 forward, straight-through Gumbel-sigmoid gradient."""
