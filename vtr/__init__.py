@@ -5,7 +5,7 @@
 
 The facade: the only module that imports every layer (core, reducers, budget, adapters, api, tools).
 """
-from . import adapters, kernels, losses, reducers
+from . import adapters, adaptive, kernels, losses, reducers
 from ._version import __version__
 from .adapters import UnsupportedModelError, family
 from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, method_table, methods, patch, report, unpatch
@@ -22,6 +22,6 @@ from .tools.visualize import visualize
 __all__ = [
     "patch", "unpatch", "conditioned", "methods", "method_table", "report", "is_patched", "make_reducer", "expected_tokens",
     "expected_flops", "family", "disabled", "trainable", "decisions", "losses", "TokenState", "Reducer", "Signals", "Need", "Schedule", "Reduction", "Report",
-    "UnsupportedModelError", "adapters", "kernels", "reducers", "clip", "zoo", "profile_model", "visualize",
+    "UnsupportedModelError", "adapters", "adaptive", "kernels", "reducers", "clip", "zoo", "profile_model", "visualize",
     "save_reduction", "load_reduction",
 ]

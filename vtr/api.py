@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from . import model_zoo
+from . import adaptive, model_zoo
 from .adapters import find_adapter, is_patched, settings, thread_settings, unwrap
 from .budget.schedule import RSpec
 from .core import run as runs
@@ -167,6 +167,9 @@ def patch(
             f"model is already patched with {settings(model).describe()}; call vtr.unpatch(model) before "
             "patching it again"
         )
+    if adaptive.is_patched(model):
+        raise ValueError("model is already patched with an adaptive method (vtr.adaptive.patch); call "
+                         "vtr.unpatch(model) before patching it again")
     if metric is not None and metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if prop_attn is not None and not isinstance(prop_attn, bool):
@@ -285,8 +288,12 @@ def patch_settings(reducer: Reducer, metrics: Sequence[str], metric: Optional[st
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original classes, no hooks, no learned reducer, outputs identical to before patching."""
+    """Undo :func:`patch` (or :func:`vtr.adaptive.patch`): original classes, no hooks, no learned reducer or
+    adaptive modules, outputs identical to before patching."""
     wrapper, model = model, unwrap(model)
+    if adaptive.is_patched(model):
+        adaptive.unpatch(model)
+        return wrapper
     settings(model)
     find_adapter(model).unpatch(model)
     model._modules.pop(REDUCER_NAME, None)

@@ -1,0 +1,257 @@
+"""Adaptive computation (vtr.adaptive: DyT) against training-free token reduction on the fidelity ViTs.
+Results: benchmarks/RESULTS-finetune.md ("Adaptive computation").
+
+    python benchmarks/adaptive.py free --model second --targets 0.5,0.25      # training-free rows
+    python benchmarks/adaptive.py dyt --model second --dispatch block --rate 0.3 --epochs 2
+    python benchmarks/adaptive.py smarttrim --model second --flops 0.5 --recipe full --epochs 2
+    python benchmarks/adaptive.py speed                                         # eval speed-up, ViT-S/16 random
+
+Rows are appended to ``--out`` (default ``benchmarks/finetune-results.jsonl``) with ``"kind": "adaptive"``.
+CPU, one thread, no downloads (the fidelity ViTs are trained once and cached, see vtr.tools.fidelity).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+import vtr
+from vtr.tools import fidelity
+from vtr.tools.profile import count_macs
+
+MODELS = {"second": (fidelity.SECOND_TASK, fidelity.SECOND_TRAINING), "default": (fidelity.Task(), fidelity.Training())}
+FREE = ("tome", "pitome", "evit", "atf")
+
+
+def setup(name: str, eval_images: int):
+    task, training = MODELS[name]
+    model = fidelity.trained_model(task, training, log=log)
+    images, labels = fidelity.make_images(task, eval_images, seed=10_000)
+    return model, task, training, fidelity.batches(images, labels, 250), images
+
+
+def accuracy(model, data) -> float:
+    with torch.no_grad():
+        return sum(int((model(x).argmax(1) == y).sum()) for x, y in data) / sum(len(y) for _, y in data)
+
+
+def mean_macs(model, images, count: int) -> float:
+    """MACs per image by the torch counter on real eval passes at batch 1 (dispatch is per image)."""
+    return sum(count_macs(model, images[i:i + 1]).total for i in range(count)) / count
+
+
+def run_free(args) -> None:
+    model, _, _, data, images = setup(args.model, args.eval_images)
+    base = count_macs(model, images[:1]).total
+    rows = [{"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": "none", "recipe": "-",
+             "target": 1.0, "flops": 1.0, "top1": accuracy(model, data), "seconds": 0.0}]
+    for target in args.targets:
+        for method in FREE:
+            row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": method,
+                   "recipe": "free", "target": target, "seconds": 0.0}
+            try:
+                vtr.patch(model, method, flops=target)
+            except ValueError as error:   # out of reach at the default layers: every block reduces
+                row["status"] = str(error).split(";")[0]
+                try:
+                    vtr.patch(model, method, flops=target, layers=list(range(len(model.blocks))))
+                except ValueError:
+                    pass
+                else:
+                    row = {k: v for k, v in row.items() if k != "status"} | {"layers": "all"}
+            if vtr.is_patched(model):
+                row |= {"top1": accuracy(model, data), "flops": count_macs(model, images[:1]).total / base}
+                vtr.unpatch(model)
+            rows.append(row)
+            log(json.dumps(row))
+    append(args.out, rows)
+
+
+def run_train(args) -> None:
+    """Train an adaptive method on the fidelity model, then measure it. DyT's recipe (its released image code):
+    backbone and head frozen; loss = CE(student) + CE(complete model) + KL(student || complete, detached) +
+    ``--cost-weight`` (2) x rate loss. SmartTrim's: the same self-distillation from the untrimmed model (the same
+    weights), plus ``--cost-weight`` x flops loss, its target annealed from 1 to ``--flops`` over the first half (its curriculum);
+    ``--recipe full`` trains the backbone too (at a tenth of the learning rate). AdamW, cosine, batch 64, flips."""
+    torch.set_num_threads(args.threads)
+    model, task, training, data, images = setup(args.model, args.eval_images)
+    base = count_macs(model, images[:1]).total
+    train_x, train_y = fidelity.make_images(task, training.train_images, seed=training.seed + 1)
+    if args.command == "dyt":
+        options = {"dispatch": args.dispatch, "rate": args.rate, "noise": args.noise}
+    else:
+        options = {"flops": args.flops, "noise": args.noise, "start": args.start}
+    vtr.adaptive.patch(model, args.command, **options)
+    vtr.adaptive.trainable(model)
+    own = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": own, "lr": args.lr}]
+    if args.recipe == "full":
+        ids = {id(p) for p in own}
+        backbone = [p for p in model.parameters() if id(p) not in ids]
+        for p in backbone:
+            p.requires_grad_(True)
+        groups.append({"params": backbone, "lr": args.lr / 10})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    base_lrs = [g["lr"] for g in groups]
+    steps = int(math.ceil(args.epochs * len(train_x) / args.batch))
+    for block in model.blocks:   # eager attention: its CPU backward is much faster at this size
+        block.attn.fused_attn = False
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        if args.command == "smarttrim":   # curriculum: the cost target falls from 1 to --flops over the first half
+            model._vtr_adaptive.flops = 1 - (1 - args.flops) * min(1.0, 2 * step / steps)
+        index = torch.randint(0, len(train_x), (args.batch,), generator=generator)
+        x, y = train_x[index], train_y[index]
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(2), x)
+        with vtr.adaptive.decisions(model) as kept:
+            logits = model(x)
+        with vtr.adaptive.complete(model):
+            teacher = model(x)
+        kl = F.kl_div(logits.log_softmax(-1), teacher.detach().log_softmax(-1), reduction="batchmean", log_target=True)
+        cost = (args.cost_weight * vtr.adaptive.rate_loss(kept) if args.command == "dyt"
+                else args.cost_weight * vtr.adaptive.flops_loss(kept))
+        loss = F.cross_entropy(logits, y) + F.cross_entropy(teacher, y) + kl + cost
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 25 == 0 or step + 1 == steps:
+            spent = (vtr.adaptive.activation_rate(kept) if args.command == "dyt"
+                     else float(torch.stack([d.spent.detach() for d in kept]).mean()))
+            log(f"  step {step + 1}/{steps}: loss {loss.item():.3f}, rate/cost {spent:.3f} "
+                f"({time.perf_counter() - start:.0f}s)")
+    seconds = time.perf_counter() - start
+    for block in model.blocks:
+        block.attn.fused_attn = True
+    model.eval()
+    with vtr.adaptive.decisions(model) as kept:
+        top1 = accuracy(model, data)
+    row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": args.command,
+           "recipe": f"{'trimmers' if args.command == 'smarttrim' else 'dispatchers+adapters'}"
+                     f"{' + backbone' if args.recipe == 'full' else ''}, {args.epochs:g} epochs",
+           "options": options | {"lr": args.lr} | {"cost_weight": args.cost_weight},
+           "top1": top1,
+           "flops": mean_macs(model, images, args.flops_images) / base, "seconds": seconds, "steps": steps}
+    if args.command == "dyt":
+        row["activation"] = vtr.adaptive.activation_rate(kept)
+    log(json.dumps(row))
+    append(args.out, [row])
+
+
+def run_speed(args) -> None:
+    """Eval forward of a random-weight ViT-S/16 (224 px, 197 tokens), batch 1 and 8: unpatched vs DyT with its
+    dispatchers set so that a given fraction of the patch tokens is activated (a bias on a random score)."""
+    import timm
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    rows = []
+    for dispatch, share in (("mlp", 0.5), ("block", 0.5), ("block", 0.25)):
+        model = vtr.adaptive.patch(timm.create_model("vit_small_patch16_224", pretrained=False).eval(), "dyt",
+                                   dispatch=dispatch)
+        model.load_state_dict(base.state_dict(), strict=False)
+        for linear in model._vtr_adaptive.dispatchers.values():   # logits ~ N(0, 1) + bias: `share` activated
+            with torch.no_grad():
+                linear.weight.normal_(0, 1 / math.sqrt(linear.in_features) / 0.5)
+                linear.bias.fill_(0.0)
+        for batch in (1, 8):
+            x = torch.randn(batch, 3, 224, 224)
+            with torch.no_grad():
+                blocks_in = []
+                hook = model.blocks[0].register_forward_pre_hook(lambda m, a: blocks_in.append(a[0]))
+                model(x)
+                hook.remove()
+            calibrate(model, x, share)
+            times = {"unpatched": [], "dyt": []}
+            with torch.no_grad(), vtr.adaptive.decisions(model) as kept:
+                for rep in range(args.warmup + args.reps):
+                    for key, m in (("unpatched", base), ("dyt", model)):
+                        start = time.perf_counter()
+                        m(x)
+                        if rep >= args.warmup:
+                            times[key].append(time.perf_counter() - start)
+            median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            flops = count_macs(model, x[:1]).total / count_macs(base, x[:1]).total
+            row = {"kind": "adaptive_speed", "model": "vit_small_patch16_224 (random)", "dispatch": dispatch,
+                   "batch": batch, "activation": vtr.adaptive.activation_rate(kept), "flops_batch1": flops,
+                   "unpatched_s": median["unpatched"], "dyt_s": median["dyt"],
+                   "speedup": median["unpatched"] / median["dyt"], "reps": args.reps, "threads": args.threads}
+            log(json.dumps(row))
+            rows.append(row)
+    append(args.out, rows)
+
+
+def calibrate(model, x, share: float) -> None:
+    """Set each dispatcher's bias so that ``share`` of this batch's patch tokens is activated at its block."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in model.blocks]
+    for layer, linear in model._vtr_adaptive.dispatchers.items():
+        seen.clear()
+        with torch.no_grad():
+            model(x)
+            block = model.blocks[int(layer)]
+            tokens = seen[int(layer)]
+            if model._vtr_adaptive.dispatch == "mlp":
+                tokens = tokens + block.ls1(block.attn(block.norm1(tokens)))
+            logit = linear(tokens[:, 1:]).flatten()
+            linear.bias -= torch.quantile(logit, 1 - share)
+    for hook in hooks:
+        hook.remove()
+
+
+def append(path: str, rows: list) -> None:
+    with open(path, "a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    free = sub.add_parser("free", help="training-free reducers at the targets")
+    free.add_argument("--targets", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 0.25])
+    dyt = sub.add_parser("dyt", help="train DyT's dispatchers and adapters, then measure")
+    dyt.add_argument("--dispatch", choices=("mlp", "block"), default="block")
+    dyt.add_argument("--rate", type=float, default=0.5)
+    trim = sub.add_parser("smarttrim", help="train SmartTrim's trimmers (or the whole model), then measure")
+    trim.add_argument("--flops", type=float, default=0.5)
+    trim.add_argument("--cost-weight", type=float, default=5.0)
+    trim.add_argument("--start", type=float, default=3.0)
+    dyt.add_argument("--cost-weight", type=float, default=2.0, help="the rate loss's weight (2, as DyT's code)")
+    dyt.add_argument("--recipe", choices=("frozen", "full"), default="frozen")
+    trim.add_argument("--recipe", choices=("frozen", "full"), default="full")
+    for command in (dyt, trim):
+        command.add_argument("--epochs", type=float, default=2.0)
+        command.add_argument("--batch", type=int, default=64)
+        command.add_argument("--lr", type=float, default=1e-3)
+        command.add_argument("--noise", type=float, default=1.0)
+        command.add_argument("--flops-images", type=int, default=100)
+    speed = sub.add_parser("speed", help="eval speed-up of gathered dispatch, ViT-S/16 random weights")
+    speed.add_argument("--reps", type=int, default=5)
+    speed.add_argument("--warmup", type=int, default=1)
+    for command in (free, dyt, trim):
+        command.add_argument("--model", choices=tuple(MODELS), default="second")
+        command.add_argument("--eval-images", type=int, default=2000)
+    for command in (free, dyt, trim, speed):
+        command.add_argument("--threads", type=int, default=1)
+        command.add_argument("--out", default="benchmarks/finetune-results.jsonl")
+    args = parser.parse_args()
+    {"free": run_free, "dyt": run_train, "smarttrim": run_train, "speed": run_speed}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

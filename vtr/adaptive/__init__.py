@@ -1,0 +1,177 @@
+"""Adaptive computation: methods that decide per token and per image how much of the model runs, without
+removing tokens (DyT: a token skips a block and comes back unchanged). They are not token reducers (no
+budget, no token state): each is patched with :func:`patch`, trains with the backbone frozen, and is
+undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
+``vtr.methods()`` (the reducers).
+
+    model = vtr.adaptive.patch(model, "dyt", dispatch="block", rate=0.5)
+    vtr.adaptive.trainable(model)                      # dispatchers and adapters only
+    with vtr.adaptive.complete(model), torch.no_grad():
+        teacher = model(images)                        # every token computed: the self-distillation teacher
+    with vtr.adaptive.decisions(model) as kept:
+        logits = model(images)
+    loss = ce(logits, labels) + kl(logits, teacher) + 2 * vtr.adaptive.rate_loss(kept)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters.base import restore_class, swap_class, unwrap
+from . import calls, dyt, smarttrim
+from .calls import Dispatch, Trim
+
+MODULE_NAME = "_vtr_adaptive"   # where the method's modules sit in the patched model
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a user needs to know of an adaptive method before patching it."""
+
+    description: str
+    stage: str       # where it acts: "tower" (inside a vision encoder's blocks)
+    trains: bool     # it has parameters that must be trained before it saves anything
+    paper: str
+    options: tuple[str, ...] = ()
+    build: Optional[Callable[..., nn.Module]] = None      # (model, **options) -> its modules
+    block_mixin: Optional[type] = None                    # swapped into every timm Block
+    model_mixin: Optional[type] = None                    # swapped into the model, if it needs one
+
+
+METHODS = {
+    "dyt": Method("dynamic tuning: a learned dispatcher per block lets tokens skip the MLP (or the whole block) and "
+                  "come back unchanged; light adapters; trained with the backbone frozen (DyT)", "tower", True,
+                  "Zhao et al., Dynamic Tuning Towards Parameter and Inference Efficiency for ViT Adaptation, "
+                  "arXiv 2403.11808", ("dispatch", "rate", "bottleneck", "tau", "noise"), dyt.build,
+                  dyt.DispatchingBlock),
+    "smarttrim": Method("learned per-image trimmers in every block prune tokens (for good) and attention heads (cut out "
+                        "of the projections); trained with self-distillation from the untrimmed model (SmartTrim)",
+                        "tower", True, "Wang et al., SmartTrim: Adaptive Tokens and Attention Pruning for Efficient "
+                        "Vision-Language Models, arXiv 2305.15033", ("flops", "tau", "noise", "start"), smarttrim.build,
+                        smarttrim.TrimmingBlock, smarttrim.TrimmingViT),
+}
+REFERENCE = "_vtr_adaptive_ref"   # each patched module's plain reference to the method's modules
+
+
+def methods() -> dict[str, Method]:
+    """Adaptive-computation methods by name, for :func:`patch`."""
+    return dict(METHODS)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(unwrap(model), MODULE_NAME, None), nn.Module)
+
+
+def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
+    """Patch a timm ``VisionTransformer`` in place with an adaptive method: ``"dyt"`` (options ``dispatch``, ``rate``,
+    ``bottleneck``, ``tau``, ``noise``; :mod:`vtr.adaptive.dyt`) or ``"smarttrim"`` (``flops``, ``tau``, ``noise``, ``start``;
+    :mod:`vtr.adaptive.smarttrim`). Its modules are created on the model's device and dtype and registered as
+    ``model._vtr_adaptive``. Returns ``model``."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    from ..adapters import is_patched as reduces
+
+    wrapper, model = model, unwrap(model)
+    if method not in METHODS:
+        raise ValueError(f"unknown adaptive method {method!r}; choose one of: {', '.join(METHODS)}")
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{method}: adaptive methods patch a timm VisionTransformer, got {type(model).__name__}")
+    if is_patched(model) or reduces(model):
+        raise ValueError(f"{method}: model is already patched by vtr; call vtr.unpatch(model) first")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise ValueError(f"{method}: model.blocks[{i}] is {type(block).__name__} with {type(block.attn).__name__}; "
+                             "adaptive methods support timm's Block with timm's Attention only")
+    spec = METHODS[method]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ValueError(f"{method} takes no option {', '.join(unknown)}; its options: {', '.join(spec.options)}")
+    modules = spec.build(model, **options)
+    weights = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weights is not None:
+        modules.to(device=weights.device, dtype=weights.dtype)
+    modules.train(model.training)
+    for layer, block in enumerate(model.blocks):
+        block._vtr_layer = layer
+        block.__dict__[REFERENCE] = modules   # a reference, not a submodule: one copy of the weights
+        swap_class(block, spec.block_mixin)
+    if spec.model_mixin is not None:
+        model.__dict__[REFERENCE] = modules
+        swap_class(model, spec.model_mixin)
+    setattr(model, MODULE_NAME, modules)
+    return wrapper
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: original block classes, no adaptive modules (``vtr.unpatch`` calls it)."""
+    wrapper, model = model, unwrap(model)
+    if not is_patched(model):
+        raise ValueError("model is not patched by vtr.adaptive.patch")
+    for block in model.blocks:
+        restore_class(block)
+        del block._vtr_layer
+        del block.__dict__[REFERENCE]
+    restore_class(model)
+    model.__dict__.pop(REFERENCE, None)
+    del model._modules[MODULE_NAME]
+    return wrapper
+
+
+def _modules(model: nn.Module) -> nn.Module:
+    if not is_patched(model):
+        raise ValueError("model is not patched by vtr.adaptive.patch; call vtr.adaptive.patch(model, 'dyt') first")
+    return getattr(unwrap(model), MODULE_NAME)
+
+
+def trainable(model: nn.Module) -> nn.Module:
+    """Freeze the backbone; the adaptive method's parameters (DyT: dispatchers and adapters; SmartTrim: trimmers)
+    train."""
+    own = {id(p) for p in _modules(model).parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in own)
+    return model
+
+
+@contextmanager
+def complete(model: nn.Module) -> Iterator[nn.Module]:
+    """Calls of ``model`` inside the block compute every token (DyT's "complete model", adapters included;
+    SmartTrim's untrimmed model): the teacher of their self-distillation. This thread only."""
+    with calls.completed(_modules(model)):
+        yield model
+
+
+@contextmanager
+def decisions(model: nn.Module) -> Iterator[list[Dispatch]]:
+    """Collect every block's dispatch decisions of the calls inside the block (this thread only), with their
+    gradient in training, for :func:`rate_loss` or to count what ran."""
+    with calls.collecting(_modules(model)) as found:
+        yield found
+
+
+def rate_loss(found: list[Dispatch]) -> Tensor:
+    """DyT's rate loss: ``(mean activation - rate) ** 2`` over every block, image and unprotected token."""
+    if not found:
+        raise ValueError("rate_loss needs the decisions of a pass: call the model inside vtr.adaptive.decisions")
+    keep = torch.stack([d.keep[:, d.num_protected:].float() for d in found])
+    return (keep.mean() - found[0].rate) ** 2
+
+
+def activation_rate(found: list[Dispatch]) -> float:
+    """The fraction of (block, image, unprotected token) the model computed in the collected passes."""
+    total = sum(d.keep[:, d.num_protected:].numel() for d in found)
+    return sum(float(d.keep[:, d.num_protected:].detach().float().sum()) for d in found) / max(total, 1)
+
+
+def flops_loss(found: list[Trim]) -> Tensor:
+    """SmartTrim's cost loss: ``(mean relative cost of the blocks - flops) ** 2``, the cost being each block's
+    (tokens x heads) share of its untrimmed cost, differentiable through the decisions; mean over images."""
+    trims = [d for d in found if isinstance(d, Trim)]
+    if not trims:
+        raise ValueError("flops_loss needs the trimming decisions of a pass: call a smarttrim-patched model inside "
+                         "vtr.adaptive.decisions")
+    return (torch.stack([d.spent for d in trims]).mean() - trims[0].target) ** 2
