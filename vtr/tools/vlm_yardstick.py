@@ -78,7 +78,7 @@ def recipe(family: str, quick: bool = False, **changes) -> VlmTraining:
     """The yardstick recipe of ``family`` ("llava" or "qwen"): the full one, or the quick one."""
     if family not in FAMILY:
         raise ValueError(f"family must be one of {', '.join(FAMILY)}, got {family!r}")
-    return VlmTraining(family=family, **(QUICK if quick else FAMILY[family]), **changes)
+    return VlmTraining(family=family, **{**(QUICK if quick else FAMILY[family]), **changes})
 
 
 # --- the models -----------------------------------------------------------------------------------
