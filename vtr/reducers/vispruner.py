@@ -81,6 +81,7 @@ class VisPruner(AttentionScored):
     paper = "VisPruner (Zhang et al., ICCV 2025, arXiv 2412.01818)"
     stages = ("tower", "before_lm")
     needs = frozenset({"cls_attention", "attention_received", "metric"})
+    requires_one_of = frozenset({"cls_attention", "attention_received"})   # select.tower_importance
 
     def __init__(self, important_ratio: float = 0.5, fuse: str = "nearest"):
         super().__init__(fuse)
