@@ -156,6 +156,22 @@ def check_decision_inputs(reducer: Reducer, state: TokenState, **signals: Option
                              f"of {values.numel()} values")
 
 
+def check_query(reducer: Reducer, query: Tensor, tokens: Tensor, what: str = "tokens") -> Tensor:
+    """``signals.query`` as ``[B or 1, Q, D]`` (a ``[B, D]`` query is one per image), checked against the ``tokens``
+    ``[B, U, D]`` it is compared with (``what`` names them in the error): one query per image or one for all."""
+    query = query[:, None] if query.dim() == 2 else query
+    if query.dim() != 3 or query.shape[1] == 0:
+        raise ValueError(f"{reducer.name}: signals.query must be [B, D] or [B, Q, D] with Q >= 1, got "
+                         f"{tuple(query.shape)}")
+    if query.shape[-1] != tokens.shape[-1]:
+        raise ValueError(f"{reducer.name}: the query has width {query.shape[-1]} but the {what} have width "
+                         f"{tokens.shape[-1]}")
+    if query.shape[0] not in (1, tokens.shape[0]):
+        raise ValueError(f"{reducer.name}: signals.query has {query.shape[0]} rows for a batch of {tokens.shape[0]}; "
+                         "give one query per image (or one for all)")
+    return query
+
+
 def unit_rows(metric: Tensor) -> Tensor:
     """Rows scaled to unit length for cosine similarity: float64 stays float64 (a reference test's decisions then
     never hinge on float32 rounding), anything else is computed in float32 (:func:`~vtr.reducers.base.unit`)."""
