@@ -261,3 +261,15 @@ def test_metadata():
         assert {"tower", "before_lm"} <= set(cls.stages)
         assert cls().default_layers(12) == [11]
     assert VisionZip().patch_defaults() == {"metric": "keys"}
+
+
+def test_what_they_cannot_run_without_is_declared():
+    """VisionZip, VisPruner, FasterVLM cannot run without the [CLS] row or the attention received (a family that
+    offers neither refuses them at patch time); DivPrune reads features only. A requirement outside needs is a
+    class-definition error."""
+    from vtr.core.signals import Need
+    for method in METHODS:
+        expected = set() if method == "divprune" else {Need.CLS_ATTENTION, Need.ATTENTION_RECEIVED}
+        assert vtr.reducers.REDUCERS[method].requires_one_of == expected
+    with pytest.raises(TypeError, match="requires_one_of must be a subset of its needs"):
+        type("Bad", (vtr.Reducer,), {"needs": frozenset({"metric"}), "requires_one_of": frozenset({"query"})})
