@@ -10,7 +10,7 @@ from typing import Iterator, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from . import adaptive, model_zoo
-from .adapters import find_adapter, is_patched, settings, thread_settings, unwrap
+from .adapters import UnsupportedModelError, find_adapter, is_patched, settings, thread_settings, unwrap
 from .budget.schedule import RSpec
 from .core import run as runs
 from .core.numbers import plain, plain_scalar
@@ -86,6 +86,18 @@ def check_stage(reducer: Reducer, method: str, where: str, adapter) -> None:
         hint = "patch a vision-language model"
     raise ValueError(f"method {method!r} applies {applies}, not {STAGE_WORDS[where]}: {hint} (the {adapter.name} "
                      "adapter would run it there; see vtr.methods(details=True))")
+
+
+def check_signals(reducer: Reducer, method: str, where: str, adapter, model: nn.Module) -> None:
+    """A method that cannot run without one of some signals (``Reducer.requires_one_of``) is refused at patch time
+    where the family offers none of them, naming each and why it lacks."""
+    missing = adapter.missing_signals(model, where)
+    if not reducer.requires_one_of or not reducer.requires_one_of <= set(missing):
+        return
+    lacks = "; ".join(f"{need.value}: {missing[need]}" for need in sorted(reducer.requires_one_of, key=str))
+    raise UnsupportedModelError(f"method {method!r} needs one of {', '.join(sorted(map(str, reducer.requires_one_of)))} "
+                                f"and the {adapter.name} adapter offers none {STAGE_WORDS[where]} ({lacks}); use a "
+                                "method that ranks tokens by their features (see vtr.methods(details=True))")
 
 
 def is_identity(method: str) -> bool:
@@ -187,6 +199,7 @@ def patch(
                          "learned reducers yet; use a training-free method (see vtr.methods())")
     layers = adapter.default_stage_layers(model, reducer, layers)
     check_stage(reducer, method, adapter.stage(layers), adapter)
+    check_signals(reducer, method, adapter.stage(layers), adapter, model)
     metric, prop_attn = patch_settings(reducer, adapter.metrics, metric, prop_attn)
     cost = adapter.cost(model, metric)
     schedule = adapter.make_schedule(model, reducer, r=r, keep=keep, flops=flops, layers=layers, metric=metric,

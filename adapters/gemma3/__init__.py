@@ -25,6 +25,7 @@ from vtr.budget import visual
 from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
+from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
 
 from .. import steps
@@ -66,6 +67,11 @@ class Gemma3(VlmAdapter):
             raise UnsupportedModelError(f"vtr's Gemma 3 adapter supports transformers' {SUPPORTED}; got {kind}, which "
                                         "is not supported (a text-only Gemma 3 has no visual tokens; for a bare "
                                         "Gemma3Model, patch the Gemma3ForConditionalGeneration that holds it)")
+
+    def missing_signals(self, model: nn.Module, stage: str) -> dict:
+        """Gemma 3's SigLIP tower has no [CLS] token, and the attention its tokens receive is not computed yet."""
+        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token",
+                Need.ATTENTION_RECEIVED: "the attention each token receives in its tower is not computed yet"}
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return cost(model, metric)

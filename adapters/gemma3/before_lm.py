@@ -21,13 +21,12 @@ from torch import Tensor, nn
 
 from vtr.core import run as runs
 from vtr.core.plan import Reduction
-from vtr.core.signals import Need
 
 from ..vlm import calls
 from ..vlm.calls import Compacted, Family
 from ..vlm.items import compact_items, reduce_items, report_fields, split_items
 from ..vlm.language import prefill_macs
-from ..vlm.prompt import pad_id, row_queries
+from ..vlm.prompt import item_queries, pad_id
 from ..vlm.run import opened
 from .common import VISION_ARGUMENTS, WHERE, Gemma3Report, cost, image_grid, token_types
 
@@ -47,10 +46,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
         encoded = model.model.get_image_features(inputs["pixel_values"], return_dict=True)
         features = list(encoded.pooler_output)
         items = split_items(features, [image_grid(model)] * len(features), placeholder, "image")
-        queries = None
-        if Need.QUERY in reduction.reducer.needs:
-            rows = torch.tensor([item.row for item in items], dtype=torch.long)
-            queries = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
+        queries = item_queries(model, reduction.reducer, items, input_ids, attention_mask, placeholder, run.query)
         reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))
         ids, mask, kept_positions = compact_items(input_ids, attention_mask, {"image": placeholder}, items, reduced,
                                                   pad_id(model, image), left)

@@ -26,6 +26,7 @@ from vtr.budget import visual
 from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
+from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
 
 from .. import steps
@@ -75,6 +76,13 @@ class InternVL(VlmAdapter):
                                         "which is not supported (for a bare InternVLModel, patch the "
                                         "InternVLForConditionalGeneration that holds it; the original remote-code "
                                         "InternVL checkpoints need converting to transformers' format)")
+
+    def missing_signals(self, model: nn.Module, stage: str) -> dict:
+        """InternViT's [CLS] token is dropped before the projector and its attention row is not kept yet; nor is
+        the attention each token receives."""
+        return {Need.CLS_ATTENTION: "InternViT's [CLS] attention row is not kept yet (the token is dropped before "
+                                    "the projector)",
+                Need.ATTENTION_RECEIVED: "the attention each token receives in its tower is not computed yet"}
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return cost(model, metric)

@@ -157,6 +157,15 @@ class Llava(VlmAdapter):
                 "'full'"
             )
 
+    def missing_signals(self, model: nn.Module, stage: str) -> dict:
+        """LLaVA-OneVision's SigLIP tower has no [CLS] token, and the attention its packed, interpolated tokens
+        receive is not computed yet; the other LLaVAs' CLIP towers give the [CLS] row."""
+        if not (video.is_video_model(model) and video.is_onevision(model)):
+            return {}
+        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token",
+                Need.ATTENTION_RECEIVED: "the attention each of its packed, interpolated tokens receives is not "
+                                         "computed yet"}
+
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return video.cost(model, metric) if video.is_video_model(model) else cost(model, metric)
 

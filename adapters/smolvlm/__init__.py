@@ -25,6 +25,7 @@ from vtr.budget import visual
 from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
+from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
 
 from .. import steps
@@ -74,6 +75,11 @@ class SmolVLM(VlmAdapter):
             raise UnsupportedModelError(f"vtr's SmolVLM adapter supports transformers' {SUPPORTED}; got {kind}, which "
                                         "is not supported (for a bare SmolVLMModel / Idefics3Model, patch the "
                                         "...ForConditionalGeneration that holds it)")
+
+    def missing_signals(self, model: nn.Module, stage: str) -> dict:
+        """SmolVLM's SigLIP tower has no [CLS] token, and the attention its tokens receive is not computed yet."""
+        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token",
+                Need.ATTENTION_RECEIVED: "the attention each token receives in its tower is not computed yet"}
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return cost(model, metric)

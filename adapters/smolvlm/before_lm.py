@@ -17,13 +17,12 @@ from torch import Tensor, nn
 
 from vtr.core import run as runs
 from vtr.core.plan import Reduction
-from vtr.core.signals import Need
 
 from ..vlm import calls
 from ..vlm.calls import Compacted, Family
 from ..vlm.items import compact_items, reduce_items, report_fields, split_items
 from ..vlm.language import prefill_macs
-from ..vlm.prompt import pad_id, row_queries
+from ..vlm.prompt import item_queries, pad_id
 from ..vlm.run import opened
 from .common import VISION_ARGUMENTS, WHERE, SmolVLMReport, cost, tile_grid, tile_tokens
 
@@ -44,10 +43,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
                                                  return_dict=True)
         tiles = [tile for row in encoded.pooler_output if len(row) for tile in row.split(per_tile)]
         items = split_items(tiles, [tile_grid(model)] * len(tiles), placeholder, "image")
-        queries = None
-        if Need.QUERY in reduction.reducer.needs:
-            rows = torch.tensor([item.row for item in items], dtype=torch.long)
-            queries = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
+        queries = item_queries(model, reduction.reducer, items, input_ids, attention_mask, placeholder, run.query)
         reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))
         ids, mask, kept_positions = compact_items(input_ids, attention_mask, {"image": placeholder}, items, reduced,
                                                   pad_id(model, image), left)

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from vtr.core.signals import Need
+
 
 def image_of_placeholder(placeholder: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """For each position: index of the image its placeholder belongs to, and its rank in that image.
@@ -100,6 +102,16 @@ def row_queries(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pla
             raise ValueError(f"query-conditioned reduction needs text in the prompt; row {row} has only image tokens")
         queries.append(embed(tokens)[None])
     return queries
+
+
+def item_queries(model: nn.Module, reducer, items: list, input_ids: Tensor, attention_mask: Tensor,
+                 placeholder: Tensor, given: Optional[Tensor]) -> Optional[list[Tensor]]:
+    """Per item (image or tile: ``item.row`` its prompt row), its row's query (:func:`row_queries`) where the reducer
+    reads one (``Need.QUERY``); None otherwise."""
+    if Need.QUERY not in reducer.needs:
+        return None
+    rows = torch.tensor([item.row for item in items], dtype=torch.long)
+    return row_queries(model, input_ids, attention_mask, placeholder, rows, given)
 
 
 def with_callers_prompt(output, input_ids: Tensor, compact_length: int):

@@ -4,7 +4,7 @@ placeholders sit, their grids), told by the family's :class:`Visuals` (``vtr.ada
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -49,6 +49,30 @@ class Visuals:
     def report_fields(self, items: list[Item]) -> dict:
         """The family's own fields of the report."""
         return {}
+
+
+class TiledVisuals(Visuals):
+    """Prompts of ``image_token_id`` placeholders, tile after tile, each tile the model's fixed count of tokens over
+    its square grid (InternVL, SmolVLM / Idefics3): a family sets ``report_kind`` and its ``tile_tokens(model)`` and
+    ``tile_grid(model)`` (``(1, rows, cols)``)."""
+
+    tile_tokens: Callable[[nn.Module], int]
+    tile_grid: Callable[[nn.Module], tuple]
+
+    def tokens(self, model: nn.Module) -> tuple[int, int]:
+        return self.tile_tokens(model), 0
+
+    def placeholder(self, model: nn.Module, input_ids: Tensor) -> Tensor:
+        return input_ids == model.config.image_token_id
+
+    def items(self, model: nn.Module, input_ids: Tensor, arguments: dict, run: VlmRun) -> list[Item]:
+        per_tile = self.tile_tokens(model)
+        found = int(self.placeholder(model, input_ids).sum())
+        if found % per_tile:
+            raise ValueError(f"the prompt has {found} image tokens, not a whole number of tiles of {per_tile}")
+        count = found // per_tile
+        return split_placeholders(self.placeholder(model, input_ids), [per_tile] * count,
+                                  [self.tile_grid(model)[1:]] * count)
 
 
 def split_placeholders(placeholder: Tensor, counts: list[int], grids: Optional[list] = None,

@@ -15,9 +15,11 @@ from test_one_file_method import FAMILIES, run
 METHODS = ["visionzip", "divprune", "vispruner", "fastervlm"]
 
 
-# LLaVA-OneVision's SigLIP tower has no [CLS] token and vtr computes no received attention for it: there only
-# DivPrune (features alone) runs; the others are a clear error (test_families_without_the_towers_attention_...).
-CASES = [(m, f) for m in METHODS for f in FAMILIES if m == "divprune" or f != "llava-onevision"]
+# LLaVA-OneVision's, Gemma 3's and SmolVLM's SigLIP towers have no [CLS] token, InternVL's [CLS] row is not kept,
+# and vtr computes no received attention for them: there only DivPrune (features alone) runs; the others are refused
+# at patch time (test_families_without_the_towers_attention_...).
+NEITHER = {"llava-onevision", "gemma3", "smolvlm", "internvl"}   # Gemma 3, SmolVLM: SigLIP; InternVL: CLS row not kept
+CASES = [(m, f) for m in METHODS for f in FAMILIES if m == "divprune" or f not in NEITHER]
 
 
 @pytest.mark.parametrize("method, family", CASES)
@@ -131,16 +133,20 @@ def test_on_qwen_fastervlm_keeps_the_tokens_that_receive_most_attention(qwen):
     assert not any(type(h).__name__ == "KeepReceived" for m in model.modules() for h in m._forward_hooks.values())
 
 
-@pytest.mark.parametrize("family", ["llava-onevision"])
+@pytest.mark.parametrize("family", ["llava-onevision", "gemma3", "smolvlm", "internvl"])
 @pytest.mark.parametrize("method", ["visionzip", "vispruner", "fastervlm"])
 def test_families_without_the_towers_attention_are_a_clear_error(family, method):
-    """LLaVA-OneVision (SigLIP: no [CLS] token; vtr computes no received attention for its packed, interpolated
-    tokens yet) offers neither signal: these methods refuse rather than rank by something their papers never used."""
+    """LLaVA-OneVision, Gemma 3, SmolVLM (SigLIP: no [CLS] token) and InternVL (its [CLS] row not kept) offer neither
+    signal (vtr computes no received attention for them yet): these methods refuse at patch time rather than rank by
+    something their papers never used, naming both signals and why each is missing."""
     build, rows, _ = FAMILIES[family]
-    model = vtr.patch(build(), method, budget=4)
-    with pytest.raises(ValueError, match=rf"{method} ranks visual tokens by the vision tower's \[CLS\] attention"):
-        run(model, rows(model))
-    vtr.unpatch(model)
+    model = build()
+    why = r"InternViT's \[CLS\] attention row" if family == "internvl" else r"its SigLIP tower has no \[CLS\] token"
+    with pytest.raises(vtr.adapters.UnsupportedModelError,
+                       match=rf"method '{method}' needs one of attention_received, cls_attention and the \w+ adapter "
+                             rf"offers none before the language model \(attention_received: .*; cls_attention: {why}"):
+        vtr.patch(model, method, budget=4)     # at patch time, not on the first call
+    assert not vtr.is_patched(model)
 
 
 @pytest.mark.parametrize("method", ["visionzip", "vispruner", "fastervlm"])

@@ -234,6 +234,26 @@ def test_nan_signals_are_refused(method, signal):
         vtr.make_reducer(method)(state, 8, signals)
 
 
+@pytest.mark.parametrize("method", ["visionzip", "divprune", "vispruner", "fastervlm"])
+def test_nan_on_padding_is_ignored_and_counted_on_real_tokens_only(method):
+    """Padding holds whatever the batch filled it with: only the real tokens' signals are checked and counted (the
+    check masks padding rather than indexing it out, so a weightless copy on the meta device can run it)."""
+    state, keys, attention = inputs(0, batch=2)
+    real = torch.ones(2, 30, dtype=torch.bool)
+    real[1, -10:] = False
+    state = TokenState.start(state.x, 1, padding_mask=real)
+    metric, cls_attention = keys.clone(), attention.clone()
+    metric[1, -1], cls_attention[1, -1] = float("nan"), float("inf")     # padding: ignored
+    vtr.make_reducer(method)(state, 8, Signals(metric=metric, cls_attention=cls_attention))
+    signal = "metric" if method == "divprune" else "cls_attention"
+    values = 50 * 6 if signal == "metric" else 50
+    bad = Signals(metric=metric, cls_attention=cls_attention)
+    getattr(bad, signal)[0, 3, ...].view(-1)[0] = float("nan")     # one value of a real token
+    with pytest.raises(ValueError, match=rf"{method}: signals.{signal} must be finite on the real tokens, got 1 NaN "
+                                         rf"or Inf of {values} values"):
+        vtr.make_reducer(method)(state, 8, bad)
+
+
 def test_metadata():
     for method in METHODS:
         cls = vtr.reducers.REDUCERS[method]
@@ -241,3 +261,15 @@ def test_metadata():
         assert {"tower", "before_lm"} <= set(cls.stages)
         assert cls().default_layers(12) == [11]
     assert VisionZip().patch_defaults() == {"metric": "keys"}
+
+
+def test_what_they_cannot_run_without_is_declared():
+    """VisionZip, VisPruner, FasterVLM cannot run without the [CLS] row or the attention received (a family that
+    offers neither refuses them at patch time); DivPrune reads features only. A requirement outside needs is a
+    class-definition error."""
+    from vtr.core.signals import Need
+    for method in METHODS:
+        expected = set() if method == "divprune" else {Need.CLS_ATTENTION, Need.ATTENTION_RECEIVED}
+        assert vtr.reducers.REDUCERS[method].requires_one_of == expected
+    with pytest.raises(TypeError, match="requires_one_of must be a subset of its needs"):
+        type("Bad", (vtr.Reducer,), {"needs": frozenset({"metric"}), "requires_one_of": frozenset({"query"})})

@@ -68,6 +68,12 @@ class Adapter:
         """Where this adapter runs a reducer given ``layers=`` (``Reducer.stages``): inside the encoder here."""
         return "tower"
 
+    def missing_signals(self, model: nn.Module, stage: str) -> dict:
+        """``{Need: why}`` for the signals this adapter cannot give a reducer at ``stage`` (a tower without a [CLS]
+        token has no [CLS] row): a method that requires one of its needs (``Reducer.requires_one_of``) and would
+        get none of them is refused at patch time, with these reasons, rather than failing on the first call."""
+        return {}
+
     def default_stage_layers(self, model: nn.Module, reducer, layers):
         """``layers=`` as given, or where a method that cannot act at this adapter's default stage acts
         instead (a vision-language model: an in-LM-only method's own default layers)."""

@@ -111,6 +111,15 @@ def _stages(text: str) -> tuple:
 YARDSTICKS = {"llava-task": "llava", "qwen-task": "qwen"}
 
 
+def _write(args: argparse.Namespace, document: dict, table: str) -> None:
+    """The table (or with --json the document) on stdout; --markdown the table, --out the document, to files."""
+    print(json.dumps(document, indent=2) if args.json else table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(document, indent=2))
+
+
 def _run_vlm(args: argparse.Namespace, log) -> int:
     if args.second or args.data:
         raise UsageError("--second" if args.second else "--data", f"does not apply to --model {args.model}")
@@ -124,12 +133,7 @@ def _run_vlm(args: argparse.Namespace, log) -> int:
     table = vlm_fidelity.format_table(results)
     setting = {"model": args.model, "training": asdict(training), "test_examples": count,
                "in_llm_layer": args.in_llm_layer, "chance": vlm_fidelity.chance_accuracy(examples)}
-    document = {"setting": setting, "results": [asdict(r) for r in results]}
-    print(json.dumps(document, indent=2) if args.json else table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    if args.out:
-        Path(args.out).write_text(json.dumps(document, indent=2))
+    _write(args, {"setting": setting, "results": [asdict(r) for r in results]}, table)
     if args.plot:
         lines(vlm_fidelity.accuracy_series(results), args.plot, "prefill FLOPs (fraction of the unreduced, measured)",
               "answer accuracy")
@@ -162,12 +166,7 @@ def run(args: argparse.Namespace) -> int:
     data = [(images.to(args.device), labels.to(args.device)) for images, labels in data]
     results = fidelity.evaluate(model, data, methods=args.methods, targets=args.targets, log=log)
     table = fidelity.format_table(results)
-    document = {"setting": setting, "results": [asdict(r) for r in results]}
-    print(json.dumps(document, indent=2) if args.json else table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    if args.out:
-        Path(args.out).write_text(json.dumps(document, indent=2))
+    _write(args, {"setting": setting, "results": [asdict(r) for r in results]}, table)
     if args.plot:
         frontier(fidelity.accuracy_series(results), args.plot, "top-1 accuracy")
     return 0

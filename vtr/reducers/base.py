@@ -32,6 +32,9 @@ class Reducer(nn.Module):
     paper: ClassVar[str] = ""              # short citation with its arXiv id ("" for a plain baseline)
     stages: ClassVar[tuple[str, ...]] = STAGES   # where it can act, a subset of STAGES (see vtr.methods)
     needs: ClassVar[frozenset[Need]] = frozenset()   # vtr.core.signals.Need; strings are checked and converted
+    # Of its needs, the ones it cannot run without at least one of (VisionZip: the tower's [CLS] row or the attention
+    # each token receives): a family that offers none of them refuses the method at patch time, naming what lacks.
+    requires_one_of: ClassVar[frozenset[Need]] = frozenset()
     max_step: ClassVar[float] = 1.0
     # True for filters that act on a block's *input* (ATF filters the embedded tokens before block 0):
     # the adapter then runs layer i's step before block i's attention instead of between its
@@ -52,8 +55,11 @@ class Reducer(nn.Module):
         super().__init_subclass__(**kwargs)
         try:
             cls.needs = _needs(*cls.needs)
+            cls.requires_one_of = _needs(*cls.requires_one_of)
         except ValueError as error:
             raise TypeError(f"{cls.__name__}.needs: {error}") from None
+        if not cls.requires_one_of <= cls.needs:
+            raise TypeError(f"{cls.__name__}.requires_one_of must be a subset of its needs")
         if not cls.stages or not set(cls.stages) <= set(STAGES):
             raise TypeError(f"{cls.__name__}.stages must be a non-empty subset of {STAGES}, got {cls.stages!r}")
         cls.stages = tuple(stage for stage in STAGES if stage in cls.stages)   # in STAGES' order

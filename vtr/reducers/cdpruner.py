@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..core.state import TokenState
 from .base import Reducer, Signals, register
-from .select import check_fuse, check_signal, fused_dest, fusion_macs, num_chosen, real_tokens
+from .select import check_fuse, check_query, check_signal, fused_dest, fusion_macs, num_chosen, real_tokens
 
 DEGENERATE = 1e-10   # a gain below this fraction of the largest first gain: the kernel's rank is exhausted
 
@@ -78,16 +78,7 @@ class CDPruner(Reducer):
         tokens = state.x[:, state.num_protected:]
         if query is None:
             return torch.ones(tokens.shape[:2], dtype=torch.float64, device=tokens.device)
-        query = query[:, None] if query.dim() == 2 else query
-        if query.dim() != 3 or query.shape[1] == 0:
-            raise ValueError(f"cdpruner: signals.query must be [B, D] or [B, Q, D] with Q >= 1, got "
-                             f"{tuple(query.shape)}")
-        if query.shape[-1] != tokens.shape[-1]:
-            raise ValueError(f"cdpruner: the query has width {query.shape[-1]} but the tokens have width "
-                             f"{tokens.shape[-1]}")
-        if query.shape[0] not in (1, tokens.shape[0]):
-            raise ValueError(f"cdpruner: signals.query has {query.shape[0]} rows for a batch of {tokens.shape[0]}; "
-                             "give one query per image (or one for all)")
+        query = check_query(self, query, tokens)
         tokens, query = tokens.double(), query.to(tokens.device).double()
         cosine = (tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ \
             (query / query.norm(dim=-1, keepdim=True).clamp_min(1e-12)).transpose(1, 2)   # [B, U, Q]

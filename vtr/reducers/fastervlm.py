@@ -38,6 +38,7 @@ class FasterVLM(AttentionScored):
     paper = "FasterVLM (Zhang et al., arXiv 2412.01818 v1)"
     stages = ("tower", "before_lm")
     needs = frozenset({"cls_attention", "attention_received"})
+    requires_one_of = frozenset({"cls_attention", "attention_received"})   # select.tower_importance
 
     def default_layers(self, num_layers: int) -> Optional[list[int]]:
         return last_layer(num_layers)

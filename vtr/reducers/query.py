@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..core.state import TokenState
 from .base import Reducer, Signals, check_finite, check_number, register, unit
-from .select import check_fuse, check_signal, fused_dest, fusion_macs, num_chosen, real_tokens, top_scores
+from .select import check_fuse, check_query, check_signal, fused_dest, fusion_macs, num_chosen, real_tokens, top_scores
 
 
 @register
@@ -108,15 +108,7 @@ class QueryPrune(Reducer):
             where = "tokens mapped by the model's query projection"
         else:
             where = "tokens (give projection= to map them)"
-        query = query[:, None] if query.dim() == 2 else query
-        if query.dim() != 3 or query.shape[1] == 0:
-            raise ValueError(f"query: signals.query must be [B, D] or [B, Q, D] with Q >= 1, got {tuple(query.shape)}")
-        if query.shape[-1] != tokens.shape[-1]:
-            raise ValueError(f"query: the query has width {query.shape[-1]} but the {where} have width "
-                             f"{tokens.shape[-1]}")
-        if query.shape[0] not in (1, tokens.shape[0]):
-            raise ValueError(f"query: signals.query has {query.shape[0]} rows for a batch of {tokens.shape[0]}; "
-                             "give one query per image (or one for all)")
+        query = check_query(self, query, tokens, where)
         # Dividing the [B, U, Q] products by the token norms spares a pass over the [B, U, C] tokens.
         tokens = tokens.float()
         cosine = (tokens @ unit(query.to(tokens.device)).transpose(1, 2)).amax(dim=-1)

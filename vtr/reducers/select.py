@@ -136,16 +136,40 @@ def fused_dest(state: TokenState, kept: Tensor, num_kept: int, fuse: str, metric
 
 def check_decision_inputs(reducer: Reducer, state: TokenState, **signals: Optional[Tensor]) -> None:
     """The signals a decision reads (a score, a metric) must be finite on the real tokens: top-k, argmax and
-    greedy selection on NaN pick arbitrary, even repeated, tokens without a word. One host sync per step."""
+    greedy selection on NaN pick arbitrary, even repeated, tokens without a word. One host sync per step.
+
+    Padding is masked rather than indexed out (a boolean index is a ``nonzero``, whose shape depends on data), and
+    a weightless copy on the meta device has no values to check: a fixed-budget method then profiles on the meta
+    device like any other (``vtr.profile_model`` without inputs)."""
     real = state.size > 0
     for name, value in signals.items():
-        if value is None:
+        if value is None or value.device.type == "meta":
             continue
-        values = value[real] if value.shape[:2] == real.shape else value
-        if not bool(torch.isfinite(values).all()):
+        per_token = value.shape[:2] == real.shape
+        finite = torch.isfinite(value)
+        if per_token:
+            finite = finite | ~real.view(*real.shape, *([1] * (value.dim() - 2)))
+        if not bool(finite.all()):
+            values = value[real] if per_token else value
             bad = int((~torch.isfinite(values)).sum())
             raise ValueError(f"{reducer.name}: signals.{name} must be finite on the real tokens, got {bad} NaN or Inf "
                              f"of {values.numel()} values")
+
+
+def check_query(reducer: Reducer, query: Tensor, tokens: Tensor, what: str = "tokens") -> Tensor:
+    """``signals.query`` as ``[B or 1, Q, D]`` (a ``[B, D]`` query is one per image), checked against the ``tokens``
+    ``[B, U, D]`` it is compared with (``what`` names them in the error): one query per image or one for all."""
+    query = query[:, None] if query.dim() == 2 else query
+    if query.dim() != 3 or query.shape[1] == 0:
+        raise ValueError(f"{reducer.name}: signals.query must be [B, D] or [B, Q, D] with Q >= 1, got "
+                         f"{tuple(query.shape)}")
+    if query.shape[-1] != tokens.shape[-1]:
+        raise ValueError(f"{reducer.name}: the query has width {query.shape[-1]} but the {what} have width "
+                         f"{tokens.shape[-1]}")
+    if query.shape[0] not in (1, tokens.shape[0]):
+        raise ValueError(f"{reducer.name}: signals.query has {query.shape[0]} rows for a batch of {tokens.shape[0]}; "
+                         "give one query per image (or one for all)")
+    return query
 
 
 def unit_rows(metric: Tensor) -> Tensor:

@@ -60,6 +60,7 @@ class VisionZip(Reducer):
     paper = "VisionZip (Yang et al., CVPR 2025, arXiv 2412.04467)"
     stages = ("tower", "before_lm")
     needs = frozenset({"cls_attention", "attention_received", "keys", "metric"})
+    requires_one_of = frozenset({"cls_attention", "attention_received"})   # select.tower_importance
     max_step = 1.0
 
     def __init__(self, contextual: float = 10 / 64, merge: str = "add"):

@@ -81,6 +81,7 @@ class VisPruner(AttentionScored):
     paper = "VisPruner (Zhang et al., ICCV 2025, arXiv 2412.01818)"
     stages = ("tower", "before_lm")
     needs = frozenset({"cls_attention", "attention_received", "metric"})
+    requires_one_of = frozenset({"cls_attention", "attention_received"})   # select.tower_importance
 
     def __init__(self, important_ratio: float = 0.5, fuse: str = "nearest"):
         super().__init__(fuse)
@@ -106,19 +107,25 @@ class VisPruner(AttentionScored):
         check_decision_inputs(self, state, cls_attention=signals.cls_attention,
                               attention_received=signals.attention_received, metric=metric)
         score, valid = tower_importance(self, state, signals), real_tokens(state)
-        kept = self.choose(score, valid, metric[:, state.num_protected:], num_chosen(state, num_kept, self.fuse))
+        kept = self.choose(score, valid, metric[:, state.num_protected:], num_chosen(state, num_kept, self.fuse),
+                           padded=state.padded)
         return state.reduce(fused_dest(state, kept, num_kept, self.fuse, signals.metric), num_kept)
 
-    def choose(self, score: Tensor, valid: Tensor, metric: Tensor, k: int) -> Tensor:
+    def choose(self, score: Tensor, valid: Tensor, metric: Tensor, k: int, padded: bool = True) -> Tensor:
         """``[B, k]`` kept indices in position order. Rows are grouped by their number of real tokens (the passes
         depend on it), so each row decides exactly as it would alone; padding only fills places no real token
-        can (a row with fewer than ``k`` real tokens keeps them all)."""
+        can (a row with fewer than ``k`` real tokens keeps them all). Without padding (``padded=False``, the
+        state's flag) every row is one group, read from the shapes: no host sync, and a weightless copy on the
+        meta device profiles."""
         by_attention = score.float().masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        real = valid.sum(dim=1)
         chosen = torch.zeros_like(valid)
         tokens = unit_rows(metric)
-        for count in real.unique().tolist():
-            rows = (real == count).nonzero()[:, 0]
+        if padded:
+            real = valid.sum(dim=1)
+            groups = [(count, (real == count).nonzero()[:, 0]) for count in real.unique().tolist()]
+        else:
+            groups = [(valid.shape[1], torch.arange(valid.shape[0], device=valid.device))]
+        for count, rows in groups:
             order = by_attention[rows, :count]                    # the row's real tokens, best attention first
             if count <= k:
                 picked = order
