@@ -20,7 +20,8 @@ def new_figure(**kwargs):
 def lines(series: Mapping[str, Sequence[tuple[float, float]]], path: str, xlabel: str, ylabel: str,
           log_x: bool = False) -> None:
     """Draw ``{label: [(x, y), ...]}`` into the PNG ``path``; ``log_x`` for batch sizes (1, 8, 32 ...)."""
-    figure = new_figure(figsize=(6, 4))
+    many = len(series) > 8   # the legend beside the axes, not over the lines
+    figure = new_figure(figsize=(9, 5) if many else (6, 4))
     axes = figure.subplots()
     for label, points in sorted(series.items()):
         axes.plot(*zip(*sorted(points)), marker="o", label=label)
@@ -31,7 +32,10 @@ def lines(series: Mapping[str, Sequence[tuple[float, float]]], path: str, xlabel
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
-    axes.legend()
+    if many:
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), ncol=1 + len(series) // 24)
+    else:
+        axes.legend()
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 

@@ -110,8 +110,8 @@ def evaluate(model: nn.Module, examples: "task.Examples", *, methods: Optional[S
     log(_line(rows[0]))
     # (row label, method, its options, the query it is given per example, the stages it runs at)
     oracle = (Oracle.name, Oracle.name, {}, oracle_scores(examples), STAGES[:1])
-    chosen = [oracle] + [(name, name, {}, None, stages) for name in (methods or default_methods())]
-    chosen += [(label, method, dict(options), None, stages) for label, (method, options) in
+    chosen = [oracle] + [(name, name, {}, None, _stages_of(name)) for name in (methods or default_methods())]
+    chosen += [(label, method, dict(options), None, _stages_of(method)) for label, (method, options) in
                (VARIANTS if variants is None else variants).items() if methods is None or method in methods]
     with _oracle_registered():
         for label, method, options, query, at in chosen:
@@ -124,6 +124,13 @@ def evaluate(model: nn.Module, examples: "task.Examples", *, methods: Optional[S
                                          query, result, reference, base, batch_size))
                     log(_line(rows[-1]))
     return rows
+
+
+def _stages_of(method: str) -> tuple:
+    """The evaluation's stages where ``method`` acts (its declared ``stages``): an in-LM-only method has no row
+    before the LM, a tower method none in it."""
+    declared = REDUCERS[method].stages
+    return tuple(stage for stage, name in zip(STAGES, ("before_lm", "in_lm")) if name in declared)
 
 
 def _measure(model, examples, probe, method, options, query, result, reference, base, batch_size) -> VlmResult:
