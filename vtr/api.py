@@ -8,7 +8,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from . import model_zoo
+from . import compression, model_zoo
 from .adapters import find_adapter, is_patched, settings, thread_settings, unwrap
 from .budget.schedule import RSpec
 from .core import run as runs
@@ -100,6 +100,8 @@ def patch(
     r, keep, flops, layers = plain(r, "r"), plain(keep, "keep"), plain(flops, "flops"), plain(layers, "layers")
     prop_attn = plain(prop_attn, "prop_attn")
     wrapper, model = model, unwrap(model)
+    if compression.is_compressed(model):
+        raise ValueError("model carries a vtr.compress module; call vtr.unpatch(model) before patching it")
     if is_patched(model):
         raise ValueError(
             f"model is already patched with {settings(model).describe()}; call vtr.unpatch(model) before "
@@ -221,8 +223,12 @@ def patch_settings(reducer: Reducer, metrics: Sequence[str], metric: Optional[st
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original classes, no hooks, no learned reducer, outputs identical to before patching."""
+    """Undo :func:`patch` (or ``vtr.compress``): original classes and projector, no hooks, no learned reducer or
+    compression module, outputs identical to before patching."""
     wrapper, model = model, unwrap(model)
+    if compression.is_compressed(model):
+        compression.uncompress(model)
+        return wrapper
     settings(model)
     find_adapter(model).unpatch(model)
     model._modules.pop(REDUCER_NAME, None)
@@ -233,8 +239,11 @@ def report(model: nn.Module) -> Report:
     """Tokens per layer and provenance from this thread's last forward pass of the patched model.
 
     A last call that ran unreduced (``vtr.disabled``, eval mode under ``active="train"``) is an error: the
-    report always describes the last call, never an earlier one as if it were it.
+    report always describes the last call, never an earlier one as if it were it. A model with a ``vtr.compress``
+    module gives its :class:`~vtr.compression.CompressionReport` (per image: the level it got, tokens before/after).
     """
+    if compression.is_compressed(model):
+        return compression.report(model)
     found = runs.last_call(thread_settings(model))
     if found is None:
         raise ValueError("no forward pass of this model yet in this thread: run the patched model once, then "
