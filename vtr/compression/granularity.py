@@ -112,10 +112,11 @@ class LearnedRouter(nn.Module):
         return int(self(tokens, question).argmax())
 
 
-def ranking_loss(logits: Tensor, answer_loss: Tensor, margin: float = 0.0) -> Tensor:
+def ranking_loss(logits: Tensor, answer_loss: Tensor, margin: float = 0.05) -> Tensor:
     """RGLF: ``logits`` ``[B, K]`` of the router, ``answer_loss`` ``[B, K]`` the language model's loss on the answer
     at each level. Every pair of levels the LM ranks apart (lower loss first) should get router probabilities in the
-    same order (hinge on the probability gap, plus ``margin``), and the LM's best level the most probability
+    same order by at least ``margin`` (a hinge on the probability gap: without a margin, tied probabilities would
+    never part), and the LM's best level the most probability
     (cross-entropy)."""
     p = logits.softmax(-1)
     better = answer_loss[:, :, None] < answer_loss[:, None, :]            # [B, i, j]: level i beats level j
