@@ -65,6 +65,16 @@ class Compression(nn.Module):
             self.__dict__["free_router"] = router
         self.__dict__["original_projector"] = None
 
+    @property
+    def routes(self) -> bool:
+        """Whether a router picks a level per image (adaptive granularity), rather than one fixed packing."""
+        return "router" in self._modules or self.__dict__.get("free_router") is not None
+
+    @property
+    def packs(self) -> bool:
+        """Whether the compression is a projector of its own in the model's place (TokenPacker)."""
+        return self.__dict__["original_projector"] is not None
+
     def describe(self) -> str:
         return f"{self.method}({', '.join(f'{k}={v!r}' for k, v in self.arguments.items())})"
 
@@ -197,7 +207,7 @@ def forced_level(model: nn.Module, factor: int) -> Iterator[None]:
     """Every image of the calls inside gets pooling level ``factor`` (one of the model's levels), whatever its
     router says: for measuring a fixed level, and for RGLF's per-level answer losses."""
     compression = compression_of(model)
-    if factor not in compression.levels or compression.method != "granularity":
+    if not compression.routes or factor not in compression.levels:
         raise ValueError(f"forced_level: factor must be one of the granularity levels {list(compression.levels)}, "
                          f"got {factor!r}")
     token = _FORCED.set(factor)
@@ -256,14 +266,14 @@ def encode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pixel_va
     counts = torch.full((len(features),), per_image, dtype=torch.long, device=input_ids.device)
     rows = image_rows(placeholder, counts)
     questions = None
-    if compression.method == "granularity":
+    if compression.routes:
         questions = row_queries(model, input_ids, attention_mask, placeholder, rows, None)
     return Encoded(features, questions, counts, rows, outputs)
 
 
 def compress_images(compression: Compression, encoded: Encoded) -> tuple[list, list]:
     """(features, level) per image."""
-    if compression.method != "granularity":
+    if not compression.routes:
         return encoded.features, [compression.scale] * len(encoded.features)
     kept, levels = [], []
     for tokens, question in zip(encoded.features, encoded.questions):

@@ -54,7 +54,7 @@ def train_projector(model: nn.Module, batches: Iterable[dict], steps: int, lr: f
     ``lora_rank``, then ``lora_steps`` more (default ``steps``) with LoRA on the LM's q/v projections too.
     Returns the losses. The model is left in eval mode with its original ``requires_grad`` flags."""
     compression = llava.compression_of(model)
-    if compression.method != "tokenpacker":
+    if not compression.packs:
         raise ValueError(f"train_projector trains a TokenPacker projector; this model is compressed with "
                          f"{compression.describe()}")
     if not isinstance(steps, int) or steps < 1 or not isinstance(lora_rank, int) or lora_rank < 0:
@@ -106,7 +106,7 @@ def train_router(model: nn.Module, batches: Iterable[dict], steps: int, lr: floa
     answer loss gets ``token_cost * tokens / N`` added before ranking, so near-ties go to fewer tokens."""
     compression = llava.compression_of(model)
     router = compression._modules.get("router")
-    if compression.method != "granularity" or router is None:
+    if router is None:
         raise ValueError("train_router trains the learned router of vtr.compress(model, 'granularity', "
                          f"router='learned'); this model has {compression.describe()}")
     if not isinstance(steps, int) or steps < 1 or token_cost < 0:
