@@ -177,7 +177,7 @@ def test_rglf_trains_only_the_router():
 
 @pytest.mark.parametrize("method, options, message", [
     ("pack", {}, "unknown compression 'pack'"),
-    ("tokenpacker", {"scale": 3}, "scale 3 must divide"),
+    ("tokenpacker", {"scale": 5}, "at most the patch grid"),
     ("tokenpacker", {"scale": 1}, "integer >= 2"),
     ("tokenpacker", {"layers": [5]}, r"layers must be hidden-state indexes of the 2-layer vision tower, in \[-3, 2\]"),
     ("tokenpacker", {"factor": 2}, "takes no option factor"),

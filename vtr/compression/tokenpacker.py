@@ -21,42 +21,58 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def regions(x: Tensor, grid: tuple[int, int], scale: int) -> Tensor:
+def cells(grid: tuple[int, int], scale: int) -> tuple[int, int]:
+    """The point-query grid: ``ceil(grid / scale)`` (a grid that ``scale`` does not divide gets smaller regions at
+    its bottom and right edges, as ``pool`` does: 8 x 8 at scale 3 -> 3 x 3 regions of 3, 3 and 2 rows)."""
+    return -(-grid[0] // scale), -(-grid[1] // scale)
+
+
+def regions(x: Tensor, grid: tuple[int, int], scale: int) -> tuple[Tensor, Tensor]:
     """``[B, N, C]`` tokens of a row-major ``grid`` as ``[B, M, s*s, C]``: for each of the ``M`` cells of the
-    ``grid / s`` grid (row-major), its ``s x s`` tokens (row-major within the cell)."""
+    :func:`cells` grid (row-major), its ``s x s`` tokens (row-major within the cell), zero past the grid's edge;
+    and ``[M, s*s]`` which of them are real."""
     b, n, c = x.shape
     rows, cols = grid
-    if rows * cols != n or rows % scale or cols % scale:
-        raise ValueError(f"regions: {n} tokens do not form a {rows} x {cols} grid that scale {scale} divides")
-    x = x.view(b, rows // scale, scale, cols // scale, scale, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (rows // scale) * (cols // scale), scale * scale, c)
+    if rows * cols != n:
+        raise ValueError(f"regions: {n} tokens do not form a {rows} x {cols} grid")
+    r, k = cells(grid, scale)
+    padded = x.new_zeros(b, r * scale, k * scale, c)
+    padded[:, :rows, :cols] = x.view(b, rows, cols, c)
+    real = torch.zeros(r * scale, k * scale, dtype=torch.bool, device=x.device)
+    real[:rows, :cols] = True
+    out = padded.view(b, r, scale, k, scale, c).permute(0, 1, 3, 2, 4, 5).reshape(b, r * k, scale * scale, c)
+    mask = real.view(r, scale, k, scale).permute(0, 2, 1, 3).reshape(r * k, scale * scale)
+    return out, mask
 
 
 def point_queries(x: Tensor, grid: tuple[int, int], scale: int) -> Tensor:
-    """The low-resolution point queries: ``[B, N, C]`` on ``grid`` bilinearly resized to ``grid / scale``,
+    """The low-resolution point queries: ``[B, N, C]`` on ``grid`` bilinearly resized to the :func:`cells` grid,
     ``[B, M, C]`` row-major (computed in float32 as the authors do, returned in ``x``'s dtype)."""
     b, n, c = x.shape
     image = x.float().view(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
-    small = F.interpolate(image, size=(grid[0] // scale, grid[1] // scale), mode="bilinear", align_corners=False)
+    small = F.interpolate(image, size=cells(grid, scale), mode="bilinear", align_corners=False)
     return small.permute(0, 2, 3, 1).reshape(b, -1, c).to(x.dtype)
 
 
-def dot_product_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-    """One head of scaled dot-product attention, ``[R, 1, C]`` queries over ``[R, K, C]`` keys."""
-    return F.scaled_dot_product_attention(query, key, value)
+def dot_product_attention(query: Tensor, key: Tensor, value: Tensor, real: Tensor) -> Tensor:
+    """One head of scaled dot-product attention, ``[R, 1, C]`` queries over the ``real`` (``[R, K]``) of
+    ``[R, K, C]`` keys."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=real[:, None, :])
 
 
 def region_to_point(query: Tensor, key: Tensor, value: Tensor, grid: tuple[int, int], scale: int,
-                    attend: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None) -> Tensor:
+                    attend: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None) -> Tensor:
     """Region-to-point injection: point query ``m`` (``[B, M, C]``) attends to the keys/values (``[B, N, C]`` on
-    ``grid``) of its own ``scale x scale`` region only. ``attend(q [R, 1, C], k [R, s*s, C], v) -> [R, 1, C']``
-    (default: one head of scaled dot-product attention). Returns ``[B, M, C']``."""
+    ``grid``) of its own ``scale x scale`` region only. ``attend(q [R, 1, C], k [R, s*s, C], v, real [R, s*s])
+    -> [R, 1, C']`` (``real``: the keys inside the grid; default: one head of scaled dot-product attention).
+    Returns ``[B, M, C']``."""
     b, m, c = query.shape
-    keys, values = regions(key, grid, scale), regions(value, grid, scale)
+    (keys, real), (values, _) = regions(key, grid, scale), regions(value, grid, scale)
     if keys.shape[1] != m:
         raise ValueError(f"region_to_point: {m} point queries for {keys.shape[1]} regions")
     flat = lambda t: t.reshape(b * m, scale * scale, t.shape[-1])   # noqa: E731  one region per attention row
-    out = (attend or dot_product_attention)(query.reshape(b * m, 1, c), flat(keys), flat(values))
+    out = (attend or dot_product_attention)(query.reshape(b * m, 1, c), flat(keys), flat(values),
+                                            real.repeat(b, 1))
     return out.reshape(b, m, out.shape[-1])
 
 
@@ -78,7 +94,7 @@ class TokenPacker(nn.Module):
     vision_width: the vision tower's width. levels: how many vision layers the keys/values read (their features
     come first in the input, the point queries' layer last). hidden_size: the language model's width. grid: the
     patch grid ``(rows, cols)`` (both divisible by ``scale``). scale: 2 packs 2 x 2 patches (1/4 of the tokens),
-    3 packs 3 x 3 (1/9). width: the attention's width (default the vision width); heads: its heads.
+    3 packs 3 x 3 (1/9); one that does not divide the grid leaves smaller regions at its edges. width: the attention's width (default the vision width); heads: its heads.
     """
 
     def __init__(self, vision_width: int, levels: int, hidden_size: int, grid: tuple[int, int], scale: int = 2,
@@ -88,9 +104,8 @@ class TokenPacker(nn.Module):
             raise ValueError(f"tokenpacker: scale must be an integer >= 2 (2 keeps 1/4 of the tokens, 3 keeps 1/9), "
                              f"got {scale!r}")
         rows, cols = grid
-        if rows % scale or cols % scale:
-            raise ValueError(f"tokenpacker: scale {scale} must divide the patch grid {rows} x {cols}; scales that "
-                             f"do: {', '.join(str(s) for s in range(2, min(rows, cols) + 1) if not rows % s and not cols % s) or 'none'}")
+        if scale > min(rows, cols):
+            raise ValueError(f"tokenpacker: scale must be at most the patch grid's side ({rows} x {cols}), got {scale}")
         if levels < 1:
             raise ValueError(f"tokenpacker: levels must be at least 1, got {levels}")
         width = width or vision_width
@@ -107,7 +122,8 @@ class TokenPacker(nn.Module):
     @property
     def num_tokens(self) -> int:
         """Tokens out per image."""
-        return (self.grid[0] // self.scale) * (self.grid[1] // self.scale)
+        rows, cols = cells(self.grid, self.scale)
+        return rows * cols
 
     def forward(self, features: Tensor) -> Tensor:
         expected = (self.levels + 1) * self.vision_width
@@ -118,7 +134,7 @@ class TokenPacker(nn.Module):
         multi, single = features[..., :-self.vision_width], features[..., -self.vision_width:]
         query = self.ln_q(self.q_proj(point_queries(single, self.grid, self.scale)))
         key, value = self.ln_k(self.k_proj(multi)), self.ln_v(self.v_proj(multi))
-        attend = lambda q, k, v: self.attention(q, k, v, need_weights=False)[0]   # noqa: E731
+        attend = lambda q, k, v, real: self.attention(q, k, v, key_padding_mask=~real, need_weights=False)[0]  # noqa: E731
         return self.mlp(region_to_point(query, key, value, self.grid, self.scale, attend))
 
 
