@@ -42,7 +42,7 @@ def _loop(model: nn.Module, parameters: list, batches: Iterable[dict], steps: in
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log is not None and (step + 1) % every == 0:
             log(f"step {step + 1}/{steps}: loss {sum(losses[-every:]) / len(losses[-every:]):.4f}")
     return losses
