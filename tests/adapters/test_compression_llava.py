@@ -181,7 +181,7 @@ def test_rglf_trains_only_the_router():
     ("tokenpacker", {"scale": 1}, "integer >= 2"),
     ("tokenpacker", {"layers": [5]}, r"layers must be hidden-state indexes of the 2-layer vision tower, in \[-3, 2\]"),
     ("tokenpacker", {"factor": 2}, "takes no option factor"),
-    ("granularity", {"levels": [1, 3]}, "levels must"),
+    ("granularity", {"levels": [1, 5]}, "levels must"),
     ("granularity", {"router": "oracle"}, "router must be"),
     ("granularity", {"tolerance": -0.1}, "tolerance"),
 ])

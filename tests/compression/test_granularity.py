@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from vtr.compression.granularity import (LearnedRouter, RelevanceRouter, blur, check_levels, pool_level,
-                                         ranking_loss)
+                                         ranking_loss, windows)
 
 GRID = (4, 4)
 LEVELS = (1, 2, 4)
@@ -60,7 +60,19 @@ def test_a_2x2_object_gets_the_middle_level():
     assert LEVELS[RelevanceRouter(tolerance=0.25).choose(tokens, question, GRID, LEVELS)] == 2
 
 
-@pytest.mark.parametrize("levels", [[1], [1, 1], [1, 3], 2, "124", [0, 2], [1, 2.0]])
+def test_pooling_a_grid_the_factor_does_not_divide_averages_smaller_edge_windows():
+    x = torch.arange(9.0).view(9, 1)          # a 3 x 3 grid
+    assert pool_level(x, (3, 3), 2)[:, 0].tolist() == [2.0, 3.5, 6.5, 8.0]
+    assert windows((3, 3), 2).tolist() == [0, 0, 1, 0, 0, 1, 2, 2, 3]
+    one = torch.zeros(9, dtype=torch.float64)
+    one[8] = 1.0                                # alone in its window: pooling places it exactly
+    assert float(blur(one, (3, 3), 2)) == 0.0
+    one = torch.zeros(9, dtype=torch.float64)
+    one[0] = 1.0
+    assert float(blur(one, (3, 3), 2)) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("levels", [[1], [1, 1], [1, 5], 2, "124", [0, 2], [1, 2.0]])
 def test_bad_levels_are_clear_errors(levels):
     with pytest.raises(ValueError, match="levels must"):
         check_levels(levels, GRID)

@@ -17,34 +17,44 @@ visual tokens and a router that picks one per image and question.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def check_levels(levels: Sequence[int], grid: tuple[int, int]) -> tuple[int, ...]:
-    """``levels`` as a sorted tuple of distinct pooling factors that divide ``grid``; a clear error otherwise."""
+def check_levels(levels: Sequence[int], grid: Optional[tuple[int, int]] = None) -> tuple[int, ...]:
+    """``levels`` as a sorted tuple of at least two distinct integer pooling factors (each at most the ``grid``'s
+    side where the grid is known); a clear error otherwise."""
     if isinstance(levels, (int, str)) or not levels:
         raise ValueError(f"granularity: levels must be a list of at least two pooling factors (e.g. [1, 2, 4]), "
                          f"got {levels!r}")
+    largest = None if grid is None else min(grid)
     bad = [f for f in levels if not isinstance(f, int) or isinstance(f, bool) or f < 1
-           or grid[0] % f or grid[1] % f]
+           or (largest is not None and f > largest)]
     if bad or len(set(levels)) != len(levels) or len(levels) < 2:
-        fits = [f for f in range(1, min(grid) + 1) if not grid[0] % f and not grid[1] % f]
-        raise ValueError(f"granularity: levels must be at least two distinct integer factors that divide the "
-                         f"{grid[0]} x {grid[1]} token grid (any of {fits}), got {list(levels)}")
+        limit = "" if largest is None else f", at most the token grid's side {largest}"
+        raise ValueError(f"granularity: levels must be at least two distinct integer pooling factors >= 1{limit}, "
+                         f"got {list(levels)}")
     return tuple(sorted(levels))
 
 
+def windows(grid: tuple[int, int], factor: int) -> Tensor:
+    """``[N]`` the ``factor x factor`` window (row-major over the ``ceil(grid / factor)`` grid) of each token of a
+    row-major ``grid``: a grid that ``factor`` does not divide gets smaller windows at its bottom and right edges."""
+    rows, cols = grid
+    r, c = torch.arange(rows)[:, None] // factor, torch.arange(cols)[None, :] // factor
+    return (r * -(-cols // factor) + c).flatten()
+
+
 def pool_level(tokens: Tensor, grid: tuple[int, int], factor: int) -> Tensor:
-    """``[N, D]`` row-major grid tokens averaged over ``factor x factor`` windows: ``[N / factor**2, D]``."""
+    """``[N, D]`` row-major grid tokens averaged over their :func:`windows`: ``[ceil(rows/f) * ceil(cols/f), D]``."""
     if factor == 1:
         return tokens
     d = tokens.shape[-1]
     image = tokens.view(1, grid[0], grid[1], d).permute(0, 3, 1, 2)
-    return F.avg_pool2d(image, factor).permute(0, 2, 3, 1).reshape(-1, d)
+    return F.avg_pool2d(image, factor, ceil_mode=True).permute(0, 2, 3, 1).reshape(-1, d)
 
 
 def relevance(tokens: Tensor, question: Tensor, temperature: float = 1.0) -> Tensor:
@@ -56,14 +66,14 @@ def relevance(tokens: Tensor, question: Tensor, temperature: float = 1.0) -> Ten
 
 
 def blur(p: Tensor, grid: tuple[int, int], factor: int) -> Tensor:
-    """Total variation between ``p`` (``[N]`` on ``grid``) and ``p`` with each ``factor x factor`` window replaced
-    by its mean: the relevance mass that level ``factor`` cannot place (0 for a level that keeps the grid)."""
+    """Total variation between ``p`` (``[N]`` on ``grid``) and ``p`` with each of its :func:`windows` replaced by
+    the window's mean: the relevance mass that level ``factor`` cannot place (0 for a level that keeps the grid)."""
     if factor == 1:
         return p.new_zeros(())
-    image = p.view(1, 1, *grid)
-    means = F.avg_pool2d(image, factor)
-    spread = F.interpolate(means, scale_factor=factor, mode="nearest")
-    return 0.5 * (image - spread).abs().sum()
+    window = windows(grid, factor).to(p.device)
+    count = torch.bincount(window).to(p.dtype)
+    means = torch.zeros_like(count).index_add_(0, window, p) / count
+    return 0.5 * (p - means[window]).abs().sum()
 
 
 class RelevanceRouter:
