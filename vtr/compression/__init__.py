@@ -9,29 +9,33 @@
 
 ``vtr.compressions()`` lists them, ``vtr.report(model)`` says what the last call did per image (which level each
 image got), ``vtr.unpatch(model)`` removes a compression. Models: transformers' LLaVA-1.5 format
-(``LlavaForConditionalGeneration``).
+(``LlavaForConditionalGeneration``: both) and Qwen2-VL / Qwen2.5-VL (granularity; :mod:`.qwen_vl`).
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
-from vtr.adapters.base import is_patched, settings, unwrap
+from vtr.adapters.base import family, is_patched, settings, unwrap
+from vtr.adapters.errors import UnsupportedModelError
 
-from . import llava
-from .llava import COMPRESSION, CompressionReport, forced_level
+from . import llava, module, qwen_vl
+from .module import COMPRESSION, CompressionReport, forced_level
 from .recipe import answer_losses, train_projector, train_router
 
 COMPRESSIONS = {
-    "tokenpacker": ("TokenPacker projector: s x s patches packed into one token by region-to-point attention over "
-                    "multi-level features (trained)", llava.tokenpacker),
-    "granularity": ("AVG-LLaVA adaptive granularity: pooling levels and a router per image and question "
-                    "(relevance: training-free; learned: RGLF)", llava.granularity),
+    "tokenpacker": "TokenPacker projector: s x s patches packed into one token by region-to-point attention over "
+                   "multi-level features (trained; LLaVA)",
+    "granularity": "AVG-LLaVA adaptive granularity: pooling levels and a router per image and question "
+                   "(relevance: training-free; learned: RGLF; LLaVA and Qwen-VL)",
 }
+FAMILIES = {"llava": llava, "qwen_vl": qwen_vl}   # vtr.family(model) -> the module that compresses it
 
 
 def compressions() -> dict[str, str]:
     """Compression module names with one-line descriptions, for ``vtr.compress(model, name, ...)``."""
-    return {name: description for name, (description, _) in sorted(COMPRESSIONS.items())}
+    return dict(sorted(COMPRESSIONS.items()))
 
 
 def compress(model: nn.Module, method: str, **options) -> nn.Module:
@@ -52,9 +56,12 @@ def compress(model: nn.Module, method: str, **options) -> nn.Module:
     if is_patched(model):
         raise ValueError(f"model is patched with {settings(model).describe()}; call vtr.unpatch(model) before "
                          "compressing it")
-    llava.check(model)
-    build = COMPRESSIONS[method][1]
-    import inspect
+    found = FAMILIES.get(family(model))
+    if found is None:
+        raise UnsupportedModelError(f"vtr.compress takes transformers' LlavaForConditionalGeneration (LLaVA-1.5 "
+                                    f"format) and Qwen2-VL / Qwen2.5-VL, got {type(model).__name__}")
+    found.check(model)
+    build = getattr(found, method)
     accepted = [p for p in inspect.signature(build).parameters if p != "model"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -73,14 +80,14 @@ def is_compressed(model: nn.Module) -> bool:
 def uncompress(model: nn.Module) -> nn.Module:
     """Remove the compression module (``vtr.unpatch`` does this for a compressed model)."""
     wrapper, model = model, unwrap(model)
-    llava.compression_of(model)
-    llava.detach(model)
+    module.compression_of(model)
+    module.detach(model)
     return wrapper
 
 
 def report(model: nn.Module) -> CompressionReport:
     """What this thread's last call with images did: per image its level and tokens before / after."""
-    return llava.last_report(unwrap(model))
+    return module.last_report(unwrap(model))
 
 
 __all__ = ["compress", "compressions", "is_compressed", "uncompress", "report", "forced_level", "CompressionReport",

@@ -13,78 +13,22 @@ each row runs what it would run alone, ``generate()`` returns the caller's own p
 """
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
-import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from vtr.adapters.base import Swapped, restore_class, swap_class
+from vtr.adapters.base import Swapped
 from vtr.adapters.errors import UnsupportedModelError
 from vtr.adapters.vlm.calls import refuse_position_ids
 from vtr.adapters.vlm.prompt import compact_prompt, image_rows, pad_id, row_queries, with_callers_prompt
 
 from .granularity import check_levels, pool_level
+from .module import Compression, CompressionReport, attach, compression_of, record
 from .tokenpacker import TokenPacker, grid_of
-
-COMPRESSION = "_vtr_compression"
-
-
-@dataclass
-class CompressionReport:
-    """What the last call of a compressed model did, per image (in prompt order)."""
-
-    method: str
-    image_rows: Tensor            # [I] the prompt row of each image
-    levels: Tensor                # [I] pooling factor each image got (granularity; TokenPacker: its scale)
-    tokens_before: Tensor         # [I] placeholders the prompt gave the image
-    tokens_after: Tensor          # [I] tokens the language model read
-    kept_positions: Tensor        # [B, L'] source column in the caller's prompt of each compacted column, -1 padding
-
-    @property
-    def mean_tokens(self) -> float:
-        return float(self.tokens_after.float().mean()) if self.tokens_after.numel() else 0.0
-
-
-class Compression(nn.Module):
-    """A compression's settings, its trainable parts (``router``) and, for TokenPacker, the original projector."""
-
-    def __init__(self, method: str, arguments: dict, grid: tuple[int, int], *, layers: Optional[list] = None,
-                 levels: Sequence[int] = (), router=None, scale: int = 1):
-        super().__init__()
-        self.method, self.arguments, self.grid = method, dict(arguments), grid
-        self.layers, self.levels, self.scale = layers, tuple(levels), scale
-        if isinstance(router, nn.Module):
-            self.router = router
-        else:
-            self.__dict__["free_router"] = router
-        self.__dict__["original_projector"] = None
-
-    @property
-    def routes(self) -> bool:
-        """Whether a router picks a level per image (adaptive granularity), rather than one fixed packing."""
-        return "router" in self._modules or self.__dict__.get("free_router") is not None
-
-    @property
-    def packs(self) -> bool:
-        """Whether the compression is a projector of its own in the model's place (TokenPacker)."""
-        return self.__dict__["original_projector"] is not None
-
-    def describe(self) -> str:
-        return f"{self.method}({', '.join(f'{k}={v!r}' for k, v in self.arguments.items())})"
-
-    def choose(self, tokens: Tensor, question: Tensor) -> int:
-        """Index of the level for one image; ``forced_level`` overrides the router."""
-        forced = _FORCED.get()
-        if forced is not None:
-            return self.levels.index(forced)
-        router = self._modules.get("router") or self.__dict__["free_router"]
-        return router.choose(tokens, question, self.grid, self.levels)
 
 
 # -- which model ------------------------------------------------------------------------------------------
@@ -105,7 +49,7 @@ def check(model: nn.Module) -> None:
     if not isinstance(model, LlavaForConditionalGeneration):
         raise UnsupportedModelError(
             f"vtr.compress takes a transformers LlavaForConditionalGeneration (LLaVA-1.5 format) so far, got "
-            f"{type(model).__name__} (LLaVA-NeXT's AnyRes crops and Qwen-VL are not supported yet)")
+            f"{type(model).__name__} (LLaVA-NeXT's AnyRes crops and LLaVA-OneVision are not supported yet)")
     if model.config.vision_feature_select_strategy != "default":
         raise UnsupportedModelError("vtr.compress needs vision_feature_select_strategy='default' (patch tokens "
                                     "only: the CLS token has no place on the patch grid)")
@@ -143,26 +87,6 @@ def check_layers(layers, num_layers: int) -> list[int]:
 
 # -- attaching and removing ---------------------------------------------------------------------------------
 
-def attach(model: nn.Module, compression: Compression, projector: Optional[nn.Module] = None) -> None:
-    """Install ``compression`` (and ``projector`` in place of the model's) on ``model``."""
-    weights = next(p for p in model.parameters() if p.is_floating_point())
-    compression.to(device=weights.device, dtype=weights.dtype)
-    if projector is not None:
-        projector.to(device=weights.device, dtype=weights.dtype).train(model.training)
-        compression.__dict__["original_projector"] = model.model.multi_modal_projector
-        model.model.multi_modal_projector = projector
-    compression.train(model.training)
-    setattr(model, COMPRESSION, compression)
-    swap_class(model, CompressedLlava)
-
-
-def detach(model: nn.Module) -> None:
-    compression = model._modules.pop(COMPRESSION)
-    if compression.original_projector is not None:
-        model.model.multi_modal_projector = compression.original_projector
-    restore_class(model)
-
-
 def tokenpacker(model: nn.Module, scale: int = 2, layers: Optional[Sequence[int]] = None,
                 width: Optional[int] = None, heads: Optional[int] = None) -> None:
     """Replace the projector with a :class:`~vtr.compression.tokenpacker.TokenPacker` of ``scale``."""
@@ -174,71 +98,36 @@ def tokenpacker(model: nn.Module, scale: int = 2, layers: Optional[Sequence[int]
     arguments = {"scale": scale, "layers": levels} | ({"width": width} if width else {}) | (
         {"heads": heads} if heads else {})
     attach(model, Compression("tokenpacker", arguments, grid, layers=levels + [query_layer], levels=(scale,),
-                              scale=scale), packer)
+                              scale=scale), CompressedLlava, packer)
 
 
 def granularity(model: nn.Module, levels: Sequence[int] = (1, 2, 4), router: str = "relevance",
                 tolerance: float = 0.25, temperature: float = 1.0) -> None:
     """Pool each image's projected tokens at the level its router picks for the image and question."""
+    grid = patch_grid(model)
+    attach(model, granularity_module(model.config.text_config.hidden_size, grid, levels, router, tolerance,
+                                     temperature), CompressedLlava)
+
+
+def granularity_module(width: int, grid: Optional[tuple[int, int]], levels: Sequence[int], router: str,
+                       tolerance: float, temperature: float) -> Compression:
+    """The granularity :class:`Compression` for tokens of ``width`` on ``grid`` (None: each image its own)."""
     from .granularity import LearnedRouter, RelevanceRouter
 
-    grid = patch_grid(model)
     levels = check_levels(list(levels) if not isinstance(levels, (int, str)) else levels, grid)
     arguments = {"levels": list(levels), "router": router}
     if router == "relevance":
         chosen = RelevanceRouter(tolerance, temperature)
         arguments |= {"tolerance": tolerance, "temperature": temperature}
     elif router == "learned":
-        chosen = LearnedRouter(model.config.text_config.hidden_size, len(levels))
+        chosen = LearnedRouter(width, len(levels))
     else:
         raise ValueError(f"granularity: router must be 'relevance' (training-free) or 'learned' (train it with "
                          f"vtr.compression.train_router), got {router!r}")
-    attach(model, Compression("granularity", arguments, grid, levels=levels, router=chosen))
+    return Compression("granularity", arguments, grid, levels=levels, router=chosen)
 
 
 # -- calls --------------------------------------------------------------------------------------------------
-
-_FORCED: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("vtr_forced_level", default=None)
-_LAST: contextvars.ContextVar = contextvars.ContextVar("vtr_compression_last", default=None)
-
-
-@contextmanager
-def forced_level(model: nn.Module, factor: int) -> Iterator[None]:
-    """Every image of the calls inside gets pooling level ``factor`` (one of the model's levels), whatever its
-    router says: for measuring a fixed level, and for RGLF's per-level answer losses."""
-    compression = compression_of(model)
-    if not compression.routes or factor not in compression.levels:
-        raise ValueError(f"forced_level: factor must be one of the granularity levels {list(compression.levels)}, "
-                         f"got {factor!r}")
-    token = _FORCED.set(factor)
-    try:
-        yield
-    finally:
-        _FORCED.reset(token)
-
-
-def compression_of(model: nn.Module) -> Compression:
-    compression = model._modules.get(COMPRESSION) if isinstance(model, nn.Module) else None
-    if compression is None:
-        raise ValueError("model is not compressed by vtr; call vtr.compress(model, ...) first")
-    return compression
-
-
-def last_report(model: nn.Module) -> CompressionReport:
-    calls = _LAST.get()
-    found = None if calls is None else calls.get(compression_of(model))
-    if found is None:
-        raise ValueError("no call with images of this compressed model yet in this thread: run it once, then read "
-                         "vtr.report(model)")
-    return found
-
-
-def _record(compression: Compression, report: CompressionReport) -> None:
-    calls = _LAST.get()
-    calls = weakref.WeakKeyDictionary() if calls is None else calls.copy()
-    calls[compression] = report
-    _LAST.set(calls)
-
 
 @dataclass
 class Encoded:
@@ -249,6 +138,7 @@ class Encoded:
     counts: Tensor          # [I] placeholders per image in the prompt
     rows: Tensor            # [I] prompt row of each image
     outputs: object         # the tower's output, whose pooler_output goes to the language model
+    grids: Optional[list] = None   # (rows, cols) per image where images differ (Qwen-VL)
 
 
 def encode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Encoded:
@@ -269,6 +159,14 @@ def encode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pixel_va
     if compression.routes:
         questions = row_queries(model, input_ids, attention_mask, placeholder, rows, None)
     return Encoded(features, questions, counts, rows, outputs)
+
+
+def router_inputs(model: nn.Module, batch: dict) -> tuple[list, Tensor]:
+    """Per image (tokens, question, grid), and each image's row, for training the router."""
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+    encoded = encode(model, batch["input_ids"], mask, batch["pixel_values"])
+    grid = compression_of(model).grid
+    return [(t, q[0], grid) for t, q in zip(encoded.features, encoded.questions)], encoded.rows
 
 
 def compress_images(compression: Compression, encoded: Encoded) -> tuple[list, list]:
@@ -300,7 +198,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
     ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, encoded.counts, kept,
                                                pad_id(model, image_token_id), left)
     encoded.outputs.pooler_output = features
-    _record(compression, CompressionReport(compression.method, encoded.rows.cpu(), torch.tensor(levels),
+    record(compression, CompressionReport(compression.method, encoded.rows.cpu(), torch.tensor(levels),
                                            encoded.counts.cpu(), kept.cpu(), kept_positions.cpu()))
     return ids, {"attention_mask": mask, "mm_encoder_outputs": {"image": encoded.outputs}}, kept_positions
 

@@ -4,6 +4,8 @@ A batch is the model's keyword arguments with ``labels`` (``input_ids``, ``atten
 ``labels``: -100 where no loss is taken), as a processor and a collator give them; the prompt keeps the
 processor's placeholders (the compressed model compacts it, labels included).
 
+Each level's share of tokens in the router's ``token_cost`` is ``1 / f**2`` (of a grid ``f`` divides).
+
 - :func:`train_projector`: TokenPacker's stage: the new projector alone learns the language-model loss (tower and
   LM frozen); ``lora_rank > 0`` then adds LoRA adapters (peft) to the LM's attention and trains them with it.
 - :func:`train_router`: RGLF (AVG-LLaVA): per batch the LM's answer loss at every level (no gradient), ranked,
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import llava
+from . import llava, module, qwen_vl
 from .granularity import ranking_loss
 
 
@@ -53,7 +55,7 @@ def train_projector(model: nn.Module, batches: Iterable[dict], steps: int, lr: f
     """Train a TokenPacker-compressed model's projector for ``steps`` batches (everything else frozen); with
     ``lora_rank``, then ``lora_steps`` more (default ``steps``) with LoRA on the LM's q/v projections too.
     Returns the losses. The model is left in eval mode with its original ``requires_grad`` flags."""
-    compression = llava.compression_of(model)
+    compression = module.compression_of(model)
     if not compression.packs:
         raise ValueError(f"train_projector trains a TokenPacker projector; this model is compressed with "
                          f"{compression.describe()}")
@@ -86,13 +88,13 @@ def train_projector(model: nn.Module, batches: Iterable[dict], steps: int, lr: f
 
 def answer_losses(model: nn.Module, batch: dict) -> Tensor:
     """``[B, K]`` each row's mean label loss at each granularity level (every image of the row at that level)."""
-    compression = llava.compression_of(model)
+    compression = module.compression_of(model)
     columns = []
     with torch.no_grad():
         for factor in compression.levels:
-            with llava.forced_level(model, factor):
+            with module.forced_level(model, factor):
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                kept = llava.last_report(model).kept_positions.to(batch["labels"].device)
+                kept = module.last_report(model).kept_positions.to(batch["labels"].device)
             labels = batch["labels"].gather(1, kept.clamp_min(0)).masked_fill(kept < 0, -100)
             loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none")
             counted = (labels[:, 1:] != -100).sum(1).clamp_min(1)
@@ -104,7 +106,7 @@ def train_router(model: nn.Module, batches: Iterable[dict], steps: int, lr: floa
                  log: Optional[Callable[[str], None]] = None) -> list[float]:
     """RGLF: train a granularity model's learned router for ``steps`` batches (nothing else changes). Each level's
     answer loss gets ``token_cost * tokens / N`` added before ranking, so near-ties go to fewer tokens."""
-    compression = llava.compression_of(model)
+    compression = module.compression_of(model)
     router = compression._modules.get("router")
     if router is None:
         raise ValueError("train_router trains the learned router of vtr.compress(model, 'granularity', "
@@ -113,14 +115,14 @@ def train_router(model: nn.Module, batches: Iterable[dict], steps: int, lr: floa
         raise ValueError(f"train_router: steps must be an int >= 1 and token_cost >= 0, got {steps!r}, {token_cost!r}")
 
     cost = torch.tensor([token_cost / f ** 2 for f in compression.levels])
+    family = qwen_vl if compression.family == "qwen_vl" else llava
 
     def loss_of(batch: dict) -> Tensor:
         targets = answer_losses(model, batch) + cost.to(batch["input_ids"].device)
-        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
         with torch.no_grad():
-            encoded = llava.encode(model, batch["input_ids"], mask, batch["pixel_values"])
-        logits = torch.stack([router(t, q[0]) for t, q in zip(encoded.features, encoded.questions)])
-        return ranking_loss(logits, targets[encoded.rows])
+            images, rows = family.router_inputs(model, batch)
+        logits = torch.stack([router(tokens, question) for tokens, question, _ in images])
+        return ranking_loss(logits, targets[rows])
 
     flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)

@@ -100,10 +100,10 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
 
     add("unreduced", measure(model, evaluation))
     for budget in (16, 9, 4):
-        for method in ["pool", *args.methods.split(",")]:
-            api.patch(model, method, budget=budget)
+        for name in ["pool", *args.methods.split(",")]:
+            api.patch(model, name, budget=budget)
             try:
-                add(f"{method} (budget {budget})", measure(model, evaluation))
+                add(f"{name} (budget {budget})", measure(model, evaluation))
             finally:
                 api.unpatch(model)
     for scale in (2, 3):
