@@ -67,16 +67,26 @@ def measure(model: nn.Module, examples: "task.Examples", batch_size: int = 250) 
 
 
 def timed_steps(minutes: float, step_seconds: float) -> int:
-    return max(1, int(minutes * 60 / step_seconds))
+    """Steps that fit in ``minutes`` at ``step_seconds`` each, with a fifth spare (the machine is shared)."""
+    return max(1, int(0.8 * minutes * 60 / step_seconds))
 
 
-def _probe_step(model: nn.Module, batches: Iterator[dict], train: Callable) -> float:
+def until(batches: Iterator[dict], minutes: float) -> Iterator[dict]:
+    """``batches`` until ``minutes`` have passed: a hard stop where the machine got slower than the probe said."""
+    stop = time.perf_counter() + minutes * 60
+    for item in batches:
+        if time.perf_counter() > stop:
+            return
+        yield item
+
+
+def _probe_step(model: nn.Module, batches: Iterator[dict], train: Callable, steps: int = 20) -> float:
     """Seconds per training step (a copy of the model, a few steps)."""
     import copy
     trial = copy.deepcopy(model)
     start = time.perf_counter()
-    train(trial, batches, 3)
-    return (time.perf_counter() - start) / 3
+    train(trial, batches, steps)
+    return (time.perf_counter() - start) / steps
 
 
 def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
@@ -84,7 +94,8 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
     parser.add_argument("--minutes", type=float, default=10.0, help="training time per TokenPacker scale")
     parser.add_argument("--router-minutes", type=float, default=5.0)
     parser.add_argument("--train", type=int, default=20_000, help="training questions")
-    parser.add_argument("--methods", default="divprune,visionzip,vispruner,fastervlm", help="pruning baselines")
+    parser.add_argument("--methods", default="divprune,visionzip,vispruner,fastervlm",
+                        help="pruning baselines ('' for none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -100,7 +111,7 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
 
     add("unreduced", measure(model, evaluation))
     for budget in (16, 9, 4):
-        for name in ["pool", *args.methods.split(",")]:
+        for name in ["pool", *filter(None, args.methods.split(","))]:
             api.patch(model, name, budget=budget)
             try:
                 add(f"{name} (budget {budget})", measure(model, evaluation))
@@ -112,7 +123,7 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
         step = _probe_step(model, batches, lambda m, b, n: compression.train_projector(m, b, n))
         steps = timed_steps(args.minutes, step)
         log(f"tokenpacker scale {scale}: {steps} steps of {step * 1000:.0f} ms")
-        compression.train_projector(model, batches, steps, log=log, lr=1e-3)
+        compression.train_projector(model, until(batches, args.minutes), steps, log=log, lr=1e-3)
         add(f"tokenpacker scale {scale} ({steps} steps)", measure(model, evaluation))
         api.unpatch(model)
     compression.compress(model, "granularity", levels=[1, 2, 4])
@@ -124,9 +135,9 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
     for token_cost in (0.0, 0.05):
         compression.compress(model, "granularity", levels=[1, 2, 4], router="learned")
         batches = answer_batches(model, training, seed=7)
-        step = _probe_step(model, batches, lambda m, b, n: compression.train_router(m, b, n, token_cost=token_cost))
+        step = _probe_step(model, batches, lambda m, b, n: compression.train_router(m, b, n, token_cost=token_cost), 5)
         steps = timed_steps(args.router_minutes / 2, step)
-        compression.train_router(model, batches, steps, token_cost=token_cost, log=log)
+        compression.train_router(model, until(batches, args.router_minutes / 2), steps, token_cost=token_cost, log=log)
         add(f"granularity, learned router (cost {token_cost}, {steps} steps)", measure(model, evaluation))
         api.unpatch(model)
     return rows
