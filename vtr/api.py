@@ -22,7 +22,9 @@ REDUCER_NAME = "_vtr_reducer"   # where a learned reducer sits in the patched mo
 
 
 def methods() -> dict[str, str]:
-    """Method names with one-line descriptions, for ``vtr.patch(model, name, ...)``."""
+    """Method names with one-line descriptions, for ``vtr.patch(model, name, ...)``. Modules that add parts of their
+    own to a VLM (TokenPacker's projector, adaptive granularity) are not reducers: ``vtr.compressions()`` lists them,
+    for ``vtr.compress(model, name, ...)``."""
     return {name: cls.description for name, cls in sorted(REDUCERS.items())}
 
 

@@ -215,6 +215,41 @@ def test_a_prompt_with_the_wrong_placeholder_count_is_a_clear_error():
         run(model, ids, mask, torch.randn(1, 3, 56, 56))
 
 
+def test_each_recipe_refuses_the_other_compression():
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=text_labels(ids, mask))
+    vtr.compress(model, "granularity")
+    with pytest.raises(ValueError, match="train_projector trains a TokenPacker projector"):
+        vtr.compression.train_projector(model, [batch], steps=1)
+    with pytest.raises(ValueError, match="train_router trains the learned router"):
+        vtr.compression.train_router(model, [batch], steps=1)       # the relevance router has nothing to train
+    vtr.unpatch(model)
+    vtr.compress(model, "tokenpacker")
+    with pytest.raises(ValueError, match="train_router trains the learned router"):
+        vtr.compression.train_router(model, [batch], steps=1)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        vtr.compression.train_projector(model, [batch], steps=0)
+
+
+def test_a_compressed_model_deep_copies_and_pickles():
+    """pickle before the first call (transformers then adds output-capturing closures no model pickles with)."""
+    import copy
+    import pickle
+
+    model = tiny_llava()
+    vtr.compress(model, "granularity", router="learned")
+    pickled = pickle.loads(pickle.dumps(model))
+    ids, mask, pixels = mixed_batch()
+    expected = run(model, ids, mask, pixels)
+    for clone in (copy.deepcopy(model), pickled):
+        assert torch.equal(run(clone, ids, mask, pixels), expected)
+        assert vtr.report(clone).levels.tolist() == vtr.report(model).levels.tolist()
+        vtr.unpatch(clone)
+        assert type(clone) is LlavaForConditionalGeneration
+    assert vtr.compression.is_compressed(model)
+
+
 def test_compressions_are_listed_beside_the_methods():
     assert set(vtr.compressions()) == {"tokenpacker", "granularity"}
     assert not set(vtr.compressions()) & set(vtr.methods())
