@@ -123,8 +123,8 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
         step = _probe_step(model, batches, lambda m, b, n: compression.train_projector(m, b, n))
         steps = timed_steps(args.minutes, step)
         log(f"tokenpacker scale {scale}: {steps} steps of {step * 1000:.0f} ms")
-        compression.train_projector(model, until(batches, args.minutes), steps, log=log, lr=1e-3)
-        add(f"tokenpacker scale {scale} ({steps} steps)", measure(model, evaluation))
+        done = len(compression.train_projector(model, until(batches, args.minutes), steps, log=log, lr=1e-3))
+        add(f"tokenpacker scale {scale} ({done} steps)", measure(model, evaluation))
         api.unpatch(model)
     compression.compress(model, "granularity", levels=[1, 2, 4])
     add("granularity, relevance router", measure(model, evaluation))
@@ -137,8 +137,9 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
         batches = answer_batches(model, training, seed=7)
         step = _probe_step(model, batches, lambda m, b, n: compression.train_router(m, b, n, token_cost=token_cost), 5)
         steps = timed_steps(args.router_minutes / 2, step)
-        compression.train_router(model, until(batches, args.router_minutes / 2), steps, token_cost=token_cost, log=log)
-        add(f"granularity, learned router (cost {token_cost}, {steps} steps)", measure(model, evaluation))
+        done = len(compression.train_router(model, until(batches, args.router_minutes / 2), steps,
+                                            token_cost=token_cost, log=log))
+        add(f"granularity, learned router (cost {token_cost}, {done} steps)", measure(model, evaluation))
         api.unpatch(model)
     return rows
 
