@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from vtr.compression.granularity import (LearnedRouter, RelevanceRouter, blur, check_levels, pool_level,
-                                         ranking_loss, windows)
+                                         ranking_loss, relevance, windows)
 
 GRID = (4, 4)
 LEVELS = (1, 2, 4)
@@ -111,3 +111,13 @@ def test_learned_router_gives_one_logit_per_level_and_depends_on_the_question():
     tokens = torch.randn(16, 16)
     a, b = router(tokens, torch.randn(3, 16)), router(tokens, torch.randn(5, 16))
     assert a.shape == (3,) and not torch.allclose(a, b)
+
+
+def test_relevance_does_not_depend_on_the_features_scale():
+    """Text and visual tokens share the LM's input space but not a scale: tiny projected features must not make
+    every map uniform (the raw products did, on the trained yardstick)."""
+    torch.manual_seed(0)
+    tokens, question = torch.randn(16, 8), torch.randn(3, 8)
+    for scale in (1e-3, 1.0, 1e3):
+        torch.testing.assert_close(relevance(scale * tokens, question), relevance(tokens, question))
+    assert float(relevance(tokens, torch.zeros(3, 8)).std()) == 0.0

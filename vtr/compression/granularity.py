@@ -3,8 +3,8 @@ visual tokens and a router that picks one per image and question.
 
 - :func:`pool_level`: the granularity scaler: ``f x f`` average pooling of the token grid (``f = 1`` keeps it).
 - :class:`RelevanceRouter` (training-free): how the question's relevance over the finest tokens would be blurred by
-  each level. The relevance is ``softmax(q . x / sqrt(D) / temperature)`` of the question's mean embedding ``q``
-  over the tokens ``x`` (both in the language model's input space); a level is fine enough when replacing each
+  each level. The relevance is a softmax over the tokens ``x`` of ``q . x`` (standardised over the image's tokens,
+  then divided by ``temperature``), ``q`` the question's mean embedding (both in the language model's input space); a level is fine enough when replacing each
   window's relevance by its window mean moves at most ``tolerance`` of the mass (total variation). The router takes
   the coarsest level that is fine enough: a question spread over the scene gets coarse tokens, one that singles out a
   few tokens gets fine ones.
@@ -16,7 +16,6 @@ visual tokens and a router that picks one per image and question.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -58,11 +57,17 @@ def pool_level(tokens: Tensor, grid: tuple[int, int], factor: int) -> Tensor:
 
 
 def relevance(tokens: Tensor, question: Tensor, temperature: float = 1.0) -> Tensor:
-    """``[N]`` the question's relevance over the tokens: a softmax of the scaled dot product of the question's mean
-    embedding (``[Q, D]``) with each token (``[N, D]``), computed in float64 so a choice never hinges on rounding."""
-    q = question.double().mean(0)
-    scores = tokens.double() @ q / math.sqrt(tokens.shape[-1]) / temperature
-    return scores.softmax(-1)
+    """``[N]`` the question's relevance over the tokens: a softmax of the standardised dot products of the
+    question's mean embedding (``[Q, D]``) with each token (``[N, D]``), divided by ``temperature``. Standardised
+    (zero mean, unit spread over the image's tokens) because text and visual tokens share the language model's
+    input space but not a scale: raw products of a trained LLaVA's small projected features give a near-uniform
+    map whatever the question. Computed in float64, so a choice never hinges on rounding; a question equally
+    relevant to every token gives the uniform map."""
+    scores = tokens.double() @ question.double().mean(0)
+    spread = scores.std() if scores.numel() > 1 else scores.new_zeros(())
+    if float(spread) <= 1e-12 * max(1.0, float(scores.abs().max())):
+        return torch.full_like(scores, 1.0 / scores.numel())
+    return ((scores - scores.mean()) / spread / temperature).softmax(-1)
 
 
 def blur(p: Tensor, grid: tuple[int, int], factor: int) -> Tensor:
