@@ -8,7 +8,7 @@ import vtr
 from vtr.compression.granularity import relevance
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from llava_models import (GENERATE, IMAGE_TOKEN, IMAGE_TOKENS, assert_each_row_equals_it_alone, generate, left_padded,
+from llava_models import (GENERATE, IMAGE_TOKEN, assert_each_row_equals_it_alone, generate, left_padded,
                           mixed_batch, prompt_row, text_labels, tiny_llava)
 
 

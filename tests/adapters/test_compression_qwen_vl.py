@@ -7,8 +7,7 @@ import torch
 import vtr
 from vtr.compression.granularity import relevance
 
-from qwen_vl_models import (END, IMAGE, START, GENERATE, Batch, batch, generate, logits, mixed_batch, tiny_qwen, tiny_qwen2,
-                            tokens)
+from qwen_vl_models import END, IMAGE, START, batch, generate, logits, mixed_batch, tiny_qwen, tiny_qwen2
 
 
 def run(model, inputs: dict):

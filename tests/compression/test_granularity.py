@@ -101,8 +101,9 @@ def test_ranking_pairs_cost_nothing_when_the_router_agrees():
     agreeing = torch.tensor([[5.0, 2.0, 0.0]])
     disagreeing = torch.tensor([[0.0, 2.0, 5.0]])
     ce = torch.nn.functional.cross_entropy
-    assert float(ranking_loss(agreeing, answer_loss, margin=0.0)) == pytest.approx(float(ce(agreeing, torch.tensor([0]))))
-    assert float(ranking_loss(disagreeing, answer_loss, margin=0.0)) > float(ce(disagreeing, torch.tensor([0])))
+    best = torch.tensor([0])
+    assert float(ranking_loss(agreeing, answer_loss, margin=0.0)) == pytest.approx(float(ce(agreeing, best)))
+    assert float(ranking_loss(disagreeing, answer_loss, margin=0.0)) > float(ce(disagreeing, best))
 
 
 def test_learned_router_gives_one_logit_per_level_and_depends_on_the_question():
@@ -115,7 +116,7 @@ def test_learned_router_gives_one_logit_per_level_and_depends_on_the_question():
 
 def test_relevance_does_not_depend_on_the_features_scale():
     """Text and visual tokens share the LM's input space but not a scale: tiny projected features must not make
-    every map uniform (the raw products did, on the trained yardstick)."""
+    every map uniform (raw products did, on the trained yardstick)."""
     torch.manual_seed(0)
     tokens, question = torch.randn(16, 8), torch.randn(3, 8)
     for scale in (1e-3, 1.0, 1e3):

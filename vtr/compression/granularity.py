@@ -4,8 +4,9 @@ visual tokens and a router that picks one per image and question.
 - :func:`pool_level`: the granularity scaler: ``f x f`` average pooling of the token grid (``f = 1`` keeps it).
 - :class:`RelevanceRouter` (training-free): how the question's relevance over the finest tokens would be blurred by
   each level. The relevance is a softmax over the tokens ``x`` of ``q . x`` (standardised over the image's tokens,
-  then divided by ``temperature``), ``q`` the question's mean embedding (both in the language model's input space); a level is fine enough when replacing each
-  window's relevance by its window mean moves at most ``tolerance`` of the mass (total variation). The router takes
+  then divided by ``temperature``), ``q`` the question's mean embedding (both in the language model's input
+  space); a level is fine enough when replacing each window's relevance by its window mean moves at most
+  ``tolerance`` of the mass (total variation). The router takes
   the coarsest level that is fine enough: a question spread over the scene gets coarse tokens, one that singles out a
   few tokens gets fine ones.
 - :class:`LearnedRouter`: the paper's router: one transformer layer over the finest visual tokens and the

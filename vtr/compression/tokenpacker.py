@@ -93,8 +93,9 @@ class TokenPacker(nn.Module):
 
     vision_width: the vision tower's width. levels: how many vision layers the keys/values read (their features
     come first in the input, the point queries' layer last). hidden_size: the language model's width. grid: the
-    patch grid ``(rows, cols)`` (both divisible by ``scale``). scale: 2 packs 2 x 2 patches (1/4 of the tokens),
-    3 packs 3 x 3 (1/9); one that does not divide the grid leaves smaller regions at its edges. width: the attention's width (default the vision width); heads: its heads.
+    patch grid ``(rows, cols)``. scale: 2 packs 2 x 2 patches (1/4 of the tokens), 3 packs 3 x 3 (1/9); one that
+    does not divide the grid leaves smaller regions at its edges. width: the attention's width (default the vision
+    width); heads: its heads.
     """
 
     def __init__(self, vision_width: int, levels: int, hidden_size: int, grid: tuple[int, int], scale: int = 2,
@@ -134,7 +135,9 @@ class TokenPacker(nn.Module):
         multi, single = features[..., :-self.vision_width], features[..., -self.vision_width:]
         query = self.ln_q(self.q_proj(point_queries(single, self.grid, self.scale)))
         key, value = self.ln_k(self.k_proj(multi)), self.ln_v(self.v_proj(multi))
-        attend = lambda q, k, v, real: self.attention(q, k, v, key_padding_mask=~real, need_weights=False)[0]  # noqa: E731
+        def attend(q: Tensor, k: Tensor, v: Tensor, real: Tensor) -> Tensor:
+            return self.attention(q, k, v, key_padding_mask=~real, need_weights=False)[0]
+
         return self.mlp(region_to_point(query, key, value, self.grid, self.scale, attend))
 
 

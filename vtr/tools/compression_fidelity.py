@@ -14,7 +14,7 @@ import time
 from typing import Callable, Iterator, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import api, compression
 from . import vqa_task as task
