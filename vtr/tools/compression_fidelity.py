@@ -94,12 +94,19 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
     parser.add_argument("--minutes", type=float, default=10.0, help="training time per TokenPacker scale")
     parser.add_argument("--router-minutes", type=float, default=5.0)
     parser.add_argument("--train", type=int, default=20_000, help="training questions")
+    parser.add_argument("--parts", default="baselines,tokenpacker,granularity",
+                        help="which rows: comma-separated baselines, tokenpacker, granularity")
     parser.add_argument("--methods", default="divprune,visionzip,vispruner,fastervlm",
                         help="pruning baselines ('' for none)")
+    parser.add_argument("--train-yardstick", action="store_true", help="train the yardstick if it is not cached")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = yardstick.trained_model(yardstick.recipe("llava"))
+    recipe = yardstick.recipe("llava")
+    if not yardstick.checkpoint_path(recipe).is_file() and not args.train_yardstick:
+        raise SystemExit(f"no trained yardstick at {yardstick.checkpoint_path(recipe)}: train it first (vtr fidelity "
+                         "--model llava-task, 20+ minutes) or pass --train-yardstick")
+    model = yardstick.trained_model(recipe)
     evaluation = task.make_examples(1200, seed=EVAL_SEED)
     training = task.make_examples(args.train, seed=TRAIN_SEED)
     rows = []
@@ -109,15 +116,16 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
         log(f"{label:38s} acc {result['accuracy']:.3f}  tokens {result['tokens']:5.1f}  {result['per_type']}"
             + (f"  levels {result['levels']}" if "levels" in result else ""))
 
+    parts = set(args.parts.split(","))
     add("unreduced", measure(model, evaluation))
-    for budget in (16, 9, 4):
+    for budget in (16, 9, 4) if "baselines" in parts else ():
         for name in ["pool", *filter(None, args.methods.split(","))]:
             api.patch(model, name, budget=budget)
             try:
                 add(f"{name} (budget {budget})", measure(model, evaluation))
             finally:
                 api.unpatch(model)
-    for scale in (2, 3):
+    for scale in (2, 3) if "tokenpacker" in parts else ():
         compression.compress(model, "tokenpacker", scale=scale)
         batches = answer_batches(model, training, seed=scale)
         step = _probe_step(model, batches, lambda m, b, n: compression.train_projector(m, b, n))
@@ -126,8 +134,13 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
         done = len(compression.train_projector(model, until(batches, args.minutes), steps, log=log, lr=1e-3))
         add(f"tokenpacker scale {scale} ({done} steps)", measure(model, evaluation))
         api.unpatch(model)
+    if "granularity" not in parts:
+        return rows
+    for temperature in (1.0, 0.5):
+        compression.compress(model, "granularity", levels=[1, 2, 4], temperature=temperature)
+        add(f"granularity, relevance router (temperature {temperature})", measure(model, evaluation))
+        api.unpatch(model)
     compression.compress(model, "granularity", levels=[1, 2, 4])
-    add("granularity, relevance router", measure(model, evaluation))
     for factor in (1, 2, 4):
         with compression.forced_level(model, factor):
             add(f"granularity, fixed level {factor}", measure(model, evaluation))
