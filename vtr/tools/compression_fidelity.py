@@ -115,6 +115,8 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
         rows.append((label, result))
         log(f"{label:38s} acc {result['accuracy']:.3f}  tokens {result['tokens']:5.1f}  {result['per_type']}"
             + (f"  levels {result['levels']}" if "levels" in result else ""))
+        if len(result.get("levels", ())) > 1:
+            log(f"{'':38s} images per level, by question type: {result['levels_by_type']}")
 
     parts = set(args.parts.split(","))
     add("unreduced", measure(model, evaluation))
