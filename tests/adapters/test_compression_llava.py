@@ -253,3 +253,16 @@ def test_a_compressed_model_deep_copies_and_pickles():
 def test_compressions_are_listed_beside_the_methods():
     assert set(vtr.compressions()) == {"tokenpacker", "granularity"}
     assert not set(vtr.compressions()) & set(vtr.methods())
+
+
+def test_the_report_describes_the_last_call_text_only_calls_and_generate_included():
+    model = tiny_llava()
+    vtr.compress(model, "tokenpacker")
+    ids, mask, pixels = mixed_batch()
+    generate(model, ids, mask, pixel_values=pixels)          # its decode steps keep the prefill's report
+    assert vtr.report(model).tokens_after.tolist() == [4, 4, 4]
+    text, text_mask = left_padded([[1, 20, 21]])
+    with torch.no_grad():
+        model(input_ids=text, attention_mask=text_mask)
+    report = vtr.report(model)
+    assert report.tokens_after.numel() == 0 and report.kept_positions.tolist() == [[0, 1, 2]]

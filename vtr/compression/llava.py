@@ -27,7 +27,7 @@ from vtr.adapters.vlm.calls import refuse_position_ids
 from vtr.adapters.vlm.prompt import compact_prompt, image_rows, pad_id, row_queries, with_callers_prompt
 
 from .granularity import check_levels, pool_level
-from .module import Compression, CompressionReport, attach, compression_of, record
+from .module import Compression, CompressionReport, attach, compression_of, generating, record, record_text_only
 from .tokenpacker import TokenPacker, grid_of
 
 
@@ -220,6 +220,7 @@ class CompressedLlava(Swapped):
             arguments.pop("self")
             arguments |= arguments.pop("kwargs", {})
             if arguments.get("pixel_values") is None:
+                record_text_only(compression_of(self), arguments.get("input_ids"))
                 return original_forward(self, **arguments)
             refuse_position_ids(arguments, "LLaVA")
             _refuse_vision_options(arguments)
@@ -239,14 +240,17 @@ class CompressedLlava(Swapped):
         input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
         pixel_values = kwargs.pop("pixel_values", None)
         if pixel_values is None:
-            return super().generate(input_ids, *args, **kwargs)
+            record_text_only(compression_of(self), input_ids)
+            with generating():
+                return super().generate(input_ids, *args, **kwargs)
         if kwargs.get("mm_encoder_outputs") is not None:
             raise ValueError("precomputed mm_encoder_outputs would bypass vtr's compression; pass pixel_values")
         refuse_position_ids(kwargs, "LLaVA")
         _refuse_vision_options(kwargs)
         with torch.no_grad():
             ids, prepared, _ = prepare(self, input_ids, kwargs.pop("attention_mask", None), pixel_values, True)
-        output = super().generate(ids, *args, **prepared, **kwargs)
+        with generating():
+            output = super().generate(ids, *args, **prepared, **kwargs)
         return with_callers_prompt(output, input_ids, ids.shape[1])
 
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from vtr.adapters.base import restore_class, swap_class
@@ -137,3 +138,27 @@ def record(compression: Compression, report: CompressionReport) -> None:
     calls = weakref.WeakKeyDictionary() if calls is None else calls.copy()
     calls[compression] = report
     _LAST.set(calls)
+
+
+_IN_GENERATE: contextvars.ContextVar[bool] = contextvars.ContextVar("vtr_compression_generating", default=False)
+
+
+@contextmanager
+def generating() -> Iterator[None]:
+    """Inside a compressed model's ``generate()``: its decode steps (forwards without images) keep the prefill's
+    report."""
+    token = _IN_GENERATE.set(True)
+    try:
+        yield
+    finally:
+        _IN_GENERATE.reset(token)
+
+
+def record_text_only(compression: Compression, input_ids: Optional[Tensor]) -> None:
+    """A call without images (not a decode step of ``generate()``): its report has no image and keeps every column,
+    so ``vtr.report`` never describes an earlier call as this one."""
+    if _IN_GENERATE.get() or input_ids is None:
+        return
+    empty = torch.zeros(0, dtype=torch.long)
+    columns = torch.arange(input_ids.shape[1]).expand(input_ids.shape[0], -1).clone()
+    record(compression, CompressionReport(compression.method, empty, empty, empty, empty, columns))

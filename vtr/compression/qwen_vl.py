@@ -23,7 +23,7 @@ from vtr.adapters.vlm.prompt import pad_id, row_queries, with_callers_prompt
 
 from .granularity import pool_level, windows
 from .llava import Encoded, granularity_module
-from .module import CompressionReport, attach, compression_of, record
+from .module import CompressionReport, attach, compression_of, generating, record, record_text_only
 
 
 def check(model: nn.Module) -> None:
@@ -153,6 +153,7 @@ class CompressedQwenVL(Swapped):
             arguments |= arguments.pop("kwargs", {})
             if arguments.get("pixel_values") is None:
                 _refuse_videos(arguments)
+                record_text_only(compression_of(self), arguments.get("input_ids"))
                 return original_forward(self, **arguments)
             _refuse_videos(arguments)
             refuse_position_ids(arguments, "Qwen-VL")
@@ -174,12 +175,15 @@ class CompressedQwenVL(Swapped):
         pixel_values = kwargs.pop("pixel_values", None)
         _refuse_videos(kwargs)
         if pixel_values is None:
-            return super().generate(input_ids, *args, **kwargs)
+            record_text_only(compression_of(self), input_ids)
+            with generating():
+                return super().generate(input_ids, *args, **kwargs)
         refuse_position_ids(kwargs, "Qwen-VL")
         with torch.no_grad():
             ids, prepared, _ = prepare(self, input_ids, kwargs.pop("attention_mask", None), pixel_values,
                                        kwargs.pop("image_grid_thw", None), kwargs.pop("mm_token_type_ids", None), True)
-        output = super().generate(ids, *args, **prepared, **kwargs)
+        with generating():
+            output = super().generate(ids, *args, **prepared, **kwargs)
         return with_callers_prompt(output, input_ids, ids.shape[1])
 
 
