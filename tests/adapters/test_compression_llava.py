@@ -81,6 +81,8 @@ def test_tokenpacker_state_dict_round_trips_strictly():
     assert torch.equal(run(fresh, ids, mask, pixels), run(model, ids, mask, pixels))
     with pytest.raises(RuntimeError, match="multi_modal_projector"):
         tiny_llava().load_state_dict(model.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="save model.state_dict"):
+        model.save_pretrained("never-written")
 
 
 @pytest.mark.parametrize("method, options", [("tokenpacker", {"scale": 2}), ("granularity", {"levels": [1, 2, 4]})])

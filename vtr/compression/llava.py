@@ -27,7 +27,8 @@ from vtr.adapters.vlm.calls import refuse_position_ids
 from vtr.adapters.vlm.prompt import compact_prompt, image_rows, pad_id, row_queries, with_callers_prompt
 
 from .granularity import check_levels, pool_level
-from .module import Compression, CompressionReport, attach, compression_of, generating, record, record_text_only
+from .module import (CompressedModel, Compression, CompressionReport, attach, compression_of, generating, record,
+                     record_text_only)
 from .tokenpacker import TokenPacker, grid_of
 
 
@@ -203,7 +204,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
     return ids, {"attention_mask": mask, "mm_encoder_outputs": {"image": encoded.outputs}}, kept_positions
 
 
-class CompressedLlava(Swapped):
+class CompressedLlava(CompressedModel, Swapped):
     """Mixed in front of the model's class: calls with pixel values run on the compacted prompt."""
 
     def __init_subclass__(cls, **kwargs) -> None:

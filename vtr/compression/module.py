@@ -162,3 +162,12 @@ def record_text_only(compression: Compression, input_ids: Optional[Tensor]) -> N
     empty = torch.zeros(0, dtype=torch.long)
     columns = torch.arange(input_ids.shape[1]).expand(input_ids.shape[0], -1).clone()
     record(compression, CompressionReport(compression.method, empty, empty, empty, empty, columns))
+
+
+class CompressedModel:
+    """What the families' mixins share beyond calls."""
+
+    def save_pretrained(self, *args, **kwargs):
+        raise ValueError("a vtr-compressed model has weights its own class cannot load (the compression's): save "
+                         "model.state_dict() instead, and load it strict into a model compressed the same way "
+                         "(vtr.compress(fresh, ...); fresh.load_state_dict(state, strict=True)), or vtr.unpatch first")

@@ -23,7 +23,7 @@ from vtr.adapters.vlm.prompt import pad_id, row_queries, with_callers_prompt
 
 from .granularity import pool_level, windows
 from .llava import Encoded, granularity_module
-from .module import CompressionReport, attach, compression_of, generating, record, record_text_only
+from .module import CompressedModel, CompressionReport, attach, compression_of, generating, record, record_text_only
 
 
 def check(model: nn.Module) -> None:
@@ -135,7 +135,7 @@ def router_inputs(model: nn.Module, batch: dict) -> tuple[list, Tensor]:
 _OWN = ("image_grid_thw", "mm_token_type_ids")
 
 
-class CompressedQwenVL(Swapped):
+class CompressedQwenVL(CompressedModel, Swapped):
     """Mixed in front of the model's class: calls with images run on the compacted prompt."""
 
     def __init_subclass__(cls, **kwargs) -> None:
