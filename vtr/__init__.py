@@ -8,7 +8,7 @@ The facade: the only module that imports every layer (core, reducers, budget, ad
 from . import adapters, compression, kernels, losses, reducers
 from ._version import __version__
 from .adapters import UnsupportedModelError, family
-from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, methods, patch, report, unpatch
+from .api import conditioned, expected_flops, expected_tokens, is_patched, make_reducer, method_table, methods, patch, report, unpatch
 from .budget.schedule import Schedule
 from .compression import compress, compressions
 from .core import Need, Reduction, Report, Signals, TokenState
@@ -21,7 +21,7 @@ from .tools.saving import load_reduction, save_reduction
 from .tools.visualize import visualize
 
 __all__ = [
-    "patch", "unpatch", "conditioned", "methods", "report", "is_patched", "make_reducer", "expected_tokens",
+    "patch", "unpatch", "conditioned", "methods", "method_table", "report", "is_patched", "make_reducer", "expected_tokens",
     "expected_flops", "family", "disabled", "trainable", "decisions", "losses", "TokenState", "Reducer", "Signals", "Need", "Schedule", "Reduction", "Report",
     "UnsupportedModelError", "adapters", "kernels", "reducers", "clip", "zoo", "profile_model", "visualize",
     "save_reduction", "load_reduction", "compress", "compressions", "compression",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import inspect
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 from torch import Tensor, nn
@@ -15,17 +16,78 @@ from .core import run as runs
 from .core.numbers import plain, plain_scalar
 from .core.plan import ACTIVE, METRICS, Reduction
 from .core.run import Report
+from .core.signals import Need
 from .reducers import REDUCERS, Reducer
+from .reducers.base import STAGE_WORDS
 
 
 REDUCER_NAME = "_vtr_reducer"   # where a learned reducer sits in the patched model (see attach_reducer)
 
 
-def methods() -> dict[str, str]:
-    """Method names with one-line descriptions, for ``vtr.patch(model, name, ...)``. Modules that add parts of their
-    own to a VLM (TokenPacker's projector, adaptive granularity) are not reducers: ``vtr.compressions()`` lists them,
-    for ``vtr.compress(model, name, ...)``."""
-    return {name: cls.description for name, cls in sorted(REDUCERS.items())}
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``vtr.methods(details=True)`` says of one method.
+
+    stages: where it can act, a subset of ("tower", "before_lm", "in_lm"): inside a vision tower (timm,
+    open_clip, Hugging Face ViTs), on a VLM's visual tokens before its language model, or inside the language
+    model (``layers=``). attention: it ranks tokens by attention (the CLS row in a tower, the last prompt
+    token's or the prompt text's rows in a language model, computed from q/k). query: it reads the prompt's
+    text or a query (``vtr.conditioned``).
+    training: it has parameters to train (a learned reducer). paper: short citation with its arXiv id.
+    """
+
+    name: str
+    description: str
+    stages: tuple[str, ...]
+    attention: bool
+    query: bool
+    training: bool
+    paper: str
+
+
+def methods(details: bool = False) -> Union[dict[str, str], dict[str, MethodInfo]]:
+    """Method names with one-line descriptions, for ``vtr.patch(model, name, ...)``; ``details=True``: a
+    :class:`MethodInfo` per name instead (stages, what it needs, its paper). Modules that add parts of their own to
+    a VLM (TokenPacker's projector, adaptive granularity) are not reducers: ``vtr.compressions()`` lists them, for
+    ``vtr.compress(model, name, ...)``."""
+    if not details:
+        return {name: cls.description for name, cls in sorted(REDUCERS.items())}
+    return {name: MethodInfo(name=name, description=cls.description, stages=tuple(cls.stages),
+                             attention=bool({Need.CLS_ATTENTION, Need.TEXT_ATTENTION} & cls.needs),
+                             query=bool({Need.QUERY, Need.INSTRUCTION} & cls.needs),
+                             training=bool(cls.learned), paper=cls.paper)
+            for name, cls in sorted(REDUCERS.items())}
+
+
+STAGE_COLUMNS = {"tower": "tower", "before_lm": "before LM", "in_lm": "in LM"}
+
+
+def method_table() -> str:
+    """The methods as a Markdown table (the README's is this one, checked by a test): name, description,
+    where each can act, what it needs (attention, a query, training) and its paper."""
+    lines = ["| method | what it does | " + " | ".join(STAGE_COLUMNS.values()) + " | needs | paper |",
+             "|---" * (len(STAGE_COLUMNS) + 4) + "|"]
+    for name, info in methods(details=True).items():
+        needs = [word for word, flag in (("attention", info.attention), ("query", info.query),
+                                         ("training", info.training)) if flag]
+        marks = ["yes" if stage in info.stages else "—" for stage in STAGE_COLUMNS]
+        lines.append(f"| `{name}` | {info.description} | " + " | ".join(marks) + f" | {', '.join(needs) or '—'} | {info.paper or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_stage(reducer: Reducer, method: str, where: str, adapter) -> None:
+    """A method at a stage it does not list is refused at patch time, with the stages it has."""
+    if where in reducer.stages:
+        return
+    applies = " and ".join(STAGE_WORDS[stage] for stage in reducer.stages)
+    if where == "in_lm":
+        hint = "leave out layers="
+    elif where == "before_lm":
+        hint = "give layers=[K] (decoder layers to prune at)"
+    else:
+        hint = "patch a vision-language model"
+    raise ValueError(f"method {method!r} applies {applies}, not {STAGE_WORDS[where]}: {hint} (the {adapter.name} "
+                     "adapter would run it there; see vtr.methods(details=True))")
 
 
 def is_identity(method: str) -> bool:
@@ -124,6 +186,8 @@ def patch(
     if reducer.learned and not adapter.learned_reducers:
         raise ValueError(f"method {method!r} is a learned reducer, and the {adapter.name} adapter does not take "
                          "learned reducers yet; use a training-free method (see vtr.methods())")
+    layers = adapter.default_stage_layers(model, reducer, layers)
+    check_stage(reducer, method, adapter.stage(layers), adapter)
     metric, prop_attn = patch_settings(reducer, adapter.metrics, metric, prop_attn)
     cost = adapter.cost(model, metric)
     schedule = adapter.make_schedule(model, reducer, r=r, keep=keep, flops=flops, layers=layers, metric=metric,

@@ -73,6 +73,18 @@ class VlmAdapter(Adapter):
     metrics = ("x",)
     learned_reducers = False
 
+    def stage(self, layers) -> str:
+        """Before the language model, or inside it with ``layers=``."""
+        return "before_lm" if layers is None else "in_lm"
+
+    def default_stage_layers(self, model: nn.Module, reducer, layers):
+        """A method that acts only inside the language model (DART, PyramidDrop) prunes at its own default
+        decoder layers when ``layers=`` is left out."""
+        if layers is None and "before_lm" not in reducer.stages and "in_lm" in reducer.stages:
+            found = reducer.default_layers(len(self.blocks(model)))
+            return layers if found is None else found
+        return layers
+
     def plan(self, layers=None, budget=None, frames: Optional[str] = None,
              temporal: Optional[float] = None) -> VisualPlan:
         """The typed settings every call reads (never ``Reduction.arguments``, which is what the user typed)."""

@@ -4,7 +4,9 @@
 last prompt token pays to every token still present is recomputed from the layer's own
 ``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding (one query row: O(L d), and it
 works whatever kernel the layer uses: SDPA, eager, ...). It is given to the reducer as the
-``cls_attention`` signal of each image's tokens (the hidden states are the metric), and the
+``cls_attention`` signal of each image's tokens (the hidden states are the metric; reducers that ask
+for them also get the layer's keys, ``signals.keys``, and the text after the image, ``signals.instruction``:
+its states, keys, attention rows and the language model's input, from a hook on the first layer), and the
 reducer decides per image which of them stay (stage i keeps ``budgets[i]`` per image; one state
 per image carries sizes and provenance through all stages). Layers in ``[Ki, Ki+1)`` (a
 *segment*) then see stage i's sequence: hidden states, rotary embeddings and position ids gathered
@@ -58,6 +60,7 @@ from torch import Tensor, nn
 from vtr.budget.visual import reduction_steps, step_counts
 from vtr.core import run as runs
 from vtr.core.plan import Reduction
+from vtr.core.signals import Need
 
 from ..base import remove_hooks
 from .language import decoder, language_cost, prefill_macs
@@ -84,10 +87,28 @@ class StageHook:
         return pruning.layer(self.stage, module, args, kwargs)
 
 
+class InputHook:
+    """Forward pre-hook on the first decoder layer, for reducers that read the prompt's text
+    (``Need.INSTRUCTION``): hands the language model's input (the embedded prompt, images in place) to the call's
+    :class:`Pruning` (SparseVLM picks its text raters from it). A plain class, as :class:`StageHook`."""
+
+    def __init__(self, reduction: Reduction):
+        self.reduction = reduction
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        run = runs.active(self.reduction)
+        pruning = run.pruning if isinstance(run, VlmRun) else None
+        if pruning is not None:
+            pruning.record_input(args[0] if args else kwargs["hidden_states"])
+        return None
+
+
 def install(model: nn.Module, reduction: Reduction, visuals: Visuals) -> None:
     """Settings and hooks of in-LLM pruning on ``model`` (patch time)."""
     stages = make_stages(model, reduction, visuals)
     layers = decoder(model).layers
+    if {Need.INSTRUCTION, Need.TEXT_ATTENTION} & reduction.reducer.needs:
+        layers[0].register_forward_pre_hook(InputHook(reduction), with_kwargs=True)
     starts = {layer: index for index, layer in enumerate(stages.layers)}
     for i in range(stages.layers[0], len(layers)):
         layers[i].register_forward_pre_hook(StageHook(reduction, starts.get(i)), with_kwargs=True)
@@ -96,6 +117,7 @@ def install(model: nn.Module, reduction: Reduction, visuals: Visuals) -> None:
 
 def uninstall(model: nn.Module) -> None:
     remove_hooks(decoder(model), StageHook)
+    remove_hooks(decoder(model), InputHook)
     model.__dict__.pop("_vtr_stages", None)
 
 

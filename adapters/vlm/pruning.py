@@ -11,16 +11,16 @@ from torch import Tensor, nn
 
 from vtr.budget.visual import image_budgets, reduction_steps
 from vtr.core import run as runs
-from vtr.core.signals import Signals
+from vtr.core.signals import Instruction, Need, Signals
 from vtr.core.state import TokenState
 
-from .language import language_cost, prefill_macs
+from .language import decoder, language_cost, prefill_macs
 from .prompt import kept_columns
 from .reduce import carried, padded
 from .report import text_only_report
 from .run import VlmRun
-from .sequence import (gather_slots, last_token_attention, padding_mask, real_columns, scoring_macs, segment_mask,
-                       slot_of_column)
+from .sequence import (gather_slots, last_token_attention, layer_keys, padding_mask, real_columns, rows_attention,
+                       scoring_macs, segment_mask, slot_of_column)
 from .stages import WHY, stages_of
 from .video import tokens_per_frame
 from .visuals import Item
@@ -63,6 +63,7 @@ class Pruning:
         self.length = 0                             # columns of the current forward's input
         self.replaying = False                      # the current forward continues the prefill's prompt, no cache
         self.positions: Optional[Tensor] = None     # [B, L'] columns the last layers saw in the current forward
+        self.embedded: Optional[Tensor] = None      # [B, L, D] the language model's input of the prompt being prefilled
 
     def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], cache, arguments: dict,
                 run: VlmRun) -> None:
@@ -70,7 +71,7 @@ class Pruning:
         pruning; its images come from the family's :class:`Visuals`."""
         if input_ids is None:
             raise ValueError("in-LLM pruning on a vtr-patched model needs input_ids (to find the image tokens)")
-        self.shared, self.replaying, self.positions = {}, False, None
+        self.shared, self.replaying, self.positions, self.embedded = {}, False, None, None
         prefilled = self.placeholder is not None and self.stage_columns[-1] is not None
         past = int(cache.get_seq_length()) if cache is not None else 0
         if prefilled and not past and self._continues(input_ids, attention_mask):
@@ -107,6 +108,12 @@ class Pruning:
         self.groups, self.reducer_macs = [], 0.0
         self.real_counts = [real.sum(1)]
         self.stage_columns = [None] * len(self.stages.layers)
+
+    def record_input(self, hidden: Tensor) -> None:
+        """The language model's input during the prefill (``InputHook``), for reducers that read the prompt's text
+        as it entered the language model."""
+        if self.placeholder is not None and self.stage_columns[0] is None and hidden.shape[1] == self.length:
+            self.embedded = hidden
 
     def _continues(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> bool:
         """``input_ids`` is the prefill's prompt followed by new (real) tokens: a forward of
@@ -155,6 +162,9 @@ class Pruning:
 
         if not self.groups:
             self.groups = self._image_groups()
+        needs = self.reduction.reducer.needs
+        keys = layer_keys(layer, hidden, cos, sin) if {Need.KEYS, Need.INSTRUCTION} & needs else None
+        entering = hidden
         hidden = hidden.clone()
         keep = (slot >= 0) & ~self.placeholder
         for group in self.groups:
@@ -163,8 +173,12 @@ class Pruning:
                 group.state = TokenState.start(hidden[rows, group.columns], self.protected)
                 group.tokens, group.stage_tokens = [group.state.num_tokens], [group.state.num_tokens]
             current = slot[rows, group.state.first_carried(group.columns, length)]   # [G, n] slot of each token
+            instruction = self._instruction(group, layer, entering, keys, slot, current, cos, sin,
+                                            Need.TEXT_ATTENTION in needs) \
+                if {Need.INSTRUCTION, Need.TEXT_ATTENTION} & needs else None
             group.state = self._reduce(group, group.state.with_x(hidden[rows, current]), scores[rows, current],
-                                       group.budgets[stage])
+                                       group.budgets[stage], None if keys is None else keys[rows, current],
+                                       instruction)
             group.stage_tokens.append(group.state.num_tokens)
             # Each output token sits at the first prompt column it carries; text stays, padding goes.
             first = group.state.first_carried(group.columns, length)
@@ -217,11 +231,39 @@ class Pruning:
             groups.append(ImageGroup(
                 images, torch.tensor([[self.items[i].row] for i in images], device=device),
                 torch.stack([self.items[i].columns for i in images]),
-                image_budgets(self.stages.budget, key[0], self.protected, len(self.stages.layers)), key[1]))
+                image_budgets(self.stages.budget, key[0], self.protected, len(self.stages.layers),
+                              self.reduction.reducer), key[1]))
         return groups
 
-    def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int) -> TokenState:
-        """The reducer's steps from the state's tokens down to ``budget`` (scores: attention to each token)."""
+    def _instruction(self, group: ImageGroup, layer: nn.Module, hidden: Tensor, keys: Optional[Tensor], slot: Tensor,
+                     current: Tensor, cos: Tensor, sin: Tensor, with_attention: bool) -> Instruction:
+        """Each image's :class:`Instruction`: the real text tokens after its last placeholder, in prompt order, as
+        the current layer holds them (text is never pruned, so every one is still there), and ``with_attention``
+        the attention each pays to the image's current tokens (``current``: their slots)."""
+        rows = group.rows[:, 0]
+        columns = torch.arange(self.length, device=slot.device)
+        after = (columns[None] > group.columns.amax(dim=1, keepdim=True)) & ~self.placeholder[rows] & (slot[rows] >= 0)
+        count = int(after.sum(dim=1).max()) if after.numel() else 0
+        order = after.byte().argsort(dim=1, descending=True, stable=True)[:, :count]   # text columns first, in order
+        valid = after.gather(1, order)
+        where = slot[rows].gather(1, order).clamp_min(0)
+        pick = lambda values: values[rows[:, None], where]   # noqa: E731
+        attention = None
+        if with_attention:
+            real = self.columns[rows] >= 0
+            attention = rows_attention(layer, hidden[rows], cos.expand(hidden.shape[0], *cos.shape[1:])[rows],
+                                       sin.expand(hidden.shape[0], *sin.shape[1:])[rows], real, where)   # [G, T, L']
+            attention = attention.gather(2, current[:, None, :].expand(-1, attention.shape[1], -1))
+        embedded = self.embedded
+        return Instruction(hidden=pick(hidden), valid=valid, keys=None if keys is None else pick(keys),
+                           norm=decoder(self.model).norm, attention=attention,
+                           input_text=None if embedded is None else embedded[rows[:, None], order],   # by column
+                           input_image=None if embedded is None else embedded[group.rows, group.columns])
+
+    def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int,
+                keys: Optional[Tensor] = None, instruction: Optional[Instruction] = None) -> TokenState:
+        """The reducer's steps from the state's tokens down to ``budget`` (scores: attention to each token; keys:
+        each token's attention keys and the text after the image, for the reducers that read them)."""
         reducer, protected = self.reduction.reducer, state.num_protected
         steps = reduction_steps(state.num_tokens, budget, reducer, protected) if not reducer.identity else []
         # Spatial grid only while the tokens are the image's untouched patches (the first stage).
@@ -231,7 +273,8 @@ class Pruning:
         reduced = state.restarted()
         for step, remove in enumerate(steps):
             signals = Signals(metric=reduced.x, layer=step, num_layers=len(steps),
-                              cls_attention=carried(scores, reduced), grid=None if reduced.is_reduced else grid)
+                              cls_attention=carried(scores, reduced), grid=None if reduced.is_reduced else grid,
+                              keys=None if keys is None else first_of(keys, reduced), instruction=instruction)
             self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost,
                                                                           reduced.num_tokens - remove)
             reduced = reducer(reduced, reduced.num_tokens - remove, signals)
@@ -274,3 +317,10 @@ def frame_counts(state: TokenState, row: int, item: Item) -> list[int]:
         return [state.num_tokens]
     frames, rows, cols = item.video_grid
     return tokens_per_frame(state.first_carried()[row], frames, rows * cols)
+
+
+def first_of(values: Tensor, state: TokenState) -> Tensor:
+    """``values`` ``[G, n, ...]`` of a stage's tokens, for each current token of ``state`` (restarted at the
+    stage): the value of the first token it carries (a kept token carries itself)."""
+    first = state.first_carried().clamp_min(0)
+    return values.gather(1, first.view(*first.shape, *[1] * (values.dim() - 2)).expand(-1, -1, *values.shape[2:]))

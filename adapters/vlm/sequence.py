@@ -50,6 +50,37 @@ def padding_mask(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
     return attention_mask
 
 
+def layer_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``[B, L, Hk * d]`` the attention keys the layer computes for every position (its input norm, ``k_proj`` and
+    rotary embedding; heads concatenated, as DART's code reads them)."""
+    attn = layer.self_attn
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    batch, length, _ = hidden.shape
+    k = attn.k_proj(layer.input_layernorm(hidden)).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    k = rotate(k, k, cos, sin)[0]
+    return k.transpose(1, 2).reshape(batch, length, -1)
+
+
+def rows_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor, rows: Tensor) -> Tensor:
+    """``[B, T, L]`` head-mean attention of the positions ``rows`` ``[B, T]`` to every position, each row a softmax
+    over its own causal prefix (real positions only), from the layer's own norm, q/k projections and rotary
+    embedding: T query rows, O(T L d), whatever kernel the layer runs."""
+    attn = layer.self_attn
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    batch, length, _ = hidden.shape
+    x = layer.input_layernorm(hidden)
+    picked = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    q = attn.q_proj(picked).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    at = lambda table: table.expand(batch, *table.shape[1:]).gather(   # noqa: E731
+        1, rows[..., None].expand(-1, -1, table.shape[-1]))
+    q = rotate(q, q, at(cos), at(sin))[0]
+    k = rotate(k, k, cos, sin)[0].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    allowed = real[:, None, :] & (torch.arange(length, device=rows.device)[None, None, :] <= rows[..., None])
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling + additive(allowed, torch.float32)
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
 def last_token_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor) -> Tensor:
     """Head-mean attention of the last position to every position ``[B, L]``, from the layer's own
     norm, q/k projections (and per-head q/k norms, where it has them) and rotary embedding (what its attention

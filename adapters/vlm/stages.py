@@ -50,7 +50,8 @@ def make_stages(model: nn.Module, reduction: Reduction, visuals: Visuals) -> Sta
     budget = reduction.visual.budget
     # Stage budgets of the largest image, or of one the size of the budget where images have no largest (Qwen-VL).
     largest = max([num_tokens, *(budget if isinstance(budget, (list, tuple)) else [budget or 0])])
-    budgets = stage_budgets(num_tokens if budget is None else budget, largest, protected, len(layers))
+    budgets = stage_budgets(num_tokens if budget is None else budget, largest, protected, len(layers),
+                            reduction.reducer)
     budget = tuple(budget) if isinstance(budget, (list, tuple)) else budgets[-1]  # an int, or all of the largest
     return Stages(tuple(layers), tuple(budgets), budget, visuals)
 

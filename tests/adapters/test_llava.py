@@ -355,7 +355,8 @@ def test_compact_prompt_keeps_order_and_counts(data):
 
 @pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none", "pool"} - LEARNED))
 def test_every_method_reduces_llava_images_to_the_budget(method):
-    """Each registered method, fed the signals the LLaVA adapter has, lands on the budget per image."""
+    """Each registered method, fed the signals the LLaVA adapter has, lands on the budget per image (before the
+    language model, or at its own default layers inside it for a method that acts only there)."""
     model = tiny_llava()
     ids, mask, pixels = mixed_batch()
     vtr.patch(model, method, budget=5)

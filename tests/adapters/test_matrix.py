@@ -22,7 +22,7 @@ FAMILIES = {
     "hf_siglip": lambda: SiglipVisionModel(SiglipVisionConfig(**HF)),  # no CLS token
 }
 SIZE = {"timm": 96}
-ENCODER_METHODS = [m for m in vtr.methods() if m != "none"]
+ENCODER_METHODS = [m for m, info in vtr.methods(details=True).items() if m != "none" and "tower" in info.stages]
 # Methods that reduce once, at the tower's last block, by default (the layer a VLM reads): flops=0.6 is out of reach.
 LAST_BLOCK = {"visionzip", "divprune", "vispruner", "fastervlm"}
 

@@ -27,7 +27,7 @@ def vit_tiny():
 
 
 @pytest.mark.parametrize("amount", NO_OP, ids=str)
-@pytest.mark.parametrize("method", sorted(vtr.methods()))
+@pytest.mark.parametrize("method", sorted(m for m, info in vtr.methods(details=True).items() if "tower" in info.stages))
 def test_a_no_op_amount_changes_nothing_for_every_method(vit_tiny, method, amount):
     model, images, expected = vit_tiny
     if method == "pool":   # its count is set by factor=: it cannot express no reduction, and says so
@@ -72,7 +72,7 @@ def test_layers_with_a_fraction_is_an_error_not_block_1():
 
 # -- an empty batch ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", sorted(vtr.methods()))
+@pytest.mark.parametrize("method", sorted(m for m, info in vtr.methods(details=True).items() if "tower" in info.stages))
 def test_an_empty_batch_gives_an_empty_result_for_every_method(method):
     base = tiny_vit()
     empty = vit_images(batch=0)

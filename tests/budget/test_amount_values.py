@@ -18,7 +18,7 @@ VIT_TINY = EncoderCost(num_tokens=197, num_protected=1, num_layers=4, attn_linea
 VIT_B = EncoderCost(num_tokens=197, num_protected=1, num_layers=12, attn_linear=4 * 768 * 768,
                     attn_dim=768, mlp_linear=2 * 768 * 3072, fixed=196 * 768 * 768 + 768 * 1000,
                     metric_dim=768)
-COUNTED = [m for m in vtr.methods() if m != "pool"]   # pool's count is fixed by factor=
+COUNTED = [m for m, info in vtr.methods(details=True).items() if m != "pool" and "tower" in info.stages]   # pool: factor=
 
 
 def schedule(method, cost=VIT_B, **amount):

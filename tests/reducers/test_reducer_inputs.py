@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vtr
+from vtr.core.signals import Instruction
 from vtr.core.state import TokenState
 from vtr.reducers import REDUCERS, GridPool, Signals
 
@@ -19,7 +20,8 @@ OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fas
            "query": "relevance_weight, projection, fuse", "random": "seed", "tome": "none",
            "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature",
            "visionzip": "contextual, merge", "divprune": "fuse", "vispruner": "important_ratio, fuse",
-           "fastervlm": "fuse"}
+           "fastervlm": "fuse", "pyramiddrop": "ratio, fuse", "cdpruner": "negate, fuse",
+           "dart": "pivot_image, pivot_text, fuse", "sparsevlm": "recycle"}
 
 
 def test_every_method_is_listed_here():
@@ -54,7 +56,11 @@ def test_numpy_and_0d_tensor_option_values_are_numbers():
 def _signals(state: TokenState, **extra) -> Signals:
     batch, tokens = state.x.shape[:2]
     attention = torch.rand(batch, tokens).softmax(dim=-1)
-    return Signals(metric=state.x, cls_attention=attention, grid=(4, 4), **extra)
+    text = torch.randn(batch, 3, state.x.shape[-1])   # the text after the image, for in-LM methods
+    instruction = Instruction(text, torch.ones(batch, 3, dtype=torch.bool), keys=text,
+                              attention=torch.rand(batch, 3, tokens))
+    return Signals(metric=state.x, cls_attention=attention, grid=(4, 4), keys=state.x, instruction=instruction,
+                   **extra)
 
 
 @pytest.mark.parametrize("method", sorted(REDUCERS))

@@ -154,3 +154,19 @@ def test_mistakes_exit_2_with_one_line(argv, flag, says, capsys):
     assert "Traceback" not in captured.err and captured.out == ""
     errors = [line for line in captured.err.splitlines() if ": error: " in line]
     assert len(errors) == 1 and flag in errors[0] and says in errors[0], captured.err
+
+
+def test_where_names_an_in_lm_methods_own_layer():
+    model = bench_vlm.build("llava:tiny", 2, 2)
+    assert bench_vlm.where_of(model, {"method": "dart", "budget": 4}) == "LM layer 1"   # DART's K = 2, capped
+    assert bench_vlm.where_of(model, {"method": "fastv", "budget": 4}) == "before LM"
+    assert bench_vlm.where_of(model, {"method": "fastv", "budget": 4, "layers": [1]}) == "LM layer 1"
+
+
+def test_all_keeps_the_methods_that_act_where_the_benchmark_runs_them():
+    from vtr.cli.usage import method_list_or_all, runnable
+    every = method_list_or_all("all")
+    tower, vlm = runnable(every, ("tower",)), runnable(every, ("before_lm", "in_lm"))
+    assert "tome" in tower and "dynamicvit" in tower and "dart" not in tower
+    assert {"dart", "pyramiddrop", "sparsevlm", "cdpruner", "tome"} <= set(vlm) and "sit" not in vlm
+    assert runnable(["dart"], ("tower",)) == ["dart"]   # named: patching it says why it cannot run there

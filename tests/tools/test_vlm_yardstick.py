@@ -7,7 +7,7 @@ import torch
 
 import vtr
 from vtr.cli import main
-from vtr.tools import vlm_fidelity, vlm_yardstick, vqa_task as task
+from vtr.tools import fidelity, vlm_fidelity, vlm_yardstick, vqa_task as task
 
 BEFORE, IN = vlm_fidelity.STAGES
 # Informed methods guarded at 25% of the visual tokens before the LM (the margins hold for training seeds 0-4,
@@ -16,10 +16,10 @@ INFORMED = ("tome", "pitome", "query")
 
 
 @pytest.fixture(scope="session")
-def quick_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("yardstick-cache")
-    vlm_yardstick.trained_model(vlm_yardstick.recipe("llava", quick=True), root=root, log=lambda *_: None)
-    return root
+def quick_cache():
+    """The user cache dir, holding the quick model after its one training (shared with the README's example)."""
+    vlm_yardstick.trained_model(vlm_yardstick.recipe("llava", quick=True), log=lambda *_: None)
+    return fidelity.cache_dir()
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def test_a_no_to_exists_names_a_colour_and_a_shape_both_in_the_scene():
     for i, kind in enumerate(EXAMPLES.types):
         if kind != "exists":
             continue
-        colour, shape = words(EXAMPLES.questions[i])[3:5]
+        shape, colour = words(EXAMPLES.questions[i])[2:4]
         s, c = task.SHAPES.index(shape), task.COLOURS.index(colour)
         scene = EXAMPLES.scene_colour[i]
         assert scene[s] >= 0 and bool((scene == c).any())

@@ -64,6 +64,15 @@ class Adapter:
         """A random image batch of the default size, for profiling and benchmarks."""
         return torch.randn(batch, *self.input_size(model), device=device)
 
+    def stage(self, layers) -> str:
+        """Where this adapter runs a reducer given ``layers=`` (``Reducer.stages``): inside the encoder here."""
+        return "tower"
+
+    def default_stage_layers(self, model: nn.Module, reducer, layers):
+        """``layers=`` as given, or where a method that cannot act at this adapter's default stage acts
+        instead (a vision-language model: an in-LM-only method's own default layers)."""
+        return layers
+
     def plan(self, layers=None, **amounts):
         """Typed settings of this family's own amounts (``amounts``), beside the schedule; None: it has none."""
         return None

@@ -134,11 +134,14 @@ def stage_layers(layers, num_layers: int) -> list[int]:
     return chosen
 
 
-def stage_budgets(budget: Budget, num_tokens: int, num_protected: int, num_stages: int) -> list[int]:
+def stage_budgets(budget: Budget, num_tokens: int, num_protected: int, num_stages: int,
+                  reducer: Optional[Reducer] = None) -> list[int]:
     """Visual tokens kept per image after each stage.
 
     An int is the count after the last stage; the stages before decay geometrically towards it
-    (p-MoD): after stage i, ``round(N * (B / N) ** (i / m))``. A list gives every stage's count.
+    (p-MoD): after stage i, ``round(N * (B / N) ** (i / m))``, unless the ``reducer`` fixes its own
+    (:meth:`~vtr.reducers.base.Reducer.stage_counts`, e.g. PyramidDrop's ratio per stage). A list gives
+    every stage's count.
     """
     low = num_protected + 1
 
@@ -157,11 +160,15 @@ def stage_budgets(budget: Budget, num_tokens: int, num_protected: int, num_stage
         raise ValueError(f"budget must be an int in [{low}, {num_tokens}] (visual tokens kept per image after the "
                          f"last layer; this model gives at most {num_tokens} per image), or a list of {num_stages}, "
                          f"got {budget!r}")
+    own = None if reducer is None else reducer.stage_counts(num_tokens, budget, num_stages)
+    if own is not None:
+        return list(own)
     return [max(budget, round(num_tokens * (budget / num_tokens) ** (i / num_stages)))
             for i in range(1, num_stages + 1)]
 
 
-def image_budgets(budget: Budget, num_tokens: int, num_protected: int, num_stages: int) -> list[int]:
+def image_budgets(budget: Budget, num_tokens: int, num_protected: int, num_stages: int,
+                  reducer: Optional[Reducer] = None) -> list[int]:
     """Visual tokens one image of ``num_tokens`` keeps after each stage (``budget`` already checked
     against the largest image): a list's counts capped at the image's own; an int is the count after
     the last stage, the stages before decaying from the image's own count (:func:`stage_budgets`);
@@ -170,7 +177,7 @@ def image_budgets(budget: Budget, num_tokens: int, num_protected: int, num_stage
         return [min(count, num_tokens) for count in budget]
     if num_tokens <= budget:
         return [num_tokens] * num_stages
-    return stage_budgets(budget, num_tokens, num_protected, num_stages)
+    return stage_budgets(budget, num_tokens, num_protected, num_stages, reducer)
 
 
 # -- how one image's or video's budget is shared by its parts ----------------------------------------------
@@ -273,9 +280,10 @@ def _stage_schedule(reducer: Reducer, budget: Budget, num_tokens: int, num_prote
             raise ValueError(f"budget must be an int >= 1 or a list of {num_stages} (visual tokens kept per image or "
                              f"video after each layer in layers=), got {budget!r}")
         largest = max(num_tokens, *counts)   # checks a list's length and order against any image's size
-        budgets = [min(kept, num_tokens) for kept in stage_budgets(budget, largest, num_protected, num_stages)]
+        budgets = [min(kept, num_tokens) for kept in stage_budgets(budget, largest, num_protected, num_stages,
+                                                                   reducer)]
     else:
-        budgets = stage_budgets(budget, num_tokens, num_protected, num_stages)
+        budgets = stage_budgets(budget, num_tokens, num_protected, num_stages, reducer)
     steps, entering = [], num_tokens
     for kept in budgets:
         steps += reduction_steps(entering, kept, reducer, num_protected)

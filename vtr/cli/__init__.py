@@ -24,7 +24,7 @@ from ..api import methods
 from ..tools import bench, bench_vlm
 from ..tools.models import create_model, is_hf_vlm
 from .usage import (UsageError, device, fractions, json_file, method_list_or_all, output_file, positive_int,
-                    positive_ints, usage)
+                    positive_ints, runnable, usage)
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 
@@ -95,7 +95,7 @@ def _bench(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             raise UsageError("--" + name.replace("_", "-"), f"is for the VLM prefill benchmark (--model {VLM_MODELS})")
     args.flops, args.batch = args.flops or [0.5], args.batch or [8]
-    names = [m for m in args.methods if m != "none"]   # the unreduced model is always the first row
+    names = [m for m in runnable(args.methods, ("tower",)) if m != "none"]   # the unreduced model is the first row
     variants = [(name, {"flops": f}) for f in args.flops for name in names]
     with usage("--model"):
         model = create_model(args.model, **({} if args.img_size is None else {"img_size": args.img_size}))
@@ -132,7 +132,7 @@ def _bench_vlm(args: argparse.Namespace) -> int:
         load = bench_vlm.workload(model, text=args.text or 40, batch=(args.batch or [1])[0],
                                   image_size=args.img_size or getattr(bench_vlm.SHAPES.get(args.model), "image_size", None),
                                   video_frames=args.video_frames or 0)
-    names = [m for m in args.methods if m != "none"]
+    names = [m for m in runnable(args.methods, ("before_lm", "in_lm")) if m != "none"]
     if args.budget:
         variants = [(name, {"method": name, "budget": b}) for b in args.budget for name in names]
     else:

@@ -129,10 +129,24 @@ def method(text: str) -> str:
     return text
 
 
+class EveryMethod(list):
+    """What ``all`` names: every method but ``none``; a tool keeps those that act where it runs them
+    (:func:`runnable`), where a method the user named is patched, and refused with its reason if it cannot act."""
+
+
+def runnable(names: list[str], stages: tuple[str, ...]) -> list[str]:
+    """``names`` as given, or, when they came from ``all``, the ones that act at one of ``stages`` (a ViT benchmark:
+    the tower; a VLM benchmark: before or inside its language model, where learned reducers do not act)."""
+    if not isinstance(names, EveryMethod):
+        return list(names)
+    details = methods(details=True)
+    return [m for m in names if set(details[m].stages) & set(stages)]
+
+
 def method_list(text: str, allow_all: bool = False) -> list[str]:
     """A comma-separated list of registered methods; ``all`` (when allowed) is every one but ``none``."""
     if allow_all and text.strip() == "all":
-        return [m for m in methods() if m != "none"]
+        return EveryMethod(m for m in methods() if m != "none")
     return [method(item) for item in _items(text)]
 
 

@@ -1,7 +1,7 @@
 """Core: the token state, the signals a reducer reads, a patched model's settings and its per-call run."""
 from .plan import METRICS, Reduction
 from .run import Report, Run
-from .signals import Need, Signals, cls_attention, needs
+from .signals import Instruction, Need, Signals, cls_attention, needs
 from .state import TokenState
 
-__all__ = ["METRICS", "Reduction", "Report", "Run", "Need", "Signals", "cls_attention", "needs", "TokenState"]
+__all__ = ["METRICS", "Reduction", "Report", "Run", "Instruction", "Need", "Signals", "cls_attention", "needs", "TokenState"]

@@ -19,6 +19,8 @@ class Need(str, enum.Enum):
     GRID = "grid"
     ATTENTION_RECEIVED = "attention_received"
     KEYS = "keys"
+    INSTRUCTION = "instruction"
+    TEXT_ATTENTION = "text_attention"   # the instruction with its attention to the tokens (Instruction.attention)
 
     def __str__(self) -> str:
         return self.value
@@ -37,6 +39,31 @@ def needs(*names: str | Need) -> frozenset:
 
 
 @dataclass
+class Instruction:
+    """The prompt's text after an image, as a language model holds it at the decoder layer where in-LM pruning
+    acts (DART's text pivots, SparseVLM's raters). Rows pair with the image rows of the state.
+
+    hidden: ``[B, T, D]`` hidden states entering the layer of the real text tokens after the image, in prompt
+        order; ``valid``: ``[B, T]`` False past a row's own count (rows have different texts).
+    keys: ``[B, T, Dk]`` their attention keys at the layer (after the rotary embedding, heads concatenated).
+    norm: the language model's final norm (DART compares hidden states after it), or None.
+    attention: ``[B, T, N]`` the attention each text token pays to each of the state's tokens at the layer (its
+        softmax row over the whole causal prefix, head mean; SparseVLM's raters), for reducers that need
+        ``"text_attention"`` (it costs T query rows over the sequence); else None.
+    input_text, input_image: ``[B, T, D]`` and ``[B, N0, D]`` the text's and the image's *original* tokens as they
+        entered the language model (SparseVLM picks its raters from them, once per prompt), or None.
+    """
+
+    hidden: Tensor
+    valid: Tensor
+    keys: Optional[Tensor] = None
+    norm: Optional[Callable[[Tensor], Tensor]] = None
+    attention: Optional[Tensor] = None
+    input_text: Optional[Tensor] = None
+    input_image: Optional[Tensor] = None
+
+
+@dataclass
 class Signals:
     """What the model offers a reducer at one layer. Adapters fill what they can.
 
@@ -52,13 +79,16 @@ class Signals:
     attention_received: ``[B, N]`` the attention each token receives in a vision tower's last layer, averaged over
         the queries and heads: what a tower without a CLS token offers as importance (VisPruner's rule for
         SigLIP towers); None where the model does not compute it (it costs a pass over the full attention).
-    keys: ``[B, N, d]`` the attention keys, head mean, of the vision layer the importance comes from (VisionZip
-        matches its contextual tokens by them), where a family computes them apart from the metric (before a
-        language model); None elsewhere (on a ViT tower ``metric="keys"`` gives them as the metric).
+    keys: the tokens' attention keys, where a family computes them apart from the metric. Before a language model:
+        ``[B, N, d]``, head mean, of the vision layer the importance comes from (VisionZip matches its contextual
+        tokens by them). Inside a language model: ``[B, N, Hk * d]``, the pruning layer's keys after the rotary
+        embedding, heads concatenated (DART ranks pivots by their L1 norm, as its code). None elsewhere (on a ViT
+        tower ``metric="keys"`` gives them as the metric).
     query_projection: maps token features ``[B, N, C]`` into the query's space ``[B, N, D]`` when
         the two differ (CLIP: each token as the image embedding it would give if it were the pooled
         token, i.e. the tower's final norm and projection); None when tokens and query share a space.
         A callable, so it costs nothing unless a reducer uses it.
+    instruction: the prompt's text after the image (:class:`Instruction`), inside a language model; else None.
     """
 
     metric: Optional[Tensor] = None
@@ -71,6 +101,7 @@ class Signals:
     query_projection: Optional[Callable[[Tensor], Tensor]] = None
     attention_received: Optional[Tensor] = None
     keys: Optional[Tensor] = None
+    instruction: Optional[Instruction] = None
 
 
 def cls_attention(q: Tensor, k: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:

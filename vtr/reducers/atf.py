@@ -45,6 +45,8 @@ class ATF(Reducer):
 
     name = "atf"
     description = "filter tokens before the encoder by a calibrated attention prior and a per-image score (ATF)"
+    paper = "Naruko & Akutsu 2025, arXiv 2506.01519"
+    stages = ("tower", "before_lm", "in_lm")
     published_fuse = "drop"   # ATF keeps the filtered tokens and drops the rest
     needs = frozenset({"metric"})
     max_step = 1.0

@@ -12,6 +12,13 @@ from ..core.numbers import plain_scalar
 from ..core.signals import Need, Signals, needs as _needs
 from ..core.state import TokenState
 
+# Where a method can act (``Reducer.stages``): inside a vision tower (timm / open_clip / Hugging Face ViTs),
+# on a vision-language model's visual tokens before its language model, or inside the language model
+# (``layers=`` on a VLM). Adapters refuse a method at a stage it does not list.
+STAGES = ("tower", "before_lm", "in_lm")
+STAGE_WORDS = {"tower": "in the vision tower", "before_lm": "before the language model",
+               "in_lm": "inside the language model"}
+
 
 class Reducer(nn.Module):
     """Takes a token state and a token budget, returns a smaller state.
@@ -22,8 +29,8 @@ class Reducer(nn.Module):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    paper: ClassVar[str] = ""             # short citation with its arXiv id ("... arXiv 2412.04467")
-    stages: ClassVar[tuple] = ()          # where the method applies: a subset of ("tower", "before_lm", "in_lm")
+    paper: ClassVar[str] = ""              # short citation with its arXiv id ("" for a plain baseline)
+    stages: ClassVar[tuple[str, ...]] = STAGES   # where it can act, a subset of STAGES (see vtr.methods)
     needs: ClassVar[frozenset[Need]] = frozenset()   # vtr.core.signals.Need; strings are checked and converted
     max_step: ClassVar[float] = 1.0
     # True for filters that act on a block's *input* (ATF filters the embedded tokens before block 0):
@@ -47,6 +54,9 @@ class Reducer(nn.Module):
             cls.needs = _needs(*cls.needs)
         except ValueError as error:
             raise TypeError(f"{cls.__name__}.needs: {error}") from None
+        if not cls.stages or not set(cls.stages) <= set(STAGES):
+            raise TypeError(f"{cls.__name__}.stages must be a non-empty subset of {STAGES}, got {cls.stages!r}")
+        cls.stages = tuple(stage for stage in STAGES if stage in cls.stages)   # in STAGES' order
 
     def patch_defaults(self) -> dict:
         """Patch-level settings (``metric``, ``prop_attn``) this reducer, as configured, runs with where the
@@ -67,6 +77,12 @@ class Reducer(nn.Module):
 
     def default_layers(self, num_layers: int) -> Optional[list[int]]:
         """Where the method reduces when ``layers=`` is not given: None means every block."""
+        return None
+
+    def stage_counts(self, num_tokens: int, budget: int, num_stages: int) -> Optional[list[int]]:
+        """Visual tokens an image of ``num_tokens`` keeps after each of ``num_stages`` in-LM stages for an int
+        ``budget`` (the last count), when the method's paper fixes them (PyramidDrop's ratio per stage); None:
+        vtr's geometric decay towards the budget (:func:`vtr.budget.visual.stage_budgets`)."""
         return None
 
     # The lowest keep ratio per step the default layers were chosen for (EViT's 0.5); None: no limit.

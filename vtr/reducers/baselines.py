@@ -14,6 +14,8 @@ class NoReduction(Reducer):
 
     name = "none"
     description = "no reduction (reference: identical output to the unpatched model)"
+    paper = ""
+    stages = ("tower", "before_lm", "in_lm")
     max_step = 0.0
     identity = True
 
@@ -31,6 +33,8 @@ class RandomDrop(Reducer):
 
     name = "random"
     description = "drop a seeded random subset of tokens (baseline)"
+    paper = ""
+    stages = ("tower", "before_lm", "in_lm")
 
     def __init__(self, seed: int = 0):
         super().__init__()

@@ -94,6 +94,8 @@ class EViT(EvitLayers, AttentionScored):
 
     name = "evit"
     description = "keep the tokens the CLS token attends to most, fuse the rest into them (EViT)"
+    paper = "Liang et al. 2022, arXiv 2202.07800"
+    stages = ("tower", "before_lm", "in_lm")
     published_fuse = "one"
     needs = frozenset({"cls_attention"})
     max_step = 1.0
@@ -180,6 +182,8 @@ class HiRED(AttentionScored):
 
     name = "hired"
     description = "split the token budget across partitions by attention mass, keep each one's top tokens (HiRED)"
+    paper = "Arif et al. 2024, arXiv 2408.10945"
+    stages = ("tower", "before_lm", "in_lm")
     needs = frozenset({"cls_attention", "partition"})
     max_step = 1.0
 

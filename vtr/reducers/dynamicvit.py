@@ -98,6 +98,8 @@ class DynamicViT(EvitLayers, Reducer):
 
     name = "dynamicvit"
     description = "learned keep scores: a prediction module per stage keeps the top tokens (DynamicViT; trainable)"
+    paper = "Rao et al. 2021, arXiv 2106.02034"
+    stages = ("tower",)
     needs = frozenset({"cls_attention"})   # per instance: only with init="cls_attention"
     max_step = 1.0
     learned = True

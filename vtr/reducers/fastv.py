@@ -21,6 +21,8 @@ from .select import attention_scores, fused_dest, num_chosen, real_tokens, top_s
 class FastV(AttentionScored):
     name = "fastv"
     description = "keep the tokens the query (CLS / last prompt) token attends to most, fuse or drop the rest (FastV)"
+    paper = "Chen et al. 2024, arXiv 2403.06764"
+    stages = ("tower", "before_lm", "in_lm")
     needs = frozenset({"cls_attention"})
 
     def default_layers(self, num_layers: int) -> Optional[list[int]]:

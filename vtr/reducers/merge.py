@@ -36,6 +36,8 @@ class ToMe(Reducer):
 
     name = "tome"
     description = "bipartite soft matching: merge the r most similar A->B pairs (ToMe)"
+    paper = "Bolya et al. 2022, arXiv 2210.09461"
+    stages = ("tower", "before_lm", "in_lm")
     needs = frozenset({"metric"})
     max_step = 0.5
 
@@ -87,6 +89,8 @@ class PiToMe(Reducer):
 
     name = "pitome"
     description = "energy-based merging: protect isolated tokens, merge within large clusters (PiToMe)"
+    paper = "Tran et al. 2024, arXiv 2405.16148"
+    stages = ("tower", "before_lm", "in_lm")
     needs = frozenset({"metric"})
     max_step = 0.5
 

@@ -40,6 +40,8 @@ class GridPool(Reducer):
 
     name = "pool"
     description = "average-pool the patch grid by an integer factor (baseline; count set by factor)"
+    paper = ""
+    stages = ("tower", "before_lm", "in_lm")
     max_step = 1.0
     fixed_count = True
 

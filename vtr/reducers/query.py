@@ -42,6 +42,8 @@ class QueryPrune(Reducer):
 
     name = "query"
     description = "keep tokens relevant to a query and diverse among themselves (Script/DivPrune-style)"
+    paper = "after Script (2025) and DivPrune (Alvar et al. 2025, arXiv 2503.02175)"
+    stages = ("tower", "before_lm", "in_lm")
     published_fuse = "drop"   # query-conditioned pruning as published (Script) drops the unkept tokens
     needs = frozenset({"metric", "query"})
     max_step = 1.0

@@ -60,6 +60,8 @@ class SiT(Reducer):
 
     name = "sit"
     description = "learned slimming: every output token is a learned soft mix of all input tokens (SiT; trainable)"
+    paper = "Zong et al. 2021, arXiv 2111.12624"
+    stages = ("tower",)
     max_step = 1.0
     learned = True
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from ..adapters import find_adapter, is_patched, settings
-from ..api import patch, report, unpatch
+from ..api import make_reducer, patch, report, unpatch
 from .models import load_hf_vlm
 
 
@@ -341,6 +341,15 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join([HEADER, *map(format_row, rows)])
 
 
+def where_of(model: nn.Module, kwargs: dict) -> str:
+    """Where a variant reduces: "before LM", or "LM layer K" (the first of its layers), the layers given or, for a
+    method that acts only inside the language model, its own default ones."""
+    layers = kwargs.get("layers")
+    if layers is None and kwargs.get("method"):
+        layers = find_adapter(model).default_stage_layers(model, make_reducer(kwargs["method"]), None)
+    return f"LM layer {layers[0]}" if layers else "before LM"
+
+
 def run(model: nn.Module, load: Workload, variants: Sequence[tuple[str, dict]], rounds: int = 3,
         decode_tokens: int = 8, device: str = "cpu", on_row: Optional[Callable[[Row], None]] = None) -> list[Row]:
     """Each ``(label, patch keywords)`` variant against the unreduced model on ``load``, interleaved over
@@ -352,8 +361,7 @@ def run(model: nn.Module, load: Workload, variants: Sequence[tuple[str, dict]], 
     for label, kwargs in variants:
         kwargs = dict(load.patch, **kwargs) if not kwargs.get("layers") else kwargs
         base, reduced = interleaved(model, lambda m: measure(m, inputs, decode_tokens), rounds, **kwargs)
-        where = f"LM layer {kwargs['layers'][0]}" if kwargs.get("layers") else "before LM"
-        rows.append(make_row(label, where, load.visual, base, reduced, inputs["input_ids"].shape[0]))
+        rows.append(make_row(label, where_of(model, kwargs), load.visual, base, reduced, inputs["input_ids"].shape[0]))
         if on_row:
             on_row(rows[-1])
     return rows

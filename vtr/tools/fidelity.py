@@ -298,7 +298,8 @@ def evaluate(model: nn.Module, data: Iterable, *, methods: Optional[Sequence[str
 
 
 def training_free_methods() -> list[str]:
-    return [name for name in api.methods() if not REDUCERS[name].learned]
+    """The methods this ViT task measures by default: training-free ones that act inside a vision tower."""
+    return [name for name in api.methods() if not REDUCERS[name].learned and "tower" in REDUCERS[name].stages]
 
 
 def _device(model: nn.Module) -> torch.device:

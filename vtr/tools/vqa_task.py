@@ -7,16 +7,17 @@ Six question types; four need one particular object and two the whole image:
 ==========  ======================================  ========================  ======
 type        question                                answers                   chance
 ==========  ======================================  ========================  ======
-colour      what colour is the {shape} ?            6 colours                 1/6
-shape       what shape is the {colour} object ?     6 shapes                  1/6
-where       where is the {shape} ?                  4 quadrants               1/4
-exists      is there a {colour} {shape} ?           yes / no                  1/2
-count       how many objects ?                      two / three / four        1/3
-any         is there any {colour} object ?          yes / no                  1/2
+colour      what colour is the {shape}              6 colours                 1/6
+shape       what shape is coloured {colour}         6 shapes                  1/6
+where       where is the {shape}                    4 quadrants               1/4
+exists      is the {shape} {colour}                 yes / no                  1/2
+count       how many objects                        two / three / four        1/3
+any         is any object {colour}                  yes / no                  1/2
 ==========  ======================================  ========================  ======
 
 Answers are balanced within each type (a "no" to "exists" names a colour and a shape that are both in the scene,
-on different objects, so neither alone answers it). Every question comes with the map of the tokens that answer it
+on different objects, so neither alone answers it). The word the answer hinges on comes last, right before the
+answer, so that for most types one lookup in the image answers (``exists`` takes two: the object, then its colour). Every question comes with the map of the tokens that answer it
 (:attr:`Examples.relevant`): the queried object, or for ``exists`` the objects of that colour or shape, or for
 ``count`` / ``any`` every object. The yardstick's oracle keeps those tokens first.
 
@@ -50,8 +51,8 @@ WHOLE_IMAGE = ("count", "any")
 
 # Special tokens first (id 0 pads); LLaVA uses <image>, Qwen-VL <vision_start> <image_pad> ... <vision_end>.
 SPECIALS = ("<pad>", "<bos>", "<image>", "<vision_start>", "<vision_end>", "<image_pad>", "<video_pad>")
-WORDS = ("what", "colour", "is", "the", "shape", "object", "where", "there", "a", "any", "how", "many", "objects",
-         "?", "yes", "no")
+WORDS = ("what", "colour", "is", "the", "shape", "coloured", "object", "where", "any", "how", "many", "objects",
+         "yes", "no")
 VOCABULARY = SPECIALS + WORDS + SHAPES + COLOURS + PLACES + COUNTS
 TOKEN = {word: index for index, word in enumerate(VOCABULARY)}
 ANSWERS = SHAPES + COLOURS + PLACES + COUNTS + ("yes", "no")
@@ -147,25 +148,25 @@ def _question(rng: np.random.Generator, kind: str, scene_colour: np.ndarray, sce
     s = int(rng.choice(present))
     c = int(scene_colour[s])
     if kind == "colour":
-        return ["what", "colour", "is", "the", SHAPES[s], "?"], COLOURS[c], np.arange(len(SHAPES)) == s
+        return ["what", "colour", "is", "the", SHAPES[s]], COLOURS[c], np.arange(len(SHAPES)) == s
     if kind == "shape":
-        return ["what", "shape", "is", "the", COLOURS[c], "object", "?"], SHAPES[s], np.arange(len(SHAPES)) == s
+        return ["what", "shape", "is", "coloured", COLOURS[c]], SHAPES[s], np.arange(len(SHAPES)) == s
     if kind == "where":
-        return ["where", "is", "the", SHAPES[s], "?"], PLACES[scene_place[s]], np.arange(len(SHAPES)) == s
+        return ["where", "is", "the", SHAPES[s]], PLACES[scene_place[s]], np.arange(len(SHAPES)) == s
     if kind == "exists":
         answer = "yes"
         if rng.random() < 0.5:   # "no": the colour of another object
             c = int(scene_colour[rng.choice(present[present != s])])
             answer = "no"
-        return ["is", "there", "a", COLOURS[c], SHAPES[s], "?"], answer, \
+        return ["is", "the", SHAPES[s], COLOURS[c]], answer, \
             (np.arange(len(SHAPES)) == s) | (scene_colour == c)
     if kind == "count":
-        return ["how", "many", "objects", "?"], COUNTS[len(present) - 2], scene_colour >= 0
+        return ["how", "many", "objects"], COUNTS[len(present) - 2], scene_colour >= 0
     answer = "yes"   # any
     if rng.random() < 0.5:
         c = int(rng.choice([k for k in range(len(COLOURS)) if k not in scene_colour]))
         answer = "no"
-    return ["is", "there", "any", COLOURS[c], "object", "?"], answer, scene_colour >= 0
+    return ["is", "any", "object", COLOURS[c]], answer, scene_colour >= 0
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
