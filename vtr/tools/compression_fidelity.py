@@ -98,15 +98,22 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
                         help="which rows: comma-separated baselines, tokenpacker, granularity")
     parser.add_argument("--methods", default="divprune,visionzip,vispruner,fastervlm",
                         help="pruning baselines ('' for none)")
+    parser.add_argument("--quick", action="store_true", help="the quick yardstick (narrower, trained on less)")
+    parser.add_argument("--checkpoint", help="a yardstick state_dict to load instead of the recipe's cached one")
     parser.add_argument("--train-yardstick", action="store_true", help="train the yardstick if it is not cached")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    recipe = yardstick.recipe("llava")
-    if not yardstick.checkpoint_path(recipe).is_file() and not args.train_yardstick:
+    recipe = yardstick.recipe("llava", quick=args.quick)
+    if args.checkpoint:      # a yardstick trained by an earlier recipe of the same shapes
+        model = yardstick.build_model(recipe)
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+        model.eval()
+    elif not yardstick.checkpoint_path(recipe).is_file() and not args.train_yardstick:
         raise SystemExit(f"no trained yardstick at {yardstick.checkpoint_path(recipe)}: train it first (vtr fidelity "
                          "--model llava-task, 20+ minutes) or pass --train-yardstick")
-    model = yardstick.trained_model(recipe)
+    else:
+        model = yardstick.trained_model(recipe)
     evaluation = task.make_examples(1200, seed=EVAL_SEED)
     training = task.make_examples(args.train, seed=TRAIN_SEED)
     rows = []
