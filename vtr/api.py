@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from . import adaptive, model_zoo
+from . import adaptive, compression, model_zoo
 from .adapters import UnsupportedModelError, find_adapter, is_patched, settings, thread_settings, unwrap
 from .budget.schedule import RSpec
 from .core import run as runs
@@ -47,7 +47,9 @@ class MethodInfo:
 
 def methods(details: bool = False) -> Union[dict[str, str], dict[str, MethodInfo]]:
     """Method names with one-line descriptions, for ``vtr.patch(model, name, ...)``; ``details=True``: a
-    :class:`MethodInfo` per name instead (stages, what it needs, its paper)."""
+    :class:`MethodInfo` per name instead (stages, what it needs, its paper). Modules that add parts of their own to
+    a VLM (TokenPacker's projector, adaptive granularity) are not reducers: ``vtr.compressions()`` lists them, for
+    ``vtr.compress(model, name, ...)``."""
     if not details:
         return {name: cls.description for name, cls in sorted(REDUCERS.items())}
     return {name: MethodInfo(name=name, description=cls.description, stages=tuple(cls.stages),
@@ -174,6 +176,8 @@ def patch(
     r, keep, flops, layers = plain(r, "r"), plain(keep, "keep"), plain(flops, "flops"), plain(layers, "layers")
     prop_attn = plain(prop_attn, "prop_attn")
     wrapper, model = model, unwrap(model)
+    if compression.is_compressed(model):
+        raise ValueError("model carries a vtr.compress module; call vtr.unpatch(model) before patching it")
     if is_patched(model):
         raise ValueError(
             f"model is already patched with {settings(model).describe()}; call vtr.unpatch(model) before "
@@ -301,11 +305,14 @@ def patch_settings(reducer: Reducer, metrics: Sequence[str], metric: Optional[st
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch` (or :func:`vtr.adaptive.patch`): original classes, no hooks, no learned reducer or
-    adaptive modules, outputs identical to before patching."""
+    """Undo :func:`patch` (or :func:`vtr.adaptive.patch`, or ``vtr.compress``): original classes and projector, no
+    hooks, no learned reducer, adaptive or compression module, outputs identical to before patching."""
     wrapper, model = model, unwrap(model)
     if adaptive.is_patched(model):
         adaptive.unpatch(model)
+        return wrapper
+    if compression.is_compressed(model):
+        compression.uncompress(model)
         return wrapper
     settings(model)
     find_adapter(model).unpatch(model)
@@ -317,8 +324,11 @@ def report(model: nn.Module) -> Report:
     """Tokens per layer and provenance from this thread's last forward pass of the patched model.
 
     A last call that ran unreduced (``vtr.disabled``, eval mode under ``active="train"``) is an error: the
-    report always describes the last call, never an earlier one as if it were it.
+    report always describes the last call, never an earlier one as if it were it. A model with a ``vtr.compress``
+    module gives its :class:`~vtr.compression.CompressionReport` (per image: the level it got, tokens before/after).
     """
+    if compression.is_compressed(model):
+        return compression.report(model)
     found = runs.last_call(thread_settings(model))
     if found is None:
         raise ValueError("no forward pass of this model yet in this thread: run the patched model once, then "

@@ -1,0 +1,262 @@
+"""Compression modules on a LLaVA-format model (transformers' ``LlavaForConditionalGeneration``).
+
+The model gets a submodule ``_vtr_compression`` (:class:`Compression`: the settings and any trainable router, so
+its parameters are the model's own and ``state_dict`` round-trips strictly) and a class mixed in front of its own
+(:class:`CompressedLlava`). TokenPacker also takes the place of ``model.model.multi_modal_projector`` (the original
+is kept aside for ``vtr.unpatch``), and the images are encoded with ``vision_feature_layer`` listing its levels.
+
+The prompt keeps the processor's placeholders (one per patch); a call with pixel values encodes the images,
+compresses each one and *compacts* the prompt to the tokens kept, as vtr's reducers do (``vtr.adapters.vlm.prompt``):
+each row runs what it would run alone, ``generate()`` returns the caller's own prompt then the new tokens, and
+``forward`` returns logits over the compacted prompt (``vtr.report(model).kept_positions`` maps them back;
+``labels`` follow).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vtr.adapters.base import Swapped
+from vtr.adapters.errors import UnsupportedModelError
+from vtr.adapters.vlm.calls import refuse_position_ids
+from vtr.adapters.vlm.prompt import compact_prompt, image_rows, pad_id, row_queries, with_callers_prompt
+
+from .granularity import check_levels, pool_level
+from .module import (CompressedModel, Compression, CompressionReport, attach, compression_of, generating, record,
+                     record_text_only)
+from .tokenpacker import TokenPacker, grid_of
+
+
+# -- which model ------------------------------------------------------------------------------------------
+
+def matches(model: nn.Module) -> bool:
+    try:
+        from transformers import LlavaForConditionalGeneration
+    except ImportError:
+        return False
+    return type(model) is LlavaForConditionalGeneration
+
+
+def check(model: nn.Module) -> None:
+    try:
+        from transformers import LlavaForConditionalGeneration
+    except ImportError as error:
+        raise UnsupportedModelError("vtr.compress needs transformers") from error
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise UnsupportedModelError(
+            f"vtr.compress takes a transformers LlavaForConditionalGeneration (LLaVA-1.5 format) so far, got "
+            f"{type(model).__name__} (LLaVA-NeXT's AnyRes crops and LLaVA-OneVision are not supported yet)")
+    if model.config.vision_feature_select_strategy != "default":
+        raise UnsupportedModelError("vtr.compress needs vision_feature_select_strategy='default' (patch tokens "
+                                    "only: the CLS token has no place on the patch grid)")
+    if not isinstance(model.config.vision_feature_layer, int):
+        raise UnsupportedModelError("vtr.compress needs one vision_feature_layer (an int) in the model's config, "
+                                    f"got {model.config.vision_feature_layer!r}")
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    vision = model.config.vision_config
+    return grid_of((vision.image_size // vision.patch_size) ** 2)
+
+
+def tower_layers(model: nn.Module) -> int:
+    return model.config.vision_config.num_hidden_layers
+
+
+def default_levels(num_layers: int) -> list[int]:
+    """TokenPacker's multi-level layers scaled to the tower: hidden states 12, 16, 22 and 23 of CLIP ViT-L's 24."""
+    return sorted({max(1, num_layers * k // 24) for k in (12, 16, 22)} | {num_layers - 1})
+
+
+def check_layers(layers, num_layers: int) -> list[int]:
+    """Hidden-state indexes (``0``: the embeddings, ``num_layers``: the last layer; negative counts from the end)."""
+    if isinstance(layers, int) or not layers:
+        raise ValueError(f"tokenpacker: layers must be a non-empty list of vision hidden-state indexes, got {layers!r}")
+    out = []
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -(num_layers + 1) <= layer <= num_layers:
+            raise ValueError(f"tokenpacker: layers must be hidden-state indexes of the {num_layers}-layer vision "
+                             f"tower, in [{-(num_layers + 1)}, {num_layers}], got {layer!r}")
+        out.append(layer % (num_layers + 1))
+    return out
+
+
+# -- attaching and removing ---------------------------------------------------------------------------------
+
+def tokenpacker(model: nn.Module, scale: int = 2, layers: Optional[Sequence[int]] = None,
+                width: Optional[int] = None, heads: Optional[int] = None) -> None:
+    """Replace the projector with a :class:`~vtr.compression.tokenpacker.TokenPacker` of ``scale``."""
+    num_layers, grid = tower_layers(model), patch_grid(model)
+    levels = check_layers(default_levels(num_layers) if layers is None else list(layers), num_layers)
+    query_layer = model.config.vision_feature_layer % (num_layers + 1)
+    packer = TokenPacker(model.config.vision_config.hidden_size, len(levels), model.config.text_config.hidden_size,
+                         grid, scale, width=width, heads=heads)
+    arguments = {"scale": scale, "layers": levels} | ({"width": width} if width else {}) | (
+        {"heads": heads} if heads else {})
+    attach(model, Compression("tokenpacker", arguments, grid, layers=levels + [query_layer], levels=(scale,),
+                              scale=scale), CompressedLlava, packer)
+
+
+def granularity(model: nn.Module, levels: Sequence[int] = (1, 2, 4), router: str = "relevance",
+                tolerance: float = 0.25, temperature: float = 1.0) -> None:
+    """Pool each image's projected tokens at the level its router picks for the image and question."""
+    grid = patch_grid(model)
+    attach(model, granularity_module(model.config.text_config.hidden_size, grid, levels, router, tolerance,
+                                     temperature), CompressedLlava)
+
+
+def granularity_module(width: int, grid: Optional[tuple[int, int]], levels: Sequence[int], router: str,
+                       tolerance: float, temperature: float) -> Compression:
+    """The granularity :class:`Compression` for tokens of ``width`` on ``grid`` (None: each image its own)."""
+    from .granularity import LearnedRouter, RelevanceRouter
+
+    levels = check_levels(list(levels) if not isinstance(levels, (int, str)) else levels, grid)
+    arguments = {"levels": list(levels), "router": router}
+    if router == "relevance":
+        chosen = RelevanceRouter(tolerance, temperature)
+        arguments |= {"tolerance": tolerance, "temperature": temperature}
+    elif router == "learned":
+        chosen = LearnedRouter(width, len(levels))
+    else:
+        raise ValueError(f"granularity: router must be 'relevance' (training-free) or 'learned' (train it with "
+                         f"vtr.compression.train_router), got {router!r}")
+    return Compression("granularity", arguments, grid, levels=levels, router=chosen)
+
+
+# -- calls --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """A batch's images encoded for the language model, before compression."""
+
+    features: list          # [N_i, D] per image: the projector's output (TokenPacker's: already packed)
+    questions: list         # [1, Q, D] per image: its row's text embeddings (granularity), else None
+    counts: Tensor          # [I] placeholders per image in the prompt
+    rows: Tensor            # [I] prompt row of each image
+    outputs: object         # the tower's output, whose pooler_output goes to the language model
+    grids: Optional[list] = None   # (rows, cols) per image where images differ (Qwen-VL)
+
+
+def encode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Encoded:
+    compression = compression_of(model)
+    layer = compression.layers if compression.layers is not None else model.config.vision_feature_layer
+    outputs = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
+                                             vision_feature_select_strategy="default", return_dict=True)
+    features = list(outputs.pooler_output)
+    placeholder = input_ids == model.config.image_token_id
+    per_image = compression.grid[0] * compression.grid[1]
+    if int(placeholder.sum()) != per_image * len(features):
+        raise ValueError(f"the prompt has {int(placeholder.sum())} image tokens (id {model.config.image_token_id}) "
+                         f"but its {len(features)} images need {per_image} each (the processor's count: vtr compacts "
+                         f"the prompt itself)")
+    counts = torch.full((len(features),), per_image, dtype=torch.long, device=input_ids.device)
+    rows = image_rows(placeholder, counts)
+    questions = None
+    if compression.routes:
+        questions = row_queries(model, input_ids, attention_mask, placeholder, rows, None)
+    return Encoded(features, questions, counts, rows, outputs)
+
+
+def router_inputs(model: nn.Module, batch: dict) -> tuple[list, Tensor]:
+    """Per image (tokens, question, grid), and each image's row, for training the router."""
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+    encoded = encode(model, batch["input_ids"], mask, batch["pixel_values"])
+    grid = compression_of(model).grid
+    return [(t, q[0], grid) for t, q in zip(encoded.features, encoded.questions)], encoded.rows
+
+
+def compress_images(compression: Compression, encoded: Encoded) -> tuple[list, list]:
+    """(features, level) per image."""
+    if not compression.routes:
+        return encoded.features, [compression.scale] * len(encoded.features)
+    kept, levels = [], []
+    for tokens, question in zip(encoded.features, encoded.questions):
+        with torch.no_grad():
+            factor = compression.levels[compression.choose(tokens.detach(), question[0].detach())]
+        kept.append(pool_level(tokens, compression.grid, factor))
+        levels.append(factor)
+    return kept, levels
+
+
+def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], pixel_values: Tensor,
+            left: bool) -> tuple[Tensor, dict, Tensor]:
+    """(compacted input_ids, the language model's other inputs, kept_positions); records the report."""
+    if input_ids is None:
+        raise ValueError("a vtr-compressed LLaVA needs input_ids with pixel_values (the image span is found from "
+                         "config.image_token_id)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    compression = compression_of(model)
+    encoded = encode(model, input_ids, attention_mask, pixel_values)
+    features, levels = compress_images(compression, encoded)
+    kept = torch.tensor([len(f) for f in features], dtype=torch.long, device=input_ids.device)
+    image_token_id = model.config.image_token_id
+    ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, encoded.counts, kept,
+                                               pad_id(model, image_token_id), left)
+    encoded.outputs.pooler_output = features
+    record(compression, CompressionReport(compression.method, encoded.rows.cpu(), torch.tensor(levels),
+                                           encoded.counts.cpu(), kept.cpu(), kept_positions.cpu()))
+    return ids, {"attention_mask": mask, "mm_encoder_outputs": {"image": encoded.outputs}}, kept_positions
+
+
+class CompressedLlava(CompressedModel, Swapped):
+    """Mixed in front of the model's class: calls with pixel values run on the compacted prompt."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        original = cls.__dict__.get("_vtr_original")
+        if original is None:
+            return
+        original_forward = original.forward
+
+        @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
+        def forward(self, *args, **kwargs):
+            bound = inspect.signature(original_forward).bind(self, *args, **kwargs)
+            arguments = dict(bound.arguments)
+            arguments.pop("self")
+            arguments |= arguments.pop("kwargs", {})
+            if arguments.get("pixel_values") is None:
+                record_text_only(compression_of(self), arguments.get("input_ids"))
+                return original_forward(self, **arguments)
+            refuse_position_ids(arguments, "LLaVA")
+            _refuse_vision_options(arguments)
+            mask = arguments.get("attention_mask")
+            right_padded = mask is not None and bool((mask[:, -1] == 0).any())
+            ids, inputs, kept_positions = prepare(self, arguments.get("input_ids"), mask,
+                                                  arguments.pop("pixel_values"), not right_padded)
+            if arguments.get("labels") is not None:
+                labels = arguments["labels"].gather(1, kept_positions.clamp_min(0))
+                arguments["labels"] = labels.masked_fill(kept_positions < 0, -100)
+            arguments.update(input_ids=ids, **inputs)
+            return original_forward(self, **arguments)
+
+        cls.forward = forward
+
+    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
+        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        pixel_values = kwargs.pop("pixel_values", None)
+        if pixel_values is None:
+            record_text_only(compression_of(self), input_ids)
+            with generating():
+                return super().generate(input_ids, *args, **kwargs)
+        if kwargs.get("mm_encoder_outputs") is not None:
+            raise ValueError("precomputed mm_encoder_outputs would bypass vtr's compression; pass pixel_values")
+        refuse_position_ids(kwargs, "LLaVA")
+        _refuse_vision_options(kwargs)
+        with torch.no_grad():
+            ids, prepared, _ = prepare(self, input_ids, kwargs.pop("attention_mask", None), pixel_values, True)
+        with generating():
+            output = super().generate(ids, *args, **prepared, **kwargs)
+        return with_callers_prompt(output, input_ids, ids.shape[1])
+
+
+def _refuse_vision_options(arguments: dict) -> None:
+    for key in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes"):
+        if arguments.get(key) is not None:
+            raise ValueError(f"{key} cannot be given to a vtr-compressed LLaVA: the compression fixed it at "
+                             "vtr.compress time")
