@@ -147,6 +147,13 @@ def build_model(task: Task, training: Training) -> nn.Module:
     return model
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 5% of ``total`` steps, then a cosine decay to zero (the task models' schedule)."""
+    warmup = max(1, total // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s / total, 1.0))))
+
+
 def train(task: Task, training: Training, log=print, threads: int = 1) -> nn.Module:
     """Train the task's ViT from scratch on CPU (AdamW, cosine schedule, label smoothing).
 
@@ -162,10 +169,7 @@ def train(task: Task, training: Training, log=print, threads: int = 1) -> nn.Mod
     images, labels = make_images(task, training.train_images, seed=training.seed + 1)
     steps_per_epoch = -(-len(images) // training.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=0.05)
-    total = steps_per_epoch * training.epochs
-    warmup = max(1, total // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s / total, 1.0))))
+    schedule = warmup_cosine(optimizer, steps_per_epoch * training.epochs)
     generator = torch.Generator().manual_seed(training.seed)
     model.train()
     start = time.time()

@@ -25,13 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import vqa_task as task
-from .fidelity import cache_dir
+from .fidelity import cache_dir, warmup_cosine
 
 FAMILIES = ("llava", "qwen")
 QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2   # 16 x 16 patches of 4 px -> 8 x 8 tokens after the merger
@@ -224,12 +223,6 @@ def tower_of(model: nn.Module) -> nn.Module:
     return model.model.vision_tower if family_of(model) == "llava" else model.model.visual
 
 
-def _schedule(optimizer, total: int):
-    warmup = max(1, total // 20)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s / total, 1.0))))
-
-
 def pretrain_tower(model: nn.Module, training: VlmTraining, log=print) -> None:
     tower = tower_of(model)
     pooled, tokens = tower_features(model, task.make_examples(2, seed=0))
@@ -238,7 +231,7 @@ def pretrain_tower(model: nn.Module, training: VlmTraining, log=print) -> None:
     parameters = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=training.lr, weight_decay=0.05)
     steps = -(-len(data) // training.tower_batch)
-    schedule = _schedule(optimizer, steps * training.tower_epochs)
+    schedule = warmup_cosine(optimizer, steps * training.tower_epochs)
     generator = torch.Generator().manual_seed(training.seed)
     tower.train()
     start = time.time()
@@ -331,7 +324,7 @@ def train_answers(model: nn.Module, training: VlmTraining, log=print) -> None:
                               types=training.types)
     scenes = len(data) // training.per_scene
     steps = -(-scenes // training.batch_size)
-    schedule = _schedule(optimizer, steps * training.epochs)
+    schedule = warmup_cosine(optimizer, steps * training.epochs)
     generator = torch.Generator().manual_seed(training.seed + 1)
     cached = None
     if family_of(model) == "qwen":
