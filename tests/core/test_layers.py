@@ -29,6 +29,8 @@ LAYERS: dict[str, int] = {
     "vtr.reducers": 2,
     "vtr.budget": 3,       # cost model, schedule solver
     "vtr.adapters": 4,
+    "vtr.adaptive": 4,     # DyT, SmartTrim: modules swapped into timm blocks (beside the adapters; the api imports them)
+    "vtr.compression": 4,  # TokenPacker, adaptive granularity: modules a VLM gains (they use the VLM wing's prompt code)
     "vtr.api": 5,
     "vtr.training": 5,     # disabled, trainable, decisions: switches for fine-tuning a patched model
     "vtr.losses": 5,       # distillation, keep-ratio and CLIP losses

@@ -1,7 +1,6 @@
 """VLM fidelity harness: every row, the oracle's choice and the table, on untrained yardstick-shaped models
 (seconds); what the methods keep is measured on the quick trained model (tests/tools/test_vlm_yardstick.py)."""
 import pytest
-import torch
 
 import vtr
 from vtr.tools import vlm_fidelity, vlm_yardstick, vqa_task as task

@@ -1,7 +1,6 @@
 """The VLM yardstick's task and the layout of its models' inputs (no training: seconds)."""
 import collections
 
-import numpy as np
 import pytest
 import torch
 
