@@ -32,13 +32,14 @@ def quick_rows(quick_cache):
 
 
 def test_the_quick_vlm_learns(quick_rows):
+    """Training seeds 0, 1, 2: 82.3, 73.8, 74.5% (chance 33.3%; 66 s of training each on a quiet core)."""
     rows, chance = quick_rows
     assert rows["none"].accuracy > chance + 0.3, (rows["none"].accuracy, chance)
 
 
 def test_a_quarter_of_the_tokens_costs_answers(quick_rows):
-    """The task is sensitive to reduction: a random quarter of the tokens loses many answers (82% -> 45% when
-    measured), so a method that keeps what matters has room to show it."""
+    """The task is sensitive to reduction: a random quarter of the tokens loses many answers (seeds 0, 1, 2: 45.2,
+    38.7, 44.0% against 82.3, 73.8, 74.5% unreduced), so a method that keeps what matters has room to show it."""
     rows, _ = quick_rows
     assert rows["random"].accuracy < rows["none"].accuracy - 0.15
     assert rows["random"].agreement < 0.85
