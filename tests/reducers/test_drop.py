@@ -137,6 +137,19 @@ def test_evit_without_cls_uses_the_metric_norm_and_needs_some_score():
         EViT()(state, 4, Signals(metric=metric[:, :5]))
 
 
+@pytest.mark.parametrize("method", ["evit", "fastv", "hired"])
+def test_without_cls_the_attention_received_wins_over_the_metric_norm(method):
+    """A tower without a CLS token that offers the attention each token receives (Qwen-VL before the LM): the
+    ranking follows it, not the feature norm (which scored below random on the Qwen yardstick)."""
+    state = make_state(1, 10, 4, 0)
+    metric = torch.ones(1, 10, 4) * torch.arange(10.0)[None, :, None]      # norms favour the last tokens
+    received = torch.arange(10.0, 0.0, -1)[None]                             # the attention favours the first
+    reducer = vtr.reducers.base.REDUCERS[method](fuse="drop")
+    out = reducer(state, 4, Signals(metric=metric, attention_received=received))
+    assert out.assignment[0].ge(0).nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert "attention_received" in {str(need) for need in reducer.needs}
+
+
 def test_evit_rejects_budgets_out_of_range_and_bad_options():
     state = make_state(1, 10, 4, 1)
     signals = scored_signals(state)

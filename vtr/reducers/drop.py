@@ -97,7 +97,7 @@ class EViT(EvitLayers, AttentionScored):
     paper = "Liang et al. 2022, arXiv 2202.07800"
     stages = ("tower", "before_lm", "in_lm")
     published_fuse = "one"
-    needs = frozenset({"cls_attention"})
+    needs = frozenset({"cls_attention", "attention_received"})
     max_step = 1.0
 
     def __init__(self, fuse: str = "nearest", fuse_weight: str = "attention"):
@@ -184,7 +184,7 @@ class HiRED(AttentionScored):
     description = "split the token budget across partitions by attention mass, keep each one's top tokens (HiRED)"
     paper = "Arif et al. 2024, arXiv 2408.10945"
     stages = ("tower", "before_lm", "in_lm")
-    needs = frozenset({"cls_attention", "partition"})
+    needs = frozenset({"cls_attention", "attention_received", "partition"})
     max_step = 1.0
 
     def default_layers(self, num_layers: int) -> Optional[list[int]]:

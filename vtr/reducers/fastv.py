@@ -23,7 +23,7 @@ class FastV(AttentionScored):
     description = "keep the tokens the query (CLS / last prompt) token attends to most, fuse or drop the rest (FastV)"
     paper = "Chen et al. 2024, arXiv 2403.06764"
     stages = ("tower", "before_lm", "in_lm")
-    needs = frozenset({"cls_attention"})
+    needs = frozenset({"cls_attention", "attention_received"})
 
     def default_layers(self, num_layers: int) -> Optional[list[int]]:
         return once_after_mixing(num_layers)
