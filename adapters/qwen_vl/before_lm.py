@@ -27,10 +27,10 @@ The positions go to the language model as ``position_ids`` (``[4, B, L']``: the 
 continue from them. ``model.model.rope_deltas`` is set for the compacted prompt, as the unpatched model
 sets it for its prompt (a decode step by hand on its cache, without position_ids, continues from it).
 
-Qwen's vision tower has no CLS token: methods that rank by CLS attention (``evit``, ``fastv``,
-``hired``) use their no-CLS score (the norm of each token's features, ``vtr.reducers.select``); methods defined on
-the tower's attention (``visionzip``, ``vispruner``, ``fastervlm``: ``Need.ATTENTION_RECEIVED``) get the attention
-each token receives in the tower's last block (``received``).
+Qwen's vision tower has no CLS token: methods that rank by CLS attention (``evit``, ``fastv``, ``hired``) and those
+defined on the tower's attention (``visionzip``, ``vispruner``, ``fastervlm``) get the attention each token receives
+in the tower's last block instead (``Need.ATTENTION_RECEIVED``, computed by ``received``; the first three fall back
+to the norm of each token's features only where that is missing, ``vtr.reducers.select.attention_scores``).
 Query-conditioned methods get each row's own text (the language model's input embeddings of its
 non-visual tokens), or the query from ``vtr.conditioned``.
 """

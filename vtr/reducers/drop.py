@@ -66,7 +66,7 @@ class AttentionScored(Reducer):
         self.fuse = check_fuse(self, fuse)
 
     def extra_macs(self, num_tokens: int, cost, num_kept: Optional[int] = None) -> float:
-        # The CLS row q_cls . K^T over every head; without a CLS token the fallback score is a norm.
+        # The CLS row q_cls . K^T over every head; without a CLS token, the attention each token receives or a norm.
         scoring = float(num_tokens * cost.attn_dim) if cost.has_cls else 0.0
         kept = (num_tokens + cost.num_protected) // 2 if num_kept is None else num_kept
         return scoring + fusion_macs(num_tokens, kept, cost, self.fuse)
