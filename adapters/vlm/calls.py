@@ -3,6 +3,7 @@ family's ``prepare`` encodes and reduces the images and compacts the prompt; the
 ordinary, shorter prompt; ``generate()`` returns the caller's prompt followed by the new tokens."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -13,6 +14,14 @@ from vtr.core import run as runs
 
 from .prompt import with_callers_prompt
 from .report import text_only_report
+
+def arguments_by_name(forward: Callable, model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by name, as ``forward`` (the model class's own) would bind them; ``**kwargs`` flattened."""
+    arguments = dict(inspect.signature(forward).bind(model, *args, **kwargs).arguments)
+    arguments.pop("self")
+    arguments |= arguments.pop("kwargs", {})
+    return arguments
+
 
 # prepare(model, input_ids, inputs, left) -> Compacted: ``inputs`` are the call's own keyword arguments that the
 # family consumes (``Family.inputs``: the pixel values and what describes them, the attention mask, ...).

@@ -3,7 +3,6 @@ the family's path; everything else (``save_pretrained`` included) is the model's
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Callable, Optional
 
 from torch import Tensor, nn
@@ -12,6 +11,7 @@ from vtr.budget.visual import VisualPlan
 from vtr.core import run as runs
 
 from ..base import Adapter, Swapped
+from .calls import arguments_by_name
 from .run import VlmRun, opened
 from .video import VIDEO_OPTIONS
 
@@ -32,10 +32,7 @@ class ReducingVlm(Swapped):
                 if runs.active(self._vtr) is None and runs.skips(self._vtr, self.training):
                     with runs.unreduced(self._vtr):   # vtr.disabled, or eval mode under active="train"
                         return original_forward(self, *args, **kwargs)
-                bound = inspect.signature(original_forward).bind(self, *args, **kwargs)
-                arguments = dict(bound.arguments)
-                arguments.pop("self")
-                arguments |= arguments.pop("kwargs", {})
+                arguments = arguments_by_name(original_forward, self, args, kwargs)
                 with opened(self) as run:
                     return self.vtr_forward(run, original_forward, arguments)
 

@@ -14,7 +14,6 @@ each row runs what it would run alone, ``generate()`` returns the caller's own p
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from vtr.adapters.base import Swapped
 from vtr.adapters.errors import UnsupportedModelError
-from vtr.adapters.vlm.calls import refuse_position_ids
+from vtr.adapters.vlm.calls import arguments_by_name, refuse_position_ids
 from vtr.adapters.vlm.prompt import compact_prompt, image_rows, pad_id, row_queries, with_callers_prompt
 
 from .granularity import check_levels, pool_level
@@ -216,10 +215,7 @@ class CompressedLlava(CompressedModel, Swapped):
 
         @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
         def forward(self, *args, **kwargs):
-            bound = inspect.signature(original_forward).bind(self, *args, **kwargs)
-            arguments = dict(bound.arguments)
-            arguments.pop("self")
-            arguments |= arguments.pop("kwargs", {})
+            arguments = arguments_by_name(original_forward, self, args, kwargs)
             if arguments.get("pixel_values") is None:
                 record_text_only(compression_of(self), arguments.get("input_ids"))
                 return original_forward(self, **arguments)

@@ -9,7 +9,6 @@ caller's prompt (text keeps its own), so positions stay the model's own integers
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from vtr.adapters.base import Swapped
 from vtr.adapters.errors import UnsupportedModelError
-from vtr.adapters.vlm.calls import refuse_position_ids
+from vtr.adapters.vlm.calls import arguments_by_name, refuse_position_ids
 from vtr.adapters.vlm.items import Reduced, compact_items
 from vtr.adapters.vlm.prompt import pad_id, row_queries, with_callers_prompt
 
@@ -147,10 +146,7 @@ class CompressedQwenVL(CompressedModel, Swapped):
 
         @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
         def forward(self, *args, **kwargs):
-            bound = inspect.signature(original_forward).bind(self, *args, **kwargs)
-            arguments = dict(bound.arguments)
-            arguments.pop("self")
-            arguments |= arguments.pop("kwargs", {})
+            arguments = arguments_by_name(original_forward, self, args, kwargs)
             if arguments.get("pixel_values") is None:
                 _refuse_videos(arguments)
                 record_text_only(compression_of(self), arguments.get("input_ids"))

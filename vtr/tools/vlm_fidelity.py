@@ -158,13 +158,9 @@ def _measure(model, examples, probe, method, options, query, result, reference, 
     return _scored(result, answers, reference, examples)
 
 
-@contextlib.contextmanager
 def _conditioned(model: nn.Module, query: Optional[Tensor]):
-    if query is None:
-        yield
-        return
-    with api.conditioned(model, query.float()):
-        yield
+    """``vtr.conditioned`` with the oracle's scores, or nothing for the methods that read the prompt themselves."""
+    return contextlib.nullcontext() if query is None else api.conditioned(model, query.float())
 
 
 def _scored(result: VlmResult, answers: Tensor, reference: Tensor, examples: "task.Examples") -> VlmResult:
