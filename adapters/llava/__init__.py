@@ -125,6 +125,7 @@ class Llava(VlmAdapter):
     """transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5) and ``LlavaNextForConditionalGeneration``."""
 
     name = "llava"
+    amounts = (*VlmAdapter.amounts, "positions")
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""
@@ -184,7 +185,8 @@ class Llava(VlmAdapter):
 
     def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
                       metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
-                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
+                      frames: Optional[str] = None, temporal: Optional[float] = None,
+                      positions: Optional[str] = None) -> Schedule:
         """``budget=`` (visual tokens kept per image) as a schedule of reduction steps.
 
         ``layers=None`` reduces on the projector output, before the language model; ``layers=[K]``
@@ -196,7 +198,7 @@ class Llava(VlmAdapter):
         if others:
             raise ValueError(f"the LLaVA adapter takes budget= (visual tokens kept per image), not "
                              f"{', '.join(o + '=' for o in others)}")
-        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal)
+        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal, positions=positions)
         num_layers = len(model.model.language_model.layers)
         if video.is_video_model(model):
             visual.check_video(reducer, plan)
@@ -208,6 +210,18 @@ class Llava(VlmAdapter):
         return visual.schedule(reducer, plan, num_tokens=num_tokens, num_protected=protected, num_layers=num_layers,
                                any_size=False, family="LLaVA",
                                low=anyres.MIN_BUDGET if is_next(model) else protected + 1)
+
+    def plan(self, layers=None, budget=None, frames: Optional[str] = None, temporal: Optional[float] = None,
+             positions: Optional[str] = None) -> visual.VisualPlan:
+        """``positions=``: images reduced before the language model keep their original positions unless
+        ``"compact"`` is asked for (see :mod:`.before_lm`); videos and in-LLM pruning keep what they do today (a
+        video's prompt is compacted; in the LLM nothing is), so an explicit ``positions=`` there is refused."""
+        base = super().plan(layers=layers, budget=budget, frames=frames, temporal=temporal)
+        video_or_llm = layers is not None or frames is not None or temporal is not None
+        if positions is not None and video_or_llm:
+            raise ValueError("positions= numbers the tokens an image keeps before the language model; leave it out "
+                             "with layers= (pruning inside the language model keeps every position) and for videos")
+        return dataclasses.replace(base, positions=positions or ("compact" if video_or_llm else "original"))
 
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
@@ -229,6 +243,10 @@ class Llava(VlmAdapter):
         if reduction.metric != "x":
             raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
         if video.is_video_model(model):
+            if "positions" in reduction.arguments and reduction.visual.positions != "compact":
+                raise ValueError(f"positions={reduction.visual.positions!r} is for LLaVA-1.5 / LLaVA-NeXT images; "
+                                 f"{type(model).__name__}'s prompt is compacted (leave positions= out)")
+            reduction = dataclasses.replace(reduction, visual=dataclasses.replace(reduction.visual, positions="compact"))
             if reduction.visual.in_llm:
                 in_llm.install(model, reduction, video.VideoVisuals())
             elif not video.is_onevision(model):   # NeXT-Video's CLIP tower has a CLS row (SigLIP's has none)
