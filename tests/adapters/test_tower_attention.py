@@ -215,6 +215,33 @@ def test_received_equals_the_float64_transcription_of_the_feature_layer(family):
     assert macs == images * tokens * tokens * target.q_proj.out_features     # every query row's q . k
 
 
+def test_smolvlm_padded_patches_neither_attend_nor_receive():
+    """A tile whose right three patch columns are padding (``pixel_attention_mask``): the layer's own boolean mask
+    reaches the hook, and the scores are the transcription over the real patches alone (0 at padding)."""
+    model = smolvlm_models.tiny_smolvlm()
+    target = model.model.vision_model.encoder.layers[-1].self_attn
+    pixels = smolvlm_models.inputs()["pixel_values"][:1, :2]
+    pixel_mask = torch.ones(1, 2, 64, 64, dtype=torch.bool)
+    pixel_mask[0, 0, :, 40:] = False
+    kept = {}
+    hooks = [target.q_proj.register_forward_hook(lambda m, a, out: kept.__setitem__("q", out)),
+             target.k_proj.register_forward_hook(lambda m, a, out: kept.__setitem__("k", out))]
+    vtr.patch(model, "vispruner", budget=4)
+    try:
+        with torch.no_grad(), opened(model) as run:
+            model.model.get_image_features(pixels, pixel_mask)
+            scores, _ = tower_attention.take(run)
+    finally:
+        vtr.unpatch(model)
+        for hook in hooks:
+            hook.remove()
+    valid = torch.ones(2, 64, dtype=torch.bool)
+    valid[0] = torch.arange(64) % 8 < 5
+    expected = transcribed(kept["q"], kept["k"], target.num_heads, target.scale, valid)
+    torch.testing.assert_close(scores.double(), expected, atol=1e-6, rtol=0)
+    assert bool((scores[0, ~valid[0]] == 0).all())
+
+
 def test_internvl_cls_row_equals_the_float64_transcription_of_the_feature_layer():
     model = internvl_models.tiny_internvl()
     target = model.model.vision_tower.encoder.layer[-1].attention
