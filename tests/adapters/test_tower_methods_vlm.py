@@ -154,3 +154,100 @@ def test_features_from_no_single_attention_layer_are_a_clear_error(family, setti
                              rf"offers none before the language model \({why}"):
         vtr.patch(model, method, budget=4)     # at patch time, not on the first call
     assert not vtr.is_patched(model)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "fastervlm"])
+def test_methods_of_the_tower_refuse_in_llm_layers(method):
+    """Inside the language model the only attention row is the last prompt token's (FastV's signal): these methods,
+    whose ``stages`` are the tower and before the LM, refuse layers= instead of quietly becoming FastV."""
+    with pytest.raises(ValueError, match=rf"method '{method}' applies in the vision tower and before the language "
+                                         r"model, not inside the language model: leave out layers="):
+        vtr.patch(tiny_llava(), method, budget=4, layers=[1])
+
+
+def test_divprune_runs_inside_the_lm_too():
+    """DivPrune's code takes the LLM layer to prune at (its LAYER_INDEX; its runs use 0, before the LLM): with
+    layers= it compares the hidden states of that layer."""
+    ids, mask, pixels = mixed_batch()
+    model = vtr.patch(tiny_llava(), "divprune", budget=4, layers=[1])
+    run(model, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels))
+    assert vtr.report(model).visual_tokens_after.tolist() == [8, 4, 0]
+    vtr.unpatch(model)
+
+
+def test_on_llava_visionzip_merges_by_the_feature_layers_keys():
+    """Each merged token joins the target whose feature-layer key (head mean, as VisionZip's code) is most similar,
+    not the one whose projected feature is: the two differ on these images, and the report follows the keys."""
+    ids, mask, pixels = mixed_batch()
+    model = tiny_llava()
+    attention = model.model.vision_tower.encoder.layers[0].self_attn   # feature layer -2 of 2
+    keys, projected = [], []
+    hooks = [attention.k_proj.register_forward_hook(lambda m, a, out: keys.append(out)),
+             model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))]
+    vtr.patch(model, "visionzip", budget=8, contextual=0.5)          # 4 dominant, 4 targets, 8 merged
+    run(model, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels))
+    for hook in hooks:
+        hook.remove()
+    report = vtr.report(model)
+    head_mean = keys[0].view(3, 17, 4, -1).mean(dim=2)[:, 1:]
+    cls_row = eager_cls_row(pixels)
+    differ = 0
+    for image in range(3):
+        assignment = report.assignment[image]
+        dominant = set(cls_row[image].topk(4).indices.tolist())
+        rest = [i for i in range(16) if i not in dominant]
+        targets = rest[0::3][:4]                                   # step 12 // 4, as the code
+        merged = [i for i in rest if i not in targets]
+        expected = {}
+        for name, vectors in (("keys", head_mean[image]), ("projected", projected[0][image])):
+            unit = torch.nn.functional.normalize(vectors.double(), dim=-1)
+            expected[name] = {m: targets[int((unit[targets] @ unit[m]).argmax())] for m in merged}
+        assert all(assignment[m] == assignment[t] for m, t in expected["keys"].items()), image
+        assert len(set(assignment[targets].tolist())) == 4
+        differ += expected["keys"] != expected["projected"]
+    assert len(merged) == 8 and differ > 0
+    vtr.unpatch(model)
+
+
+def test_on_llava_next_video_fastervlm_keeps_the_top_cls_attention_of_each_frame_and_image():
+    """Videos: each pooled token carries its 2x2 window's CLS attention, each frame keeps its share (1 of budget 4
+    over 4 frames) by it. Images: each packed token the CLS attention of its patch (newlines 0)."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+    from llava_video_models import ROWS, inputs as video_inputs, tiny_next_video
+    from vtr.adapters.llava.common import layout
+
+    model = tiny_next_video()
+    eager = LlavaNextVideoForConditionalGeneration._from_config(model.config, attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    data = video_inputs(model, ROWS)
+
+    def cls_row(pixels):
+        with torch.no_grad():
+            out = eager.model.vision_tower(pixels, output_attentions=True)
+        return out.attentions[-2][:, :, 0, 1:].mean(dim=1)                   # [pictures, 16]
+
+    videos = data["pixel_values_videos"]
+    frames = cls_row(videos.flatten(0, 1)).view(len(videos), -1, 1, 4, 4)
+    per_frame = torch.nn.functional.avg_pool2d(frames.flatten(0, 1), 2).view(len(videos), -1, 4)   # [V, F, 4]
+    geometry = layout(model, data["image_sizes"][0].tolist())
+    parts = cls_row(data["pixel_values"][0, :geometry.num_crops + 1]).flatten()
+    packed = torch.where(geometry.source >= 0, parts[geometry.source.clamp_min(0)], -1.0)
+
+    vtr.patch(model, "fastervlm", budget=4)
+    run(model, data)
+    report = vtr.report(model)
+    for video in range(len(videos)):                                         # items: the images, then the videos
+        kept = (report.assignment[1 + video, :16] >= 0).view(-1, 4)
+        assert torch.equal(kept.nonzero()[:, 1], per_frame[video].argmax(dim=1))
+    kept = set((report.assignment[0, :geometry.num_tokens] >= 0).nonzero()[:, 0].tolist())
+    assert kept == set(packed.topk(4).indices.tolist())
+    vtr.unpatch(model)
+
+
+def test_on_qwen_the_received_attention_is_counted_in_the_reducer_macs():
+    """fastervlm decides for free given the signal (no [CLS] row, nothing fused); the report counts the signal's own
+    pass: the q . k of every patch pair of each image in the last block (64, 24, 36 patches, width 32)."""
+    from qwen_vl_models import mixed_batch as qwen_batch, tiny_qwen
+    model = vtr.patch(tiny_qwen(), "fastervlm", budget=4)
+    run(model, qwen_batch().inputs())
+    assert vtr.report(model).reducer_macs == (64 ** 2 + 24 ** 2 + 36 ** 2) * 32
