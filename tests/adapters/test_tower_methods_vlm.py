@@ -1,8 +1,7 @@
 """VisionZip, DivPrune, VisPruner and FasterVLM before the language model on every VLM family vtr patches
 (LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, Gemma 3, SmolVLM, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video): batched,
-each image at exactly its budget,
-each row of a left-padded batch what it is alone; on LLaVA the [CLS] row they rank by is the feature layer's,
-computed from q/k under SDPA, the row an eager tower returns."""
+each image at exactly its budget, each row of a left-padded batch what it is alone; on LLaVA the [CLS] row they
+rank by is the feature layer's, computed from q/k under SDPA, the row an eager tower returns."""
 from __future__ import annotations
 
 import pytest
