@@ -246,7 +246,8 @@ def test_internvl_cls_row_equals_the_float64_transcription_of_the_feature_layer(
     model = internvl_models.tiny_internvl()
     target = model.model.vision_tower.encoder.layer[-1].attention
     pixels = internvl_models.inputs()["pixel_values"]
-    scores, macs, weights = scores_and_weights(model, target, "vispruner", lambda: model.model.get_image_features(pixels))
+    scores, macs, weights = scores_and_weights(model, target, "vispruner",
+                                               lambda: model.model.get_image_features(pixels))
     torch.testing.assert_close(scores.double(), weights[:, :, 0].mean(dim=1), atol=1e-6, rtol=0)
     assert macs == pixels.shape[0] * 65 * target.q_proj.out_features            # the [CLS] query's row alone
 
@@ -336,3 +337,18 @@ def test_expected_flops_count_the_towers_pass(family, method):
     tower = (patches + 1) * width if family == "internvl" else patches * patches * width
     assert total == unreduced
     assert reduced - plain == pytest.approx(tower + decisions)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "smolvlm", "internvl", "llava-onevision", "qwen2.5-vl"])
+def test_the_hooks_pickle_and_unpatch_removes_them(family):
+    import pickle
+    from test_one_file_method import FAMILIES
+    model = FAMILIES[family][0]()
+    names = {"KeepProjection", "KeepTowerAttention", "KeepQKV", "KeepReceived"}
+    hooks = lambda: [type(h).__name__ for m in model.modules() for h in m._forward_hooks.values()   # noqa: E731
+                     if type(h).__name__ in names]
+    vtr.patch(model, "fastervlm", budget=4)
+    assert len(hooks()) == (2 if family == "qwen2.5-vl" else 3)   # q, k, the attention (Qwen: qkv, the attention)
+    assert pickle.loads(pickle.dumps(model))._vtr.method == "fastervlm"
+    vtr.unpatch(model)
+    assert hooks() == []
