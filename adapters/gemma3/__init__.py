@@ -9,7 +9,8 @@ the compacted prompt's ``token_type_ids`` mark them as one image.
 Not supported: in-LLM pruning (``layers=``): the shared in-LLM path rebuilds causal masks for the layers past
 the pruning, which would drop both Gemma 3's bidirectional image attention and its sliding-window layers.
 
-The package: this front imports ``before_lm`` and ``bench``, which import ``common``.
+The package: this front imports ``before_lm``, ``bench`` and ``received``; ``before_lm`` and ``bench`` import
+``common`` (``before_lm`` also ``received``).
 
 Limits: ``forward()`` with pixel values returns logits over the compacted prompt (``vtr.report(model).kept_positions``
 maps them back) and refuses ``position_ids``; prompts come as ``input_ids``; ``metric='x'`` only.
@@ -34,7 +35,7 @@ from ..errors import UnsupportedModelError
 from ..vlm import items
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.run import VlmRun
-from . import before_lm, bench
+from . import before_lm, bench, received
 from .common import Gemma3Report, cost, gemma3_classes, image_tokens
 
 SUPPORTED = "Gemma3ForConditionalGeneration (Gemma 3)"
@@ -69,9 +70,8 @@ class Gemma3(VlmAdapter):
                                         "Gemma3Model, patch the Gemma3ForConditionalGeneration that holds it)")
 
     def missing_signals(self, model: nn.Module, stage: str) -> dict:
-        """Gemma 3's SigLIP tower has no [CLS] token, and the attention its tokens receive is not computed yet."""
-        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token",
-                Need.ATTENTION_RECEIVED: "the attention each token receives in its tower is not computed yet"}
+        """Gemma 3's SigLIP tower has no [CLS] token; the attention each token receives is given (``received``)."""
+        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token"}
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return cost(model, metric)
@@ -110,12 +110,14 @@ class Gemma3(VlmAdapter):
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text), the
         reducer's own decisions included; the vision tower is the same either way."""
-        return items.expected_flops(model, reduction, cost(model))
+        return items.expected_flops(model, reduction, cost(model),
+                                    0.0 if reduction is None else received.expected_macs(model, reduction))
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
         reduction = steps.dropping_as_published(reduction)
         if reduction.metric != "x":
             raise ValueError("the Gemma 3 adapter compares visual tokens by their pooled features: use metric='x'")
+        received.install(model, reduction)
         model._vtr = reduction
         swap_class(model, ReducingGemma3)
 
@@ -126,6 +128,7 @@ class Gemma3(VlmAdapter):
         return bench.prompt(model, inputs, before, timed)
 
     def unpatch(self, model: nn.Module) -> None:
+        received.uninstall(model)
         restore_class(model)
         del model._vtr
 

@@ -9,7 +9,8 @@ tiles by its thumbnail (GlobalCom²-style): the prompt does not say how the tile
 (``in_llm``): each tile keeps ``min(B, n)`` after the last stage. ``pool`` takes ``factor=`` and pools each tile's
 grid.
 
-The package: this front imports ``before_lm``, ``in_llm`` and ``bench``, which import ``common``.
+The package: this front imports ``before_lm``, ``in_llm``, ``bench`` and ``received``; they import ``common``
+(``before_lm`` also ``received``).
 
 Limits: ``forward()`` with pixel values returns logits over the compacted prompt (``vtr.report(model).kept_positions``
 maps them back) and refuses ``position_ids``; prompts come as ``input_ids``; ``metric='x'`` only. The report's
@@ -37,7 +38,7 @@ from ..vlm import items
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.language import decoder
 from ..vlm.run import VlmRun
-from . import before_lm, bench, in_llm
+from . import before_lm, bench, in_llm, received
 from .common import InternVLReport, cost, internvl_classes, tile_side, tile_tokens
 
 SUPPORTED = "InternVLForConditionalGeneration (InternVL, transformers' format)"
@@ -78,11 +79,13 @@ class InternVL(VlmAdapter):
                                         "InternVL checkpoints need converting to transformers' format)")
 
     def missing_signals(self, model: nn.Module, stage: str) -> dict:
-        """InternViT's [CLS] token is dropped before the projector and its attention row is not kept yet; nor is
-        the attention each token receives."""
-        return {Need.CLS_ATTENTION: "InternViT's [CLS] attention row is not kept yet (the token is dropped before "
-                                    "the projector)",
-                Need.ATTENTION_RECEIVED: "the attention each token receives in its tower is not computed yet"}
+        """InternViT has a [CLS] token: its row at the feature layer is given (``received``), not the attention each
+        token receives; neither where the features come from no single attention layer."""
+        missing = {Need.ATTENTION_RECEIVED: "InternViT has a [CLS] token: its attention row is given instead"}
+        if received.feature_attention(model) is None:
+            missing[Need.CLS_ATTENTION] = ("the features are not one attention layer's patches (vision_feature_layer "
+                                           "selects the embeddings or several layers, or the [CLS] token is kept)")
+        return missing
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return cost(model, metric)
@@ -119,7 +122,8 @@ class InternVL(VlmAdapter):
         stages = pruning.stages_of(model)
         if reduction is not None and stages is not None:
             return pruning.expected_flops(model, reduction, stages)
-        return items.expected_flops(model, reduction, cost(model))
+        return items.expected_flops(model, reduction, cost(model),
+                                    0.0 if reduction is None else received.expected_macs(model, reduction))
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
         reduction = steps.dropping_as_published(reduction)
@@ -127,6 +131,7 @@ class InternVL(VlmAdapter):
             raise ValueError("the InternVL adapter compares visual tokens by their features: use metric='x'")
         if reduction.visual.in_llm:
             pruning.install(model, reduction, in_llm.InternVLVisuals())
+        received.install(model, reduction)
         model._vtr = reduction
         swap_class(model, ReducingInternVL)
 
@@ -138,6 +143,7 @@ class InternVL(VlmAdapter):
 
     def unpatch(self, model: nn.Module) -> None:
         pruning.uninstall(model)
+        received.uninstall(model)
         restore_class(model)
         del model._vtr
 

@@ -23,6 +23,7 @@ from ..vlm.items import compact_items, reduce_items, report_fields, split_items
 from ..vlm.language import prefill_macs
 from ..vlm.prompt import item_queries, pad_id
 from ..vlm.run import opened
+from . import received
 from .common import VISION_ARGUMENTS, WHERE, InternVLReport, cost, tile_grid
 
 
@@ -41,7 +42,10 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
         tiles = list(encoded.pooler_output)
         items = split_items(tiles, [tile_grid(model)] * len(tiles), placeholder, "image")
         queries = item_queries(model, reduction.reducer, items, input_ids, attention_mask, placeholder, run.query)
-        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))
+        cls_rows, tower_macs = received.per_tile(model, run, len(tiles))
+        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric),
+                                             attention=cls_rows)
+        reducer_macs += tower_macs   # the tower's [CLS] row: a pass its fused kernel skips
         ids, mask, kept_positions = compact_items(input_ids, attention_mask, {"image": placeholder}, items, reduced,
                                                   pad_id(model, image), left)
         # Every tile has the same count, so keeps the same: [tiles, kept, D], as the projector gives [tiles, n, D]

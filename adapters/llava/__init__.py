@@ -53,7 +53,7 @@ from ..errors import UnsupportedModelError
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.run import VlmRun
 from ..vlm import items
-from . import anyres, before_lm, bench, in_llm, video
+from . import anyres, before_lm, bench, in_llm, received, video
 from .common import LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, prefill_macs
 
 
@@ -159,13 +159,15 @@ class Llava(VlmAdapter):
             )
 
     def missing_signals(self, model: nn.Module, stage: str) -> dict:
-        """LLaVA-OneVision's SigLIP tower has no [CLS] token, and the attention its packed, interpolated tokens
-        receive is not computed yet; the other LLaVAs' CLIP towers give the [CLS] row."""
+        """LLaVA-OneVision's SigLIP tower has no [CLS] token: the attention each token receives is given instead
+        (``received``), where the features are one layer's; the other LLaVAs' CLIP towers give the [CLS] row."""
         if not (video.is_video_model(model) and video.is_onevision(model)):
             return {}
-        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token",
-                Need.ATTENTION_RECEIVED: "the attention each of its packed, interpolated tokens receives is not "
-                                         "computed yet"}
+        missing = {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token"}
+        if received.feature_attention(model) is None:
+            missing[Need.ATTENTION_RECEIVED] = ("vision_feature_layer selects the embeddings or several layers, not one "
+                                                "attention layer's output")
+        return missing
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return video.cost(model, metric) if video.is_video_model(model) else cost(model, metric)
@@ -232,7 +234,9 @@ class Llava(VlmAdapter):
         if reduction is not None and stages is not None:
             return in_llm.expected_flops(model, reduction, stages)
         if video.is_video_model(model):
-            return items.expected_flops(model, reduction, video.cost(model))
+            tower = received.expected_macs(model, reduction) if reduction is not None and video.is_onevision(model) \
+                else 0.0
+            return items.expected_flops(model, reduction, video.cost(model), tower)
         if reduction is None:
             unreduced = float(prefill_macs(model, torch.tensor([image_tokens(model)[0]])))
             return unreduced, unreduced
@@ -251,6 +255,8 @@ class Llava(VlmAdapter):
                 in_llm.install(model, reduction, video.VideoVisuals())
             elif not video.is_onevision(model):   # NeXT-Video's CLIP tower has a CLS row (SigLIP's has none)
                 before_lm.install(model, reduction)
+            else:                                  # OneVision's SigLIP: the attention each token receives
+                received.install(model, reduction)
             model._vtr = reduction
             swap_class(model, PruningLlavaVideo if reduction.visual.in_llm else ReducingLlavaVideo)
             return
@@ -277,6 +283,7 @@ class Llava(VlmAdapter):
     def unpatch(self, model: nn.Module) -> None:
         in_llm.uninstall(model)
         before_lm.uninstall(model)
+        received.uninstall(model)
         restore_class(model)
         del model._vtr
 

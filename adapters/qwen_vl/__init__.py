@@ -130,7 +130,8 @@ class QwenVL(VlmAdapter):
         stages = pruning.stages_of(model)
         if reduction is not None and stages is not None:
             return pruning.expected_flops(model, reduction, stages)
-        return items.expected_flops(model, reduction, cost(model))
+        tower = 0.0 if reduction is None else received.expected_macs(model, reduction, REFERENCE_SIDE ** 2)
+        return items.expected_flops(model, reduction, cost(model), tower)
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
         reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only

@@ -27,9 +27,12 @@ from .reduce import in_source_order, padded, reduce_group
 from .video import reduce_video, tokens_per_frame
 
 
-def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: EncoderCost) -> tuple[float, float]:
+def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: EncoderCost,
+                   tower_macs: float = 0.0) -> tuple[float, float]:
     """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no text, its
-    ``cost.num_tokens``), the reducer's own decisions included; the vision tower is the same either way."""
+    ``cost.num_tokens``), the reducer's own decisions included; the vision tower is the same either way, but for
+    ``tower_macs``: the reference image's scores the reducer reads from the tower, a pass its fused attention kernel
+    does not make (the attention each token receives, :mod:`vtr.adapters.vlm.tower_attention`)."""
     reference = cost.num_tokens
     if reduction is None:
         unreduced = float(prefill_macs(model, torch.tensor([reference])))
@@ -37,7 +40,7 @@ def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: Encod
     tokens = step_counts(reference, list(reduction.schedule.amounts))
     decisions = sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
     reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], reference])).tolist()
-    return reduced + decisions, unreduced
+    return reduced + decisions + tower_macs, unreduced
 
 
 @dataclass
