@@ -181,3 +181,12 @@ def test_without_token_types_the_kept_tokens_are_causal_as_in_the_unpatched_mode
     assert torch.equal(logits(generate(model, data)), logits(expected))
     with pytest.raises(ValueError, match="token_type_ids must mark"):
         generate(model, data | {"token_type_ids": torch.zeros_like(data["input_ids"])})
+
+
+def test_the_vlm_benchmark_prunes_inside_the_language_model():
+    """``vtr bench --model gemma3:...`` with ``layers=``: the prefill's speed-up beside its analytic MACs ratio."""
+    from vtr.tools import bench_vlm
+    model = bench_vlm.build("gemma3:tiny", 1, 2)
+    (row,) = bench_vlm.run(model, bench_vlm.workload(model), [("fastv", {"method": "fastv", "budget": 4,
+                                                                          "layers": [1]})], rounds=1, decode_tokens=1)
+    assert (row.where, row.visual, row.kept) == ("LM layer 1", 16, 4) and 0 < row.macs_ratio < 1
