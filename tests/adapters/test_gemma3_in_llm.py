@@ -12,7 +12,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 import vtr
-from vtr.adapters.vlm.sequence import last_token_attention
+from vtr.adapters.vlm.sequence import last_token_attention, layer_keys, rows_attention
 
 from gemma3_models import IMAGE, generate, inputs, logits, tiny_gemma3, tiny_gemma3_layers
 
@@ -101,24 +101,44 @@ def test_the_layers_after_pruning_keep_gemmas_masks_for_the_kept_tokens(model, m
     assert (mine - _reference(model, ids, pixels, stages, window=False)).abs().max() > 1e-3
 
 
-def test_a_local_stage_layer_ranks_by_its_windowed_attention():
-    """At a sliding-window stage layer, the last prompt token's attention vtr ranks by is the one the layer computes
-    (transformers' eager attention weights): 0 beyond the window."""
-    eager = tiny_gemma3_layers(MIXED, attn="eager")
-    data = inputs(only=[0])
+def _layer_inputs(model, index: int, data: dict) -> tuple:
+    """(hidden states, rotary tables, eager attention weights ``[1, H, L, L]``, the cache) of decoder layer
+    ``index`` in one forward of ``data``."""
     seen = {}
-    hook = eager.model.language_model.layers[2].register_forward_pre_hook(
+    hook = model.model.language_model.layers[index].register_forward_pre_hook(
         lambda module, args, kwargs: seen.update(hidden=args[0] if args else kwargs["hidden_states"],
                                                  rotary=kwargs["position_embeddings"]), with_kwargs=True)
     with torch.inference_mode():
-        weights = eager(**data, output_attentions=True).attentions[2][:, :, -1].mean(dim=1)   # [1, L]
-        hook.remove()
-        layer = eager.model.language_model.layers[2]
-        cos, sin = seen["rotary"]
-        real = torch.ones(seen["hidden"].shape[:2], dtype=torch.bool)
-        mine = last_token_attention(layer, seen["hidden"], cos, sin, real, window=layer.self_attn.sliding_window)
-    assert layer.self_attn.sliding_window == 8 and int((weights[0] > 0).sum()) == 8
-    torch.testing.assert_close(mine, weights, atol=1e-6, rtol=0)
+        out = model(**data, output_attentions=True, use_cache=True)
+    hook.remove()
+    return seen["hidden"], seen["rotary"], out.attentions[index], out.cache
+
+
+def test_a_local_stage_layer_ranks_by_its_windowed_attention():
+    """At a sliding-window stage layer, the last prompt token's attention vtr ranks by is the one the layer computes
+    (transformers' eager attention weights): 0 beyond the window. So are the attention rows of the text tokens
+    (SparseVLM's raters), with Gemma 3's per-head q/k norms."""
+    eager = tiny_gemma3_layers(MIXED, attn="eager")
+    hidden, (cos, sin), weights, _ = _layer_inputs(eager, 2, inputs(only=[0]))
+    layer = eager.model.language_model.layers[2]
+    real = torch.ones(hidden.shape[:2], dtype=torch.bool)
+    with torch.inference_mode():
+        mine = last_token_attention(layer, hidden, cos, sin, real, window=layer.self_attn.sliding_window)
+        text = torch.tensor([[1, 2, 20, 38, 39, 40]])          # text columns of the row (not its image tokens)
+        rows = rows_attention(layer, hidden, cos, sin, real, text, window=layer.self_attn.sliding_window)
+    assert layer.self_attn.sliding_window == 8 and int((weights[0, :, -1].mean(0) > 0).sum()) == 8
+    torch.testing.assert_close(mine, weights[:, :, -1].mean(dim=1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rows, weights[:, :, text[0]].mean(dim=1), atol=1e-6, rtol=0)
+
+
+def test_the_keys_dart_reads_are_the_layers_own():
+    """``layer_keys``: the keys the layer's attention caches (after Gemma 3's per-head k norm and its rotary)."""
+    model = tiny_gemma3_layers(MIXED, attn="eager")
+    hidden, (cos, sin), _, cache = _layer_inputs(model, 1, inputs(only=[0]))
+    with torch.inference_mode():
+        keys = layer_keys(model.model.language_model.layers[1], hidden, cos, sin)
+    cached = cache.layers[1].keys                               # [1, Hk, L, d] of a global layer
+    torch.testing.assert_close(keys, cached.transpose(1, 2).reshape(keys.shape), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("attn, method, layers", [("sdpa", "fastv", [1]), ("eager", "fastv", [2, 4]),
