@@ -16,6 +16,8 @@ thumbnail, and it keeps ``min(budget, n)``). For an image of ``T`` tiles and its
    remainder); a tile given nothing is dropped from the prompt. ``budget >= (T + 1) n`` keeps the image whole.
 
 Each tile (and the thumbnail) is then reduced to its share by the patched method, on its own grid, as before.
+``vtr.expected_tokens`` / ``vtr.expected_flops`` still describe a one-tile image (``min(budget, n)``): an image's
+split is only known from its pixels.
 """
 from __future__ import annotations
 
