@@ -8,7 +8,6 @@ rows alone equal rows in a batch; static and no cache; the report and the FLOPs 
 """
 import pytest
 import torch
-from transformers.masking_utils import create_causal_mask
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 import vtr

@@ -91,7 +91,8 @@ def test_a_thumbnail_whose_importance_lies_on_one_tile_gives_it_the_larger_share
     assert (split.rows, split.cols) == (2, 2) and split.thumbnail_kept == 2
     assert split.tile_weights[0] > 10 * max(split.tile_weights[1:])
     assert split.tile_budgets[0] > max(split.tile_budgets[1:]) and sum(split.tile_budgets) == 10
-    assert report.image_tokens_after.tolist() == split.tile_budgets + [2] and report.visual_tokens_after.tolist() == [12]
+    assert report.image_tokens_after.tolist() == split.tile_budgets + [2]
+    assert report.visual_tokens_after.tolist() == [12]
     ids, columns = data["input_ids"][0], report.kept_positions[0]
     kept = columns[ids[columns] == IMAGE]
     tile_of = ((kept - int((ids == IMAGE).nonzero()[0])) // TOKENS).tolist()
