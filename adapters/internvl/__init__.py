@@ -3,14 +3,15 @@ model; ``generate()`` unchanged.
 
 ``vtr.patch(model, method, budget=B)`` keeps ``min(B, n)`` tokens of each *tile* (an image's dynamic tiles and its
 thumbnail; ``n`` tokens each after the pixel shuffle), on the projector's output before the language model
-(``before_lm``), each tile's in its own run of placeholders. The budget is per tile, not split over an image's
-tiles by its thumbnail (GlobalCom²-style): the prompt does not say how the tiles are laid out, which that needs.
+(``before_lm``), each tile's in its own run of placeholders. ``split="thumbnail"`` makes ``budget=B`` an image's
+instead, split over its thumbnail and its tiles by the thumbnail, GlobalCom²-style as on LLaVA-NeXT (``tiles``:
+the tile grid, which the prompt does not record, is read from the pixels).
 ``layers=[K]`` (or ``[K1, K2, ...]``) prunes inside the language model instead, FastV-style, as on LLaVA
 (``in_llm``): each tile keeps ``min(B, n)`` after the last stage. ``pool`` takes ``factor=`` and pools each tile's
 grid.
 
 The package: this front imports ``before_lm``, ``in_llm``, ``bench`` and ``received``; they import ``common``
-(``before_lm`` also ``received``).
+(``before_lm`` also ``received`` and ``tiles``).
 
 Limits: ``forward()`` with pixel values returns logits over the compacted prompt (``vtr.report(model).kept_positions``
 maps them back) and refuses ``position_ids``; prompts come as ``input_ids``; ``metric='x'`` only. The report's
@@ -18,12 +19,14 @@ images are the tiles.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from vtr.budget import visual
+from vtr.budget.visual import VisualPlan
 from vtr.budget.cost import EncoderCost
 from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
@@ -42,6 +45,15 @@ from . import before_lm, bench, in_llm, received
 from .common import InternVLReport, cost, internvl_classes, tile_side, tile_tokens
 
 SUPPORTED = "InternVLForConditionalGeneration (InternVL, transformers' format)"
+SPLITS = ("thumbnail",)
+
+
+@dataclass(frozen=True)
+class InternVLPlan(VisualPlan):
+    """The typed settings of a patched InternVL: a :class:`VisualPlan` and ``split`` (None: ``budget`` per tile;
+    ``"thumbnail"``: per image, split over its tiles by its thumbnail)."""
+
+    split: Optional[str] = None
 
 
 class ReducingInternVL(ReducingVlm):
@@ -65,6 +77,7 @@ class InternVL(VlmAdapter):
     """transformers ``InternVLForConditionalGeneration``."""
 
     name = "internvl"
+    amounts = (*VlmAdapter.amounts, "split")
 
     def matches(self, model: nn.Module) -> bool:
         """Any InternVL model of transformers (bare ones too, so that they get a clear error)."""
@@ -102,17 +115,26 @@ class InternVL(VlmAdapter):
         raise ValueError(f"cannot make an input for {type(model).__name__}: it takes a prompt (input_ids with image "
                          "tokens) as well as pixel_values; pass inputs=")
 
+    def plan(self, layers=None, budget=None, frames: Optional[str] = None, temporal: Optional[float] = None,
+             split: Optional[str] = None) -> InternVLPlan:
+        base = VisualPlan.given(budget=budget, layers=layers, frames=frames, temporal=temporal)
+        return InternVLPlan(base.budget, base.layers, base.frames, base.temporal, split)
+
     def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
                       metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
-                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
-        """``budget=`` (visual tokens kept per tile) as reduction steps on one tile's tokens."""
+                      frames: Optional[str] = None, temporal: Optional[float] = None,
+                      split: Optional[str] = None) -> Schedule:
+        """``budget=`` (visual tokens kept per tile; with ``split="thumbnail"`` per image) as reduction steps on one
+        tile's tokens."""
         others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
         if others:
             raise ValueError(f"the InternVL adapter takes budget= (visual tokens kept per tile), not "
                              f"{', '.join(o + '=' for o in others)}")
         if frames is not None or temporal is not None:
             raise ValueError("the InternVL adapter reduces images (tiles): leave out frames= and temporal=")
-        plan = self.plan(layers=layers, budget=budget)
+        if split is not None:
+            _check_split(reducer, split, layers, budget)
+        plan = self.plan(layers=layers, budget=budget, split=split)
         return visual.schedule(reducer, plan, num_tokens=tile_tokens(model), num_layers=len(decoder(model).layers),
                                any_size=True, family="InternVL")
 
@@ -148,4 +170,19 @@ class InternVL(VlmAdapter):
         del model._vtr
 
 
-__all__: Sequence[str] = ["InternVL", "InternVLReport", "ReducingInternVL"]
+def _check_split(reducer: Reducer, split, layers, budget) -> None:
+    """``split=`` refused where the thumbnail cannot split an image's budget exactly, at patch time."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))} (an image's budget split over its "
+                         f"tiles by its thumbnail) or left out (budget per tile), got {split!r}")
+    if layers is not None:
+        raise ValueError("split='thumbnail' splits an image's budget before the language model: leave out layers=")
+    if type(reducer).fixed_amounts is not Reducer.fixed_amounts or reducer.fixed_count:
+        raise ValueError(f"method {reducer.name!r} sets its own token count from its options, but split='thumbnail' "
+                         "gives each tile its own share of the image's budget: choose a method that takes a budget")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
+        raise ValueError(f"with split='thumbnail' budget must be an int >= 2 (visual tokens kept per image: at least "
+                         f"one for its thumbnail and one for its tiles), got {budget!r}")
+
+
+__all__: Sequence[str] = ["InternVL", "InternVLPlan", "InternVLReport", "ReducingInternVL"]
