@@ -19,6 +19,8 @@ images are the tiles.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -118,7 +120,7 @@ class InternVL(VlmAdapter):
     def plan(self, layers=None, budget=None, frames: Optional[str] = None, temporal: Optional[float] = None,
              split: Optional[str] = None) -> InternVLPlan:
         base = VisualPlan.given(budget=budget, layers=layers, frames=frames, temporal=temporal)
-        return InternVLPlan(base.budget, base.layers, base.frames, base.temporal, split)
+        return InternVLPlan(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, split=split)
 
     def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
                       metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
