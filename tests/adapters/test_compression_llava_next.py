@@ -1,5 +1,6 @@
-"""vtr.compress's TokenPacker on a tiny LLaVA-NeXT: the projector runs per crop (thumbnail and each AnyRes crop) and
-the packed crop grids are unpadded and laid out with a newline per row as transformers lays out the full ones."""
+"""vtr.compress on a tiny LLaVA-NeXT: TokenPacker's projector runs per crop (thumbnail and each AnyRes crop), and
+adaptive granularity pools every part at the level its router picks; either way the packed crop grids are unpadded
+and laid out with a newline per row as transformers lays out the full ones."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaN
 
 import vtr
 from vtr.compression import anyres
+from vtr.compression.granularity import relevance
 
 from llava_models import IMAGE_TOKEN, FeatureCapture, generate, left_padded, logits, text_labels
 from llava_models import assert_each_row_equals_it_alone
@@ -156,14 +158,91 @@ def test_the_projector_trains_on_anyres_batches():
     assert losses[-1] < first - 0.05
 
 
+# -- adaptive granularity -------------------------------------------------------------------------------------
+
+def test_granularity_level_1_is_the_unpatched_model_and_coarser_levels_pool_every_part():
+    """112 x 112 (4 x 4 thumbnail, 2 x 2 crops): level 2 -> 4 + 4 x 5 = 24 tokens, level 4 -> 1 + 2 x 3 = 7;
+    50 x 120 (1 x 2 crops; no row unpadded at any of these sides, half the one spare row rounding to 0: 16 + 4 x 9
+    = 52) -> level 2: 4 + 2 x 5 = 14, level 4: 1 + 1 x 3 = 4."""
+    model = tiny_llava_next()
+    ids, mask, pixel_values, image_sizes = batch(model, ROWS)
+    unpatched = forward(model, ids, mask, pixel_values, image_sizes)
+    vtr.compress(model, "granularity", levels=[1, 2, 4])
+    after = {}
+    for factor in (1, 2, 4):
+        with vtr.compression.forced_level(model, factor):
+            out = forward(model, ids, mask, pixel_values, image_sizes)
+        after[factor] = vtr.report(model).tokens_after.tolist()
+        if factor == 1:
+            torch.testing.assert_close(out, unpatched, rtol=0, atol=0)
+    assert vtr.report(model).tokens_before.tolist() == [88, 52]
+    assert after == {1: [88, 52], 2: [4 + 4 * 5, 4 + 2 * 5], 4: [1 + 2 * 3, 1 + 1 * 3]}
+
+
+def test_pooled_parts_are_each_parts_window_means_then_packed():
+    model = six_by_six_next()
+    parts = torch.arange(5 * 36, dtype=torch.float64).view(5, 36, 1)
+    got = anyres.pooled(model.config, parts, (6, 6), 3, (168, 168), torch.tensor([-1.0], dtype=torch.float64))
+    means = parts.view(5, 2, 3, 2, 3).mean((2, 4)).reshape(5, 4, 1)
+    expected = anyres.pack(model.config, means, (168, 168), torch.tensor([-1.0], dtype=torch.float64))
+    assert got[:, 0].tolist() == expected[:, 0].tolist()
+    assert got[:4, 0].tolist() == [7.0, 10.0, 25.0, 28.0]           # the thumbnail's four 3 x 3 window means
+
+
+def test_the_router_choice_changes_with_the_question():
+    """As on LLaVA-1.5: word 50 points at the crop token that stands out most from the image's mean (over every
+    part), so its question needs the finest level; word 51 is zero (uniform relevance): the coarsest. One batch."""
+    model = tiny_llava_next()
+    rows = [([1], [(112, 112)], [50]), ([1], [(112, 112)], [51])]
+    ids, mask, pixel_values, image_sizes = batch(model, rows)
+    vtr.compress(model, "granularity", levels=[1, 2, 4], tolerance=0.25, temperature=0.25)
+    with torch.no_grad(), anyres.unpacked():
+        parts = model.model.get_image_features(pixel_values=pixel_values[:1], image_sizes=image_sizes[:1],
+                                               vision_feature_select_strategy="default").pooler_output[0]
+        features = parts.flatten(0, 1)
+        centred = features - features.mean(0)
+        j = 16 + int(centred[16:].norm(dim=1).argmax())                     # a crop's token
+        embed = model.get_input_embeddings().weight
+        embed[[1, 51]] = 0.0
+        embed[50] = 2 * 100 * centred[j] / centred[j].norm() ** 2
+    assert parts.shape[0] == 5
+    assert float(relevance(features, embed[[1, 50]].detach(), temperature=0.25)[j]) > 0.9
+    forward(model, ids, mask, pixel_values, image_sizes)
+    assert vtr.report(model).levels.tolist() == [1, 4] and vtr.report(model).tokens_after.tolist() == [88, 7]
+
+
+def test_granularity_generate_rows_are_independent_and_the_learned_router_trains():
+    model = tiny_llava_next()
+    ids, mask, pixel_values, image_sizes = batch(model, ROWS)
+    vtr.compress(model, "granularity", levels=[1, 2, 4])
+    batched = generate(model, ids, mask, pixel_values=pixel_values, image_sizes=image_sizes)
+    assert_each_row_equals_it_alone(model, ids, mask, pixel_values, batched, images_per_row=[1, 1, 0],
+                                    image_sizes=image_sizes)
+    vtr.unpatch(model)
+    vtr.compress(model, "granularity", levels=[1, 2, 4], router="learned")
+    data = dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes,
+                labels=text_labels(ids, mask))
+    assert vtr.compression.answer_losses(model, data).shape == (3, 3)
+    before = {n: p.clone() for n, p in model._vtr_compression.router.named_parameters()}
+    assert len(vtr.compression.train_router(model, [data] * 2, steps=2)) == 2
+    assert any(not torch.equal(p, before[n]) for n, p in model._vtr_compression.router.named_parameters())
+    fresh = tiny_llava_next(seed=1)
+    vtr.compress(fresh, "granularity", levels=[1, 2, 4], router="learned")
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(forward(fresh, ids, mask, pixel_values, image_sizes),
+                       forward(model, ids, mask, pixel_values, image_sizes))
+    vtr.unpatch(model)
+    assert type(model) is LlavaNextForConditionalGeneration and type(model.model) is LlavaNextModel
+
+
 # -- refusals -------------------------------------------------------------------------------------------------
 
-def test_bad_calls_and_granularity_are_clear_errors():
+def test_bad_calls_are_clear_errors():
     model = tiny_llava_next()
     ids, mask, pixel_values, image_sizes = batch(model, ROWS[:1])
-    with pytest.raises(vtr.UnsupportedModelError, match="granularity on LLaVA-NeXT is not supported"):
-        vtr.compress(model, "granularity")
-    assert not vtr.compression.is_compressed(model) and type(model) is LlavaNextForConditionalGeneration
+    with pytest.raises(ValueError, match="levels must be .* at most the token grid's side 4"):
+        vtr.compress(model, "granularity", levels=[1, 8])
+    assert not vtr.compression.is_compressed(model) and type(model.model) is LlavaNextModel
     vtr.compress(model, "tokenpacker")
     with pytest.raises(ValueError, match="needs image_sizes"):
         forward(model, ids, mask, pixel_values, None)
@@ -172,3 +251,18 @@ def test_bad_calls_and_granularity_are_clear_errors():
     short, short_mask = left_padded([[1] + [IMAGE_TOKEN] * 16 + [7]])
     with pytest.raises(ValueError, match=r"need \[88\] \(by their image_sizes\)"):
         forward(model, short, short_mask, pixel_values, image_sizes)
+
+
+def test_llava_onevision_is_refused_clearly():
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=56, patch_size=14)
+    text = dict(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2)
+    model = LlavaOnevisionForConditionalGeneration._from_config(LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]]))
+    for method in ("tokenpacker", "granularity"):
+        with pytest.raises(vtr.UnsupportedModelError, match="LLaVA-OneVision and LLaVA-NeXT-Video are not supported"):
+            vtr.compress(model, method)

@@ -6,16 +6,22 @@ tokens, then the crops' grids stitched into one feature map, unpadded to the ima
 patch_size``), so a projector that packs each crop's ``s x s`` patches into one token (TokenPacker) breaks it: the
 map is ``s`` times smaller. :func:`pack` is the same rule with the side read from the features (transformers' own
 ``get_anyres_image_grid_shape`` and ``unpad_image``, applied to the smaller map), and :class:`PackingLlavaNext` puts
-it in the inner model's place while a TokenPacker stands in for the projector. At the full side it is transformers'
-packing exactly (a test holds it to that).
+it in the inner model's place while a compression is attached. At the full side it is transformers' packing exactly
+(a test holds it to that).
+
+Adaptive granularity pools every part (the thumbnail and each crop) at the level its router picks, then packs the
+pooled grids the same way (:func:`pooled`), as AVG-LLaVA does on LLaVA-NeXT; inside :func:`unpacked` the inner
+model hands the parts over unpacked for that.
 
 The prompt keeps the processor's placeholder count per image (:func:`image_tokens` at the full side); the compressed
 model compacts it to the packed count, as on LLaVA-1.5.
 """
 from __future__ import annotations
 
+import contextvars
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -61,10 +67,37 @@ def image_tokens(config, image_size, side: int) -> int:
     return len(pack(config, torch.zeros(parts, side * side, 1), image_size, torch.zeros(1)))
 
 
+def pooled(config, parts: Tensor, grid: tuple[int, int], factor: int, image_size, newline: Tensor) -> Tensor:
+    """One image's ``[parts, rows * cols, D]`` projected features, each part ``factor x factor`` average-pooled on
+    its ``grid`` (smaller windows at the edges where ``factor`` does not divide it), then :func:`pack`-ed."""
+    from .granularity import pool_level
+
+    return pack(config, torch.stack([pool_level(part, grid, factor) for part in parts]), image_size, newline)
+
+
+_UNPACKED: contextvars.ContextVar[bool] = contextvars.ContextVar("vtr_anyres_unpacked", default=False)
+
+
+@contextmanager
+def unpacked() -> Iterator[None]:
+    """Inside, a compressed LLaVA-NeXT's ``get_image_features`` returns each image's parts unpacked
+    (``[parts, side * side, D]``), for a compression that packs them itself."""
+    token = _UNPACKED.set(True)
+    try:
+        yield
+    finally:
+        _UNPACKED.reset(token)
+
+
 class PackingLlavaNext(Swapped):
-    """Mixed in front of ``LlavaNextModel`` while a TokenPacker is its projector: packs at the packed side."""
+    """Mixed in front of ``LlavaNextModel`` while a compression is attached: packs at the side the projector gave
+    (inside :func:`unpacked`: not at all)."""
 
     def pack_image_features(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+        if _UNPACKED.get():
+            features = list(image_features)
+            lengths = torch.tensor([f.shape[0] * f.shape[1] for f in features], dtype=torch.long)
+            return features, lengths
         packed = [pack(self.config, f, size, image_newline) for f, size in zip(image_features, image_sizes)]
         lengths = torch.tensor([len(p) for p in packed], dtype=torch.long, device=image_features[0].device)
         return packed, lengths

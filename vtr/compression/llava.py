@@ -14,6 +14,7 @@ each row runs what it would run alone, ``generate()`` returns the caller's own p
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -109,13 +110,11 @@ def tokenpacker(model: nn.Module, scale: int = 2, layers: Optional[Sequence[int]
 def granularity(model: nn.Module, levels: Sequence[int] = (1, 2, 4), router: str = "relevance",
                 tolerance: float = 0.25, temperature: float = 1.0) -> None:
     """Pool each image's projected tokens at the level its router picks for the image and question."""
-    if is_next(model):
-        raise UnsupportedModelError("granularity on LLaVA-NeXT is not supported yet (its pooling levels are defined "
-                                    "on one patch grid per image; an AnyRes image is a thumbnail and an unpadded "
-                                    "crop map): use vtr.compress(model, 'tokenpacker') there")
     grid = patch_grid(model)
     attach(model, granularity_module(model.config.text_config.hidden_size, grid, levels, router, tolerance,
                                      temperature), CompressedLlava)
+    if is_next(model):      # every part pooled, then packed at the pooled side (anyres.pooled)
+        swap_class(model.model, anyres.PackingLlavaNext)
 
 
 def granularity_module(width: int, grid: Optional[tuple[int, int]], levels: Sequence[int], router: str,
@@ -148,6 +147,7 @@ class Encoded:
     rows: Tensor            # [I] prompt row of each image
     outputs: object         # the tower's output, whose pooler_output goes to the language model
     grids: Optional[list] = None   # (rows, cols) per image where images differ (Qwen-VL)
+    sizes: Optional[list] = None   # LLaVA-NeXT's (height, width) per image, its features unpacked (granularity)
 
 
 def encode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor,
@@ -155,8 +155,9 @@ def encode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pixel_va
     compression = compression_of(model)
     layer = compression.layers if compression.layers is not None else model.config.vision_feature_layer
     sizes = {"image_sizes": _check_sizes(pixel_values, image_sizes)} if is_next(model) else {}
-    outputs = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
-                                             vision_feature_select_strategy="default", return_dict=True, **sizes)
+    with anyres.unpacked() if sizes and compression.routes else contextlib.nullcontext():
+        outputs = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
+                                                 vision_feature_select_strategy="default", return_dict=True, **sizes)
     features = list(outputs.pooler_output)
     placeholder = input_ids == model.config.image_token_id
     if sizes:      # the processor's count: each image packed at the full crop side
@@ -175,7 +176,8 @@ def encode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pixel_va
     questions = None
     if compression.routes:
         questions = row_queries(model, input_ids, attention_mask, placeholder, rows, None)
-    return Encoded(features, questions, counts, rows, outputs)
+    unpacked = sizes["image_sizes"].tolist() if sizes and compression.routes else None
+    return Encoded(features, questions, counts, rows, outputs, sizes=unpacked)
 
 
 def _check_sizes(pixel_values: Tensor, image_sizes: Optional[Tensor]) -> Tensor:
@@ -193,20 +195,30 @@ def _check_sizes(pixel_values: Tensor, image_sizes: Optional[Tensor]) -> Tensor:
 def router_inputs(model: nn.Module, batch: dict) -> tuple[list, Tensor]:
     """Per image (tokens, question, grid), and each image's row, for training the router."""
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-    encoded = encode(model, batch["input_ids"], mask, batch["pixel_values"])
+    encoded = encode(model, batch["input_ids"], mask, batch["pixel_values"], batch.get("image_sizes"))
     grid = compression_of(model).grid
-    return [(t, q[0], grid) for t, q in zip(encoded.features, encoded.questions)], encoded.rows
+    return [(_finest(t), q[0], grid) for t, q in zip(encoded.features, encoded.questions)], encoded.rows
 
 
-def compress_images(compression: Compression, encoded: Encoded) -> tuple[list, list]:
+def _finest(tokens: Tensor) -> Tensor:
+    """What the router reads of an image: its finest tokens ``[N, D]`` (LLaVA-NeXT: every part's, one grid after
+    another, as AVG-LLaVA's router reads all of them)."""
+    return tokens.flatten(0, 1) if tokens.dim() == 3 else tokens
+
+
+def compress_images(model: nn.Module, compression: Compression, encoded: Encoded) -> tuple[list, list]:
     """(features, level) per image."""
     if not compression.routes:
         return encoded.features, [compression.scale] * len(encoded.features)
     kept, levels = [], []
-    for tokens, question in zip(encoded.features, encoded.questions):
+    for index, (tokens, question) in enumerate(zip(encoded.features, encoded.questions)):
         with torch.no_grad():
-            factor = compression.levels[compression.choose(tokens.detach(), question[0].detach())]
-        kept.append(pool_level(tokens, compression.grid, factor))
+            factor = compression.levels[compression.choose(_finest(tokens).detach(), question[0].detach())]
+        if encoded.sizes is None:
+            kept.append(pool_level(tokens, compression.grid, factor))
+        else:
+            kept.append(anyres.pooled(model.config, tokens, compression.grid, factor, encoded.sizes[index],
+                                      model.model.image_newline))
         levels.append(factor)
     return kept, levels
 
@@ -221,7 +233,7 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
         attention_mask = torch.ones_like(input_ids)
     compression = compression_of(model)
     encoded = encode(model, input_ids, attention_mask, pixel_values, image_sizes)
-    features, levels = compress_images(compression, encoded)
+    features, levels = compress_images(model, compression, encoded)
     kept = torch.tensor([len(f) for f in features], dtype=torch.long, device=input_ids.device)
     image_token_id = model.config.image_token_id
     ids, mask, kept_positions = compact_prompt(input_ids, attention_mask, image_token_id, encoded.counts, kept,

@@ -6,7 +6,8 @@ shares of images (the same mean tokens).
     python -m vtr.tools.compression_fidelity --minutes 10
 
 Training data are the task's own questions from a seed apart from the yardstick's training (2) and the evaluation
-set (``make_examples(1200, seed=10_000)``).
+set (``make_examples(1200, seed=10_000)``), both of the question types the yardstick's recipe taught
+(``vlm_yardstick.recipe("llava").types``; the quick recipe: counting only).
 """
 from __future__ import annotations
 
@@ -56,14 +57,14 @@ def measure(model: nn.Module, examples: "task.Examples", batch_size: int = 250) 
             tokens.append(torch.full((len(part),), float(task.GRID ** 2)))
     correct = torch.cat(answers) == examples.answers
     types = torch.tensor([task.TYPES.index(t) for t in examples.types])
+    asked = [(i, kind) for i, kind in enumerate(task.TYPES) if bool((types == i).any())]
     result = {"accuracy": float(correct.float().mean()), "tokens": float(torch.cat(tokens).mean()),
-              "per_type": {kind: round(float(correct[types == i].float().mean()), 3)
-                           for i, kind in enumerate(task.TYPES)}}
+              "per_type": {kind: round(float(correct[types == i].float().mean()), 3) for i, kind in asked}}
     if levels:
         chosen = torch.cat(levels)
         result["levels"] = {int(f): round(float((chosen == f).float().mean()), 3) for f in chosen.unique()}
         result["levels_by_type"] = {kind: {int(f): int(((chosen == f) & (types == i)).sum()) for f in chosen.unique()}
-                                    for i, kind in enumerate(task.TYPES)}
+                                    for i, kind in asked}
     return result
 
 
@@ -132,8 +133,8 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
                          "--model llava-task, 20+ minutes) or pass --train-yardstick")
     else:
         model = yardstick.trained_model(recipe)
-    evaluation = task.make_examples(1200, seed=EVAL_SEED)
-    training = task.make_examples(args.train, seed=TRAIN_SEED)
+    evaluation = task.make_examples(1200, seed=EVAL_SEED, types=recipe.types)     # the types the yardstick learnt
+    training = task.make_examples(args.train, seed=TRAIN_SEED, types=recipe.types)
     rows = []
 
     def add(label: str, result: dict) -> None:
