@@ -1,12 +1,13 @@
 """Compression modules on a LLaVA-format model (transformers' ``LlavaForConditionalGeneration``, and
-``LlavaNextForConditionalGeneration`` for TokenPacker: see :mod:`.anyres`).
+``LlavaNextForConditionalGeneration`` with its AnyRes crops: each part compressed on its own, then packed as
+transformers packs them, see :mod:`.anyres`; its inner model's class is swapped too, and restored by ``vtr.unpatch``).
 
 The model gets a submodule ``_vtr_compression`` (:class:`Compression`: the settings and any trainable router, so
 its parameters are the model's own and ``state_dict`` round-trips strictly) and a class mixed in front of its own
 (:class:`CompressedLlava`). TokenPacker also takes the place of ``model.model.multi_modal_projector`` (the original
 is kept aside for ``vtr.unpatch``), and the images are encoded with ``vision_feature_layer`` listing its levels.
 
-The prompt keeps the processor's placeholders (one per patch); a call with pixel values encodes the images,
+The prompt keeps the processor's placeholders (one per patch; LLaVA-NeXT: per packed token); a call with pixel values encodes the images,
 compresses each one and *compacts* the prompt to the tokens kept, as vtr's reducers do (``vtr.adapters.vlm.prompt``):
 each row runs what it would run alone, ``generate()`` returns the caller's own prompt then the new tokens, and
 ``forward`` returns logits over the compacted prompt (``vtr.report(model).kept_positions`` maps them back;
