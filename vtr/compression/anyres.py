@@ -1,4 +1,4 @@
-"""LLaVA-NeXT's AnyRes packing at any crop side, for a projector that hands the language model fewer tokens per crop.
+"""LLaVA-NeXT's AnyRes packing at any crop side, for compressions that hand the language model fewer tokens per crop.
 
 transformers' ``LlavaNextModel.pack_image_features`` lays each image out as its base image's (the thumbnail's)
 tokens, then the crops' grids stitched into one feature map, unpadded to the image's aspect ratio, with the learned

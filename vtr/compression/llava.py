@@ -7,11 +7,11 @@ its parameters are the model's own and ``state_dict`` round-trips strictly) and 
 (:class:`CompressedLlava`). TokenPacker also takes the place of ``model.model.multi_modal_projector`` (the original
 is kept aside for ``vtr.unpatch``), and the images are encoded with ``vision_feature_layer`` listing its levels.
 
-The prompt keeps the processor's placeholders (one per patch; LLaVA-NeXT: per packed token); a call with pixel values encodes the images,
-compresses each one and *compacts* the prompt to the tokens kept, as vtr's reducers do (``vtr.adapters.vlm.prompt``):
-each row runs what it would run alone, ``generate()`` returns the caller's own prompt then the new tokens, and
-``forward`` returns logits over the compacted prompt (``vtr.report(model).kept_positions`` maps them back;
-``labels`` follow).
+The prompt keeps the processor's placeholders (one per patch; LLaVA-NeXT: one per token of the model's own packing);
+a call with pixel values encodes the images, compresses each one and *compacts* the prompt to the tokens kept, as
+vtr's reducers do (``vtr.adapters.vlm.prompt``): each row runs what it would run alone, ``generate()`` returns the
+caller's own prompt then the new tokens, and ``forward`` returns logits over the compacted prompt
+(``vtr.report(model).kept_positions`` maps them back; ``labels`` follow).
 """
 from __future__ import annotations
 
