@@ -30,6 +30,15 @@ from vtr.reducers.base import unit
 
 
 @pytest.fixture
+def unpatched(model):
+    """Unpatches the module's shared ``model`` fixture after each test (used by the VLM family tests, whose tiny model
+    is built once per module)."""
+    yield
+    if vtr.is_patched(model):
+        vtr.unpatch(model)
+
+
+@pytest.fixture
 def one_intra_op_thread():
     """One intra-op thread: no op's reduction order depends on load (bitwise comparisons), and tiny models
     run fastest that way on a shared machine."""

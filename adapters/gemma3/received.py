@@ -43,17 +43,10 @@ def pooled(model: nn.Module, per_patch: Tensor) -> Tensor:
 
 
 def per_image(model: nn.Module, run, images: int) -> tuple[Optional[list[Tensor]], float]:
-    """Per image of this tower call, ``[tokens]`` the attention each token receives, and the MACs it cost; (None, 0)
-    without the hook."""
-    scores, macs = tower_attention.take(run)
-    if scores is None or scores.shape[0] != images:
-        return None, macs
-    return list(pooled(model, scores)), macs
+    """Per image of this tower call, ``[tokens]`` the attention each token receives, and the MACs it cost."""
+    return tower_attention.per_item(run, images, lambda scores: pooled(model, scores))
 
 
 def expected_macs(model: nn.Module, reduction: Reduction) -> float:
     """The scores' MACs for one image (every query row of the last layer)."""
-    if not tower_attention.wanted(reduction, cls=False):
-        return 0.0
-    vision = model.config.vision_config
-    return tower_attention.pass_macs(1, (vision.image_size // vision.patch_size) ** 2, vision.hidden_size)
+    return tower_attention.square_tower_macs(model, reduction)

@@ -55,10 +55,7 @@ def shuffled(model: nn.Module, cls_row: Tensor) -> Tensor:
 def per_tile(model: nn.Module, run, tiles: int) -> tuple[Optional[list[Tensor]], float]:
     """Per tile of this tower call, ``[tokens]`` the [CLS] attention each token carries, and the MACs it cost;
     (None, 0) without the hook."""
-    scores, macs = tower_attention.take(run)
-    if scores is None or scores.shape[0] != tiles:
-        return None, macs
-    return list(shuffled(model, scores)), macs
+    return tower_attention.per_item(run, tiles, lambda scores: shuffled(model, scores))
 
 
 def expected_macs(model: nn.Module, reduction: Reduction) -> float:

@@ -21,7 +21,7 @@ The hooks are plain classes, so patched models pickle; a tower call outside a pa
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +109,25 @@ class KeepTowerAttention:
             scores = (cls_row(q, k, module.num_heads, module.scale, mask) if self.cls
                       else received(q, k, module.num_heads, module.scale, mask))
         run.captured.setdefault(KEY, []).append((scores, pass_macs(q.shape[0], q.shape[1], q.shape[2], self.cls)))
+
+
+def per_item(run, items: int, to_tokens: Callable[[Tensor], Tensor]) -> tuple[Optional[list[Tensor]], float]:
+    """Per item (image or tile) of this tower call, ``[tokens]`` its scores mapped to the language model's tokens by
+    the family's ``to_tokens`` (``[items, patches] -> [items, tokens]``), and the MACs the pass cost; (None, MACs)
+    without the hook or when the call's items are not the tower's."""
+    scores, macs = take(run)
+    if scores is None or scores.shape[0] != items:
+        return None, macs
+    return list(to_tokens(scores)), macs
+
+
+def square_tower_macs(model: nn.Module, reduction: Reduction) -> float:
+    """The received pass's MACs for one square image (or tile) of ``vision_config.image_size``: every query row of
+    the feature layer; 0 where the method reads neither signal."""
+    if not wanted(reduction, cls=False):
+        return 0.0
+    vision = model.config.vision_config
+    return pass_macs(1, (vision.image_size // vision.patch_size) ** 2, vision.hidden_size)
 
 
 def pass_macs(images: int, tokens: int, width: int, cls: bool = False) -> float:

@@ -13,20 +13,13 @@ import vtr
 
 from gemma3_models import IMAGE, generate, inputs, logits, tiny_gemma3
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "unpatched")
 LEARNED = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].learned}
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_gemma3()
-
-
-@pytest.fixture(autouse=True)
-def unpatched(model):
-    yield
-    if vtr.is_patched(model):
-        vtr.unpatch(model)
 
 
 @pytest.mark.parametrize("method, amount", [("none", {}), ("tome", {"budget": 16}), ("random", {"budget": 1000})])

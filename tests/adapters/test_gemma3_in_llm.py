@@ -15,7 +15,7 @@ from vtr.adapters.vlm.sequence import last_token_attention, layer_keys, rows_att
 
 from gemma3_models import IMAGE, generate, inputs, logits, tiny_gemma3, tiny_gemma3_layers
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "unpatched")
 SLIDING, FULL = "sliding_attention", "full_attention"
 # Global at 1 and 4, local elsewhere: a stage at a global layer, then local and global layers after it.
 MIXED = [SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING]
@@ -27,13 +27,6 @@ IN_LM_ONLY = sorted(m for m, info in vtr.methods(details=True).items() if "in_lm
 @pytest.fixture(scope="module")
 def model():
     return tiny_gemma3_layers(MIXED)
-
-
-@pytest.fixture(autouse=True)
-def unpatched(model):
-    yield
-    if vtr.is_patched(model):
-        vtr.unpatch(model)
 
 
 @pytest.mark.parametrize("layers", [[1], [0, 4], [2, 3]])

@@ -13,20 +13,13 @@ import vtr
 
 from internvl_models import END, IMAGE, START, TOKENS, generate, inputs, logits, tiny_internvl
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "unpatched")
 LEARNED = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].learned}
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_internvl()
-
-
-@pytest.fixture(autouse=True)
-def unpatched(model):
-    yield
-    if vtr.is_patched(model):
-        vtr.unpatch(model)
 
 
 @pytest.mark.parametrize("method, amount", [("none", {}), ("tome", {"budget": 16}),

@@ -14,20 +14,13 @@ from vtr.adapters.vlm.thumbnail import grid_importance
 
 from internvl_models import END, IMAGE, START, TOKENS, generate, inputs, logits, tiny_internvl
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "unpatched")
 SIDE = 64
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_internvl()
-
-
-@pytest.fixture(autouse=True)
-def unpatched(model):
-    yield
-    if vtr.is_patched(model):
-        vtr.unpatch(model)
 
 
 def tiled(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -15,20 +15,13 @@ from vtr.adapters.vlm.sequence import last_token_attention
 from qwen3_vl_models import (END, IMAGE, PATCH_VALUES, SECONDS, START, VIDEO, generate, logits, mixed_batch,
                              tiny_qwen3)
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "unpatched")
 LEARNED = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].learned}
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_qwen3()
-
-
-@pytest.fixture(autouse=True)
-def unpatched(model):
-    yield
-    if vtr.is_patched(model):
-        vtr.unpatch(model)
 
 
 @pytest.mark.parametrize("method, amount", [("none", {}), ("tome", {"budget": 1000}),

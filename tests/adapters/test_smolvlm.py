@@ -14,7 +14,7 @@ import vtr
 
 from smolvlm_models import FAKE, GLOBAL, IMAGE, generate, inputs, logits, tiny_idefics3, tiny_smolvlm
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "unpatched")
 LEARNED = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].learned}
 BUILDERS = {"smolvlm": tiny_smolvlm, "idefics3": tiny_idefics3}
 
@@ -22,13 +22,6 @@ BUILDERS = {"smolvlm": tiny_smolvlm, "idefics3": tiny_idefics3}
 @pytest.fixture(scope="module")
 def model():
     return tiny_smolvlm()
-
-
-@pytest.fixture(autouse=True)
-def unpatched(model):
-    yield
-    if vtr.is_patched(model):
-        vtr.unpatch(model)
 
 
 @pytest.mark.parametrize("family", BUILDERS)
