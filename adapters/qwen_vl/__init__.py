@@ -44,7 +44,7 @@ from ..vlm import in_llm as pruning
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm import items
 from ..vlm.run import VlmRun
-from . import before_lm, bench, in_llm, received
+from . import before_lm, bench, in_llm, received, tower
 from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes
 
 SUPPORTED = ("Qwen3VLForConditionalGeneration (Qwen3-VL), Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and "
@@ -74,6 +74,7 @@ class QwenVL(VlmAdapter):
     ``Qwen2VLForConditionalGeneration``."""
 
     name = "qwen_vl"
+    amounts = (*VlmAdapter.amounts, "tower_layer")
 
     def matches(self, model: nn.Module) -> bool:
         """Any Qwen-VL model of transformers (bare models and Qwen3-VL-MoE too), so that those vtr does not
@@ -110,27 +111,43 @@ class QwenVL(VlmAdapter):
         raise ValueError(f"cannot make an input for {type(model).__name__}: it takes a prompt (input_ids with image "
                          "tokens, mm_token_type_ids) and image_grid_thw as well as pixel_values; pass inputs=")
 
+    def plan(self, layers=None, budget=None, frames: Optional[str] = None, temporal: Optional[float] = None,
+             tower_layer: Optional[int] = None) -> visual.VisualPlan:
+        """The typed settings every call reads, ``tower_layer=`` among them (checked by ``make_schedule``)."""
+        return visual.VisualPlan.given(budget=budget, layers=layers, frames=frames, temporal=temporal,
+                                       tower_layer=tower_layer)
+
     def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
                       metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
-                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
+                      frames: Optional[str] = None, temporal: Optional[float] = None,
+                      tower_layer: Optional[int] = None) -> Schedule:
         """``budget=`` (visual tokens kept per image or video) as reduction steps on the reference image;
-        at run time each image takes its own count's steps. ``frames=`` / ``temporal=``: how a video spends it."""
+        at run time each image takes its own count's steps. ``frames=`` / ``temporal=``: how a video spends it.
+        ``tower_layer=K``: the budget is kept inside the vision tower, after its block K (``tower``)."""
         others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
         if others:
             raise ValueError(f"the Qwen-VL adapter takes budget= (visual tokens kept per image or video), not "
                              f"{', '.join(o + '=' for o in others)}")
-        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal)
+        if tower_layer is not None:
+            tower.check(model, reducer, tower_layer, budget, layers, temporal)
+        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal, tower_layer=tower_layer)
         visual.check_video(reducer, plan)
         return visual.schedule(reducer, plan, num_tokens=REFERENCE_SIDE ** 2,
                                num_layers=len(model.model.language_model.layers), any_size=True, family="Qwen-VL")
 
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no
-        text), the reducer's own decisions included; the vision tower is the same either way."""
+        text), the reducer's own decisions included; the vision tower is the same either way, and not counted,
+        except when it reduces inside the tower (``tower_layer=``): both counts then add the tower's MACs on the
+        reference image (``tower.expected_macs``)."""
         stages = pruning.stages_of(model)
         if reduction is not None and stages is not None:
             return pruning.expected_flops(model, reduction, stages)
-        return items.expected_flops(model, reduction, cost(model))
+        reduced, unreduced = items.expected_flops(model, reduction, cost(model))
+        if reduction is not None and reduction.visual.in_tower:
+            tower_reduced, tower_unreduced = tower.expected_macs(model, reduction, REFERENCE_SIDE)
+            return reduced + tower_reduced, unreduced + tower_unreduced
+        return reduced, unreduced
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
         reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
@@ -143,6 +160,8 @@ class QwenVL(VlmAdapter):
                                             "before the language model (no layers=)")
             in_llm.check_deepstack(model, reduction)
             pruning.install(model, reduction, in_llm.QwenVisuals())
+        elif reduction.visual.in_tower:
+            tower.install(model, reduction)
         else:
             received.install(model, reduction)
         model._vtr = reduction
@@ -157,6 +176,7 @@ class QwenVL(VlmAdapter):
     def unpatch(self, model: nn.Module) -> None:
         pruning.uninstall(model)
         received.uninstall(model)
+        tower.uninstall(model)
         restore_class(model)
         del model._vtr
 
