@@ -6,10 +6,12 @@ each video, reduced on the vision tower's output after its patch merger; the pro
 every kept token keeps its M-RoPE position (``before_lm``). ``pool`` takes ``factor=`` instead: each
 image keeps what the factor leaves of its own grid. ``layers=[K]`` (or ``[K1, K2, ...]``) prunes inside
 the language model instead, FastV-style, as on LLaVA (``in_llm``): each image keeps ``min(B, its count)``
-after the last stage.
+after the last stage. ``tower_layer=K`` (with ``budget=``) keeps the budget inside the vision tower instead, after
+its block K: whole 2x2 merge units are dropped, so the later blocks, the merger and the language model see only the
+kept ones (``tower``).
 
 The package: this front (the :class:`QwenVL` adapter and the class mixed into the model) imports
-``before_lm`` and ``in_llm``, which import ``common`` (which models, the call's images and videos,
+``before_lm`` (which runs ``tower`` when reducing inside the tower) and ``in_llm``, which import ``common`` (which models, the call's images and videos,
 positions, costs, the report); the run, prompt compaction, reduction steps and in-LLM pruning are shared
 with LLaVA (``vtr.adapters.vlm``).
 
