@@ -196,7 +196,8 @@ def _in_tower(model: nn.Module, run, encoded: list,
 
         def decide(features: list[Tensor], scores: Optional[list]) -> tuple[list, list]:
             own = visuals(features, grid, placeholder, kind, merge_size(model))
-            decided, decision_macs = reduce_items(reduction, own, query_of(own), cost(model, reduction.metric), scores)
+            decided, decision_macs = reduce_items(reduction, own, query_of(own),
+                                                  tower.unit_cost(model, cost(model, reduction.metric)), scores)
             spent.append(decision_macs)
             return own, decided
 

@@ -25,6 +25,7 @@ At block K (hooks on the tower's own modules; its forward and fused attention ke
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -32,12 +33,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vtr.budget.cost import EncoderCost
 from vtr.core import run as runs
 from vtr.core.plan import Reduction
 from vtr.core.signals import Need
 from vtr.reducers.base import Reducer
 
 from ..base import remove_hooks
+from ..steps import linear_macs
 from ..vlm.items import Reduced
 from . import received
 
@@ -258,9 +261,12 @@ def _kept_bounds(bounds: Tensor, patches: Tensor, unit: int) -> Tensor:
 
 # -- multiply-accumulates ---------------------------------------------------------------------------------
 
-def linear_macs(module: nn.Module) -> float:
-    """Multiply-accumulates per row of every linear layer of ``module``."""
-    return float(sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)))
+def unit_cost(model: nn.Module, language: EncoderCost) -> EncoderCost:
+    """``language`` (the language model's cost, what before-LM decisions are priced with) with the widths a decision
+    on units compares: ``[4 C]`` unit features, the tower's attention width."""
+    width = model.model.visual.blocks[0].attn.qkv.in_features
+    return dataclasses.replace(language, metric_dim=model.model.visual.spatial_merge_size ** 2 * width,
+                               attn_dim=width)
 
 
 def block_macs(block: nn.Module, bounds: Tensor) -> float:
