@@ -51,6 +51,23 @@ def test_a_budget_that_keeps_every_unit_equals_the_unpatched_model(build, layer)
     vtr.unpatch(model)
 
 
+def test_a_copy_reduces_the_same_and_unpatch_restores_the_tower():
+    """The hooks are plain objects: a deep copy (or a pickle) of a patched model reduces as the model does; unpatch
+    leaves the tower without them, computing what it computed before."""
+    import pickle
+    model = tiny_qwen()
+    inputs = mixed_batch().inputs()
+    expected = generate(model, inputs)
+    vtr.patch(model, "fastv", budget=4, tower_layer=0)
+    reduced = logits(generate(model, inputs))
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(logits(generate(twin, inputs)), reduced)
+    vtr.unpatch(model)
+    hooks = [h for m in model.model.visual.modules() for h in (*m._forward_hooks.values(),
+                                                               *m._forward_pre_hooks.values())]
+    assert hooks == [] and torch.equal(logits(generate(model, inputs)), logits(expected))
+
+
 # -- what is kept ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["fastv", "evit"])
