@@ -129,8 +129,6 @@ class TowerCall:
     kept: Optional[Tensor] = None          # [K] block-order unit of each kept unit, in the new sequence's order
     total_units: int = 0
     sequences: dict = field(default_factory=dict)   # what the blocks after K get: chunks and rotary embeddings
-    macs: float = 0.0                      # the tower's multiply-accumulates as it ran
-    macs_unreduced: float = 0.0
 
 
 def current() -> Optional[TowerCall]:
