@@ -242,7 +242,7 @@ def measured_macs(fn) -> float:
     return counter.get_total_flops() / 2
 
 
-@pytest.mark.parametrize("build, layer", [(tiny_qwen, 0), (q3.tiny_qwen3, 1)])
+@pytest.mark.parametrize("build, layer", [(tiny_qwen, 0), (tiny_qwen2, 0), (q3.tiny_qwen3, 1)])
 def test_the_tower_macs_are_what_a_flop_counter_measures(build, layer):
     """A reference-sized image (16 x 16 units) keeping 64 units with random (whose decision has no MACs): the report's
     tower MACs as run and unreduced are the counter's; ``vtr.expected_flops`` adds the same tower counts (tiny Qwen2.5-VL:
@@ -291,3 +291,9 @@ def test_bad_settings_are_clear_errors(method, settings, message):
     with pytest.raises(ValueError, match=message):
         vtr.patch(model, method, **settings)
     assert not vtr.is_patched(model)
+
+
+def test_families_that_do_not_reduce_inside_their_tower_say_so():
+    from llava_models import tiny_llava
+    with pytest.raises(ValueError, match="tower_layer= .* not supported by the llava adapter; Qwen2-VL"):
+        vtr.patch(tiny_llava(), "fastv", budget=4, tower_layer=0)
