@@ -131,7 +131,7 @@ class QwenVL(VlmAdapter):
             raise ValueError(f"the Qwen-VL adapter takes budget= (visual tokens kept per image or video), not "
                              f"{', '.join(o + '=' for o in others)}")
         if tower_layer is not None:
-            tower.check(model, reducer, tower_layer, budget, layers, temporal)
+            tower.check(model, reducer, tower_layer, budget, layers)
         plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal, tower_layer=tower_layer)
         visual.check_video(reducer, plan)
         return visual.schedule(reducer, plan, num_tokens=REFERENCE_SIDE ** 2,

@@ -57,7 +57,7 @@ def depth(model: nn.Module) -> int:
     return len(model.model.visual.blocks)
 
 
-def check(model: nn.Module, reducer: Reducer, tower_layer, budget, layers, temporal) -> None:
+def check(model: nn.Module, reducer: Reducer, tower_layer, budget, layers) -> None:
     """Refuse what reducing inside the tower cannot do, naming the option and what is allowed."""
     blocks = depth(model)
     if isinstance(tower_layer, bool) or not isinstance(tower_layer, int) or not 0 <= tower_layer < blocks:
@@ -82,9 +82,6 @@ def check(model: nn.Module, reducer: Reducer, tower_layer, budget, layers, tempo
     if budget is None or isinstance(budget, (list, tuple)):
         raise ValueError(f"tower_layer= needs budget= as one int (2x2 units, i.e. language-model tokens, kept per "
                          f"image or video), got budget={budget!r}")
-    if temporal is not None:
-        raise ValueError("temporal= (merging across frames) is not supported inside the tower, where each frame "
-                         "attends on its own: leave out temporal= or tower_layer=")
 
 
 def install(model: nn.Module, reduction: Reduction) -> None:

@@ -16,7 +16,7 @@ import vtr
 from vtr.adapters.qwen_vl import before_lm, received, tower
 
 import qwen3_vl_models as q3
-from qwen_vl_models import batch, generate, logits, mixed_batch, tiny_qwen, tiny_qwen2, video_batch
+from qwen_vl_models import batch, generate, logits, mixed_batch, tiny_qwen, tiny_qwen2, video_batch, with_frames
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -124,6 +124,21 @@ def test_videos_keep_their_budget_frame_by_frame():
     for row in range(2):
         torch.testing.assert_close(logits(together)[row], logits(generate(model, data.inputs([row])))[0],
                                    atol=1e-5, rtol=0)
+    vtr.unpatch(model)
+
+
+def test_temporal_merges_a_repeated_frames_units_into_the_frame_it_repeats():
+    """Frames [0, 0, 2, 2]: after block K a repeat's units are its frame's (same pixels, each frame attends on its
+    own), so temporal=0.5 merges each into the unit it repeats, which stays in the earlier frame's chunk; the
+    budget is then split over the frames as before the language model. Rows stay independent."""
+    model = tiny_qwen()
+    inputs = with_frames(video_batch().inputs(), [0, 0, 2, 2])
+    vtr.patch(model, "fastv", budget=6, tower_layer=0, temporal=0.5)
+    together = generate(model, inputs)
+    report = vtr.report(model)
+    assert report.frame_tokens[1] == [3, 0, 3, 0] and report.size[1, :6].tolist() == [2.0] * 6
+    alone = generate(model, with_frames(video_batch().inputs([0]), [0, 0, 2, 2]))
+    torch.testing.assert_close(logits(together)[0], logits(alone)[0], atol=1e-5, rtol=0)
     vtr.unpatch(model)
 
 
@@ -284,7 +299,6 @@ def test_the_tower_macs_are_what_a_flop_counter_measures(build, layer):
     ("cdpruner", {"budget": 4, "tower_layer": 0}, "does not act in a vision tower"),
     ("dart", {"budget": 4, "tower_layer": 0}, "does not act in a vision tower"),
     ("pool", {"factor": 2, "tower_layer": 0}, "cannot reduce inside the Qwen-VL tower"),
-    ("fastv", {"budget": 4, "tower_layer": 0, "temporal": 0.5}, "temporal= .* not supported inside the tower"),
 ])
 def test_bad_settings_are_clear_errors(method, settings, message):
     model = tiny_qwen()
