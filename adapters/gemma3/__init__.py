@@ -4,12 +4,13 @@
 pan-and-scan crop is an image), reduced on the projector's output: SigLIP's patches already average-pooled to
 the fixed count the language model reads (``before_lm``). ``pool`` takes ``factor=`` and pools that grid again.
 Each image's kept tokens still attend to each other both ways in the language model, as Gemma 3 was trained:
-the compacted prompt's ``token_type_ids`` mark them as one image.
+the compacted prompt's ``token_type_ids`` mark them as one image. ``layers=[K]`` (or ``[K1, K2, ...]``) prunes
+inside the language model instead, FastV-style (``in_llm``): each image keeps ``min(B, mm_tokens_per_image)``
+after the last stage, and the layers past the pruning get Gemma 3's own masks rebuilt for the kept tokens
+(bidirectional within an image, sliding windows on the local layers).
 
-Not supported: in-LLM pruning (``layers=``): the shared in-LLM path rebuilds causal masks for the layers past
-the pruning, which would drop both Gemma 3's bidirectional image attention and its sliding-window layers.
-
-The package: this front imports ``before_lm`` and ``bench``, which import ``common``.
+The package: this front imports ``before_lm``, ``in_llm``, ``bench`` and ``received``, which import ``common``
+(``before_lm`` also ``received``).
 
 Limits: ``forward()`` with pixel values returns logits over the compacted prompt (``vtr.report(model).kept_positions``
 maps them back) and refuses ``position_ids``; prompts come as ``input_ids``; ``metric='x'`` only.
@@ -31,24 +32,30 @@ from vtr.reducers.base import Reducer
 from .. import steps
 from ..base import restore_class, swap_class
 from ..errors import UnsupportedModelError
+from ..vlm import in_llm as pruning
 from ..vlm import items
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.run import VlmRun
-from . import before_lm, bench
+from . import before_lm, bench, in_llm, received
 from .common import Gemma3Report, cost, gemma3_classes, image_tokens
 
 SUPPORTED = "Gemma3ForConditionalGeneration (Gemma 3)"
 
 
 class ReducingGemma3(ReducingVlm):
-    """Mixed in before the model's own class: ``forward`` and ``generate`` run on the compacted prompt."""
+    """Mixed in before the model's own class: ``forward`` and ``generate`` take the path chosen at patch time."""
 
     _vtr: Reduction
 
     def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
+        if pruning.stages_of(self) is not None:
+            return pruning.forward(self, run, original_forward, arguments)
         return before_lm.forward(self, original_forward, arguments)
 
     def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
+        if pruning.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
+            pruning.check_generate(self, kwargs)
+            return generate(inputs, *args, **kwargs)
         return before_lm.generate(self, generate, inputs, *args, **kwargs)
 
 
@@ -69,9 +76,8 @@ class Gemma3(VlmAdapter):
                                         "Gemma3Model, patch the Gemma3ForConditionalGeneration that holds it)")
 
     def missing_signals(self, model: nn.Module, stage: str) -> dict:
-        """Gemma 3's SigLIP tower has no [CLS] token, and the attention its tokens receive is not computed yet."""
-        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token",
-                Need.ATTENTION_RECEIVED: "the attention each token receives in its tower is not computed yet"}
+        """Gemma 3's SigLIP tower has no [CLS] token; the attention each token receives is given (``received``)."""
+        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token"}
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return cost(model, metric)
@@ -96,26 +102,29 @@ class Gemma3(VlmAdapter):
         if others:
             raise ValueError(f"the Gemma 3 adapter takes budget= (visual tokens kept per image), not "
                              f"{', '.join(o + '=' for o in others)}")
-        if layers is not None:
-            raise UnsupportedModelError(
-                "in-LLM pruning (layers=) is not supported on Gemma 3: the layers past the pruning would get causal "
-                "masks, dropping Gemma 3's bidirectional attention among an image's tokens and its sliding-window "
-                "layers; reduce before the language model (no layers=)")
         if frames is not None or temporal is not None:
             raise ValueError("Gemma 3 takes images only: leave out frames= and temporal=")
-        plan = self.plan(budget=budget)
+        plan = self.plan(layers=layers, budget=budget)
         return visual.schedule(reducer, plan, num_tokens=image_tokens(model),
                                num_layers=len(model.model.language_model.layers), any_size=True, family="Gemma 3")
 
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text), the
         reducer's own decisions included; the vision tower is the same either way."""
-        return items.expected_flops(model, reduction, cost(model))
+        stages = pruning.stages_of(model)
+        if reduction is not None and stages is not None:
+            return pruning.expected_flops(model, reduction, stages)
+        return items.expected_flops(model, reduction, cost(model),
+                                    0.0 if reduction is None else received.expected_macs(model, reduction))
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
         reduction = steps.dropping_as_published(reduction)
         if reduction.metric != "x":
             raise ValueError("the Gemma 3 adapter compares visual tokens by their pooled features: use metric='x'")
+        if reduction.visual.in_llm:
+            pruning.install(model, reduction, in_llm.Gemma3Visuals())
+        else:
+            received.install(model, reduction)
         model._vtr = reduction
         swap_class(model, ReducingGemma3)
 
@@ -126,6 +135,8 @@ class Gemma3(VlmAdapter):
         return bench.prompt(model, inputs, before, timed)
 
     def unpatch(self, model: nn.Module) -> None:
+        received.uninstall(model)
+        pruning.uninstall(model)
         restore_class(model)
         del model._vtr
 

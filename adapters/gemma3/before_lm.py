@@ -28,6 +28,7 @@ from ..vlm.items import compact_items, reduce_items, report_fields, split_items
 from ..vlm.language import prefill_macs
 from ..vlm.prompt import item_queries, pad_id
 from ..vlm.run import opened
+from . import received
 from .common import VISION_ARGUMENTS, WHERE, Gemma3Report, cost, image_grid, token_types
 
 
@@ -47,7 +48,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
         features = list(encoded.pooler_output)
         items = split_items(features, [image_grid(model)] * len(features), placeholder, "image")
         queries = item_queries(model, reduction.reducer, items, input_ids, attention_mask, placeholder, run.query)
-        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))
+        scores, tower_macs = received.per_image(model, run, len(features))
+        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric), scores)
+        reducer_macs += tower_macs   # the attention each token receives: a pass the tower's fused kernel skips
         ids, mask, kept_positions = compact_items(input_ids, attention_mask, {"image": placeholder}, items, reduced,
                                                   pad_id(model, image), left)
         # [images, kept, D], as the projector gives it ([images, tokens, D]): every image has the same count, so

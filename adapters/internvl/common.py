@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
 
@@ -69,6 +70,7 @@ class InternVLReport(VlmReport):
     call's tiles (each image's tiles, then its thumbnail), each with its own count."""
 
     where: str = WHERE
+    tiles: Optional[list] = None   # split="thumbnail": per image, how its budget went (internvl.tiles.TileSplit)
 
 
 __all__ = ["InternVLReport", "VISION_ARGUMENTS", "WHERE", "cost", "internvl_classes", "tile_grid", "tile_side",

@@ -53,7 +53,7 @@ from ..errors import UnsupportedModelError
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.run import VlmRun
 from ..vlm import items
-from . import anyres, before_lm, bench, in_llm, video
+from . import anyres, before_lm, bench, in_llm, received, video
 from .common import LlavaReport, cost, feature_attention, image_tokens, is_next, llava_classes, prefill_macs
 
 
@@ -125,6 +125,7 @@ class Llava(VlmAdapter):
     """transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5) and ``LlavaNextForConditionalGeneration``."""
 
     name = "llava"
+    amounts = (*VlmAdapter.amounts, "positions")
 
     def matches(self, model: nn.Module) -> bool:
         """Any LLaVA-family model of transformers, so that unsupported members get a clear error."""
@@ -158,13 +159,15 @@ class Llava(VlmAdapter):
             )
 
     def missing_signals(self, model: nn.Module, stage: str) -> dict:
-        """LLaVA-OneVision's SigLIP tower has no [CLS] token, and the attention its packed, interpolated tokens
-        receive is not computed yet; the other LLaVAs' CLIP towers give the [CLS] row."""
+        """LLaVA-OneVision's SigLIP tower has no [CLS] token: the attention each token receives is given instead
+        (``received``), where the features are one layer's; the other LLaVAs' CLIP towers give the [CLS] row."""
         if not (video.is_video_model(model) and video.is_onevision(model)):
             return {}
-        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token",
-                Need.ATTENTION_RECEIVED: "the attention each of its packed, interpolated tokens receives is not "
-                                         "computed yet"}
+        missing = {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token"}
+        if received.feature_attention(model) is None:
+            missing[Need.ATTENTION_RECEIVED] = ("vision_feature_layer selects the embeddings or several layers, not one "
+                                                "attention layer's output")
+        return missing
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return video.cost(model, metric) if video.is_video_model(model) else cost(model, metric)
@@ -184,7 +187,8 @@ class Llava(VlmAdapter):
 
     def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
                       metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
-                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
+                      frames: Optional[str] = None, temporal: Optional[float] = None,
+                      positions: Optional[str] = None) -> Schedule:
         """``budget=`` (visual tokens kept per image) as a schedule of reduction steps.
 
         ``layers=None`` reduces on the projector output, before the language model; ``layers=[K]``
@@ -196,7 +200,7 @@ class Llava(VlmAdapter):
         if others:
             raise ValueError(f"the LLaVA adapter takes budget= (visual tokens kept per image), not "
                              f"{', '.join(o + '=' for o in others)}")
-        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal)
+        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal, positions=positions)
         num_layers = len(model.model.language_model.layers)
         if video.is_video_model(model):
             visual.check_video(reducer, plan)
@@ -209,6 +213,18 @@ class Llava(VlmAdapter):
                                any_size=False, family="LLaVA",
                                low=anyres.MIN_BUDGET if is_next(model) else protected + 1)
 
+    def plan(self, layers=None, budget=None, frames: Optional[str] = None, temporal: Optional[float] = None,
+             positions: Optional[str] = None) -> visual.VisualPlan:
+        """``positions=``: images reduced before the language model keep their original positions unless
+        ``"compact"`` is asked for (see :mod:`.before_lm`); videos and in-LLM pruning keep what they do today (a
+        video's prompt is compacted; in the LLM nothing is), so an explicit ``positions=`` there is refused."""
+        base = super().plan(layers=layers, budget=budget, frames=frames, temporal=temporal)
+        video_or_llm = layers is not None or frames is not None or temporal is not None
+        if positions is not None and video_or_llm:
+            raise ValueError("positions= numbers the tokens an image keeps before the language model; leave it out "
+                             "with layers= (pruning inside the language model keeps every position) and for videos")
+        return dataclasses.replace(base, positions=positions or ("compact" if video_or_llm else "original"))
+
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of one image's visual tokens alone (no text),
         the reducer's own decisions included (in-LLM: each stage's scoring too); the vision tower is the
@@ -218,7 +234,9 @@ class Llava(VlmAdapter):
         if reduction is not None and stages is not None:
             return in_llm.expected_flops(model, reduction, stages)
         if video.is_video_model(model):
-            return items.expected_flops(model, reduction, video.cost(model))
+            tower = received.expected_macs(model, reduction) if reduction is not None and video.is_onevision(model) \
+                else 0.0
+            return items.expected_flops(model, reduction, video.cost(model), tower)
         if reduction is None:
             unreduced = float(prefill_macs(model, torch.tensor([image_tokens(model)[0]])))
             return unreduced, unreduced
@@ -229,10 +247,16 @@ class Llava(VlmAdapter):
         if reduction.metric != "x":
             raise ValueError("the LLaVA adapter compares visual tokens by their projected features: use metric='x'")
         if video.is_video_model(model):
+            if "positions" in reduction.arguments and reduction.visual.positions != "compact":
+                raise ValueError(f"positions={reduction.visual.positions!r} is for LLaVA-1.5 / LLaVA-NeXT images; "
+                                 f"{type(model).__name__}'s prompt is compacted (leave positions= out)")
+            reduction = dataclasses.replace(reduction, visual=dataclasses.replace(reduction.visual, positions="compact"))
             if reduction.visual.in_llm:
                 in_llm.install(model, reduction, video.VideoVisuals())
             elif not video.is_onevision(model):   # NeXT-Video's CLIP tower has a CLS row (SigLIP's has none)
                 before_lm.install(model, reduction)
+            else:                                  # OneVision's SigLIP: the attention each token receives
+                received.install(model, reduction)
             model._vtr = reduction
             swap_class(model, PruningLlavaVideo if reduction.visual.in_llm else ReducingLlavaVideo)
             return
@@ -259,6 +283,7 @@ class Llava(VlmAdapter):
     def unpatch(self, model: nn.Module) -> None:
         in_llm.uninstall(model)
         before_lm.uninstall(model)
+        received.uninstall(model)
         restore_class(model)
         del model._vtr
 

@@ -40,7 +40,8 @@ have]`` (``common.largest_image_tokens``). Methods whose count is set by their o
 
 This module is the budget split and the reduction of one image's parts; ``before_lm`` calls
 :func:`reduce_images` for LLaVA-NeXT, and the front asks :func:`check`, :func:`check_reduction` and
-:func:`expected_parts`. It imports only ``common``.
+:func:`expected_parts`. It imports only ``common`` (and the thumbnail's area weights, ``vtr.adapters.vlm.thumbnail``,
+which InternVL's tiles share).
 
 In-LLM pruning (``layers=[K]`` or ``[K1, K2, ...]``, ``in_llm.py``) works on
 LLaVA-NeXT too, without any of the above: ``budget=B`` is the visual tokens each image keeps after
@@ -62,6 +63,7 @@ from vtr.reducers.base import Reducer
 from vtr.budget.visual import split_budget
 
 from ..errors import UnsupportedModelError
+from ..vlm.thumbnail import grid_importance
 from .common import AnyresLayout, ReducedImages, decision_macs, layout, reduce_group
 
 MIN_BUDGET = 3   # one base token, one crop token and the final newline
@@ -88,24 +90,13 @@ def check_reduction(model: nn.Module, reduction: Reduction) -> None:
             "exact per image (the crops' budgets differ): choose a method that takes a budget")
 
 
-def _overlap(cells: int, bins: int) -> Tensor:
-    """``[cells, bins]``: fraction of each of ``cells`` equal intervals of [0, 1] inside each of ``bins``."""
-    i = torch.arange(cells, dtype=torch.float64)[:, None]
-    j = torch.arange(bins, dtype=torch.float64)[None, :]
-    low = torch.maximum(i / cells, j / bins)
-    high = torch.minimum((i + 1) / cells, (j + 1) / bins)
-    return (high - low).clamp_min(0.0) * cells
-
-
 def crop_importance(geometry: AnyresLayout, base_attention: Tensor) -> Tensor:
     """``[num_crops]``: the thumbnail's attention mass over each crop's region of the image.
 
     The base image and the unpadded crop map both span the whole image; each base token's attention
     is spread over the map tokens its cell covers, by area, and summed per crop.
     """
-    side = geometry.side
-    attention = base_attention.detach().double().cpu().view(side, side)
-    density = _overlap(side, geometry.rows).T @ attention @ _overlap(side, geometry.cols)   # [rows, cols]
+    density = grid_importance(base_attention, geometry.rows, geometry.cols)   # [rows, cols] of the crop map
     crops = geometry.part > 0
     rows, cols = geometry.map_position(crops.nonzero()[:, 0])
     mass = torch.zeros(geometry.num_crops, dtype=torch.float64)

@@ -14,7 +14,8 @@ and newline tokens are ordinary tokens here.
 
 CLS attention (NeXT-Video, before the language model, for a reducer that reads it): the feature layer's CLS row
 from the q/k hooks LLaVA uses; a video's pooled token carries its pooling window's sum, an image's packed token its
-patch's value (newlines 0). OneVision's SigLIP tower has no CLS token: nothing is given there.
+patch's value (newlines 0). OneVision's SigLIP tower has no CLS token: the attention each token receives at the
+feature layer is given instead (``received``), mapped through the model's own packing and pooling.
 
 Positions: as on LLaVA, the compacted prompt is numbered as usual (kept tokens get consecutive positions).
 
@@ -41,6 +42,7 @@ from ..vlm.items import compact_items, reduce_items, report_fields, split_items
 from ..vlm.language import language_cost, prefill_macs
 from ..vlm.prompt import pad_id, row_queries
 from ..vlm.run import opened
+from . import received
 from .common import LlavaReport
 
 WHERE = "before the language model (projector output, per image or video)"
@@ -99,8 +101,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
     mask = torch.ones_like(input_ids) if mask is None else mask
     shared = {key: inputs[key] for key in SHARED_KEYS if key in inputs}
     placeholders = {"image": input_ids == config.image_token_id, "video": input_ids == config.video_token_id}
+    onevision = is_onevision(model)
     with opened(model) as run:
-        outputs, items, attention = {}, [], []
+        outputs, items, attention, scores, tower_macs = {}, [], [], [], 0.0
         if inputs.get("pixel_values") is not None:
             if inputs.get("image_sizes") is None:
                 raise ValueError(IMAGE_SIZES)
@@ -109,6 +112,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
                                                               **shared)
             features = list(outputs["image"].pooler_output)
             items += split_items(features, [None] * len(features), placeholders["image"], "image")
+            if onevision:
+                found, macs = received.images(model, run, shared, images, features)
+                scores, tower_macs = scores + (found or [None] * len(features)), tower_macs + macs
             rows = cls_rows(model, run, shared)
             attention.extend([None] * len(features) if rows is None else packed_attention(model, rows,
                                                                                           inputs["image_sizes"]))
@@ -121,6 +127,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
             suffixes = [video[tokens:] for video in pooled] if pooled.shape[1] > tokens else None
             items += split_items([video[:tokens] for video in pooled], [(frames, rows, cols)] * len(pooled),
                                  placeholders["video"], "video", suffixes)
+            if onevision:
+                found, macs = received.videos(model, run, shared, len(pooled), frames)
+                scores, tower_macs = scores + (found or [None] * len(pooled)), tower_macs + macs
             rows = cls_rows(model, run, shared)
             attention.extend([None] * len(pooled) if rows is None else pooled_attention(model, rows, len(pooled)))
         rows_of = torch.tensor([item.row for item in items], dtype=torch.long)
@@ -130,7 +139,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
             queries = row_queries(model, input_ids, mask, placeholders["image"] | placeholders["video"], rows_of,
                                   run.query)
         reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric),
+                                             received=scores if scores and None not in scores else None,
                                              attention=None if None in attention else attention)
+        reducer_macs += tower_macs   # OneVision: the attention each token receives, a pass the fused kernel skips
         ids, new_mask, kept_positions = compact_items(input_ids, mask, placeholders, items, reduced,
                                                       pad_id(model, config.image_token_id, config.video_token_id), left)
         if "image" in outputs:

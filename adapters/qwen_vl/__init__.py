@@ -145,11 +145,12 @@ class QwenVL(VlmAdapter):
         stages = pruning.stages_of(model)
         if reduction is not None and stages is not None:
             return pruning.expected_flops(model, reduction, stages)
-        reduced, unreduced = items.expected_flops(model, reduction, cost(model))
-        if reduction is not None and reduction.visual.in_tower:
+        if reduction is not None and reduction.visual.in_tower:   # the received pass is block K's, in the tower's count
+            reduced, unreduced = items.expected_flops(model, reduction, cost(model))
             tower_reduced, tower_unreduced = tower.expected_macs(model, reduction, REFERENCE_SIDE)
             return reduced + tower_reduced, unreduced + tower_unreduced
-        return reduced, unreduced
+        received_pass = 0.0 if reduction is None else received.expected_macs(model, reduction, REFERENCE_SIDE ** 2)
+        return items.expected_flops(model, reduction, cost(model), received_pass)
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
         reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only

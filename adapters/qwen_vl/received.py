@@ -3,9 +3,11 @@ offers to methods defined on the tower's attention (VisionZip, VisPruner, Faster
 
 VisPruner's rule for towers without a [CLS] token (its SigLIP encoder): the last layer's attention, averaged over
 the queries and the heads, per key. Here the last block of the tower (a full-attention block in Qwen2.5-VL's
-configurations); a forward hook on its attention recomputes the attention rows from the block's own q and k
-(rotary applied, each image or frame group its own chunk, as the block attends) in slices of queries, so the
-tower keeps its fused kernel and no N x N matrix is held at once. A language-model token is the patch merger's
+configurations); a forward hook on its attention recomputes the attention rows from the block's own q and k (the
+output of its ``qkv`` projection, kept by a hook on it, so nothing is projected twice; rotary applied, each image or
+frame group its own chunk, as the block attends) in slices of queries, so the tower keeps its fused kernel and no
+N x N matrix is held at once. Its cost, the ``q . k`` products of every chunk, is in the report's ``reducer_macs``
+and in ``vtr.expected_flops`` (:func:`expected_macs`). A language-model token is the patch merger's
 2 x 2 patches: it receives what they receive together, in the raster order of the tower's output (Qwen2.5-VL
 runs its blocks in window order; the window index maps back).
 """
@@ -27,6 +29,18 @@ KEY = ("received",)   # where the run keeps the received attention of each tower
 QUERY_SLICE = 1024    # query rows per slice of the attention rows
 
 
+QKV = ("received", "qkv")   # where the run holds the last block's qkv output until its attention's hook reads it
+
+
+class KeepQKV:
+    """Forward hook on the last vision block's ``qkv`` projection: hands its output to the active run."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        run = runs._ACTIVE.get()
+        if run is not None:
+            run.captured[QKV] = output
+
+
 class KeepReceived:
     """Forward hook (with kwargs) on the last vision block's attention: the attention each patch receives, mean
     over the queries of its chunk and the heads, appended to the active run. A plain class, so models pickle."""
@@ -36,18 +50,21 @@ class KeepReceived:
         if run is None:
             return
         hidden = args[0] if args else kwargs["hidden_states"]
+        qkv = run.captured.pop(QKV, None)
         with torch.no_grad():
-            received = received_per_patch(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+            received = received_per_patch(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"], qkv)
         lengths = kwargs["cu_seqlens"].diff().double()
         macs = float((lengths * lengths).sum()) * module.qkv.in_features          # the q . k of every chunk
         run.captured.setdefault(KEY, []).append((received, macs))
 
 
-def received_per_patch(attention: nn.Module, hidden: Tensor, cu_seqlens: Tensor, position_embeddings) -> Tensor:
+def received_per_patch(attention: nn.Module, hidden: Tensor, cu_seqlens: Tensor, position_embeddings,
+                       qkv: Optional[Tensor] = None) -> Tensor:
     """``[seq]`` float32: for each patch (in the block's order), the attention it receives, averaged over the heads
-    and over the queries of its chunk (``cu_seqlens``)."""
+    and over the queries of its chunk (``cu_seqlens``). ``qkv``: the block's own ``qkv(hidden)`` where kept."""
     seq = hidden.shape[0]
-    q, k, _ = attention.qkv(hidden).reshape(seq, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    qkv = attention.qkv(hidden) if qkv is None else qkv
+    q, k, _ = qkv.reshape(seq, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
     cos, sin = position_embeddings
     q, k = rotary(q, k, cos, sin)
@@ -67,11 +84,24 @@ def received_per_patch(attention: nn.Module, hidden: Tensor, cu_seqlens: Tensor,
 def install(model: nn.Module, reduction: Reduction) -> None:
     """Patch time: the hook, where the reducer reads the attention each token receives."""
     if Need.ATTENTION_RECEIVED in reduction.reducer.needs:
-        model.model.visual.blocks[-1].attn.register_forward_hook(KeepReceived(), with_kwargs=True)
+        attention = model.model.visual.blocks[-1].attn
+        attention.qkv.register_forward_hook(KeepQKV())
+        attention.register_forward_hook(KeepReceived(), with_kwargs=True)
 
 
 def uninstall(model: nn.Module) -> None:
+    remove_hooks(model, KeepQKV)
     remove_hooks(model, KeepReceived)
+
+
+def expected_macs(model: nn.Module, reduction: Reduction, tokens: int) -> float:
+    """The received pass's MACs for one image of ``tokens`` merged tokens (one chunk: the last block attends over
+    the whole image), where the reducer reads it before the language model."""
+    if reduction.visual.in_llm or Need.ATTENTION_RECEIVED not in reduction.reducer.needs:
+        return 0.0
+    visual = model.model.visual
+    patches = tokens * visual.spatial_merge_size ** 2
+    return float(patches * patches * visual.blocks[-1].attn.qkv.in_features)
 
 
 def take(model: nn.Module, run, grid_thw: Tensor) -> tuple[Optional[list[Tensor]], float]:

@@ -8,7 +8,8 @@ output before the language model (``before_lm``); each tile's kept tokens stay r
 model instead, FastV-style, as on LLaVA (``in_llm``): each tile keeps ``min(B, n)`` after the last stage.
 ``pool`` takes ``factor=`` and pools each tile's grid.
 
-The package: this front imports ``before_lm``, ``in_llm`` and ``bench``, which import ``common``.
+The package: this front imports ``before_lm``, ``in_llm``, ``bench`` and ``received``; they import ``common``
+(``before_lm`` also ``received``).
 
 Limits: ``forward()`` with pixel values returns logits over the compacted prompt (``vtr.report(model).kept_positions``
 maps them back) and refuses ``position_ids``; prompts come as ``input_ids``; ``metric='x'`` only. The report's
@@ -36,7 +37,7 @@ from ..vlm import items
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm.language import decoder
 from ..vlm.run import VlmRun
-from . import before_lm, bench, in_llm
+from . import before_lm, bench, in_llm, received
 from .common import SmolVLMReport, cost, smolvlm_classes, tile_tokens
 
 SUPPORTED = "SmolVLMForConditionalGeneration (SmolVLM) and Idefics3ForConditionalGeneration (Idefics3)"
@@ -77,9 +78,8 @@ class SmolVLM(VlmAdapter):
                                         "...ForConditionalGeneration that holds it)")
 
     def missing_signals(self, model: nn.Module, stage: str) -> dict:
-        """SmolVLM's SigLIP tower has no [CLS] token, and the attention its tokens receive is not computed yet."""
-        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token",
-                Need.ATTENTION_RECEIVED: "the attention each token receives in its tower is not computed yet"}
+        """SmolVLM's SigLIP tower has no [CLS] token; the attention each token receives is given (``received``)."""
+        return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token"}
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
         return cost(model, metric)
@@ -117,7 +117,8 @@ class SmolVLM(VlmAdapter):
         stages = pruning.stages_of(model)
         if reduction is not None and stages is not None:
             return pruning.expected_flops(model, reduction, stages)
-        return items.expected_flops(model, reduction, cost(model))
+        return items.expected_flops(model, reduction, cost(model),
+                                    0.0 if reduction is None else received.expected_macs(model, reduction))
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
         reduction = steps.dropping_as_published(reduction)
@@ -125,6 +126,7 @@ class SmolVLM(VlmAdapter):
             raise ValueError("the SmolVLM adapter compares visual tokens by their features: use metric='x'")
         if reduction.visual.in_llm:
             pruning.install(model, reduction, in_llm.SmolVLMVisuals())
+        received.install(model, reduction)
         model._vtr = reduction
         swap_class(model, ReducingSmolVLM)
 
@@ -136,6 +138,7 @@ class SmolVLM(VlmAdapter):
 
     def unpatch(self, model: nn.Module) -> None:
         pruning.uninstall(model)
+        received.uninstall(model)
         restore_class(model)
         del model._vtr
 

@@ -24,6 +24,7 @@ from ..vlm.items import compact_items, reduce_items, report_fields, split_items
 from ..vlm.language import prefill_macs
 from ..vlm.prompt import item_queries, pad_id
 from ..vlm.run import opened
+from . import received
 from .common import VISION_ARGUMENTS, WHERE, SmolVLMReport, cost, tile_grid, tile_tokens
 
 
@@ -44,7 +45,9 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], inputs: dict, left: b
         tiles = [tile for row in encoded.pooler_output if len(row) for tile in row.split(per_tile)]
         items = split_items(tiles, [tile_grid(model)] * len(tiles), placeholder, "image")
         queries = item_queries(model, reduction.reducer, items, input_ids, attention_mask, placeholder, run.query)
-        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric))
+        scores, tower_macs = received.per_tile(model, run, len(tiles))
+        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric), scores)
+        reducer_macs += tower_macs   # the attention each token receives: a pass the tower's fused kernel skips
         ids, mask, kept_positions = compact_items(input_ids, attention_mask, {"image": placeholder}, items, reduced,
                                                   pad_id(model, image), left)
         # One tensor per prompt row (its tiles' kept tokens), as get_image_features gives them: generate() splits

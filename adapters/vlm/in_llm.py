@@ -171,7 +171,7 @@ def forward(model: nn.Module, run: VlmRun, original_forward: Callable, arguments
         as_tuple = not arguments.get("return_dict", model.config.return_dict)
         arguments["return_dict"] = True
     if run.pruning is None:     # the first forward of the call: a new prompt, or one more step on a cache
-        run.pruning = _of_cache(cache, model) or Pruning(model)
+        run.pruning = _of_cache(cache, model) or (stages_of(model).visuals.pruning_kind or Pruning)(model)
     pruning = run.pruning
     pruning.observe(arguments.get("input_ids"), arguments.get("attention_mask"), cache, arguments, run)
     try:

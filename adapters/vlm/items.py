@@ -27,9 +27,12 @@ from .reduce import in_source_order, padded, reduce_group
 from .video import reduce_video, tokens_per_frame
 
 
-def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: EncoderCost) -> tuple[float, float]:
+def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: EncoderCost,
+                   tower_macs: float = 0.0) -> tuple[float, float]:
     """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no text, its
-    ``cost.num_tokens``), the reducer's own decisions included; the vision tower is the same either way."""
+    ``cost.num_tokens``), the reducer's own decisions included; the vision tower is the same either way, but for
+    ``tower_macs``: the reference image's scores the reducer reads from the tower, a pass its fused attention kernel
+    does not make (the attention each token receives, :mod:`vtr.adapters.vlm.tower_attention`)."""
     reference = cost.num_tokens
     if reduction is None:
         unreduced = float(prefill_macs(model, torch.tensor([reference])))
@@ -37,7 +40,7 @@ def expected_flops(model: nn.Module, reduction: Optional[Reduction], cost: Encod
     tokens = step_counts(reference, list(reduction.schedule.amounts))
     decisions = sum(reduction.reducer.extra_macs(n, cost, m) for n, m in zip(tokens[:-1], tokens[1:]) if m < n)
     reduced, unreduced = prefill_macs(model, torch.tensor([tokens[-1], reference])).tolist()
-    return reduced + decisions, unreduced
+    return reduced + decisions + tower_macs, unreduced
 
 
 @dataclass
@@ -125,15 +128,17 @@ def budget_of(reduction: Reduction, item: Visual) -> int:
 
 def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[list],
                  cost: EncoderCost, received: Optional[list] = None,
-                 attention: Optional[list] = None) -> tuple[list[Reduced], float]:
+                 attention: Optional[list] = None, budgets: Optional[list] = None) -> tuple[list[Reduced], float]:
     """Each item reduced to its own budget (``cost`` prices the reducer's decisions). Images of one grid (or, with
     none, of one count) are reduced together (each row of a reducer is independent of the others); query-conditioned
     reducers run image by image (each its row's query); videos one by one, frame by frame. ``received``,
     ``attention``: per item, the attention each of its tokens receives in the vision tower, and the CLS attention
-    it carries (``[N]`` each), where the family computes them."""
+    it carries (``[N]`` each), where the family computes them. ``budgets``: per image, the tokens it keeps, where
+    the family splits one budget over several items (InternVL's tiles by their thumbnail); 0 drops the item."""
     groups: dict = {}
     for i, item in enumerate(items):
-        key = i if queries is not None or item.kind == "video" else (item.grid, item.num_tokens)
+        own = None if budgets is None else budgets[i]
+        key = i if queries is not None or item.kind == "video" else (item.grid, item.num_tokens, own)
         groups.setdefault(key, []).append(i)
     reduced: list = [None] * len(items)
     macs = 0.0
@@ -148,8 +153,16 @@ def reduce_items(reduction: Reduction, items: list[Visual], queries: Optional[li
                                  None if attention is None else attention[members[0]])
             state, tokens, macs = video.state, video.tokens, macs + video.reducer_macs
         else:
-            budget = budget_of(reduction, first)
+            budget = budget_of(reduction, first) if budgets is None else min(budgets[members[0]], first.num_tokens)
             features = torch.stack([items[i].features for i in members])
+            if budget == 0:       # an item given nothing: no token of it reaches the language model
+                for i in members:
+                    reduced[i] = Reduced(features[0, :0], torch.full((first.num_tokens,), -1, dtype=torch.long,
+                                                                     device=features.device),
+                                         features.new_zeros(0), torch.zeros(0, dtype=torch.long,
+                                                                            device=features.device),
+                                         [first.num_tokens, 0])
+                continue
             if budget >= first.num_tokens:
                 state, tokens = TokenState.start(features), [first.num_tokens]
             else:

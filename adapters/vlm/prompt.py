@@ -55,6 +55,31 @@ def compact_prompt(input_ids: Tensor, attention_mask: Tensor, image_token_id: in
     return ids, real.to(attention_mask.dtype), kept_positions
 
 
+def source_positions(attention_mask: Tensor, placeholder: Tensor, assignment: list, kept_counts: list,
+                     kept_positions: Tensor, kept_placeholder: Tensor) -> Tensor:
+    """``[B, L']`` position ids of a compacted prompt that keep the caller's positions (``positions="original"``).
+
+    A text token keeps the position it had in the caller's prompt; a kept visual token the position of the
+    placeholder it came from (a merged one, the rounded mean of its sources' positions), so the language model
+    still reads *where* each kept token was, and the tokens after the image sit where it learned them. Padding
+    gets 0, as ``generate()`` gives it. ``assignment``: per image, in the prompt's order, the output token carrying
+    each of its placeholders (-1 dropped), and ``kept_counts`` its outputs; ``kept_placeholder`` marks the compacted prompt's visual slots, filled
+    image after image with each image's outputs in order."""
+    positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    out = positions.gather(1, kept_positions.clamp_min(0)).masked_fill(kept_positions < 0, 0)
+    counts = [len(a) for a in assignment]
+    visual = []
+    for where, carried, outputs in zip(positions[placeholder].split(counts), assignment, kept_counts):
+        carried = carried.to(where.device)
+        kept = carried >= 0
+        total = torch.zeros(outputs, dtype=torch.float64, device=where.device)
+        total.index_add_(0, carried[kept], where[kept].double())     # integers: exact in float64
+        sources = torch.bincount(carried[kept], minlength=outputs).clamp_min(1)
+        visual.append(torch.round(total / sources).long())
+    out[kept_placeholder] = torch.cat(visual) if visual else out[kept_placeholder]
+    return out
+
+
 def kept_columns(keep: Tensor, left: bool = True) -> Tensor:
     """``[B, L']`` source column of each slot of the rows' kept tokens (in order), -1 for padding."""
     lengths = keep.sum(1)

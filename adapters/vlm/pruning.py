@@ -157,7 +157,7 @@ class Pruning:
         """Reduce each image's tokens at this stage and return the stage's sequence (shared kwargs set)."""
         length = self.length
         cos, sin = kwargs["position_embeddings"]
-        scores = last_token_attention(layer, hidden, cos, sin, self.columns >= 0)    # [B, L_prev]
+        scores = last_token_attention(layer, hidden, cos, sin, self.columns >= 0, self._window(layer))  # [B, L_prev]
         slot = slot_of_column(self.columns, length)
 
         if not self.groups:
@@ -192,6 +192,11 @@ class Pruning:
         if stage == len(self.stages.layers) - 1:
             self._record(keep)
         return hidden
+
+    def _window(self, layer: nn.Module) -> Optional[int]:
+        """The sliding window of ``layer``'s attention over its sequence's slots, if it has one (Gemma 3's local
+        layers: ``vtr.adapters.gemma3.in_llm``); the layers of the other families see every earlier token."""
+        return None
 
     def _replay(self, stage: int, hidden: Tensor, kwargs: dict) -> Tensor:
         """The prefill's decision at this stage, on its prompt followed by new tokens (no cache): the
@@ -252,7 +257,8 @@ class Pruning:
         if with_attention:
             real = self.columns[rows] >= 0
             attention = rows_attention(layer, hidden[rows], cos.expand(hidden.shape[0], *cos.shape[1:])[rows],
-                                       sin.expand(hidden.shape[0], *sin.shape[1:])[rows], real, where)   # [G, T, L']
+                                       sin.expand(hidden.shape[0], *sin.shape[1:])[rows], real, where,
+                                       self._window(layer))   # [G, T, L']
             attention = attention.gather(2, current[:, None, :].expand(-1, attention.shape[1], -1))
         embedded = self.embedded
         return Instruction(hidden=pick(hidden), valid=valid, keys=None if keys is None else pick(keys),

@@ -56,35 +56,47 @@ def layer_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Te
     attn = layer.self_attn
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     batch, length, _ = hidden.shape
-    k = attn.k_proj(layer.input_layernorm(hidden)).view(batch, length, -1, attn.head_dim).transpose(1, 2)
-    k = rotate(k, k, cos, sin)[0]
+    k = attn.k_proj(layer.input_layernorm(hidden)).view(batch, length, -1, attn.head_dim)
+    if getattr(attn, "k_norm", None) is not None:   # Qwen3, Gemma 3: per-head RMSNorm of k before rotary
+        k = attn.k_norm(k)
+    k = rotate(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[0]
     return k.transpose(1, 2).reshape(batch, length, -1)
 
 
-def rows_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor, rows: Tensor) -> Tensor:
+def rows_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor, rows: Tensor,
+                   window: Optional[int] = None) -> Tensor:
     """``[B, T, L]`` head-mean attention of the positions ``rows`` ``[B, T]`` to every position, each row a softmax
-    over its own causal prefix (real positions only), from the layer's own norm, q/k projections and rotary
-    embedding: T query rows, O(T L d), whatever kernel the layer runs."""
+    over its own causal prefix (real positions only; with ``window``, the last ``window`` slots of it, as a
+    sliding-window layer sees), from the layer's own norm, q/k projections (and per-head q/k norms, where it has
+    them) and rotary embedding: T query rows, O(T L d), whatever kernel the layer runs."""
     attn = layer.self_attn
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     batch, length, _ = hidden.shape
     x = layer.input_layernorm(hidden)
     picked = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
-    q = attn.q_proj(picked).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(picked).view(batch, rows.shape[1], -1, attn.head_dim)
+    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     at = lambda table: table.expand(batch, *table.shape[1:]).gather(   # noqa: E731
         1, rows[..., None].expand(-1, -1, table.shape[-1]))
     q = rotate(q, q, at(cos), at(sin))[0]
     k = rotate(k, k, cos, sin)[0].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    allowed = real[:, None, :] & (torch.arange(length, device=rows.device)[None, None, :] <= rows[..., None])
+    keys = torch.arange(length, device=rows.device)[None, None, :]
+    allowed = real[:, None, :] & (keys <= rows[..., None])
+    if window is not None:
+        allowed = allowed & (keys > rows[..., None] - window)
     logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling + additive(allowed, torch.float32)
     return logits.softmax(dim=-1).mean(dim=1)
 
 
-def last_token_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor) -> Tensor:
+def last_token_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, real: Tensor,
+                         window: Optional[int] = None) -> Tensor:
     """Head-mean attention of the last position to every position ``[B, L]``, from the layer's own
     norm, q/k projections (and per-head q/k norms, where it has them) and rotary embedding (what its attention
-    computes, one query row only)."""
+    computes, one query row only); ``window``: a sliding-window layer's, the last position sees only the last
+    ``window`` slots (the rest get 0)."""
     attn = layer.self_attn
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     batch, length, _ = hidden.shape
@@ -97,6 +109,8 @@ def last_token_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Ten
     q = rotate(q, q, cos[:, -1:], sin[:, -1:])[0]
     k = rotate(k, k, cos, sin)[0]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    if window is not None:
+        real = real & (torch.arange(length, device=real.device) > length - 1 - window)
     return cls_attention(q, k, additive(real[:, None, None, :], torch.float32), scale=attn.scaling)
 
 

@@ -29,6 +29,7 @@ class Visuals:
 
     report_kind: type = VlmReport
     where_suffix: str = ""
+    pruning_kind: Optional[type] = None   # a subclass of ``vtr.adapters.vlm.pruning.Pruning`` (default: that class)
 
     def tokens(self, model: nn.Module) -> tuple[int, int]:
         """(most visual tokens one image can have, protected leading tokens per image)."""

@@ -62,3 +62,14 @@ def generate(model, kwargs: dict, **options):
 
 def logits(out) -> torch.Tensor:
     return torch.stack(out.logits, dim=1)
+
+
+def tiny_gemma3_layers(layer_types: list, attn: str = "sdpa", seed: int = 0) -> Gemma3ForConditionalGeneration:
+    """:func:`tiny_gemma3` with its own ``layer_types`` (one per decoder layer): where in-LLM pruning's stage layers
+    and the layers after them are local (sliding window 8) or global."""
+    model = tiny_gemma3(attn, seed)
+    config = model.config
+    config.text_config.layer_types = list(layer_types)
+    config.text_config.num_hidden_layers = len(layer_types)
+    torch.manual_seed(seed)
+    return Gemma3ForConditionalGeneration._from_config(config, attn_implementation=attn).eval()

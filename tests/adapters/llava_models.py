@@ -132,16 +132,25 @@ def segment_reference(model, ids, pixels, stages, generated, **vision):
 
 
 class FeatureCapture:
-    """Records the image features the language model really receives (mm_encoder_outputs)."""
+    """Records the image features the language model really receives (mm_encoder_outputs) and the prefill's
+    position ids (None: numbered by generate() from the mask)."""
 
     def __init__(self, model):
-        self.features = None
+        self.features = self.position_ids = None
         self.handle = model.model.register_forward_pre_hook(self.keep, with_kwargs=True)
 
     def keep(self, module, args, kwargs):
         outputs = kwargs.get("mm_encoder_outputs") or {}
         if outputs.get("image") is not None and self.features is None:
             self.features = [f.clone() for f in outputs["image"].pooler_output]
+            position_ids = kwargs.get("position_ids")
+            self.position_ids = None if position_ids is None else position_ids.clone()
+
+    def alone(self, row: int, columns):
+        """generate() keywords that give row ``row`` alone (its real ``columns``) the positions it had in the batch."""
+        if self.position_ids is None:
+            return {}
+        return {"position_ids": self.position_ids[row, columns >= 0][None]}
 
     def remove(self):
         self.handle.remove()

@@ -1,7 +1,7 @@
 """The methods of issue 22 on every VLM family vtr patches (``test_one_file_method.FAMILIES``: LLaVA, LLaVA-NeXT,
 Qwen2.5-VL, Qwen3-VL, Gemma 3, SmolVLM, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video), where each acts (in-LM
-methods at their own default layers; Gemma 3 refuses in-LM pruning): every image keeps exactly its budget, and each
-row of a left-padded batch computes what it computes alone."""
+methods at their own default layers): every image keeps exactly its budget, and each row of a left-padded batch
+computes what it computes alone."""
 import pytest
 import torch
 
@@ -9,7 +9,7 @@ import vtr
 
 from conftest import tiny_vit
 from llava_models import logits, tiny_llava
-from test_one_file_method import BEFORE_THE_LM_ONLY, FAMILIES, GENERATE, run
+from test_one_file_method import FAMILIES, GENERATE, run
 
 IN_LM = ["pyramiddrop", "dart", "sparsevlm"]
 BEFORE_LM = ["cdpruner"]
@@ -22,10 +22,6 @@ QWEN3_LAYERS = {"pyramiddrop": [2, 3], "sparsevlm": [2, 3]}
 @pytest.mark.parametrize("method", IN_LM + BEFORE_LM)
 def test_every_family_keeps_the_budget_and_rows_are_independent(method, family):
     build, rows, num_rows = FAMILIES[family]
-    if method in IN_LM and family in BEFORE_THE_LM_ONLY:    # Gemma 3: in-LLM pruning is refused, clearly
-        with pytest.raises(Exception, match=r"in-LLM pruning \(layers=\) is not supported"):
-            vtr.patch(build(), method, budget=3)
-        return
     layers = QWEN3_LAYERS.get(method) if family == "qwen3-vl" else None
     model = vtr.patch(build(), method, budget=3, layers=layers)
     # in-LM methods prune inside the language model at their default layers; the others before it

@@ -15,9 +15,6 @@ from gemma3_models import IMAGE, generate, inputs, logits, tiny_gemma3
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 LEARNED = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].learned}
-# Methods defined on the vision tower's attention ([CLS] row or attention received): this family offers neither
-# yet, and vtr.patch refuses them (test_tower_methods_vlm.test_families_without_the_towers_attention_...).
-TOWER_ATTENTION = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].requires_one_of}
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +111,8 @@ def test_beams_and_a_static_cache(model):
 
 @pytest.mark.parametrize("method", sorted(m for m, info in vtr.methods(details=True).items()
                                            if "before_lm" in info.stages
-                                           and m not in {"none", "pool"} | LEARNED | TOWER_ATTENTION))
-def test_every_method_reduces_each_image_to_the_budget(model, method):   # in-LM-only methods: refused on Gemma 3
+                                           and m not in {"none", "pool"} | LEARNED))
+def test_every_method_reduces_each_image_to_the_budget(model, method):   # in-LM-only ones: test_gemma3_in_llm
     vtr.patch(model, method, budget=5)
     generate(model, inputs(), max_new_tokens=1)
     assert vtr.report(model).image_tokens_after.tolist() == [5, 5, 5]
@@ -150,8 +147,6 @@ def test_expected_counts(model):
 
 
 def test_bad_settings_and_calls_are_clear_errors(model):
-    with pytest.raises(vtr.UnsupportedModelError, match="in-LLM pruning .* not supported on Gemma 3: .*bidirectional"):
-        vtr.patch(model, "fastv", budget=4, layers=[1])
     with pytest.raises(ValueError, match="images only"):
         vtr.patch(model, "tome", budget=4, frames="novelty")
     with pytest.raises(ValueError, match="takes budget="):

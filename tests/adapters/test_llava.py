@@ -71,14 +71,15 @@ def test_cls_attention_decisions_are_charged_at_the_vision_tower_width():
     assert reduced == float(prefill_macs(model, torch.tensor([4]))) + IMAGE_TOKENS * vision_width
 
 
+@pytest.mark.parametrize("positions", ["original", "compact"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", ["tome", "random"])
-def test_batch_with_left_padding_equals_each_row_alone(attn, method):
+def test_batch_with_left_padding_equals_each_row_alone(positions, attn, method):
     """Rows keep 10, 5 and 0 visual tokens; each row's prefill and decode logits equal the row run
-    alone by the *unpatched* model on its compacted prompt with the same kept features."""
+    alone by the *unpatched* model on its compacted prompt (with the positions the batch gave it) with the same kept features."""
     model = tiny_llava(attn)
     ids, mask, pixels = mixed_batch()
-    vtr.patch(model, method, budget=5)
+    vtr.patch(model, method, budget=5, positions=positions)
     capture = FeatureCapture(model)
     batched = generate(model, ids, mask, pixel_values=pixels)
     capture.remove()
@@ -92,9 +93,57 @@ def test_batch_with_left_padding_equals_each_row_alone(attn, method):
         alone_inputs = {}
         if images:
             alone_inputs["mm_encoder_outputs"] = {"image": pooled(images)}
-        alone = generate(model, row_ids, torch.ones_like(row_ids), **alone_inputs)
+        alone = generate(model, row_ids, torch.ones_like(row_ids), **alone_inputs, **capture.alone(row, columns))
         torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
         assert torch.equal(batched.sequences[row, ids.shape[1]:], alone.sequences[0, row_ids.shape[1]:])
+
+
+@pytest.mark.parametrize("method", ["random", "tome"])
+def test_kept_tokens_keep_their_positions_in_the_callers_prompt(method):
+    """positions="original" (the default): each text token keeps its position in the caller's left-padded prompt,
+    each kept visual token the position of the placeholder it came from (merged: the rounded mean of its sources'),
+    and generate() continues from the caller's last position. A hand transcription from the report's provenance."""
+    model = tiny_llava()
+    ids, mask, pixels = mixed_batch()
+    vtr.patch(model, method, budget=5)
+    capture = FeatureCapture(model)
+    steps = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: steps.append(kwargs["position_ids"].clone()), with_kwargs=True)
+    generate(model, ids, mask, pixel_values=pixels)
+    hook.remove()
+    capture.remove()
+    report = vtr.report(model)
+    original = (mask.cumsum(1) - 1).clamp_min(0)
+    image = 0
+    for row in range(ids.shape[0]):
+        columns = report.kept_positions[row]
+        got = capture.position_ids[row][columns >= 0]
+        text = ids[row, columns[columns >= 0]] != IMAGE_TOKEN
+        assert torch.equal(got[text], original[row, columns[columns >= 0]][text])
+        expected = []
+        placeholders = (ids[row] == IMAGE_TOKEN).nonzero().flatten().split(IMAGE_TOKENS)
+        for span in (span for span in placeholders if span.numel()):
+            carried = report.assignment[image]
+            for kept in range(int(carried.max()) + 1):
+                sources = original[row, span[carried == kept]].double()
+                expected.append(int(torch.round(sources.mean())))
+            image += 1
+        assert got[~text].tolist() == expected
+        assert int(steps[1][row, -1]) == int(original[row, -1]) + 1     # the first decode step
+    real = report.kept_positions >= 0
+    compacted = (real.long().cumsum(1) - 1).clamp_min(0)      # what positions="compact" numbers
+    assert (capture.position_ids != compacted)[real].any()
+
+
+def test_positions_is_checked_and_refused_where_it_does_not_apply():
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="positions must be one of 'original', 'compact'"):
+        vtr.patch(model, "random", budget=5, positions="kept")
+    with pytest.raises(ValueError, match="positions= numbers the tokens an image keeps before the language model"):
+        vtr.patch(model, "fastv", budget=5, layers=[1], positions="original")
+    vtr.patch(model, "random", budget=5, positions="compact")
+    assert model._vtr.visual.positions == "compact"
 
 
 def test_patched_row_alone_equals_its_row_in_the_batch():

@@ -228,14 +228,15 @@ def test_each_part_gets_its_own_signals(recording):
         torch.testing.assert_close(signals.query[0], text)
 
 
+@pytest.mark.parametrize("positions", ["original", "compact"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_batch_with_left_padding_equals_each_row_alone(attn):
+def test_batch_with_left_padding_equals_each_row_alone(positions, attn):
     """Rows keep different numbers of tokens (images of different sizes, a text-only row); each row's
-    prefill and decode logits equal the row run alone by the unpatched model on its compacted prompt
+    prefill and decode logits equal the row run alone by the unpatched model on its compacted prompt (with the positions the batch gave it)
     with the same features."""
     model = model_for(attn)
     ids, mask, pixel_values, image_sizes = batch(model, MIXED)
-    vtr.patch(model, "pitome", budget=30)
+    vtr.patch(model, "pitome", budget=30, positions=positions)
     capture = FeatureCapture(model)
     batched = run(model, ids, mask, pixel_values, image_sizes)
     capture.remove()
@@ -248,7 +249,7 @@ def test_batch_with_left_padding_equals_each_row_alone(attn):
         row_ids = ids[row, columns[columns >= 0]][None]
         images = [f for f, r in zip(capture.features, report.image_rows.tolist()) if r == row]
         alone_inputs = {"mm_encoder_outputs": {"image": pooled(images)}} if images else {}
-        alone = generate(model, row_ids, torch.ones_like(row_ids), **alone_inputs)
+        alone = generate(model, row_ids, torch.ones_like(row_ids), **alone_inputs, **capture.alone(row, columns))
         torch.testing.assert_close(logits(batched)[row], logits(alone)[0], atol=1e-5, rtol=0)
         assert torch.equal(batched.sequences[row, ids.shape[1]:], alone.sequences[0, row_ids.shape[1]:])
 

@@ -300,7 +300,7 @@ def test_static_cache_equals_the_dynamic_cache(attn, layers, budget):
 def test_before_the_language_model_static_cache_equals_the_unpatched_model_on_the_compacted_prompt():
     model = tiny_llava()
     ids, mask, pixels = mixed_batch()
-    vtr.patch(model, "tome", budget=5)
+    vtr.patch(model, "tome", budget=5, positions="compact")
     features = []
 
     def capture(module, args, kwargs):     # the reduced features the language model receives

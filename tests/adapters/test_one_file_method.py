@@ -1,6 +1,6 @@
 """A method costs one file: a reducer written outside the library (:class:`EveryOther`, under 25 lines) runs
 unchanged before the language model and inside it on every VLM family vtr patches (LLaVA, LLaVA-NeXT,
-Qwen2.5-VL, Qwen3-VL, Gemma 3 (before it only), SmolVLM, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video): batched,
+Qwen2.5-VL, Qwen3-VL, Gemma 3, SmolVLM, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video): batched,
 every image kept to exactly its budget, and each row of a left-padded batch computing what it computes alone. And
 a call reads only the typed settings of the patch (``Reduction.visual``, solved in ``vtr.budget.visual``), never
 ``Reduction.arguments`` (what the user typed, for ``describe()``)."""
@@ -115,7 +115,6 @@ FAMILIES = {
     "llava-next-video": (tiny_next_video, video_rows, len(ROWS)),
 }
 IN_THE_LM = {"qwen3-vl": [2]}    # after the layers DeepStack adds tower features to (0 and 1)
-BEFORE_THE_LM_ONLY = {"gemma3"}   # in-LLM pruning would drop its bidirectional image attention: refused
 GENERATE = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
 
 
@@ -126,7 +125,7 @@ def run(model, inputs: dict):
 
 @pytest.mark.parametrize("family, layers", [
     pytest.param(family, layers, id=f"{'in' if layers else 'before'}-the-lm-{family}")
-    for layers in (None, [1]) for family in FAMILIES if not (layers and family in BEFORE_THE_LM_ONLY)])
+    for layers in (None, [1]) for family in FAMILIES])
 def test_a_method_written_outside_the_library_runs_on_every_vlm_family(family, layers):
     build, rows, num_rows = FAMILIES[family]
     model = vtr.patch(build(), "every_other", budget=4, layers=layers and IN_THE_LM.get(family, layers))

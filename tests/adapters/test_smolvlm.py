@@ -16,9 +16,6 @@ from smolvlm_models import FAKE, GLOBAL, IMAGE, generate, inputs, logits, tiny_i
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 LEARNED = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].learned}
-# Methods defined on the vision tower's attention ([CLS] row or attention received): this family offers neither
-# yet, and vtr.patch refuses them (test_tower_methods_vlm.test_families_without_the_towers_attention_...).
-TOWER_ATTENTION = {m for m in vtr.methods() if vtr.reducers.REDUCERS[m].requires_one_of}
 BUILDERS = {"smolvlm": tiny_smolvlm, "idefics3": tiny_idefics3}
 
 
@@ -116,7 +113,7 @@ def test_beams_and_a_static_cache(model, layers):
     torch.testing.assert_close(logits(static), logits(dynamic), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none", "pool"} - LEARNED - TOWER_ATTENTION))
+@pytest.mark.parametrize("method", sorted(set(vtr.methods()) - {"none", "pool"} - LEARNED))
 def test_every_method_reduces_each_tile_to_the_budget(model, method):
     vtr.patch(model, method, budget=5)
     generate(model, inputs(), max_new_tokens=1)

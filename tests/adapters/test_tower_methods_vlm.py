@@ -1,7 +1,7 @@
 """VisionZip, DivPrune, VisPruner and FasterVLM before the language model on every VLM family vtr patches
-(LLaVA, LLaVA-NeXT, Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video): batched, each image at exactly its budget,
-each row of a left-padded batch what it is alone; on LLaVA the [CLS] row they rank by is the feature layer's,
-computed from q/k under SDPA, the row an eager tower returns."""
+(LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, Gemma 3, SmolVLM, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video): batched,
+each image at exactly its budget, each row of a left-padded batch what it is alone; on LLaVA the [CLS] row they
+rank by is the feature layer's, computed from q/k under SDPA, the row an eager tower returns."""
 from __future__ import annotations
 
 import pytest
@@ -15,11 +15,10 @@ from test_one_file_method import FAMILIES, run
 METHODS = ["visionzip", "divprune", "vispruner", "fastervlm"]
 
 
-# LLaVA-OneVision's, Gemma 3's and SmolVLM's SigLIP towers have no [CLS] token, InternVL's [CLS] row is not kept,
-# and vtr computes no received attention for them: there only DivPrune (features alone) runs; the others are refused
-# at patch time (test_families_without_the_towers_attention_...).
-NEITHER = {"llava-onevision", "gemma3", "smolvlm", "internvl"}   # Gemma 3, SmolVLM: SigLIP; InternVL: CLS row not kept
-CASES = [(m, f) for m in METHODS for f in FAMILIES if m == "divprune" or f not in NEITHER]
+# Every family gives them the tower's attention at its feature layer: the [CLS] row (LLaVA, LLaVA-NeXT, NeXT-Video's
+# CLIP, InternViT) or the attention each token receives (Qwen-VL; the SigLIP towers of LLaVA-OneVision, Gemma 3 and
+# SmolVLM: vtr.adapters.vlm.tower_attention, tested in test_tower_attention).
+CASES = [(m, f) for m in METHODS for f in FAMILIES]
 
 
 @pytest.mark.parametrize("method, family", CASES)
@@ -133,18 +132,25 @@ def test_on_qwen_fastervlm_keeps_the_tokens_that_receive_most_attention(qwen):
     assert not any(type(h).__name__ == "KeepReceived" for m in model.modules() for h in m._forward_hooks.values())
 
 
-@pytest.mark.parametrize("family", ["llava-onevision", "gemma3", "smolvlm", "internvl"])
+@pytest.mark.parametrize("family, setting, why", [
+    ("llava-onevision", {"vision_feature_layer": [-2, -1]},
+     r"attention_received: vision_feature_layer selects the embeddings or several layers.*; cls_attention: its SigLIP "
+     r"tower has no \[CLS\] token"),
+    ("internvl", {"vision_feature_select_strategy": "full"},
+     r"attention_received: InternViT has a \[CLS\] token.*; cls_attention: the features are not one attention "
+     r"layer's patches")])
 @pytest.mark.parametrize("method", ["visionzip", "vispruner", "fastervlm"])
-def test_families_without_the_towers_attention_are_a_clear_error(family, method):
-    """LLaVA-OneVision, Gemma 3, SmolVLM (SigLIP: no [CLS] token) and InternVL (its [CLS] row not kept) offer neither
-    signal (vtr computes no received attention for them yet): these methods refuse at patch time rather than rank by
-    something their papers never used, naming both signals and why each is missing."""
+def test_features_from_no_single_attention_layer_are_a_clear_error(family, setting, why, method):
+    """Where the language model's features are not one attention layer's patches (several layers concatenated,
+    InternVL keeping its [CLS] feature), there is no row to give: these methods refuse at patch time rather than
+    rank by something their papers never used, naming both signals and why each is missing."""
     build, rows, _ = FAMILIES[family]
     model = build()
-    why = r"InternViT's \[CLS\] attention row" if family == "internvl" else r"its SigLIP tower has no \[CLS\] token"
+    for key, value in setting.items():
+        setattr(model.config, key, value)
     with pytest.raises(vtr.adapters.UnsupportedModelError,
                        match=rf"method '{method}' needs one of attention_received, cls_attention and the \w+ adapter "
-                             rf"offers none before the language model \(attention_received: .*; cls_attention: {why}"):
+                             rf"offers none before the language model \({why}"):
         vtr.patch(model, method, budget=4)     # at patch time, not on the first call
     assert not vtr.is_patched(model)
 

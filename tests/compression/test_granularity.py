@@ -122,3 +122,19 @@ def test_relevance_does_not_depend_on_the_features_scale():
     for scale in (1e-3, 1.0, 1e3):
         torch.testing.assert_close(relevance(scale * tokens, question), relevance(tokens, question))
     assert float(relevance(tokens, torch.zeros(3, 8)).std()) == 0.0
+
+
+def test_blur_over_several_grids_pools_each_on_its_own():
+    """An AnyRes image's thumbnail and crops, one grid after another: no window spans two grids, so the blur is the
+    sum of each grid's (a one-hot per grid loses 3/4 of its mass at level 2); a length that fills no whole grid is
+    an error."""
+    torch.manual_seed(0)
+    p = torch.rand(3 * 16, dtype=torch.float64)
+    p = p / p.sum()
+    parts = sum(float(blur(p[16 * k:16 * (k + 1)], GRID, 2)) for k in range(3))
+    assert float(blur(p, GRID, 2)) == pytest.approx(parts, abs=1e-15)
+    one_each = torch.zeros(32, dtype=torch.float64)
+    one_each[[5, 16 + 10]] = 0.5
+    assert float(blur(one_each, GRID, 2)) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="no whole number of 4 x 4 grids"):
+        blur(torch.ones(20, dtype=torch.float64) / 20, GRID, 2)

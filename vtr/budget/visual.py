@@ -31,6 +31,7 @@ from ..reducers.video import FRAME_SPLITS
 from .schedule import Schedule
 
 Budget = Union[int, Sequence[int]]
+POSITIONS = ("original", "compact")   # what a compacted prompt's tokens are numbered by (VisualPlan.positions)
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,17 @@ class VisualPlan:
     """What a patched vision-language model keeps (settings, checked): ``budget`` visual tokens per image or
     video (an int, a list of one count per in-LLM stage, or None for ``none`` / ``pool``), the language-model
     ``layers`` it prunes at (None: before the language model), and how a video spends its budget
-    (``frames``: its split across frames, ``temporal``: the fraction kept after merging across frames);
-    ``tower_layer``: the vision block after which a family that can reduces inside its tower (Qwen-VL), None
-    where it reduces the tower's output (the family checks it against its tower)."""
+    (``frames``: its split across frames, ``temporal``: the fraction kept after merging across frames), the
+    positions the language model gives a compacted prompt (``"compact"``: consecutive; ``"original"``: each kept
+    token's position in the caller's prompt, where the family offers it), and ``tower_layer``: the vision block
+    after which a family that can reduces inside its tower (Qwen-VL), None where it reduces the tower's output
+    (the family checks it against its tower)."""
 
     budget: Optional[Union[int, tuple]] = None
     layers: Optional[tuple] = None
     frames: str = "uniform"
     temporal: Optional[float] = None
+    positions: str = "compact"
     tower_layer: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -57,6 +61,9 @@ class VisualPlan:
                                      or not 0.0 < temporal <= 1.0):
             raise ValueError(f"temporal must be a fraction in (0, 1] (of a video's tokens kept after merging across "
                              f"frames), got {temporal!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(map(repr, POSITIONS))} (the positions of the kept "
+                             f"tokens before the language model), got {self.positions!r}")
 
     @classmethod
     def given(cls, budget=None, layers=None, frames: Optional[str] = None,

@@ -9,7 +9,8 @@
 
 ``vtr.compressions()`` lists them, ``vtr.report(model)`` says what the last call did per image (which level each
 image got), ``vtr.unpatch(model)`` removes a compression. Models: transformers' LLaVA-1.5 format
-(``LlavaForConditionalGeneration``: both) and Qwen2-VL / Qwen2.5-VL (granularity; :mod:`.qwen_vl`).
+(``LlavaForConditionalGeneration``: both), LLaVA-NeXT (``LlavaNextForConditionalGeneration``, AnyRes crops: both;
+:mod:`.anyres`) and Qwen2-VL / Qwen2.5-VL (granularity; :mod:`.qwen_vl`).
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ from .recipe import answer_losses, train_projector, train_router
 
 COMPRESSIONS = {
     "tokenpacker": "TokenPacker projector: s x s patches packed into one token by region-to-point attention over "
-                   "multi-level features (trained; LLaVA)",
+                   "multi-level features (trained; LLaVA, LLaVA-NeXT)",
     "granularity": "AVG-LLaVA adaptive granularity: pooling levels and a router per image and question "
-                   "(relevance: training-free; learned: RGLF; LLaVA and Qwen-VL)",
+                   "(relevance: training-free; learned: RGLF; LLaVA, LLaVA-NeXT and Qwen-VL)",
 }
 FAMILIES = {"llava": llava, "qwen_vl": qwen_vl}   # vtr.family(model) -> the module that compresses it
 
@@ -59,7 +60,8 @@ def compress(model: nn.Module, method: str, **options) -> nn.Module:
     found = FAMILIES.get(family(model))
     if found is None:
         raise UnsupportedModelError(f"vtr.compress takes transformers' LlavaForConditionalGeneration (LLaVA-1.5 "
-                                    f"format) and Qwen2-VL / Qwen2.5-VL, got {type(model).__name__}")
+                                    f"format), LlavaNextForConditionalGeneration and Qwen2-VL / Qwen2.5-VL, got "
+                                    f"{type(model).__name__}")
     found.check(model)
     build = getattr(found, method)
     accepted = [p for p in inspect.signature(build).parameters if p != "model"]

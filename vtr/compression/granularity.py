@@ -72,11 +72,17 @@ def relevance(tokens: Tensor, question: Tensor, temperature: float = 1.0) -> Ten
 
 
 def blur(p: Tensor, grid: tuple[int, int], factor: int) -> Tensor:
-    """Total variation between ``p`` (``[N]`` on ``grid``) and ``p`` with each of its :func:`windows` replaced by
-    the window's mean: the relevance mass that level ``factor`` cannot place (0 for a level that keeps the grid)."""
+    """Total variation between ``p`` (``[N]`` on ``grid``; or ``[k * N]``: ``k`` grids one after another, e.g. an
+    AnyRes image's thumbnail and crops, each pooled on its own) and ``p`` with each of its :func:`windows` replaced
+    by the window's mean: the relevance mass that level ``factor`` cannot place (0 for a level that keeps the
+    grid)."""
     if factor == 1:
         return p.new_zeros(())
+    n = grid[0] * grid[1]
+    if p.numel() % n:
+        raise ValueError(f"blur: {p.numel()} values fill no whole number of {grid[0]} x {grid[1]} grids")
     window = windows(grid, factor).to(p.device)
+    window = (window + (int(window.max()) + 1) * torch.arange(p.numel() // n, device=p.device)[:, None]).flatten()
     count = torch.bincount(window).to(p.dtype)
     means = torch.zeros_like(count).index_add_(0, window, p) / count
     return 0.5 * (p - means[window]).abs().sum()

@@ -93,6 +93,7 @@ def detach(model: nn.Module) -> None:
     compression = model._modules.pop(COMPRESSION)
     if compression.original_projector is not None:
         model.model.multi_modal_projector = compression.original_projector
+    restore_class(model.model)      # LLaVA-NeXT's packing (vtr.compression.anyres; a no-op elsewhere)
     restore_class(model)
 
 

@@ -109,8 +109,14 @@ class TokenPacker(nn.Module):
             raise ValueError(f"tokenpacker: scale must be at most the patch grid's side ({rows} x {cols}), got {scale}")
         if levels < 1:
             raise ValueError(f"tokenpacker: levels must be at least 1, got {levels}")
-        width = width or vision_width
-        heads = heads or _heads(width)
+        for name, value in (("width", width), ("heads", heads)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"tokenpacker: {name} must be a positive integer (or None for the default), "
+                                 f"got {value!r}")
+        width = vision_width if width is None else width
+        heads = _heads(width) if heads is None else heads
+        if width % heads:
+            raise ValueError(f"tokenpacker: heads must divide the attention's width {width}, got {heads}")
         self.vision_width, self.levels, self.grid, self.scale = vision_width, levels, (rows, cols), scale
         self.q_proj = nn.Linear(vision_width, width, bias=False)
         self.k_proj = _mlp(levels * vision_width, width, width)

@@ -28,8 +28,9 @@ class FasterVLM(AttentionScored):
     vtr's ``"nearest"`` is the default, as for every dropping method). The budget is the caller's (the paper
     keeps 144, 58 or 29 of LLaVA-1.5's 576). Unlike ``fastv`` before the language model (the same score) it
     reduces at the tower's last block by default, and it never reads a language model's attention. Without a
-    [CLS] token (Qwen2-VL, Qwen2.5-VL) the score is the attention each token receives in the tower's last layer
-    (the rule of its follow-up VisPruner for SigLIP towers); a model that offers neither is an error
+    [CLS] token (Qwen-VL; the SigLIP towers of LLaVA-OneVision, Gemma 3, SmolVLM) the score is the attention each
+    token receives at the tower's feature layer (the rule of its follow-up VisPruner for SigLIP towers; its own code
+    is CLIP-only); InternVL gives InternViT's real [CLS] row; a model that offers neither is an error
     (:func:`~vtr.reducers.select.tower_importance`).
     """
 

@@ -44,9 +44,9 @@ def attention_scores(reducer: Reducer, state: TokenState, signals: Signals) -> T
     """``[B, U]`` importance of each unprotected token: non-negative, 0 for padding, summing to 1.
 
     With a CLS token: the attention the CLS token pays to it (head mean, ``signals.cls_attention``).
-    Without one, the attention each token receives in the tower's last block where the model offers it
-    (``signals.attention_received``: Qwen2-VL / Qwen2.5-VL before the language model; VisPruner's rule for towers
-    without a CLS token). Else (SigLIP-style, mean-pooled models) the fallback is the L2 norm of the token's
+    Without one, the attention each token receives in the tower's feature layer where the model offers it
+    (``signals.attention_received``: Qwen-VL, LLaVA-OneVision, Gemma 3, SmolVLM before the language model;
+    VisPruner's rule for towers without a CLS token). Else (SigLIP-style, mean-pooled models) the fallback is the L2 norm of the token's
     ``signals.metric``: key norms with ``metric="keys"`` (a key with a larger norm draws more
     attention from every aligned query), hidden-state norms with the default ``metric="x"``. On the Qwen2.5-VL
     yardstick the feature norm scored far below random tokens before the LM (evit 43%, fastv 39% at 25% of the

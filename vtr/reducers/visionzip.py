@@ -50,8 +50,9 @@ class VisionZip(Reducer):
     ``merge="add"`` is the code's contextual token, the target's feature plus the mean of the tokens merged into
     it (size-weighted, all sizes are 1 there); ``merge="mean"`` is vtr's size-weighted mean of all of them.
     Sizes always add up. Tokens come out in position order (the code puts the dominant ones first). Without a
-    [CLS] token (Qwen2-VL, Qwen2.5-VL) dominance is the attention each token receives in the tower's last layer
-    (VisPruner's rule for SigLIP towers); a model that offers neither is an error
+    [CLS] token (Qwen-VL; the SigLIP towers of LLaVA-OneVision, Gemma 3, SmolVLM) dominance is the attention each
+    token receives at the tower's feature layer, mean over queries and heads (VisPruner's rule for SigLIP towers);
+    InternVL gives InternViT's real [CLS] row; a model that offers neither is an error
     (:func:`~vtr.reducers.select.tower_importance`).
     """
 

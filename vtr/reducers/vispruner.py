@@ -72,7 +72,9 @@ class VisPruner(AttentionScored):
     the tower's own features, before the projector; vtr's vision-language families compare the features the
     language model reads (the projector's output). Without a [CLS] token the importance is the attention each
     token receives in the tower's last layer, averaged over queries and heads: the code's rule for SigLIP
-    towers, given by vtr's Qwen2-VL / Qwen2.5-VL family; a model that offers neither is an error
+    towers (``attentions[-1].mean(dim=-2)``, then the head mean), given by vtr's Qwen-VL, LLaVA-OneVision, Gemma 3
+    and SmolVLM families at the layer the features come from (the last one in their released configurations);
+    InternVL gives InternViT's real [CLS] row; a model that offers neither is an error
     (:func:`~vtr.reducers.select.tower_importance`).
     """
 

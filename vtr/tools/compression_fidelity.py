@@ -1,11 +1,13 @@
 """The compression modules (``vtr.compress``) on the trained yardstick LLaVA (issue 21's task): TokenPacker trained
 at scale 2 and 3, adaptive granularity with the training-free and the RGLF-trained router, against the unreduced
-model, pooling and pruning at the same token counts.
+model, pooling and pruning at the same token counts; each router's row is followed by what fixed levels give at its
+shares of images (the same mean tokens).
 
     python -m vtr.tools.compression_fidelity --minutes 10
 
 Training data are the task's own questions from a seed apart from the yardstick's training (2) and the evaluation
-set (``make_examples(1200, seed=10_000)``).
+set (``make_examples(1200, seed=10_000)``), both of the question types the yardstick's recipe taught
+(``vlm_yardstick.recipe("llava").types``; the quick recipe: counting only).
 """
 from __future__ import annotations
 
@@ -55,15 +57,32 @@ def measure(model: nn.Module, examples: "task.Examples", batch_size: int = 250) 
             tokens.append(torch.full((len(part),), float(task.GRID ** 2)))
     correct = torch.cat(answers) == examples.answers
     types = torch.tensor([task.TYPES.index(t) for t in examples.types])
+    asked = [(i, kind) for i, kind in enumerate(task.TYPES) if bool((types == i).any())]
     result = {"accuracy": float(correct.float().mean()), "tokens": float(torch.cat(tokens).mean()),
-              "per_type": {kind: round(float(correct[types == i].float().mean()), 3)
-                           for i, kind in enumerate(task.TYPES)}}
+              "per_type": {kind: round(float(correct[types == i].float().mean()), 3) for i, kind in asked}}
     if levels:
         chosen = torch.cat(levels)
         result["levels"] = {int(f): round(float((chosen == f).float().mean()), 3) for f in chosen.unique()}
         result["levels_by_type"] = {kind: {int(f): int(((chosen == f) & (types == i)).sum()) for f in chosen.unique()}
-                                    for i, kind in enumerate(task.TYPES)}
+                                    for i, kind in asked}
     return result
+
+
+def at_fixed_shares(result: dict, fixed: dict) -> dict:
+    """What fixed levels give at a router's shares of images (its ``levels_by_type`` counts): each level's accuracy and
+    tokens (``fixed``: level -> its :func:`measure`) weighted by the share of images the router sent there. The
+    same mean tokens as the router, with the choice blind to the image and question: the router's accuracy above
+    this is what its choosing is worth."""
+    counts: dict = {}
+    for per_level in result["levels_by_type"].values():      # exact counts (result["levels"] is rounded)
+        for f, n in per_level.items():
+            counts[f] = counts.get(f, 0) + n
+    shares = {f: n / sum(counts.values()) for f, n in counts.items()}
+    missing = sorted(set(shares) - set(fixed))
+    if missing:
+        raise ValueError(f"at_fixed_shares: no fixed-level row for level(s) {missing}")
+    return {"accuracy": sum(share * fixed[f]["accuracy"] for f, share in shares.items()),
+            "tokens": sum(share * fixed[f]["tokens"] for f, share in shares.items())}
 
 
 def timed_steps(minutes: float, step_seconds: float) -> int:
@@ -114,8 +133,8 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
                          "--model llava-task, 20+ minutes) or pass --train-yardstick")
     else:
         model = yardstick.trained_model(recipe)
-    evaluation = task.make_examples(1200, seed=EVAL_SEED)
-    training = task.make_examples(args.train, seed=TRAIN_SEED)
+    evaluation = task.make_examples(1200, seed=EVAL_SEED, types=recipe.types)     # the types the yardstick learnt
+    training = task.make_examples(args.train, seed=TRAIN_SEED, types=recipe.types)
     rows = []
 
     def add(label: str, result: dict) -> None:
@@ -145,15 +164,23 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
         api.unpatch(model)
     if "granularity" not in parts:
         return rows
-    for temperature in (1.0, 0.5):
-        compression.compress(model, "granularity", levels=[1, 2, 4], temperature=temperature)
-        add(f"granularity, relevance router (temperature {temperature})", measure(model, evaluation))
-        api.unpatch(model)
     compression.compress(model, "granularity", levels=[1, 2, 4])
+    fixed = {}
     for factor in (1, 2, 4):
         with compression.forced_level(model, factor):
-            add(f"granularity, fixed level {factor}", measure(model, evaluation))
+            fixed[factor] = measure(model, evaluation)
+        add(f"granularity, fixed level {factor}", fixed[factor])
     api.unpatch(model)
+
+    def add_routed(label: str, result: dict) -> None:
+        add(label, result)
+        mix = at_fixed_shares(result, fixed)
+        log(f"{'':38s} fixed levels at its shares: acc {mix['accuracy']:.3f}  tokens {mix['tokens']:5.1f}")
+
+    for temperature in (1.0, 0.5):
+        compression.compress(model, "granularity", levels=[1, 2, 4], temperature=temperature)
+        add_routed(f"granularity, relevance router (temperature {temperature})", measure(model, evaluation))
+        api.unpatch(model)
     for token_cost in (0.0, 0.05):
         compression.compress(model, "granularity", levels=[1, 2, 4], router="learned")
         batches = answer_batches(model, training, seed=7)
@@ -161,7 +188,7 @@ def main(argv: Optional[list] = None, log=print) -> list[tuple[str, dict]]:
         steps = timed_steps(args.router_minutes / 2, step)
         done = len(compression.train_router(model, until(batches, args.router_minutes / 2), steps,
                                             token_cost=token_cost, log=log))
-        add(f"granularity, learned router (cost {token_cost}, {done} steps)", measure(model, evaluation))
+        add_routed(f"granularity, learned router (cost {token_cost}, {done} steps)", measure(model, evaluation))
         api.unpatch(model)
     return rows
 
