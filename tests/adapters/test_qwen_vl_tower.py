@@ -27,7 +27,7 @@ def unit_scores(model, grid: tuple, raster: torch.Tensor):
     window = received.window_index(model.model.visual, torch.tensor([grid]))
     per_block_unit = raster if window is None else raster[window]
 
-    def fake(attention, hidden, cu_seqlens, position_embeddings):
+    def fake(attention, hidden, cu_seqlens, position_embeddings, qkv=None):
         return per_block_unit.repeat_interleave(4).float()
     return fake
 
