@@ -89,7 +89,8 @@ def install(model: nn.Module, reduction: Reduction) -> None:
     attention chunks and rotary embeddings) and on the mergers (outputs back at each representative's place)."""
     visual, layer = model.model.visual, reduction.visual.tower_layer
     wants_received = Need.ATTENTION_RECEIVED in reduction.reducer.needs
-    if wants_received:
+    if wants_received:   # block K's own qkv output is kept for the pass (nothing projected twice)
+        visual.blocks[layer].attn.qkv.register_forward_hook(received.KeepQKV())
         visual.blocks[layer].attn.register_forward_hook(ReceivedAtK(), with_kwargs=True)
     visual.blocks[layer].register_forward_hook(DropAfterK(), with_kwargs=True)
     windowed = set(range(len(visual.blocks))) - set(getattr(visual, "fullatt_block_indexes", None) or
@@ -101,7 +102,7 @@ def install(model: nn.Module, reduction: Reduction) -> None:
 
 
 def uninstall(model: nn.Module) -> None:
-    for kind in (ReceivedAtK, DropAfterK, KeptSequence, AtRepresentatives):
+    for kind in (received.KeepQKV, ReceivedAtK, DropAfterK, KeptSequence, AtRepresentatives):
         remove_hooks(model, kind)
 
 
@@ -151,8 +152,9 @@ class ReceivedAtK:
             return
         hidden = args[0] if args else kwargs["hidden_states"]
         bounds = kwargs["cu_seqlens"]
+        qkv = runs._ACTIVE.get().captured.pop(received.QKV, None)
         with torch.no_grad():
-            per_patch = received.received_per_patch(module, hidden, bounds, kwargs["position_embeddings"])
+            per_patch = received.received_per_patch(module, hidden, bounds, kwargs["position_embeddings"], qkv)
         lengths = bounds.diff().to(per_patch.device)
         call.received = per_patch * lengths.repeat_interleave(lengths).to(per_patch.dtype)
         call.received_macs = float((lengths.double() ** 2).sum()) * module.qkv.in_features

@@ -202,6 +202,43 @@ def test_blocks_after_k_attend_in_their_recomputed_windows(monkeypatch):
     vtr.unpatch(model)
 
 
+def test_the_received_score_is_block_ks_attention_per_unit_scaled_by_its_window(monkeypatch):
+    """An image of 3 x 4 units at K=0 (windowed: windows of 16, 16, 8 and 8 patches): the score a unit gets is the
+    mean over its four patches of the attention each receives in block 0 (head and query mean inside its window),
+    times its window's length; here from a float64 transcription with an explicit window mask, in raster order."""
+    model = tiny_qwen()
+    grid, rows, cols = (1, 6, 8), 3, 4
+    seen, inputs = {}, {}
+    reduce_items = before_lm.reduce_items
+
+    def spy(reduction, items, queries, cost, received_scores):   # what the decision is given
+        seen["scores"] = received_scores
+        return reduce_items(reduction, items, queries, cost, received_scores)
+    monkeypatch.setattr(before_lm, "reduce_items", spy)
+    vtr.patch(model, "fastv", budget=5, tower_layer=0)
+    model.model.visual.blocks[0].attn.register_forward_hook(
+        lambda module, args, kwargs, output: inputs.setdefault("x", args[0]), with_kwargs=True)
+    generate(model, one_image(grid).inputs())
+    vtr.unpatch(model)
+    window = received.window_index(model.model.visual, torch.tensor([grid]))
+    x = inputs["x"].double().view(-1, 4, 32)[torch.argsort(window)].reshape(-1, 32)       # patches, raster units
+    units = torch.arange(rows * cols).repeat_interleave(4)
+    offsets = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]]).repeat(rows * cols, 1)
+    positions = torch.stack([2 * (units // cols), 2 * (units % cols)], dim=1) + offsets
+    chunk = (units // cols // 2) * 2 + units % cols // 2
+    attention = copy.deepcopy(model.model.visual.blocks[0].attn).double()
+    q, k, _ = attention.qkv(x).reshape(len(x), 3, 4, -1).permute(1, 2, 0, 3)
+    angles = positions.double()[..., None] * model.model.visual.rotary_pos_emb.inv_freq.double()
+    angles = torch.cat([angles[:, 0], angles[:, 1]], dim=-1).repeat(1, 2)
+    q, k = (t * angles.cos() + rotate_half(t) * angles.sin() for t in (q, k))
+    same = chunk[:, None] == chunk[None, :]
+    weights = ((q @ k.transpose(1, 2)) * q.shape[-1] ** -0.5).masked_fill(~same, float("-inf")).softmax(-1)
+    size = same.sum(1).double()                                                     # each patch's window length
+    per_patch = (weights.sum(dim=(0, 1)) / (4 * size)) * size                       # mean over heads and queries
+    expected = per_patch.view(-1, 4).mean(1)
+    torch.testing.assert_close(seen["scores"][0].double(), expected, atol=1e-5, rtol=1e-4)
+
+
 # -- Qwen3-VL: DeepStack ----------------------------------------------------------------------------------
 
 def deepstack_seen(model, inputs: dict) -> list:
