@@ -11,9 +11,9 @@ its block K: whole 2x2 merge units are dropped, so the later blocks, the merger 
 kept ones (``tower``).
 
 The package: this front (the :class:`QwenVL` adapter and the class mixed into the model) imports
-``before_lm`` (which runs ``tower`` when reducing inside the tower) and ``in_llm``, which import ``common`` (which models, the call's images and videos,
-positions, costs, the report); the run, prompt compaction, reduction steps and in-LLM pruning are shared
-with LLaVA (``vtr.adapters.vlm``).
+``before_lm`` (which runs ``tower`` when reducing inside the tower) and ``in_llm``, which import ``common`` (which
+models, the call's images and videos, positions, costs, the report); the run, prompt compaction, reduction steps
+and in-LLM pruning are shared with LLaVA (``vtr.adapters.vlm``).
 
 Qwen3-VL: its DeepStack features (several tower layers' features, added to the visual tokens' hidden states after
 each of the first language-model layers) follow the reduction before the LM level by level (``before_lm``: a kept

@@ -2,9 +2,9 @@
 
 Where: once per image (and per video), on the vision tower's output after its 2x2 patch merger (the
 very tokens the language model reads), with any vtr reducer; or, with ``tower_layer=K``, inside the tower after its
-block K, on whole 2x2 units (``tower``: the same decision, the same compaction and positions afterwards). Images of different sizes in one batch
-each keep ``min(budget, their own count)``; an image with at most ``budget`` tokens passes untouched.
-``pool`` keeps the count its factor gives each image's own grid (``ceil(rows/f) * ceil(cols/f)``).
+block K, on whole 2x2 units (``tower``: the same decision, the same compaction and positions afterwards). Images of
+different sizes in one batch each keep ``min(budget, their own count)``; an image with at most ``budget`` tokens
+passes untouched. ``pool`` keeps the count its factor gives each image's own grid (``ceil(rows/f) * ceil(cols/f)``).
 
 The prompt is compacted as LLaVA's is (``vtr.adapters.vlm.prompt``): each image keeps as many
 placeholders as it kept tokens, padding is rebuilt, and the reduced features go in through

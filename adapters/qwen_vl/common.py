@@ -146,5 +146,5 @@ def where_in_tower(layer: int) -> str:
     return f"in the vision tower after block {layer} (whole 2x2 merge units, per image or video)"
 
 
-__all__ = ["QwenVLReport", "Visual", "where_in_tower", "token_types", "cost", "merge_size", "prompt_positions", "qwen_classes",
-           "reference_tokens", "timestamped_frames", "visuals"]
+__all__ = ["QwenVLReport", "Visual", "where_in_tower", "token_types", "cost", "merge_size", "prompt_positions",
+           "qwen_classes", "reference_tokens", "timestamped_frames", "visuals"]

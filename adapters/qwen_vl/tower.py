@@ -41,7 +41,6 @@ from vtr.reducers.base import Reducer
 
 from ..base import remove_hooks
 from ..steps import linear_macs
-from ..vlm.items import Reduced
 from . import received
 
 KEY = ("tower",)   # where the run keeps the tower call being reduced

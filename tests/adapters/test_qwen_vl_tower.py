@@ -297,8 +297,8 @@ def measured_macs(fn) -> float:
 @pytest.mark.parametrize("build, layer", [(tiny_qwen, 0), (tiny_qwen2, 0), (q3.tiny_qwen3, 1)])
 def test_the_tower_macs_are_what_a_flop_counter_measures(build, layer):
     """A reference-sized image (16 x 16 units) keeping 64 units with random (whose decision has no MACs): the report's
-    tower MACs as run and unreduced are the counter's; ``vtr.expected_flops`` adds the same tower counts (tiny Qwen2.5-VL:
-    the one block after K is full attention, so the evenly-spread windows assumption does not matter there)."""
+    tower MACs as run and unreduced are the counter's; ``vtr.expected_flops`` adds the same tower counts (the blocks
+    after K are full attention here, so its assumption of units spread evenly over the windows does not matter)."""
     model = build()
     side = 32
     grid = torch.tensor([[1, side, side]])
