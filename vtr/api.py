@@ -197,6 +197,9 @@ def patch(
     adapter.check(model)
     check_not_inside_a_vlm(model, adapter, method)
     own = {k: plain(options.pop(k), k) for k in adapter.amounts if k in options}   # e.g. LLaVA's budget=
+    if "tower_layer" in options:   # an amount of the families that reduce inside their vision tower, not an option
+        raise ValueError(f"tower_layer= (reducing inside a vision-language model's vision tower) is not supported by "
+                         f"the {adapter.name} adapter; Qwen2-VL, Qwen2.5-VL and Qwen3-VL take it")
     reducer = make_reducer(method, **options)
     if reducer.learned and not adapter.learned_reducers:
         raise ValueError(f"method {method!r} is a learned reducer, and the {adapter.name} adapter does not take "

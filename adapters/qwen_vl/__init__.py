@@ -6,12 +6,14 @@ each video, reduced on the vision tower's output after its patch merger; the pro
 every kept token keeps its M-RoPE position (``before_lm``). ``pool`` takes ``factor=`` instead: each
 image keeps what the factor leaves of its own grid. ``layers=[K]`` (or ``[K1, K2, ...]``) prunes inside
 the language model instead, FastV-style, as on LLaVA (``in_llm``): each image keeps ``min(B, its count)``
-after the last stage.
+after the last stage. ``tower_layer=K`` (with ``budget=``) keeps the budget inside the vision tower instead, after
+its block K: whole 2x2 merge units are dropped, so the later blocks, the merger and the language model see only the
+kept ones (``tower``).
 
 The package: this front (the :class:`QwenVL` adapter and the class mixed into the model) imports
-``before_lm`` and ``in_llm``, which import ``common`` (which models, the call's images and videos,
-positions, costs, the report); the run, prompt compaction, reduction steps and in-LLM pruning are shared
-with LLaVA (``vtr.adapters.vlm``).
+``before_lm`` (which runs ``tower`` when reducing inside the tower) and ``in_llm``, which import ``common`` (which
+models, the call's images and videos, positions, costs, the report); the run, prompt compaction, reduction steps
+and in-LLM pruning are shared with LLaVA (``vtr.adapters.vlm``).
 
 Qwen3-VL: its DeepStack features (several tower layers' features, added to the visual tokens' hidden states after
 each of the first language-model layers) follow the reduction before the LM level by level (``before_lm``: a kept
@@ -44,7 +46,7 @@ from ..vlm import in_llm as pruning
 from ..vlm.front import ReducingVlm, VlmAdapter
 from ..vlm import items
 from ..vlm.run import VlmRun
-from . import before_lm, bench, in_llm, received
+from . import before_lm, bench, in_llm, received, tower
 from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes
 
 SUPPORTED = ("Qwen3VLForConditionalGeneration (Qwen3-VL), Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL) and "
@@ -74,6 +76,7 @@ class QwenVL(VlmAdapter):
     ``Qwen2VLForConditionalGeneration``."""
 
     name = "qwen_vl"
+    amounts = (*VlmAdapter.amounts, "tower_layer")
 
     def matches(self, model: nn.Module) -> bool:
         """Any Qwen-VL model of transformers (bare models and Qwen3-VL-MoE too), so that those vtr does not
@@ -110,28 +113,44 @@ class QwenVL(VlmAdapter):
         raise ValueError(f"cannot make an input for {type(model).__name__}: it takes a prompt (input_ids with image "
                          "tokens, mm_token_type_ids) and image_grid_thw as well as pixel_values; pass inputs=")
 
+    def plan(self, layers=None, budget=None, frames: Optional[str] = None, temporal: Optional[float] = None,
+             tower_layer: Optional[int] = None) -> visual.VisualPlan:
+        """The typed settings every call reads, ``tower_layer=`` among them (checked by ``make_schedule``)."""
+        return visual.VisualPlan.given(budget=budget, layers=layers, frames=frames, temporal=temporal,
+                                       tower_layer=tower_layer)
+
     def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
                       metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
-                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
+                      frames: Optional[str] = None, temporal: Optional[float] = None,
+                      tower_layer: Optional[int] = None) -> Schedule:
         """``budget=`` (visual tokens kept per image or video) as reduction steps on the reference image;
-        at run time each image takes its own count's steps. ``frames=`` / ``temporal=``: how a video spends it."""
+        at run time each image takes its own count's steps. ``frames=`` / ``temporal=``: how a video spends it.
+        ``tower_layer=K``: the budget is kept inside the vision tower, after its block K (``tower``)."""
         others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
         if others:
             raise ValueError(f"the Qwen-VL adapter takes budget= (visual tokens kept per image or video), not "
                              f"{', '.join(o + '=' for o in others)}")
-        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal)
+        if tower_layer is not None:
+            tower.check(model, reducer, tower_layer, budget, layers)
+        plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal, tower_layer=tower_layer)
         visual.check_video(reducer, plan)
         return visual.schedule(reducer, plan, num_tokens=REFERENCE_SIDE ** 2,
                                num_layers=len(model.model.language_model.layers), any_size=True, family="Qwen-VL")
 
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no
-        text), the reducer's own decisions included; the vision tower is the same either way."""
+        text), the reducer's own decisions included; the vision tower is the same either way, and not counted,
+        except when it reduces inside the tower (``tower_layer=``): both counts then add the tower's MACs on the
+        reference image (``tower.expected_macs``)."""
         stages = pruning.stages_of(model)
         if reduction is not None and stages is not None:
             return pruning.expected_flops(model, reduction, stages)
-        tower = 0.0 if reduction is None else received.expected_macs(model, reduction, REFERENCE_SIDE ** 2)
-        return items.expected_flops(model, reduction, cost(model), tower)
+        if reduction is not None and reduction.visual.in_tower:   # the received pass is block K's, in the tower's count
+            reduced, unreduced = items.expected_flops(model, reduction, cost(model))
+            tower_reduced, tower_unreduced = tower.expected_macs(model, reduction, REFERENCE_SIDE)
+            return reduced + tower_reduced, unreduced + tower_unreduced
+        received_pass = 0.0 if reduction is None else received.expected_macs(model, reduction, REFERENCE_SIDE ** 2)
+        return items.expected_flops(model, reduction, cost(model), received_pass)
 
     def patch(self, model: nn.Module, reduction: Reduction) -> None:
         reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
@@ -144,6 +163,8 @@ class QwenVL(VlmAdapter):
                                             "before the language model (no layers=)")
             in_llm.check_deepstack(model, reduction)
             pruning.install(model, reduction, in_llm.QwenVisuals())
+        elif reduction.visual.in_tower:
+            tower.install(model, reduction)
         else:
             received.install(model, reduction)
         model._vtr = reduction
@@ -158,6 +179,7 @@ class QwenVL(VlmAdapter):
     def unpatch(self, model: nn.Module) -> None:
         pruning.uninstall(model)
         received.uninstall(model)
+        tower.uninstall(model)
         restore_class(model)
         del model._vtr
 

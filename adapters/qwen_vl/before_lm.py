@@ -1,9 +1,10 @@
 """Qwen-VL reduction before the language model: each image keeps ``budget`` visual tokens; ``generate()`` unchanged.
 
 Where: once per image (and per video), on the vision tower's output after its 2x2 patch merger (the
-very tokens the language model reads), with any vtr reducer. Images of different sizes in one batch
-each keep ``min(budget, their own count)``; an image with at most ``budget`` tokens passes untouched.
-``pool`` keeps the count its factor gives each image's own grid (``ceil(rows/f) * ceil(cols/f)``).
+very tokens the language model reads), with any vtr reducer; or, with ``tower_layer=K``, inside the tower after its
+block K, on whole 2x2 units (``tower``: the same decision, the same compaction and positions afterwards). Images of
+different sizes in one batch each keep ``min(budget, their own count)``; an image with at most ``budget`` tokens
+passes untouched. ``pool`` keeps the count its factor gives each image's own grid (``ceil(rows/f) * ceil(cols/f)``).
 
 The prompt is compacted as LLaVA's is (``vtr.adapters.vlm.prompt``): each image keeps as many
 placeholders as it kept tokens, padding is rebuilt, and the reduced features go in through
@@ -52,9 +53,9 @@ from ..vlm.calls import Compacted, Family
 from ..vlm.items import Reduced, Visual, compact_items, kept_columns_by_span, reduce_items, report_fields
 from ..vlm.prompt import pad_id, row_queries
 from ..vlm.run import opened
-from . import received
+from . import received, tower
 from .common import (VISION_ARGUMENTS, WHERE, QwenVLReport, cost, merge_size, prompt_positions, token_types,
-                     visuals)
+                     visuals, where_in_tower)
 
 
 # -- the patched entry points ------------------------------------------------------------------------
@@ -117,28 +118,23 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
     reduction: Reduction = model._vtr
     image_placeholder, video_placeholder = input_ids == config.image_token_id, input_ids == config.video_token_id
     with opened(model) as run:
-        outputs, items, attention, attention_macs = {}, [], [], 0.0
-        if pixel_values is not None:
-            outputs["image"] = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-            items += visuals(list(outputs["image"].pooler_output), image_grid_thw, image_placeholder, "image",
-                             merge_size(model))
-            found, macs = received.take(model, run, image_grid_thw)
-            attention, attention_macs = attention + [found], attention_macs + macs
-        if pixel_values_videos is not None:
-            outputs["video"] = model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
-            items += visuals(list(outputs["video"].pooler_output), video_grid_thw, video_placeholder, "video",
-                             merge_size(model))
-            found, macs = received.take(model, run, video_grid_thw)
-            attention, attention_macs = attention + [found], attention_macs + macs
-        per_item = None if not attention or any(a is None for a in attention) else sum(attention, [])
         placeholder = image_placeholder | video_placeholder
-        rows = torch.tensor([item.row for item in items], dtype=torch.long)
-        queries = None
         relevance = reduction.visual.frames == "relevance" and pixel_values_videos is not None
-        if Need.QUERY in reduction.reducer.needs or relevance:
-            queries = row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
-        reduced, reducer_macs = reduce_items(reduction, items, queries, cost(model, reduction.metric), per_item)
-        reducer_macs += attention_macs   # the attention each token receives: a pass the tower's fused kernel skips
+
+        def query_of(items: list[Visual]) -> Optional[list]:
+            if Need.QUERY not in reduction.reducer.needs and not relevance:
+                return None
+            rows = torch.tensor([item.row for item in items], dtype=torch.long)
+            return row_queries(model, input_ids, attention_mask, placeholder, rows, run.query)
+
+        encoded = [(kind, pixels, grid, own) for kind, pixels, grid, own in (
+            ("image", pixel_values, image_grid_thw, image_placeholder),
+            ("video", pixel_values_videos, video_grid_thw, video_placeholder)) if pixels is not None]
+        if reduction.visual.in_tower:
+            outputs, items, reduced, reducer_macs, tower_counts = _in_tower(model, run, encoded, query_of)
+        else:
+            outputs, items, reduced, reducer_macs = _after_tower(model, run, encoded, query_of)
+            tower_counts = (None, None)
         ids, mask, kept_positions = compact_items(
             input_ids, attention_mask, {"image": image_placeholder, "video": video_placeholder}, items, reduced,
             pad_id(model, config.image_token_id, config.video_token_id), left, by_span=True)
@@ -153,7 +149,8 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
             own = [r for item, r in zip(items, reduced) if item.kind == kind]
             outputs[kind].pooler_output = [r.features for r in own]
             deepstack = getattr(outputs[kind], "deepstack_features", None)
-            if deepstack is not None:   # Qwen3-VL: every injected tower level keeps the very tokens the LM input kept
+            if deepstack is not None and not reduction.visual.in_tower:
+                # Qwen3-VL: every injected tower level keeps the very tokens the LM input kept
                 outputs[kind].deepstack_features = [[r.carried(level[i]) for i, r in enumerate(own)]
                                                     for level in deepstack]
         runs.record(reduction, QwenVLReport(
@@ -163,10 +160,69 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
             prefill_macs_unreduced=prefill_macs(model, attention_mask.sum(1)), reducer_macs=reducer_macs,
             visual_positions=[full[:, item.row, item.columns[r.first.clamp_max(item.num_tokens - 1)]]
                               for item, r in zip(items, reduced)],
+            tower_layer=reduction.visual.tower_layer, tower_macs=tower_counts[0], tower_macs_unreduced=tower_counts[1],
+            **({"where": where_in_tower(reduction.visual.tower_layer)} if reduction.visual.in_tower else {}),
             **report_fields(items, reduced)))
         types = mm_token_type_ids.gather(1, kept_positions.clamp_min(0)).masked_fill(kept_positions < 0, 0)
         return Prepared(ids, mask.to(attention_mask.dtype), torch.cat([text[None], positions]), types, outputs,
                         kept_positions)
+
+
+def _after_tower(model: nn.Module, run, encoded: list, query_of: Callable) -> tuple[dict, list, list, float]:
+    """The tower on every patch, then each image (video) reduced on its output: (tower outputs by kind, items,
+    reduced, reducer MACs with the received attention's)."""
+    reduction: Reduction = model._vtr
+    outputs, items, attention, attention_macs = {}, [], [], 0.0
+    for kind, pixels, grid, placeholder in encoded:
+        encode = model.model.get_image_features if kind == "image" else model.model.get_video_features
+        outputs[kind] = encode(pixels, grid, return_dict=True)
+        items += visuals(list(outputs[kind].pooler_output), grid, placeholder, kind, merge_size(model))
+        found, macs = received.take(model, run, grid)
+        attention, attention_macs = attention + [found], attention_macs + macs
+    per_item = None if not attention or any(a is None for a in attention) else sum(attention, [])
+    reduced, reducer_macs = reduce_items(reduction, items, query_of(items), cost(model, reduction.metric), per_item)
+    return outputs, items, reduced, reducer_macs + attention_macs   # received: a pass the fused kernel skips
+
+
+def _in_tower(model: nn.Module, run, encoded: list,
+              query_of: Callable) -> tuple[dict, list, list, float, tuple[float, float]]:
+    """Each tower call reduced inside the tower after block K (``tower``): (tower outputs by kind, items, reduced
+    with the features the language model reads, reducer MACs, (tower MACs as run, unreduced))."""
+    reduction: Reduction = model._vtr
+    visual, layer = model.model.visual, reduction.visual.tower_layer
+    outputs, items, reduced, reducer_macs, macs, unreduced = {}, [], [], 0.0, 0.0, 0.0
+    for kind, pixels, grid, placeholder in encoded:
+        spent = []
+
+        def decide(features: list[Tensor], scores: Optional[list]) -> tuple[list, list]:
+            own = visuals(features, grid, placeholder, kind, merge_size(model))
+            decided, decision_macs = reduce_items(reduction, own, query_of(own),
+                                                  tower.unit_cost(model, cost(model, reduction.metric)), scores)
+            spent.append(decision_macs)
+            return own, decided
+
+        call = tower.TowerCall(visual, grid, decide)
+        tower.start(run, call)
+        try:
+            encode = model.model.get_image_features if kind == "image" else model.model.get_video_features
+            outputs[kind] = output = encode(pixels, grid, return_dict=True)
+        finally:
+            tower.finish(run)
+        if call.reduced is None:
+            raise RuntimeError(f"the Qwen-VL tower ran without reaching block {layer}'s hook: reducing inside the "
+                               "tower needs the model's own tower forward (no compiled or replaced tower)")
+        kept = [Reduced(features[r.first], r.assignment, r.size, r.first, r.tokens)
+                for features, r in zip(output.pooler_output, call.reduced)]
+        deepstack = getattr(output, "deepstack_features", None)
+        if deepstack is not None:   # Qwen3-VL: levels before K ran on every unit; from K on on the kept ones
+            output.deepstack_features = [[r.carried(f) if block < layer else f[r.first]
+                                          for f, r in zip(level, call.reduced)]
+                                         for block, level in zip(visual.deepstack_visual_indexes, deepstack)]
+        items, reduced = items + call.items, reduced + kept
+        reducer_macs += sum(spent) + call.received_macs
+        as_run, full = tower.call_macs(call, visual, layer)
+        macs, unreduced = macs + as_run, unreduced + full
+    return outputs, items, reduced, reducer_macs, (macs, unreduced)
 
 
 def _kept_positions(full: Tensor, length: int, items: list[Visual], reduced: list[Reduced],

@@ -122,11 +122,29 @@ class QwenVLReport(VlmReport):
     visual_positions: per image or video, ``[3, K]`` (temporal, height, width) rotary position of each
         token the language model saw, in the order it saw them: a kept token's own, a merged token its
         representative's (the first original token it carries, see ``before_lm``).
+    tower_layer / tower_macs / tower_macs_unreduced: reduced inside the vision tower (``tower_layer=``) only: the
+        block after which units were dropped, and the multiply-accumulates of the call's tower runs (all its images
+        and videos) as they ran and unreduced (what a FLOP counter sees: patch embedding, blocks, mergers; see
+        ``tower.tower_macs``); None otherwise (the tower then runs unreduced).
     """
 
     where: str = WHERE
     visual_positions: list = field(default_factory=list)
+    tower_layer: Optional[int] = None
+    tower_macs: Optional[float] = None
+    tower_macs_unreduced: Optional[float] = None
+
+    @property
+    def tower_flops_saved(self) -> Optional[float]:
+        """Fraction of the call's vision-tower MACs that reducing inside the tower removed (None: it did not)."""
+        if self.tower_macs is None:
+            return None
+        return 1.0 - self.tower_macs / self.tower_macs_unreduced
 
 
-__all__ = ["QwenVLReport", "Visual", "token_types", "cost", "merge_size", "prompt_positions", "qwen_classes",
-           "reference_tokens", "timestamped_frames", "visuals"]
+def where_in_tower(layer: int) -> str:
+    return f"in the vision tower after block {layer} (whole 2x2 merge units, per image or video)"
+
+
+__all__ = ["QwenVLReport", "Visual", "where_in_tower", "token_types", "cost", "merge_size", "prompt_positions",
+           "qwen_classes", "reference_tokens", "timestamped_frames", "visuals"]

@@ -17,11 +17,13 @@ TEXT = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_la
 TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
 
 
-def tiny_qwen(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
-    """Qwen2.5-VL: text hidden 64 (3 layers, M-RoPE sections 2/3/3), vision depth 2, hidden 32, 2x2 merger,
-    window 56 (2 x 2 merged tokens per window) with block 1 on full attention."""
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=PATCH,
-                  spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, window_size=56, fullatt_block_indexes=[1])
+def tiny_qwen(attn: str = "sdpa", seed: int = 0, depth: int = 2,
+              full: tuple = (1,)) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL: text hidden 64 (3 layers, M-RoPE sections 2/3/3), vision ``depth`` 2, hidden 32, 2x2 merger,
+    window 56 (2 x 2 merged tokens per window) with the blocks ``full`` (block 1) on full attention."""
+    vision = dict(depth=depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=PATCH,
+                  spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, window_size=56,
+                  fullatt_block_indexes=list(full))
     config = Qwen2_5_VLConfig(text_config=TEXT, vision_config=vision, **TOKENS)
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn).eval()

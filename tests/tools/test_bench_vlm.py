@@ -142,6 +142,8 @@ MISTAKES = [
      "takes 56x56 frames"),
     (["--model", "vit_tiny_patch16_224", "--keep", "0.5"], "--keep", "is for the VLM prefill benchmark"),
     (["--model", "vit_tiny_patch16_224", "--lm-layers", "1"], "--lm-layers", "is for the VLM prefill benchmark"),
+    (["--model", "qwen-vl:tiny", "--tower-layer", "5"], "--tower-layer", "tower_layer must be an int in [0, 1]"),
+    (["--model", "vit_tiny_patch16_224", "--tower-layer", "0"], "--tower-layer", "is for the VLM prefill benchmark"),
 ]
 
 
@@ -170,3 +172,18 @@ def test_all_keeps_the_methods_that_act_where_the_benchmark_runs_them():
     assert "tome" in tower and "dynamicvit" in tower and "dart" not in tower
     assert {"dart", "pyramiddrop", "sparsevlm", "cdpruner", "tome"} <= set(vlm) and "sit" not in vlm
     assert runnable(["dart"], ("tower",)) == ["dart"]   # named: patching it says why it cannot run there
+
+
+def test_qwen_vl_inside_the_tower_reports_the_towers_macs_beside_the_vision_speedup(capsys):
+    """--tower-layer K: each variant reduces inside the tower after block K; the row says where, and gives the
+    tower's MACs ratio (its bound) beside the vision part's speed-up, apart from the prefill's."""
+    assert main(["bench", "--model", "qwen-vl:tiny", "--methods", "fastv", "--keep", "0.25", "--tower-layer", "0",
+                 "--json", *FAST]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["where"], row["visual"], row["kept"]) == ("tower block 0", 16, 4)
+    assert 0 < row["tower_macs_ratio"] < 1 and row["vision_speedup"] > 0 and 0 < row["macs_ratio"] < 1
+    table = bench_vlm.format_row(bench_vlm.Row(**row))
+    assert table.endswith(f"| {row['tower_macs_ratio']:.3f} ({1 / row['tower_macs_ratio']:.2f}x) | "
+                          f"{row['vision_speedup']:.2f}x |")
+    assert "| - |" in bench_vlm.format_row(bench_vlm.Row(**dict(row, tower_macs_ratio=None)))
+

@@ -39,15 +39,18 @@ class VisualPlan:
     """What a patched vision-language model keeps (settings, checked): ``budget`` visual tokens per image or
     video (an int, a list of one count per in-LLM stage, or None for ``none`` / ``pool``), the language-model
     ``layers`` it prunes at (None: before the language model), and how a video spends its budget
-    (``frames``: its split across frames, ``temporal``: the fraction kept after merging across frames), and the
+    (``frames``: its split across frames, ``temporal``: the fraction kept after merging across frames), the
     positions the language model gives a compacted prompt (``"compact"``: consecutive; ``"original"``: each kept
-    token's position in the caller's prompt, where the family offers it)."""
+    token's position in the caller's prompt, where the family offers it), and ``tower_layer``: the vision block
+    after which a family that can reduces inside its tower (Qwen-VL), None where it reduces the tower's output
+    (the family checks it against its tower)."""
 
     budget: Optional[Union[int, tuple]] = None
     layers: Optional[tuple] = None
     frames: str = "uniform"
     temporal: Optional[float] = None
     positions: str = "compact"
+    tower_layer: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.frames not in FRAME_SPLITS:
@@ -64,16 +67,21 @@ class VisualPlan:
 
     @classmethod
     def given(cls, budget=None, layers=None, frames: Optional[str] = None,
-              temporal: Optional[float] = None) -> "VisualPlan":
+              temporal: Optional[float] = None, tower_layer: Optional[int] = None) -> "VisualPlan":
         """The plan of ``vtr.patch``'s keywords (lists as tuples, ``frames`` left out: ``"uniform"``)."""
         return cls(budget=tuple(budget) if isinstance(budget, (list, tuple)) else budget,
                    layers=None if layers is None else tuple(layers) if isinstance(layers, (list, tuple)) else layers,
-                   frames=frames or "uniform", temporal=temporal)
+                   frames=frames or "uniform", temporal=temporal, tower_layer=tower_layer)
 
     @property
     def in_llm(self) -> bool:
         """Pruning happens inside the language model (``layers=`` given)."""
         return self.layers is not None
+
+    @property
+    def in_tower(self) -> bool:
+        """Reduction happens inside the vision tower (``tower_layer=`` given)."""
+        return self.tower_layer is not None
 
     @property
     def video_options_given(self) -> bool:

@@ -79,10 +79,13 @@ def _bench_parser(sub) -> None:
                           "(--img-size: the frame side)")
     vlm.add_argument("--decode-tokens", type=positive_int, default=None,
                      help="generated tokens timed per decode (default: 8)")
+    vlm.add_argument("--tower-layer", type=int, default=None, metavar="K",
+                     help="Qwen-VL: reduce inside the vision tower, after its block K (whole 2x2 units), instead of "
+                          "after it; the table then gives the tower's MACs ratio beside the vision speed-up")
     p.set_defaults(func=_bench)
 
 
-_VLM_ONLY = ("keep", "budget", "vision_layers", "lm_layers", "text", "video_frames", "decode_tokens")
+_VLM_ONLY = ("keep", "budget", "vision_layers", "lm_layers", "text", "video_frames", "decode_tokens", "tower_layer")
 VLM_MODELS = ("llava:<shape>, qwen-vl:<shape>, onevision:<shape>, gemma3:<shape>, smolvlm:<shape>, internvl:<shape> "
               "or hf:<directory of a saved VLM>")
 
@@ -138,7 +141,10 @@ def _bench_vlm(args: argparse.Namespace) -> int:
     else:
         variants = [(f"{name} ({f:.0%})", {"method": name, "budget": max(1, round(f * load.budgeted))})
                     for f in args.keep or [0.25] for name in names]
-    with usage("--budget" if args.budget else "--methods"):   # what patching refuses, before anything is timed
+    if args.tower_layer is not None:
+        variants = [(label, dict(kwargs, tower_layer=args.tower_layer)) for label, kwargs in variants]
+    refused = "--tower-layer" if args.tower_layer is not None else "--budget" if args.budget else "--methods"
+    with usage(refused):   # what patching refuses, before anything is timed
         for _, kwargs in variants:
             if kwargs["budget"] > load.budgeted:
                 per = "" if load.unit is None else " of a tile"

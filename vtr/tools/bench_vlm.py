@@ -9,6 +9,8 @@ three parts per batch of prompts (one image or video plus text tokens each):
 - prefill: the language model on the prompt it really sees, seconds, and its speed-up;
 - MACs: the reduced/unreduced ratio of vtr's analytic LM prefill count and, in brackets, its inverse, which
   bounds the prefill speed-up: with V visual tokens, b kept and T text tokens about (V + T) / (b + T);
+- reduced inside the vision tower (Qwen-VL's ``tower_layer=``, ``--tower-layer``): the tower's own MACs ratio as
+  it ran (its bound) beside the vision part's speed-up, apart from the prefill's;
 - decode: milliseconds per generated token (the KV cache is as short as the kept prompt).
 
 Built-in shapes have a 7B model's widths with random weights and the depth scaled down to fit a CPU
@@ -113,6 +115,16 @@ SHAPES = {
                                  **_QWEN_TEXT),
                             dict(image_token_id=90, video_token_id=91, vision_start_token_id=92,
                                  vision_end_token_id=93), 128),
+    # Qwen2.5-VL-7B at 1344 x 1344 (96 x 96 patches: 2304 visual tokens), where the tower's cost rivals the prefill's:
+    # the shape for reduction inside the tower (--tower-layer).
+    "qwen-vl:2.5-7b-1344": Shape("Qwen2.5-VL-7B-shaped at 1344 px (96 x 96 patches: 2304 visual tokens; windows of "
+                                 "112 px)", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
+                                 dict(hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                                      window_size=112, **_QWEN_MERGE),
+                                 dict(vocab_size=32000, hidden_size=3584, intermediate_size=18944,
+                                      num_attention_heads=28, num_key_value_heads=4,
+                                      rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, **_QWEN_TEXT),
+                                 _QWEN_TOKENS, 1344),
     "onevision:7b": Shape("LLaVA-OneVision-Qwen2-7B-shaped (SigLIP-so400m at 384 px: 729 patches a view, a video "
                           "frame pooled to 196 tokens; Qwen2-7B, 4 KV heads)", "LlavaOnevisionForConditionalGeneration",
                           "LlavaOnevisionConfig", _SIGLIP_SO400M, _QWEN2_7B, _ONEVISION, 384,
@@ -279,6 +291,8 @@ def measure(model: nn.Module, inputs: dict, decode_tokens: int = 8) -> dict:
         run = report(model)
         result.update(macs=float(run.prefill_macs.sum()), macs_unreduced=float(run.prefill_macs_unreduced.sum()),
                       kept=int(run.visual_tokens_after[0]))
+        if getattr(run, "tower_macs", None) is not None:   # reduced inside the vision tower
+            result.update(tower_macs=run.tower_macs, tower_macs_unreduced=run.tower_macs_unreduced)
     return result
 
 
@@ -315,26 +329,34 @@ class Row:
     decode_ms: float            # per generated token
     decode_unreduced_ms: float
     batch: int = 1
+    tower_macs_ratio: Optional[float] = None   # reduced inside the tower: its MACs as run, reduced / unreduced
+    vision_speedup: float = 0.0                # vision part (tower + reducer), unreduced / reduced
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 HEADER = ("| method | where | visual kept | LM prefill MACs (bound) | prefill s (unreduced) | prefill speed-up "
-          "| vision+reduce s (unreduced) | decode ms/token (unreduced) |\n|---|---|---|---|---|---|---|---|")
+          "| vision+reduce s (unreduced) | decode ms/token (unreduced) | tower MACs (bound) | vision speed-up |"
+          "\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def make_row(method: str, where: str, visual: int, base: dict, reduced: dict, batch: int = 1) -> Row:
+    tower = reduced.get("tower_macs")
     return Row(method, where, visual, int(reduced["kept"]), reduced["macs"] / reduced["macs_unreduced"],
                reduced["prefill"], base["prefill"], base["prefill"] / reduced["prefill"], reduced["vision"],
-               base["vision"], reduced["decode_ms"], base["decode_ms"], batch)
+               base["vision"], reduced["decode_ms"], base["decode_ms"], batch,
+               None if tower is None else tower / reduced["tower_macs_unreduced"], base["vision"] / reduced["vision"])
 
 
 def format_row(row: Row) -> str:
-    """One table row: the MACs ratio beside its bound on the prefill speed-up (its inverse)."""
+    """One table row: the MACs ratio beside its bound on the prefill speed-up (its inverse); reduced inside the
+    tower, the tower's MACs ratio beside its bound on the vision speed-up ("-": the tower ran unreduced)."""
+    tower = "-" if row.tower_macs_ratio is None else f"{row.tower_macs_ratio:.3f} ({1 / row.tower_macs_ratio:.2f}x)"
     return (f"| {row.method} | {row.where} | {row.kept} | {row.macs_ratio:.3f} ({1 / row.macs_ratio:.2f}x) | "
             f"{row.prefill_s:.3f} ({row.prefill_unreduced_s:.3f}) | {row.speedup:.2f}x | "
-            f"{row.vision_s:.3f} ({row.vision_unreduced_s:.3f}) | {row.decode_ms:.1f} ({row.decode_unreduced_ms:.1f}) |")
+            f"{row.vision_s:.3f} ({row.vision_unreduced_s:.3f}) | {row.decode_ms:.1f} ({row.decode_unreduced_ms:.1f}) | "
+            f"{tower} | {row.vision_speedup:.2f}x |")
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -342,8 +364,11 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def where_of(model: nn.Module, kwargs: dict) -> str:
-    """Where a variant reduces: "before LM", or "LM layer K" (the first of its layers), the layers given or, for a
-    method that acts only inside the language model, its own default ones."""
+    """Where a variant reduces: "before LM", "tower block K" (inside the vision tower, after its block K), or "LM
+    layer K" (the first of its layers), the layers given or, for a method that acts only inside the language model,
+    its own default ones."""
+    if kwargs.get("tower_layer") is not None:
+        return f"tower block {kwargs['tower_layer']}"
     layers = kwargs.get("layers")
     if layers is None and kwargs.get("method"):
         layers = find_adapter(model).default_stage_layers(model, make_reducer(kwargs["method"]), None)
