@@ -1,8 +1,8 @@
 """The VLM yardstick trained here: the cache, the CLI, and the CI guard on the quick trained LLaVA (asked how many
 objects; about a minute to train once, into the user cache): informed methods keep more of its answers than a random
-quarter of the tokens, inside the language model. Before it, compaction moves the kept tokens' positions and every
-method, the oracle included, lands within a few points of random on counting (benchmarks/RESULTS-vlm-fidelity.md),
-so the guard is in the LM, where over training seeds 0, 1, 2 the margins below held with room."""
+quarter of the tokens, inside the language model and before it, by margins that held with room over training seeds
+0, 1, 2 (benchmarks/RESULTS-vlm-fidelity.md). Before the LM the margins are smaller (and divprune's and the oracle's
+change sign over seeds on counting), so fewer methods are guarded there."""
 import json
 
 import pytest
@@ -18,6 +18,10 @@ BEFORE, IN = vlm_fidelity.STAGES
 # +0.29 / +0.26, divprune +0.15 / +0.10 / +0.17, query +0.12 / +0.09 / +0.18. (pitome +0.02 / +0.06 / +0.15 and
 # tome -0.06 / -0.07 / +0.09 hold no margin on counting: benchmarks/RESULTS-vlm-fidelity.md.)
 GUARDED = {"evit": 0.1, "fastv": 0.1, "divprune": 0.04, "query": 0.04}
+# Before the LM (kept tokens at their original positions), the same measure over seeds 0 / 1 / 2 (random: 0.425 /
+# 0.393 / 0.415): pitome +0.15 / +0.10 / +0.17, query +0.14 / +0.20 / +0.07; evit +0.08 / +0.12 / +0.05, fastv +0.12 /
+# +0.14 / +0.05, divprune +0.16 / +0.09 / -0.02 and the oracle +0.10 / +0.06 / -0.07 are not guarded.
+GUARDED_BEFORE = {"pitome": 0.05, "query": 0.03}
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +36,8 @@ def quick_rows(quick_cache):
     training = vlm_yardstick.recipe("llava", quick=True)
     model = vlm_yardstick.trained_model(training, root=quick_cache)
     examples = task.make_examples(600, seed=10_000, types=training.types)   # how many objects
-    rows = vlm_fidelity.evaluate(model, examples, methods=[*GUARDED, "random"], budgets=(0.25,), variants={},
-                                 log=lambda *_: None)
+    rows = vlm_fidelity.evaluate(model, examples, methods=list(dict.fromkeys([*GUARDED, *GUARDED_BEFORE, "random"])),
+                                 budgets=(0.25,), variants={}, log=lambda *_: None)
     return {(r.method, r.stage): r for r in rows}, vlm_fidelity.chance_accuracy(examples)
 
 
@@ -44,8 +48,8 @@ def test_the_quick_vlm_learns(quick_rows):
 
 
 def test_a_quarter_of_the_tokens_costs_answers(quick_rows):
-    """The task is sensitive to reduction: a random quarter of the tokens loses many answers (seeds 0, 1, 2: 45.2,
-    38.7, 44.0% against 82.3, 73.8, 74.5% unreduced), so a method that keeps what matters has room to show it."""
+    """The task is sensitive to reduction: a random quarter of the tokens loses many answers (seeds 0, 1, 2: 43.7,
+    40.3, 41.0% against 82.3, 73.8, 74.5% unreduced), so a method that keeps what matters has room to show it."""
     rows, _ = quick_rows
     assert rows[("random", BEFORE)].accuracy < rows[("none", "-")].accuracy - 0.15
     assert rows[("random", BEFORE)].agreement < 0.85
@@ -57,6 +61,16 @@ def test_informed_methods_beat_random_tokens_in_the_lm(quick_rows):
     random = rows[("random", IN)]
     for method, margin in GUARDED.items():
         row = rows[(method, IN)]
+        assert row.status == "ok", (method, row.status)
+        assert row.agreement > random.agreement + margin, (method, row.agreement, random.agreement)
+
+
+def test_informed_methods_beat_random_tokens_before_the_lm(quick_rows):
+    """Before the LM, with the kept tokens at their original positions (LLaVA's default)."""
+    rows, _ = quick_rows
+    random = rows[("random", BEFORE)]
+    for method, margin in GUARDED_BEFORE.items():
+        row = rows[(method, BEFORE)]
         assert row.status == "ok", (method, row.status)
         assert row.agreement > random.agreement + margin, (method, row.agreement, random.agreement)
 
