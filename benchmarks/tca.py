@@ -1,0 +1,102 @@
+"""TCA (vtr.adaptive.TCA) on the tiny CLIP task under a domain shift, against plain zero-shot and training-free
+token reduction at the same FLOPs. Results: benchmarks/RESULTS-tca.md.
+
+    python benchmarks/tca.py --images 1000 --strength 1.0 --seeds 0,1,2
+    python benchmarks/tca.py --rates 0.1,0.2 --strength 0,1
+
+Every row runs the test images as a stream at batch 1, in the stream's order (a fresh TCA per stream). CPU, one
+thread, no downloads (the CLIP is trained once and cached, see vtr.tools.clip_task). Rows are appended as JSON
+to ``--out`` (default benchmarks/tca-results.jsonl) and printed as a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+
+import vtr
+from vtr.adaptive import TCA
+from vtr.tools import clip_task
+from vtr.tools.fidelity import make_images
+from vtr.tools.profile import count_macs
+
+
+def stream(strength: float, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = make_images(clip_task.TASK, count, seed=1000 + seed)   # never the training images (seed 1)
+    return (clip_task.shift(images, strength=strength, seed=seed) if strength else images), labels
+
+
+@torch.no_grad()
+def run_tca(model, text, images, labels, **options) -> tuple[float, float]:
+    tca = TCA(model, text, **options)
+    correct = sum(int(tca.step(images[i:i + 1]).argmax()) == int(labels[i]) for i in range(len(images)))
+    return correct / len(images), tca.macs(images[:1])     # MACs with the anchors of the stream's end
+
+
+@torch.no_grad()
+def run_reducer(model, text, images, labels, method: str, flops: float) -> tuple[float, float]:
+    patched = vtr.patch(copy.deepcopy(model), method, flops=flops)
+    correct = 0
+    for i in range(len(images)):
+        logits = vtr.clip.zero_shot(patched, images[i:i + 1], text, condition=False)
+        correct += int(logits.argmax()) == int(labels[i])
+    return correct / len(images), count_macs(patched.visual, images[:1]).total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--strength", default="0,1", help="shift strengths, comma-separated (0: clean)")
+    parser.add_argument("--seeds", default="0", help="stream seeds (images, shift and order), comma-separated")
+    parser.add_argument("--rates", default="0.1", help="TCA condensation rates, comma-separated")
+    parser.add_argument("--reducers", default="evit,tome", help="training-free reducers at TCA's FLOPs")
+    parser.add_argument("--out", default="benchmarks/tca-results.jsonl")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = clip_task.trained_clip()
+    with torch.no_grad():
+        text = clip_task.class_features(model)
+    base = count_macs(model.visual, torch.zeros(1, 3, 32, 32)).total
+    load = os.getloadavg()[0]
+    rows = []
+    for strength in (float(s) for s in args.strength.split(",")):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            images, labels = stream(strength, args.images, seed)
+            runs = [("zero-shot", dict(rate=0.0, lambd=0.0))]
+            for rate in (float(r) for r in args.rates.split(",")):
+                runs += [(f"TCA R={rate}", dict(rate=rate)),
+                         (f"TCA R={rate}, no correction", dict(rate=rate, lambd=0.0)),
+                         (f"TCA R={rate} condensation only (no anchors, no correction)",
+                          dict(rate=rate, lambd=0.0, anchors=False))]
+            runs.append(("TCA correction only (R=0)", dict(rate=0.0)))
+            fractions = {}
+            for name, options in runs:
+                start = time.time()
+                top1, macs = run_tca(model, text, images, labels, **options)
+                fractions[options["rate"]] = macs / base
+                rows.append(dict(method=name, strength=strength, seed=seed, top1=top1, flops=macs / base,
+                                 seconds=time.time() - start, options=options))
+                print(json.dumps(rows[-1]), flush=True)
+            for rate, fraction in fractions.items():
+                if rate == 0:
+                    continue
+                for method in args.reducers.split(","):
+                    start = time.time()
+                    top1, macs = run_reducer(model, text, images, labels, method, fraction)
+                    rows.append(dict(method=f"{method} at TCA R={rate}'s FLOPs", strength=strength, seed=seed,
+                                     top1=top1, flops=macs / base, seconds=time.time() - start))
+                    print(json.dumps(rows[-1]), flush=True)
+    with open(args.out, "a") as out:
+        for row in rows:
+            out.write(json.dumps({**row, "images": args.images, "load": load}) + "\n")
+    print("\n| method | shift | stream seed | FLOPs | zero-shot top-1 |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['method']} | {row['strength']} | {row['seed']} | {row['flops']:.1%} | {row['top1']:.2%} |")
+
+
+if __name__ == "__main__":
+    main()
