@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import vtr
 from vtr.adaptive.tca import TCA
-from vtr.adaptive.tca_condense import _ranking, coreset_average, default_layers, encode
+from vtr.adaptive.tca_condense import _attention, _ranking, condense, coreset_average, default_layers, encode
 from vtr.adaptive.tca_reservoir import Reservoir, layer_weights
 from vtr.tools.clip_task import build_clip, ClipTraining
 from vtr.tools.fidelity import Task
@@ -257,3 +257,29 @@ def test_flops_count_the_condensed_tokens(clip):
     tca(images(40, 8))
     assert tca.reservoir.ready()
     assert tca.macs(x) == expected + sum(3 * width + 4 * width * width + 2 * (2 * n + 1) * width for n in (17, 8, 8))
+
+
+def test_condense_known_answer():
+    # 16 patch tokens, rate 0.1 (official counts): left 15, m 2 -> keep the best 11, merge the next 4 into 4 centers
+    # (each its own center: the tokens themselves), fuse the last one weighted by its mean CLS attention
+    torch.manual_seed(0)
+    x = torch.randn(1, 17, 6)
+    attention = torch.stack([torch.arange(16.0).flip(0) / 200, torch.arange(16.0).flip(0) / 100])[None]  # [1, 2, 16]
+    out = condense(x, attention, rate=0.1, centers=4)
+    assert out.shape == (1, 1 + 11 + 4 + 1, 6)
+    assert torch.equal(out[0, :12], x[0, :12])                          # CLS, then patches 0..10 (best first)
+    band = x[0, 12:16]
+    assert sorted(map(tuple, out[0, 12:16].tolist())) == sorted(map(tuple, band.tolist()))
+    assert torch.allclose(out[0, 16], attention[0, :, 15].mean() * x[0, 16])
+
+
+def test_attention_with_an_anchor_is_the_block_attention_over_the_longer_sequence(clip):
+    model, _ = clip
+    block = model.visual.transformer.resblocks[1]
+    x, anchor = torch.randn(2, 17, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        out, cls_attention = _attention(block, x, anchor)
+        seq = block.ln_1(torch.cat([anchor[:, None], x], dim=1))
+        reference, weights = block.attn(seq, seq, seq, need_weights=True, average_attn_weights=False)
+    assert torch.allclose(out, reference[:, 1:], atol=1e-5)
+    assert torch.allclose(cls_attention, weights[:, :, 1, 2:], atol=1e-6)

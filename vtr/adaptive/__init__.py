@@ -2,7 +2,8 @@
 removing tokens (DyT: a token skips a block and comes back unchanged). They are not token reducers (no
 budget, no token state): each is patched with :func:`patch`, trains with the backbone frozen, and is
 undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
-``vtr.methods()`` (the reducers).
+``vtr.methods()`` (the reducers). TCA, listed too, is training-free test-time adaptation for CLIP: it patches
+nothing and runs as :class:`TCA` over a stream of test images (:mod:`vtr.adaptive.tca`).
 
     model = vtr.adaptive.patch(model, "dyt", dispatch="block", rate=0.5)
     vtr.adaptive.trainable(model)                      # dispatchers and adapters only
