@@ -2,7 +2,8 @@
 removing tokens (DyT: a token skips a block and comes back unchanged). They are not token reducers (no
 budget, no token state): each is patched with :func:`patch`, trains with the backbone frozen, and is
 undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
-``vtr.methods()`` (the reducers).
+``vtr.methods()`` (the reducers). TCA, listed too, is training-free test-time adaptation for CLIP: it patches
+nothing and runs as :class:`TCA` over a stream of test images (:mod:`vtr.adaptive.tca`).
 
     model = vtr.adaptive.patch(model, "dyt", dispatch="block", rate=0.5)
     vtr.adaptive.trainable(model)                      # dispatchers and adapters only
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from ..adapters.base import restore_class, swap_class, unwrap
 from . import calls, dyt, smarttrim
 from .calls import Dispatch, Trim
+from .tca import TCA
 
 MODULE_NAME = "_vtr_adaptive"   # where the method's modules sit in the patched model
 
@@ -53,6 +55,12 @@ METHODS = {
                         "tower", True, "Wang et al., SmartTrim: Adaptive Tokens and Attention Pruning for Efficient "
                         "Vision-Language Models, arXiv 2305.15033", ("flops", "tau", "noise", "start"), smarttrim.build,
                         smarttrim.TrimmingBlock, smarttrim.TrimmingViT),
+    "tca": Method("token condensation as test-time adaptation for CLIP: a reservoir of confident test images' CLS "
+                  "tokens guides which tokens are pruned and merged and corrects the zero-shot logits; training-free, "
+                  "over a stream at batch 1; not patched: run vtr.adaptive.TCA(clip_model, class_features)",
+                  "clip-tower", False, "Wang et al., Is Less More? Exploring Token Condensation as Training-free "
+                  "Test-time Adaptation, arXiv 2410.14729",
+                  ("rate", "layers", "reservoir", "scale", "lambd", "beta", "centers", "anchors")),
 }
 REFERENCE = "_vtr_adaptive_ref"   # each patched module's plain reference to the method's modules
 
@@ -79,6 +87,9 @@ def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     wrapper, model = model, unwrap(model)
     if method not in METHODS:
         raise ValueError(f"unknown adaptive method {method!r}; choose one of: {', '.join(METHODS)}")
+    if METHODS[method].build is None:
+        raise ValueError(f"{method} does not patch a model: run it as vtr.adaptive.{method.upper()}(model, ...) "
+                         "over the test stream")
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{method}: adaptive methods patch a timm VisionTransformer, got {type(model).__name__}")
     if is_patched(model) or reduces(model):
