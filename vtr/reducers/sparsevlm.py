@@ -41,7 +41,10 @@ class SparseVLM(Reducer):
     last stage and the stages before decay geometrically (vtr's default), or a list gives each. Density ties in the
     clustering go to the earlier token (the official code adds 1e-6 random noise). The recycled clusters take
     the position of their first token (vtr keeps positions); the official code appends them after the kept ones.
-    The paper's rank-based adaptive counts (v1) are not implemented: budgets are exact.
+    The paper's rank-based adaptive counts (its v1: tokens deleted per layer from the rank of the text-visual
+    attention) are not implemented, as in the official code's release, which has no rank computation either
+    (``llava/model/language_model/score.py``: fixed counts per target, ``sparse_token_list_192 = [300, 200, 110]``,
+    read 2026-12-07): budgets are exact.
     """
 
     name = "sparsevlm"
