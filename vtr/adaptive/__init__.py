@@ -1,7 +1,7 @@
 """Adaptive computation: methods that decide per token and per image how much of the model runs, without
-removing tokens (DyT: a token skips a block and comes back unchanged). They are not token reducers (no
-budget, no token state): each is patched with :func:`patch`, trains with the backbone frozen, and is
-undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
+removing tokens (DyT: a token skips a block and comes back unchanged), or that add a trained module to a
+reducer (CLCA: a head reading what a vtr reducer removed). They are not token reducers themselves: each
+is patched with :func:`patch`, trains with the backbone frozen, and is undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
 ``vtr.methods()`` (the reducers).
 
     model = vtr.adaptive.patch(model, "dyt", dispatch="block", rate=0.5)
