@@ -167,3 +167,18 @@ def test_needs_a_classifier_and_refuses_a_patched_model():
 def test_listed_as_a_trained_tower_method():
     method = vtr.adaptive.methods()["clca"]
     assert method.trains and method.stage == "tower" and "2501.00243" in method.paper
+
+
+def test_a_deep_copy_has_its_own_head_and_hooks():
+    import copy
+
+    images = vit_images(2)
+    model = randomized(vtr.adaptive.patch(tiny_vit(), "clca", reducer="tome", flops=0.5))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = model(images)
+        assert torch.equal(twin(images), expected)
+        twin._vtr_adaptive.out.bias.add_(1.0)          # the copy's head is its own
+        assert torch.equal(model(images), expected)
+        vtr.unpatch(twin)
+        assert torch.equal(model(images), expected)   # unpatching the copy leaves the original patched
