@@ -187,6 +187,8 @@ def main() -> None:
                       "status": str(error).split(";")[0]})
                 continue
             head = model._vtr_adaptive
+            # The classifier without CLCA's hook (calling model.head would add the head's logits once more).
+            classifier = lambda f: F.linear(f, model.head.weight, model.head.bias)   # noqa: E731
             initial = {k: v.clone() for k, v in head.state_dict().items()}
             untrained = accuracy(model, data)
             flops = count_macs(model, images[:1]).total / base
@@ -203,10 +205,10 @@ def main() -> None:
             inputs, present = head_inputs(model, train_x)
             eval_inputs, eval_present = head_inputs(model, images)
             cached = time.perf_counter() - start
-            seconds = train_head(head, model.head, inputs, present, train_y, teacher, args.epochs, args.lr)
+            seconds = train_head(head, classifier, inputs, present, train_y, teacher, args.epochs, args.lr)
             top1 = accuracy(model, data)
             with torch.no_grad():   # the same from the cached inputs: the forward reads what training read
-                again = (model.head(eval_inputs[:, 0]) + head(eval_inputs, eval_present)).argmax(1)
+                again = (classifier(eval_inputs[:, 0]) + head(eval_inputs, eval_present)).argmax(1)
             assert abs(float((again == labels).float().mean()) - top1) < 2e-3, "cached inputs differ from the forward"
             done({"method": f"clca+{reducer}", "recipe": "head, backbone frozen", "target": target, "flops": flops,
                   "untrained": untrained, "top1": top1, "seconds": seconds + cached, "epochs": args.epochs,
@@ -214,11 +216,11 @@ def main() -> None:
             head.load_state_dict(initial)   # ablation: the same head, the classifier's input only
             only = torch.zeros_like(present)
             only[:, 0] = 1
-            seconds = train_head(head, model.head, inputs, only, train_y, teacher, args.epochs, args.lr)
+            seconds = train_head(head, classifier, inputs, only, train_y, teacher, args.epochs, args.lr)
             eval_only = torch.zeros_like(eval_present)
             eval_only[:, 0] = 1
             with torch.no_grad():
-                top1 = float(((model.head(eval_inputs[:, 0]) + head(eval_inputs, eval_only)).argmax(1) == labels)
+                top1 = float(((classifier(eval_inputs[:, 0]) + head(eval_inputs, eval_only)).argmax(1) == labels)
                              .float().mean())
             done({"method": f"clca+{reducer} without the cache", "recipe": "head, backbone frozen", "target": target,
                   "flops": flops, "top1": top1, "seconds": seconds + cached, "epochs": args.epochs, "lr": args.lr})
