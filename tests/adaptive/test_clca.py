@@ -182,3 +182,15 @@ def test_a_deep_copy_has_its_own_head_and_hooks():
         assert torch.equal(model(images), expected)
         vtr.unpatch(twin)
         assert torch.equal(model(images), expected)   # unpatching the copy leaves the original patched
+
+
+def test_the_cache_lives_for_one_call_only():
+    from vtr.adaptive import clca
+
+    model = vtr.adaptive.patch(tiny_vit(), "clca", reducer="tome", flops=0.5)
+    head = model._vtr_adaptive
+    model(vit_images(1))
+    assert head not in clca._OPEN.get()          # nothing (no tensor, no graph) outlives the call
+    with pytest.raises(RuntimeError):
+        model(torch.randn(1, 5, 96, 96))         # fails inside the call: the cache is closed all the same
+    assert head not in clca._OPEN.get()
