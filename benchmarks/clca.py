@@ -35,9 +35,13 @@ MODELS = {"second": (fidelity.SECOND_TASK, fidelity.SECOND_TRAINING), "default":
 
 def amounts(reducer: str, target: str, depth: int) -> dict:
     """``vtr.patch`` amounts for a target: ``flops:F`` (merging methods at every block, attention-scored ones from
-    block 1 at 30% and above, as benchmarks/finetune.py) or ``keep:K`` (every block, K of the patch tokens left)."""
+    block 1 at 30% and above, as benchmarks/finetune.py), ``keep:K`` (every block, K of the patch tokens left) or
+    ``paper:K`` (the paper's keep rate: K of the tokens kept at each of three blocks, a quarter, half and three
+    quarters of the way: 3, 6, 9 of 12 as its EViT runs)."""
     kind, value = target.split(":")
     value = float(value)
+    if kind == "paper":
+        return {"keep": value, "layers": sorted({round(depth * i / 4) for i in (1, 2, 3)})}
     if kind == "keep":
         return {"keep": value ** (1 / depth), "layers": list(range(depth))}
     if reducer in ("tome", "pitome"):
