@@ -117,7 +117,8 @@ def train_full(model, train_x, train_y, epochs: float, lr: float, batch: int = 6
     start = time.perf_counter()
     for step in range(steps):
         for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * min(1.0, (step + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            warm = min(1.0, (step + 1) / max(1, steps // 20))
+            group["lr"] = base * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         index = torch.randint(0, len(train_x), (batch,), generator=generator)
         x, y = train_x[index], train_y[index]
         flip = torch.rand(len(x), generator=generator) < 0.5
@@ -185,7 +186,8 @@ def main() -> None:
         for reducer in [r for r in args.reducers.split(",") if r]:
             state = {k: v.clone() for k, v in model.state_dict().items()}
             try:
-                vtr.adaptive.patch(model, "clca", reducer=reducer, hidden=args.hidden, **amounts(reducer, target, depth))
+                vtr.adaptive.patch(model, "clca", reducer=reducer, hidden=args.hidden,
+                                   **amounts(reducer, target, depth))
             except ValueError as error:
                 done({"method": f"clca+{reducer}", "recipe": args.recipe, "target": target,
                       "status": str(error).split(";")[0]})

@@ -1,8 +1,8 @@
 """Adaptive computation: methods that decide per token and per image how much of the model runs, without
 removing tokens (DyT: a token skips a block and comes back unchanged), or that add a trained module to a
 reducer (CLCA: a head reading what a vtr reducer removed). They are not token reducers themselves: each
-is patched with :func:`patch`, trains with the backbone frozen, and is undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
-``vtr.methods()`` (the reducers).
+is patched with :func:`patch`, trains with the backbone frozen, and is undone by ``vtr.unpatch``.
+:func:`methods` lists them with their stage and that they train, beside ``vtr.methods()`` (the reducers).
 
     model = vtr.adaptive.patch(model, "dyt", dispatch="block", rate=0.5)
     vtr.adaptive.trainable(model)                      # dispatchers and adapters only
@@ -55,8 +55,8 @@ METHODS = {
                         "tower", True, "Wang et al., SmartTrim: Adaptive Tokens and Attention Pruning for Efficient "
                         "Vision-Language Models, arXiv 2305.15033", ("flops", "tau", "noise", "start"), smarttrim.build,
                         smarttrim.TrimmingBlock, smarttrim.TrimmingViT),
-    "clca": Method("cross-layer cache aggregation: what a vtr reducer (reducer=) removes at each block is cached, and a "
-                   "cross-layer aggregation head reads the cache and adds its logits to the model's; trained with the "
+    "clca": Method("cross-layer cache aggregation: what a vtr reducer (reducer=) removes at each block is cached, and "
+                   "a cross-layer aggregation head reads the cache and adds its logits to the model's; trained with the "
                    "backbone frozen (CLCA)", "tower", True,
                    "Rios et al., Cross-Layer Cache Aggregation for Token Reduction in Ultra-Fine-Grained Image "
                    "Recognition, arXiv 2501.00243",
@@ -77,10 +77,12 @@ def is_patched(model: nn.Module) -> bool:
 
 def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place with an adaptive method: ``"dyt"`` (options ``dispatch``, ``rate``,
-    ``bottleneck``, ``tau``, ``noise``; :mod:`vtr.adaptive.dyt`) ``"smarttrim"`` (``flops``, ``tau``, ``noise``, ``start``;
-    :mod:`vtr.adaptive.smarttrim`) or ``"clca"`` (``reducer``, the vtr reducer it sits on, with ``r``/``keep``/``flops``/
-    ``layers``/``reducer_options`` for ``vtr.patch``, and ``hidden``; :mod:`vtr.adaptive.clca`). Its modules are created on the model's device and dtype and registered as
-    ``model._vtr_adaptive``. Returns ``model``."""
+    ``bottleneck``, ``tau``, ``noise``; :mod:`vtr.adaptive.dyt`), ``"smarttrim"`` (``flops``, ``tau``, ``noise``,
+    ``start``; :mod:`vtr.adaptive.smarttrim`) or ``"clca"`` (``reducer``, the vtr reducer it sits on, with
+    ``r``/``keep``/``flops``/``layers``/``reducer_options`` for ``vtr.patch``, and ``hidden``;
+    :mod:`vtr.adaptive.clca`).
+    Its modules are created on the model's device and dtype and registered as ``model._vtr_adaptive``. Returns
+    ``model``."""
     from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
