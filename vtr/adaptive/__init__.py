@@ -1,9 +1,10 @@
 """Adaptive computation: methods that decide per token and per image how much of the model runs, without
-removing tokens (DyT: a token skips a block and comes back unchanged). They are not token reducers (no
-budget, no token state): each is patched with :func:`patch`, trains with the backbone frozen, and is
-undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
-``vtr.methods()`` (the reducers). TCA, listed too, is training-free test-time adaptation for CLIP: it patches
-nothing and runs as :class:`TCA` over a stream of test images (:mod:`vtr.adaptive.tca`).
+removing tokens (DyT: a token skips a block and comes back unchanged), or that add a trained module to a
+reducer (CLCA: a head reading what a vtr reducer removed). They are not token reducers themselves: each
+is patched with :func:`patch`, trains with the backbone frozen, and is undone by ``vtr.unpatch``.
+:func:`methods` lists them with their stage and that they train, beside ``vtr.methods()`` (the reducers).
+TCA, listed too, is training-free test-time adaptation for CLIP: it patches nothing and runs as :class:`TCA`
+over a stream of test images (:mod:`vtr.adaptive.tca`).
 
     model = vtr.adaptive.patch(model, "dyt", dispatch="block", rate=0.5)
     vtr.adaptive.trainable(model)                      # dispatchers and adapters only
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.base import restore_class, swap_class, unwrap
-from . import calls, dyt, smarttrim
+from . import calls, clca, dyt, smarttrim
 from .calls import Dispatch, Trim
 from .tca import TCA
 
@@ -42,6 +43,8 @@ class Method:
     build: Optional[Callable[..., nn.Module]] = None      # (model, **options) -> its modules
     block_mixin: Optional[type] = None                    # swapped into every timm Block
     model_mixin: Optional[type] = None                    # swapped into the model, if it needs one
+    attach: Optional[Callable[[nn.Module, nn.Module], None]] = None   # (model, its modules): hooks instead of mixins
+    detach: Optional[Callable[[nn.Module], None]] = None              # undoes build() and attach()
 
 
 METHODS = {
@@ -55,6 +58,13 @@ METHODS = {
                         "tower", True, "Wang et al., SmartTrim: Adaptive Tokens and Attention Pruning for Efficient "
                         "Vision-Language Models, arXiv 2305.15033", ("flops", "tau", "noise", "start"), smarttrim.build,
                         smarttrim.TrimmingBlock, smarttrim.TrimmingViT),
+    "clca": Method("cross-layer cache aggregation: what a vtr reducer (reducer=) removes at each block is cached, and "
+                   "a cross-layer aggregation head reads the cache and adds its logits to the model's; trained with the "
+                   "backbone frozen (CLCA)", "tower", True,
+                   "Rios et al., Cross-Layer Cache Aggregation for Token Reduction in Ultra-Fine-Grained Image "
+                   "Recognition, arXiv 2501.00243",
+                   ("reducer", "hidden", "r", "keep", "flops", "layers", "reducer_options"), clca.build,
+                   attach=clca.attach, detach=clca.detach),
     "tca": Method("token condensation as test-time adaptation for CLIP: a reservoir of confident test images' CLS "
                   "tokens guides which tokens are pruned and merged and corrects the zero-shot logits; training-free, "
                   "over a stream at batch 1; not patched: run vtr.adaptive.TCA(clip_model, class_features)",
@@ -76,9 +86,12 @@ def is_patched(model: nn.Module) -> bool:
 
 def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place with an adaptive method: ``"dyt"`` (options ``dispatch``, ``rate``,
-    ``bottleneck``, ``tau``, ``noise``; :mod:`vtr.adaptive.dyt`) or ``"smarttrim"`` (``flops``, ``tau``, ``noise``, ``start``;
-    :mod:`vtr.adaptive.smarttrim`). Its modules are created on the model's device and dtype and registered as
-    ``model._vtr_adaptive``. Returns ``model``."""
+    ``bottleneck``, ``tau``, ``noise``; :mod:`vtr.adaptive.dyt`), ``"smarttrim"`` (``flops``, ``tau``, ``noise``,
+    ``start``; :mod:`vtr.adaptive.smarttrim`) or ``"clca"`` (``reducer``, the vtr reducer it sits on, with
+    ``r``/``keep``/``flops``/``layers``/``reducer_options`` for ``vtr.patch``, and ``hidden``;
+    :mod:`vtr.adaptive.clca`).
+    Its modules are created on the model's device and dtype and registered as ``model._vtr_adaptive``. Returns
+    ``model``."""
     from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -107,6 +120,10 @@ def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     if weights is not None:
         modules.to(device=weights.device, dtype=weights.dtype)
     modules.train(model.training)
+    setattr(model, MODULE_NAME, modules)
+    if spec.attach is not None:   # hooks on a model vtr.patch reduces (CLCA), no mixins
+        spec.attach(model, modules)
+        return wrapper
     for layer, block in enumerate(model.blocks):
         block._vtr_layer = layer
         block.__dict__[REFERENCE] = modules   # a reference, not a submodule: one copy of the weights
@@ -114,7 +131,6 @@ def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     if spec.model_mixin is not None:
         model.__dict__[REFERENCE] = modules
         swap_class(model, spec.model_mixin)
-    setattr(model, MODULE_NAME, modules)
     return wrapper
 
 
@@ -123,6 +139,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     wrapper, model = model, unwrap(model)
     if not is_patched(model):
         raise ValueError("model is not patched by vtr.adaptive.patch")
+    spec = METHODS[getattr(model, MODULE_NAME).name]
+    if spec.detach is not None:
+        del model._modules[MODULE_NAME]
+        spec.detach(model)
+        return wrapper
     for block in model.blocks:
         restore_class(block)
         del block._vtr_layer

@@ -46,6 +46,13 @@ def record_trim(owner: nn.Module, layer: int, tokens: Tensor, heads: Tensor, spe
         found.append(Trim(layer, tokens, heads, spent, owner.flops))
 
 
+def record_entry(owner: nn.Module, found) -> None:
+    """A CLCA cache entry (:class:`vtr.adaptive.clca.CacheEntry`) of this pass, for ``vtr.adaptive.decisions``."""
+    collected = (_COLLECT.get() or {}).get(owner)
+    if collected is not None:
+        collected.append(found)
+
+
 @contextmanager
 def kept_tokens(owner: nn.Module) -> Iterator[None]:
     """One forward pass: the tokens kept so far travel from block to block here, and are dropped after it."""
