@@ -22,11 +22,14 @@ from conftest import tiny_vit, vit_images
 def gated(model, bias=0.0, scale=0.0, seed=1):
     """The gate's last layer set: ``bias`` alone decides when ``scale`` is 0; a large ``scale`` gives random
     logits far from the threshold (no choice hinges on rounding)."""
-    last = model._vtr_adaptive.gate.score[-1]
+    layers = [m for m in model._vtr_adaptive.gate.score if isinstance(m, torch.nn.Linear)]
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        last.weight.copy_(torch.randn(last.weight.shape, generator=generator) * scale)
-        last.bias.fill_(bias)
+    with torch.no_grad():   # every layer drawn here: the choices do not depend on the tests run before
+        for linear in layers[:-1]:
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) / linear.in_features ** 0.5)
+            linear.bias.zero_()
+        layers[-1].weight.copy_(torch.randn(layers[-1].weight.shape, generator=generator) * scale)
+        layers[-1].bias.fill_(bias)
     return model
 
 
