@@ -1,8 +1,7 @@
 """Adaptive computation: methods that decide per token and per image how much of the model runs (DyT: a token
 skips a block and comes back unchanged; SmartTrim: learned per-image pruning; MSViT: a gate picks a coarse or
-fine tokenization per image region). They are not token reducers (no
-budget, no token state): each is patched with :func:`patch`, trains with the backbone frozen, and is
-undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
+fine tokenization per image region). They are not token reducers (no budget, no token state): each is patched
+with :func:`patch`, trains (the backbone frozen or not), and is undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that they train, beside
 ``vtr.methods()`` (the reducers).
 
     model = vtr.adaptive.patch(model, "dyt", dispatch="block", rate=0.5)
