@@ -138,21 +138,35 @@ def run_train(args) -> None:
     for block in model.blocks:
         block.attn.fused_attn = True
     model.eval()
-    with vtr.adaptive.decisions(model) as kept:
-        top1 = accuracy(model, data)
-    row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": args.command,
-           "recipe": f"{OWN[args.command]}"
-                     f"{' + backbone' if args.recipe == 'full' else ''}, {args.epochs:g} epochs",
-           "options": options | {"lr": args.lr} | {"cost_weight": args.cost_weight},
-           "top1": top1,
-           "flops": mean_macs(model, images, args.flops_images) / base, "seconds": seconds, "steps": steps}
-    if args.command == "dyt":
-        row["activation"] = vtr.adaptive.activation_rate(kept)
-    if args.command == "msvit":
-        row["fine_share"] = vtr.adaptive.fine_share(kept)
-        row["tokens"] = float(torch.cat([g.tokens for g in kept]).float().mean())
-    log(json.dumps(row))
-    append(args.out, [row])
+    cuts = [None] + (calibrated_cuts(model, train_x[:1000], args.fine_shares) if args.command == "msvit" else [])
+    for cut in cuts:
+        if cut is not None:   # MSViT's threshold moved so that a share of the training images' regions is fine
+            model._vtr_adaptive.threshold = 1 / (1 + math.exp(-cut[1]))
+        with vtr.adaptive.decisions(model) as kept:
+            top1 = accuracy(model, data)
+        row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": args.command,
+               "recipe": f"{OWN[args.command]}"
+                         f"{' + backbone' if args.recipe == 'full' else ''}, {args.epochs:g} epochs",
+               "options": options | {"lr": args.lr} | {"cost_weight": args.cost_weight},
+               "top1": top1,
+               "flops": mean_macs(model, images, args.flops_images) / base, "seconds": seconds, "steps": steps}
+        if args.command == "dyt":
+            row["activation"] = vtr.adaptive.activation_rate(kept)
+        if args.command == "msvit":
+            row["fine_share"] = vtr.adaptive.fine_share(kept)
+            row["tokens"] = float(torch.cat([g.tokens for g in kept]).float().mean())
+            row["threshold"] = model._vtr_adaptive.threshold if cut is None else f"calibrated to {cut[0]:g} fine"
+        log(json.dumps(row))
+        append(args.out, [row])
+
+
+def calibrated_cuts(model, images, shares) -> list:
+    """``(share, logit cut)``: the gate logit above which ``share`` of these images' regions lie (MSViT)."""
+    gate = model._vtr_adaptive
+    with torch.no_grad():
+        logits = torch.cat([gate.gate(gate.regions(model.patch_embed(images[i:i + 250]))).flatten()
+                            for i in range(0, len(images), 250)]).double()
+    return [(share, float(torch.quantile(logits, 1 - share))) for share in shares]
 
 
 def run_speed(args) -> None:
@@ -248,6 +262,8 @@ def main() -> None:
     ms.add_argument("--proportional", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     ms.add_argument("--cost-weight", type=float, default=1.0, help="the batch-shaping loss's weight")
     ms.add_argument("--recipe", choices=("frozen", "full"), default="full")
+    ms.add_argument("--fine-shares", type=lambda s: [float(v) for v in s.split(",")], default=[],
+                    help="also measure with the threshold moved so that these shares of regions are fine")
     for command in (dyt, trim, ms):
         command.add_argument("--epochs", type=float, default=2.0)
         command.add_argument("--batch", type=int, default=64)
