@@ -91,11 +91,13 @@ def _number(name: str, value, low: float, high: float, *, low_open: bool = True,
 
 
 class Gate(nn.Module):
-    """MSViT's gate: a 4-layer MLP from a region's concatenated fine embeddings to its fine logit."""
+    """MSViT's gate: a 4-layer MLP from a region's concatenated fine embeddings (layer-normed) to its fine logit."""
 
     def __init__(self, inputs: int, hidden: int, rate: float):
         super().__init__()
-        self.score = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+        # LayerNorm first: the raw patch embeddings are large, and without it the gate's logits saturated within
+        # a few steps on the fidelity ViTs, where the batch-shaping gradient (through the sigmoid) vanishes.
+        self.score = nn.Sequential(nn.LayerNorm(inputs), nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                    nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
         nn.init.constant_(self.score[-1].bias, math.log(rate / (1 - rate)))   # starts near the target share
 
