@@ -141,7 +141,7 @@ def run_train(args) -> None:
     cuts = [None] + (calibrated_cuts(model, train_x[:1000], args.fine_shares) if args.command == "msvit" else [])
     for cut in cuts:
         if cut is not None:   # MSViT's threshold moved so that a share of the training images' regions is fine
-            model._vtr_adaptive.threshold = 1 / (1 + math.exp(-cut[1]))
+            model._vtr_adaptive.cut = cut[1]
         with vtr.adaptive.decisions(model) as kept:
             top1 = accuracy(model, data)
         row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": args.command,
@@ -155,7 +155,8 @@ def run_train(args) -> None:
         if args.command == "msvit":
             row["fine_share"] = vtr.adaptive.fine_share(kept)
             row["tokens"] = float(torch.cat([g.tokens for g in kept]).float().mean())
-            row["threshold"] = model._vtr_adaptive.threshold if cut is None else f"calibrated to {cut[0]:g} fine"
+            row["threshold"] = (model._vtr_adaptive.threshold if cut is None
+                                else f"logit {cut[1]:.3g}, calibrated to {cut[0]:g} fine")
         log(json.dumps(row))
         append(args.out, [row])
 

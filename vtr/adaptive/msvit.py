@@ -125,7 +125,7 @@ class MixedScale(nn.Module):
         if not isinstance(proportional, bool):
             raise ValueError(f"msvit: proportional must be True or False, got {proportional!r}")
         self.rate = _number("rate", rate, 0, 1)
-        self.threshold = _number("threshold", threshold, 0, 1)
+        self.threshold = _number("threshold", threshold, 0, 1)   # kept as its logit, ``cut``
         self.tau = _number("tau", tau, 0, math.inf)
         self.noise = _number("noise", noise, 0, math.inf, low_open=False)
         self.coarse, self.grid, self.num_prefix, self.proportional = coarse, grid, num_prefix, proportional
@@ -137,6 +137,17 @@ class MixedScale(nn.Module):
         first &= (index % cols) % coarse == 0
         self.register_buffer("region", region, persistent=False)   # each fine slot's region
         self.register_buffer("first", first, persistent=False)     # the slot a coarse token takes
+
+    @property
+    def threshold(self) -> float:
+        """The gate probability above which a region is fine (its logit ``cut`` is what is compared, so a cut
+        beyond float64's sigmoid, as a calibration on saturated logits may give, stays exact)."""
+        return 1 / (1 + math.exp(-self.cut))
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        value = _number("threshold", value, 0, 1)
+        self.cut = math.log(value) - math.log1p(-value)
 
     @property
     def num_regions(self) -> int:
@@ -158,7 +169,7 @@ class MixedScale(nn.Module):
     def decide(self, logits: Tensor) -> Tensor:
         """``[B, regions]``: 1 (fine) or 0 (coarse); in training hard with a straight-through Gumbel-sigmoid
         gradient, in eval ``probability > threshold`` (bool)."""
-        cut = math.log(self.threshold / (1 - self.threshold))
+        cut = self.cut
         if not self.training:
             return logits > cut
         if self.noise:
