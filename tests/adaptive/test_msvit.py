@@ -217,6 +217,7 @@ def test_flops_follow_the_token_count():
     ({"noise": -1.0}, r"noise must be a number in \[0, inf\)"),
     ({"hidden": 0}, "hidden must be an int >= 1"),
     ({"proportional": "yes"}, "proportional must be True or False"),
+    ({"batch_rate": 1}, "batch_rate must be True or False"),
     ({"scale": 2}, "msvit takes no option scale"),
 ])
 def test_bad_options(options, message):
@@ -233,3 +234,16 @@ def test_refuses_what_it_cannot_tokenize():
     with pytest.raises(ValueError, match="attn_mask"):
         model(vit_images(1), attn_mask=torch.zeros(1, 1, 37, 37))
     assert vtr.adaptive.methods()["msvit"].stage == "tower" and vtr.adaptive.methods()["msvit"].trains
+
+
+def test_batch_rate_trains_with_the_target_share_fine():
+    """``batch_rate=True``: in training the batch's ``rate`` share of regions with the highest logits are fine,
+    whatever the gate's scale (here it would send every region to fine tokens)."""
+    model = gated(vtr.adaptive.patch(tiny_vit(), "msvit", rate=0.25, noise=0.0, batch_rate=True), bias=30.0,
+                  scale=1.0).train()
+    with vtr.adaptive.decisions(model) as found:
+        model(vit_images(8, seed=6))
+    assert int(found[0].fine.detach().sum()) == 18   # a quarter of 8 x 9 regions
+    model.eval()
+    _, chosen = choices(model, vit_images(8, seed=6))
+    assert bool(chosen.fine.all())                   # eval follows the threshold

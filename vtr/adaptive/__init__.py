@@ -57,7 +57,8 @@ METHODS = {
                     "coarse token (size 4) or its fine tokens, so the token count follows the image; trained with "
                     "the batch-shaping loss toward a target share of fine regions (MSViT)", "tower", True,
                     "Havtorn et al., MSViT: Dynamic Mixed-Scale Tokenization for Vision Transformers, ICCV-W 2023, "
-                    "arXiv 2307.02321", ("coarse", "rate", "hidden", "threshold", "proportional", "tau", "noise"),
+                    "arXiv 2307.02321", ("coarse", "rate", "hidden", "threshold", "proportional", "tau", "noise",
+                                                "batch_rate"),
                     msvit.build, None, msvit.MixedScaleViT),
 }
 REFERENCE = "_vtr_adaptive_ref"   # each patched module's plain reference to the method's modules

@@ -22,6 +22,11 @@ What is the paper's and what is chosen here:
   :func:`batch_shaping` (the paper's loss, Bejnordi et al. 2020) pulls the distribution of the gate's
   probabilities in the batch to a Beta(``rate``, 1 - ``rate``) prior, whose mean is ``rate``, the target share
   of fine regions.
+- ``batch_rate=True`` (not the paper's; default False): in training the ``rate`` share of the batch's regions with
+  the highest gate logits are fine, whatever the gate's scale, so the backbone learns from coarse tokens at the
+  target share while the gate learns the ranking. Measured why: on the fidelity ViTs the batch-shaping loss did
+  not hold the share in a 1-epoch run (the gates went all fine or all coarse; ``benchmarks/RESULTS-finetune.md``).
+  Move ``threshold`` to the share at inference (``benchmarks/adaptive.py msvit --fine-shares``).
 - Inference: a region is fine when its probability is above ``threshold`` (0.5). Each row's tokens are the
   chosen ones in raster order (a coarse token at its region's first fine slot), padded to the batch's largest
   count with ``-inf`` keys, so a row computes the same alone or in a batch. With every region fine, the model is
@@ -112,7 +117,7 @@ class MixedScale(nn.Module):
 
     def __init__(self, width: int, grid: tuple[int, int], num_prefix: int, coarse: int = 2, rate: float = 0.5,
                  hidden: Optional[int] = None, threshold: float = 0.5, proportional: bool = True,
-                 tau: float = 1.0, noise: float = 1.0):
+                 tau: float = 1.0, noise: float = 1.0, batch_rate: bool = False):
         super().__init__()
         if isinstance(coarse, bool) or not isinstance(coarse, int) or coarse < 2:
             raise ValueError(f"msvit: coarse must be an int >= 2 (fine patches per side of a coarse region), "
@@ -124,6 +129,9 @@ class MixedScale(nn.Module):
             raise ValueError(f"msvit: hidden must be an int >= 1 (the gate's width), got {hidden!r}")
         if not isinstance(proportional, bool):
             raise ValueError(f"msvit: proportional must be True or False, got {proportional!r}")
+        if not isinstance(batch_rate, bool):
+            raise ValueError(f"msvit: batch_rate must be True or False, got {batch_rate!r}")
+        self.batch_rate = batch_rate
         self.rate = _number("rate", rate, 0, 1)
         self.threshold = _number("threshold", threshold, 0, 1)   # kept as its logit, ``cut``
         self.tau = _number("tau", tau, 0, math.inf)
@@ -175,12 +183,14 @@ class MixedScale(nn.Module):
         if self.noise:
             uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
             logits = logits + self.noise * (uniform.log() - (-uniform).log1p())
+        if self.batch_rate:   # the batch's `rate` share of regions with the highest logits are fine
+            cut = torch.quantile(logits.detach().flatten(), 1 - self.rate)
         soft = ((logits - cut) / self.tau).sigmoid()
         return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
 
     def extra_repr(self) -> str:
         return (f"coarse={self.coarse}, rate={self.rate}, threshold={self.threshold}, "
-                f"proportional={self.proportional}, tau={self.tau}, noise={self.noise}")
+                f"proportional={self.proportional}, tau={self.tau}, noise={self.noise}, batch_rate={self.batch_rate}")
 
 
 class MixedScaleViT(Swapped):
