@@ -87,7 +87,7 @@ def run_train(args) -> None:
         options = {"dispatch": args.dispatch, "rate": args.rate, "noise": args.noise}
     elif args.command == "msvit":
         options = {"coarse": args.coarse, "rate": args.rate, "noise": args.noise, "proportional": args.proportional,
-                   "batch_rate": args.batch_rate}
+                   "batch_rate": args.batch_rate, "tau": args.tau}
     else:
         options = {"flops": args.flops, "noise": args.noise, "start": args.start}
     vtr.adaptive.patch(model, args.command, **options)
@@ -264,6 +264,7 @@ def main() -> None:
     ms.add_argument("--proportional", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     ms.add_argument("--cost-weight", type=float, default=1.0, help="the batch-shaping loss's weight")
     ms.add_argument("--batch-rate", action="store_true", help="train with the batch's top --rate share fine")
+    ms.add_argument("--tau", type=float, default=1.0, help="the straight-through sigmoid's temperature")
     ms.add_argument("--recipe", choices=("frozen", "full"), default="full")
     ms.add_argument("--fine-shares", type=lambda s: [float(v) for v in s.split(",")], default=[],
                     help="also measure with the threshold moved so that these shares of regions are fine")
