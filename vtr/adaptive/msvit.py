@@ -100,8 +100,8 @@ class Gate(nn.Module):
 
     def __init__(self, inputs: int, hidden: int, rate: float):
         super().__init__()
-        # LayerNorm first: the raw patch embeddings are large, and without it the gate's logits saturated within
-        # a few steps on the fidelity ViTs, where the batch-shaping gradient (through the sigmoid) vanishes.
+        # LayerNorm first: the raw patch embeddings are large. It did not stop the logits from running away in
+        # 1-epoch runs on the fidelity ViTs (benchmarks/RESULTS-finetune.md, MSViT): bounding them is open.
         self.score = nn.Sequential(nn.LayerNorm(inputs), nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                    nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
         nn.init.constant_(self.score[-1].bias, math.log(rate / (1 - rate)))   # starts near the target share
