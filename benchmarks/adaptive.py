@@ -4,6 +4,7 @@ Results: benchmarks/RESULTS-finetune.md ("Adaptive computation").
     python benchmarks/adaptive.py free --model second --targets 0.5,0.25      # training-free rows
     python benchmarks/adaptive.py dyt --model second --dispatch block --rate 0.3 --epochs 2
     python benchmarks/adaptive.py smarttrim --model second --flops 0.5 --recipe full --epochs 2
+    python benchmarks/adaptive.py msvit --model second --coarse 2 --rate 0.3 --recipe full --epochs 2
     python benchmarks/adaptive.py speed                                         # eval speed-up, ViT-S/16 random
 
 Rows are appended to ``--out`` (default ``benchmarks/finetune-results.jsonl``) with ``"kind": "adaptive"``.
@@ -25,6 +26,7 @@ from vtr.tools.profile import count_macs
 
 MODELS = {"second": (fidelity.SECOND_TASK, fidelity.SECOND_TRAINING), "default": (fidelity.Task(), fidelity.Training())}
 FREE = ("tome", "pitome", "evit", "atf")
+OWN = {"dyt": "dispatchers+adapters", "smarttrim": "trimmers", "msvit": "gate"}   # what trains in "frozen"
 
 
 def setup(name: str, eval_images: int):
@@ -83,6 +85,9 @@ def run_train(args) -> None:
     train_x, train_y = fidelity.make_images(task, training.train_images, seed=training.seed + 1)
     if args.command == "dyt":
         options = {"dispatch": args.dispatch, "rate": args.rate, "noise": args.noise}
+    elif args.command == "msvit":
+        options = {"coarse": args.coarse, "rate": args.rate, "noise": args.noise, "proportional": args.proportional,
+                   "batch_rate": args.batch_rate, "tau": args.tau}
     else:
         options = {"flops": args.flops, "noise": args.noise, "start": args.start}
     vtr.adaptive.patch(model, args.command, **options)
@@ -118,14 +123,15 @@ def run_train(args) -> None:
         with vtr.adaptive.complete(model):
             teacher = model(x)
         kl = F.kl_div(logits.log_softmax(-1), teacher.detach().log_softmax(-1), reduction="batchmean", log_target=True)
-        cost = (args.cost_weight * vtr.adaptive.rate_loss(kept) if args.command == "dyt"
-                else args.cost_weight * vtr.adaptive.flops_loss(kept))
+        cost = args.cost_weight * {"dyt": vtr.adaptive.rate_loss, "smarttrim": vtr.adaptive.flops_loss,
+                                   "msvit": vtr.adaptive.batch_shaping_loss}[args.command](kept)
         loss = F.cross_entropy(logits, y) + F.cross_entropy(teacher, y) + kl + cost
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if (step + 1) % 25 == 0 or step + 1 == steps:
             spent = (vtr.adaptive.activation_rate(kept) if args.command == "dyt"
+                     else vtr.adaptive.fine_share(kept) if args.command == "msvit"
                      else float(torch.stack([d.spent.detach() for d in kept]).mean()))
             log(f"  step {step + 1}/{steps}: loss {loss.item():.3f}, rate/cost {spent:.3f} "
                 f"({time.perf_counter() - start:.0f}s)")
@@ -133,18 +139,36 @@ def run_train(args) -> None:
     for block in model.blocks:
         block.attn.fused_attn = True
     model.eval()
-    with vtr.adaptive.decisions(model) as kept:
-        top1 = accuracy(model, data)
-    row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": args.command,
-           "recipe": f"{'trimmers' if args.command == 'smarttrim' else 'dispatchers+adapters'}"
-                     f"{' + backbone' if args.recipe == 'full' else ''}, {args.epochs:g} epochs",
-           "options": options | {"lr": args.lr} | {"cost_weight": args.cost_weight},
-           "top1": top1,
-           "flops": mean_macs(model, images, args.flops_images) / base, "seconds": seconds, "steps": steps}
-    if args.command == "dyt":
-        row["activation"] = vtr.adaptive.activation_rate(kept)
-    log(json.dumps(row))
-    append(args.out, [row])
+    cuts = [None] + (calibrated_cuts(model, train_x[:1000], args.fine_shares) if args.command == "msvit" else [])
+    for cut in cuts:
+        if cut is not None:   # MSViT's threshold moved so that a share of the training images' regions is fine
+            model._vtr_adaptive.cut = cut[1]
+        with vtr.adaptive.decisions(model) as kept:
+            top1 = accuracy(model, data)
+        row = {"kind": "adaptive", "model": args.model, "depth": len(model.blocks), "method": args.command,
+               "recipe": f"{OWN[args.command]}"
+                         f"{' + backbone' if args.recipe == 'full' else ''}, {args.epochs:g} epochs",
+               "options": options | {"lr": args.lr} | {"cost_weight": args.cost_weight},
+               "top1": top1,
+               "flops": mean_macs(model, images, args.flops_images) / base, "seconds": seconds, "steps": steps}
+        if args.command == "dyt":
+            row["activation"] = vtr.adaptive.activation_rate(kept)
+        if args.command == "msvit":
+            row["fine_share"] = vtr.adaptive.fine_share(kept)
+            row["tokens"] = float(torch.cat([g.tokens for g in kept]).float().mean())
+            row["threshold"] = (model._vtr_adaptive.threshold if cut is None
+                                else f"logit {cut[1]:.3g}, calibrated to {cut[0]:g} fine")
+        log(json.dumps(row))
+        append(args.out, [row])
+
+
+def calibrated_cuts(model, images, shares) -> list:
+    """``(share, logit cut)``: the gate logit above which ``share`` of these images' regions lie (MSViT)."""
+    gate = model._vtr_adaptive
+    with torch.no_grad():
+        logits = torch.cat([gate.gate(gate.regions(model.patch_embed(images[i:i + 250]))).flatten()
+                            for i in range(0, len(images), 250)]).double()
+    return [(share, float(torch.quantile(logits, 1 - share))) for share in shares]
 
 
 def run_speed(args) -> None:
@@ -234,7 +258,17 @@ def main() -> None:
     dyt.add_argument("--cost-weight", type=float, default=2.0, help="the rate loss's weight (2, as DyT's code)")
     dyt.add_argument("--recipe", choices=("frozen", "full"), default="frozen")
     trim.add_argument("--recipe", choices=("frozen", "full"), default="full")
-    for command in (dyt, trim):
+    ms = sub.add_parser("msvit", help="train MSViT's gate (or gate and backbone), then measure")
+    ms.add_argument("--coarse", type=int, default=2)
+    ms.add_argument("--rate", type=float, default=0.5)
+    ms.add_argument("--proportional", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    ms.add_argument("--cost-weight", type=float, default=1.0, help="the batch-shaping loss's weight")
+    ms.add_argument("--batch-rate", action="store_true", help="train with the batch's top --rate share fine")
+    ms.add_argument("--tau", type=float, default=1.0, help="the straight-through sigmoid's temperature")
+    ms.add_argument("--recipe", choices=("frozen", "full"), default="full")
+    ms.add_argument("--fine-shares", type=lambda s: [float(v) for v in s.split(",")], default=[],
+                    help="also measure with the threshold moved so that these shares of regions are fine")
+    for command in (dyt, trim, ms):
         command.add_argument("--epochs", type=float, default=2.0)
         command.add_argument("--batch", type=int, default=64)
         command.add_argument("--lr", type=float, default=1e-3)
@@ -243,14 +277,14 @@ def main() -> None:
     speed = sub.add_parser("speed", help="eval speed-up of gathered dispatch, ViT-S/16 random weights")
     speed.add_argument("--reps", type=int, default=5)
     speed.add_argument("--warmup", type=int, default=1)
-    for command in (free, dyt, trim):
+    for command in (free, dyt, trim, ms):
         command.add_argument("--model", choices=tuple(MODELS), default="second")
         command.add_argument("--eval-images", type=int, default=2000)
-    for command in (free, dyt, trim, speed):
+    for command in (free, dyt, trim, ms, speed):
         command.add_argument("--threads", type=int, default=1)
         command.add_argument("--out", default="benchmarks/finetune-results.jsonl")
     args = parser.parse_args()
-    {"free": run_free, "dyt": run_train, "smarttrim": run_train, "speed": run_speed}[args.command](args)
+    {"free": run_free, "dyt": run_train, "smarttrim": run_train, "msvit": run_train, "speed": run_speed}[args.command](args)
 
 
 if __name__ == "__main__":

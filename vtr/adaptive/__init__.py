@@ -1,10 +1,10 @@
-"""Adaptive computation: methods that decide per token and per image how much of the model runs, without
-removing tokens (DyT: a token skips a block and comes back unchanged), or that add a trained module to a
-reducer (CLCA: a head reading what a vtr reducer removed). They are not token reducers themselves: each
-is patched with :func:`patch`, trains with the backbone frozen, and is undone by ``vtr.unpatch``.
-:func:`methods` lists them with their stage and that they train, beside ``vtr.methods()`` (the reducers).
-TCA, listed too, is training-free test-time adaptation for CLIP: it patches nothing and runs as :class:`TCA`
-over a stream of test images (:mod:`vtr.adaptive.tca`).
+"""Adaptive computation: methods that decide per token and per image how much of the model runs (DyT: a token
+skips a block and comes back unchanged; SmartTrim: learned per-image pruning; MSViT: a gate picks a coarse or
+fine tokenization per image region), or that add a trained module to a reducer (CLCA: a head reading what a vtr
+reducer removed). They are not token reducers themselves: each is patched with :func:`patch`, trains (the
+backbone frozen or not), and is undone by ``vtr.unpatch``. :func:`methods` lists them with their stage and that
+they train, beside ``vtr.methods()`` (the reducers). TCA, listed too, is training-free test-time adaptation for
+CLIP: it patches nothing and runs as :class:`TCA` over a stream of test images (:mod:`vtr.adaptive.tca`).
 
     model = vtr.adaptive.patch(model, "dyt", dispatch="block", rate=0.5)
     vtr.adaptive.trainable(model)                      # dispatchers and adapters only
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.base import restore_class, swap_class, unwrap
-from . import calls, clca, dyt, smarttrim
-from .calls import Dispatch, Trim
+from . import calls, clca, dyt, msvit, smarttrim
+from .calls import Dispatch, GateChoice, Trim
 from .tca import TCA
 
 MODULE_NAME = "_vtr_adaptive"   # where the method's modules sit in the patched model
@@ -58,6 +58,13 @@ METHODS = {
                         "tower", True, "Wang et al., SmartTrim: Adaptive Tokens and Attention Pruning for Efficient "
                         "Vision-Language Models, arXiv 2305.15033", ("flops", "tau", "noise", "start"), smarttrim.build,
                         smarttrim.TrimmingBlock, smarttrim.TrimmingViT),
+    "msvit": Method("dynamic mixed-scale tokenization: a learned gate per coarse region (2x2 fine patches) picks one "
+                    "coarse token (size 4) or its fine tokens, so the token count follows the image; trained with "
+                    "the batch-shaping loss toward a target share of fine regions (MSViT)", "tower", True,
+                    "Havtorn et al., MSViT: Dynamic Mixed-Scale Tokenization for Vision Transformers, ICCV-W 2023, "
+                    "arXiv 2307.02321", ("coarse", "rate", "hidden", "threshold", "proportional", "tau", "noise",
+                                                "batch_rate"),
+                    msvit.build, None, msvit.MixedScaleViT),
     "clca": Method("cross-layer cache aggregation: what a vtr reducer (reducer=) removes at each block is cached, and "
                    "a cross-layer aggregation head reads the cache and adds its logits to the model's; trained with the "
                    "backbone frozen (CLCA)", "tower", True,
@@ -87,11 +94,11 @@ def is_patched(model: nn.Module) -> bool:
 def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place with an adaptive method: ``"dyt"`` (options ``dispatch``, ``rate``,
     ``bottleneck``, ``tau``, ``noise``; :mod:`vtr.adaptive.dyt`), ``"smarttrim"`` (``flops``, ``tau``, ``noise``,
-    ``start``; :mod:`vtr.adaptive.smarttrim`) or ``"clca"`` (``reducer``, the vtr reducer it sits on, with
-    ``r``/``keep``/``flops``/``layers``/``reducer_options`` for ``vtr.patch``, and ``hidden``;
-    :mod:`vtr.adaptive.clca`).
-    Its modules are created on the model's device and dtype and registered as ``model._vtr_adaptive``. Returns
-    ``model``."""
+    ``start``; :mod:`vtr.adaptive.smarttrim`), ``"msvit"`` (``coarse``, ``rate``, ``hidden``, ``threshold``,
+    ``proportional``, ``tau``, ``noise``, ``batch_rate``; :mod:`vtr.adaptive.msvit`) or ``"clca"`` (``reducer``, the
+    vtr reducer it sits on, with ``r``/``keep``/``flops``/``layers``/``reducer_options`` for ``vtr.patch``, and
+    ``hidden``; :mod:`vtr.adaptive.clca`). Its modules are created on the model's device and dtype and registered as
+    ``model._vtr_adaptive``. Returns ``model``."""
     from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -127,7 +134,8 @@ def patch(model: nn.Module, method: str = "dyt", **options) -> nn.Module:
     for layer, block in enumerate(model.blocks):
         block._vtr_layer = layer
         block.__dict__[REFERENCE] = modules   # a reference, not a submodule: one copy of the weights
-        swap_class(block, spec.block_mixin)
+        if spec.block_mixin is not None:
+            swap_class(block, spec.block_mixin)
     if spec.model_mixin is not None:
         model.__dict__[REFERENCE] = modules
         swap_class(model, spec.model_mixin)
@@ -207,3 +215,24 @@ def flops_loss(found: list[Trim]) -> Tensor:
         raise ValueError("flops_loss needs the trimming decisions of a pass: call a smarttrim-patched model inside "
                          "vtr.adaptive.decisions")
     return (torch.stack([d.spent for d in trims]).mean() - trims[0].target) ** 2
+
+
+def _gates(found: list, what: str) -> list[GateChoice]:
+    gates = [d for d in found if isinstance(d, GateChoice)]
+    if not gates:
+        raise ValueError(f"{what} needs the gate choices of a pass: call an msvit-patched model inside "
+                         "vtr.adaptive.decisions")
+    return gates
+
+
+def batch_shaping_loss(found: list) -> Tensor:
+    """MSViT's gate loss: :func:`vtr.adaptive.msvit.batch_shaping` of the gate probabilities of the collected
+    passes toward a Beta(rate, 1 - rate) prior."""
+    gates = _gates(found, "batch_shaping_loss")
+    return msvit.batch_shaping(torch.cat([g.probabilities.flatten() for g in gates]), gates[0].rate)
+
+
+def fine_share(found: list) -> float:
+    """The share of coarse regions the gate sent to fine tokens in the collected passes."""
+    gates = _gates(found, "fine_share")
+    return float(torch.cat([g.fine.detach().float().flatten() for g in gates]).mean())

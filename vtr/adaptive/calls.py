@@ -40,6 +40,27 @@ class Trim:
     target: float
 
 
+@dataclass(frozen=True)
+class GateChoice:
+    """One pass of MSViT's gate: ``probabilities`` ``[B, regions]`` that each region needs its fine tokens
+    (differentiable in training, for the batch-shaping loss), ``fine`` ``[B, regions]`` the choice made (1 or True:
+    fine; straight-through in training), ``rate`` the target share of fine regions, ``tokens`` ``[B]`` each row's
+    token count (prefix included)."""
+
+    probabilities: Tensor
+    fine: Tensor
+    rate: float
+    tokens: Tensor
+
+
+def record_gate(owner: nn.Module, probabilities: Tensor, fine: Tensor) -> None:
+    found = (_COLLECT.get() or {}).get(owner)
+    if found is not None:
+        extra = (owner.coarse ** 2 - 1) * fine.detach().float().sum(1)
+        tokens = owner.num_prefix + owner.num_regions + extra
+        found.append(GateChoice(probabilities, fine, owner.rate, tokens.round().long()))
+
+
 def record_trim(owner: nn.Module, layer: int, tokens: Tensor, heads: Tensor, spent: Tensor) -> None:
     found = (_COLLECT.get() or {}).get(owner)
     if found is not None:
