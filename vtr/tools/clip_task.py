@@ -12,20 +12,17 @@ The model trains once on CPU (a few minutes, one thread) and is cached in the us
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fidelity import Task, cache_dir, make_images, warmup_cosine
+from .fidelity import Task, keyed_checkpoint, make_images, trained_once, warmup_cosine
 
 CLASS_NAMES = ("square", "frame", "plus", "cross", "bars", "columns", "triangle", "ring")
 TEMPLATES = ("a photo of a {}", "a drawing of a {}", "a {} on clutter", "the {}")
@@ -141,25 +138,15 @@ def train_clip(task: Task = TASK, training: ClipTraining = ClipTraining(), log=p
 
 
 def checkpoint_path(task: Task = TASK, training: ClipTraining = ClipTraining(), root: Optional[Path] = None) -> Path:
-    key = json.dumps({"task": asdict(task), "training": asdict(training), "names": CLASS_NAMES,
-                      "templates": TEMPLATES, "version": 1}, sort_keys=True)
-    return Path(root or cache_dir()) / f"clip-task-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    return keyed_checkpoint("clip-task", {"task": asdict(task), "training": asdict(training), "names": CLASS_NAMES,
+                                          "templates": TEMPLATES, "version": 1}, root)
 
 
 def trained_clip(task: Task = TASK, training: ClipTraining = ClipTraining(), *, root: Optional[Path] = None,
                  retrain: bool = False, log=print) -> nn.Module:
     """The tiny CLIP, trained once and then loaded from the cache."""
-    path = checkpoint_path(task, training, root)
-    if path.is_file() and not retrain:
-        model = build_clip(task, training)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    log(f"training the task CLIP once (cached at {path})")
-    model = train_clip(task, training, log=log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
-    return model
+    return trained_once(checkpoint_path(task, training, root), lambda: build_clip(task, training),
+                        lambda: train_clip(task, training, log=log), retrain=retrain, log=log, what="the task CLIP")
 
 
 # --- the domain shift --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -201,26 +201,37 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def keyed_checkpoint(prefix: str, key: dict, root: Optional[Path] = None) -> Path:
+    """``<root>/<prefix>-<digest>.pt``: a trained model's cache file, named by a digest of everything that made it."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(root or cache_dir()) / f"{prefix}-{digest}.pt"
+
+
+def trained_once(path: Path, build: Callable[[], nn.Module], train: Callable[[], nn.Module], *, retrain: bool = False,
+                 log=print, what: str = "the model") -> nn.Module:
+    """The model cached at ``path`` (``build()`` then its saved weights), else ``train()``'s, saved there first (a
+    temporary file renamed into place: never a half-written checkpoint). Every trained yardstick goes through it."""
+    if path.is_file() and not retrain:
+        model = build()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    log(f"training {what} once (cached at {path})")
+    model = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return model
+
+
 def checkpoint_path(task: Task, training: Training, root: Optional[Path] = None) -> Path:
-    key = json.dumps({"task": asdict(task), "training": asdict(training), "version": 1}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(root or cache_dir()) / f"fidelity-vit-{digest}.pt"
+    return keyed_checkpoint("fidelity-vit", {"task": asdict(task), "training": asdict(training), "version": 1}, root)
 
 
 def trained_model(task: Task = Task(), training: Training = Training(), *, root: Optional[Path] = None,
                   retrain: bool = False, log=print) -> nn.Module:
     """The task's ViT, trained once and then loaded from the cache."""
-    path = checkpoint_path(task, training, root)
-    if path.is_file() and not retrain:
-        model = build_model(task, training)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    log(f"training the fidelity ViT once (cached at {path})")
-    model = train(task, training, log=log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)  # never leave a half-written checkpoint
-    return model
+    return trained_once(checkpoint_path(task, training, root), lambda: build_model(task, training),
+                        lambda: train(task, training, log=log), retrain=retrain, log=log, what="the fidelity ViT")
 
 
 # --- the evaluation ----------------------------------------------------------------------------
