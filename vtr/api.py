@@ -371,3 +371,6 @@ def conditioned(model: nn.Module, query: Tensor) -> Iterator[nn.Module]:
         raise ValueError(f"query must be a tensor [B, D] or [B, Q, D], got {shape}")
     with runs.conditioned_on(reduction, query):
         yield model
+
+
+adaptive.clca.use_reducer_api(patch, unpatch)   # CLCA patches its reducer through the api (a layer above it)

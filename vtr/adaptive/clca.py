@@ -30,13 +30,14 @@ from __future__ import annotations
 import math
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core.state import TokenState
+from ..reducers import REDUCERS
 from . import calls
 
 _OPEN: ContextVar[dict] = ContextVar("vtr_clca_open", default={})
@@ -206,17 +207,24 @@ class AddHead:
 
 HOOKS = (OpenCache, CloseCache, FillCache, AddHead)
 
+# ``vtr.patch`` / ``vtr.unpatch``, which put the reducer CLCA sits on into the model. They live in ``vtr.api``, a
+# layer above this package (which the api imports): the api hands them over when it loads (``use_reducer_api``).
+_REDUCER_API: dict = {}
+
+
+def use_reducer_api(patch: Callable, unpatch: Callable) -> None:
+    """Called once by ``vtr.api`` with its ``patch`` and ``unpatch``."""
+    _REDUCER_API.update(patch=patch, unpatch=unpatch)
+
 
 def build(model: nn.Module, reducer: str = "evit", hidden: int = 2, r=None, keep=None, flops=None, layers=None,
           reducer_options: Optional[dict] = None) -> CrossLayerHead:
     """Patch ``model`` with the reducer named ``reducer`` (``vtr.patch(model, reducer, r=, keep=, flops=, layers=,
     **reducer_options)``) and build the CLA head for it (``vtr.adaptive.patch`` checks the model first and
     calls :func:`attach` after)."""
-    from .. import api, methods as reducers
-
-    if not isinstance(reducer, str) or reducer not in reducers():
+    if not isinstance(reducer, str) or reducer not in REDUCERS:
         raise ValueError(f"clca: reducer must be the name of a vtr reducer (vtr.methods()), got {reducer!r}")
-    if reducers(details=True)[reducer].training:
+    if REDUCERS[reducer].learned:
         raise ValueError(f"clca: reducer {reducer!r} is a learned reducer; CLCA trains its head on a training-free "
                          "reducer's removals (tome, pitome, evit, ...)")
     if reducer_options is not None and not isinstance(reducer_options, dict):
@@ -227,7 +235,7 @@ def build(model: nn.Module, reducer: str = "evit", hidden: int = 2, r=None, keep
                          "its logits to the classifier's")
     check = CrossLayerHead(model.embed_dim, len(model.blocks), head.out_features, hidden)   # options first
     amounts = {k: v for k, v in (("r", r), ("keep", keep), ("flops", flops), ("layers", layers)) if v is not None}
-    api.patch(model, reducer, **amounts, **(reducer_options or {}))
+    _REDUCER_API["patch"](model, reducer, **amounts, **(reducer_options or {}))
     return check
 
 
@@ -241,10 +249,9 @@ def attach(model: nn.Module, head: CrossLayerHead) -> None:
 
 def detach(model: nn.Module) -> None:
     """Undo :func:`build` and :func:`attach` (the head itself is removed by ``vtr.adaptive.unpatch``)."""
-    from .. import api
     from ..adapters import remove_hooks
 
     for kind in HOOKS:
         remove_hooks(model, kind)
         remove_hooks(model._vtr.reducer, kind)
-    api.unpatch(model)
+    _REDUCER_API["unpatch"](model)
