@@ -200,6 +200,10 @@ def patch(
     if "tower_layer" in options:   # an amount of the families that reduce inside their vision tower, not an option
         raise ValueError(f"tower_layer= (reducing inside a vision-language model's vision tower) is not supported by "
                          f"the {adapter.name} adapter; Qwen2-VL, Qwen2.5-VL and Qwen3-VL take it")
+    if "positions" in options:     # LLaVA's choice of numbering for a compacted prompt, not a method's option
+        raise ValueError(f"positions= (how a compacted prompt's kept tokens are numbered) is not taken by the "
+                         f"{adapter.name} adapter: LLaVA-1.5 / LLaVA-NeXT images take it; Qwen-VL keeps every kept "
+                         "token's M-RoPE position, the other families number the compacted prompt consecutively")
     reducer = make_reducer(method, **options)
     if reducer.learned and not adapter.learned_reducers:
         raise ValueError(f"method {method!r} is a learned reducer, and the {adapter.name} adapter does not take "

@@ -146,6 +146,13 @@ def test_positions_is_checked_and_refused_where_it_does_not_apply():
     assert model._vtr.visual.positions == "compact"
 
 
+def test_positions_on_a_family_that_does_not_take_it_is_a_clear_error():
+    from qwen_vl_models import tiny_qwen
+
+    with pytest.raises(ValueError, match="positions= .* is not taken by the qwen"):
+        vtr.patch(tiny_qwen(), "random", budget=4, positions="original")
+
+
 def test_patched_row_alone_equals_its_row_in_the_batch():
     model = tiny_llava()
     ids, mask, pixels = mixed_batch()
