@@ -16,7 +16,6 @@ caller's own prompt then the new tokens, and ``forward`` returns logits over the
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -25,13 +24,11 @@ from torch import Tensor, nn
 
 from vtr.adapters.base import Swapped, swap_class
 from vtr.adapters.errors import UnsupportedModelError
-from vtr.adapters.vlm.calls import arguments_by_name, refuse_position_ids
-from vtr.adapters.vlm.prompt import compact_prompt, image_rows, pad_id, row_queries, with_callers_prompt
+from vtr.adapters.vlm.prompt import compact_prompt, image_rows, pad_id, row_queries
 
 from . import anyres
 from .granularity import check_levels, pool_level
-from .module import (CompressedModel, Compression, CompressionReport, attach, compression_of, generating, record,
-                     record_text_only)
+from .module import CompressedModel, Compression, CompressionReport, attach, compression_of, record
 from .tokenpacker import TokenPacker, grid_of
 
 
@@ -248,50 +245,12 @@ def prepare(model: nn.Module, input_ids: Optional[Tensor], attention_mask: Optio
 class CompressedLlava(CompressedModel, Swapped):
     """Mixed in front of the model's class: calls with pixel values run on the compacted prompt."""
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        original = cls.__dict__.get("_vtr_original")
-        if original is None:
-            return
-        original_forward = original.forward
+    family = "LLaVA"
 
-        @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
-        def forward(self, *args, **kwargs):
-            arguments = arguments_by_name(original_forward, self, args, kwargs)
-            if arguments.get("pixel_values") is None:
-                record_text_only(compression_of(self), arguments.get("input_ids"))
-                return original_forward(self, **arguments)
-            refuse_position_ids(arguments, "LLaVA")
-            image_sizes = _vision_options(self, arguments)
-            mask = arguments.get("attention_mask")
-            right_padded = mask is not None and bool((mask[:, -1] == 0).any())
-            ids, inputs, kept_positions = prepare(self, arguments.get("input_ids"), mask,
-                                                  arguments.pop("pixel_values"), not right_padded, image_sizes)
-            if arguments.get("labels") is not None:
-                labels = arguments["labels"].gather(1, kept_positions.clamp_min(0))
-                arguments["labels"] = labels.masked_fill(kept_positions < 0, -100)
-            arguments.update(input_ids=ids, **inputs)
-            return original_forward(self, **arguments)
-
-        cls.forward = forward
-
-    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
-        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-        pixel_values = kwargs.pop("pixel_values", None)
-        if pixel_values is None:
-            record_text_only(compression_of(self), input_ids)
-            with generating():
-                return super().generate(input_ids, *args, **kwargs)
-        if kwargs.get("mm_encoder_outputs") is not None:
-            raise ValueError("precomputed mm_encoder_outputs would bypass vtr's compression; pass pixel_values")
-        refuse_position_ids(kwargs, "LLaVA")
-        image_sizes = _vision_options(self, kwargs)
-        with torch.no_grad():
-            ids, prepared, _ = prepare(self, input_ids, kwargs.pop("attention_mask", None), pixel_values, True,
-                                       image_sizes)
-        with generating():
-            output = super().generate(ids, *args, **prepared, **kwargs)
-        return with_callers_prompt(output, input_ids, ids.shape[1])
+    def prepare_images(self, input_ids: Optional[Tensor], arguments: dict, left: bool) -> tuple[Tensor, dict, Tensor]:
+        image_sizes = _vision_options(self, arguments)
+        return prepare(self, input_ids, arguments.pop("attention_mask", None), arguments.pop("pixel_values"), left,
+                       image_sizes)
 
 
 def _vision_options(model: nn.Module, arguments: dict) -> Optional[Tensor]:

@@ -8,6 +8,7 @@ e.g. :class:`vtr.compression.llava.CompressedLlava`); TokenPacker also stands in
 from __future__ import annotations
 
 import contextvars
+import functools
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from vtr.adapters.base import restore_class, swap_class
+from vtr.adapters.vlm.calls import arguments_by_name, refuse_position_ids
+from vtr.adapters.vlm.prompt import with_callers_prompt
 
 COMPRESSION = "_vtr_compression"
 
@@ -166,7 +169,62 @@ def record_text_only(compression: Compression, input_ids: Optional[Tensor]) -> N
 
 
 class CompressedModel:
-    """What the families' mixins share beyond calls."""
+    """What the families' mixins share: calls with images run on the compacted prompt. A family names itself
+    (``family``, for errors) and says how its images are prepared (``prepare_images``); the forward of the model's
+    own class is wrapped once per swapped class (``__init_subclass__``), ``generate()`` here."""
+
+    family = "model"
+
+    def prepare_images(self, input_ids: Optional[Tensor], arguments: dict, left: bool) -> tuple[Tensor, dict, Tensor]:
+        """(compacted input_ids, the language model's other inputs, kept_positions) of a call with images; pops
+        ``pixel_values``, ``attention_mask`` and the family's image arguments from ``arguments``."""
+        raise NotImplementedError
+
+    def refuse_arguments(self, arguments: dict) -> None:
+        """Raise on arguments the family's compression cannot take, with or without images."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        original = cls.__dict__.get("_vtr_original")
+        if original is None:
+            return
+        original_forward = original.forward
+
+        @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
+        def forward(self, *args, **kwargs):
+            arguments = arguments_by_name(original_forward, self, args, kwargs)
+            self.refuse_arguments(arguments)
+            if arguments.get("pixel_values") is None:
+                record_text_only(compression_of(self), arguments.get("input_ids"))
+                return original_forward(self, **arguments)
+            refuse_position_ids(arguments, self.family)
+            mask = arguments.get("attention_mask")
+            right_padded = mask is not None and bool((mask[:, -1] == 0).any())
+            ids, inputs, kept_positions = self.prepare_images(arguments.get("input_ids"), arguments, not right_padded)
+            if arguments.get("labels") is not None:
+                labels = arguments["labels"].gather(1, kept_positions.clamp_min(0))
+                arguments["labels"] = labels.masked_fill(kept_positions < 0, -100)
+            arguments.update(input_ids=ids, **inputs)
+            return original_forward(self, **arguments)
+
+        cls.forward = forward
+
+    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
+        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        self.refuse_arguments(kwargs)
+        if kwargs.get("pixel_values") is None:
+            kwargs.pop("pixel_values", None)
+            record_text_only(compression_of(self), input_ids)
+            with generating():
+                return super().generate(input_ids, *args, **kwargs)
+        if kwargs.get("mm_encoder_outputs") is not None:
+            raise ValueError("precomputed mm_encoder_outputs would bypass vtr's compression; pass pixel_values")
+        refuse_position_ids(kwargs, self.family)
+        with torch.no_grad():
+            ids, prepared, _ = self.prepare_images(input_ids, kwargs, True)
+        with generating():
+            output = super().generate(ids, *args, **prepared, **kwargs)
+        return with_callers_prompt(output, input_ids, ids.shape[1])
 
     def save_pretrained(self, *args, **kwargs):
         raise ValueError("a vtr-compressed model has weights its own class cannot load (the compression's): save "

@@ -8,7 +8,6 @@ caller's prompt (text keeps its own), so positions stay the model's own integers
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import torch
@@ -16,13 +15,12 @@ from torch import Tensor, nn
 
 from vtr.adapters.base import Swapped
 from vtr.adapters.errors import UnsupportedModelError
-from vtr.adapters.vlm.calls import arguments_by_name, refuse_position_ids
 from vtr.adapters.vlm.items import Reduced, compact_items
-from vtr.adapters.vlm.prompt import pad_id, row_queries, with_callers_prompt
+from vtr.adapters.vlm.prompt import pad_id, row_queries
 
 from .granularity import pool_level, windows
 from .llava import Encoded, granularity_module
-from .module import CompressedModel, CompressionReport, attach, compression_of, generating, record, record_text_only
+from .module import CompressedModel, CompressionReport, attach, compression_of, record
 
 
 def check(model: nn.Module) -> None:
@@ -137,50 +135,14 @@ _OWN = ("image_grid_thw", "mm_token_type_ids")
 class CompressedQwenVL(CompressedModel, Swapped):
     """Mixed in front of the model's class: calls with images run on the compacted prompt."""
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        original = cls.__dict__.get("_vtr_original")
-        if original is None:
-            return
-        original_forward = original.forward
+    family = "Qwen-VL"
 
-        @functools.wraps(original_forward)   # generate() reads forward's signature (mm_encoder_outputs, ...)
-        def forward(self, *args, **kwargs):
-            arguments = arguments_by_name(original_forward, self, args, kwargs)
-            if arguments.get("pixel_values") is None:
-                _refuse_videos(arguments)
-                record_text_only(compression_of(self), arguments.get("input_ids"))
-                return original_forward(self, **arguments)
-            _refuse_videos(arguments)
-            refuse_position_ids(arguments, "Qwen-VL")
-            mask = arguments.get("attention_mask")
-            right_padded = mask is not None and bool((mask[:, -1] == 0).any())
-            ids, inputs, kept_positions = prepare(self, arguments.get("input_ids"), mask,
-                                                  arguments.pop("pixel_values"), arguments.pop("image_grid_thw", None),
-                                                  arguments.pop("mm_token_type_ids", None), not right_padded)
-            if arguments.get("labels") is not None:
-                labels = arguments["labels"].gather(1, kept_positions.clamp_min(0))
-                arguments["labels"] = labels.masked_fill(kept_positions < 0, -100)
-            arguments.update(input_ids=ids, **inputs)
-            return original_forward(self, **arguments)
+    def refuse_arguments(self, arguments: dict) -> None:
+        _refuse_videos(arguments)
 
-        cls.forward = forward
-
-    def generate(self, inputs: Optional[Tensor] = None, *args, **kwargs):
-        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-        pixel_values = kwargs.pop("pixel_values", None)
-        _refuse_videos(kwargs)
-        if pixel_values is None:
-            record_text_only(compression_of(self), input_ids)
-            with generating():
-                return super().generate(input_ids, *args, **kwargs)
-        refuse_position_ids(kwargs, "Qwen-VL")
-        with torch.no_grad():
-            ids, prepared, _ = prepare(self, input_ids, kwargs.pop("attention_mask", None), pixel_values,
-                                       kwargs.pop("image_grid_thw", None), kwargs.pop("mm_token_type_ids", None), True)
-        with generating():
-            output = super().generate(ids, *args, **prepared, **kwargs)
-        return with_callers_prompt(output, input_ids, ids.shape[1])
+    def prepare_images(self, input_ids: Optional[Tensor], arguments: dict, left: bool) -> tuple[Tensor, dict, Tensor]:
+        return prepare(self, input_ids, arguments.pop("attention_mask", None), arguments.pop("pixel_values"),
+                       arguments.pop("image_grid_thw", None), arguments.pop("mm_token_type_ids", None), left)
 
 
 def _refuse_videos(arguments: dict) -> None:
