@@ -19,6 +19,19 @@ def test_same_seed_same_examples_and_other_seed_other():
     assert not torch.equal(task.make_examples(12, seed=4).images, again.images)
 
 
+def test_questions_on_one_scene_share_its_pixels_stored_once():
+    """Training asks six questions per scene: its pixels are stored once (48,000 scenes: 2.4 GB, not 14), and every
+    question of a scene, and every subset, sees that scene's image."""
+    examples = task.make_examples(18, seed=3, per_scene=6)
+    assert examples.scene_images.shape[0] == 3 and examples.images.shape[0] == 18
+    for j in range(18):
+        assert torch.equal(examples.images[j], examples.scene_images[j // 6])
+    assert not torch.equal(examples.scene_images[0], examples.scene_images[1])
+    part = examples.subset([13, 2])
+    assert torch.equal(part.images, examples.images[[13, 2]]) and part.questions == [examples.questions[13],
+                                                                                     examples.questions[2]]
+
+
 @pytest.mark.parametrize("kind", task.TYPES)
 def test_answers_are_balanced_within_each_type(kind):
     """Every answer of a type about equally often: guessing the commonest one earns the stated chance."""
