@@ -53,7 +53,7 @@ class VlmResult:
 
 class Oracle(Reducer):
     """Keeps the tokens that answer the question (the largest share of their pixels under those objects first,
-    then the other objects', then the rest in order), read from the query the evaluation passes through
+    then a seeded random fill: :func:`oracle_scores`), read from the query the evaluation passes through
     ``vtr.conditioned``: per prompt row the flattened relevance map of :mod:`vtr.tools.vqa_task`."""
 
     name = "oracle"
@@ -75,12 +75,18 @@ def _oracle_registered() -> Iterator[None]:
         del REDUCERS[Oracle.name]
 
 
-def oracle_scores(examples: "task.Examples") -> Tensor:
+def oracle_scores(examples: "task.Examples", seed: int = 0) -> Tensor:
     """``[N, 64]`` distinct scores, exact in float32 (``k / 64``), ranking each example's tokens: those of the
-    answering objects first (more covered first), then the other objects' tokens, then the rest in order."""
-    relevant, objects = examples.relevant.flatten(1).double(), examples.objects.flatten(1).double()
-    index = torch.arange(task.GRID ** 2, dtype=torch.float64)
-    key = (relevant > 0) * 1e6 + relevant * 1e4 + (objects > 0) * 1e3 + objects * 10 - index * 1e-4
+    answering objects first (more covered first), then the rest in a seeded random order: a random subset with the
+    answer forced in, so oracle minus random is what keeping the asked object is worth.
+
+    (The first oracle filled with the other objects' tokens, then the rest in raster order. On the LLaVA yardstick
+    before the LM that scored 64.4% at 25% against 77.1% with the random fill: the other objects' tokens without
+    their surroundings mislead this LM's lookups, colour 74.5 against 93.5%, and a raster fill keeps only the top
+    of the image.)"""
+    relevant = examples.relevant.flatten(1).double()
+    fill = torch.rand(relevant.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    key = (relevant > 0) * 4.0 + relevant + fill / 2   # answer tokens above 4; fill in [0, 0.5): no ties to round
     rank = key.argsort(dim=1, descending=True).argsort(dim=1)
     return (task.GRID ** 2 - rank).float() / task.GRID ** 2
 
