@@ -64,6 +64,7 @@ class Pruning:
         self.replaying = False                      # the current forward continues the prefill's prompt, no cache
         self.positions: Optional[Tensor] = None     # [B, L'] columns the last layers saw in the current forward
         self.embedded: Optional[Tensor] = None      # [B, L, D] the language model's input of the prompt being prefilled
+        self.given_query: Optional[Tensor] = None   # the call's query from vtr.conditioned, one row per prompt
 
     def observe(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], cache, arguments: dict,
                 run: VlmRun) -> None:
@@ -102,6 +103,10 @@ class Pruning:
             raise ValueError(f"in-LLM pruning needs the prompt to end with a text token, but row(s) {rows} end with a "
                              "visual token: the last prompt token chooses the visual tokens and predicts the first new "
                              "token, so it must stay; put the question (or any text) after the image")
+        if run.query is not None and run.query.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"vtr.conditioned: query must have one row per prompt ({input_ids.shape[0]}), got "
+                             f"{tuple(run.query.shape)}")
+        self.given_query = run.query
         real = mask2d.bool()
         self.columns = real_columns(real)
         self.length, self.prompt = input_ids.shape[1], (input_ids, real)
@@ -175,10 +180,10 @@ class Pruning:
             current = slot[rows, group.state.first_carried(group.columns, length)]   # [G, n] slot of each token
             instruction = self._instruction(group, layer, entering, keys, slot, current, cos, sin,
                                             Need.TEXT_ATTENTION in needs) \
-                if {Need.INSTRUCTION, Need.TEXT_ATTENTION} & needs else None
+                if {Need.INSTRUCTION, Need.TEXT_ATTENTION, Need.QUERY} & needs else None
             group.state = self._reduce(group, group.state.with_x(hidden[rows, current]), scores[rows, current],
                                        group.budgets[stage], None if keys is None else keys[rows, current],
-                                       instruction)
+                                       instruction, self._query(group, instruction) if Need.QUERY in needs else None)
             group.stage_tokens.append(group.state.num_tokens)
             # Each output token sits at the first prompt column it carries; text stays, padding goes.
             first = group.state.first_carried(group.columns, length)
@@ -266,10 +271,21 @@ class Pruning:
                            input_text=None if embedded is None else embedded[rows[:, None], order],   # by column
                            input_image=None if embedded is None else embedded[group.rows, group.columns])
 
+    def _query(self, group: ImageGroup, instruction: Instruction) -> Tensor:
+        """Each image's query for a query-conditioned reducer: its row's ``vtr.conditioned`` query if the call has
+        one, else the question as the layer holds it: ``[G, T, D]`` the text after the image (the reducer takes the
+        best match over the T; a row's padding repeats its first text token, so it never wins)."""
+        if self.given_query is not None:
+            return self.given_query[group.rows[:, 0].to(self.given_query.device)]
+        text = instruction.hidden
+        return text.where(instruction.valid[..., None], text[:, :1])
+
     def _reduce(self, group: ImageGroup, state: TokenState, scores: Tensor, budget: int,
-                keys: Optional[Tensor] = None, instruction: Optional[Instruction] = None) -> TokenState:
+                keys: Optional[Tensor] = None, instruction: Optional[Instruction] = None,
+                query: Optional[Tensor] = None) -> TokenState:
         """The reducer's steps from the state's tokens down to ``budget`` (scores: attention to each token; keys:
-        each token's attention keys and the text after the image, for the reducers that read them)."""
+        each token's attention keys and the text after the image, for the reducers that read them; query: each
+        image's, for the reducers that read one)."""
         reducer, protected = self.reduction.reducer, state.num_protected
         steps = reduction_steps(state.num_tokens, budget, reducer, protected) if not reducer.identity else []
         # Spatial grid only while the tokens are the image's untouched patches (the first stage).
@@ -280,7 +296,8 @@ class Pruning:
         for step, remove in enumerate(steps):
             signals = Signals(metric=reduced.x, layer=step, num_layers=len(steps),
                               cls_attention=carried(scores, reduced), grid=None if reduced.is_reduced else grid,
-                              keys=None if keys is None else first_of(keys, reduced), instruction=instruction)
+                              keys=None if keys is None else first_of(keys, reduced), instruction=instruction,
+                              query=query)
             self.reducer_macs += state.x.shape[0] * reducer.extra_macs(reduced.num_tokens, image_cost,
                                                                           reduced.num_tokens - remove)
             reduced = reducer(reduced, reduced.num_tokens - remove, signals)

@@ -494,3 +494,44 @@ def test_shift_labels_with_in_llm_pruning_is_a_clear_error():
     vtr.patch(model, "fastv", budget=4, layers=[1])
     with pytest.raises(ValueError, match="shift_labels cannot be combined with in-LLM pruning"):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, shift_labels=ids)
+
+
+def _kept_image_columns(model, ids, mask, pixels) -> torch.Tensor:
+    generate(model, ids, mask, pixel_values=pixels)
+    kept = vtr.report(model).kept_positions[0]
+    return kept[ids[0, kept] == IMAGE_TOKEN]
+
+
+def test_query_in_the_lm_reads_the_question_as_the_layer_holds_it():
+    """In the LM, ``query`` compares each image token's hidden state entering layer K with the text after the image
+    at that layer (best match over the text tokens): with ``relevance_weight=1`` it keeps the top cosines. A
+    different question changes the choice; a ``vtr.conditioned`` query replaces the question."""
+    model, layer, budget = tiny_llava("eager"), 2, 5
+    ids, mask = left_padded([prompt_row([1, 5, 6], 1, [7, 8, 9])])
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    image = (ids[0] == IMAGE_TOKEN).nonzero()[:, 0]
+
+    def expected(question_ids, query=None):
+        with torch.inference_mode():
+            hidden = model(input_ids=question_ids, pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
+        tokens = torch.nn.functional.normalize(hidden[0, image].double(), dim=-1)
+        text = hidden[0, image[-1] + 1:] if query is None else query[0][None]
+        cosine = (tokens @ torch.nn.functional.normalize(text.double(), dim=-1).T).amax(dim=1)
+        ranked = cosine.sort(descending=True).values
+        assert ranked[budget - 1] - ranked[budget] > 1e-4   # the choice does not hinge on rounding
+        return image[cosine.topk(budget).indices].sort().values
+
+    vtr.patch(model, "query", budget=budget, layers=[layer], relevance_weight=1.0)
+    try:
+        assert torch.equal(_kept_image_columns(model, ids, mask, pixels), expected(ids))
+        other = ids.clone()
+        other[0, -3:] = torch.tensor([40, 41, 42])
+        assert torch.equal(_kept_image_columns(model, other, mask, pixels), expected(other))
+        assert not torch.equal(expected(other), expected(ids))
+        given = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
+        with vtr.conditioned(model, given):
+            assert torch.equal(_kept_image_columns(model, ids, mask, pixels), expected(ids, given))
+        with pytest.raises(ValueError, match="one row per prompt"), vtr.conditioned(model, given.expand(2, -1)):
+            generate(model, ids, mask, pixel_values=pixels)
+    finally:
+        vtr.unpatch(model)

@@ -20,6 +20,8 @@ class QueryPrune(Reducer):
     relevance: cosine between each token's features ``state.x`` mapped into the query's space and the
         query ``signals.query`` (``[B, D]``, or ``[B, Q, D]`` with the best of the Q queries), mapped to
         [0, 1]. Set it with ``with vtr.conditioned(model, query): model(x)``; a batch of one query is shared.
+        VLMs give it the prompt's text without one: its input embeddings before the LM, and in the LM
+        (``layers=[K]``) the text after the image as layer K holds it (the image's tokens are layer K's too).
         The map into the query's space, first that applies:
         1. ``projection`` given to this reducer (an ``nn.Module``/callable ``[B, N, C] -> [B, N, D]`` or
            a ``[C, D]`` matrix). It wins: the user asked for it explicitly (e.g. a probe or a space of
