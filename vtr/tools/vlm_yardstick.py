@@ -69,7 +69,7 @@ QUICK = dict(vision_width=32, vision_layers=3, lm_width=64, lm_layers=2, tower_i
 
 
 # Qwen's tower sees 4x the patches (4 px, merged 2 x 2 into the 8 x 8 tokens): fewer pretraining images.
-FAMILY = {"llava": dict(examples=144000), "qwen": dict(tower_images=6000)}
+FAMILY = {"llava": dict(examples=144000), "qwen": dict(tower_images=6000, examples=288000)}
 
 
 def recipe(family: str, quick: bool = False, **changes) -> VlmTraining:
