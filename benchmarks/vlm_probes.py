@@ -1,0 +1,148 @@
+"""Probes behind benchmarks/RESULTS-vlm-fidelity.md's arguments, on the trained yardsticks (cached; trained on first
+use) and the same 1200 questions as ``vtr fidelity --model llava-task``.
+
+    python benchmarks/vlm_probes.py oracles [--model llava|qwen]   # which fill an oracle needs before the LM
+    python benchmarks/vlm_probes.py in-lm   [--model llava|qwen]   # the oracle inside the LM (layer 1)
+    python benchmarks/vlm_probes.py sized   [--methods pitome,tome] # proportional attention in the LM (LLaVA)
+
+``oracles``: the answering objects' tokens first, then a fill: random, the other objects' then random, or the
+background only (objects last). ``in-lm``: the oracle (answer tokens, then a random fill) after decoder layer 1,
+through ``vtr.conditioned`` as a user's query. ``sized``: tokens merged before the LM get ``log(size)`` added to
+their key columns in the LM's attention (ToMe's proportional attention carried into the LM), against the plain run.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import Tensor
+
+import vtr
+from vtr.tools import vlm_fidelity, vlm_yardstick, vqa_task as task
+
+BUDGETS = (0.5, 0.25, 0.11)
+
+
+def ranked(key: Tensor) -> Tensor:
+    """Distinct scores ``k / 64`` from a float64 ranking key (highest first), as the oracle takes them."""
+    rank = key.argsort(dim=1, descending=True).argsort(dim=1)
+    return (task.GRID ** 2 - rank).float() / task.GRID ** 2
+
+
+def line(label: str, budget: float, accuracy: float, per_type: dict) -> str:
+    types = " ".join(f"{kind} {100 * value:5.1f}" for kind, value in per_type.items())
+    return f"{label:52s} {100 * budget:3.0f}%  acc {100 * accuracy:5.1f}  {types}"
+
+
+def per_type(correct: Tensor, examples: "task.Examples") -> dict:
+    kinds = torch.tensor([task.TYPES.index(kind) for kind in examples.types])
+    return {kind: float(correct[kinds == i].float().mean()) for i, kind in enumerate(task.TYPES)}
+
+
+def oracle_rows(model, examples, variants: dict, layers: list) -> None:
+    reference = vlm_fidelity.answer_logits(model, examples).argmax(-1)
+    probe = examples.subset(slice(0, 32))
+    base = vlm_fidelity._prefill_flops(model, probe)
+    with vlm_fidelity._oracle_registered():
+        for label, scores in variants.items():
+            for budget in BUDGETS:
+                options = {"budget": max(1, round(budget * task.GRID ** 2)), **({"layers": layers} if layers else {})}
+                row = vlm_fidelity._measure(model, examples, probe, "oracle", options, scores,
+                                            vlm_fidelity.VlmResult(label, "", budget), reference, base, 250)
+                print(line(label, budget, row.accuracy, row.per_type), flush=True)
+
+
+def oracles(model, examples) -> None:
+    relevant, objects = examples.relevant.flatten(1).double(), examples.objects.flatten(1).double()
+    fill = torch.rand(relevant.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    answer = (relevant > 0) * 1e6 + relevant * 1e4
+    oracle_rows(model, examples, {
+        "answer tokens, then random (the oracle)": vlm_fidelity.oracle_scores(examples),
+        "answer tokens, other objects', then random": ranked(answer + (objects > 0) * 1e3 + objects * 10 + fill),
+        "answer tokens, other objects', then raster order": ranked(
+            answer + (objects > 0) * 1e3 + objects * 10 - torch.arange(task.GRID ** 2, dtype=torch.float64) * 1e-4),
+        "background only (random), objects last": ranked((objects == 0) * 1e3 + fill),
+    }, layers=[])
+
+
+def in_lm(model, examples) -> None:
+    oracle_rows(model, examples, {"oracle in the LM (layer 1)": vlm_fidelity.oracle_scores(examples)}, layers=[1])
+
+
+def sized(model, examples, methods: list) -> None:
+    """Each method before the LM, plain and with log(size) on its merged tokens' key columns in the LM."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    bias = {"columns": None}   # [B, L'] log size of each column of the compacted prompt (0 for text)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if bias["columns"] is None or query.shape[2] == 1 or not getattr(module, "is_causal", False):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        length = key.shape[2]
+        if attention_mask is None:
+            allowed = torch.ones(query.shape[2], length, dtype=torch.bool).tril(length - query.shape[2])[None, None]
+        else:
+            allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1e30
+        mask = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill(~allowed, float("-inf"))
+        kwargs.pop("is_causal", None)
+        return sdpa_attention_forward(module, query, key, value, mask + bias["columns"][:, None, None, :length],
+                                      is_causal=False, **kwargs)
+
+    AttentionInterface.register("vtr_sized_probe", attention)
+    AttentionMaskInterface.register("vtr_sized_probe", sdpa_mask)
+    image_token = model.config.image_token_id
+    for method in methods:
+        for budget in BUDGETS:
+            vtr.patch(model, method, budget=max(1, round(budget * task.GRID ** 2)))
+            correct = {"plain": [], "sized": []}
+            try:
+                for start in range(0, len(examples), 250):
+                    part = examples.subset(slice(start, start + 250))
+                    bias["columns"] = None
+                    model.set_attn_implementation("sdpa")
+                    correct["plain"].append(vlm_fidelity.answer_logits(model, part).argmax(-1) == part.answers)
+                    report = vtr.report(model)
+                    ids = vlm_yardstick.model_inputs(model, part)["input_ids"]
+                    kept = report.kept_positions
+                    columns = torch.zeros(kept.shape)
+                    for image, row in enumerate(report.image_rows.tolist()):
+                        visual = (kept[row] >= 0) & (ids[row].gather(0, kept[row].clamp_min(0)) == image_token)
+                        sizes = report.size[image][report.size[image] > 0].float()
+                        columns[row, visual] = sizes.log()
+                    bias["columns"] = columns
+                    model.set_attn_implementation("vtr_sized_probe")
+                    correct["sized"].append(vlm_fidelity.answer_logits(model, part).argmax(-1) == part.answers)
+            finally:
+                bias["columns"] = None
+                model.set_attn_implementation("sdpa")
+                vtr.unpatch(model)
+            for label, parts in correct.items():
+                right = torch.cat(parts)
+                print(line(f"{method} before the LM, {label}", budget, float(right.float().mean()),
+                           per_type(right, examples)), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=["oracles", "in-lm", "sized"])
+    parser.add_argument("--model", choices=["llava", "qwen"], default="llava")
+    parser.add_argument("--methods", default="pitome,tome", help="sized: the merging methods to probe")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.probe == "sized" and args.model != "llava":
+        parser.error("sized: LLaVA only (its compacted prompt's columns are the report's kept_positions)")
+    model = vlm_yardstick.trained_model(vlm_yardstick.recipe(args.model))
+    examples = task.make_examples(1200, seed=10_000)
+    if args.probe == "oracles":
+        oracles(model, examples)
+    elif args.probe == "in-lm":
+        in_lm(model, examples)
+    else:
+        sized(model, examples, args.methods.split(","))
+
+
+if __name__ == "__main__":
+    main()
