@@ -34,29 +34,18 @@ from ..base import restore_class, swap_class
 from ..errors import UnsupportedModelError
 from ..vlm import in_llm as pruning
 from ..vlm import items
-from ..vlm.front import ReducingVlm, VlmAdapter
-from ..vlm.run import VlmRun
+from ..vlm.front import ReducingBeforeOrInLm, VlmAdapter
 from . import before_lm, bench, in_llm, received
 from .common import Gemma3Report, cost, gemma3_classes, image_tokens
 
 SUPPORTED = "Gemma3ForConditionalGeneration (Gemma 3)"
 
 
-class ReducingGemma3(ReducingVlm):
+class ReducingGemma3(ReducingBeforeOrInLm):
     """Mixed in before the model's own class: ``forward`` and ``generate`` take the path chosen at patch time."""
 
     _vtr: Reduction
-
-    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
-        if pruning.stages_of(self) is not None:
-            return pruning.forward(self, run, original_forward, arguments)
-        return before_lm.forward(self, original_forward, arguments)
-
-    def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
-        if pruning.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
-            pruning.check_generate(self, kwargs)
-            return generate(inputs, *args, **kwargs)
-        return before_lm.generate(self, generate, inputs, *args, **kwargs)
+    before_lm = before_lm
 
 
 class Gemma3(VlmAdapter):

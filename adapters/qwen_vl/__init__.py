@@ -43,7 +43,7 @@ from .. import steps
 from ..base import restore_class, swap_class
 from ..errors import UnsupportedModelError
 from ..vlm import in_llm as pruning
-from ..vlm.front import ReducingVlm, VlmAdapter
+from ..vlm.front import ReducingBeforeOrInLm, VlmAdapter
 from ..vlm import items
 from ..vlm.run import VlmRun
 from . import before_lm, bench, in_llm, received, tower
@@ -53,22 +53,14 @@ SUPPORTED = ("Qwen3VLForConditionalGeneration (Qwen3-VL), Qwen2_5_VLForCondition
              "Qwen2VLForConditionalGeneration (Qwen2-VL)")
 
 
-class ReducingQwenVL(ReducingVlm):
+class ReducingQwenVL(ReducingBeforeOrInLm):
     """Mixed in before the model's own class: ``forward`` and ``generate`` take the path chosen at patch time."""
 
     _vtr: Reduction
+    before_lm = before_lm
 
-    def vtr_forward(self, run: VlmRun, original_forward, arguments: dict):
-        if pruning.stages_of(self) is not None:
-            return pruning.forward(self, run, original_forward, arguments)
-        return before_lm.forward(self, original_forward, arguments)
-
-    def vtr_generate(self, run: VlmRun, generate, inputs: Optional[Tensor], *args, **kwargs):
-        if pruning.stages_of(self) is not None:   # in-LLM pruning: hooks on the decoder layers do the work
-            pruning.check_generate(self, kwargs)
-            in_llm.remember(run, self, inputs, kwargs)
-            return generate(inputs, *args, **kwargs)
-        return before_lm.generate(self, generate, inputs, *args, **kwargs)
+    def remember_prompt(self, run: VlmRun, inputs: Optional[Tensor], kwargs: dict) -> None:
+        in_llm.remember(run, self, inputs, kwargs)
 
 
 class QwenVL(VlmAdapter):

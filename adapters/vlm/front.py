@@ -11,6 +11,7 @@ from vtr.budget.visual import VisualPlan
 from vtr.core import run as runs
 
 from ..base import Adapter, Swapped
+from . import in_llm
 from .calls import arguments_by_name
 from .run import VlmRun, opened
 from .video import VIDEO_OPTIONS
@@ -58,6 +59,29 @@ class ReducingVlm(Swapped):
         view = object.__new__(type(self)._vtr_original)
         object.__setattr__(view, "__dict__", self.__dict__)
         return view.save_pretrained(*args, **kwargs)
+
+
+class ReducingBeforeOrInLm(ReducingVlm):
+    """The mixin of a family reduced either before the language model (its ``before_lm`` module's ``forward`` and
+    ``generate``) or inside it (``layers=``: hooks on the decoder layers do the work, :mod:`.in_llm`), as chosen at
+    patch time. A family sets ``before_lm``; ``remember_prompt`` is its hook before an in-LM ``generate()``."""
+
+    before_lm = None   # the family's module: forward(model, original_forward, arguments), generate(model, ...)
+
+    def vtr_forward(self, run: VlmRun, original_forward: Callable, arguments: dict):
+        if in_llm.stages_of(self) is not None:
+            return in_llm.forward(self, run, original_forward, arguments)
+        return self.before_lm.forward(self, original_forward, arguments)
+
+    def vtr_generate(self, run: VlmRun, generate: Callable, inputs: Optional[Tensor], *args, **kwargs):
+        if in_llm.stages_of(self) is not None:
+            in_llm.check_generate(self, kwargs)
+            self.remember_prompt(run, inputs, kwargs)
+            return generate(inputs, *args, **kwargs)
+        return self.before_lm.generate(self, generate, inputs, *args, **kwargs)
+
+    def remember_prompt(self, run: VlmRun, inputs: Optional[Tensor], kwargs: dict) -> None:
+        """What an in-LM ``generate()`` must keep of its prompt before the first forward (nothing, by default)."""
 
 
 class VlmAdapter(Adapter):
