@@ -86,7 +86,9 @@ def oracle_scores(examples: "task.Examples", seed: int = 0) -> Tensor:
     of the image.)"""
     relevant = examples.relevant.flatten(1).double()
     fill = torch.rand(relevant.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    key = (relevant > 0) * 4.0 + relevant + fill / 2   # answer tokens above 4; fill in [0, 0.5): no ties to round
+    # answer tokens above 1, by coverage (steps of 1/64 of a token's pixels); the fill, under 1/64, orders the rest
+    # and breaks ties: every key differs, and no choice hinges on rounding
+    key = (relevant > 0) + relevant + fill / 128
     rank = key.argsort(dim=1, descending=True).argsort(dim=1)
     return (task.GRID ** 2 - rank).float() / task.GRID ** 2
 
