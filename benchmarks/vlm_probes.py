@@ -4,11 +4,14 @@ use) and the same 1200 questions as ``vtr fidelity --model llava-task``.
     python benchmarks/vlm_probes.py oracles [--model llava|qwen]   # which fill an oracle needs before the LM
     python benchmarks/vlm_probes.py in-lm   [--model llava|qwen]   # the oracle inside the LM (layer 1)
     python benchmarks/vlm_probes.py sized   [--methods pitome,tome] # proportional attention in the LM (LLaVA)
+    python benchmarks/vlm_probes.py recall  [--model qwen] [--methods fastv,divprune]   # do they keep the answer?
 
 ``oracles``: the answering objects' tokens first, then a fill: random, the other objects' then random, or the
 background only (objects last). ``in-lm``: the oracle (answer tokens, then a random fill) after decoder layer 1,
 through ``vtr.conditioned`` as a user's query. ``sized``: tokens merged before the LM get ``log(size)`` added to
 their key columns in the LM's attention (ToMe's proportional attention carried into the LM), against the plain run.
+``recall``: dropping methods in the LM (layer 1) at 11%: the share of the answering objects' tokens they keep (of
+as many as the budget allows), per question type, beside the accuracy.
 """
 from __future__ import annotations
 
@@ -124,11 +127,34 @@ def sized(model, examples, methods: list) -> None:
                            per_type(right, examples)), flush=True)
 
 
+def recall(model, examples, methods: list, budget: float = 0.11) -> None:
+    kept_count = max(1, round(budget * task.GRID ** 2))
+    answer = examples.relevant.flatten(1) > 0
+    for method in methods:
+        vtr.patch(model, method, budget=kept_count, layers=[1])
+        kept, right = [], []
+        try:
+            for start in range(0, len(examples), 250):
+                part = examples.subset(slice(start, start + 250))
+                right.append(vlm_fidelity.answer_logits(model, part).argmax(-1) == part.answers)
+                kept.append(vtr.report(model).assignment >= 0)
+        finally:
+            vtr.unpatch(model)
+        kept, right = torch.cat(kept), torch.cat(right)
+        if bool(kept.all()):
+            print(f"{method}: merges every token (no recall to read)")
+            continue
+        share = (kept & answer).sum(1) / answer.sum(1).clamp(max=kept_count).clamp_min(1)
+        has = answer.any(1)
+        print(line(f"{method}: answer tokens kept {100 * float(share[has].mean()):4.1f}%", budget,
+                   float(right.float().mean()), per_type(share.clamp(max=1) * has, examples)), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["oracles", "in-lm", "sized"])
+    parser.add_argument("probe", choices=["oracles", "in-lm", "sized", "recall"])
     parser.add_argument("--model", choices=["llava", "qwen"], default="llava")
-    parser.add_argument("--methods", default="pitome,tome", help="sized: the merging methods to probe")
+    parser.add_argument("--methods", default=None, help="sized: merging methods (pitome,tome); recall: dropping ones")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,8 +166,10 @@ def main() -> None:
         oracles(model, examples)
     elif args.probe == "in-lm":
         in_lm(model, examples)
+    elif args.probe == "sized":
+        sized(model, examples, (args.methods or "pitome,tome").split(","))
     else:
-        sized(model, examples, args.methods.split(","))
+        recall(model, examples, (args.methods or "fastv,divprune,query,sparsevlm,dart").split(","))
 
 
 if __name__ == "__main__":
