@@ -5,13 +5,16 @@ use) and the same 1200 questions as ``vtr fidelity --model llava-task``.
     python benchmarks/vlm_probes.py in-lm   [--model llava|qwen]   # the oracle inside the LM (layer 1)
     python benchmarks/vlm_probes.py sized   [--methods pitome,tome] # proportional attention in the LM (LLaVA)
     python benchmarks/vlm_probes.py recall  [--model qwen] [--methods fastv,divprune]   # do they keep the answer?
+    python benchmarks/vlm_probes.py fill    [--model qwen]   # fastv's top share of the budget, the rest at random
 
 ``oracles``: the answering objects' tokens first, then a fill: random, the other objects' then random, or the
 background only (objects last). ``in-lm``: the oracle (answer tokens, then a random fill) after decoder layer 1,
 through ``vtr.conditioned`` as a user's query. ``sized``: tokens merged before the LM get ``log(size)`` added to
 their key columns in the LM's attention (ToMe's proportional attention carried into the LM), against the plain run.
 ``recall``: dropping methods in the LM (layer 1) at 11%: the share of the answering objects' tokens they keep (of
-as many as the budget allows), per question type, beside the accuracy.
+as many as the budget allows), per question type, beside the accuracy. ``fill``: in the LM (layer 1), a share of
+the budget by fastv's rule (the last prompt token's attention), the rest a seeded random spread: the object and the
+rest, which the oracle shows these LMs need.
 """
 from __future__ import annotations
 
@@ -150,9 +153,48 @@ def recall(model, examples, methods: list, budget: float = 0.11) -> None:
                    float(right.float().mean()), per_type(share.clamp(max=1) * has, examples)), flush=True)
 
 
+def fill(model, examples) -> None:
+    from vtr.reducers.base import REDUCERS, dest_from_choice
+    from vtr.reducers.fastv import FastV
+    from vtr.reducers.select import attention_scores, real_tokens
+
+    class AttendedFill(FastV):
+        name = "attended_fill"
+
+        def __init__(self, share: float = 0.5):
+            super().__init__(fuse="drop")
+            self.share = share
+
+        def step(self, state, num_kept, signals):
+            wanted = num_kept - state.num_protected
+            score = attention_scores(self, state, signals).float().masked_fill(~real_tokens(state), -1.0)
+            top = max(1, round(self.share * wanted)) if self.share > 0 else 0
+            first = score.topk(top, dim=1).indices
+            generator = torch.Generator().manual_seed(signals.layer)
+            rest = torch.rand(score.shape, generator=generator).masked_fill(~real_tokens(state), -1.0)
+            rest = rest.scatter(1, first, -2.0)   # not twice
+            kept = torch.cat([first, rest.topk(wanted - top, dim=1).indices], 1).sort(dim=1).values
+            return state.reduce(dest_from_choice(state, kept), num_kept)
+
+    reference = vlm_fidelity.answer_logits(model, examples).argmax(-1)
+    probe = examples.subset(slice(0, 32))
+    base = vlm_fidelity._prefill_flops(model, probe)
+    REDUCERS[AttendedFill.name] = AttendedFill
+    try:
+        for share in (1.0, 0.75, 0.5, 0.25):
+            for budget in (0.25, 0.11):
+                options = {"budget": max(1, round(budget * task.GRID ** 2)), "layers": [1], "share": share}
+                row = vlm_fidelity._measure(model, examples, probe, AttendedFill.name, options, None,
+                                            vlm_fidelity.VlmResult("fill", "", budget), reference, base, 250)
+                print(line(f"fastv's top {share:.0%} of the budget, then random", budget, row.accuracy or 0.0,
+                           row.per_type) if row.status == "ok" else row.status, flush=True)
+    finally:
+        del REDUCERS[AttendedFill.name]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["oracles", "in-lm", "sized", "recall"])
+    parser.add_argument("probe", choices=["oracles", "in-lm", "sized", "recall", "fill"])
     parser.add_argument("--model", choices=["llava", "qwen"], default="llava")
     parser.add_argument("--methods", default=None, help="sized: merging methods (pitome,tome); recall: dropping ones")
     parser.add_argument("--threads", type=int, default=1)
@@ -168,8 +210,10 @@ def main() -> None:
         in_lm(model, examples)
     elif args.probe == "sized":
         sized(model, examples, (args.methods or "pitome,tome").split(","))
-    else:
+    elif args.probe == "recall":
         recall(model, examples, (args.methods or "fastv,divprune,query,sparsevlm,dart").split(","))
+    else:
+        fill(model, examples)
 
 
 if __name__ == "__main__":
