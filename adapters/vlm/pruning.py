@@ -169,6 +169,7 @@ class Pruning:
             self.groups = self._image_groups()
         needs = self.reduction.reducer.needs
         keys = layer_keys(layer, hidden, cos, sin) if {Need.KEYS, Need.INSTRUCTION} & needs else None
+        reads_question = Need.QUERY in needs and self.given_query is None   # the text after the image as its query
         entering = hidden
         hidden = hidden.clone()
         keep = (slot >= 0) & ~self.placeholder
@@ -180,7 +181,7 @@ class Pruning:
             current = slot[rows, group.state.first_carried(group.columns, length)]   # [G, n] slot of each token
             instruction = self._instruction(group, layer, entering, keys, slot, current, cos, sin,
                                             Need.TEXT_ATTENTION in needs) \
-                if {Need.INSTRUCTION, Need.TEXT_ATTENTION, Need.QUERY} & needs else None
+                if {Need.INSTRUCTION, Need.TEXT_ATTENTION} & needs or reads_question else None
             group.state = self._reduce(group, group.state.with_x(hidden[rows, current]), scores[rows, current],
                                        group.budgets[stage], None if keys is None else keys[rows, current],
                                        instruction, self._query(group, instruction) if Need.QUERY in needs else None)

@@ -157,7 +157,7 @@ def test_forced_level_and_the_learned_router_in_the_state_dict():
     assert any(k.startswith("_vtr_compression.router.") for k in model.state_dict())
     with pytest.raises(ValueError, match="one of the granularity levels"):
         with vtr.compression.forced_level(model, 4):
-            pass
+            run(model, ids, mask, pixels)   # refused on entering (a check left to the call is caught too)
 
 
 def test_rglf_trains_only_the_router():
