@@ -55,5 +55,5 @@ def test_capabilities_say_what_each_reducer_is():
     assert identity == {"none"} and fixed == {"pool"}
     assert published == {"evit": "one", "fastv": "drop", "hired": "drop", "atf": "drop", "query": "drop",
                          "divprune": "drop", "vispruner": "drop", "fastervlm": "drop",
-                         "pyramiddrop": "drop", "cdpruner": "drop", "dart": "drop"}
+                         "pyramiddrop": "drop", "cdpruner": "drop", "dart": "drop", "feather": "drop"}
     assert vtr.make_reducer("pool", factor=2).kept_grid((5, 4)) == (3, 2)

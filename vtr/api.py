@@ -53,7 +53,7 @@ def methods(details: bool = False) -> Union[dict[str, str], dict[str, MethodInfo
     if not details:
         return {name: cls.description for name, cls in sorted(REDUCERS.items())}
     return {name: MethodInfo(name=name, description=cls.description, stages=tuple(cls.stages),
-                             attention=bool({Need.CLS_ATTENTION, Need.TEXT_ATTENTION} & cls.needs),
+                             attention=bool({Need.CLS_ATTENTION, Need.TEXT_ATTENTION, Need.UNROTATED_ATTENTION} & cls.needs),
                              query=bool({Need.QUERY, Need.INSTRUCTION} & cls.needs),
                              training=bool(cls.learned), paper=cls.paper)
             for name, cls in sorted(REDUCERS.items())}

@@ -162,12 +162,17 @@ class Pruning:
         """Reduce each image's tokens at this stage and return the stage's sequence (shared kwargs set)."""
         length = self.length
         cos, sin = kwargs["position_embeddings"]
-        scores = last_token_attention(layer, hidden, cos, sin, self.columns >= 0, self._window(layer))  # [B, L_prev]
+        needs = self.reduction.reducer.needs
+        if Need.UNROTATED_ATTENTION in needs:   # FEATHER: no rotary embedding, a softmax over the visual tokens only
+            visual = self.placeholder.gather(1, self.columns.clamp_min(0)) & (self.columns >= 0)
+            scores = last_token_attention(layer, hidden, torch.ones_like(cos), torch.zeros_like(sin), visual,
+                                          self._window(layer))   # [B, L_prev]
+        else:
+            scores = last_token_attention(layer, hidden, cos, sin, self.columns >= 0, self._window(layer))
         slot = slot_of_column(self.columns, length)
 
         if not self.groups:
             self.groups = self._image_groups()
-        needs = self.reduction.reducer.needs
         keys = layer_keys(layer, hidden, cos, sin) if {Need.KEYS, Need.INSTRUCTION} & needs else None
         reads_question = Need.QUERY in needs and self.given_query is None   # the text after the image as its query
         entering = hidden

@@ -11,11 +11,11 @@ from conftest import tiny_vit
 from llava_models import logits, tiny_llava
 from test_one_file_method import FAMILIES, GENERATE, run
 
-IN_LM = ["pyramiddrop", "dart", "sparsevlm"]
+IN_LM = ["pyramiddrop", "dart", "sparsevlm", "feather"]
 BEFORE_LM = ["cdpruner"]
 # Qwen3-VL prunes from layer 2 on (DeepStack adds tower features after layers 0 and 1): the tiny 4-layer model's
 # default layers of the multi-stage methods start at 1, so these tests move them (a real model's start deeper).
-QWEN3_LAYERS = {"pyramiddrop": [2, 3], "sparsevlm": [2, 3]}
+QWEN3_LAYERS = {"pyramiddrop": [2, 3], "sparsevlm": [2, 3], "feather": [2, 3]}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

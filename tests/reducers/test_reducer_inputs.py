@@ -21,7 +21,8 @@ OPTIONS = {"atf": "prior, prior_weight, fuse", "evit": "fuse, fuse_weight", "fas
            "dynamicvit": "init, temperature, threshold, noise", "sit": "temperature",
            "visionzip": "contextual, merge", "divprune": "fuse", "vispruner": "important_ratio, fuse",
            "fastervlm": "fuse", "pyramiddrop": "ratio, fuse", "cdpruner": "negate, fuse",
-           "dart": "pivot_image, pivot_text, fuse", "sparsevlm": "recycle"}
+           "dart": "pivot_image, pivot_text, fuse", "sparsevlm": "recycle",
+           "feather": "stride, ratio, fuse"}
 
 
 def test_every_method_is_listed_here():

@@ -21,6 +21,9 @@ class Need(str, enum.Enum):
     KEYS = "keys"
     INSTRUCTION = "instruction"
     TEXT_ATTENTION = "text_attention"   # the instruction with its attention to the tokens (Instruction.attention)
+    # inside a language model, cls_attention computed without the rotary embedding, a softmax over the visual
+    # tokens only (FEATHER's criterion); elsewhere not offered
+    UNROTATED_ATTENTION = "unrotated_attention"
 
     def __str__(self) -> str:
         return self.value

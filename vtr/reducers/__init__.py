@@ -1,7 +1,7 @@
 """Reducers: model-agnostic modules that turn a token state into a smaller one."""
 from .base import REDUCERS, Reducer, Signals, check_budget, dest_from_choice
-from . import (atf, baselines, cdpruner, dart, divprune, drop, dynamicvit, fastervlm, fastv, merge,  # noqa: F401
-               pool, pyramiddrop, query, sit, sparsevlm, video, visionzip, vispruner)  # (registers the methods)
+from . import (atf, baselines, cdpruner, dart, divprune, drop, dynamicvit, fastervlm, fastv, feather,  # noqa: F401
+               merge, pool, pyramiddrop, query, sit, sparsevlm, video, visionzip, vispruner)  # (registers the methods)
 from .atf import ATF
 from .baselines import NoReduction, RandomDrop
 from .cdpruner import CDPruner
@@ -11,6 +11,7 @@ from .divprune import DivPrune
 from .dynamicvit import DynamicViT
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .feather import Feather
 from .merge import PiToMe, ToMe
 from .pool import GridPool
 from .pyramiddrop import PyramidDrop
@@ -24,4 +25,4 @@ from .vispruner import VisPruner
 __all__ = ["REDUCERS", "Reducer", "Signals", "check_budget", "dest_from_choice",
            "NoReduction", "RandomDrop", "PiToMe", "ToMe", "EViT", "HiRED", "ATF", "QueryPrune", "GridPool", "FastV",
            "TemporalMerge", "DynamicViT", "SiT", "VisionZip", "DivPrune", "VisPruner", "FasterVLM", "PyramidDrop",
-           "CDPruner", "DART", "SparseVLM"]
+           "CDPruner", "DART", "SparseVLM", "Feather"]
