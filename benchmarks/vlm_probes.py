@@ -4,15 +4,16 @@ use) and the same 1200 questions as ``vtr fidelity --model llava-task``.
     python benchmarks/vlm_probes.py oracles [--model llava|qwen]   # which fill an oracle needs before the LM
     python benchmarks/vlm_probes.py in-lm   [--model llava|qwen]   # the oracle inside the LM (layer 1)
     python benchmarks/vlm_probes.py sized   [--methods pitome,tome] # proportional attention in the LM (LLaVA)
-    python benchmarks/vlm_probes.py recall  [--model qwen] [--methods fastv,divprune]   # do they keep the answer?
+    python benchmarks/vlm_probes.py recall  [--model qwen] [--methods fastv,divprune]   # the answer kept? spread?
     python benchmarks/vlm_probes.py fill    [--model qwen]   # fastv's top share of the budget, the rest at random
 
 ``oracles``: the answering objects' tokens first, then a fill: random, the other objects' then random, or the
 background only (objects last). ``in-lm``: the oracle (answer tokens, then a random fill) after decoder layer 1,
 through ``vtr.conditioned`` as a user's query. ``sized``: tokens merged before the LM get ``log(size)`` added to
 their key columns in the LM's attention (ToMe's proportional attention carried into the LM), against the plain run.
-``recall``: dropping methods in the LM (layer 1) at 11%: the share of the answering objects' tokens they keep (of
-as many as the budget allows), per question type, beside the accuracy. ``fill``: in the LM (layer 1), a share of
+``recall``: dropping methods in the LM (layer 1) at 25% and 11%: the share of the answering objects' tokens they
+keep (of as many as the budget allows), of their kept tokens on objects, of the image's 2 x 2 cells they cover and
+of their kept tokens in the bottom half, beside the accuracy. ``fill``: in the LM (layer 1), a share of
 the budget by fastv's rule (the last prompt token's attention), the rest a seeded random spread: the object and the
 rest, which the oracle shows these LMs need.
 """
@@ -130,27 +131,48 @@ def sized(model, examples, methods: list) -> None:
                            per_type(right, examples)), flush=True)
 
 
-def recall(model, examples, methods: list, budget: float = 0.11) -> None:
-    kept_count = max(1, round(budget * task.GRID ** 2))
+def recall(model, examples, methods: list, budgets: tuple = (0.11,)) -> None:
+    """Where each dropping method's kept tokens lie in the LM (layer 1): the share of the answering objects' tokens
+    kept (of as many as the budget allows), of the kept tokens on any object, of the image's 2 x 2 cells holding
+    one (its spread) and of the kept tokens in the image's bottom half (the rotary embedding's pull towards the
+    prompt, FEATHER's finding), beside the accuracy per type. A token merged with others (SparseVLM's recycled
+    clusters) is not kept as itself and counts for none of these."""
     answer = examples.relevant.flatten(1) > 0
-    for method in methods:
-        vtr.patch(model, method, budget=kept_count, layers=[1])
-        kept, right = [], []
-        try:
-            for start in range(0, len(examples), 250):
-                part = examples.subset(slice(start, start + 250))
-                right.append(vlm_fidelity.answer_logits(model, part).argmax(-1) == part.answers)
-                kept.append(vtr.report(model).assignment >= 0)
-        finally:
-            vtr.unpatch(model)
-        kept, right = torch.cat(kept), torch.cat(right)
-        if bool(kept.all()):
-            print(f"{method}: merges every token (no recall to read)")
-            continue
-        share = (kept & answer).sum(1) / answer.sum(1).clamp(max=kept_count).clamp_min(1)
-        has = answer.any(1)
-        print(line(f"{method}: answer tokens kept {100 * float(share[has].mean()):4.1f}%", budget,
-                   float(right.float().mean()), per_type(share.clamp(max=1) * has, examples)), flush=True)
+    on_object = examples.objects.flatten(1) > 0
+    side = task.GRID
+    cell = (torch.arange(side)[:, None] // 2 * (side // 2) + torch.arange(side)[None, :] // 2).flatten()
+    bottom = (torch.arange(side * side) // side) >= side // 2
+    for budget in budgets:
+        kept_count = max(1, round(budget * side ** 2))
+        for spec in methods:   # "name" or "name:option=value", e.g. sparsevlm:recycle=0
+            method, _, option = spec.partition(":")
+            name, _, value = option.partition("=")
+            options = {name: int(value) if value.isdigit() else float(value)} if option else {}
+            vtr.patch(model, method, budget=kept_count, layers=[1], **options)
+            kept, right = [], []
+            try:
+                for start in range(0, len(examples), 250):
+                    part = examples.subset(slice(start, start + 250))
+                    right.append(vlm_fidelity.answer_logits(model, part).argmax(-1) == part.answers)
+                    assignment = vtr.report(model).assignment
+                    # a token kept as itself: its destination holds no other (merged tokens are means, not it)
+                    dest = assignment.clamp_min(0)
+                    held = torch.zeros(dest.shape[0], dest.shape[1] + 1).scatter_add_(1, dest, (assignment >= 0).float())
+                    kept.append((assignment >= 0) & (held.gather(1, dest) == 1))
+            finally:
+                vtr.unpatch(model)
+            kept, right = torch.cat(kept), torch.cat(right)
+            method = spec
+            share = (kept & answer).sum(1) / answer.sum(1).clamp(max=kept_count).clamp_min(1)
+            has = answer.any(1)
+            count = kept.sum(1).clamp_min(1)
+            objects = float(((kept & on_object).sum(1) / count).mean())
+            cells = torch.zeros(len(kept), (side // 2) ** 2).index_add_(1, cell, kept.float()) > 0
+            lower = float(((kept & bottom).sum(1) / count).mean())
+            label = (f"{method}: answer {100 * float(share[has].mean()):3.0f}% objects {100 * objects:3.0f}% "
+                     f"cells {100 * float(cells.float().mean()):3.0f}% bottom {100 * lower:3.0f}%")
+            print(line(label, budget, float(right.float().mean()), per_type(share.clamp(max=1) * has, examples)),
+                  flush=True)
 
 
 def fill(model, examples) -> None:
@@ -211,7 +233,9 @@ def main() -> None:
     elif args.probe == "sized":
         sized(model, examples, (args.methods or "pitome,tome").split(","))
     elif args.probe == "recall":
-        recall(model, examples, (args.methods or "fastv,divprune,query,sparsevlm,dart").split(","))
+        recall(model, examples, (args.methods or "random,fastv,feather,divprune,query,sparsevlm,sparsevlm:recycle=0,"
+                                 "dart,dart:pivot_text=0,atf").split(","),
+               (0.25, 0.11))
     else:
         fill(model, examples)
 
