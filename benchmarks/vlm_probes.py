@@ -6,6 +6,7 @@ use) and the same 1200 questions as ``vtr fidelity --model llava-task``.
     python benchmarks/vlm_probes.py sized   [--methods pitome,tome] # proportional attention in the LM (LLaVA)
     python benchmarks/vlm_probes.py recall  [--model qwen] [--methods fastv,divprune]   # the answer kept? spread?
     python benchmarks/vlm_probes.py fill    [--model qwen]   # fastv's top share of the budget, the rest at random
+    python benchmarks/vlm_probes.py spread  [--model qwen]   # each method with FEATHER's grid forced in
 
 ``oracles``: the answering objects' tokens first, then a fill: random, the other objects' then random, or the
 background only (objects last). ``in-lm``: the oracle (answer tokens, then a random fill) after decoder layer 1,
@@ -131,6 +132,13 @@ def sized(model, examples, methods: list) -> None:
                            per_type(right, examples)), flush=True)
 
 
+def parsed(spec: str) -> tuple[str, dict]:
+    """A method given as ``name`` or ``name:option=value`` (e.g. ``sparsevlm:recycle=0``): its name and options."""
+    method, _, option = spec.partition(":")
+    name, _, value = option.partition("=")
+    return method, ({name: int(value) if value.isdigit() else float(value)} if option else {})
+
+
 def recall(model, examples, methods: list, budgets: tuple = (0.11,)) -> None:
     """Where each dropping method's kept tokens lie in the LM (layer 1): the share of the answering objects' tokens
     kept (of as many as the budget allows), of the kept tokens on any object, of the image's 2 x 2 cells holding
@@ -144,10 +152,8 @@ def recall(model, examples, methods: list, budgets: tuple = (0.11,)) -> None:
     bottom = (torch.arange(side * side) // side) >= side // 2
     for budget in budgets:
         kept_count = max(1, round(budget * side ** 2))
-        for spec in methods:   # "name" or "name:option=value", e.g. sparsevlm:recycle=0
-            method, _, option = spec.partition(":")
-            name, _, value = option.partition("=")
-            options = {name: int(value) if value.isdigit() else float(value)} if option else {}
+        for spec in methods:
+            method, options = parsed(spec)
             vtr.patch(model, method, budget=kept_count, layers=[1], **options)
             kept, right = [], []
             try:
@@ -214,9 +220,62 @@ def fill(model, examples) -> None:
         del REDUCERS[AttendedFill.name]
 
 
+def spread(model, examples, methods: list) -> None:
+    """In the LM (layer 1) at 25% and 11%: each dropping method as it is, and with FEATHER's uniform grid forced in
+    (``vtr.reducers.feather``: ``grid[::s, ::s]``, at most half the budget) and the method choosing the rest: does
+    adding a spread to its picks lift it, as it lifts fastv to feather?"""
+    from vtr.reducers.base import REDUCERS, Reducer, dest_from_choice
+    from vtr.reducers.feather import grid_stride, uniform_grid
+
+    class WithGrid(Reducer):
+        name = "with_grid"
+        stages = ("in_lm",)
+
+        def __init__(self, inner: str = "fastv"):
+            super().__init__()
+            method, options = parsed(inner)
+            if REDUCERS[method].published_fuse:   # dropped as published (vtr's default fuse would merge them all in)
+                options.setdefault("fuse", REDUCERS[method].published_fuse)
+            self.inner = vtr.make_reducer(method, **options)
+            self.needs = self.inner.needs
+
+        def step(self, state, num_kept, signals):
+            wanted = num_kept - state.num_protected
+            rows, cols = signals.grid
+            grid = uniform_grid(rows, cols, grid_stride(rows, cols, 3, wanted))
+            forced = torch.zeros(state.x.shape[0], rows * cols, dtype=torch.bool)
+            forced[:, grid] = True
+            for count in range(wanted - len(grid), wanted + 1):   # the method's picks until the union fills
+                picked = self.inner.step(state, state.num_protected + count, signals).assignment[:, state.num_protected:]
+                union = forced | (picked >= 0)
+                if int(union.sum(1).min()) >= wanted:
+                    break
+            order = (union.float() * 2 + forced.float()).argsort(dim=1, descending=True, stable=True)[:, :wanted]
+            return state.reduce(dest_from_choice(state, order.sort(dim=1).values), num_kept)
+
+    reference = vlm_fidelity.answer_logits(model, examples).argmax(-1)
+    probe = examples.subset(slice(0, 32))
+    base = vlm_fidelity._prefill_flops(model, probe)
+    REDUCERS[WithGrid.name] = WithGrid
+    try:
+        for spec in methods:
+            method, options = parsed(spec)
+            for budget in (0.25, 0.11):
+                count = max(1, round(budget * task.GRID ** 2))
+                for label, chosen, settings in ((spec, method, options),
+                                                (f"{spec} + grid", WithGrid.name, {"inner": spec})):
+                    row = vlm_fidelity._measure(model, examples, probe, chosen,
+                                                {"budget": count, "layers": [1], **settings}, None,
+                                                vlm_fidelity.VlmResult(label, "", budget), reference, base, 250)
+                    print(line(label, budget, row.accuracy or 0.0, row.per_type) if row.status == "ok"
+                          else f"{label}: {row.status}", flush=True)
+    finally:
+        del REDUCERS[WithGrid.name]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["oracles", "in-lm", "sized", "recall", "fill"])
+    parser.add_argument("probe", choices=["oracles", "in-lm", "sized", "recall", "fill", "spread"])
     parser.add_argument("--model", choices=["llava", "qwen"], default="llava")
     parser.add_argument("--methods", default=None, help="sized: merging methods (pitome,tome); recall: dropping ones")
     parser.add_argument("--threads", type=int, default=1)
@@ -236,6 +295,8 @@ def main() -> None:
         recall(model, examples, (args.methods or "random,fastv,feather,divprune,query,sparsevlm,sparsevlm:recycle=0,"
                                  "dart,dart:pivot_text=0,atf").split(","),
                (0.25, 0.11))
+    elif args.probe == "spread":
+        spread(model, examples, (args.methods or "random,fastv,dart,sparsevlm:recycle=0,atf,divprune").split(","))
     else:
         fill(model, examples)
 

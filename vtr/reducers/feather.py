@@ -15,7 +15,10 @@ count (the official code keeps the top 30% and the grid, whatever their union's 
 is that union's). The grid takes at most half of a stage's kept tokens, rounded up: where ``grid[::s, ::s]`` has
 more (budgets below the paper's, e.g. 7 of an 8 x 8 grid), the stride grows until it fits. Stage counts: each
 stage before the last keeps ``max(budget, floor(N * ratio ** i))``, the last ``budget`` (the official second stage
-keeps ``ratio ** 2`` of the first stage's count; vtr's budget sets the last count instead).
+keeps ``ratio ** 2`` of the first stage's count; vtr's budget sets the last count instead). The official code ranks
+with the attention of the layer before a stage (its q/k on that layer's input) and prunes that layer's output; vtr
+ranks with the stage layer's own q/k on the states entering it, and prunes them there (its convention for every
+in-LM method), so ``layers=[K]`` here prunes where the official ``fastv_k=[K]`` does.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from ..core.state import TokenState
 from .base import Signals, check_number, register
-from .fastv import FastV
+from .pyramiddrop import PyramidDrop
 from .select import attention_scores, fused_dest, num_chosen, real_tokens, top_scores
 
 
@@ -51,10 +54,11 @@ def feather_layers(num_layers: int) -> list[int]:
 
 
 @register
-class Feather(FastV):
+class Feather(PyramidDrop):
     """The image's tokens ranked by the last prompt token's attention without the rotary embedding, a uniform
     ``grid[::stride, ::stride]`` kept besides them at the first stage; the rest dropped (``fuse="drop"`` as
-    published; ``"nearest"`` or ``"one"`` fuse them instead)."""
+    published; ``"nearest"`` or ``"one"`` fuse them instead). Staged as PyramidDrop: each stage before the last
+    keeps ``floor(N * ratio ** i)`` (:meth:`PyramidDrop.stage_counts`), at FEATHER's own layers and ratio."""
 
     name = "feather"
     description = "in-LM dropping by the last prompt token's attention without RoPE, plus a uniform grid (FEATHER)"
@@ -63,18 +67,12 @@ class Feather(FastV):
     needs = frozenset({"cls_attention", "unrotated_attention"})
 
     def __init__(self, stride: int = 3, ratio: float = 0.3, fuse: str = "drop"):
-        super().__init__(fuse)
+        super().__init__(ratio, fuse)
         self.stride = int(check_number(self, "stride", stride, "an int >= 1 (every stride-th row and column of the "
                                        "image kept at the first stage)", lambda s: s >= 1, integer=True))
-        self.ratio = float(check_number(self, "ratio", ratio, "in (0, 1) (the fraction of the visual tokens each "
-                                        "stage before the last keeps)", lambda r: 0 < r < 1))
 
     def default_layers(self, num_layers: int) -> Optional[list[int]]:
         return feather_layers(num_layers)
-
-    def stage_counts(self, num_tokens: int, budget: int, num_stages: int) -> Optional[list[int]]:
-        counts = [math.floor(num_tokens * self.ratio ** i + 1e-9) for i in range(1, num_stages)]
-        return [max(budget, count) for count in counts] + [budget]
 
     def step(self, state: TokenState, num_kept: int, signals: Signals) -> TokenState:
         score = attention_scores(self, state, signals).float()
