@@ -28,23 +28,18 @@ language model only; ``metric='x'`` only.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from vtr.budget.cost import EncoderCost
+from vtr.budget import visual
 from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
-from vtr.budget import visual
 from vtr.reducers.base import Reducer
 
-from .. import steps
-from ..base import restore_class, swap_class
 from ..errors import UnsupportedModelError
-from ..vlm import in_llm as pruning
-from ..vlm.front import ReducingBeforeOrInLm, VlmAdapter
 from ..vlm import items
+from ..vlm.front import BeforeOrInLmAdapter, ReducingBeforeOrInLm
 from ..vlm.run import VlmRun
 from . import before_lm, bench, in_llm, received, tower
 from .common import REFERENCE_SIDE, QwenVLReport, cost, merge_size, qwen_classes
@@ -63,12 +58,17 @@ class ReducingQwenVL(ReducingBeforeOrInLm):
         in_llm.remember(run, self, inputs, kwargs)
 
 
-class QwenVL(VlmAdapter):
+class QwenVL(BeforeOrInLmAdapter):
     """transformers ``Qwen3VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
-    ``Qwen2VLForConditionalGeneration``."""
+    ``Qwen2VLForConditionalGeneration``: ``budget=`` per image or video; ``tower_layer=K`` keeps it inside the
+    vision tower instead."""
 
     name = "qwen_vl"
-    amounts = (*VlmAdapter.amounts, "tower_layer")
+    amounts = (*BeforeOrInLmAdapter.amounts, "tower_layer")
+    label, unit, features = "Qwen-VL", "image or video", "merged features"
+    inputs = "a prompt (input_ids with image tokens, mm_token_type_ids) and image_grid_thw as well as pixel_values"
+    reducing, received, bench, visuals = ReducingQwenVL, received, bench, in_llm.QwenVisuals
+    family_cost = staticmethod(cost)
 
     def matches(self, model: nn.Module) -> bool:
         """Any Qwen-VL model of transformers (bare models and Qwen3-VL-MoE too), so that those vtr does not
@@ -88,22 +88,14 @@ class QwenVL(VlmAdapter):
             if getattr(model.config, key, None) is None:
                 raise UnsupportedModelError(f"{kind}.config.{key} is not set: vtr finds the visual tokens from it")
 
-    def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
-        return cost(model, metric)
-
-    def blocks(self, model: nn.Module) -> nn.Module:
-        """The language model's decoder layers: where the visual tokens cost."""
-        return model.model.language_model.layers
-
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         """The reference image of the analytic counts: 16 x 16 tokens after the merger (448 x 448 at patch 14).
         Qwen-VL takes any size; each image's own count is used at run time."""
         side = REFERENCE_SIDE * model.config.vision_config.patch_size * merge_size(model)
         return (model.config.vision_config.in_channels, side, side)
 
-    def default_input(self, model: nn.Module, batch: int = 1, device: Union[str, torch.device] = "cpu") -> Tensor:
-        raise ValueError(f"cannot make an input for {type(model).__name__}: it takes a prompt (input_ids with image "
-                         "tokens, mm_token_type_ids) and image_grid_thw as well as pixel_values; pass inputs=")
+    def reference_tokens(self, model: nn.Module) -> int:
+        return REFERENCE_SIDE ** 2
 
     def plan(self, layers=None, budget=None, frames: Optional[str] = None, temporal: Optional[float] = None,
              tower_layer: Optional[int] = None) -> visual.VisualPlan:
@@ -112,68 +104,48 @@ class QwenVL(VlmAdapter):
                                        tower_layer=tower_layer)
 
     def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
-                      metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
-                      frames: Optional[str] = None, temporal: Optional[float] = None,
-                      tower_layer: Optional[int] = None) -> Schedule:
+                      metric: str = "x", budget=None, frames: Optional[str] = None,
+                      temporal: Optional[float] = None, tower_layer: Optional[int] = None) -> Schedule:
         """``budget=`` (visual tokens kept per image or video) as reduction steps on the reference image;
         at run time each image takes its own count's steps. ``frames=`` / ``temporal=``: how a video spends it.
         ``tower_layer=K``: the budget is kept inside the vision tower, after its block K (``tower``)."""
-        others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
-        if others:
-            raise ValueError(f"the Qwen-VL adapter takes budget= (visual tokens kept per image or video), not "
-                             f"{', '.join(o + '=' for o in others)}")
+        self.refuse_amounts(r, keep, flops)
         if tower_layer is not None:
             tower.check(model, reducer, tower_layer, budget, layers)
         plan = self.plan(layers=layers, budget=budget, frames=frames, temporal=temporal, tower_layer=tower_layer)
         visual.check_video(reducer, plan)
-        return visual.schedule(reducer, plan, num_tokens=REFERENCE_SIDE ** 2,
-                               num_layers=len(model.model.language_model.layers), any_size=True, family="Qwen-VL")
+        return self.schedule(model, reducer, plan)
 
     def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
         """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no
         text), the reducer's own decisions included; the vision tower is the same either way, and not counted,
         except when it reduces inside the tower (``tower_layer=``): both counts then add the tower's MACs on the
         reference image (``tower.expected_macs``)."""
-        stages = pruning.stages_of(model)
-        if reduction is not None and stages is not None:
-            return pruning.expected_flops(model, reduction, stages)
         if reduction is not None and reduction.visual.in_tower:   # the received pass is block K's, in the tower's count
-            reduced, unreduced = items.expected_flops(model, reduction, cost(model))
+            reduced, unreduced = items.expected_flops(model, reduction, self.cost(model))
             tower_reduced, tower_unreduced = tower.expected_macs(model, reduction, REFERENCE_SIDE)
             return reduced + tower_reduced, unreduced + tower_unreduced
-        received_pass = 0.0 if reduction is None else received.expected_macs(model, reduction, REFERENCE_SIDE ** 2)
-        return items.expected_flops(model, reduction, cost(model), received_pass)
+        return super().expected_flops(model, reduction)
 
-    def patch(self, model: nn.Module, reduction: Reduction) -> None:
-        reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
-        if reduction.metric != "x":
-            raise ValueError("the Qwen-VL adapter compares visual tokens by their merged features: use metric='x'")
-        if reduction.visual.in_llm:
-            if "sliding_attention" in (getattr(model.config.text_config, "layer_types", None) or ()):
-                raise UnsupportedModelError("in-LLM pruning (layers=) rebuilds each segment's causal mask and does "
-                                            "not reproduce sliding-window layers (use_sliding_window=True); reduce "
-                                            "before the language model (no layers=)")
-            in_llm.check_deepstack(model, reduction)
-            pruning.install(model, reduction, in_llm.QwenVisuals())
-        elif reduction.visual.in_tower:
+    def received_macs(self, model: nn.Module, reduction: Reduction) -> float:
+        return received.expected_macs(model, reduction, REFERENCE_SIDE ** 2)
+
+    def check_in_llm(self, model: nn.Module, reduction: Reduction) -> None:
+        if "sliding_attention" in (getattr(model.config.text_config, "layer_types", None) or ()):
+            raise UnsupportedModelError("in-LLM pruning (layers=) rebuilds each segment's causal mask and does "
+                                        "not reproduce sliding-window layers (use_sliding_window=True); reduce "
+                                        "before the language model (no layers=)")
+        in_llm.check_deepstack(model, reduction)
+
+    def install_before_lm(self, model: nn.Module, reduction: Reduction) -> None:
+        if reduction.visual.in_tower:
             tower.install(model, reduction)
         else:
             received.install(model, reduction)
-        model._vtr = reduction
-        swap_class(model, ReducingQwenVL)
-
-    def benchmark_workload(self, model: nn.Module, *args) -> tuple[dict, int, str, dict]:
-        return bench.workload(model, *args)
-
-    def benchmark_prompt(self, model: nn.Module, inputs: dict, before: bool, timed):
-        return bench.prompt(model, inputs, before, timed)
 
     def unpatch(self, model: nn.Module) -> None:
-        pruning.uninstall(model)
-        received.uninstall(model)
         tower.uninstall(model)
-        restore_class(model)
-        del model._vtr
+        super().unpatch(model)
 
 
 __all__: Sequence[str] = ["QwenVL", "QwenVLReport", "ReducingQwenVL"]

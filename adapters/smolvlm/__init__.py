@@ -17,25 +17,15 @@ images are the tiles.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from vtr.budget import visual
-from vtr.budget.cost import EncoderCost
-from vtr.budget.schedule import Schedule
 from vtr.core.plan import Reduction
 from vtr.core.signals import Need
-from vtr.reducers.base import Reducer
 
-from .. import steps
-from ..base import restore_class, swap_class
 from ..errors import UnsupportedModelError
-from ..vlm import in_llm as pruning
-from ..vlm import items
-from ..vlm.front import ReducingBeforeOrInLm, VlmAdapter
-from ..vlm.language import decoder
+from ..vlm.front import BeforeOrInLmAdapter, ReducingBeforeOrInLm
 from . import before_lm, bench, in_llm, received
 from .common import SmolVLMReport, cost, smolvlm_classes, tile_tokens
 
@@ -49,10 +39,14 @@ class ReducingSmolVLM(ReducingBeforeOrInLm):
     before_lm = before_lm
 
 
-class SmolVLM(VlmAdapter):
-    """transformers ``SmolVLMForConditionalGeneration`` and ``Idefics3ForConditionalGeneration``."""
+class SmolVLM(BeforeOrInLmAdapter):
+    """transformers ``SmolVLMForConditionalGeneration`` and ``Idefics3ForConditionalGeneration``: ``budget=`` per
+    tile."""
 
     name = "smolvlm"
+    label, unit = "SmolVLM", "tile"
+    reducing, received, bench, visuals = ReducingSmolVLM, received, bench, in_llm.SmolVLMVisuals
+    family_cost = staticmethod(cost)
 
     def matches(self, model: nn.Module) -> bool:
         """Any SmolVLM or Idefics3 model of transformers (bare ones too, so that they get a clear error)."""
@@ -70,66 +64,13 @@ class SmolVLM(VlmAdapter):
         """SmolVLM's SigLIP tower has no [CLS] token; the attention each token receives is given (``received``)."""
         return {Need.CLS_ATTENTION: "its SigLIP tower has no [CLS] token"}
 
-    def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
-        return cost(model, metric)
-
-    def blocks(self, model: nn.Module) -> nn.Module:
-        """The language model's decoder layers: where the visual tokens cost."""
-        return decoder(model).layers
-
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         """One tile (the analytic counts are per tile)."""
         vision = model.config.vision_config
         return (vision.num_channels, vision.image_size, vision.image_size)
 
-    def default_input(self, model: nn.Module, batch: int = 1, device: Union[str, torch.device] = "cpu") -> Tensor:
-        raise ValueError(f"cannot make an input for {type(model).__name__}: it takes a prompt (input_ids with image "
-                         "tokens) as well as pixel_values; pass inputs=")
-
-    def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
-                      metric: str = "x", budget: Optional[Union[int, Sequence[int]]] = None,
-                      frames: Optional[str] = None, temporal: Optional[float] = None) -> Schedule:
-        """``budget=`` (visual tokens kept per tile) as reduction steps on one tile's tokens."""
-        others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
-        if others:
-            raise ValueError(f"the SmolVLM adapter takes budget= (visual tokens kept per tile), not "
-                             f"{', '.join(o + '=' for o in others)}")
-        if frames is not None or temporal is not None:
-            raise ValueError("the SmolVLM adapter reduces images (tiles): leave out frames= and temporal=")
-        plan = self.plan(layers=layers, budget=budget)
-        return visual.schedule(reducer, plan, num_tokens=tile_tokens(model), num_layers=len(decoder(model).layers),
-                               any_size=True, family="SmolVLM")
-
-    def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
-        """(reduced, unreduced) language-model prefill MACs of one tile's visual tokens alone (no text), the
-        reducer's own decisions included; the vision tower is the same either way."""
-        stages = pruning.stages_of(model)
-        if reduction is not None and stages is not None:
-            return pruning.expected_flops(model, reduction, stages)
-        return items.expected_flops(model, reduction, cost(model),
-                                    0.0 if reduction is None else received.expected_macs(model, reduction))
-
-    def patch(self, model: nn.Module, reduction: Reduction) -> None:
-        reduction = steps.dropping_as_published(reduction)
-        if reduction.metric != "x":
-            raise ValueError("the SmolVLM adapter compares visual tokens by their features: use metric='x'")
-        if reduction.visual.in_llm:
-            pruning.install(model, reduction, in_llm.SmolVLMVisuals())
-        received.install(model, reduction)
-        model._vtr = reduction
-        swap_class(model, ReducingSmolVLM)
-
-    def benchmark_workload(self, model: nn.Module, *args) -> tuple[dict, int, str, dict]:
-        return bench.workload(model, *args)
-
-    def benchmark_prompt(self, model: nn.Module, inputs: dict, before: bool, timed):
-        return bench.prompt(model, inputs, before, timed)
-
-    def unpatch(self, model: nn.Module) -> None:
-        pruning.uninstall(model)
-        received.uninstall(model)
-        restore_class(model)
-        del model._vtr
+    def reference_tokens(self, model: nn.Module) -> int:
+        return tile_tokens(model)
 
 
 __all__: Sequence[str] = ["ReducingSmolVLM", "SmolVLM", "SmolVLMReport"]

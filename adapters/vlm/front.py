@@ -7,11 +7,18 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
+from vtr.budget import visual
+from vtr.budget.cost import EncoderCost
+from vtr.budget.schedule import Schedule
 from vtr.budget.visual import VisualPlan
 from vtr.core import run as runs
+from vtr.core.plan import Reduction
+from vtr.reducers.base import Reducer
 
-from ..base import Adapter, Swapped
-from . import in_llm
+from .. import steps
+from ..base import Adapter, Swapped, restore_class, swap_class
+from . import in_llm, items
+from .language import decoder
 from .calls import arguments_by_name
 from .run import VlmRun, opened
 from .video import VIDEO_OPTIONS
@@ -123,3 +130,101 @@ class VlmAdapter(Adapter):
         """(vision seconds, prefill keywords, positions of decode step i) of ``inputs`` for the model as it is
         now; ``before``: it reduces before the language model (timed, with ``timed``, as the vision part)."""
         raise NotImplementedError(f"the {self.name} adapter has no benchmark prompts")
+
+
+class BeforeOrInLmAdapter(VlmAdapter):
+    """The adapter of a family reduced before its language model or inside it (Gemma 3, InternVL, SmolVLM, Qwen-VL;
+    its mixin is a :class:`ReducingBeforeOrInLm`). A family names its parts: ``reducing`` (its mixin), ``received``
+    and ``bench`` (its modules: the tower attention a reducer reads before the LM, the benchmark prompts),
+    ``visuals`` (its in-LM :class:`~vtr.adapters.vlm.visuals.Visuals`), ``family_cost`` (its
+    :class:`EncoderCost`); the words of its messages (``label``, ``unit``: what ``budget=`` counts per,
+    ``features``: what ``metric='x'`` compares, ``inputs``: what a call takes); and ``reference_tokens``, the visual
+    tokens of the image its schedules and analytic counts describe."""
+
+    label = ""
+    unit = "image"
+    features = "features"
+    inputs = "a prompt (input_ids with image tokens) as well as pixel_values"
+    reducing: type = ReducingBeforeOrInLm
+    received = None
+    bench = None
+    visuals: type = None
+    family_cost: Callable[..., EncoderCost] = None
+
+    def reference_tokens(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
+        return type(self).family_cost(model, metric)
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        """The language model's decoder layers: where the visual tokens cost."""
+        return decoder(model).layers
+
+    def default_input(self, model: nn.Module, batch: int = 1, device="cpu") -> Tensor:
+        raise ValueError(f"cannot make an input for {type(model).__name__}: it takes {self.inputs}; pass inputs=")
+
+    def refuse_amounts(self, r, keep, flops) -> None:
+        """``r=``, ``keep=`` and ``flops=`` are a ViT's: a VLM family takes ``budget=``."""
+        others = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
+        if others:
+            raise ValueError(f"the {self.label} adapter takes budget= (visual tokens kept per {self.unit}), not "
+                             f"{', '.join(o + '=' for o in others)}")
+
+    def make_schedule(self, model: nn.Module, reducer: Reducer, *, r=None, keep=None, flops=None, layers=None,
+                      metric: str = "x", budget=None, frames: Optional[str] = None,
+                      temporal: Optional[float] = None) -> Schedule:
+        """``budget=`` (visual tokens kept per image, or per tile) as reduction steps on the reference tokens; a
+        family of images only (its video options refused)."""
+        self.refuse_amounts(r, keep, flops)
+        if frames is not None or temporal is not None:
+            raise ValueError(f"the {self.label} adapter takes images only: leave out frames= and temporal=")
+        return self.schedule(model, reducer, self.plan(layers=layers, budget=budget))
+
+    def schedule(self, model: nn.Module, reducer: Reducer, plan: VisualPlan) -> Schedule:
+        return visual.schedule(reducer, plan, num_tokens=self.reference_tokens(model),
+                               num_layers=len(self.blocks(model)), any_size=True, family=self.label)
+
+    def expected_flops(self, model: nn.Module, reduction: Optional[Reduction]) -> tuple[float, float]:
+        """(reduced, unreduced) language-model prefill MACs of the reference image's visual tokens alone (no text),
+        the reducer's own decisions included; the vision tower is the same either way."""
+        stages = in_llm.stages_of(model)
+        if reduction is not None and stages is not None:
+            return in_llm.expected_flops(model, reduction, stages)
+        received = 0.0 if reduction is None else self.received_macs(model, reduction)
+        return items.expected_flops(model, reduction, self.cost(model), received)
+
+    def received_macs(self, model: nn.Module, reduction: Reduction) -> float:
+        """The tower attention pass a reducer reads before the language model, per reference image."""
+        return self.received.expected_macs(model, reduction)
+
+    def patch(self, model: nn.Module, reduction: Reduction) -> None:
+        reduction = steps.dropping_as_published(reduction)   # fuse="nearest" is measured on vision encoders only
+        if reduction.metric != "x":
+            raise ValueError(f"the {self.label} adapter compares visual tokens by their {self.features}: "
+                             "use metric='x'")
+        if reduction.visual.in_llm:
+            self.check_in_llm(model, reduction)
+            in_llm.install(model, reduction, self.visuals())
+        else:
+            self.install_before_lm(model, reduction)
+        model._vtr = reduction
+        swap_class(model, self.reducing)
+
+    def check_in_llm(self, model: nn.Module, reduction: Reduction) -> None:
+        """What the family refuses of in-LM pruning, at patch time (nothing, by default)."""
+
+    def install_before_lm(self, model: nn.Module, reduction: Reduction) -> None:
+        self.received.install(model, reduction)
+
+    def unpatch(self, model: nn.Module) -> None:
+        in_llm.uninstall(model)
+        self.received.uninstall(model)
+        restore_class(model)
+        del model._vtr
+
+    def benchmark_workload(self, model: nn.Module, *args) -> tuple:
+        return self.bench.workload(model, *args)
+
+    def benchmark_prompt(self, model: nn.Module, inputs: dict, before: bool, timed: Callable):
+        return self.bench.prompt(model, inputs, before, timed)
