@@ -163,7 +163,8 @@ def recall(model, examples, methods: list, budgets: tuple = (0.11,)) -> None:
                     assignment = vtr.report(model).assignment
                     # a token kept as itself: its destination holds no other (merged tokens are means, not it)
                     dest = assignment.clamp_min(0)
-                    held = torch.zeros(dest.shape[0], dest.shape[1] + 1).scatter_add_(1, dest, (assignment >= 0).float())
+                    held = torch.zeros(dest.shape[0], dest.shape[1] + 1)
+                    held.scatter_add_(1, dest, (assignment >= 0).float())
                     kept.append((assignment >= 0) & (held.gather(1, dest) == 1))
             finally:
                 vtr.unpatch(model)
@@ -246,7 +247,8 @@ def spread(model, examples, methods: list) -> None:
             forced = torch.zeros(state.x.shape[0], rows * cols, dtype=torch.bool)
             forced[:, grid] = True
             for count in range(wanted - len(grid), wanted + 1):   # the method's picks until the union fills
-                picked = self.inner.step(state, state.num_protected + count, signals).assignment[:, state.num_protected:]
+                picked = self.inner.step(state, state.num_protected + count, signals).assignment
+                picked = picked[:, state.num_protected:]
                 union = forced | (picked >= 0)
                 if int(union.sum(1).min()) >= wanted:
                     break

@@ -45,6 +45,9 @@ class MethodInfo:
     paper: str
 
 
+ATTENTION_NEEDS = frozenset({Need.CLS_ATTENTION, Need.TEXT_ATTENTION, Need.UNROTATED_ATTENTION})
+
+
 def methods(details: bool = False) -> Union[dict[str, str], dict[str, MethodInfo]]:
     """Method names with one-line descriptions, for ``vtr.patch(model, name, ...)``; ``details=True``: a
     :class:`MethodInfo` per name instead (stages, what it needs, its paper). Modules that add parts of their own to
@@ -53,7 +56,7 @@ def methods(details: bool = False) -> Union[dict[str, str], dict[str, MethodInfo
     if not details:
         return {name: cls.description for name, cls in sorted(REDUCERS.items())}
     return {name: MethodInfo(name=name, description=cls.description, stages=tuple(cls.stages),
-                             attention=bool({Need.CLS_ATTENTION, Need.TEXT_ATTENTION, Need.UNROTATED_ATTENTION} & cls.needs),
+                             attention=bool(ATTENTION_NEEDS & cls.needs),
                              query=bool({Need.QUERY, Need.INSTRUCTION} & cls.needs),
                              training=bool(cls.learned), paper=cls.paper)
             for name, cls in sorted(REDUCERS.items())}
