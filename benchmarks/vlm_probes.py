@@ -7,6 +7,7 @@ use) and the same 1200 questions as ``vtr fidelity --model llava-task``.
     python benchmarks/vlm_probes.py recall  [--model qwen] [--methods fastv,divprune]   # the answer kept? spread?
     python benchmarks/vlm_probes.py fill    [--model qwen]   # fastv's top share of the budget, the rest at random
     python benchmarks/vlm_probes.py spread  [--model qwen]   # each method with FEATHER's grid forced in
+    python benchmarks/vlm_probes.py convention [--model qwen]   # rank by the pruning layer's attention or the one before
 
 ``oracles``: the answering objects' tokens first, then a fill: random, the other objects' then random, or the
 background only (objects last). ``in-lm``: the oracle (answer tokens, then a random fill) after decoder layer 1,
@@ -275,9 +276,44 @@ def spread(model, examples, methods: list) -> None:
         del REDUCERS[WithGrid.name]
 
 
+def convention(model, examples, methods: list) -> None:
+    """In the LM at layer 1, 25% and 11%: ranking with the pruning layer's own q/k on the states entering it (vtr's
+    convention for every in-LM method) against the layer before it on its own input (FastV's and FEATHER's official
+    code: the attention layer K-1 computed, then pruning its output)."""
+    from vtr.adapters.vlm import pruning
+    from vtr.adapters.vlm.language import decoder
+
+    layers = decoder(model).layers
+    entering = {}
+
+    def keep_input(module, args, kwargs):
+        entering["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    def layer_before(layer, hidden, cos, sin, real, window=None):   # layer 0 on its input: the same columns
+        return own(layers[0], entering["hidden"], cos, sin, real, window)
+
+    own = pruning.last_token_attention
+    hook = layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
+    reference = vlm_fidelity.answer_logits(model, examples).argmax(-1)
+    probe = examples.subset(slice(0, 32))
+    base = vlm_fidelity._prefill_flops(model, probe)
+    try:
+        for label, ranking in (("its own layer (vtr)", own), ("the layer before (official)", layer_before)):
+            pruning.last_token_attention = ranking
+            for method in methods:
+                for budget in (0.25, 0.11):
+                    options = {"budget": max(1, round(budget * task.GRID ** 2)), "layers": [1]}
+                    row = vlm_fidelity._measure(model, examples, probe, method, options, None,
+                                                vlm_fidelity.VlmResult(method, "", budget), reference, base, 250)
+                    print(line(f"{method} ranked by {label}", budget, row.accuracy or 0.0, row.per_type), flush=True)
+    finally:
+        pruning.last_token_attention = own
+        hook.remove()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["oracles", "in-lm", "sized", "recall", "fill", "spread"])
+    parser.add_argument("probe", choices=["oracles", "in-lm", "sized", "recall", "fill", "spread", "convention"])
     parser.add_argument("--model", choices=["llava", "qwen"], default="llava")
     parser.add_argument("--methods", default=None, help="sized: merging methods (pitome,tome); recall: dropping ones")
     parser.add_argument("--threads", type=int, default=1)
@@ -297,6 +333,8 @@ def main() -> None:
         recall(model, examples, (args.methods or "random,fastv,feather,divprune,query,sparsevlm,sparsevlm:recycle=0,"
                                  "dart,dart:pivot_text=0,atf").split(","),
                (0.25, 0.11))
+    elif args.probe == "convention":
+        convention(model, examples, (args.methods or "fastv,feather").split(","))
     elif args.probe == "spread":
         spread(model, examples, (args.methods or "random,fastv,dart,sparsevlm:recycle=0,atf,divprune").split(","))
     else:
