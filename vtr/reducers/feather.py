@@ -18,7 +18,8 @@ stage before the last keeps ``max(budget, floor(N * ratio ** i))``, the last ``b
 keeps ``ratio ** 2`` of the first stage's count; vtr's budget sets the last count instead). The official code ranks
 with the attention of the layer before a stage (its q/k on that layer's input) and prunes that layer's output; vtr
 ranks with the stage layer's own q/k on the states entering it, and prunes them there (its convention for every
-in-LM method), so ``layers=[K]`` here prunes where the official ``fastv_k=[K]`` does.
+in-LM method), so ``layers=[K]`` here prunes where the official ``fastv_k=[K]`` does (on the VLM yardstick vtr's
+ranking keeps more answers: ``benchmarks/vlm_probes.py convention``).
 """
 from __future__ import annotations
 
