@@ -755,7 +755,8 @@ VLM_CASES = [("qwen_vl", "tome", {"budget": 5}), ("qwen_vl", "pool", {"factor": 
              ("next_video", "tome", {"budget": 5, "layers": [0, 1]}),
              ("qwen3_vl", "tome", {"budget": 5}), ("qwen3_vl", "fastv", {"budget": 5, "layers": [2]}),
              ("gemma3", "tome", {"budget": 5}), ("smolvlm", "tome", {"budget": 5}),
-             ("internvl", "pitome", {"budget": 5}), ("internvl", "fastv", {"budget": 5, "layers": [1]})]
+             ("internvl", "pitome", {"budget": 5}), ("internvl", "fastv", {"budget": 5, "layers": [1]}),
+             ("qwen_vl", "feather", {"budget": 5, "layers": [1]})]
 VLM_IDS = [f"{vlm}-{method}" + ("-in-llm" if "layers" in amount else "") for vlm, method, amount in VLM_CASES]
 FIRST_VLM_CASES = [next(case for case in VLM_CASES if case[0] == vlm) for vlm in VLMS]
 IN_LLM_VLM_CASES = [case for case in VLM_CASES if "layers" in case[2]]
