@@ -7,7 +7,7 @@ use) and the same 1200 questions as ``vtr fidelity --model llava-task``.
     python benchmarks/vlm_probes.py recall  [--model qwen] [--methods fastv,divprune]   # the answer kept? spread?
     python benchmarks/vlm_probes.py fill    [--model qwen]   # fastv's top share of the budget, the rest at random
     python benchmarks/vlm_probes.py spread  [--model qwen]   # each method with FEATHER's grid forced in
-    python benchmarks/vlm_probes.py convention [--model qwen]   # rank by the pruning layer's attention or the one before
+    python benchmarks/vlm_probes.py convention [--model qwen]   # rank by the pruning layer or the one before
 
 ``oracles``: the answering objects' tokens first, then a fill: random, the other objects' then random, or the
 background only (objects last). ``in-lm``: the oracle (answer tokens, then a random fill) after decoder layer 1,

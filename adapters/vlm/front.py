@@ -155,7 +155,7 @@ class BeforeOrInLmAdapter(VlmAdapter):
         raise NotImplementedError
 
     def cost(self, model: nn.Module, metric: str = "x") -> EncoderCost:
-        return type(self).family_cost(model, metric)
+        return self.family_cost(model, metric)
 
     def blocks(self, model: nn.Module) -> nn.Module:
         """The language model's decoder layers: where the visual tokens cost."""

@@ -60,11 +60,12 @@ ANSWERS = SHAPES + COLOURS + PLACES + COUNTS + ("yes", "no")
 
 @dataclass
 class Examples:
-    """``count`` questions, each about its own scene.
+    """``count`` questions about their scenes (``per_scene`` questions share a scene).
 
     images: ``[N, 3, 64, 64]`` normalised pixels, each example's scene's: ``scene_images[scene]`` (the scenes are
-    stored once, so six questions per scene on 48,000 scenes hold 2.4 GB of pixels, not 14). questions: per example the question's token ids (no image, no
-    special tokens). answers: ``[N]`` token id of the one-word answer. types: per example its type (:data:`TYPES`).
+    stored once, so six questions per scene on 48,000 scenes hold 2.4 GB of pixels, not 14). questions: per
+    example the question's token ids (no image, no special tokens). answers: ``[N]`` token id of the one-word
+    answer. types: per example its type (:data:`TYPES`).
     relevant: ``[N, 8, 8]`` fraction of each visual token's pixels covered by the objects that answer the question
     (the oracle's score). objects: ``[N, 8, 8]`` the same for every object in the scene.
     scene_colour / scene_place: ``[N, 6]`` per shape its colour / quadrant index, -1 when absent; token_colour /
